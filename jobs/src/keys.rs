@@ -1,0 +1,194 @@
+//! Every Redis key name of the contract, built in one place from validated input.
+//!
+//! Two families:
+//! - [`QueueKeys`]: the apalis-redis 1.0 wire format of one queue (`<queue>:data`,
+//!   `<queue>:meta:<task id>`, `<queue>:active`, ...) plus our wake-up channel.
+//! - [`SessionKeys`]: the per-session keys of the contract (`session:<id>`,
+//!   `session:<id>:config`, `agent:<id>:pid`, ...), only ever built from a [`SessionId`].
+
+use crate::SessionId;
+
+/// Set of session ids whose agent is starting.
+pub const SESSIONS_STARTING: &str = "session:starting";
+/// Set of session ids whose agent is ready.
+pub const SESSIONS_READY: &str = "session:ready";
+
+/// The default apalis queue name for agent-start jobs.
+pub const DEFAULT_QUEUE: &str = "agent-start";
+
+/// Why a queue name was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "queue name {name:?} is invalid: use 1-64 characters of letters, digits, '.', '_', '-' and ':'"
+)]
+pub struct QueueNameError {
+    /// The refused name.
+    pub name: String,
+}
+
+/// Key names of one apalis-redis queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueKeys {
+    queue: String,
+}
+
+impl QueueKeys {
+    /// Keys for `queue`, which must be 1–64 characters of `[A-Za-z0-9._:-]` (no glob or
+    /// hash-tag characters, no spaces).
+    pub fn new(queue: &str) -> Result<Self, QueueNameError> {
+        let valid = !queue.is_empty()
+            && queue.len() <= 64
+            && queue
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':'));
+        if !valid {
+            return Err(QueueNameError {
+                name: queue.to_owned(),
+            });
+        }
+        Ok(Self {
+            queue: queue.to_owned(),
+        })
+    }
+
+    /// The queue name itself.
+    pub fn queue(&self) -> &str {
+        &self.queue
+    }
+
+    /// HASH task id → job payload (JSON).
+    pub fn data(&self) -> String {
+        format!("{}:data", self.queue)
+    }
+
+    /// Prefix of the per-task meta hashes; the key of one task is `<prefix>:<task id>`.
+    pub fn meta_prefix(&self) -> String {
+        format!("{}:meta", self.queue)
+    }
+
+    /// HASH of one task's metadata (`attempts`, `max_attempts`, `status`, ...).
+    pub fn meta(&self, task_id: &str) -> String {
+        format!("{}:meta:{task_id}", self.queue)
+    }
+
+    /// LIST of ready task ids.
+    pub fn active(&self) -> String {
+        format!("{}:active", self.queue)
+    }
+
+    /// ZSET task id → due time (unix seconds).
+    pub fn scheduled(&self) -> String {
+        format!("{}:scheduled", self.queue)
+    }
+
+    /// ZSET worker name → last heartbeat (unix seconds).
+    pub fn workers(&self) -> String {
+        format!("{}:workers", self.queue)
+    }
+
+    /// Prefix of the per-worker inflight sets.
+    pub fn inflight_prefix(&self) -> String {
+        format!("{}:inflight", self.queue)
+    }
+
+    /// SET of task ids fetched by `worker` and not yet acknowledged.
+    pub fn inflight(&self, worker: &str) -> String {
+        format!("{}:inflight:{worker}", self.queue)
+    }
+
+    /// SET of finished task ids.
+    pub fn done(&self) -> String {
+        format!("{}:done", self.queue)
+    }
+
+    /// SET of task ids that failed for good.
+    pub fn dead(&self) -> String {
+        format!("{}:dead", self.queue)
+    }
+
+    /// Prefix of the idempotency keys; one key is `<prefix>:<idempotency key>`.
+    pub fn idempotency_prefix(&self) -> String {
+        format!("{}:idempotency", self.queue)
+    }
+
+    /// Pub/sub channel a producer publishes to after pushing ready jobs, so idle workers fetch
+    /// at once instead of waiting for their fallback poll. Not part of apalis-redis.
+    pub fn wake_channel(&self) -> String {
+        format!("{}:wake", self.queue)
+    }
+}
+
+/// Key names of one session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionKeys {
+    id: SessionId,
+}
+
+impl SessionKeys {
+    /// Keys of session `id`.
+    pub fn new(id: &SessionId) -> Self {
+        Self { id: id.clone() }
+    }
+
+    /// The session these keys belong to.
+    pub fn id(&self) -> &SessionId {
+        &self.id
+    }
+
+    /// HASH written by the orchestrator: `voiceId`, `userName`, `updatedAt`, ...
+    pub fn config(&self) -> String {
+        format!("session:{}:config", self.id)
+    }
+
+    /// HASH of the session's state, written by the worker.
+    pub fn state(&self) -> String {
+        format!("session:{}", self.id)
+    }
+
+    /// STRING: the agent's pid.
+    pub fn agent_pid(&self) -> String {
+        format!("agent:{}:pid", self.id)
+    }
+
+    /// LIST: the agent's last output lines.
+    pub fn agent_logs(&self) -> String {
+        format!("agent:{}:logs", self.id)
+    }
+
+    /// HASH: `last_check`, `status`.
+    pub fn agent_health(&self) -> String {
+        format!("agent:{}:health", self.id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queue_keys_match_apalis_redis() {
+        let q = QueueKeys::new("agent-start").unwrap();
+        assert_eq!(q.data(), "agent-start:data");
+        assert_eq!(q.meta("01J"), "agent-start:meta:01J");
+        assert_eq!(q.active(), "agent-start:active");
+        assert_eq!(q.inflight("w1"), "agent-start:inflight:w1");
+        assert_eq!(q.idempotency_prefix(), "agent-start:idempotency");
+    }
+
+    #[test]
+    fn queue_names_are_validated() {
+        for bad in ["", "a b", "q*", "{q}", &"q".repeat(65)] {
+            assert!(QueueKeys::new(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn session_keys() {
+        let k = SessionKeys::new(&SessionId::parse("s-1").unwrap());
+        assert_eq!(k.config(), "session:s-1:config");
+        assert_eq!(k.state(), "session:s-1");
+        assert_eq!(k.agent_pid(), "agent:s-1:pid");
+        assert_eq!(k.agent_logs(), "agent:s-1:logs");
+        assert_eq!(k.agent_health(), "agent:s-1:health");
+    }
+}

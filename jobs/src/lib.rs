@@ -1,0 +1,28 @@
+//! # agent-jobs: the agent-start job contract
+//!
+//! What every producer of agent-start jobs shares with agent-worker. A Rust orchestrator can
+//! depend on this crate alone; producers in other languages follow `jobs/README.md`.
+//!
+//! ## Layout
+//! - [`session_id`]: [`SessionId`], the validated id that becomes part of Redis key names.
+//! - [`payload`]: [`AgentStart`], its canonical wire form and a decoder that names what is
+//!   wrong with a bad payload.
+//! - [`keys`]: every Redis key name, for the apalis-redis queue ([`QueueKeys`]) and for a
+//!   session ([`SessionKeys`]).
+//! - [`producer`]: [`Producer`], which enqueues jobs straight onto the ready list, once per
+//!   session, and wakes idle workers.
+//! - [`session_config`]: writing `session:<id>:config` as the orchestrator does.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod keys;
+pub mod payload;
+pub mod producer;
+pub mod session_config;
+pub mod session_id;
+
+pub use keys::{QueueKeys, SessionKeys};
+pub use payload::{AgentStart, PayloadError};
+pub use producer::{Enqueued, ProduceError, Producer};
+pub use session_config::{SessionConfigInput, write_session_config};
+pub use session_id::{SessionId, SessionIdError};

@@ -1,0 +1,139 @@
+//! [`Producer`]: enqueue agent-start jobs the way the worker wants them.
+//!
+//! One script call per batch writes each job's payload and meta in the apalis-redis wire format,
+//! claims its idempotency key (`<queue>:idempotency:session:<id>`, with a TTL) and pushes it on
+//! the ready list, then publishes once on the queue's wake channel so idle workers fetch at once.
+//! Jobs never go through the scheduled set (see `lua/enqueue.lua` for why).
+
+use std::{sync::LazyLock, time::Duration};
+
+use redis::{Script, aio::ConnectionLike};
+
+use crate::{AgentStart, QueueKeys};
+
+static ENQUEUE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../lua/enqueue.lua")));
+
+/// Default lifetime of an idempotency key: the default session TTL, so a session cannot be
+/// started twice while it can still exist.
+pub const DEFAULT_IDEMPOTENCY_TTL: Duration = Duration::from_secs(4 * 3600);
+
+/// Written as `max_attempts` in each task's meta. The worker retries a start in-process and
+/// never hands a job back to apalis-redis for a retry, so the backend runs a job once.
+pub const MAX_ATTEMPTS: u32 = 1;
+
+/// What happened to one enqueued job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Enqueued {
+    /// The task id holding the job: the new one, or the existing one for a duplicate.
+    pub task_id: String,
+    /// True when the session was already enqueued within the idempotency TTL and nothing new
+    /// was written.
+    pub duplicate: bool,
+}
+
+/// Why an enqueue failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProduceError {
+    /// Redis refused or could not be reached. Nothing or everything of the batch was written:
+    /// the script runs atomically.
+    #[error("enqueue failed: {0}")]
+    Redis(#[from] redis::RedisError),
+    /// The script answered something this code does not understand (a version mismatch).
+    #[error("enqueue script returned an unexpected reply: {0}")]
+    UnexpectedReply(String),
+}
+
+/// Enqueues [`AgentStart`] jobs onto one queue.
+#[derive(Debug, Clone)]
+pub struct Producer<C> {
+    conn: C,
+    keys: QueueKeys,
+    idempotency_ttl: Duration,
+}
+
+impl<C> Producer<C>
+where
+    C: ConnectionLike + Clone + Send + Sync,
+{
+    /// A producer for the queue `keys`, over `conn` (typically a
+    /// `redis::aio::ConnectionManager`, which is cheap to clone and shares one connection).
+    pub fn new(conn: C, keys: QueueKeys) -> Self {
+        Self {
+            conn,
+            keys,
+            idempotency_ttl: DEFAULT_IDEMPOTENCY_TTL,
+        }
+    }
+
+    /// How long a session stays deduplicated after it was enqueued (at least one second).
+    pub fn idempotency_ttl(mut self, ttl: Duration) -> Self {
+        self.idempotency_ttl = ttl.max(Duration::from_secs(1));
+        self
+    }
+
+    /// The queue this producer writes to.
+    pub fn keys(&self) -> &QueueKeys {
+        &self.keys
+    }
+
+    /// Enqueues one job. A session already enqueued within the TTL is not enqueued again.
+    pub async fn enqueue(&self, job: &AgentStart) -> Result<Enqueued, ProduceError> {
+        let mut out = self.enqueue_many(std::slice::from_ref(job)).await?;
+        out.pop()
+            .ok_or_else(|| ProduceError::UnexpectedReply("empty reply".into()))
+    }
+
+    /// Enqueues many jobs in one round trip, atomically. Returns one [`Enqueued`] per job, in
+    /// order. Two jobs of the same session in one batch are stored once.
+    pub async fn enqueue_many(&self, jobs: &[AgentStart]) -> Result<Vec<Enqueued>, ProduceError> {
+        if jobs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut invocation = ENQUEUE.prepare_invoke();
+        invocation
+            .key(self.keys.data())
+            .key(self.keys.active())
+            .arg(self.keys.meta_prefix())
+            .arg(self.keys.idempotency_prefix())
+            .arg(self.idempotency_ttl.as_secs().max(1))
+            .arg(MAX_ATTEMPTS)
+            .arg(self.keys.wake_channel());
+        for job in jobs {
+            invocation
+                .arg(ulid::Ulid::generate().to_string())
+                .arg(job.to_wire())
+                .arg(idempotency_key(job));
+        }
+        let mut conn = self.conn.clone();
+        let reply: Vec<redis::Value> = invocation.invoke_async(&mut conn).await?;
+        parse_reply(reply, jobs.len())
+    }
+}
+
+/// The idempotency key of a job: one agent per session, whoever enqueues it.
+pub fn idempotency_key(job: &AgentStart) -> String {
+    format!("session:{}", job.session_id)
+}
+
+fn parse_reply(reply: Vec<redis::Value>, expected: usize) -> Result<Vec<Enqueued>, ProduceError> {
+    if reply.len() != expected * 2 {
+        return Err(ProduceError::UnexpectedReply(format!(
+            "{} values for {expected} jobs",
+            reply.len()
+        )));
+    }
+    reply
+        .chunks_exact(2)
+        .map(|pair| {
+            let new = redis::from_redis_value_ref::<i64>(&pair[0])
+                .map_err(|e| ProduceError::UnexpectedReply(e.to_string()))?;
+            let task_id = redis::from_redis_value_ref::<String>(&pair[1])
+                .map_err(|e| ProduceError::UnexpectedReply(e.to_string()))?;
+            Ok(Enqueued {
+                task_id,
+                duplicate: new == 0,
+            })
+        })
+        .collect()
+}

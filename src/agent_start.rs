@@ -1,0 +1,188 @@
+//! The agent-start job: payload → session config → a ready agent.
+//!
+//! apalis decodes a job's arguments before the handler runs, and with apalis-redis 1.0 a
+//! payload that fails to decode kills the worker and strands its whole fetched batch. So the
+//! queue is read with [`RawCodec`], which hands over the stored bytes untouched, and decoding
+//! happens here, where a bad payload is just a failed job. [`JobError::is_permanent`] is the one
+//! place that decides between "dead now" (apalis `AbortError`) and "let the backend retry".
+
+use std::{convert::Infallible, panic::AssertUnwindSafe, sync::Arc};
+
+use agent_jobs::{AgentStart, PayloadError};
+use apalis::prelude::{AbortError, BoxDynError, Codec, Data, TaskId};
+use futures::FutureExt;
+use tracing::Instrument;
+
+use crate::{
+    launcher::LaunchSpec,
+    session::{SessionConfig, SessionError, SessionStore},
+    supervisor::{StartFailure, StartOutcome, StartRequest, Supervisor},
+};
+
+/// The stored bytes of a job, not yet decoded.
+#[derive(Debug, Clone)]
+pub struct RawJob(pub Vec<u8>);
+
+/// A codec that cannot fail: it passes the stored bytes through as a [`RawJob`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RawCodec;
+
+impl Codec<RawJob> for RawCodec {
+    type Error = Infallible;
+    type Compact = Vec<u8>;
+
+    fn encode(&self, job: &RawJob) -> Result<Vec<u8>, Infallible> {
+        Ok(job.0.clone())
+    }
+
+    fn decode(&self, bytes: &Vec<u8>) -> Result<RawJob, Infallible> {
+        Ok(RawJob(bytes.clone()))
+    }
+}
+
+/// Why an agent-start job failed.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// The payload is not a valid agent-start job.
+    #[error("invalid agent-start payload: {0}")]
+    Payload(#[from] PayloadError),
+    /// The session config could not be read or used.
+    #[error(transparent)]
+    Config(#[from] SessionError),
+    /// Every launch attempt failed (the attempts were made in-process already).
+    #[error(transparent)]
+    Start(#[from] StartFailure),
+}
+
+impl JobError {
+    /// True when the job must go to the dead set now; false when apalis-redis may retry it.
+    /// Only Redis trouble while reading the config is worth a later retry: bad input stays bad,
+    /// and launches were already retried with back-off.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            Self::Payload(_) | Self::Start(_) => true,
+            Self::Config(error) => error.is_permanent(),
+        }
+    }
+}
+
+/// What the handler needs, shared by all jobs of a process.
+#[derive(Debug, Clone)]
+pub struct AgentStartJob {
+    /// Owns the agents.
+    pub supervisor: Supervisor,
+    /// Session config and state.
+    pub store: SessionStore,
+    /// `agent.command`: program and leading arguments.
+    pub command: Vec<String>,
+}
+
+impl AgentStartJob {
+    /// Runs one job: decode, load config, start (or find) the agent.
+    pub async fn run(&self, raw: &[u8], task_id: &str) -> Result<StartOutcome, JobError> {
+        let job = AgentStart::decode(raw)?;
+        tracing::Span::current().record("session_id", job.session_id.as_str());
+        let config = self
+            .store
+            .load_config(&job.session_id, job.user_id.as_deref())
+            .await?;
+        tracing::info!(
+            session_id = %job.session_id,
+            voice_id = config.voice_id(),
+            source = config.source().as_str(),
+            fields = ?config.field_names(),
+            "session_config_loaded"
+        );
+        let request = StartRequest {
+            spec: self.launch_spec(&job, &config),
+            user_id: job.user_id.clone(),
+            voice_id: config.voice_id().to_owned(),
+            task_id: task_id.to_owned(),
+        };
+        let outcome = self.supervisor.start(request).await?;
+        if let StartOutcome::AlreadyRunning { pid } = outcome {
+            tracing::info!(session_id = %job.session_id, pid, "agent_already_running");
+        }
+        Ok(outcome)
+    }
+
+    /// The agent's command line and environment (contract §4).
+    pub fn launch_spec(&self, job: &AgentStart, config: &SessionConfig) -> LaunchSpec {
+        let (program, leading) = self
+            .command
+            .split_first()
+            .expect("agent.command is validated non-empty");
+        let mut args = leading.to_vec();
+        args.extend([
+            "--room".to_owned(),
+            job.session_id.to_string(),
+            "--voice-id".to_owned(),
+            config.voice_id().to_owned(),
+        ]);
+        if let Some(line) = config.opening_line() {
+            args.extend(["--opening-line".to_owned(), line.to_owned()]);
+        }
+        if let Some(prompt) = config.system_prompt() {
+            args.extend(["--system-prompt".to_owned(), prompt.to_owned()]);
+        }
+        LaunchSpec {
+            session_id: job.session_id.clone(),
+            program: program.clone(),
+            args,
+            env: vec![
+                ("SESSION_ID".to_owned(), job.session_id.to_string()),
+                ("VOICE_ID".to_owned(), config.voice_id().to_owned()),
+                ("SESSION_CONFIG".to_owned(), config.to_json()),
+            ],
+        }
+    }
+}
+
+/// The apalis handler.
+pub async fn handle(
+    job: RawJob,
+    task_id: TaskId,
+    ctx: Data<Arc<AgentStartJob>>,
+) -> Result<(), BoxDynError> {
+    let task_id = task_id.to_string();
+    let span = tracing::info_span!(
+        "agent_start",
+        task_id = %task_id,
+        session_id = tracing::field::Empty
+    );
+    // A panic must fail this job, not the worker and every job fetched with it. (apalis's
+    // catch_panic layer does the same, but its handler type defeats the Send inference of
+    // the worker future.)
+    let run = AssertUnwindSafe(ctx.run(&job.0, &task_id)).catch_unwind();
+    let result = match run.instrument(span.clone()).await {
+        Ok(result) => result,
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            span.in_scope(|| tracing::error!(panic = %message, "agent_start_panicked"));
+            return Err(Box::new(AbortError::new(std::io::Error::other(format!(
+                "agent-start handler panicked: {message}"
+            )))));
+        }
+    };
+    match result {
+        Ok(_) => Ok(()),
+        Err(error) => {
+            span.in_scope(|| {
+                tracing::warn!(
+                    error = %error,
+                    permanent = error.is_permanent(),
+                    "agent_start_failed"
+                )
+            });
+            if error.is_permanent() {
+                Err(Box::new(AbortError::new(error)))
+            } else {
+                Err(Box::new(error))
+            }
+        }
+    }
+}

@@ -1,0 +1,209 @@
+//! `agent-worker demo`: the seed scenario, end to end, on this machine.
+//!
+//! User `test_concurrent_user` starts two sessions at the same moment, one with voice `Craig`
+//! and one with `Olivia`. Under the old per-user config key both agents got the same voice.
+//! The demo runs an in-process worker with the test agent, enqueues both sessions in one
+//! atomic call, waits until both agents are ready, prints the voice each agent actually
+//! received (read from the agent's own output in `agent:<id>:logs`), then ends both sessions.
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use agent_jobs::{AgentStart, Producer, QueueKeys, SessionConfigInput, SessionId, SessionKeys};
+use anyhow::{Context, bail};
+use redis::{AsyncCommands, aio::ConnectionManager};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    connection,
+    launcher::{Launcher, ProcessLauncher},
+    local_redis::LocalRedis,
+    settings::Settings,
+    worker,
+};
+
+/// The user of the seed scenario.
+pub const DEMO_USER: &str = "test_concurrent_user";
+/// The voices of its two sessions.
+pub const DEMO_VOICES: [&str; 2] = ["Craig", "Olivia"];
+/// Queue used by the demo, so it never takes jobs of a real deployment on the same Redis.
+pub const DEMO_QUEUE: &str = "agent-worker-demo";
+
+const READY_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Runs the demo.
+pub async fn run(mut settings: Settings) -> anyhow::Result<()> {
+    let _private_redis = ensure_redis(&mut settings).await?;
+    settings.agent.command = vec![test_agent_path()?.display().to_string()];
+    settings.redis.queue = DEMO_QUEUE.to_owned();
+    settings.agent.stop_grace = Duration::from_secs(5);
+
+    let mut conn = connection::connect(&settings.redis).await?;
+    let run_tag = ulid::Ulid::generate().to_string()[20..].to_lowercase();
+    let sessions: Vec<(SessionId, &str)> = DEMO_VOICES
+        .iter()
+        .map(|voice| {
+            let id = SessionId::parse(format!("demo-{run_tag}-{}", voice.to_lowercase()))
+                .expect("demo ids are valid");
+            (id, *voice)
+        })
+        .collect();
+    for (id, voice) in &sessions {
+        let config = SessionConfigInput {
+            voice_id: voice.to_string(),
+            user_name: DEMO_USER.to_owned(),
+            opening_line: Some(format!("Hi, this is {voice}.")),
+            system_prompt: None,
+        };
+        agent_jobs::write_session_config(&mut conn, id, &config, settings.session.ttl).await?;
+    }
+
+    let shutdown = CancellationToken::new();
+    let agent = settings.agent.clone();
+    let worker = tokio::spawn(worker::run(
+        settings.clone(),
+        Box::new(move |output| {
+            Arc::new(ProcessLauncher::new(
+                agent.ready_patterns,
+                agent.startup_timeout,
+                output,
+            )) as Arc<dyn Launcher>
+        }),
+        shutdown.clone(),
+    ));
+
+    // Both sessions in one atomic enqueue: they start at the same moment.
+    let producer = Producer::new(conn.clone(), QueueKeys::new(DEMO_QUEUE)?);
+    let jobs: Vec<AgentStart> = sessions
+        .iter()
+        .map(|(id, _)| AgentStart::new(id.clone()).with_user(DEMO_USER))
+        .collect();
+    producer.enqueue_many(&jobs).await?;
+    println!(
+        "Enqueued two sessions for user {DEMO_USER} at the same moment; waiting for their agents..."
+    );
+
+    let outcome = report(&mut conn, &sessions).await;
+    shutdown.cancel();
+    worker.await.context("the demo worker panicked")?;
+    let rows = outcome?;
+
+    println!();
+    println!(
+        "{:<28} {:<10} {:<16} {:>8}  {:<8}",
+        "session", "requested", "agent received", "pid", "after"
+    );
+    for row in &rows {
+        let status: Option<String> = conn
+            .hget(SessionKeys::new(&row.session).state(), "status")
+            .await?;
+        println!(
+            "{:<28} {:<10} {:<16} {:>8}  {:<8}",
+            row.session.as_str(),
+            row.requested,
+            row.received,
+            row.pid,
+            status.unwrap_or_else(|| "-".into())
+        );
+    }
+    if rows.iter().any(|r| r.requested != r.received) {
+        bail!("an agent received another session's voice");
+    }
+    println!("\nEach agent received its own session's voice; both sessions ended.");
+    Ok(())
+}
+
+struct Row {
+    session: SessionId,
+    requested: String,
+    received: String,
+    pid: String,
+}
+
+/// Waits for both agents to be ready and reads the voice each received from its output.
+async fn report(
+    conn: &mut ConnectionManager,
+    sessions: &[(SessionId, &str)],
+) -> anyhow::Result<Vec<Row>> {
+    let deadline = Instant::now() + READY_DEADLINE;
+    let mut rows = Vec::new();
+    for (id, voice) in sessions {
+        let keys = SessionKeys::new(id);
+        let received = loop {
+            let status: Option<String> = conn.hget(keys.state(), "status").await?;
+            if status.as_deref() == Some("error") {
+                let error: Option<String> = conn.hget(keys.state(), "error").await?;
+                bail!(
+                    "session {id} failed to start: {}",
+                    error.unwrap_or_default()
+                );
+            }
+            if status.as_deref() == Some("ready") {
+                let lines: Vec<String> = conn.lrange(keys.agent_logs(), 0, -1).await?;
+                if let Some(received) = lines.iter().find_map(|l| received_voice(l)) {
+                    break received;
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("session {id} was not ready within {READY_DEADLINE:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let pid: Option<String> = conn.get(keys.agent_pid()).await?;
+        rows.push(Row {
+            session: id.clone(),
+            requested: voice.to_string(),
+            received,
+            pid: pid.unwrap_or_default(),
+        });
+    }
+    Ok(rows)
+}
+
+/// The `--voice-id` a test agent reported in its `test-agent received {json}` line.
+pub fn received_voice(line: &str) -> Option<String> {
+    let json = line.strip_prefix("test-agent received ")?;
+    let value: serde_json::Value = serde_json::from_str(json).ok()?;
+    value["contract"]["voice_id"].as_str().map(str::to_owned)
+}
+
+/// Makes sure a Redis answers: the configured one, or a private one started for the demo.
+async fn ensure_redis(settings: &mut Settings) -> anyhow::Result<Option<LocalRedis>> {
+    let probe =
+        tokio::time::timeout(Duration::from_secs(3), connection::connect(&settings.redis)).await;
+    if matches!(probe, Ok(Ok(_))) {
+        println!("Using Redis at {}.", settings.redis.url);
+        return Ok(None);
+    }
+    if !LocalRedis::available() {
+        bail!(
+            "no Redis answers at {} and redis-server is not on PATH. Install Redis \
+             (Debian/Ubuntu: apt-get install redis-server; macOS: brew install redis) or set \
+             REDIS_URL to a reachable server, then run the demo again.",
+            settings.redis.url
+        );
+    }
+    let local = LocalRedis::start()
+        .await
+        .context("starting a private redis-server")?;
+    println!(
+        "No Redis answered at {}; started a private redis-server on port {} for this demo.",
+        settings.redis.url,
+        local.port()
+    );
+    settings.redis.url = crate::settings::RedisUrl::new(local.url());
+    Ok(Some(local))
+}
+
+/// The test agent binary, built next to this one.
+fn test_agent_path() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating the agent-worker binary")?;
+    let path = exe.with_file_name("test-agent");
+    if !path.exists() {
+        bail!(
+            "the test agent is missing at {}; build it with `cargo build --release --bins`",
+            path.display()
+        );
+    }
+    Ok(path)
+}

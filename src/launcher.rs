@@ -1,0 +1,412 @@
+//! Launching a voice agent process (contract §4) behind the [`Launcher`] interface.
+//!
+//! [`ProcessLauncher`] is the real one:
+//! - No shell: program and arguments go to `execve` as separate strings, verbatim.
+//! - The agent leads its own process group, so stopping it reaches everything it started:
+//!   SIGTERM to the group, a grace period, then SIGKILL.
+//! - It cannot outlive the worker: `PR_SET_PDEATHSIG` asks the kernel to SIGKILL it when the
+//!   worker dies, even by SIGKILL, and a check right after closes the race where the worker
+//!   died during the fork.
+//! - stdout and stderr are read continuously, line by line, so a chatty agent never blocks on
+//!   a full pipe. Each line goes to tracing and to the [`OutputSink`].
+//! - Ready detection is event-driven: the reader that sees a ready pattern flips a watch
+//!   channel the launch is awaiting, raced against the agent's exit and the start-up timeout.
+//! - One owner task per agent waits on the child, so it is always reaped (no zombies), and
+//!   serves stop requests.
+//!
+//! The interface exists so benchmarks can measure the queue path with a launcher that returns
+//! at once; production code only ever uses [`ProcessLauncher`].
+
+use std::{
+    fmt,
+    os::unix::process::ExitStatusExt,
+    process::{ExitStatus, Stdio},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use agent_jobs::SessionId;
+use futures::{FutureExt, future::BoxFuture};
+use nix::{sys::signal::Signal, unistd::Pid};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncRead, BufReader},
+    process::{Child, Command},
+    sync::{mpsc, oneshot, watch},
+};
+
+/// Longest output line kept; the rest of a longer line is dropped (a line without newlines
+/// must not grow memory without bound).
+pub const MAX_LINE_BYTES: usize = 16 * 1024;
+
+/// How long to wait for buffered output after an agent exited during start-up.
+const READER_DRAIN: Duration = Duration::from_millis(200);
+
+/// What to launch for one session.
+#[derive(Debug, Clone)]
+pub struct LaunchSpec {
+    /// The session the agent serves.
+    pub session_id: SessionId,
+    /// Program to execute (path, or name looked up on `PATH`).
+    pub program: String,
+    /// Arguments, each passed verbatim as one argv element.
+    pub args: Vec<String>,
+    /// Variables added to the inherited environment.
+    pub env: Vec<(String, String)>,
+}
+
+/// How an agent process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentExit {
+    /// Exited with this code.
+    Code(i32),
+    /// Killed by this signal.
+    Signal(i32),
+}
+
+impl From<ExitStatus> for AgentExit {
+    fn from(status: ExitStatus) -> Self {
+        match (status.code(), status.signal()) {
+            (Some(code), _) => Self::Code(code),
+            (None, Some(signal)) => Self::Signal(signal),
+            (None, None) => Self::Code(-1),
+        }
+    }
+}
+
+impl fmt::Display for AgentExit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Code(code) => write!(f, "code {code}"),
+            Self::Signal(signal) => write!(f, "signal {signal}"),
+        }
+    }
+}
+
+/// Why a launch failed. All of these are worth another attempt: the agent or its host may
+/// behave differently next time.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LaunchError {
+    /// The program does not exist or is not executable.
+    #[error("agent program {program:?} could not be executed: {reason}")]
+    Spawn {
+        /// The configured program.
+        program: String,
+        /// The OS error.
+        reason: String,
+    },
+    /// The agent exited before printing a ready line.
+    #[error("agent exited with {exit} before it was ready{}", last_line_suffix(.last_line))]
+    ExitedBeforeReady {
+        /// How it exited.
+        exit: AgentExit,
+        /// Its last output line, if any.
+        last_line: Option<String>,
+    },
+    /// No ready line within the start-up timeout; the agent was killed.
+    #[error("agent printed no ready line within {timeout:?} and was killed{}", last_line_suffix(.last_line))]
+    NotReady {
+        /// The start-up timeout.
+        timeout: Duration,
+        /// Its last output line, if any.
+        last_line: Option<String>,
+    },
+}
+
+fn last_line_suffix(line: &Option<String>) -> String {
+    match line {
+        Some(line) => format!("; last output: {line:?}"),
+        None => String::new(),
+    }
+}
+
+/// Where an output line came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputStream {
+    /// The agent's stdout.
+    Stdout,
+    /// The agent's stderr.
+    Stderr,
+}
+
+/// One line of agent output.
+#[derive(Debug, Clone)]
+pub struct AgentLine {
+    /// The agent's session.
+    pub session_id: SessionId,
+    /// The line, without its newline, lossily decoded, at most [`MAX_LINE_BYTES`].
+    pub line: String,
+}
+
+/// Receives agent output for storage. Sending never waits: when the receiver falls behind,
+/// lines are dropped from storage (they were already logged), never held in the agent's pipe.
+pub type OutputSink = mpsc::Sender<AgentLine>;
+
+/// A running, ready agent. Dropping it does not stop the process: call [`AgentHandle::stop`].
+#[derive(Debug)]
+pub struct RunningAgent {
+    /// The agent's pid.
+    pub pid: u32,
+    /// Its process group id (equal to its pid: it leads its own group).
+    pub pgid: u32,
+    /// From spawn to the ready line.
+    pub startup: Duration,
+    /// Resolves once the process has exited and been reaped.
+    pub exited: oneshot::Receiver<AgentExit>,
+    /// Stops the agent.
+    pub handle: AgentHandle,
+}
+
+/// Asks an agent's owner task to stop it.
+#[derive(Debug, Clone)]
+pub struct AgentHandle {
+    stop: mpsc::UnboundedSender<Duration>,
+}
+
+impl AgentHandle {
+    /// A handle whose requests go to `stop`; for [`Launcher`] implementations.
+    pub fn new(stop: mpsc::UnboundedSender<Duration>) -> Self {
+        Self { stop }
+    }
+
+    /// SIGTERM to the agent's group now, SIGKILL after `grace` if it is still there.
+    /// A later call with a shorter grace shortens the wait. Does not wait for the exit.
+    pub fn stop(&self, grace: Duration) {
+        // The owner task is gone only when the process already exited: nothing to stop.
+        let _ = self.stop.send(grace);
+    }
+}
+
+/// Starts agents. See the module docs for what the real one guarantees.
+pub trait Launcher: Send + Sync + 'static {
+    /// Launches an agent and resolves once it is ready, or with the reason it is not.
+    /// A failed launch leaves no process behind.
+    fn launch(&self, spec: LaunchSpec) -> BoxFuture<'_, Result<RunningAgent, LaunchError>>;
+}
+
+/// Launches real processes.
+#[derive(Debug, Clone)]
+pub struct ProcessLauncher {
+    ready_patterns: Arc<[String]>,
+    startup_timeout: Duration,
+    output: OutputSink,
+}
+
+impl ProcessLauncher {
+    /// A launcher judging readiness by `ready_patterns` within `startup_timeout`, sending
+    /// output lines to `output`.
+    pub fn new(ready_patterns: Vec<String>, startup_timeout: Duration, output: OutputSink) -> Self {
+        Self {
+            ready_patterns: ready_patterns.into(),
+            startup_timeout,
+            output,
+        }
+    }
+
+    async fn launch_process(&self, spec: LaunchSpec) -> Result<RunningAgent, LaunchError> {
+        let started = Instant::now();
+        let mut child = spawn(&spec).map_err(|e| LaunchError::Spawn {
+            program: spec.program.clone(),
+            reason: e.to_string(),
+        })?;
+        let pid = child.id().expect("a just-spawned child has a pid");
+        // process_group(0) made the agent the leader of a new group named after its pid.
+        let pgid = pid;
+        tracing::info!(session_id = %spec.session_id, pid, pgid, "agent_process_spawned");
+
+        let (ready_tx, mut ready_rx) = watch::channel(false);
+        let last_line = Arc::new(std::sync::Mutex::new(None::<String>));
+        let reader = OutputReader {
+            session_id: spec.session_id.clone(),
+            patterns: self.ready_patterns.clone(),
+            ready: Arc::new(ready_tx),
+            sink: self.output.clone(),
+            last_line: last_line.clone(),
+        };
+        if let Some(stdout) = child.stdout.take() {
+            tokio::spawn(reader.clone().read(stdout, OutputStream::Stdout));
+        }
+        if let Some(stderr) = child.stderr.take() {
+            tokio::spawn(reader.read(stderr, OutputStream::Stderr));
+        }
+
+        let (stop_tx, stop_rx) = mpsc::unbounded_channel();
+        let (exit_tx, mut exit_rx) = oneshot::channel();
+        tokio::spawn(own(child, pgid, stop_rx, exit_tx));
+        let handle = AgentHandle::new(stop_tx);
+
+        let last = || last_line.lock().expect("last_line lock").clone();
+        let mut ready_after_exit = ready_rx.clone();
+        tokio::select! {
+            // `biased`: an agent that printed its ready line and exited right after did start;
+            // check readiness before the exit.
+            biased;
+            ready = ready_rx.wait_for(|ready| *ready).map(|r| r.is_ok()) => {
+                // The readers drop the sender at EOF; a closed channel without a ready line
+                // means the agent closed its output, and its exit is what we report.
+                if ready {
+                    Ok(RunningAgent { pid, pgid, startup: started.elapsed(), exited: exit_rx, handle })
+                } else {
+                    let exit = exit_rx.await.unwrap_or(AgentExit::Code(-1));
+                    Err(LaunchError::ExitedBeforeReady { exit, last_line: last() })
+                }
+            }
+            exit = &mut exit_rx => {
+                let exit = exit.unwrap_or(AgentExit::Code(-1));
+                // A ready line written just before the exit may still be in the pipe: give the
+                // readers a moment to reach EOF (a grandchild holding the pipe open must not
+                // make us wait long).
+                let drained = tokio::time::timeout(READER_DRAIN, ready_after_exit.wait_for(|ready| *ready).map(|r| r.is_ok())).await;
+                if drained == Ok(true) {
+                    let (tx, exited) = oneshot::channel();
+                    let _ = tx.send(exit);
+                    Ok(RunningAgent { pid, pgid, startup: started.elapsed(), exited, handle })
+                } else {
+                    Err(LaunchError::ExitedBeforeReady { exit, last_line: last() })
+                }
+            }
+            _ = tokio::time::sleep(self.startup_timeout) => {
+                handle.stop(Duration::ZERO);
+                let _ = exit_rx.await;
+                Err(LaunchError::NotReady { timeout: self.startup_timeout, last_line: last() })
+            }
+        }
+    }
+}
+
+impl Launcher for ProcessLauncher {
+    fn launch(&self, spec: LaunchSpec) -> BoxFuture<'_, Result<RunningAgent, LaunchError>> {
+        Box::pin(self.launch_process(spec))
+    }
+}
+
+fn spawn(spec: &LaunchSpec) -> std::io::Result<Child> {
+    let mut command = Command::new(&spec.program);
+    command
+        .args(&spec.args)
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        // The owner task reaps the child; dropping the handle must not kill a running agent.
+        .kill_on_drop(false);
+    // Our own settings variables may carry the Redis password; the agent has no use for them.
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("AGENT_WORKER__") {
+            command.env_remove(key);
+        }
+    }
+    let worker_pid = std::process::id() as libc::pid_t;
+    // SAFETY: the closure runs in the forked child before exec and only calls
+    // async-signal-safe functions (prctl, getppid) and builds an io::Error from errno.
+    unsafe {
+        command.pre_exec(move || {
+            // The death signal follows the thread that forked us. Agents are spawned from the
+            // runtime's worker threads, which live as long as the process.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The worker may have died between fork and prctl; then we were re-parented and
+            // no signal will ever come.
+            if libc::getppid() != worker_pid {
+                return Err(std::io::Error::other("worker exited during spawn"));
+            }
+            Ok(())
+        });
+    }
+    command.spawn()
+}
+
+/// Waits on the child (reaping it) and serves stop requests: SIGTERM to the group at once,
+/// SIGKILL when the shortest requested grace runs out.
+async fn own(
+    mut child: Child,
+    pgid: u32,
+    mut stop_rx: mpsc::UnboundedReceiver<Duration>,
+    exit_tx: oneshot::Sender<AgentExit>,
+) {
+    let group = Pid::from_raw(pgid as i32);
+    let mut kill_at: Option<tokio::time::Instant> = None;
+    let status = loop {
+        let deadline = kill_at;
+        tokio::select! {
+            status = child.wait() => break status,
+            Some(grace) = stop_rx.recv() => {
+                signal_group(group, Signal::SIGTERM);
+                let at = tokio::time::Instant::now() + grace;
+                kill_at = Some(kill_at.map_or(at, |current| current.min(at)));
+            }
+            _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => {
+                signal_group(group, Signal::SIGKILL);
+                kill_at = None;
+            }
+        }
+    };
+    let exit = match status {
+        Ok(status) => AgentExit::from(status),
+        // wait() only fails if the child was already reaped elsewhere, which we never do.
+        Err(_) => AgentExit::Code(-1),
+    };
+    let _ = exit_tx.send(exit);
+}
+
+fn signal_group(group: Pid, signal: Signal) {
+    // ESRCH means the group is already gone, which is what we wanted.
+    let _ = nix::sys::signal::killpg(group, signal);
+}
+
+#[derive(Clone)]
+struct OutputReader {
+    session_id: SessionId,
+    patterns: Arc<[String]>,
+    ready: Arc<watch::Sender<bool>>,
+    sink: OutputSink,
+    last_line: Arc<std::sync::Mutex<Option<String>>>,
+}
+
+impl OutputReader {
+    async fn read(self, pipe: impl AsyncRead + Unpin, stream: OutputStream) {
+        let mut reader = BufReader::with_capacity(8 * 1024, pipe);
+        let mut line = Vec::with_capacity(256);
+        // A read error ends the stream like EOF: the agent's exit is reported by its owner.
+        while let Ok(chunk) = reader.fill_buf().await {
+            if chunk.is_empty() {
+                if !line.is_empty() {
+                    self.emit(&line, stream);
+                }
+                break;
+            }
+            let (take, complete) = match chunk.iter().position(|&b| b == b'\n') {
+                Some(newline) => (newline, true),
+                None => (chunk.len(), false),
+            };
+            let room = MAX_LINE_BYTES.saturating_sub(line.len());
+            line.extend_from_slice(&chunk[..take.min(room)]);
+            reader.consume(take + usize::from(complete));
+            if complete {
+                self.emit(&line, stream);
+                line.clear();
+            }
+        }
+    }
+
+    fn emit(&self, raw: &[u8], stream: OutputStream) {
+        let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+        let text = String::from_utf8_lossy(raw).into_owned();
+        tracing::info!(
+            target: "agent_output",
+            session_id = %self.session_id,
+            stream = ?stream,
+            line = %text,
+        );
+        if !*self.ready.borrow() && self.patterns.iter().any(|p| text.contains(p.as_str())) {
+            self.ready.send_replace(true);
+        }
+        *self.last_line.lock().expect("last_line lock") = Some(text.clone());
+        // Full or closed: drop from storage rather than block the agent.
+        let _ = self.sink.try_send(AgentLine {
+            session_id: self.session_id.clone(),
+            line: text,
+        });
+    }
+}

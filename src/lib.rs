@@ -1,0 +1,38 @@
+//! # agent-worker
+//!
+//! Takes agent-start jobs from Redis (apalis-redis), loads each session's own configuration
+//! from `session:<id>:config`, launches one voice agent process per session and supervises it.
+//! The Redis keys and the agent's command line are a contract shared with the orchestrator:
+//! see the README's "Redis contract" section.
+//!
+//! ## Layout
+//! - [`settings`]: typed settings from `config/default.toml`, `--config FILE` and
+//!   `AGENT_WORKER__*` variables, validated at start-up.
+//! - [`telemetry`]: the tracing subscriber (`json` or `pretty`).
+//! - [`connection`]: the shared Redis `ConnectionManager`, with our timeouts and start-up retry.
+//! - [`session`]: the session store: config lookup by session id, session state writes.
+//! - [`launcher`]: the [`launcher::Launcher`] interface and the real process launcher (no shell,
+//!   own process group, death signal, continuous output reading, event-driven readiness).
+//! - [`supervisor`]: owns the agents of this process: launch with retries, one agent per
+//!   session, exit handling, shutdown.
+//! - [`agent_start`]: the agent-start job: tolerant decoding and the retry-or-abort decision.
+//! - [`worker`]: wiring of the apalis worker and the loop that restarts it after backend errors.
+//! - [`wake`]: pub/sub wake-ups so idle workers fetch a new job at once.
+//! - [`queue`]: our own maintenance scripts on the apalis-redis queue.
+//! - [`logs`]: batched shipping of agent output to `agent:<id>:logs`.
+//! - [`demo`]: the `demo` command.
+//! - [`local_redis`]: a private `redis-server` for the demo when none answers.
+
+pub mod agent_start;
+pub mod connection;
+pub mod demo;
+pub mod launcher;
+pub mod local_redis;
+pub mod logs;
+pub mod queue;
+pub mod session;
+pub mod settings;
+pub mod supervisor;
+pub mod telemetry;
+pub mod wake;
+pub mod worker;

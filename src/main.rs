@@ -1,0 +1,170 @@
+//! `agent-worker`: parse the command line, load settings, start telemetry, hand over.
+
+use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
+
+use agent_jobs::{AgentStart, Producer, QueueKeys, SessionConfigInput, SessionId};
+use agent_worker::{
+    connection, demo,
+    launcher::{Launcher, ProcessLauncher},
+    settings::Settings,
+    telemetry, worker,
+};
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+/// Starts and supervises one voice agent per session from agent-start jobs in Redis.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Settings file overriding config/default.toml (only the keys it sets).
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the worker until SIGTERM or SIGINT.
+    Run,
+    /// Enqueue an agent-start job; with --voice-id, --opening-line or --system-prompt, first
+    /// write the session's config as the orchestrator does. Prints the task id.
+    Enqueue {
+        /// Session to start an agent for: 1-128 characters of [A-Za-z0-9._-].
+        #[arg(long)]
+        session_id: String,
+        /// Who started the session (informational).
+        #[arg(long)]
+        user_id: Option<String>,
+        /// TTS voice for the session.
+        #[arg(long)]
+        voice_id: Option<String>,
+        /// The agent's opening line.
+        #[arg(long)]
+        opening_line: Option<String>,
+        /// The agent's system prompt.
+        #[arg(long)]
+        system_prompt: Option<String>,
+    },
+    /// Start two sessions of one user at once (voices Craig and Olivia) with a test agent and
+    /// show which voice each agent received.
+    Demo,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let settings = match Settings::load(cli.config.as_deref()) {
+        Ok(settings) => settings,
+        Err(error) => {
+            eprintln!("agent-worker: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    telemetry::init_subscriber(telemetry::get_subscriber(
+        settings.telemetry.format,
+        "info",
+        std::io::stderr,
+    ));
+    let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Run => run(settings).await,
+            Command::Enqueue {
+                session_id,
+                user_id,
+                voice_id,
+                opening_line,
+                system_prompt,
+            } => {
+                enqueue(
+                    settings,
+                    &session_id,
+                    user_id,
+                    voice_id,
+                    opening_line,
+                    system_prompt,
+                )
+                .await
+            }
+            Command::Demo => demo::run(settings).await,
+        }
+    });
+    // Agents are stopped by now; do not wait for lingering blocking tasks.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(error = format!("{error:#}"), "agent_worker_failed");
+            eprintln!("agent-worker: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(settings: Settings) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    tokio::spawn(stop_on_signal(shutdown.clone()));
+    let agent = settings.agent.clone();
+    worker::run(
+        settings,
+        Box::new(move |output| {
+            Arc::new(ProcessLauncher::new(
+                agent.ready_patterns,
+                agent.startup_timeout,
+                output,
+            )) as Arc<dyn Launcher>
+        }),
+        shutdown,
+    )
+    .await;
+    Ok(())
+}
+
+/// Cancels `shutdown` on the first SIGTERM or SIGINT.
+async fn stop_on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("a SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("a SIGINT handler");
+    let name = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    tracing::info!(signal = name, "shutdown_requested");
+    shutdown.cancel();
+}
+
+async fn enqueue(
+    settings: Settings,
+    session_id: &str,
+    user_id: Option<String>,
+    voice_id: Option<String>,
+    opening_line: Option<String>,
+    system_prompt: Option<String>,
+) -> anyhow::Result<()> {
+    let id = SessionId::parse(session_id).context("invalid --session-id")?;
+    let mut conn = connection::connect(&settings.redis)
+        .await
+        .with_context(|| format!("cannot reach Redis at {}", settings.redis.url))?;
+    if voice_id.is_some() || opening_line.is_some() || system_prompt.is_some() {
+        let config = SessionConfigInput {
+            voice_id: voice_id.unwrap_or_else(|| settings.agent.default_voice.clone()),
+            user_name: user_id.clone().unwrap_or_default(),
+            opening_line,
+            system_prompt,
+        };
+        agent_jobs::write_session_config(&mut conn, &id, &config, settings.session.ttl)
+            .await
+            .context("writing the session config")?;
+    }
+    let keys = QueueKeys::new(&settings.redis.queue)?;
+    let producer = Producer::new(conn, keys).idempotency_ttl(settings.session.ttl);
+    let mut job = AgentStart::new(id);
+    job.user_id = user_id;
+    let enqueued = producer.enqueue(&job).await?;
+    if enqueued.duplicate {
+        tracing::info!(task_id = %enqueued.task_id, "already_enqueued");
+    }
+    println!("{}", enqueued.task_id);
+    Ok(())
+}

@@ -1,0 +1,93 @@
+//! Our own commands on the apalis-redis queue, where its defaults would hurt us.
+//!
+//! - [`QueueOps::promote_due`]: move due jobs from the scheduled set to the ready list in
+//!   bounded chunks, before apalis-redis's fetch tries to move them all at once and crashes
+//!   (`lua/promote_due.lua`).
+//! - [`QueueOps::recover_inflight`]: re-queue the jobs of one of our workers that just died,
+//!   without waiting for the orphan timeout, quarantining unreadable ones
+//!   (`lua/recover_inflight.lua`).
+
+use std::sync::LazyLock;
+
+use agent_jobs::QueueKeys;
+use redis::{Script, aio::ConnectionManager};
+
+use crate::session::unix_now;
+
+static PROMOTE_DUE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("lua/promote_due.lua")));
+static RECOVER_INFLIGHT: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("lua/recover_inflight.lua")));
+
+/// Ids moved per promotion call: well below the ~8,000 that break apalis-redis's fetch, and
+/// small enough to keep one script call short.
+pub const PROMOTE_CHUNK: usize = 1000;
+
+/// What [`QueueOps::recover_inflight`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Recovered {
+    /// Jobs put back at the head of the ready list.
+    pub requeued: u64,
+    /// Unreadable jobs moved to the dead set.
+    pub quarantined: u64,
+}
+
+/// Queue maintenance commands.
+#[derive(Clone)]
+pub struct QueueOps {
+    conn: ConnectionManager,
+    keys: QueueKeys,
+}
+
+impl std::fmt::Debug for QueueOps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueueOps")
+            .field("queue", &self.keys.queue())
+            .finish()
+    }
+}
+
+impl QueueOps {
+    /// Commands on the queue `keys`.
+    pub fn new(conn: ConnectionManager, keys: QueueKeys) -> Self {
+        Self { conn, keys }
+    }
+
+    /// Moves every due scheduled job to the ready list, [`PROMOTE_CHUNK`] per call. Returns
+    /// how many moved.
+    pub async fn promote_due(&self) -> redis::RedisResult<u64> {
+        let mut total = 0;
+        loop {
+            let moved: u64 = PROMOTE_DUE
+                .key(self.keys.scheduled())
+                .key(self.keys.active())
+                .arg(unix_now())
+                .arg(PROMOTE_CHUNK)
+                .invoke_async(&mut self.conn.clone())
+                .await?;
+            total += moved;
+            if moved < PROMOTE_CHUNK as u64 {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// Re-queues the jobs fetched by the dead worker `worker` and deregisters it.
+    pub async fn recover_inflight(&self, worker: &str) -> redis::RedisResult<Recovered> {
+        let (requeued, quarantined): (u64, u64) = RECOVER_INFLIGHT
+            .key(self.keys.inflight(worker))
+            .key(self.keys.active())
+            .key(self.keys.data())
+            .key(self.keys.dead())
+            .key(self.keys.workers())
+            .arg(self.keys.meta_prefix())
+            .arg(worker)
+            .arg(unix_now())
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(Recovered {
+            requeued,
+            quarantined,
+        })
+    }
+}

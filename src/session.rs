@@ -1,0 +1,549 @@
+//! The session store: reading a session's config and writing its state (contract §1 and §3).
+//!
+//! Config is found by session id only: `session:<id>:config`, one `HGETALL`. There is no
+//! fallback to the user-scoped `user:<name>:config` of the old system, which made two sessions
+//! of one user share a voice. A missing hash means defaults, written back only if still absent
+//! (`lua/write_default_config.lua`). A hash that cannot be used (wrong type, no voice, a value
+//! the agent's command line cannot carry) is a permanent error naming the key and the problem.
+//!
+//! State writes are pipelined: one round trip per transition, whatever the number of fields.
+
+use std::{
+    collections::BTreeMap,
+    sync::LazyLock,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use agent_jobs::{
+    SessionId, SessionKeys,
+    keys::{SESSIONS_READY, SESSIONS_STARTING},
+    session_config::fields,
+};
+use redis::{Script, Value, aio::ConnectionManager};
+
+static WRITE_DEFAULT: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("lua/write_default_config.lua")));
+
+/// Linux refuses a single argv or environment string of 128 KiB or more (`MAX_ARG_STRLEN`).
+/// A config value that would not fit is a permanent error, caught before any spawn.
+pub const MAX_ARG_BYTES: usize = 128 * 1024 - 1;
+
+/// Where a session's config came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConfigSource {
+    /// Read from `session:<id>:config`.
+    Stored,
+    /// The key was missing; defaults were used (and written back).
+    Default,
+}
+
+impl ConfigSource {
+    /// `stored` or `default`, as logged.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stored => "stored",
+            Self::Default => "default",
+        }
+    }
+}
+
+/// A session's config: every field of the hash, validated for the agent's command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionConfig {
+    fields: BTreeMap<String, String>,
+    source: ConfigSource,
+}
+
+impl SessionConfig {
+    /// The TTS voice (always present and non-empty).
+    pub fn voice_id(&self) -> &str {
+        &self.fields[fields::VOICE_ID]
+    }
+
+    /// The optional opening line.
+    pub fn opening_line(&self) -> Option<&str> {
+        self.fields.get(fields::OPENING_LINE).map(String::as_str)
+    }
+
+    /// The optional system prompt.
+    pub fn system_prompt(&self) -> Option<&str> {
+        self.fields.get(fields::SYSTEM_PROMPT).map(String::as_str)
+    }
+
+    /// Where it came from.
+    pub fn source(&self) -> ConfigSource {
+        self.source
+    }
+
+    /// Field names, sorted; logged instead of values (prompts are never logged).
+    pub fn field_names(&self) -> Vec<&str> {
+        self.fields.keys().map(String::as_str).collect()
+    }
+
+    /// The whole hash as a JSON object, for the agent's `SESSION_CONFIG`.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(&self.fields).expect("a map of strings always serializes")
+    }
+}
+
+/// Why a session's config or state could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// The config key holds another Redis type. Permanent.
+    #[error("{key} is a Redis {found}, not a hash")]
+    WrongType {
+        /// The key.
+        key: String,
+        /// The type found (`string`, `list`, ...).
+        found: String,
+    },
+    /// A field of the config hash cannot be used. Permanent.
+    #[error("{key}: field {field} {problem}")]
+    UnusableField {
+        /// The key.
+        key: String,
+        /// The field name.
+        field: String,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// Redis failed; the same job may succeed later.
+    #[error("redis error on {key}: {source}")]
+    Redis {
+        /// The key being read or written.
+        key: String,
+        /// The client's error.
+        #[source]
+        source: redis::RedisError,
+    },
+}
+
+impl SessionError {
+    /// True when retrying cannot help (the data itself is wrong).
+    pub fn is_permanent(&self) -> bool {
+        !matches!(self, Self::Redis { .. })
+    }
+}
+
+/// How an agent ended, as recorded in the session hash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ended {
+    /// `code 0`, `signal 15`, ...
+    pub exit: String,
+}
+
+/// Reads session config and writes session state.
+#[derive(Clone)]
+pub struct SessionStore {
+    conn: ConnectionManager,
+    ttl: Duration,
+    default_voice: String,
+    log_lines: usize,
+}
+
+impl std::fmt::Debug for SessionStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionStore")
+            .field("ttl", &self.ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Unix seconds now.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+}
+
+impl SessionStore {
+    /// A store writing keys with `ttl`, defaulting the voice to `default_voice`, keeping
+    /// `log_lines` output lines per agent.
+    pub fn new(
+        conn: ConnectionManager,
+        ttl: Duration,
+        default_voice: impl Into<String>,
+        log_lines: usize,
+    ) -> Self {
+        Self {
+            conn,
+            ttl,
+            default_voice: default_voice.into(),
+            log_lines,
+        }
+    }
+
+    fn ttl_secs(&self) -> u64 {
+        self.ttl.as_secs().max(1)
+    }
+
+    /// Loads `session:<id>:config`; writes defaults when it is missing.
+    pub async fn load_config(
+        &self,
+        id: &SessionId,
+        user_id: Option<&str>,
+    ) -> Result<SessionConfig, SessionError> {
+        let key = SessionKeys::new(id).config();
+        if let Some(stored) = self.read_config(&key).await? {
+            return Ok(stored);
+        }
+        let defaults = BTreeMap::from([
+            (fields::VOICE_ID.to_owned(), self.default_voice.clone()),
+            (
+                fields::USER_NAME.to_owned(),
+                user_id.unwrap_or_default().to_owned(),
+            ),
+            (fields::UPDATED_AT.to_owned(), unix_now().to_string()),
+        ]);
+        let mut invocation = WRITE_DEFAULT.prepare_invoke();
+        invocation.key(&key).arg(self.ttl_secs());
+        for (field, value) in &defaults {
+            invocation.arg(field).arg(value);
+        }
+        let written: i64 = invocation
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(|source| SessionError::Redis {
+                key: key.clone(),
+                source,
+            })?;
+        if written == 0 {
+            // The orchestrator wrote the config between our read and our write: use theirs.
+            if let Some(stored) = self.read_config(&key).await? {
+                return Ok(stored);
+            }
+        }
+        validate(&key, defaults, ConfigSource::Default)
+    }
+
+    async fn read_config(&self, key: &str) -> Result<Option<SessionConfig>, SessionError> {
+        let mut conn = self.conn.clone();
+        let reply = redis::cmd("HGETALL")
+            .arg(key)
+            .query_async::<Value>(&mut conn)
+            .await;
+        let reply = match reply {
+            Ok(reply) => reply,
+            Err(e) if e.code() == Some("WRONGTYPE") => {
+                let found: String = redis::cmd("TYPE")
+                    .arg(key)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap_or_else(|_| "value of another type".into());
+                return Err(SessionError::WrongType {
+                    key: key.to_owned(),
+                    found,
+                });
+            }
+            Err(source) => {
+                return Err(SessionError::Redis {
+                    key: key.to_owned(),
+                    source,
+                });
+            }
+        };
+        let pairs: Vec<(Value, Value)> = match reply {
+            Value::Array(flat) => {
+                let mut it = flat.into_iter();
+                let mut pairs = Vec::new();
+                while let (Some(k), Some(v)) = (it.next(), it.next()) {
+                    pairs.push((k, v));
+                }
+                pairs
+            }
+            Value::Map(pairs) => pairs,
+            other => {
+                return Err(SessionError::WrongType {
+                    key: key.to_owned(),
+                    found: format!("{other:?}"),
+                });
+            }
+        };
+        if pairs.is_empty() {
+            return Ok(None);
+        }
+        let mut map = BTreeMap::new();
+        for (field, value) in pairs {
+            let field = utf8(key, "name", field)?;
+            let value = utf8(key, &field, value)?;
+            map.insert(field, value);
+        }
+        validate(key, map, ConfigSource::Stored).map(Some)
+    }
+
+    /// Status `starting`: written before each launch attempt. Clears a previous error.
+    pub async fn mark_starting(
+        &self,
+        id: &SessionId,
+        user_id: Option<&str>,
+        voice_id: &str,
+        task_id: &str,
+        worker_id: &str,
+    ) -> Result<(), SessionError> {
+        let keys = SessionKeys::new(id);
+        let state = keys.state();
+        let now = unix_now();
+        let mut pipe = redis::pipe();
+        pipe.hset_multiple(
+            &state,
+            &[
+                ("status", "starting"),
+                ("voiceId", voice_id),
+                ("taskId", task_id),
+                ("workerId", worker_id),
+                ("lastActive", &now.to_string()),
+            ],
+        )
+        .ignore()
+        .hset_nx(&state, "createdAt", now)
+        .ignore()
+        .hdel(&state, "error")
+        .ignore();
+        if let Some(user) = user_id {
+            pipe.hset(&state, "userId", user).ignore();
+        }
+        pipe.expire(&state, self.ttl_secs() as i64)
+            .ignore()
+            .srem(SESSIONS_READY, id.as_str())
+            .ignore()
+            .sadd(SESSIONS_STARTING, id.as_str())
+            .ignore();
+        self.run(pipe, state).await
+    }
+
+    /// Status `ready`, with the agent's pid and start-up time; writes `agent:<id>:pid` and
+    /// `agent:<id>:health`.
+    pub async fn mark_ready(
+        &self,
+        id: &SessionId,
+        pid: u32,
+        pgid: u32,
+        startup: Duration,
+    ) -> Result<(), SessionError> {
+        let keys = SessionKeys::new(id);
+        let state = keys.state();
+        let now = unix_now().to_string();
+        let ttl = self.ttl_secs();
+        let mut pipe = redis::pipe();
+        pipe.hset_multiple(
+            &state,
+            &[
+                ("status", "ready"),
+                ("agentPid", &pid.to_string()),
+                ("agentPgid", &pgid.to_string()),
+                ("startupTime", &format!("{:.3}", startup.as_secs_f64())),
+                ("lastActive", &now),
+            ],
+        )
+        .ignore()
+        .expire(&state, ttl as i64)
+        .ignore()
+        .srem(SESSIONS_STARTING, id.as_str())
+        .ignore()
+        .sadd(SESSIONS_READY, id.as_str())
+        .ignore()
+        .set_ex(keys.agent_pid(), pid, ttl)
+        .ignore()
+        .hset_multiple(
+            keys.agent_health(),
+            &[("last_check", now.as_str()), ("status", "ready")],
+        )
+        .ignore()
+        .expire(keys.agent_health(), ttl as i64)
+        .ignore();
+        self.run(pipe, state).await
+    }
+
+    /// Status `error` with `message`; the session leaves both sets.
+    pub async fn mark_error(&self, id: &SessionId, message: &str) -> Result<(), SessionError> {
+        let state = SessionKeys::new(id).state();
+        let mut pipe = redis::pipe();
+        pipe.hset_multiple(
+            &state,
+            &[
+                ("status", "error"),
+                ("error", message),
+                ("lastActive", &unix_now().to_string()),
+            ],
+        )
+        .ignore()
+        .expire(&state, self.ttl_secs() as i64)
+        .ignore()
+        .srem(SESSIONS_STARTING, id.as_str())
+        .ignore()
+        .srem(SESSIONS_READY, id.as_str())
+        .ignore();
+        self.run(pipe, state).await
+    }
+
+    /// Status `ended` after the agent exited: leaves the sets, `agent:<id>:pid` is removed.
+    pub async fn mark_ended(&self, id: &SessionId, ended: &Ended) -> Result<(), SessionError> {
+        let keys = SessionKeys::new(id);
+        let state = keys.state();
+        let mut pipe = redis::pipe();
+        pipe.hset_multiple(
+            &state,
+            &[
+                ("status", "ended"),
+                ("exit", ended.exit.as_str()),
+                ("lastActive", &unix_now().to_string()),
+            ],
+        )
+        .ignore()
+        .expire(&state, self.ttl_secs() as i64)
+        .ignore()
+        .srem(SESSIONS_STARTING, id.as_str())
+        .ignore()
+        .srem(SESSIONS_READY, id.as_str())
+        .ignore()
+        .del(keys.agent_pid())
+        .ignore()
+        .hset(keys.agent_health(), "status", "ended")
+        .ignore();
+        self.run(pipe, state).await
+    }
+
+    /// Appends output lines to the agents' `agent:<id>:logs`, keeping the last `log_lines`.
+    /// One round trip for the whole batch, whatever the number of sessions.
+    pub async fn append_logs(&self, batch: &[(SessionId, Vec<String>)]) -> redis::RedisResult<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for (id, lines) in batch {
+            let key = SessionKeys::new(id).agent_logs();
+            pipe.rpush(&key, lines)
+                .ignore()
+                .ltrim(&key, -(self.log_lines as isize), -1)
+                .ignore()
+                .expire(&key, self.ttl_secs() as i64)
+                .ignore();
+        }
+        pipe.query_async::<()>(&mut self.conn.clone()).await
+    }
+
+    async fn run(&self, pipe: redis::Pipeline, key: String) -> Result<(), SessionError> {
+        pipe.query_async::<()>(&mut self.conn.clone())
+            .await
+            .map_err(|source| SessionError::Redis { key, source })
+    }
+}
+
+fn utf8(key: &str, field: &str, value: Value) -> Result<String, SessionError> {
+    let bytes = match value {
+        Value::BulkString(bytes) => bytes,
+        Value::SimpleString(s) => s.into_bytes(),
+        other => {
+            return Err(SessionError::UnusableField {
+                key: key.to_owned(),
+                field: field.to_owned(),
+                problem: format!("has an unexpected reply type {other:?}"),
+            });
+        }
+    };
+    String::from_utf8(bytes).map_err(|_| SessionError::UnusableField {
+        key: key.to_owned(),
+        field: field.to_owned(),
+        problem: "is not valid UTF-8".into(),
+    })
+}
+
+/// Checks that the agent can be launched with this config: a voice, no value its command
+/// line or environment cannot carry.
+fn validate(
+    key: &str,
+    fields_map: BTreeMap<String, String>,
+    source: ConfigSource,
+) -> Result<SessionConfig, SessionError> {
+    let unusable = |field: &str, problem: String| SessionError::UnusableField {
+        key: key.to_owned(),
+        field: field.to_owned(),
+        problem,
+    };
+    match fields_map.get(fields::VOICE_ID) {
+        None => return Err(unusable(fields::VOICE_ID, "is missing".into())),
+        Some(v) if v.trim().is_empty() => {
+            return Err(unusable(fields::VOICE_ID, "is empty".into()));
+        }
+        Some(_) => {}
+    }
+    for field in [
+        fields::VOICE_ID,
+        fields::OPENING_LINE,
+        fields::SYSTEM_PROMPT,
+    ] {
+        if let Some(value) = fields_map.get(field) {
+            if value.contains('\0') {
+                return Err(unusable(
+                    field,
+                    "contains a NUL byte, which a command-line argument cannot carry".into(),
+                ));
+            }
+            if value.len() > MAX_ARG_BYTES {
+                return Err(unusable(
+                    field,
+                    format!(
+                        "is {} bytes; one command-line argument holds at most {MAX_ARG_BYTES}",
+                        value.len()
+                    ),
+                ));
+            }
+        }
+    }
+    let config = SessionConfig {
+        fields: fields_map,
+        source,
+    };
+    let json_len = config.to_json().len() + "SESSION_CONFIG=".len();
+    if json_len > MAX_ARG_BYTES {
+        return Err(unusable(
+            "(all)",
+            format!(
+                "the whole config is {json_len} bytes as SESSION_CONFIG; an environment entry holds at most {MAX_ARG_BYTES}"
+            ),
+        ));
+    }
+    Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let err = validate("k", map(&[("userName", "u")]), ConfigSource::Stored).unwrap_err();
+        assert_eq!(err.to_string(), "k: field voiceId is missing");
+        let err = validate("k", map(&[("voiceId", "a\0b")]), ConfigSource::Stored).unwrap_err();
+        assert!(err.to_string().contains("NUL"), "{err}");
+        let big = "x".repeat(MAX_ARG_BYTES + 1);
+        let err = validate(
+            "k",
+            map(&[("voiceId", "v"), ("systemPrompt", &big)]),
+            ConfigSource::Stored,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("systemPrompt is"), "{err}");
+        assert!(err.is_permanent());
+    }
+
+    #[test]
+    fn config_json_carries_every_field() {
+        let config = validate(
+            "k",
+            map(&[("voiceId", "Craig"), ("custom", "$(x)")]),
+            ConfigSource::Stored,
+        )
+        .unwrap();
+        assert_eq!(config.to_json(), r#"{"custom":"$(x)","voiceId":"Craig"}"#);
+        assert_eq!(config.field_names(), ["custom", "voiceId"]);
+    }
+}

@@ -1,0 +1,396 @@
+//! Typed settings: `config/default.toml`, then `--config FILE`, then the environment.
+//!
+//! Layers, later ones winning: the defaults compiled in from `config/default.toml`; the file
+//! given with `--config`; `REDIS_URL` (for `redis.url` only, and only when the more specific
+//! `AGENT_WORKER__REDIS__URL` is not set); `AGENT_WORKER__<SECTION>__<KEY>` variables.
+//! Unknown keys are errors (a typo must not silently fall back to a default), and
+//! [`Settings::validate`] checks every value at start-up with an error naming the key.
+
+use std::{collections::HashMap, fmt, path::Path, time::Duration};
+
+use agent_jobs::QueueKeys;
+use config::{Config, Environment, File, FileFormat};
+use serde::Deserialize;
+
+/// The defaults, compiled in so the binary runs without its source tree.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+const ENV_PREFIX: &str = "AGENT_WORKER";
+
+/// Why settings could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    /// A file could not be read or parsed, or a value has the wrong type.
+    #[error("invalid settings: {0}")]
+    Load(#[from] config::ConfigError),
+    /// A value is out of range; the message names the key.
+    #[error("invalid setting {key}: {reason}")]
+    Invalid {
+        /// `section.key`.
+        key: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+/// All settings of agent-worker.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// `[redis]`
+    pub redis: RedisSettings,
+    /// `[worker]`
+    pub worker: WorkerSettings,
+    /// `[agent]`
+    pub agent: AgentSettings,
+    /// `[session]`
+    pub session: SessionSettings,
+    /// `[telemetry]`
+    pub telemetry: TelemetrySettings,
+}
+
+/// `[redis]`: where the queue and the session keys live.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisSettings {
+    /// Server URL; may carry a password, so it only prints redacted.
+    pub url: RedisUrl,
+    /// apalis queue name of agent-start jobs.
+    pub queue: String,
+    /// Per-command response timeout.
+    #[serde(with = "humantime_serde")]
+    pub response_timeout: Duration,
+    /// Connection establishment timeout.
+    #[serde(with = "humantime_serde")]
+    pub connection_timeout: Duration,
+}
+
+/// `[worker]`: how jobs are fetched and how the job worker is supervised.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerSettings {
+    /// Agent starts in progress at once.
+    pub concurrency: usize,
+    /// Jobs fetched per round trip.
+    pub batch_size: usize,
+    /// Fallback poll interval when no wake-up arrives.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// apalis-redis worker heartbeat.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// Heartbeats a worker may miss before its jobs are re-queued by others.
+    pub missed_heartbeats: usize,
+    /// Upper bound of the back-off between job-worker restarts.
+    #[serde(with = "humantime_serde")]
+    pub restart_backoff_max: Duration,
+}
+
+/// `[agent]`: how the voice agent is launched and judged ready.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentSettings {
+    /// Program and leading arguments.
+    pub command: Vec<String>,
+    /// Substrings of an output line that mean "ready".
+    pub ready_patterns: Vec<String>,
+    /// Time allowed to become ready.
+    #[serde(with = "humantime_serde")]
+    pub startup_timeout: Duration,
+    /// Time between SIGTERM and SIGKILL when stopping.
+    #[serde(with = "humantime_serde")]
+    pub stop_grace: Duration,
+    /// Voice for sessions without a config hash.
+    pub default_voice: String,
+    /// Launch attempts per job.
+    pub start_attempts: u32,
+    /// Back-off before the second attempt (doubles, with jitter).
+    #[serde(with = "humantime_serde")]
+    pub retry_backoff: Duration,
+    /// Output lines kept in `agent:<id>:logs`.
+    pub log_lines: usize,
+}
+
+/// `[session]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionSettings {
+    /// TTL of the keys the worker writes for a session.
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+}
+
+/// `[telemetry]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetrySettings {
+    /// Log line format.
+    pub format: LogFormat,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One JSON object per line.
+    Json,
+    /// Human-readable lines.
+    Pretty,
+}
+
+/// A Redis URL. It may contain a password, so `Debug` and `Display` show it redacted; the raw
+/// string is only handed to the Redis client.
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct RedisUrl(String);
+
+impl RedisUrl {
+    /// Wraps a URL.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self(url.into())
+    }
+
+    /// The URL with its secret; for the Redis client only, never for logs.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The URL with any user info (`user:password@`) replaced by `***@`.
+    pub fn redacted(&self) -> String {
+        redact_url(&self.0)
+    }
+}
+
+impl fmt::Debug for RedisUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RedisUrl({})", self.redacted())
+    }
+}
+
+impl fmt::Display for RedisUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+/// Replaces the user-info part of a URL (everything between `://` and the last `@` of the
+/// authority) with `***`, so credentials never reach a log line.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end + 3..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{}***{}", &url[..scheme_end + 3], &rest[at..]),
+        None => url.to_owned(),
+    }
+}
+
+impl Settings {
+    /// Loads settings from the defaults, `file` and the process environment, then validates.
+    pub fn load(file: Option<&Path>) -> Result<Self, SettingsError> {
+        Self::load_from(file, std::env::vars().collect())
+    }
+
+    /// Like [`Settings::load`], with the environment given explicitly (for tests).
+    pub fn load_from(
+        file: Option<&Path>,
+        env: HashMap<String, String>,
+    ) -> Result<Self, SettingsError> {
+        let mut builder =
+            Config::builder().add_source(File::from_str(DEFAULT_TOML, FileFormat::Toml));
+        if let Some(path) = file {
+            builder = builder.add_source(File::from(path).required(true));
+        }
+        let specific_url = format!("{ENV_PREFIX}__REDIS__URL");
+        if let (Some(url), false) = (env.get("REDIS_URL"), env.contains_key(&specific_url)) {
+            builder = builder.set_override("redis.url", url.clone())?;
+        }
+        let prefixed: HashMap<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}__")))
+            .collect();
+        builder = builder.add_source(
+            Environment::with_prefix(ENV_PREFIX)
+                .prefix_separator("__")
+                .separator("__")
+                .list_separator(",")
+                .with_list_parse_key("agent.command")
+                .with_list_parse_key("agent.ready_patterns")
+                .try_parsing(true)
+                .source(Some(prefixed)),
+        );
+        let settings: Settings = builder.build()?.try_deserialize()?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks every value that deserialized but is out of range.
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        fn invalid(key: &'static str, reason: impl Into<String>) -> SettingsError {
+            SettingsError::Invalid {
+                key,
+                reason: reason.into(),
+            }
+        }
+        if redis::Client::open(self.redis.url.expose()).is_err() {
+            return Err(invalid(
+                "redis.url",
+                format!("{} is not a valid Redis URL", self.redis.url.redacted()),
+            ));
+        }
+        QueueKeys::new(&self.redis.queue).map_err(|e| invalid("redis.queue", e.to_string()))?;
+        if self.redis.response_timeout < Duration::from_secs(1) {
+            return Err(invalid(
+                "redis.response_timeout",
+                "must be at least 1s (slow scripts would fail workers)",
+            ));
+        }
+        if self.redis.connection_timeout.is_zero() {
+            return Err(invalid("redis.connection_timeout", "must be > 0"));
+        }
+        if self.worker.concurrency == 0 {
+            return Err(invalid("worker.concurrency", "must be >= 1"));
+        }
+        if self.worker.batch_size == 0 {
+            return Err(invalid("worker.batch_size", "must be >= 1"));
+        }
+        if self.worker.poll_interval.is_zero() {
+            return Err(invalid("worker.poll_interval", "must be > 0"));
+        }
+        if self.worker.heartbeat_interval < Duration::from_secs(1) {
+            return Err(invalid(
+                "worker.heartbeat_interval",
+                "must be at least 1s (apalis-redis counts whole seconds)",
+            ));
+        }
+        if self.worker.missed_heartbeats < 2 {
+            return Err(invalid("worker.missed_heartbeats", "must be >= 2"));
+        }
+        if self.worker.restart_backoff_max.is_zero() {
+            return Err(invalid("worker.restart_backoff_max", "must be > 0"));
+        }
+        match self.agent.command.first() {
+            None => return Err(invalid("agent.command", "must name a program")),
+            Some(program) if program.trim().is_empty() => {
+                return Err(invalid("agent.command", "the program is empty"));
+            }
+            Some(_) => {}
+        }
+        if self.agent.ready_patterns.is_empty()
+            || self.agent.ready_patterns.iter().any(|p| p.is_empty())
+        {
+            return Err(invalid(
+                "agent.ready_patterns",
+                "needs at least one non-empty pattern",
+            ));
+        }
+        if self.agent.startup_timeout.is_zero() {
+            return Err(invalid("agent.startup_timeout", "must be > 0"));
+        }
+        if self.agent.default_voice.is_empty() {
+            return Err(invalid("agent.default_voice", "must not be empty"));
+        }
+        if self.agent.start_attempts == 0 {
+            return Err(invalid("agent.start_attempts", "must be >= 1"));
+        }
+        if self.agent.log_lines == 0 {
+            return Err(invalid("agent.log_lines", "must be >= 1"));
+        }
+        if self.session.ttl < Duration::from_secs(1) {
+            return Err(invalid("session.ttl", "must be at least 1s"));
+        }
+        Ok(())
+    }
+
+    /// The orphan timeout this configuration gives apalis-redis.
+    pub fn orphan_timeout(&self) -> Duration {
+        self.worker.heartbeat_interval * self.worker.missed_heartbeats as u32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_load_and_validate() {
+        let s = Settings::load_from(None, HashMap::new()).unwrap();
+        assert_eq!(s.redis.queue, "agent-start");
+        assert_eq!(s.session.ttl, Duration::from_secs(4 * 3600));
+        assert_eq!(s.agent.default_voice, "Ashley");
+        assert_eq!(s.telemetry.format, LogFormat::Pretty);
+    }
+
+    #[test]
+    fn environment_overrides_with_lists_and_durations() {
+        let s = Settings::load_from(
+            None,
+            env(&[
+                ("AGENT_WORKER__AGENT__COMMAND", "python3,-m,voice_agent"),
+                ("AGENT_WORKER__AGENT__STARTUP_TIMEOUT", "45s"),
+                ("AGENT_WORKER__WORKER__CONCURRENCY", "7"),
+                ("AGENT_WORKER__TELEMETRY__FORMAT", "json"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.agent.command, ["python3", "-m", "voice_agent"]);
+        assert_eq!(s.agent.startup_timeout, Duration::from_secs(45));
+        assert_eq!(s.worker.concurrency, 7);
+        assert_eq!(s.telemetry.format, LogFormat::Json);
+    }
+
+    #[test]
+    fn redis_url_precedence() {
+        let plain = Settings::load_from(None, env(&[("REDIS_URL", "redis://plain:1/")])).unwrap();
+        assert_eq!(plain.redis.url.expose(), "redis://plain:1/");
+        let both = Settings::load_from(
+            None,
+            env(&[
+                ("REDIS_URL", "redis://plain:1/"),
+                ("AGENT_WORKER__REDIS__URL", "redis://specific:2/"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(both.redis.url.expose(), "redis://specific:2/");
+    }
+
+    #[test]
+    fn invalid_values_name_their_key() {
+        let err = Settings::load_from(None, env(&[("AGENT_WORKER__WORKER__CONCURRENCY", "0")]))
+            .unwrap_err();
+        assert!(err.to_string().contains("worker.concurrency"), "{err}");
+        let err =
+            Settings::load_from(None, env(&[("AGENT_WORKER__REDIS__QUEUE", "a b")])).unwrap_err();
+        assert!(err.to_string().contains("redis.queue"), "{err}");
+        let err = Settings::load_from(None, env(&[("AGENT_WORKER__AGENT__NO_SUCH_KEY", "1")]))
+            .unwrap_err();
+        assert!(err.to_string().contains("no_such_key"), "{err}");
+    }
+
+    #[test]
+    fn urls_are_redacted() {
+        assert_eq!(
+            redact_url("redis://:s3cret@host:6379/0"),
+            "redis://***@host:6379/0"
+        );
+        assert_eq!(
+            redact_url("rediss://user:p@ss@host/1?x=@"),
+            "rediss://***@host/1?x=@"
+        );
+        assert_eq!(redact_url("redis://host:6379"), "redis://host:6379");
+        let url = RedisUrl::new("redis://:s3cret@h:1");
+        assert!(!format!("{url:?} {url}").contains("s3cret"));
+        let err = Settings::load_from(None, env(&[("REDIS_URL", "http://:s3cret@h:1"), ("X", "")]))
+            .unwrap_err();
+        assert!(!err.to_string().contains("s3cret"), "{err}");
+    }
+}

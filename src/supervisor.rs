@@ -1,0 +1,298 @@
+//! The supervisor: owns every agent of this process, from launch to reaped exit.
+//!
+//! Agents outlive the job that started them: a job completes when its agent is ready, while
+//! the agent runs for the whole session. So launches and exit watchers run as tasks of the
+//! supervisor, not of the apalis worker. If the job worker dies mid-launch (a Redis blip), the
+//! launch goes on, and the re-delivered job finds it here instead of starting a second agent.
+//!
+//! Per session there is at most one slot: `Starting` (a launch in progress, which later
+//! deliveries join) or `Running` (a ready agent). A launch makes up to `start_attempts`
+//! attempts with exponential back-off and jitter, writing `starting` / `error` / `ready` to the
+//! session hash as it goes. When an agent exits, its session is marked `ended` and the slot is
+//! freed.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use agent_jobs::SessionId;
+use rand::RngExt;
+use tokio::sync::watch;
+use tokio_util::task::TaskTracker;
+
+use crate::{
+    launcher::{AgentHandle, LaunchSpec, Launcher},
+    session::{Ended, SessionStore},
+};
+
+/// What a start request led to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StartOutcome {
+    /// A new agent is ready.
+    Started {
+        /// Its pid.
+        pid: u32,
+        /// Spawn to ready.
+        startup: Duration,
+    },
+    /// This process already runs an agent for the session; nothing new was started.
+    AlreadyRunning {
+        /// The running agent's pid.
+        pid: u32,
+    },
+}
+
+/// Every attempt to launch the agent failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("agent failed to start after {attempts} attempt(s): {last_error}")]
+pub struct StartFailure {
+    /// Attempts made.
+    pub attempts: u32,
+    /// The last attempt's error.
+    pub last_error: String,
+}
+
+/// One agent start, as the job asks for it.
+#[derive(Debug, Clone)]
+pub struct StartRequest {
+    /// What to launch.
+    pub spec: LaunchSpec,
+    /// For the session hash.
+    pub user_id: Option<String>,
+    /// For the session hash.
+    pub voice_id: String,
+    /// For the session hash.
+    pub task_id: String,
+}
+
+/// Retry policy of a launch.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    /// Attempts per start (>= 1).
+    pub attempts: u32,
+    /// Pause before the second attempt; doubled for each further one, with ±50 % jitter.
+    pub backoff: Duration,
+}
+
+impl RetryPolicy {
+    /// The pause after failed attempt number `attempt` (1-based).
+    pub fn delay_after(&self, attempt: u32) -> Duration {
+        let base = self.backoff.saturating_mul(1 << (attempt - 1).min(16));
+        // Jitter spreads retries of many sessions that failed together (an agent host
+        // hiccup) instead of launching them again in lockstep.
+        base.mul_f64(rand::rng().random_range(0.5..1.5))
+    }
+}
+
+type StartResult = Result<StartOutcome, StartFailure>;
+
+enum Slot {
+    Starting(watch::Receiver<Option<StartResult>>),
+    Running { pid: u32, handle: AgentHandle },
+}
+
+struct Inner {
+    launcher: Arc<dyn Launcher>,
+    store: SessionStore,
+    worker_id: String,
+    retry: RetryPolicy,
+    slots: Mutex<HashMap<SessionId, Slot>>,
+    /// Set once shutdown began: agents that become ready afterwards are stopped at once.
+    closing: Mutex<Option<Duration>>,
+    tasks: TaskTracker,
+}
+
+/// Owns the agents of this process. Cheap to clone.
+#[derive(Clone)]
+pub struct Supervisor {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Supervisor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Supervisor")
+            .field("worker_id", &self.inner.worker_id)
+            .field("agents", &self.agent_count())
+            .finish()
+    }
+}
+
+impl Supervisor {
+    /// A supervisor launching with `launcher`, recording state in `store` under `worker_id`.
+    pub fn new(
+        launcher: Arc<dyn Launcher>,
+        store: SessionStore,
+        worker_id: impl Into<String>,
+        retry: RetryPolicy,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                launcher,
+                store,
+                worker_id: worker_id.into(),
+                retry,
+                slots: Mutex::new(HashMap::new()),
+                closing: Mutex::new(None),
+                tasks: TaskTracker::new(),
+            }),
+        }
+    }
+
+    /// This process's worker id, as written to `session:<id>` `workerId`.
+    pub fn worker_id(&self) -> &str {
+        &self.inner.worker_id
+    }
+
+    /// Running agents plus launches in progress.
+    pub fn agent_count(&self) -> usize {
+        self.inner.slots.lock().expect("slots lock").len()
+    }
+
+    /// Starts an agent for the request's session unless this process already has one running
+    /// or starting; in the latter case it waits for that launch's outcome instead.
+    pub async fn start(&self, request: StartRequest) -> StartResult {
+        let id = request.spec.session_id.clone();
+        let mut outcome = {
+            let mut slots = self.inner.slots.lock().expect("slots lock");
+            match slots.get(&id) {
+                Some(Slot::Running { pid, .. }) => {
+                    return Ok(StartOutcome::AlreadyRunning { pid: *pid });
+                }
+                Some(Slot::Starting(outcome)) => outcome.clone(),
+                None => {
+                    let (tx, rx) = watch::channel(None);
+                    slots.insert(id, Slot::Starting(rx.clone()));
+                    let inner = self.inner.clone();
+                    // A task of the supervisor, not of the job: it finishes even if the job's
+                    // future is dropped.
+                    self.inner.tasks.spawn(async move {
+                        let result = inner.launch(request).await;
+                        let _ = tx.send(Some(result));
+                    });
+                    rx
+                }
+            }
+        };
+        let result = outcome
+            .wait_for(Option::is_some)
+            .await
+            .map(|r| r.clone().expect("checked by wait_for"));
+        match result {
+            Ok(result) => result,
+            // The launch task cannot drop its sender without sending, short of a panic.
+            Err(_) => Err(StartFailure {
+                attempts: 0,
+                last_error: "the launch task ended without a result".into(),
+            }),
+        }
+    }
+
+    /// Stops every agent (SIGTERM to its group, SIGKILL after `grace`), including those whose
+    /// launch is still in progress, and waits until all have exited and their sessions are
+    /// marked ended.
+    pub async fn shutdown(&self, grace: Duration) {
+        {
+            let slots = self.inner.slots.lock().expect("slots lock");
+            *self.inner.closing.lock().expect("closing lock") = Some(grace);
+            for slot in slots.values() {
+                if let Slot::Running { handle, .. } = slot {
+                    handle.stop(grace);
+                }
+            }
+        }
+        self.inner.tasks.close();
+        self.inner.tasks.wait().await;
+    }
+}
+
+impl Inner {
+    async fn launch(self: Arc<Self>, request: StartRequest) -> StartResult {
+        let id = request.spec.session_id.clone();
+        for attempt in 1..=self.retry.attempts {
+            self.record(
+                self.store
+                    .mark_starting(
+                        &id,
+                        request.user_id.as_deref(),
+                        &request.voice_id,
+                        &request.task_id,
+                        &self.worker_id,
+                    )
+                    .await,
+            );
+            match self.launcher.launch(request.spec.clone()).await {
+                Ok(agent) => {
+                    tracing::info!(
+                        session_id = %id,
+                        pid = agent.pid,
+                        startup_ms = agent.startup.as_millis() as u64,
+                        attempt,
+                        "agent_ready"
+                    );
+                    self.record(
+                        self.store
+                            .mark_ready(&id, agent.pid, agent.pgid, agent.startup)
+                            .await,
+                    );
+                    let (pid, startup) = (agent.pid, agent.startup);
+                    {
+                        let mut slots = self.slots.lock().expect("slots lock");
+                        slots.insert(
+                            id.clone(),
+                            Slot::Running {
+                                pid,
+                                handle: agent.handle.clone(),
+                            },
+                        );
+                        if let Some(grace) = *self.closing.lock().expect("closing lock") {
+                            agent.handle.stop(grace);
+                        }
+                    }
+                    let inner = self.clone();
+                    self.tasks.spawn(async move {
+                        let exit = agent
+                            .exited
+                            .await
+                            .map_or_else(|_| "unknown".to_owned(), |exit| exit.to_string());
+                        tracing::info!(session_id = %id, pid, exit = %exit, "agent_exited");
+                        inner.slots.lock().expect("slots lock").remove(&id);
+                        inner.record(inner.store.mark_ended(&id, &Ended { exit }).await);
+                    });
+                    return Ok(StartOutcome::Started { pid, startup });
+                }
+                Err(error) => {
+                    let last_error = error.to_string();
+                    tracing::warn!(
+                        session_id = %id,
+                        attempt,
+                        attempts = self.retry.attempts,
+                        error = %last_error,
+                        "agent_spawn_failed"
+                    );
+                    self.record(self.store.mark_error(&id, &last_error).await);
+                    let closing = self.closing.lock().expect("closing lock").is_some();
+                    if attempt < self.retry.attempts && !closing {
+                        tokio::time::sleep(self.retry.delay_after(attempt)).await;
+                    } else {
+                        self.slots.lock().expect("slots lock").remove(&id);
+                        return Err(StartFailure {
+                            attempts: attempt,
+                            last_error,
+                        });
+                    }
+                }
+            }
+        }
+        unreachable!("the loop returns on its last attempt")
+    }
+
+    /// State writes are best effort: the agent matters more than its bookkeeping, and a
+    /// re-delivered job rewrites the state.
+    fn record(&self, result: Result<(), crate::session::SessionError>) {
+        if let Err(error) = result {
+            tracing::warn!(error = %error, "session_state_write_failed");
+        }
+    }
+}

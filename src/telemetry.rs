@@ -1,0 +1,51 @@
+//! Logging: one `tracing` subscriber, `json` or `pretty`, level from `RUST_LOG`.
+//!
+//! Events that operators grep for carry a stable snake_case name as their message
+//! (`session_config_loaded`, `agent_process_spawned`, `agent_ready`, `agent_spawn_failed`,
+//! `agent_exited`, `worker_restarted`, ...). Logs go to stderr so that commands like
+//! `agent-worker enqueue` keep stdout for their result.
+
+use tracing::Subscriber;
+use tracing_subscriber::{EnvFilter, fmt::MakeWriter, layer::SubscriberExt};
+
+use crate::settings::LogFormat;
+
+/// Builds a subscriber writing to `sink`. `filter` is used when `RUST_LOG` is unset.
+/// Tests pass their own sink to capture output; `main` passes stderr.
+pub fn get_subscriber<W>(
+    format: LogFormat,
+    default_filter: &str,
+    sink: W,
+) -> Box<dyn Subscriber + Send + Sync>
+where
+    W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
+{
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    let registry = tracing_subscriber::registry().with(filter);
+    match format {
+        LogFormat::Json => Box::new(
+            registry.with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_current_span(true)
+                    .with_span_list(false)
+                    .with_writer(sink),
+            ),
+        ),
+        LogFormat::Pretty => Box::new(
+            registry.with(
+                tracing_subscriber::fmt::layer()
+                    .with_target(false)
+                    .with_writer(sink),
+            ),
+        ),
+    }
+}
+
+/// Installs `subscriber` as the global default. Call once, from `main`.
+pub fn init_subscriber(subscriber: Box<dyn Subscriber + Send + Sync>) {
+    tracing::subscriber::set_global_default(subscriber)
+        .expect("a global tracing subscriber was already set");
+}

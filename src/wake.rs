@@ -1,0 +1,131 @@
+//! Waking idle workers the moment a job is pushed.
+//!
+//! apalis-redis only fetches again on its heartbeat (30 s by default) or on a poll interval;
+//! polling fast enough for voice sessions would cost a script call per worker every few
+//! milliseconds. Instead our producers `PUBLISH` on `<queue>:wake` after a push; one pub/sub
+//! connection per process ([`listen`]) relays that to every local worker through a
+//! [`WakeHub`], and [`WakeStrategy`] turns it into a fetch. A slow fallback poll covers
+//! producers that do not publish and messages lost while the pub/sub connection reconnects;
+//! after a reconnect every worker is woken once, in case a push happened meanwhile.
+
+use std::{
+    sync::{Arc, Mutex},
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use apalis::prelude::{PollSnapshot, PollStrategy};
+use futures::StreamExt;
+use tokio::{sync::mpsc, time::MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+
+/// Fans wake-ups out to the workers of this process.
+#[derive(Debug, Clone, Default)]
+pub struct WakeHub {
+    senders: Arc<Mutex<Vec<mpsc::Sender<()>>>>,
+}
+
+impl WakeHub {
+    /// An empty hub.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A strategy for one worker: woken by this hub, and at least every `fallback`.
+    pub fn strategy(&self, fallback: Duration) -> WakeStrategy {
+        // Capacity 1: wake-ups that arrive while one is pending coalesce into it.
+        let (tx, rx) = mpsc::channel(1);
+        self.senders.lock().expect("wake hub lock").push(tx);
+        let mut interval = tokio::time::interval(fallback);
+        interval.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        WakeStrategy { rx, interval }
+    }
+
+    /// Wakes every live worker; forgets workers that are gone.
+    pub fn wake_all(&self) {
+        self.senders
+            .lock()
+            .expect("wake hub lock")
+            .retain(|tx| !matches!(tx.try_send(()), Err(mpsc::error::TrySendError::Closed(_))));
+    }
+}
+
+/// A [`PollStrategy`] woken by the [`WakeHub`] or the fallback interval.
+#[derive(Debug)]
+pub struct WakeStrategy {
+    rx: mpsc::Receiver<()>,
+    interval: tokio::time::Interval,
+}
+
+impl PollStrategy for WakeStrategy {
+    fn poll_drive(&mut self, cx: &mut Context<'_>, _: &PollSnapshot) -> Poll<Option<()>> {
+        // Both sources are drained until they return Pending, which registers the waker for
+        // their next event; the caller fetches on any wake-up.
+        let mut woken = false;
+        while let Poll::Ready(Some(())) = self.rx.poll_recv(cx) {
+            woken = true;
+        }
+        while self.interval.poll_tick(cx).is_ready() {
+            woken = true;
+        }
+        if woken {
+            Poll::Ready(Some(()))
+        } else {
+            Poll::Pending
+        }
+    }
+}
+
+/// Relays messages on `channel` to `hub` until `shutdown`, reconnecting with back-off.
+pub async fn listen(
+    client: redis::Client,
+    channel: String,
+    hub: WakeHub,
+    shutdown: CancellationToken,
+) {
+    let mut delay = Duration::from_millis(100);
+    let mut failing = false;
+    loop {
+        let session = async {
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.subscribe(&channel).await?;
+            Ok::<_, redis::RedisError>(pubsub)
+        };
+        let pubsub = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            result = session => result,
+        };
+        match pubsub {
+            Ok(mut pubsub) => {
+                if failing {
+                    tracing::info!(channel = %channel, "wake_listener_reconnected");
+                    failing = false;
+                }
+                delay = Duration::from_millis(100);
+                // Anything pushed while we were not subscribed has no message coming.
+                hub.wake_all();
+                let mut messages = pubsub.on_message();
+                loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        message = messages.next() => match message {
+                            Some(_) => hub.wake_all(),
+                            None => break,
+                        },
+                    }
+                }
+            }
+            Err(error) => {
+                if !failing {
+                    tracing::warn!(channel = %channel, error = %error, "wake_listener_disconnected");
+                    failing = true;
+                }
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}

@@ -1,0 +1,255 @@
+//! Wiring: the apalis worker that runs agent-start jobs, and the loop that keeps it alive.
+//!
+//! apalis-redis 1.0 ends a worker on any backend error (a Redis restart, a failed heartbeat),
+//! and apalis's `Monitor` restarts it at once, in a tight loop while Redis is down, under a
+//! name that may still be registered. [`run`] supervises the worker itself instead:
+//! - each run gets a fresh name, `<worker id>-<run>`, so a restart never collides with the
+//!   registration of the previous run;
+//! - after an error it backs off (100 ms doubling to `worker.restart_backoff_max`, reset after a
+//!   minute of healthy running), re-queues the dead run's fetched jobs at once
+//!   ([`QueueOps::recover_inflight`]) and starts again; only a shutdown ends the loop;
+//! - before each run and on every fallback tick, due scheduled jobs are promoted in chunks
+//!   ([`QueueOps::promote_due`]), so a burst in the scheduled set cannot crash the fetch.
+//!
+//! Queue settings chosen against the defects of apalis-redis 1.0: `lock_tasks(false)` (the
+//! lock does an `LREM` over the whole ready list per job, so throughput fell with the backlog),
+//! `emit_events(false)` (nobody listens to its pub/sub events), an explicit queue name, the
+//! configured heartbeat (its default orphan timeout is 300 s), and [`RawCodec`] so no payload
+//! can fail the fetch.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use agent_jobs::QueueKeys;
+use apalis::{
+    layers::WorkerBuilderExt,
+    prelude::{BackendExt, WorkerBuilder, WorkerError},
+};
+use apalis_redis::RedisStorage;
+use redis::aio::ConnectionManager;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    agent_start::{self, AgentStartJob, RawCodec, RawJob},
+    connection,
+    launcher::{Launcher, OutputSink},
+    logs,
+    queue::QueueOps,
+    session::SessionStore,
+    settings::Settings,
+    supervisor::{RetryPolicy, Supervisor},
+    wake::{self, WakeHub},
+};
+
+/// A healthy run this long resets the restart back-off.
+const HEALTHY_RUN: Duration = Duration::from_secs(60);
+
+/// A process-unique worker id: `<host>-<pid>-<random>`. Written to sessions as `workerId`;
+/// apalis worker names add the run number.
+pub fn worker_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "host".into());
+    let suffix = ulid::Ulid::generate().to_string();
+    format!(
+        "{host}-{}-{}",
+        std::process::id(),
+        &suffix[suffix.len() - 6..]
+    )
+}
+
+/// Builds the launcher from settings, given the sink for agent output.
+pub type LauncherFactory = Box<dyn FnOnce(OutputSink) -> Arc<dyn Launcher> + Send>;
+
+/// Runs the worker until `shutdown` fires: waits for Redis, processes agent-start jobs,
+/// supervises agents, then stops every agent and returns. Redis outages are waited out, never
+/// fatal.
+pub async fn run(settings: Settings, make_launcher: LauncherFactory, shutdown: CancellationToken) {
+    let Some(conn) = connection::connect_with_retry(&settings.redis, &shutdown).await else {
+        return;
+    };
+    let keys = QueueKeys::new(&settings.redis.queue).expect("redis.queue is validated");
+    let worker_id = worker_id();
+    tracing::info!(
+        worker_id = %worker_id,
+        queue = keys.queue(),
+        redis = %settings.redis.url,
+        concurrency = settings.worker.concurrency,
+        "worker_started"
+    );
+
+    let store = SessionStore::new(
+        conn.clone(),
+        settings.session.ttl,
+        settings.agent.default_voice.clone(),
+        settings.agent.log_lines,
+    );
+    let (lines_tx, lines_rx) = logs::channel();
+    let shipper = tokio::spawn(logs::ship(lines_rx, store.clone()));
+    let launcher = make_launcher(lines_tx);
+    let supervisor = Supervisor::new(
+        launcher,
+        store.clone(),
+        worker_id.clone(),
+        RetryPolicy {
+            attempts: settings.agent.start_attempts,
+            backoff: settings.agent.retry_backoff,
+        },
+    );
+    let job = Arc::new(AgentStartJob {
+        supervisor: supervisor.clone(),
+        store,
+        command: settings.agent.command.clone(),
+    });
+
+    let background = CancellationToken::new();
+    let hub = WakeHub::new();
+    let client = connection::client(&settings.redis).expect("redis.url is validated");
+    let listener = tokio::spawn(wake::listen(
+        client,
+        keys.wake_channel(),
+        hub.clone(),
+        background.clone(),
+    ));
+    let ops = QueueOps::new(conn.clone(), keys.clone());
+    let promoter = tokio::spawn(promote_loop(
+        ops.clone(),
+        settings.worker.poll_interval,
+        background.clone(),
+    ));
+
+    supervise_job_worker(&settings, &conn, &worker_id, &ops, &hub, job, &shutdown).await;
+
+    tracing::info!(agents = supervisor.agent_count(), "worker_stopping");
+    supervisor.shutdown(settings.agent.stop_grace).await;
+    background.cancel();
+    let _ = listener.await;
+    let _ = promoter.await;
+    drop(supervisor);
+    // The shipper ends once the last agent output reader has closed its sender.
+    let _ = tokio::time::timeout(Duration::from_secs(5), shipper).await;
+    tracing::info!(worker_id = %worker_id, "worker_stopped");
+}
+
+async fn supervise_job_worker(
+    settings: &Settings,
+    conn: &ConnectionManager,
+    worker_id: &str,
+    ops: &QueueOps,
+    hub: &WakeHub,
+    job: Arc<AgentStartJob>,
+    shutdown: &CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(100);
+    for run in 0u64.. {
+        let name = format!("{worker_id}-{run}");
+        if let Err(error) = ops.promote_due().await {
+            tracing::debug!(error = %error, "promote_due_failed");
+        }
+        let started = Instant::now();
+        let result = run_job_worker(settings, conn, &name, hub, job.clone(), shutdown).await;
+        if shutdown.is_cancelled() {
+            return;
+        }
+        let reason = match result {
+            Ok(()) => "the worker stopped by itself".to_owned(),
+            Err(error) => error.to_string(),
+        };
+        if started.elapsed() >= HEALTHY_RUN {
+            backoff = Duration::from_millis(100);
+        }
+        tracing::warn!(
+            worker = %name,
+            error = %reason,
+            restart_in_ms = backoff.as_millis() as u64,
+            "worker_restarted"
+        );
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(settings.worker.restart_backoff_max);
+        recover(ops, &name, shutdown, settings.worker.restart_backoff_max).await;
+    }
+}
+
+/// Re-queues the dead run's jobs, retrying until Redis answers (or shutdown: then the
+/// orphan recovery of other workers takes them after the orphan timeout).
+async fn recover(ops: &QueueOps, name: &str, shutdown: &CancellationToken, max_delay: Duration) {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match ops.recover_inflight(name).await {
+            Ok(recovered) => {
+                if recovered.requeued > 0 || recovered.quarantined > 0 {
+                    tracing::info!(
+                        worker = %name,
+                        requeued = recovered.requeued,
+                        quarantined = recovered.quarantined,
+                        "inflight_jobs_recovered"
+                    );
+                }
+                return;
+            }
+            Err(error) => {
+                tracing::debug!(worker = %name, error = %error, "recover_inflight_failed")
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(max_delay);
+    }
+}
+
+/// One run of the apalis worker, until shutdown (`Ok`) or a backend error (`Err`).
+async fn run_job_worker(
+    settings: &Settings,
+    conn: &ConnectionManager,
+    name: &str,
+    hub: &WakeHub,
+    job: Arc<AgentStartJob>,
+    shutdown: &CancellationToken,
+) -> Result<(), WorkerError> {
+    let config = apalis_redis::Config::default()
+        .queue(&settings.redis.queue)
+        .batch_size(settings.worker.batch_size)
+        .heartbeat_interval(settings.worker.heartbeat_interval)
+        .missed_heartbeats(settings.worker.missed_heartbeats)
+        .lock_tasks(false)
+        .emit_events(false)
+        .idempotency_ttl(Some(settings.session.ttl));
+    let backend = RedisStorage::<RawJob>::new(conn.clone())
+        .with_config(config)
+        .with_codec(RawCodec)
+        .poll_with_strategy(hub.strategy(settings.worker.poll_interval));
+    let stop = shutdown.clone();
+    WorkerBuilder::new(name)
+        .backend(backend)
+        .concurrency(settings.worker.concurrency)
+        .data(job)
+        .build(agent_start::handle)
+        .run_until(async move {
+            stop.cancelled().await;
+            Ok::<(), std::io::Error>(())
+        })
+        .await
+}
+
+async fn promote_loop(ops: QueueOps, every: Duration, shutdown: CancellationToken) {
+    let mut interval = tokio::time::interval(every);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = interval.tick() => {}
+        }
+        match ops.promote_due().await {
+            Ok(0) => {}
+            Ok(moved) => tracing::info!(moved, "scheduled_jobs_promoted"),
+            Err(error) => tracing::debug!(error = %error, "promote_due_failed"),
+        }
+    }
+}
