@@ -1,0 +1,192 @@
+//! Bad payloads and failing agents: the job goes to the dead set with a message, the worker
+//! keeps going, the good jobs around it still run, and no process is left behind.
+
+mod common;
+
+use std::time::Duration;
+
+use agent_jobs::{QueueKeys, SessionKeys};
+use common::*;
+use redis::AsyncCommands;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_bad_payload_goes_dead_and_the_next_good_job_still_runs() {
+    let redis = TestRedis::start().await;
+    let worker = TestWorker::start(redis.settings("ready", &[]));
+    let long = format!(r#"{{"session_id":"{}"}}"#, "a".repeat(200));
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "non-JSON bytes",
+            b"\xff\xfe\x00garbage".to_vec(),
+            "not valid JSON",
+        ),
+        ("empty object", b"{}".to_vec(), "no session_id"),
+        (
+            "empty id",
+            br#"{"session_id":""}"#.to_vec(),
+            "session_id is empty",
+        ),
+        ("glob id", br#"{"session_id":"*"}"#.to_vec(), "'*'"),
+        ("colon id", br#"{"session_id":"a:b"}"#.to_vec(), "':'"),
+        ("space id", br#"{"session_id":"a b"}"#.to_vec(), "' '"),
+        ("200 chars", long.into_bytes(), "200 characters"),
+        (
+            "number id",
+            br#"{"session_id":12345}"#.to_vec(),
+            "must be a string, found a number",
+        ),
+    ];
+    for (i, (name, payload, expected)) in cases.into_iter().enumerate() {
+        let bad = push_raw(&redis.conn, &payload).await;
+        let good_id = sid(&format!("good-after-{i}"));
+        let good = enqueue(&redis.conn, &good_id, None).await;
+        let result = wait_dead(&redis.conn, &bad).await;
+        assert!(
+            result.contains("invalid agent-start payload") && result.contains(expected),
+            "{name}: the dead job says what was wrong: {result}"
+        );
+        wait_done(&redis.conn, &good, Duration::from_secs(20)).await;
+        assert_eq!(
+            status(&redis.conn, &good_id).await.as_deref(),
+            Some("ready"),
+            "{name}"
+        );
+        assert!(worker.is_running(), "{name}: the worker is still running");
+    }
+    // Nothing was retried through the scheduled set and nothing is stuck in flight.
+    let keys = QueueKeys::new(QUEUE).unwrap();
+    let scheduled: usize = redis.conn.clone().zcard(keys.scheduled()).await.unwrap();
+    assert_eq!(scheduled, 0);
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_payload_fetched_in_one_batch_with_good_ones_does_not_hold_them_back() {
+    let redis = TestRedis::start().await;
+    // Everything is queued before the worker starts, so one fetch takes the whole batch.
+    let goods: Vec<_> = (0..3).map(|i| sid(&format!("batch-good-{i}"))).collect();
+    let mut good_tasks = vec![enqueue(&redis.conn, &goods[0], None).await];
+    let bad = push_raw(&redis.conn, b"not json at all").await;
+    for id in &goods[1..] {
+        good_tasks.push(enqueue(&redis.conn, id, None).await);
+    }
+    let worker =
+        TestWorker::start(redis.settings("ready", &[("AGENT_WORKER__WORKER__BATCH_SIZE", "8")]));
+    wait_dead(&redis.conn, &bad).await;
+    for task in &good_tasks {
+        wait_done(&redis.conn, task, Duration::from_secs(20)).await;
+    }
+    worker.stop().await;
+}
+
+/// Asserts the launch of `behaviour` fails every attempt with `expected` in the error, ends
+/// dead, and leaves no zombie.
+async fn launch_fails(behaviour: &str, command: Option<&str>, expected: &str) {
+    let redis = TestRedis::start().await;
+    let mut overrides = vec![("AGENT_WORKER__AGENT__STARTUP_TIMEOUT", "1s")];
+    if let Some(command) = command {
+        overrides.push(("AGENT_WORKER__AGENT__COMMAND", command));
+    }
+    let worker = TestWorker::start(redis.settings(behaviour, &overrides));
+    let id = sid(&format!("fails-{behaviour}"));
+    let task = enqueue(&redis.conn, &id, None).await;
+    let result = wait_dead(&redis.conn, &task).await;
+    assert!(
+        result.contains("after 3 attempt(s)") && result.contains(expected),
+        "{behaviour}: {result}"
+    );
+    let state = SessionKeys::new(&id).state();
+    assert_eq!(status(&redis.conn, &id).await.as_deref(), Some("error"));
+    let error = hget(&redis.conn, &state, "error").await.unwrap_or_default();
+    assert!(
+        error.contains(expected),
+        "{behaviour}: session error {error:?}"
+    );
+    let starting: bool = redis
+        .conn
+        .clone()
+        .sismember("session:starting", id.as_str())
+        .await
+        .unwrap();
+    assert!(!starting, "a failed session leaves session:starting");
+    let logs: Vec<String> = redis
+        .conn
+        .clone()
+        .lrange(SessionKeys::new(&id).agent_logs(), 0, -1)
+        .await
+        .unwrap();
+    if command.is_none() {
+        let attempts = logs
+            .iter()
+            .filter(|l| l.starts_with("test-agent received"))
+            .count();
+        assert_eq!(attempts, 3, "{behaviour}: three launches: {logs:?}");
+    }
+    assert!(worker.is_running());
+    worker.stop().await;
+    wait_for("no zombie children", Duration::from_secs(5), || async {
+        zombie_children().is_empty().then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_exits_before_ready_is_retried_then_dead() {
+    launch_fails(
+        "exit-before-ready",
+        None,
+        "exited with code 3 before it was ready",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_never_prints_ready_is_killed_retried_then_dead() {
+    launch_fails("never-ready", None, "no ready line within 1s").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_agent_program_is_retried_then_dead() {
+    launch_fails(
+        "ready",
+        Some("/nonexistent/voice-agent,--flag"),
+        "could not be executed: No such file or directory",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_never_ready_agent_is_killed_with_its_whole_process_group() {
+    let redis = TestRedis::start().await;
+    // A shell as the agent, only to give it a child: both must be gone after the timeout.
+    let script = "sleep 300 & echo child=$!; wait";
+    let command = format!("/bin/sh,-c,{script},agent");
+    let worker = TestWorker::start(redis.settings(
+        "ready",
+        &[
+            ("AGENT_WORKER__AGENT__COMMAND", &command),
+            ("AGENT_WORKER__AGENT__STARTUP_TIMEOUT", "1s"),
+            ("AGENT_WORKER__AGENT__START_ATTEMPTS", "1"),
+        ],
+    ));
+    let id = sid("group-kill-1");
+    let task = enqueue(&redis.conn, &id, None).await;
+    wait_dead(&redis.conn, &task).await;
+    let logs: Vec<String> = redis
+        .conn
+        .clone()
+        .lrange(SessionKeys::new(&id).agent_logs(), 0, -1)
+        .await
+        .unwrap();
+    let child: u32 = logs
+        .iter()
+        .find_map(|l| l.strip_prefix("child=").and_then(|p| p.parse().ok()))
+        .expect("the agent reported its child");
+    wait_for(
+        "the agent's child to be killed",
+        Duration::from_secs(5),
+        || async { (!alive(child)).then_some(()) },
+    )
+    .await;
+    worker.stop().await;
+}

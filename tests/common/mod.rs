@@ -1,0 +1,318 @@
+//! Shared test harness: a private redis-server per test, an in-process worker with the real
+//! process launcher and the test agent, and helpers that wait for a condition with a deadline.
+#![allow(dead_code)]
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use agent_jobs::{AgentStart, Producer, QueueKeys, SessionConfigInput, SessionId, SessionKeys};
+use agent_worker::{
+    connection,
+    launcher::{Launcher, ProcessLauncher},
+    local_redis::LocalRedis,
+    settings::Settings,
+    worker,
+};
+use redis::{AsyncCommands, aio::ConnectionManager};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub const QUEUE: &str = "agent-start";
+pub const TEST_AGENT: &str = env!("CARGO_BIN_EXE_test-agent");
+pub const WORKER_BIN: &str = env!("CARGO_BIN_EXE_agent-worker");
+
+/// A test's own Redis, with a connection to it.
+pub struct TestRedis {
+    pub redis: LocalRedis,
+    pub conn: ConnectionManager,
+}
+
+impl TestRedis {
+    pub async fn start() -> Self {
+        Self::start_with(&[]).await
+    }
+
+    pub async fn start_with(args: &[&str]) -> Self {
+        let redis = LocalRedis::start_with(args)
+            .await
+            .expect("redis-server must be on PATH for the tests");
+        let settings = settings(&redis.url(), &[]);
+        let conn = connection::connect(&settings.redis).await.expect("connect");
+        Self { redis, conn }
+    }
+
+    pub fn url(&self) -> String {
+        self.redis.url()
+    }
+
+    /// Settings pointing at this Redis and the test agent with `behaviour`, plus overrides.
+    pub fn settings(&self, behaviour: &str, overrides: &[(&str, &str)]) -> Settings {
+        let command = format!("{TEST_AGENT},--behaviour,{behaviour}");
+        let mut all = vec![("AGENT_WORKER__AGENT__COMMAND", command.as_str())];
+        all.extend_from_slice(overrides);
+        settings(&self.url(), &all)
+    }
+}
+
+/// Test settings: fast retries and timeouts; the fallback poll is effectively off so that
+/// pick-up relies on wake-ups.
+pub fn settings(url: &str, overrides: &[(&str, &str)]) -> Settings {
+    let mut env: HashMap<String, String> = [
+        ("AGENT_WORKER__REDIS__URL", url),
+        ("AGENT_WORKER__AGENT__STARTUP_TIMEOUT", "5s"),
+        ("AGENT_WORKER__AGENT__RETRY_BACKOFF", "20ms"),
+        ("AGENT_WORKER__AGENT__STOP_GRACE", "2s"),
+        ("AGENT_WORKER__WORKER__POLL_INTERVAL", "1h"),
+        ("AGENT_WORKER__WORKER__HEARTBEAT_INTERVAL", "1s"),
+        ("AGENT_WORKER__WORKER__RESTART_BACKOFF_MAX", "500ms"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    for (k, v) in overrides {
+        env.insert(k.to_string(), v.to_string());
+    }
+    Settings::load_from(None, env).expect("test settings are valid")
+}
+
+/// An in-process worker.
+pub struct TestWorker {
+    shutdown: CancellationToken,
+    task: Option<JoinHandle<()>>,
+}
+
+impl TestWorker {
+    pub fn start(settings: Settings) -> Self {
+        let shutdown = CancellationToken::new();
+        let agent = settings.agent.clone();
+        let task = tokio::spawn(worker::run(
+            settings,
+            Box::new(move |output| {
+                Arc::new(ProcessLauncher::new(
+                    agent.ready_patterns,
+                    agent.startup_timeout,
+                    output,
+                )) as Arc<dyn Launcher>
+            }),
+            shutdown.clone(),
+        ));
+        Self {
+            shutdown,
+            task: Some(task),
+        }
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.task.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
+    /// Stops the worker (and its agents) and waits for it.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(30), task)
+                .await
+                .expect("the worker stops within 30 s")
+                .expect("the worker task does not panic");
+        }
+    }
+}
+
+impl Drop for TestWorker {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Polls `check` every 20 ms until it returns `Some`, or panics after `deadline` with `what`.
+pub async fn wait_for<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let until = Instant::now() + deadline;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        if Instant::now() > until {
+            panic!("timed out after {deadline:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub fn sid(s: &str) -> SessionId {
+    SessionId::parse(s).expect("valid test session id")
+}
+
+pub async fn write_config(conn: &ConnectionManager, id: &SessionId, voice: &str, user: &str) {
+    write_full_config(conn, id, voice, user, None, None).await
+}
+
+pub async fn write_full_config(
+    conn: &ConnectionManager,
+    id: &SessionId,
+    voice: &str,
+    user: &str,
+    opening_line: Option<&str>,
+    system_prompt: Option<&str>,
+) {
+    let config = SessionConfigInput {
+        voice_id: voice.to_owned(),
+        user_name: user.to_owned(),
+        opening_line: opening_line.map(str::to_owned),
+        system_prompt: system_prompt.map(str::to_owned),
+    };
+    agent_jobs::write_session_config(&mut conn.clone(), id, &config, Duration::from_secs(3600))
+        .await
+        .expect("write config");
+}
+
+pub fn producer(conn: &ConnectionManager) -> Producer<ConnectionManager> {
+    Producer::new(conn.clone(), QueueKeys::new(QUEUE).unwrap())
+}
+
+pub async fn enqueue(conn: &ConnectionManager, id: &SessionId, user: Option<&str>) -> String {
+    let mut job = AgentStart::new(id.clone());
+    job.user_id = user.map(str::to_owned);
+    producer(conn).enqueue(&job).await.expect("enqueue").task_id
+}
+
+/// Writes a job with arbitrary payload bytes in the wire format, as a foreign producer could.
+pub async fn push_raw(conn: &ConnectionManager, payload: &[u8]) -> String {
+    let keys = QueueKeys::new(QUEUE).unwrap();
+    let id = ulid::Ulid::generate().to_string();
+    let mut c = conn.clone();
+    redis::pipe()
+        .hset(keys.data(), &id, payload)
+        .ignore()
+        .hset_multiple(
+            keys.meta(&id),
+            &[
+                ("attempts", "0"),
+                ("max_attempts", "1"),
+                ("status", "Pending"),
+            ],
+        )
+        .ignore()
+        .rpush(keys.active(), &id)
+        .ignore()
+        .publish(keys.wake_channel(), 1)
+        .ignore()
+        .query_async::<()>(&mut c)
+        .await
+        .expect("push raw job");
+    id
+}
+
+pub async fn hget(conn: &ConnectionManager, key: &str, field: &str) -> Option<String> {
+    conn.clone().hget(key, field).await.expect("HGET")
+}
+
+pub async fn status(conn: &ConnectionManager, id: &SessionId) -> Option<String> {
+    hget(conn, &SessionKeys::new(id).state(), "status").await
+}
+
+/// Waits until the session's status is `want`.
+pub async fn wait_status(conn: &ConnectionManager, id: &SessionId, want: &str, deadline: Duration) {
+    let what = format!("session {id} to be {want}");
+    wait_for(&what, deadline, || async {
+        (status(conn, id).await.as_deref() == Some(want)).then_some(())
+    })
+    .await
+}
+
+/// What the test agent of a session reported receiving (`test-agent received {json}`).
+pub async fn received(conn: &ConnectionManager, id: &SessionId) -> Option<serde_json::Value> {
+    let lines: Vec<String> = conn
+        .clone()
+        .lrange(SessionKeys::new(id).agent_logs(), 0, -1)
+        .await
+        .expect("LRANGE");
+    lines.iter().find_map(|line| {
+        line.strip_prefix("test-agent received ")
+            .and_then(|json| serde_json::from_str(json).ok())
+    })
+}
+
+pub async fn wait_received(conn: &ConnectionManager, id: &SessionId) -> serde_json::Value {
+    wait_for(
+        &format!("the agent of {id} to report its arguments"),
+        Duration::from_secs(10),
+        || received(conn, id),
+    )
+    .await
+}
+
+pub async fn is_member(conn: &ConnectionManager, set: &str, member: &str) -> bool {
+    conn.clone()
+        .sismember(set, member)
+        .await
+        .expect("SISMEMBER")
+}
+
+/// Waits until task `task_id` is in the dead set and returns its stored result.
+pub async fn wait_dead(conn: &ConnectionManager, task_id: &str) -> String {
+    let keys = QueueKeys::new(QUEUE).unwrap();
+    wait_for(
+        &format!("task {task_id} in the dead set"),
+        Duration::from_secs(20),
+        || async { is_member(conn, &keys.dead(), task_id).await.then_some(()) },
+    )
+    .await;
+    hget(conn, &keys.meta(task_id), "result")
+        .await
+        .unwrap_or_default()
+}
+
+pub async fn wait_done(conn: &ConnectionManager, task_id: &str, deadline: Duration) {
+    let keys = QueueKeys::new(QUEUE).unwrap();
+    wait_for(
+        &format!("task {task_id} in the done set"),
+        deadline,
+        || async { is_member(conn, &keys.done(), task_id).await.then_some(()) },
+    )
+    .await
+}
+
+/// Our child processes that are zombies (exited, not reaped).
+pub fn zombie_children() -> Vec<u32> {
+    let me = std::process::id();
+    let mut zombies = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return zombies;
+    };
+    for entry in entries.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if let Some((state, ppid)) = proc_state(pid)
+            && state == 'Z'
+            && ppid == me
+        {
+            zombies.push(pid);
+        }
+    }
+    zombies
+}
+
+/// (state, parent pid) of a process, from /proc/<pid>/stat.
+pub fn proc_state(pid: u32) -> Option<(char, u32)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may contain spaces: parse after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    let ppid = fields.next()?.parse().ok()?;
+    Some((state, ppid))
+}
+
+/// True while `pid` exists and is not a zombie.
+pub fn alive(pid: u32) -> bool {
+    proc_state(pid).is_some_and(|(state, _)| state != 'Z')
+}

@@ -1,0 +1,243 @@
+//! The real `agent-worker` binary as operators run it: signals, the death of the worker,
+//! JSON logs without secrets, and the `enqueue` command.
+
+mod common;
+
+use std::{
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use agent_jobs::{QueueKeys, SessionKeys};
+use agent_worker::{connection, local_redis::LocalRedis};
+use common::*;
+use nix::{sys::signal::Signal, unistd::Pid};
+use redis::AsyncCommands;
+
+fn worker_process(url: &str, behaviour: &str, extra: &[(&str, &str)]) -> Command {
+    let mut command = Command::new(WORKER_BIN);
+    command
+        .arg("run")
+        .env_remove("RUST_LOG")
+        .env_remove("REDIS_URL")
+        .env("AGENT_WORKER__REDIS__URL", url)
+        .env(
+            "AGENT_WORKER__AGENT__COMMAND",
+            format!("{TEST_AGENT},--behaviour,{behaviour}"),
+        )
+        .env("AGENT_WORKER__AGENT__STOP_GRACE", "2s")
+        .envs(extra.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    command
+}
+
+fn signal(child: &Child, signal: Signal) {
+    nix::sys::signal::kill(Pid::from_raw(child.id() as i32), signal).unwrap();
+}
+
+async fn agent_pid(conn: &redis::aio::ConnectionManager, id: &agent_jobs::SessionId) -> u32 {
+    conn.clone()
+        .get(SessionKeys::new(id).agent_pid())
+        .await
+        .expect("the agent's pid is recorded")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_die_with_a_sigkilled_worker() {
+    let redis = TestRedis::start().await;
+    let mut worker = worker_process(&redis.url(), "ready", &[]).spawn().unwrap();
+    let ids = [sid("pdeath-1"), sid("pdeath-2")];
+    for id in &ids {
+        enqueue(&redis.conn, id, None).await;
+    }
+    let mut pids = Vec::new();
+    for id in &ids {
+        wait_status(&redis.conn, id, "ready", Duration::from_secs(20)).await;
+        pids.push(agent_pid(&redis.conn, id).await);
+    }
+    assert!(pids.iter().all(|pid| alive(*pid)));
+    signal(&worker, Signal::SIGKILL);
+    worker.wait().unwrap();
+    for pid in pids {
+        wait_for(
+            &format!("agent {pid} to die with its worker"),
+            Duration::from_secs(5),
+            || async { (!alive(pid)).then_some(()) },
+        )
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_the_agents_ends_their_sessions_and_exits_zero() {
+    let redis = TestRedis::start().await;
+    let mut worker = worker_process(&redis.url(), "ready", &[]).spawn().unwrap();
+    let id = sid("sigterm-1");
+    enqueue(&redis.conn, &id, None).await;
+    wait_status(&redis.conn, &id, "ready", Duration::from_secs(20)).await;
+    let pid = agent_pid(&redis.conn, &id).await;
+    signal(&worker, Signal::SIGTERM);
+    let status = tokio::task::spawn_blocking(move || worker.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "exit status {status:?}");
+    assert!(!alive(pid));
+    assert_eq!(status_of(&redis, &id).await.as_deref(), Some("ended"));
+    let exit = hget(&redis.conn, &SessionKeys::new(&id).state(), "exit").await;
+    assert_eq!(
+        exit.as_deref(),
+        Some("code 0"),
+        "the agent got SIGTERM and exited cleanly"
+    );
+    let pid_key: bool = redis
+        .conn
+        .clone()
+        .exists(SessionKeys::new(&id).agent_pid())
+        .await
+        .unwrap();
+    assert!(!pid_key);
+}
+
+async fn status_of(redis: &TestRedis, id: &agent_jobs::SessionId) -> Option<String> {
+    status(&redis.conn, id).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_ignoring_sigterm_is_killed_after_the_grace_period() {
+    let redis = TestRedis::start().await;
+    let mut worker = worker_process(
+        &redis.url(),
+        "ignore-term",
+        &[("AGENT_WORKER__AGENT__STOP_GRACE", "500ms")],
+    )
+    .spawn()
+    .unwrap();
+    let id = sid("stubborn-1");
+    enqueue(&redis.conn, &id, None).await;
+    wait_status(&redis.conn, &id, "ready", Duration::from_secs(20)).await;
+    signal(&worker, Signal::SIGTERM);
+    let status = tokio::task::spawn_blocking(move || worker.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success());
+    let exit = hget(&redis.conn, &SessionKeys::new(&id).state(), "exit").await;
+    assert_eq!(exit.as_deref(), Some("signal 9"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_carry_the_events_and_never_the_redis_password() {
+    let secret = "s3cret-pa55word";
+    let redis = LocalRedis::start_with(&["--requirepass", secret])
+        .await
+        .unwrap();
+    let url = format!("redis://:{secret}@127.0.0.1:{}/", redis.port());
+    let settings = common::settings(&url, &[]);
+    let conn = connection::connect(&settings.redis).await.unwrap();
+    let id = sid("json-logs-1");
+    write_config(&conn, &id, "Craig", "u").await;
+    let worker = worker_process(
+        &url,
+        "ready",
+        &[("AGENT_WORKER__TELEMETRY__FORMAT", "json")],
+    )
+    .env("REDIS_URL", &url)
+    .spawn()
+    .unwrap();
+    enqueue(&conn, &id, Some("u")).await;
+    wait_status(&conn, &id, "ready", Duration::from_secs(20)).await;
+    signal(&worker, Signal::SIGTERM);
+    let output = tokio::task::spawn_blocking(move || worker.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    assert!(output.status.success());
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    assert!(
+        !stderr.contains(secret) && !stdout.contains(secret),
+        "the password leaked"
+    );
+
+    let events: Vec<serde_json::Value> = stderr
+        .lines()
+        .map(|line| {
+            serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("not one JSON object: {line:?}: {e}"))
+        })
+        .collect();
+    let event = |name: &str| {
+        events
+            .iter()
+            .find(|e| e["message"] == name)
+            .unwrap_or_else(|| panic!("no {name} event in {stderr}"))
+            .clone()
+    };
+    let loaded = event("session_config_loaded");
+    assert_eq!(loaded["session_id"], "json-logs-1");
+    assert_eq!(loaded["voice_id"], "Craig");
+    assert_eq!(loaded["source"], "stored");
+    assert!(loaded["fields"].as_str().unwrap().contains("voiceId"));
+    let spawned = event("agent_process_spawned");
+    assert!(spawned["pid"].as_u64().is_some() && spawned["pgid"] == spawned["pid"]);
+    assert!(event("agent_ready")["startup_ms"].as_u64().is_some());
+    assert_eq!(event("agent_exited")["exit"], "code 0");
+    assert!(
+        event("worker_started")["redis"]
+            .as_str()
+            .unwrap()
+            .contains("***@")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_enqueue_command_writes_the_config_and_prints_the_task_id() {
+    let redis = TestRedis::start().await;
+    let output = Command::new(WORKER_BIN)
+        .args(["enqueue", "--session-id", "cli-1", "--user-id", "carol"])
+        .args(["--voice-id", "Olivia", "--opening-line", "Hello $(whoami)"])
+        .env("AGENT_WORKER__REDIS__URL", redis.url())
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let task_id = String::from_utf8(output.stdout).unwrap().trim().to_owned();
+    assert_eq!(task_id.len(), 26, "a ULID task id: {task_id:?}");
+    let key = SessionKeys::new(&sid("cli-1")).config();
+    assert_eq!(
+        hget(&redis.conn, &key, "voiceId").await.as_deref(),
+        Some("Olivia")
+    );
+    assert_eq!(
+        hget(&redis.conn, &key, "userName").await.as_deref(),
+        Some("carol")
+    );
+    assert_eq!(
+        hget(&redis.conn, &key, "openingLine").await.as_deref(),
+        Some("Hello $(whoami)")
+    );
+    let ttl: i64 = redis.conn.clone().ttl(&key).await.unwrap();
+    assert!(ttl > 4 * 3600 - 60 && ttl <= 4 * 3600);
+    let queued: Vec<String> = redis
+        .conn
+        .clone()
+        .lrange(QueueKeys::new(QUEUE).unwrap().active(), 0, -1)
+        .await
+        .unwrap();
+    assert_eq!(queued, [task_id]);
+
+    let bad = Command::new(WORKER_BIN)
+        .args(["enqueue", "--session-id", "a:b"])
+        .env("AGENT_WORKER__REDIS__URL", redis.url())
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        stderr.contains("invalid --session-id") && stderr.contains("':'"),
+        "{stderr}"
+    );
+}

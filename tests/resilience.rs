@@ -1,0 +1,289 @@
+//! The defects of apalis-redis 1.0 we work around, each shown against a real Redis: large
+//! backlogs, Redis outages, idle pick-up, unreadable jobs, the scheduled-set crash.
+
+mod common;
+
+use std::time::Duration;
+
+use agent_jobs::{AgentStart, QueueKeys};
+use agent_worker::queue::QueueOps;
+use common::*;
+use redis::AsyncCommands;
+
+fn keys() -> QueueKeys {
+    QueueKeys::new(QUEUE).unwrap()
+}
+
+async fn workers(conn: &redis::aio::ConnectionManager) -> Vec<String> {
+    conn.clone().zrange(keys().workers(), 0, -1).await.unwrap()
+}
+
+async fn done_count(conn: &redis::aio::ConnectionManager) -> usize {
+    conn.clone().scard(keys().done()).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_jobs_enqueued_before_the_worker_starts_are_all_processed() {
+    let redis = TestRedis::start().await;
+    let jobs: Vec<_> = (0..10_000)
+        .map(|i| AgentStart::new(sid(&format!("burst-{i}"))))
+        .collect();
+    for chunk in jobs.chunks(2_000) {
+        producer(&redis.conn).enqueue_many(chunk).await.unwrap();
+    }
+    let worker = TestWorker::start(redis.settings(
+        "exit-after-ready",
+        &[
+            ("AGENT_WORKER__WORKER__BATCH_SIZE", "64"),
+            ("AGENT_WORKER__WORKER__CONCURRENCY", "64"),
+        ],
+    ));
+    wait_for("10,000 jobs done", Duration::from_secs(300), || async {
+        (done_count(&redis.conn).await == 10_000).then_some(())
+    })
+    .await;
+    let dead: usize = redis.conn.clone().scard(keys().dead()).await.unwrap();
+    assert_eq!(dead, 0);
+    // One registration only: the worker never crashed and restarted.
+    let names = workers(&redis.conn).await;
+    assert!(
+        names.len() == 1 && names[0].ends_with("-0"),
+        "the first run is still the only one: {names:?}"
+    );
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_for_three_seconds_the_same_worker_carries_on() {
+    let mut redis = TestRedis::start().await;
+    let worker = TestWorker::start(redis.settings("ready", &[]));
+    let before = sid("before-outage");
+    enqueue(&redis.conn, &before, None).await;
+    wait_status(&redis.conn, &before, "ready", Duration::from_secs(20)).await;
+
+    redis.redis.stop();
+    // The outage itself: Redis is away for three seconds on purpose.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    redis.redis.restart().await.unwrap();
+    assert!(worker.is_running(), "the worker survived the outage");
+
+    // The restarted Redis is empty (no persistence): a new session, on defaults.
+    let after = sid("after-outage");
+    wait_for(
+        "an enqueue to succeed after the restart",
+        Duration::from_secs(20),
+        || async {
+            let mut job = AgentStart::new(after.clone());
+            job.user_id = None;
+            producer(&redis.conn).enqueue(&job).await.ok()
+        },
+    )
+    .await;
+    wait_status(&redis.conn, &after, "ready", Duration::from_secs(30)).await;
+    assert_eq!(
+        wait_received(&redis.conn, &after).await["contract"]["voice_id"],
+        "Ashley"
+    );
+    assert!(worker.is_running());
+    worker.stop().await;
+}
+
+/// Calls of a Redis command so far, from INFO commandstats (script-internal calls included).
+async fn command_calls(conn: &redis::aio::ConnectionManager, command: &str) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn.clone())
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|line| line.strip_prefix(&format!("cmdstat_{command}:calls=")))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|calls| calls.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_worker_is_woken_by_a_push_not_by_its_heartbeat_or_poll() {
+    let redis = TestRedis::start().await;
+    // No fallback poll, and the next heartbeat (which also triggers a fetch) 60 s away: only
+    // the wake-up can make this worker fetch within the deadline below.
+    let worker = TestWorker::start(redis.settings(
+        "ready",
+        &[
+            ("AGENT_WORKER__WORKER__HEARTBEAT_INTERVAL", "60s"),
+            ("AGENT_WORKER__WORKER__POLL_INTERVAL", "1h"),
+        ],
+    ));
+    // Idle: registered, subscribed to the wake channel, and its first (empty) fetch done: the
+    // fetch script is the only caller of LRANGE here.
+    wait_for("the worker to be idle", Duration::from_secs(10), || async {
+        let subscribed: Vec<(String, u64)> = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg(keys().wake_channel())
+            .query_async(&mut redis.conn.clone())
+            .await
+            .unwrap();
+        let fetched = command_calls(&redis.conn, "lrange").await >= 1;
+        (subscribed[0].1 == 1 && fetched && workers(&redis.conn).await.len() == 1).then_some(())
+    })
+    .await;
+    let id = sid("wake-1");
+    let task = enqueue(&redis.conn, &id, None).await;
+    wait_done(&redis.conn, &task, Duration::from_secs(10)).await;
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_job_that_crashes_the_fetch_is_quarantined_and_the_rest_run() {
+    let redis = TestRedis::start().await;
+    let mut conn = redis.conn.clone();
+    // An id on the ready list with no data and no meta, as a broken producer or a manual
+    // cleanup could leave: apalis-redis's fetch fails on it and the worker dies.
+    let orphan = ulid::Ulid::generate().to_string();
+    let _: () = conn.rpush(keys().active(), &orphan).await.unwrap();
+    let goods: Vec<_> = (0..3).map(|i| sid(&format!("after-orphan-{i}"))).collect();
+    let mut tasks = Vec::new();
+    for id in &goods {
+        tasks.push(enqueue(&redis.conn, id, None).await);
+    }
+    let worker = TestWorker::start(redis.settings("ready", &[]));
+    let result = wait_dead(&redis.conn, &orphan).await;
+    assert!(result.contains("job data is missing"), "{result}");
+    for task in &tasks {
+        wait_done(&redis.conn, task, Duration::from_secs(20)).await;
+    }
+    assert!(worker.is_running());
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nine_thousand_due_jobs_in_the_scheduled_set_do_not_crash_the_fetch() {
+    let redis = TestRedis::start().await;
+    // What apalis-redis's own push does: every job goes through the scheduled set. Past
+    // ~8,000 due ids its fetch fails with "too many results to unpack".
+    let mut pipe = redis::pipe();
+    let now = agent_worker::session::unix_now();
+    let mut ids = Vec::new();
+    for i in 0..9_000 {
+        let id = ulid::Ulid::generate().to_string();
+        pipe.hset(
+            keys().data(),
+            &id,
+            format!(r#"{{"session_id":"sched-{i}"}}"#),
+        )
+        .ignore()
+        .hset_multiple(
+            keys().meta(&id),
+            &[
+                ("attempts", "0"),
+                ("max_attempts", "1"),
+                ("status", "Pending"),
+            ],
+        )
+        .ignore()
+        .zadd(keys().scheduled(), &id, now)
+        .ignore();
+        ids.push(id);
+    }
+    pipe.query_async::<()>(&mut redis.conn.clone())
+        .await
+        .unwrap();
+    let worker = TestWorker::start(redis.settings(
+        "exit-after-ready",
+        &[
+            ("AGENT_WORKER__WORKER__BATCH_SIZE", "64"),
+            ("AGENT_WORKER__WORKER__CONCURRENCY", "64"),
+        ],
+    ));
+    wait_for(
+        "9,000 scheduled jobs done",
+        Duration::from_secs(300),
+        || async { (done_count(&redis.conn).await == 9_000).then_some(()) },
+    )
+    .await;
+    let names = workers(&redis.conn).await;
+    assert!(
+        names.len() == 1 && names[0].ends_with("-0"),
+        "no crash: {names:?}"
+    );
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn promote_due_moves_only_due_ids_in_bounded_chunks() {
+    let redis = TestRedis::start().await;
+    let ops = QueueOps::new(redis.conn.clone(), keys());
+    let now = agent_worker::session::unix_now();
+    let mut pipe = redis::pipe();
+    for i in 0..2_500u64 {
+        pipe.zadd(keys().scheduled(), format!("due-{i}"), now - 1)
+            .ignore();
+    }
+    pipe.zadd(keys().scheduled(), "later", now + 3_600).ignore();
+    pipe.query_async::<()>(&mut redis.conn.clone())
+        .await
+        .unwrap();
+    assert_eq!(ops.promote_due().await.unwrap(), 2_500);
+    let active: usize = redis.conn.clone().llen(keys().active()).await.unwrap();
+    assert_eq!(active, 2_500);
+    let left: Vec<String> = redis
+        .conn
+        .clone()
+        .zrange(keys().scheduled(), 0, -1)
+        .await
+        .unwrap();
+    assert_eq!(left, ["later"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recover_inflight_requeues_readable_jobs_in_order_and_quarantines_the_rest() {
+    let redis = TestRedis::start().await;
+    let ops = QueueOps::new(redis.conn.clone(), keys());
+    let mut conn = redis.conn.clone();
+    let good: Vec<String> = (0..2).map(|_| ulid::Ulid::generate().to_string()).collect();
+    for id in &good {
+        let _: () = conn
+            .hset(keys().data(), id, r#"{"session_id":"x"}"#)
+            .await
+            .unwrap();
+        let _: () = conn
+            .hset_multiple(
+                keys().meta(id),
+                &[
+                    ("attempts", "0"),
+                    ("max_attempts", "1"),
+                    ("status", "Running"),
+                ],
+            )
+            .await
+            .unwrap();
+    }
+    let no_data = "01NODATA0000000000000000000";
+    let bad_meta = "01BADMETA000000000000000000";
+    let _: () = conn.hset(keys().data(), bad_meta, "{}").await.unwrap();
+    let _: () = conn
+        .hset(keys().meta(bad_meta), "status", "Weird")
+        .await
+        .unwrap();
+    let inflight = keys().inflight("w-dead");
+    let _: () = conn.sadd(&inflight, &good).await.unwrap();
+    let _: () = conn.sadd(&inflight, &[no_data, bad_meta]).await.unwrap();
+    let _: () = conn.zadd(keys().workers(), "w-dead", 1).await.unwrap();
+    let _: () = conn.rpush(keys().active(), "already-queued").await.unwrap();
+
+    let recovered = ops.recover_inflight("w-dead").await.unwrap();
+    assert_eq!((recovered.requeued, recovered.quarantined), (2, 2));
+    let active: Vec<String> = conn.lrange(keys().active(), 0, -1).await.unwrap();
+    assert_eq!(active.len(), 3);
+    assert_eq!(active[2], "already-queued", "recovered jobs go to the head");
+    assert!(good.iter().all(|id| active.contains(id)));
+    let dead: Vec<String> = conn.smembers(keys().dead()).await.unwrap();
+    assert_eq!(dead.len(), 2);
+    let result = hget(&redis.conn, &keys().meta(bad_meta), "result")
+        .await
+        .unwrap();
+    assert!(result.contains("no numeric attempts"), "{result}");
+    let exists: bool = conn.exists(&inflight).await.unwrap();
+    assert!(!exists);
+    assert!(workers(&redis.conn).await.is_empty());
+}

@@ -1,0 +1,236 @@
+//! Per-session configuration: every agent gets its own session's voice, never the user's.
+
+mod common;
+
+use std::time::Duration;
+
+use agent_jobs::{QueueKeys, SessionKeys};
+use common::*;
+use redis::AsyncCommands;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundred_concurrent_sessions_of_one_user_each_get_their_own_voice() {
+    let redis = TestRedis::start().await;
+    let user = "test_concurrent_user";
+    let sessions: Vec<_> = (0..100)
+        .map(|i| (sid(&format!("concurrent-{i}")), format!("Voice{i:03}")))
+        .collect();
+    for (id, voice) in &sessions {
+        write_config(&redis.conn, id, voice, user).await;
+    }
+    let worker = TestWorker::start(redis.settings("ready", &[]));
+    // One atomic enqueue: all 100 arrive at the same moment.
+    let jobs: Vec<_> = sessions
+        .iter()
+        .map(|(id, _)| agent_jobs::AgentStart::new(id.clone()).with_user(user))
+        .collect();
+    producer(&redis.conn).enqueue_many(&jobs).await.unwrap();
+
+    for (id, voice) in &sessions {
+        wait_status(&redis.conn, id, "ready", Duration::from_secs(60)).await;
+        let got = wait_received(&redis.conn, id).await;
+        assert_eq!(got["contract"]["voice_id"], voice.as_str(), "argv of {id}");
+        assert_eq!(got["contract"]["room"], id.as_str());
+        assert_eq!(got["env"]["VOICE_ID"], voice.as_str());
+        assert_eq!(got["env"]["SESSION_ID"], id.as_str());
+        let state = SessionKeys::new(id).state();
+        assert_eq!(hget(&redis.conn, &state, "voiceId").await.unwrap(), *voice);
+        assert_eq!(hget(&redis.conn, &state, "userId").await.unwrap(), user);
+    }
+    let ready: usize = redis.conn.clone().scard("session:ready").await.unwrap();
+    assert_eq!(ready, 100);
+    worker.stop().await;
+    for (id, _) in &sessions {
+        assert_eq!(status(&redis.conn, id).await.as_deref(), Some("ended"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_scoped_config_is_ignored_for_configured_and_unconfigured_sessions() {
+    let redis = TestRedis::start().await;
+    let mut conn = redis.conn.clone();
+    // The old, user-scoped key, with a voice nobody asked for this session.
+    let _: () = conn
+        .hset_multiple(
+            "user:alice:config",
+            &[("voiceId", "UserVoice"), ("userName", "alice")],
+        )
+        .await
+        .unwrap();
+    let configured = sid("configured-1");
+    let unconfigured = sid("unconfigured-1");
+    write_config(&redis.conn, &configured, "Craig", "alice").await;
+    let worker = TestWorker::start(redis.settings("ready", &[]));
+    enqueue(&redis.conn, &configured, Some("alice")).await;
+    enqueue(&redis.conn, &unconfigured, Some("alice")).await;
+
+    wait_status(&redis.conn, &configured, "ready", Duration::from_secs(20)).await;
+    wait_status(&redis.conn, &unconfigured, "ready", Duration::from_secs(20)).await;
+    assert_eq!(
+        wait_received(&redis.conn, &configured).await["contract"]["voice_id"],
+        "Craig"
+    );
+    assert_eq!(
+        wait_received(&redis.conn, &unconfigured).await["contract"]["voice_id"],
+        "Ashley",
+        "an unconfigured session gets the default voice, not the user's"
+    );
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_config_gets_the_default_voice_written_back_with_a_ttl() {
+    let redis = TestRedis::start().await;
+    let id = sid("no-config-1");
+    let worker = TestWorker::start(
+        redis.settings("ready", &[("AGENT_WORKER__AGENT__DEFAULT_VOICE", "Brian")]),
+    );
+    enqueue(&redis.conn, &id, Some("bob")).await;
+    wait_status(&redis.conn, &id, "ready", Duration::from_secs(20)).await;
+    assert_eq!(
+        wait_received(&redis.conn, &id).await["contract"]["voice_id"],
+        "Brian"
+    );
+    let key = SessionKeys::new(&id).config();
+    assert_eq!(
+        hget(&redis.conn, &key, "voiceId").await.as_deref(),
+        Some("Brian")
+    );
+    assert_eq!(
+        hget(&redis.conn, &key, "userName").await.as_deref(),
+        Some("bob")
+    );
+    let ttl: i64 = redis.conn.clone().ttl(&key).await.unwrap();
+    assert!(
+        ttl > 0 && ttl <= 4 * 3600,
+        "default config TTL is the session TTL, got {ttl}"
+    );
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_of_the_wrong_type_sends_the_job_to_the_dead_set_naming_the_key() {
+    let redis = TestRedis::start().await;
+    let bad = sid("wrong-type-1");
+    let good = sid("after-wrong-type-1");
+    let key = SessionKeys::new(&bad).config();
+    let _: () = redis.conn.clone().set(&key, "Craig").await.unwrap();
+    let worker = TestWorker::start(redis.settings("ready", &[]));
+    let task = enqueue(&redis.conn, &bad, None).await;
+    let result = wait_dead(&redis.conn, &task).await;
+    assert!(
+        result.contains(&key) && result.contains("string, not a hash"),
+        "the error names the key and the problem: {result}"
+    );
+    // Permanent: no agent was launched and nothing was retried.
+    assert_eq!(status(&redis.conn, &bad).await, None);
+    // The string the orchestrator wrote is left alone.
+    let value: String = redis.conn.clone().get(&key).await.unwrap();
+    assert_eq!(value, "Craig");
+    enqueue(&redis.conn, &good, None).await;
+    wait_status(&redis.conn, &good, "ready", Duration::from_secs(20)).await;
+    assert!(worker.is_running());
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shell_metacharacters_reach_the_agent_verbatim_and_nothing_is_executed() {
+    let redis = TestRedis::start().await;
+    let marker =
+        std::env::temp_dir().join(format!("agent-worker-pwned-{}", ulid::Ulid::generate()));
+    let m = marker.display();
+    let voice = format!("$(touch {m})");
+    let opening = format!("`touch {m}`; echo hi && touch {m} | cat > {m} 'quoted' \"double\"");
+    let prompt = format!(
+        "line one\nline two; rm -rf / --no-preserve-root $HOME ${{IFS}} * ? [a] {{b,c}} \\ {m}"
+    );
+    let id = sid("metachar-1");
+    write_full_config(
+        &redis.conn,
+        &id,
+        &voice,
+        "eve",
+        Some(&opening),
+        Some(&prompt),
+    )
+    .await;
+    let worker = TestWorker::start(redis.settings("ready", &[]));
+    enqueue(&redis.conn, &id, None).await;
+    wait_status(&redis.conn, &id, "ready", Duration::from_secs(20)).await;
+    let got = wait_received(&redis.conn, &id).await;
+    assert_eq!(got["contract"]["voice_id"], voice.as_str());
+    assert_eq!(got["contract"]["opening_line"], opening.as_str());
+    assert_eq!(got["contract"]["system_prompt"], prompt.as_str());
+    let argv: Vec<String> = serde_json::from_value(got["argv"].clone()).unwrap();
+    assert_eq!(
+        argv,
+        [
+            "--behaviour",
+            "ready",
+            "--room",
+            "metachar-1",
+            "--voice-id",
+            &voice,
+            "--opening-line",
+            &opening,
+            "--system-prompt",
+            &prompt,
+        ]
+    );
+    let config: serde_json::Value =
+        serde_json::from_str(got["env"]["SESSION_CONFIG"].as_str().unwrap()).unwrap();
+    assert_eq!(config["systemPrompt"], prompt.as_str());
+    assert!(!marker.exists(), "a shell ran: {m} was created");
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_session_enqueued_twice_starts_one_agent() {
+    let redis = TestRedis::start().await;
+    let id = sid("twice-1");
+    write_config(&redis.conn, &id, "Craig", "u").await;
+    let first = enqueue(&redis.conn, &id, None).await;
+    let second = enqueue(&redis.conn, &id, None).await;
+    assert_eq!(
+        first, second,
+        "the second enqueue returns the first task id"
+    );
+    let keys = QueueKeys::new(QUEUE).unwrap();
+    let queued: usize = redis.conn.clone().llen(keys.active()).await.unwrap();
+    assert_eq!(queued, 1);
+
+    let worker = TestWorker::start(redis.settings("ready", &[]));
+    wait_done(&redis.conn, &first, Duration::from_secs(20)).await;
+    let pid: u32 = redis
+        .conn
+        .clone()
+        .get(SessionKeys::new(&id).agent_pid())
+        .await
+        .unwrap();
+    // A second delivery of the same job (as after a crash) finds the running agent.
+    let again = push_raw(
+        &redis.conn,
+        format!(r#"{{"session_id":"{id}"}}"#).as_bytes(),
+    )
+    .await;
+    wait_done(&redis.conn, &again, Duration::from_secs(20)).await;
+    let pid_after: u32 = redis
+        .conn
+        .clone()
+        .get(SessionKeys::new(&id).agent_pid())
+        .await
+        .unwrap();
+    assert_eq!(pid, pid_after, "no second agent was started");
+    let logs: Vec<String> = redis
+        .conn
+        .clone()
+        .lrange(SessionKeys::new(&id).agent_logs(), 0, -1)
+        .await
+        .unwrap();
+    let spawned = logs
+        .iter()
+        .filter(|l| l.starts_with("test-agent received"))
+        .count();
+    assert_eq!(spawned, 1, "one agent process for the session: {logs:?}");
+    worker.stop().await;
+}
