@@ -175,6 +175,12 @@ impl fmt::Display for RedisUrl {
 
 /// Replaces the user-info part of a URL (everything between `://` and the last `@` of the
 /// authority) with `***`, so credentials never reach a log line.
+///
+/// ```
+/// use agent_worker::settings::redact_url;
+/// assert_eq!(redact_url("redis://:hunter2@cache:6379/0"), "redis://***@cache:6379/0");
+/// assert_eq!(redact_url("redis://cache:6379"), "redis://cache:6379");
+/// ```
 pub fn redact_url(url: &str) -> String {
     let Some(scheme_end) = url.find("://") else {
         return url.to_owned();

@@ -13,6 +13,12 @@ use serde::{Deserialize, Serialize};
 pub const MAX_SESSION_ID_LEN: usize = 128;
 
 /// A validated session id: safe to splice into a Redis key name or an agent's argv.
+///
+/// ```
+/// use agent_jobs::SessionId;
+/// assert_eq!(SessionId::parse("abc-123").unwrap().as_str(), "abc-123");
+/// assert!(SessionId::parse("session:*").is_err());
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct SessionId(String);
