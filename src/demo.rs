@@ -103,13 +103,16 @@ pub async fn run(mut settings: Settings) -> anyhow::Result<()> {
             row.requested,
             row.received,
             row.pid,
-            status.unwrap_or_else(|| "-".into())
+            // An ended session's keys are removed with it.
+            status.unwrap_or_else(|| "removed".into())
         );
     }
     if rows.iter().any(|r| r.requested != r.received) {
         bail!("an agent received another session's voice");
     }
-    println!("\nEach agent received its own session's voice; both sessions ended.");
+    println!(
+        "\nEach agent received its own session's voice; both sessions ended and their keys were removed."
+    );
     Ok(())
 }
 

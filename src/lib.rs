@@ -16,6 +16,8 @@
 //! - [`supervisor`]: owns the agents of this process: launch with retries, one agent per
 //!   session, exit handling, shutdown.
 //! - [`agent_start`]: the agent-start job: tolerant decoding and the retry-or-abort decision.
+//! - [`sweep`]: the stale-session sweep (heartbeat index, atomic re-checked removal, legacy
+//!   `SCAN` migration) and the one-replica-per-tick lease.
 //! - [`worker`]: wiring of the apalis worker and the loop that restarts it after backend errors.
 //! - [`wake`]: pub/sub wake-ups so idle workers fetch a new job at once.
 //! - [`queue`]: our own maintenance scripts on the apalis-redis queue.
@@ -33,6 +35,7 @@ pub mod queue;
 pub mod session;
 pub mod settings;
 pub mod supervisor;
+pub mod sweep;
 pub mod telemetry;
 pub mod wake;
 pub mod worker;

@@ -6,7 +6,9 @@ use agent_jobs::{AgentStart, Producer, QueueKeys, SessionConfigInput, SessionId}
 use agent_worker::{
     connection, demo,
     launcher::{Launcher, ProcessLauncher},
+    session::{SessionStore, unix_now},
     settings::Settings,
+    sweep::{self as stale, StaleSessionSweep},
     telemetry, worker,
 };
 use anyhow::Context;
@@ -46,6 +48,17 @@ enum Command {
         /// The agent's system prompt.
         #[arg(long)]
         system_prompt: Option<String>,
+    },
+    /// Remove stale sessions now (those the scheduled sweep would remove) and print each one
+    /// with the reason.
+    Sweep {
+        /// Report what would be removed; remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Also walk legacy `session:<id>` hashes (not in the heartbeat index) with SCAN and
+        /// remove those idle for longer than session.max_age. A one-off migration step.
+        #[arg(long)]
+        scan: bool,
     },
     /// Start two sessions of one user at once (voices Craig and Olivia) with a test agent and
     /// show which voice each agent received.
@@ -87,6 +100,7 @@ fn main() -> ExitCode {
                 )
                 .await
             }
+            Command::Sweep { dry_run, scan } => sweep(settings, dry_run, scan).await,
             Command::Demo => demo::run(settings).await,
         }
     });
@@ -166,5 +180,43 @@ async fn enqueue(
         tracing::info!(task_id = %enqueued.task_id, "already_enqueued");
     }
     println!("{}", enqueued.task_id);
+    Ok(())
+}
+
+async fn sweep(settings: Settings, dry_run: bool, scan: bool) -> anyhow::Result<()> {
+    let conn = connection::connect(&settings.redis)
+        .await
+        .with_context(|| format!("cannot reach Redis at {}", settings.redis.url))?;
+    let store = SessionStore::new(
+        conn.clone(),
+        settings.session.ttl,
+        settings.agent.default_voice.clone(),
+        settings.agent.log_lines,
+    );
+    let sweep = StaleSessionSweep::new(
+        conn,
+        store,
+        settings.sweep.batch_size,
+        settings.session.stale_after,
+        settings.session.max_age,
+    );
+    let now = unix_now();
+    let mut reports = vec![("heartbeat index", sweep.run(now, dry_run).await?)];
+    if scan {
+        reports.push(("legacy scan", sweep.scan_legacy(now, dry_run).await?));
+    }
+    let verb = if dry_run { "would remove" } else { "removed" };
+    for (what, report) in &reports {
+        stale::log_report(report, None, dry_run);
+        for (id, reason) in &report.removed {
+            println!("{verb} {id} ({reason})");
+        }
+        println!(
+            "{what}: examined {}, {verb} {}, {} ms",
+            report.examined,
+            report.removed.len(),
+            report.duration.as_millis()
+        );
+    }
     Ok(())
 }

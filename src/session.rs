@@ -16,13 +16,49 @@ use std::{
 
 use agent_jobs::{
     SessionId, SessionKeys,
-    keys::{SESSIONS_READY, SESSIONS_STARTING},
+    keys::{SESSION_HEARTBEATS, SESSIONS_READY, SESSIONS_STARTING},
     session_config::fields,
 };
 use redis::{Script, Value, aio::ConnectionManager};
 
 static WRITE_DEFAULT: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/write_default_config.lua")));
+static HEARTBEAT: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("lua/heartbeat.lua")));
+static APPEND_LOGS: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("lua/append_logs.lua")));
+static REMOVE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("lua/remove_sessions.lua")));
+
+/// Which sessions [`SessionStore::remove`] may remove.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Removal {
+    /// Only those whose heartbeat index entry is at or before this unix time.
+    Stale {
+        /// The cutoff.
+        cutoff: u64,
+    },
+    /// Only legacy sessions (not in the index) whose newest of `lastActive` / `createdAt`
+    /// is before this unix time.
+    Legacy {
+        /// The cutoff.
+        cutoff: u64,
+    },
+    /// Unconditionally, recording this reason (its agent exited here).
+    Force {
+        /// Why, as reported.
+        reason: &'static str,
+    },
+}
+
+/// What one heartbeat found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HeartbeatReport {
+    /// Sessions whose keys were deleted by the orchestrator: their agents must stop.
+    pub gone: Vec<SessionId>,
+    /// Sessions older than the maximum age: their agents must stop.
+    pub too_old: Vec<SessionId>,
+}
 
 /// Linux refuses a single argv or environment string of 128 KiB or more (`MAX_ARG_STRLEN`).
 /// A config value that would not fit is a permanent error, caught before any spawn.
@@ -123,13 +159,6 @@ impl SessionError {
     pub fn is_permanent(&self) -> bool {
         !matches!(self, Self::Redis { .. })
     }
-}
-
-/// How an agent ended, as recorded in the session hash.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Ended {
-    /// `code 0`, `signal 15`, ...
-    pub exit: String,
 }
 
 /// Reads session config and writes session state.
@@ -308,6 +337,8 @@ impl SessionStore {
             .srem(SESSIONS_READY, id.as_str())
             .ignore()
             .sadd(SESSIONS_STARTING, id.as_str())
+            .ignore()
+            .zadd(SESSION_HEARTBEATS, id.as_str(), now)
             .ignore();
         self.run(pipe, state).await
     }
@@ -351,6 +382,8 @@ impl SessionStore {
         )
         .ignore()
         .expire(keys.agent_health(), ttl as i64)
+        .ignore()
+        .zadd(SESSION_HEARTBEATS, id.as_str(), &now)
         .ignore();
         self.run(pipe, state).await
     }
@@ -358,36 +391,14 @@ impl SessionStore {
     /// Status `error` with `message`; the session leaves both sets.
     pub async fn mark_error(&self, id: &SessionId, message: &str) -> Result<(), SessionError> {
         let state = SessionKeys::new(id).state();
+        let now = unix_now();
         let mut pipe = redis::pipe();
         pipe.hset_multiple(
             &state,
             &[
                 ("status", "error"),
                 ("error", message),
-                ("lastActive", &unix_now().to_string()),
-            ],
-        )
-        .ignore()
-        .expire(&state, self.ttl_secs() as i64)
-        .ignore()
-        .srem(SESSIONS_STARTING, id.as_str())
-        .ignore()
-        .srem(SESSIONS_READY, id.as_str())
-        .ignore();
-        self.run(pipe, state).await
-    }
-
-    /// Status `ended` after the agent exited: leaves the sets, `agent:<id>:pid` is removed.
-    pub async fn mark_ended(&self, id: &SessionId, ended: &Ended) -> Result<(), SessionError> {
-        let keys = SessionKeys::new(id);
-        let state = keys.state();
-        let mut pipe = redis::pipe();
-        pipe.hset_multiple(
-            &state,
-            &[
-                ("status", "ended"),
-                ("exit", ended.exit.as_str()),
-                ("lastActive", &unix_now().to_string()),
+                ("lastActive", &now.to_string()),
             ],
         )
         .ignore()
@@ -397,30 +408,97 @@ impl SessionStore {
         .ignore()
         .srem(SESSIONS_READY, id.as_str())
         .ignore()
-        .del(keys.agent_pid())
-        .ignore()
-        .hset(keys.agent_health(), "status", "ended")
+        // Indexed so that the sweep removes a failed session after `stale_after`.
+        .zadd(SESSION_HEARTBEATS, id.as_str(), now)
         .ignore();
         self.run(pipe, state).await
     }
 
-    /// Appends output lines to the agents' `agent:<id>:logs`, keeping the last `log_lines`.
-    /// One round trip for the whole batch, whatever the number of sessions.
+    /// Refreshes the liveness of `ids` (agents this worker owns) in one script call: see
+    /// `lua/heartbeat.lua`. `max_age_cutoff` is the unix time before which a session's
+    /// `createdAt` makes it too old.
+    pub async fn heartbeat(
+        &self,
+        ids: &[SessionId],
+        now: u64,
+        max_age_cutoff: u64,
+    ) -> redis::RedisResult<HeartbeatReport> {
+        if ids.is_empty() {
+            return Ok(HeartbeatReport::default());
+        }
+        let mut invocation = HEARTBEAT.prepare_invoke();
+        invocation
+            .key(SESSION_HEARTBEATS)
+            .arg(now)
+            .arg(self.ttl_secs())
+            .arg(max_age_cutoff);
+        for id in ids {
+            invocation.arg(id.as_str());
+        }
+        let (gone, too_old): (Vec<String>, Vec<String>) =
+            invocation.invoke_async(&mut self.conn.clone()).await?;
+        // The ids came from us; parsing them again only guards against a script change.
+        let parse = |ids: Vec<String>| {
+            ids.into_iter()
+                .filter_map(|id| SessionId::parse(id).ok())
+                .collect()
+        };
+        Ok(HeartbeatReport {
+            gone: parse(gone),
+            too_old: parse(too_old),
+        })
+    }
+
+    /// Removes the sessions among `ids` that `removal` allows, with every key they own, in one
+    /// atomic script call (`lua/remove_sessions.lua`). Returns each removed session and why.
+    pub async fn remove(
+        &self,
+        removal: &Removal,
+        ids: &[SessionId],
+    ) -> redis::RedisResult<Vec<(SessionId, String)>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (mode, arg) = match removal {
+            Removal::Stale { cutoff } => ("stale", cutoff.to_string()),
+            Removal::Legacy { cutoff } => ("legacy", cutoff.to_string()),
+            Removal::Force { reason } => ("force", reason.to_string()),
+        };
+        let mut invocation = REMOVE.prepare_invoke();
+        invocation
+            .key(SESSION_HEARTBEATS)
+            .key(SESSIONS_STARTING)
+            .key(SESSIONS_READY)
+            .arg(mode)
+            .arg(arg);
+        for id in ids {
+            invocation.arg(id.as_str());
+        }
+        let flat: Vec<String> = invocation.invoke_async(&mut self.conn.clone()).await?;
+        Ok(flat
+            .chunks_exact(2)
+            .filter_map(|pair| Some((SessionId::parse(&pair[0]).ok()?, pair[1].clone())))
+            .collect())
+    }
+
+    /// Appends output lines to the agents' `agent:<id>:logs`, keeping the last `log_lines`,
+    /// for sessions that still exist (`lua/append_logs.lua`). One round trip for the batch.
     pub async fn append_logs(&self, batch: &[(SessionId, Vec<String>)]) -> redis::RedisResult<()> {
         if batch.is_empty() {
             return Ok(());
         }
-        let mut pipe = redis::pipe();
+        let mut invocation = APPEND_LOGS.prepare_invoke();
+        invocation.arg(self.log_lines).arg(self.ttl_secs());
         for (id, lines) in batch {
-            let key = SessionKeys::new(id).agent_logs();
-            pipe.rpush(&key, lines)
-                .ignore()
-                .ltrim(&key, -(self.log_lines as isize), -1)
-                .ignore()
-                .expire(&key, self.ttl_secs() as i64)
-                .ignore();
+            invocation.arg(id.as_str()).arg(lines.len());
+            for line in lines {
+                invocation.arg(line);
+            }
         }
-        pipe.query_async::<()>(&mut self.conn.clone()).await
+        invocation
+            .invoke_async::<u64>(&mut self.conn.clone())
+            .await
+            .map(drop)
     }
 
     async fn run(&self, pipe: redis::Pipeline, key: String) -> Result<(), SessionError> {

@@ -45,6 +45,8 @@ pub struct Settings {
     pub agent: AgentSettings,
     /// `[session]`
     pub session: SessionSettings,
+    /// `[sweep]`
+    pub sweep: SweepSettings,
     /// `[telemetry]`
     pub telemetry: TelemetrySettings,
 }
@@ -118,6 +120,26 @@ pub struct SessionSettings {
     /// TTL of the keys the worker writes for a session.
     #[serde(with = "humantime_serde")]
     pub ttl: Duration,
+    /// Liveness refresh of owned agents.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// Age of the last heartbeat after which a session is stale.
+    #[serde(with = "humantime_serde")]
+    pub stale_after: Duration,
+    /// Longest a session may live.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+}
+
+/// `[sweep]`: removal of stale sessions.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SweepSettings {
+    /// Time between sweeps (one replica per tick).
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Sessions per script call.
+    pub batch_size: usize,
 }
 
 /// `[telemetry]`
@@ -306,6 +328,35 @@ impl Settings {
         }
         if self.session.ttl < Duration::from_secs(1) {
             return Err(invalid("session.ttl", "must be at least 1s"));
+        }
+        if self.session.heartbeat_interval < Duration::from_secs(1) {
+            return Err(invalid("session.heartbeat_interval", "must be at least 1s"));
+        }
+        // A live agent must heartbeat at least twice per stale period, and a start attempt
+        // (which refreshes the session's index entry) must end before the session looks stale.
+        if self.session.stale_after < self.session.heartbeat_interval * 2 {
+            return Err(invalid(
+                "session.stale_after",
+                "must be at least twice session.heartbeat_interval",
+            ));
+        }
+        if self.session.stale_after <= self.agent.startup_timeout {
+            return Err(invalid(
+                "session.stale_after",
+                "must be longer than agent.startup_timeout",
+            ));
+        }
+        if self.session.max_age < self.session.stale_after {
+            return Err(invalid(
+                "session.max_age",
+                "must be at least session.stale_after",
+            ));
+        }
+        if self.sweep.interval < Duration::from_secs(1) {
+            return Err(invalid("sweep.interval", "must be at least 1s"));
+        }
+        if self.sweep.batch_size == 0 {
+            return Err(invalid("sweep.batch_size", "must be >= 1"));
         }
         Ok(())
     }

@@ -24,7 +24,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::{
     launcher::{AgentHandle, LaunchSpec, Launcher},
-    session::{Ended, SessionStore},
+    session::{Removal, SessionStore},
 };
 
 /// What a start request led to.
@@ -90,7 +90,12 @@ type StartResult = Result<StartOutcome, StartFailure>;
 
 enum Slot {
     Starting(watch::Receiver<Option<StartResult>>),
-    Running { pid: u32, handle: AgentHandle },
+    Running {
+        pid: u32,
+        handle: AgentHandle,
+        /// A stop was requested; the agent has not exited yet.
+        stopping: bool,
+    },
 }
 
 struct Inner {
@@ -189,6 +194,38 @@ impl Supervisor {
         }
     }
 
+    /// Sessions whose agent is running here (not those still starting).
+    pub fn running_sessions(&self) -> Vec<SessionId> {
+        self.inner
+            .slots
+            .lock()
+            .expect("slots lock")
+            .iter()
+            .filter(|(_, slot)| matches!(slot, Slot::Running { .. }))
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// Stops the agent of `id` if it runs here: SIGTERM to its group, SIGKILL after `grace`.
+    /// Its session is removed once it has exited. Returns false if there was nothing to stop.
+    pub fn stop(&self, id: &SessionId, reason: &str, grace: Duration) -> bool {
+        let mut slots = self.inner.slots.lock().expect("slots lock");
+        let Some(Slot::Running {
+            pid,
+            handle,
+            stopping,
+        }) = slots.get_mut(id)
+        else {
+            return false;
+        };
+        if !*stopping {
+            tracing::info!(session_id = %id, pid = *pid, reason, "agent_stopped");
+            *stopping = true;
+        }
+        handle.stop(grace);
+        true
+    }
+
     /// Stops every agent (SIGTERM to its group, SIGKILL after `grace`), including those whose
     /// launch is still in progress, and waits until all have exited and their sessions are
     /// marked ended.
@@ -244,6 +281,7 @@ impl Inner {
                             Slot::Running {
                                 pid,
                                 handle: agent.handle.clone(),
+                                stopping: false,
                             },
                         );
                         if let Some(grace) = *self.closing.lock().expect("closing lock") {
@@ -258,7 +296,15 @@ impl Inner {
                             .map_or_else(|_| "unknown".to_owned(), |exit| exit.to_string());
                         tracing::info!(session_id = %id, pid, exit = %exit, "agent_exited");
                         inner.slots.lock().expect("slots lock").remove(&id);
-                        inner.record(inner.store.mark_ended(&id, &Ended { exit }).await);
+                        // The session ends with its agent: its keys go, by the same atomic
+                        // removal the sweep uses.
+                        if let Err(error) = inner
+                            .store
+                            .remove(&Removal::Force { reason: "agent_exited" }, std::slice::from_ref(&id))
+                            .await
+                        {
+                            tracing::warn!(session_id = %id, error = %error, "session_removal_failed");
+                        }
                     });
                     return Ok(StartOutcome::Started { pid, startup });
                 }

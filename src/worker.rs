@@ -37,9 +37,10 @@ use crate::{
     launcher::{Launcher, OutputSink},
     logs,
     queue::QueueOps,
-    session::SessionStore,
+    session::{SessionStore, unix_now},
     settings::Settings,
     supervisor::{RetryPolicy, Supervisor},
+    sweep::{self, StaleSessionSweep, TickLease},
     wake::{self, WakeHub},
 };
 
@@ -100,7 +101,7 @@ pub async fn run(settings: Settings, make_launcher: LauncherFactory, shutdown: C
     );
     let job = Arc::new(AgentStartJob {
         supervisor: supervisor.clone(),
-        store,
+        store: store.clone(),
         command: settings.agent.command.clone(),
     });
 
@@ -120,13 +121,44 @@ pub async fn run(settings: Settings, make_launcher: LauncherFactory, shutdown: C
         background.clone(),
     ));
 
+    let heartbeat = tokio::spawn(heartbeat_loop(
+        supervisor.clone(),
+        store.clone(),
+        settings.clone(),
+        background.clone(),
+    ));
+    let sweep = StaleSessionSweep::new(
+        conn.clone(),
+        store.clone(),
+        settings.sweep.batch_size,
+        settings.session.stale_after,
+        settings.session.max_age,
+    );
+    let sweeper = tokio::spawn(sweep::every_tick(
+        "sweep",
+        TickLease::new(conn.clone(), worker_id.clone()),
+        settings.sweep.interval,
+        background.clone(),
+        move |tick| {
+            let sweep = sweep.clone();
+            async move {
+                match sweep.run(unix_now(), false).await {
+                    Ok(report) => sweep::log_report(&report, Some(tick), false),
+                    Err(error) => tracing::warn!(tick, error = %error, "sweep_failed"),
+                }
+            }
+        },
+    ));
+
     supervise_job_worker(&settings, &conn, &worker_id, &ops, &hub, job, &shutdown).await;
 
     tracing::info!(agents = supervisor.agent_count(), "worker_stopping");
+    // Heartbeats go on while agents drain, so their sessions are not swept meanwhile.
     supervisor.shutdown(settings.agent.stop_grace).await;
     background.cancel();
-    let _ = listener.await;
-    let _ = promoter.await;
+    for task in [listener, promoter, heartbeat, sweeper] {
+        let _ = task.await;
+    }
     drop(supervisor);
     // The shipper ends once the last agent output reader has closed its sender.
     let _ = tokio::time::timeout(Duration::from_secs(5), shipper).await;
@@ -236,6 +268,50 @@ async fn run_job_worker(
             Ok::<(), std::io::Error>(())
         })
         .await
+}
+
+/// Every `session.heartbeat_interval`: refresh the liveness of this process's agents in one
+/// batched call, and stop those whose session was ended by the orchestrator (its keys deleted)
+/// or is older than `session.max_age`.
+async fn heartbeat_loop(
+    supervisor: Supervisor,
+    store: SessionStore,
+    settings: Settings,
+    shutdown: CancellationToken,
+) {
+    let mut ticker = tokio::time::interval(settings.session.heartbeat_interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let grace = settings.agent.stop_grace;
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let sessions = supervisor.running_sessions();
+        let now = unix_now();
+        let oldest = now.saturating_sub(settings.session.max_age.as_secs());
+        // Chunks bound the time of one script call when a process owns many agents.
+        for chunk in sessions.chunks(1000) {
+            match store.heartbeat(chunk, now, oldest).await {
+                Ok(report) => {
+                    failing = false;
+                    for id in &report.gone {
+                        supervisor.stop(id, "session_ended", grace);
+                    }
+                    for id in &report.too_old {
+                        supervisor.stop(id, "max_age", grace);
+                    }
+                }
+                Err(error) => {
+                    if !failing {
+                        tracing::warn!(error = %error, sessions = chunk.len(), "heartbeat_failed");
+                    }
+                    failing = true;
+                }
+            }
+        }
+    }
 }
 
 async fn promote_loop(ops: QueueOps, every: Duration, shutdown: CancellationToken) {

@@ -71,46 +71,74 @@ async fn agents_die_with_a_sigkilled_worker() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_stops_the_agents_ends_their_sessions_and_exits_zero() {
+async fn sigterm_stops_the_agents_removes_their_sessions_and_exits_zero() {
     let redis = TestRedis::start().await;
-    let mut worker = worker_process(&redis.url(), "ready", &[]).spawn().unwrap();
+    let worker = worker_process(
+        &redis.url(),
+        "ready",
+        &[("AGENT_WORKER__TELEMETRY__FORMAT", "json")],
+    )
+    .spawn()
+    .unwrap();
     let id = sid("sigterm-1");
     enqueue(&redis.conn, &id, None).await;
     wait_status(&redis.conn, &id, "ready", Duration::from_secs(20)).await;
     let pid = agent_pid(&redis.conn, &id).await;
     signal(&worker, Signal::SIGTERM);
-    let status = tokio::task::spawn_blocking(move || worker.wait().unwrap())
+    let output = tokio::task::spawn_blocking(move || worker.wait_with_output().unwrap())
         .await
         .unwrap();
-    assert!(status.success(), "exit status {status:?}");
-    assert!(!alive(pid));
-    assert_eq!(status_of(&redis, &id).await.as_deref(), Some("ended"));
-    let exit = hget(&redis.conn, &SessionKeys::new(&id).state(), "exit").await;
+    assert!(output.status.success(), "exit status {:?}", output.status);
     assert_eq!(
-        exit.as_deref(),
-        Some("code 0"),
+        exits(&output.stderr),
+        ["code 0"],
         "the agent got SIGTERM and exited cleanly"
     );
-    let pid_key: bool = redis
+    assert!(!alive(pid));
+    // The session ended with its agent: every key of it is gone.
+    let keys = SessionKeys::new(&id);
+    let left: usize = redis
         .conn
         .clone()
-        .exists(SessionKeys::new(&id).agent_pid())
+        .exists(&[
+            keys.state(),
+            keys.config(),
+            keys.agent_pid(),
+            keys.agent_logs(),
+            keys.agent_health(),
+        ])
         .await
         .unwrap();
-    assert!(!pid_key);
+    assert_eq!(left, 0);
+    let indexed: Option<f64> = redis
+        .conn
+        .clone()
+        .zscore(agent_jobs::keys::SESSION_HEARTBEATS, id.as_str())
+        .await
+        .unwrap();
+    assert_eq!(indexed, None);
 }
 
-async fn status_of(redis: &TestRedis, id: &agent_jobs::SessionId) -> Option<String> {
-    status(&redis.conn, id).await
+/// The `exit` of each `agent_exited` event in a JSON log.
+fn exits(stderr: &[u8]) -> Vec<String> {
+    String::from_utf8_lossy(stderr)
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|event| event["message"] == "agent_exited")
+        .map(|event| event["exit"].as_str().unwrap_or_default().to_owned())
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_ignoring_sigterm_is_killed_after_the_grace_period() {
     let redis = TestRedis::start().await;
-    let mut worker = worker_process(
+    let worker = worker_process(
         &redis.url(),
         "ignore-term",
-        &[("AGENT_WORKER__AGENT__STOP_GRACE", "500ms")],
+        &[
+            ("AGENT_WORKER__AGENT__STOP_GRACE", "500ms"),
+            ("AGENT_WORKER__TELEMETRY__FORMAT", "json"),
+        ],
     )
     .spawn()
     .unwrap();
@@ -118,12 +146,11 @@ async fn an_agent_ignoring_sigterm_is_killed_after_the_grace_period() {
     enqueue(&redis.conn, &id, None).await;
     wait_status(&redis.conn, &id, "ready", Duration::from_secs(20)).await;
     signal(&worker, Signal::SIGTERM);
-    let status = tokio::task::spawn_blocking(move || worker.wait().unwrap())
+    let output = tokio::task::spawn_blocking(move || worker.wait_with_output().unwrap())
         .await
         .unwrap();
-    assert!(status.success());
-    let exit = hget(&redis.conn, &SessionKeys::new(&id).state(), "exit").await;
-    assert_eq!(exit.as_deref(), Some("signal 9"));
+    assert!(output.status.success());
+    assert_eq!(exits(&output.stderr), ["signal 9"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

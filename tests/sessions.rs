@@ -40,9 +40,19 @@ async fn hundred_concurrent_sessions_of_one_user_each_get_their_own_voice() {
     let ready: usize = redis.conn.clone().scard("session:ready").await.unwrap();
     assert_eq!(ready, 100);
     worker.stop().await;
+    // Each agent exited with its worker, so its session and every key of it are gone.
     for (id, _) in &sessions {
-        assert_eq!(status(&redis.conn, id).await.as_deref(), Some("ended"));
+        assert_eq!(status(&redis.conn, id).await, None);
+        let logs: bool = redis
+            .conn
+            .clone()
+            .exists(SessionKeys::new(id).agent_logs())
+            .await
+            .unwrap();
+        assert!(!logs);
     }
+    let ready: usize = redis.conn.clone().scard("session:ready").await.unwrap();
+    assert_eq!(ready, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

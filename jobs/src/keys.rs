@@ -13,6 +13,15 @@ pub const SESSIONS_STARTING: &str = "session:starting";
 /// Set of session ids whose agent is ready.
 pub const SESSIONS_READY: &str = "session:ready";
 
+/// ZSET session id → unix seconds of its last heartbeat or state change. Written by the worker
+/// that owns the session; the sweep reads it to find stale sessions without scanning the
+/// keyspace. Deliberately outside the `session:` prefix, where a session id could collide.
+pub const SESSION_HEARTBEATS: &str = "agent-worker:session-heartbeats";
+
+/// Prefix of the per-tick leases of scheduled jobs: `agent-worker:tick-lease:<job>:<tick>`
+/// (e.g. `…:sweep:<tick>`); whoever sets it first runs that tick.
+pub const TICK_LEASE_PREFIX: &str = "agent-worker:tick-lease";
+
 /// The default apalis queue name for agent-start jobs.
 pub const DEFAULT_QUEUE: &str = "agent-start";
 

@@ -1,0 +1,355 @@
+//! [`StaleSessionSweep`]: removing the keys of sessions whose agent is gone.
+//!
+//! A pid means nothing outside its host, so liveness is judged from the heartbeat index
+//! (`agent-worker:session-heartbeats`, session id → unix seconds): the worker that owns an
+//! agent moves its entry to "now" every `session.heartbeat_interval`, and every state change
+//! (`starting`, `ready`, `error`) does too. A session whose entry is older than
+//! `session.stale_after` has no live agent: its worker died, its start failed long ago, or it
+//! is stuck in `starting`.
+//!
+//! The sweep reads candidates from the index with `ZRANGEBYSCORE … LIMIT` in batches, so its
+//! cost grows with the number of stale sessions, not with the keyspace (no `KEYS`, no `SCAN`).
+//! Each batch is removed by `lua/remove_sessions.lua`, which re-checks every entry inside the
+//! script: a session that heartbeated after it was picked is left alone.
+//!
+//! Sessions written by the old system are not in the index. [`StaleSessionSweep::scan_legacy`]
+//! (`agent-worker sweep --scan`, a one-off migration) walks `session:*` hashes with `SCAN` and
+//! removes those idle for longer than `session.max_age`, again re-checked inside the script.
+//!
+//! ## One replica per tick
+//! Every replica wakes at the same wall-clock boundaries (multiples of `sweep.interval`) and
+//! tries `SET agent-worker:tick-lease:sweep:<tick> <worker> NX EX <2 × interval>`; only the winner
+//! sweeps. We chose this lease over apalis-cron ticks enqueued with a per-tick idempotency key:
+//! both give one run per tick, but the cron route costs every replica an enqueue script
+//! (SET NX, 2 × HSET, RPUSH, PUBLISH: 6 commands) and the winner a fetch and an ack, and leaves a
+//! job record per tick for retention to clean, where the lease costs one `SET` per replica
+//! per tick and leaves one self-expiring key. Clock skew between replicas below the lease TTL
+//! cannot cause a second run: a late replica computes the same tick and finds it taken.
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use agent_jobs::{
+    SessionId,
+    keys::{SESSION_HEARTBEATS, TICK_LEASE_PREFIX},
+};
+use redis::aio::ConnectionManager;
+use tokio_util::sync::CancellationToken;
+
+use crate::session::{Removal, SessionStore};
+
+/// The outcome of one sweep.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SweepReport {
+    /// Candidate sessions looked at.
+    pub examined: usize,
+    /// Sessions removed (or that would be, in a dry run), with the reason.
+    pub removed: Vec<(SessionId, String)>,
+    /// Wall time.
+    pub duration: Duration,
+}
+
+/// Removes stale sessions. Cheap to clone.
+#[derive(Clone)]
+pub struct StaleSessionSweep {
+    conn: ConnectionManager,
+    store: SessionStore,
+    batch_size: usize,
+    stale_after: Duration,
+    max_age: Duration,
+}
+
+impl std::fmt::Debug for StaleSessionSweep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StaleSessionSweep")
+            .field("batch_size", &self.batch_size)
+            .field("stale_after", &self.stale_after)
+            .finish_non_exhaustive()
+    }
+}
+
+impl StaleSessionSweep {
+    /// A sweep over `store`'s Redis, `batch_size` sessions per script call.
+    pub fn new(
+        conn: ConnectionManager,
+        store: SessionStore,
+        batch_size: usize,
+        stale_after: Duration,
+        max_age: Duration,
+    ) -> Self {
+        Self {
+            conn,
+            store,
+            batch_size: batch_size.max(1),
+            stale_after,
+            max_age,
+        }
+    }
+
+    /// Removes every indexed session whose last heartbeat is older than `stale_after` at
+    /// `now` (unix seconds). With `dry_run`, reports what would be removed and removes nothing.
+    pub async fn run(&self, now: u64, dry_run: bool) -> redis::RedisResult<SweepReport> {
+        let started = Instant::now();
+        let cutoff = now.saturating_sub(self.stale_after.as_secs());
+        let mut report = SweepReport::default();
+        let mut conn = self.conn.clone();
+        // A dry run removes nothing, so it pages with an offset; a real run always reads the
+        // head of the range, which shrinks as it goes.
+        let mut offset = 0;
+        loop {
+            let ids: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+                .arg(SESSION_HEARTBEATS)
+                .arg("-inf")
+                .arg(cutoff)
+                .arg("LIMIT")
+                .arg(offset)
+                .arg(self.batch_size)
+                .query_async(&mut conn)
+                .await?;
+            let fetched = ids.len();
+            report.examined += fetched;
+            let (valid, invalid) = parse_ids(ids);
+            if !invalid.is_empty() {
+                // Not ours to interpret; drop them from the index so they are not read again.
+                redis::cmd("ZREM")
+                    .arg(SESSION_HEARTBEATS)
+                    .arg(&invalid)
+                    .query_async::<()>(&mut conn)
+                    .await?;
+            }
+            if dry_run {
+                report.removed.extend(self.stale_reasons(&valid).await?);
+                offset += fetched;
+            } else {
+                let removed = self
+                    .store
+                    .remove(&Removal::Stale { cutoff }, &valid)
+                    .await?;
+                report.removed.extend(removed);
+            }
+            if fetched < self.batch_size {
+                break;
+            }
+        }
+        report.duration = started.elapsed();
+        Ok(report)
+    }
+
+    /// What `lua/remove_sessions.lua` would give as reasons, for a dry run.
+    async fn stale_reasons(
+        &self,
+        ids: &[SessionId],
+    ) -> redis::RedisResult<Vec<(SessionId, String)>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for id in ids {
+            pipe.hget(format!("session:{id}"), "status");
+        }
+        let statuses: Vec<Option<String>> = pipe.query_async(&mut self.conn.clone()).await?;
+        Ok(ids
+            .iter()
+            .cloned()
+            .zip(statuses)
+            .map(|(id, status)| {
+                let reason = match status.as_deref() {
+                    Some("starting") => "stuck_starting",
+                    Some("error") => "stuck_error",
+                    _ => "heartbeat_stale",
+                };
+                (id, reason.to_owned())
+            })
+            .collect())
+    }
+
+    /// Migration: walks `session:<id>` hashes with `SCAN` and removes those that are not in
+    /// the heartbeat index (written by the old system) and idle for longer than `max_age`.
+    pub async fn scan_legacy(&self, now: u64, dry_run: bool) -> redis::RedisResult<SweepReport> {
+        let started = Instant::now();
+        let cutoff = now.saturating_sub(self.max_age.as_secs());
+        let mut report = SweepReport::default();
+        let mut conn = self.conn.clone();
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg("session:*")
+                .arg("COUNT")
+                .arg(1000)
+                .arg("TYPE")
+                .arg("hash")
+                .query_async(&mut conn)
+                .await?;
+            // `session:<id>` only: `session:<id>:config` and friends have a second colon.
+            let ids: Vec<SessionId> = keys
+                .iter()
+                .filter_map(|key| key.strip_prefix("session:"))
+                .filter_map(|id| SessionId::parse(id).ok())
+                .collect();
+            report.examined += ids.len();
+            for batch in ids.chunks(self.batch_size) {
+                let candidates = self.legacy_candidates(batch, cutoff).await?;
+                if dry_run {
+                    report.removed.extend(
+                        candidates
+                            .into_iter()
+                            .map(|id| (id, "legacy_max_age".to_owned())),
+                    );
+                } else {
+                    let removed = self
+                        .store
+                        .remove(&Removal::Legacy { cutoff }, &candidates)
+                        .await?;
+                    report.removed.extend(removed);
+                }
+            }
+            cursor = next;
+            if cursor == 0 {
+                break;
+            }
+        }
+        report.duration = started.elapsed();
+        Ok(report)
+    }
+
+    /// Those of `ids` that look like idle legacy sessions (the script checks again).
+    async fn legacy_candidates(
+        &self,
+        ids: &[SessionId],
+        cutoff: u64,
+    ) -> redis::RedisResult<Vec<SessionId>> {
+        let mut pipe = redis::pipe();
+        for id in ids {
+            pipe.zscore(SESSION_HEARTBEATS, id.as_str())
+                .cmd("HMGET")
+                .arg(format!("session:{id}"))
+                .arg("lastActive")
+                .arg("createdAt");
+        }
+        let flat: Vec<redis::Value> = pipe.query_async(&mut self.conn.clone()).await?;
+        let mut candidates = Vec::new();
+        for (id, pair) in ids.iter().zip(flat.chunks_exact(2)) {
+            let indexed: Option<f64> = redis::from_redis_value_ref(&pair[0])?;
+            let times: Vec<Option<String>> = redis::from_redis_value_ref(&pair[1])?;
+            let newest = times
+                .iter()
+                .filter_map(|t| t.as_deref()?.parse::<u64>().ok())
+                .max()
+                .unwrap_or(0);
+            if indexed.is_none() && newest > 0 && newest < cutoff {
+                candidates.push(id.clone());
+            }
+        }
+        Ok(candidates)
+    }
+}
+
+fn parse_ids(ids: Vec<String>) -> (Vec<SessionId>, Vec<String>) {
+    let mut valid = Vec::with_capacity(ids.len());
+    let mut invalid = Vec::new();
+    for id in ids {
+        match SessionId::parse(id.as_str()) {
+            Ok(parsed) => valid.push(parsed),
+            Err(_) => invalid.push(id),
+        }
+    }
+    (valid, invalid)
+}
+
+/// Logs one finished sweep: `session_swept` per session, then `sweep_complete`.
+pub fn log_report(report: &SweepReport, tick: Option<u64>, dry_run: bool) {
+    for (id, reason) in &report.removed {
+        tracing::info!(session_id = %id, reason = %reason, dry_run, "session_swept");
+    }
+    tracing::info!(
+        tick,
+        examined = report.examined,
+        removed = report.removed.len(),
+        duration_ms = report.duration.as_millis() as u64,
+        dry_run,
+        "sweep_complete"
+    );
+}
+
+/// Claims sweep ticks: one replica per tick (see the module docs).
+#[derive(Clone)]
+pub struct TickLease {
+    conn: ConnectionManager,
+    holder: String,
+}
+
+impl std::fmt::Debug for TickLease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TickLease")
+            .field("holder", &self.holder)
+            .finish()
+    }
+}
+
+impl TickLease {
+    /// Leases taken in the name of `holder` (the worker id).
+    pub fn new(conn: ConnectionManager, holder: impl Into<String>) -> Self {
+        Self {
+            conn,
+            holder: holder.into(),
+        }
+    }
+
+    /// Claims `tick` of the job `name` for `ttl`; true if this caller won it.
+    pub async fn claim(&self, name: &str, tick: u64, ttl: Duration) -> redis::RedisResult<bool> {
+        let won: Option<String> = redis::cmd("SET")
+            .arg(format!("{TICK_LEASE_PREFIX}:{name}:{tick}"))
+            .arg(&self.holder)
+            .arg("NX")
+            .arg("EX")
+            .arg(ttl.as_secs().max(1))
+            .query_async(&mut self.conn.clone())
+            .await?;
+        Ok(won.is_some())
+    }
+}
+
+/// The tick a wall-clock time falls in, for a period of `interval`.
+pub fn tick_of(time: SystemTime, interval: Duration) -> u64 {
+    let ms = time
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis();
+    (ms / interval.as_millis().max(1)) as u64
+}
+
+/// Runs `job` once per tick of `interval` on exactly one replica, until `shutdown`.
+/// Errors are logged and the loop goes on at the next tick.
+pub async fn every_tick<F, Fut>(
+    name: &'static str,
+    lease: TickLease,
+    interval: Duration,
+    shutdown: CancellationToken,
+    job: F,
+) where
+    F: Fn(u64) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    loop {
+        // Sleep to the next boundary of the wall clock, so that all replicas wake together.
+        let now = SystemTime::now();
+        let tick = tick_of(now, interval);
+        let next_ms = (tick + 1) as u128 * interval.as_millis();
+        let now_ms = now
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis();
+        let wait = Duration::from_millis((next_ms - now_ms) as u64);
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        let tick = tick + 1;
+        match lease.claim(name, tick, interval * 2).await {
+            Ok(true) => job(tick).await,
+            Ok(false) => {}
+            Err(error) => tracing::warn!(job = name, tick, error = %error, "tick_lease_failed"),
+        }
+    }
+}

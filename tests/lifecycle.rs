@@ -1,0 +1,524 @@
+//! Session lifecycle across processes: heartbeats, remote stop, the stale-session sweep and its
+//! one-replica-per-tick rule. Staleness is injected by back-dating heartbeats, never waited for.
+
+mod common;
+
+use std::{
+    collections::HashMap,
+    process::{Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use agent_jobs::{SessionId, SessionKeys, keys::SESSION_HEARTBEATS};
+use agent_worker::{
+    session::{SessionStore, unix_now},
+    sweep::StaleSessionSweep,
+};
+use common::*;
+use nix::{sys::signal::Signal, unistd::Pid};
+use redis::{AsyncCommands, aio::ConnectionManager};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+fn all_keys(id: &SessionId) -> Vec<String> {
+    let k = SessionKeys::new(id);
+    vec![
+        k.state(),
+        k.config(),
+        k.agent_pid(),
+        k.agent_logs(),
+        k.agent_health(),
+    ]
+}
+
+async fn keys_left(conn: &ConnectionManager, id: &SessionId) -> usize {
+    conn.clone().exists(all_keys(id)).await.unwrap()
+}
+
+async fn indexed(conn: &ConnectionManager, id: &SessionId) -> Option<f64> {
+    conn.clone()
+        .zscore(SESSION_HEARTBEATS, id.as_str())
+        .await
+        .unwrap()
+}
+
+async fn backdate(conn: &ConnectionManager, id: &SessionId, secs: u64) {
+    let _: () = conn
+        .clone()
+        .zadd(SESSION_HEARTBEATS, id.as_str(), unix_now() - secs)
+        .await
+        .unwrap();
+}
+
+fn worker_command(url: &str, args: &[&str], env: &[(&str, &str)]) -> Command {
+    let mut command = Command::new(WORKER_BIN);
+    command
+        .args(args)
+        .env_remove("RUST_LOG")
+        .env_remove("REDIS_URL")
+        .env("AGENT_WORKER__REDIS__URL", url)
+        .env(
+            "AGENT_WORKER__AGENT__COMMAND",
+            format!("{TEST_AGENT},--behaviour,ready"),
+        )
+        .env("AGENT_WORKER__AGENT__STARTUP_TIMEOUT", "2s")
+        .env("AGENT_WORKER__SESSION__HEARTBEAT_INTERVAL", "1s")
+        .env("AGENT_WORKER__SESSION__STALE_AFTER", "3s")
+        .env("AGENT_WORKER__TELEMETRY__FORMAT", "json")
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    command
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkilled_workers_session_is_swept_by_another_worker_process() {
+    let redis = TestRedis::start().await;
+    let id = sid("orphaned-1");
+    write_config(&redis.conn, &id, "Craig", "u").await;
+    // Worker A runs the agent; its sweep is far away so it cannot be the one sweeping.
+    let mut a = worker_command(
+        &redis.url(),
+        &["run"],
+        &[("AGENT_WORKER__SWEEP__INTERVAL", "1h")],
+    )
+    .spawn()
+    .unwrap();
+    enqueue(&redis.conn, &id, None).await;
+    wait_status(&redis.conn, &id, "ready", Duration::from_secs(20)).await;
+    let pid: u32 = redis
+        .conn
+        .clone()
+        .get(SessionKeys::new(&id).agent_pid())
+        .await
+        .unwrap();
+    nix::sys::signal::kill(Pid::from_raw(a.id() as i32), Signal::SIGKILL).unwrap();
+    a.wait().unwrap();
+    wait_for(
+        "the agent to die with its worker",
+        Duration::from_secs(5),
+        || async { (!alive(pid)).then_some(()) },
+    )
+    .await;
+    // Nobody heartbeats the session any more; make it as old as stale_after would.
+    assert_eq!(keys_left(&redis.conn, &id).await, 5);
+    backdate(&redis.conn, &id, 60).await;
+
+    let b = worker_command(
+        &redis.url(),
+        &["run"],
+        &[("AGENT_WORKER__SWEEP__INTERVAL", "1s")],
+    )
+    .spawn()
+    .unwrap();
+    wait_for(
+        "worker B to sweep the session",
+        Duration::from_secs(15),
+        || async { (keys_left(&redis.conn, &id).await == 0).then_some(()) },
+    )
+    .await;
+    assert_eq!(indexed(&redis.conn, &id).await, None);
+    assert!(!is_member(&redis.conn, "session:ready", id.as_str()).await);
+    nix::sys::signal::kill(Pid::from_raw(b.id() as i32), Signal::SIGTERM).unwrap();
+    let output = tokio::task::spawn_blocking(move || b.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let swept = stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .any(|e| {
+            e["message"] == "session_swept"
+                && e["session_id"] == "orphaned-1"
+                && e["reason"] == "heartbeat_stale"
+        });
+    assert!(swept, "worker B logged session_swept: {stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_sessions_keys_stops_its_agent_within_a_heartbeat() {
+    let redis = TestRedis::start().await;
+    let worker = TestWorker::start(redis.settings(
+        "ready",
+        &[("AGENT_WORKER__SESSION__HEARTBEAT_INTERVAL", "1s")],
+    ));
+    let (ended, kept) = (sid("ended-by-orchestrator"), sid("kept-running"));
+    for id in [&ended, &kept] {
+        enqueue(&redis.conn, id, None).await;
+        wait_status(&redis.conn, id, "ready", Duration::from_secs(20)).await;
+    }
+    let pid: u32 = redis
+        .conn
+        .clone()
+        .get(SessionKeys::new(&ended).agent_pid())
+        .await
+        .unwrap();
+    // What the orchestrator does to end a session.
+    let _: () = redis.conn.clone().del(all_keys(&ended)).await.unwrap();
+    wait_for(
+        "the agent to be stopped",
+        Duration::from_secs(5),
+        || async { (!alive(pid)).then_some(()) },
+    )
+    .await;
+    wait_for(
+        "the session to stay removed",
+        Duration::from_secs(5),
+        || async {
+            (keys_left(&redis.conn, &ended).await == 0
+                && indexed(&redis.conn, &ended).await.is_none())
+            .then_some(())
+        },
+    )
+    .await;
+    // The other session is untouched and keeps heartbeating.
+    let before = indexed(&redis.conn, &kept).await.unwrap();
+    wait_for(
+        "a heartbeat of the other session",
+        Duration::from_secs(5),
+        || async { (indexed(&redis.conn, &kept).await.unwrap() > before).then_some(()) },
+    )
+    .await;
+    assert_eq!(status(&redis.conn, &kept).await.as_deref(), Some("ready"));
+    let health = hget(
+        &redis.conn,
+        &SessionKeys::new(&kept).agent_health(),
+        "status",
+    )
+    .await;
+    assert_eq!(health.as_deref(), Some("alive"));
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_stuck_in_starting_or_error_are_swept_and_fresh_ones_are_not() {
+    let redis = TestRedis::start().await;
+    let store = SessionStore::new(redis.conn.clone(), Duration::from_secs(3600), "Ashley", 100);
+    let sweep = StaleSessionSweep::new(
+        redis.conn.clone(),
+        store.clone(),
+        2,
+        Duration::from_secs(60),
+        Duration::from_secs(4 * 3600),
+    );
+    let (starting, failed, fresh) = (
+        sid("stuck-starting"),
+        sid("stuck-error"),
+        sid("fresh-start"),
+    );
+    for id in [&starting, &failed, &fresh] {
+        store
+            .mark_starting(id, None, "Craig", "t", "w")
+            .await
+            .unwrap();
+    }
+    store.mark_error(&failed, "boom").await.unwrap();
+    backdate(&redis.conn, &starting, 61).await;
+    backdate(&redis.conn, &failed, 61).await;
+
+    let dry = sweep.run(unix_now(), true).await.unwrap();
+    assert_eq!(dry.removed.len(), 2);
+    assert_eq!(
+        keys_left(&redis.conn, &starting).await,
+        1,
+        "a dry run removes nothing"
+    );
+
+    let report = sweep.run(unix_now(), false).await.unwrap();
+    let mut removed: Vec<_> = report
+        .removed
+        .iter()
+        .map(|(id, reason)| (id.as_str().to_owned(), reason.as_str()))
+        .collect();
+    removed.sort();
+    assert_eq!(
+        removed,
+        [
+            ("stuck-error".to_owned(), "stuck_error"),
+            ("stuck-starting".to_owned(), "stuck_starting")
+        ]
+    );
+    assert_eq!(keys_left(&redis.conn, &starting).await, 0);
+    assert!(!is_member(&redis.conn, "session:starting", "stuck-starting").await);
+    assert_eq!(
+        status(&redis.conn, &fresh).await.as_deref(),
+        Some("starting")
+    );
+}
+
+/// 1,000 sessions; a heartbeater and a sweeper race for 10,000 rounds on a logical clock.
+/// For every removal, the last heartbeat that session received before it was removed must be at
+/// or before the cutoff the sweep used: a session whose heartbeat was fresh at delete time is
+/// never removed. (A sweep that checked staleness outside the delete script fails this.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_heartbeats_and_sweeps_never_remove_a_fresh_session() {
+    const SESSIONS: usize = 1_000;
+    const ROUNDS: u64 = 10_000;
+    const STALE: u64 = 5;
+    let redis = TestRedis::start().await;
+    let store = SessionStore::new(redis.conn.clone(), Duration::from_secs(3600), "Ashley", 100);
+    let sweep = StaleSessionSweep::new(
+        redis.conn.clone(),
+        store.clone(),
+        100,
+        Duration::from_secs(STALE),
+        Duration::from_secs(1 << 40),
+    );
+    let ids: Vec<SessionId> = (0..SESSIONS).map(|i| sid(&format!("race-{i}"))).collect();
+    let base = 1_000_000u64;
+    async fn create(conn: &ConnectionManager, ids: &[SessionId], at: u64) {
+        if ids.is_empty() {
+            return;
+        }
+        let mut pipe = redis::pipe();
+        for id in ids {
+            pipe.hset(format!("session:{id}"), "status", "ready")
+                .ignore()
+                .zadd(SESSION_HEARTBEATS, id.as_str(), at)
+                .ignore();
+        }
+        pipe.query_async::<()>(&mut conn.clone()).await.unwrap();
+    }
+    create(&redis.conn, &ids, base).await;
+
+    let clock = Arc::new(AtomicU64::new(base));
+    let done = Arc::new(AtomicBool::new(false));
+    // Per session: the last successful heartbeat time of each incarnation, in order.
+    let heartbeater = {
+        let (store, conn, ids, clock, done) = (
+            store.clone(),
+            redis.conn.clone(),
+            ids.clone(),
+            clock.clone(),
+            done.clone(),
+        );
+        tokio::spawn(async move {
+            let mut incarnations: HashMap<SessionId, Vec<u64>> =
+                ids.iter().map(|id| (id.clone(), vec![base])).collect();
+            for round in 1..=ROUNDS {
+                let now = base + round;
+                // A rotating tenth of the sessions heartbeats each round; the others age.
+                let picked: Vec<SessionId> = ids
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| (*i as u64 + round) % 10 == 0)
+                    .map(|(_, id)| id.clone())
+                    .collect();
+                let report = store.heartbeat(&picked, now, 0).await.unwrap();
+                for id in &picked {
+                    if !report.gone.contains(id) {
+                        *incarnations.get_mut(id).unwrap().last_mut().unwrap() = now;
+                    }
+                }
+                // A removed session starts again as a new incarnation.
+                create(&conn, &report.gone, now).await;
+                for id in &report.gone {
+                    incarnations.get_mut(id).unwrap().push(now);
+                }
+                clock.store(now, Ordering::SeqCst);
+            }
+            done.store(true, Ordering::SeqCst);
+            incarnations
+        })
+    };
+    let sweeper = {
+        let (clock, done) = (clock.clone(), done.clone());
+        tokio::spawn(async move {
+            let mut removals: HashMap<SessionId, Vec<u64>> = HashMap::new();
+            let mut sweeps = 0u64;
+            while !done.load(Ordering::SeqCst) || sweeps == 0 {
+                let now = clock.load(Ordering::SeqCst);
+                let report = sweep.run(now, false).await.unwrap();
+                for (id, _) in report.removed {
+                    removals.entry(id).or_default().push(now - STALE);
+                }
+                sweeps += 1;
+            }
+            (removals, sweeps)
+        })
+    };
+    let incarnations = heartbeater.await.unwrap();
+    let (removals, sweeps) = sweeper.await.unwrap();
+    let total: usize = removals.values().map(Vec::len).sum();
+    assert!(
+        total > 1_000,
+        "the race removed sessions ({total} in {sweeps} sweeps)"
+    );
+    for (id, cutoffs) in &removals {
+        let lives = &incarnations[id];
+        assert!(
+            cutoffs.len() <= lives.len(),
+            "{id}: more removals than lives"
+        );
+        for (k, cutoff) in cutoffs.iter().enumerate() {
+            assert!(
+                lives[k] <= *cutoff,
+                "{id} was removed with cutoff {cutoff} after a heartbeat at {}",
+                lives[k]
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_workers_sweep_exactly_once_per_tick() {
+    let redis = TestRedis::start().await;
+    let mut workers: Vec<_> = (0..3)
+        .map(|_| {
+            worker_command(
+                &redis.url(),
+                &["run"],
+                &[("AGENT_WORKER__SWEEP__INTERVAL", "1s")],
+            )
+            .spawn()
+            .unwrap()
+        })
+        .collect();
+    // Let the three run side by side for ten ticks.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    for worker in &workers {
+        nix::sys::signal::kill(Pid::from_raw(worker.id() as i32), Signal::SIGTERM).unwrap();
+    }
+    let mut ticks = Vec::new();
+    let mut sweepers = 0;
+    for worker in workers.drain(..) {
+        let output = tokio::task::spawn_blocking(move || worker.wait_with_output().unwrap())
+            .await
+            .unwrap();
+        assert!(output.status.success());
+        let mine: Vec<u64> = String::from_utf8_lossy(&output.stderr)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|e| e["message"] == "sweep_complete")
+            .map(|e| e["tick"].as_u64().expect("a tick"))
+            .collect();
+        sweepers += usize::from(!mine.is_empty());
+        ticks.extend(mine);
+    }
+    let total = ticks.len();
+    ticks.sort();
+    ticks.dedup();
+    assert_eq!(ticks.len(), total, "a tick was swept twice");
+    assert!(
+        total >= 7,
+        "about one sweep per second over 10 s, got {total}"
+    );
+    let span = ticks.last().unwrap() - ticks.first().unwrap() + 1;
+    assert!(
+        span as usize - total <= 1,
+        "at most one tick missed: {ticks:?}"
+    );
+    assert!(sweepers >= 1);
+}
+
+async fn sweep_cli(url: &str, args: &[&str]) -> String {
+    let mut all = vec!["sweep"];
+    all.extend_from_slice(args);
+    let output = worker_command(url, &all, &[]).output().unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scan_mode_removes_an_old_legacy_session_and_leaves_a_young_one() {
+    let redis = TestRedis::start().await;
+    let mut conn = redis.conn.clone();
+    let now = unix_now();
+    let (old, young) = (sid("legacy-old"), sid("legacy-young"));
+    let _: () = conn
+        .hset_multiple(
+            SessionKeys::new(&old).state(),
+            &[
+                ("status", "ready"),
+                ("lastActive", &(now - 5 * 3600).to_string()),
+                ("createdAt", &(now - 6 * 3600).to_string()),
+            ],
+        )
+        .await
+        .unwrap();
+    let _: () = conn
+        .set(SessionKeys::new(&old).agent_pid(), 4242)
+        .await
+        .unwrap();
+    let _: () = conn
+        .rpush(SessionKeys::new(&old).agent_logs(), "line")
+        .await
+        .unwrap();
+    write_config(&redis.conn, &old, "Craig", "u").await;
+    let _: () = conn
+        .hset_multiple(
+            SessionKeys::new(&young).state(),
+            &[
+                ("status", "ready"),
+                ("lastActive", &(now - 60).to_string()),
+                ("createdAt", &(now - 600).to_string()),
+            ],
+        )
+        .await
+        .unwrap();
+
+    let dry = sweep_cli(&redis.url(), &["--scan", "--dry-run"]).await;
+    assert!(
+        dry.contains("would remove legacy-old (legacy_max_age)"),
+        "{dry}"
+    );
+    assert_eq!(keys_left(&redis.conn, &old).await, 4);
+
+    let out = sweep_cli(&redis.url(), &["--scan"]).await;
+    assert!(out.contains("removed legacy-old (legacy_max_age)"), "{out}");
+    assert!(!out.contains("legacy-young"), "{out}");
+    assert_eq!(keys_left(&redis.conn, &old).await, 0);
+    assert_eq!(status(&redis.conn, &young).await.as_deref(), Some("ready"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn monitor_during_a_sweep_shows_no_keys_command() {
+    let redis = TestRedis::start().await;
+    let store = SessionStore::new(redis.conn.clone(), Duration::from_secs(3600), "Ashley", 100);
+    for i in 0..50 {
+        let id = sid(&format!("monitored-{i}"));
+        store
+            .mark_starting(&id, None, "Craig", "t", "w")
+            .await
+            .unwrap();
+        backdate(&redis.conn, &id, 3600).await;
+    }
+    let mut monitor = tokio::net::TcpStream::connect(("127.0.0.1", redis.redis.port()))
+        .await
+        .unwrap();
+    monitor.write_all(b"MONITOR\r\n").await.unwrap();
+    let mut lines = BufReader::new(monitor).lines();
+    assert_eq!(lines.next_line().await.unwrap().as_deref(), Some("+OK"));
+
+    let out = sweep_cli(&redis.url(), &["--scan"]).await;
+    assert!(
+        out.contains("heartbeat index: examined 50, removed 50"),
+        "{out}"
+    );
+    // The sweep's last command is the SCAN that ends the walk; read until we have seen it.
+    let mut seen = Vec::new();
+    let saw_end = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            let upper = line.to_uppercase();
+            seen.push(upper.clone());
+            if upper.contains("\"SCAN\"") {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(saw_end.is_ok(), "MONITOR showed the sweep: {seen:?}");
+    assert!(seen.iter().any(|l| l.contains("\"ZRANGEBYSCORE\"")));
+    assert!(
+        !seen.iter().any(|l| l.contains("\"KEYS\"")),
+        "a KEYS command was sent: {seen:?}"
+    );
+}
