@@ -6,11 +6,16 @@
 //! happens here, where a bad payload is just a failed job. [`JobError::is_permanent`] is the one
 //! place that decides between "dead now" (apalis `AbortError`) and "let the backend retry".
 
-use std::{convert::Infallible, panic::AssertUnwindSafe, sync::Arc};
+use std::{
+    convert::Infallible,
+    panic::AssertUnwindSafe,
+    sync::{Arc, LazyLock},
+};
 
-use agent_jobs::{AgentStart, PayloadError};
+use agent_jobs::{AgentStart, PayloadError, QueueKeys};
 use apalis::prelude::{AbortError, BoxDynError, Codec, Data, TaskId};
 use futures::FutureExt;
+use redis::{Script, aio::ConnectionManager};
 use tracing::Instrument;
 
 use crate::{
@@ -66,8 +71,11 @@ impl JobError {
     }
 }
 
+static RELEASE_IDEMPOTENCY: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("lua/release_idempotency.lua")));
+
 /// What the handler needs, shared by all jobs of a process.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct AgentStartJob {
     /// Owns the agents.
     pub supervisor: Supervisor,
@@ -75,6 +83,19 @@ pub struct AgentStartJob {
     pub store: SessionStore,
     /// `agent.command`: program and leading arguments.
     pub command: Vec<String>,
+    /// The queue the jobs come from (for their idempotency keys).
+    pub queue: QueueKeys,
+    /// For the idempotency release.
+    pub conn: ConnectionManager,
+}
+
+impl std::fmt::Debug for AgentStartJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentStartJob")
+            .field("queue", &self.queue.queue())
+            .field("command", &self.command)
+            .finish_non_exhaustive()
+    }
 }
 
 impl AgentStartJob {
@@ -82,6 +103,33 @@ impl AgentStartJob {
     pub async fn run(&self, raw: &[u8], task_id: &str) -> Result<StartOutcome, JobError> {
         let job = AgentStart::decode(raw)?;
         tracing::Span::current().record("session_id", job.session_id.as_str());
+        let result = self.start(&job, task_id).await;
+        if let Err(error) = &result
+            && error.is_permanent()
+        {
+            self.release_idempotency(&job, task_id).await;
+        }
+        result
+    }
+
+    /// A dead job must not keep its session from being enqueued again.
+    async fn release_idempotency(&self, job: &AgentStart, task_id: &str) {
+        let key = format!(
+            "{}:{}",
+            self.queue.idempotency_prefix(),
+            agent_jobs::producer::idempotency_key(job)
+        );
+        let released: redis::RedisResult<i64> = RELEASE_IDEMPOTENCY
+            .key(&key)
+            .arg(task_id)
+            .invoke_async(&mut self.conn.clone())
+            .await;
+        if let Err(error) = released {
+            tracing::warn!(key = %key, error = %error, "idempotency_release_failed");
+        }
+    }
+
+    async fn start(&self, job: &AgentStart, task_id: &str) -> Result<StartOutcome, JobError> {
         let config = self
             .store
             .load_config(&job.session_id, job.user_id.as_deref())
@@ -94,7 +142,7 @@ impl AgentStartJob {
             "session_config_loaded"
         );
         let request = StartRequest {
-            spec: self.launch_spec(&job, &config),
+            spec: self.launch_spec(job, &config),
             user_id: job.user_id.clone(),
             voice_id: config.voice_id().to_owned(),
             task_id: task_id.to_owned(),

@@ -236,41 +236,77 @@ impl ProcessLauncher {
 
         let last = || last_line.lock().expect("last_line lock").clone();
         let mut ready_after_exit = ready_rx.clone();
-        tokio::select! {
-            // `biased`: an agent that printed its ready line and exited right after did start;
-            // check readiness before the exit.
-            biased;
-            ready = ready_rx.wait_for(|ready| *ready).map(|r| r.is_ok()) => {
-                // The readers drop the sender at EOF; a closed channel without a ready line
-                // means the agent closed its output, and its exit is what we report.
-                if ready {
-                    Ok(RunningAgent { pid, pgid, startup: started.elapsed(), exited: exit_rx, handle })
-                } else {
-                    let exit = exit_rx.await.unwrap_or(AgentExit::Code(-1));
-                    Err(LaunchError::ExitedBeforeReady { exit, last_line: last() })
+        // Every wait below shares one deadline: an agent that closes its output but keeps
+        // running, or a grandchild holding the pipes, must not hold the launch past it.
+        let deadline = tokio::time::Instant::now() + self.startup_timeout;
+        let outcome = tokio::time::timeout_at(deadline, async {
+            tokio::select! {
+                // `biased`: an agent that printed its ready line and exited right after did
+                // start; check readiness before the exit.
+                biased;
+                ready = ready_rx.wait_for(|ready| *ready).map(|r| r.is_ok()) => {
+                    // The readers drop the sender at EOF; a closed channel without a ready line
+                    // means the agent closed its output, and its exit is what we report.
+                    if ready {
+                        Outcome::Ready
+                    } else {
+                        Outcome::Exited((&mut exit_rx).await.unwrap_or(AgentExit::Code(-1)))
+                    }
+                }
+                exit = &mut exit_rx => {
+                    let exit = exit.unwrap_or(AgentExit::Code(-1));
+                    // A ready line written just before the exit may still be in the pipe: give
+                    // the readers a moment to reach EOF.
+                    let seen = ready_after_exit.wait_for(|ready| *ready).map(|r| r.is_ok());
+                    if tokio::time::timeout(READER_DRAIN, seen).await == Ok(true) {
+                        Outcome::ReadyThenExited(exit)
+                    } else {
+                        Outcome::Exited(exit)
+                    }
                 }
             }
-            exit = &mut exit_rx => {
-                let exit = exit.unwrap_or(AgentExit::Code(-1));
-                // A ready line written just before the exit may still be in the pipe: give the
-                // readers a moment to reach EOF (a grandchild holding the pipe open must not
-                // make us wait long).
-                let drained = tokio::time::timeout(READER_DRAIN, ready_after_exit.wait_for(|ready| *ready).map(|r| r.is_ok())).await;
-                if drained == Ok(true) {
-                    let (tx, exited) = oneshot::channel();
-                    let _ = tx.send(exit);
-                    Ok(RunningAgent { pid, pgid, startup: started.elapsed(), exited, handle })
-                } else {
-                    Err(LaunchError::ExitedBeforeReady { exit, last_line: last() })
-                }
+        })
+        .await;
+        match outcome {
+            Ok(Outcome::Ready) => Ok(RunningAgent {
+                pid,
+                pgid,
+                startup: started.elapsed(),
+                exited: exit_rx,
+                handle,
+            }),
+            Ok(Outcome::ReadyThenExited(exit)) => {
+                let (tx, exited) = oneshot::channel();
+                let _ = tx.send(exit);
+                Ok(RunningAgent {
+                    pid,
+                    pgid,
+                    startup: started.elapsed(),
+                    exited,
+                    handle,
+                })
             }
-            _ = tokio::time::sleep(self.startup_timeout) => {
+            Ok(Outcome::Exited(exit)) => Err(LaunchError::ExitedBeforeReady {
+                exit,
+                last_line: last(),
+            }),
+            Err(_elapsed) => {
                 handle.stop(Duration::ZERO);
                 let _ = exit_rx.await;
-                Err(LaunchError::NotReady { timeout: self.startup_timeout, last_line: last() })
+                Err(LaunchError::NotReady {
+                    timeout: self.startup_timeout,
+                    last_line: last(),
+                })
             }
         }
     }
+}
+
+/// How the wait for readiness ended (before the deadline).
+enum Outcome {
+    Ready,
+    ReadyThenExited(AgentExit),
+    Exited(AgentExit),
 }
 
 impl Launcher for ProcessLauncher {
@@ -284,6 +320,9 @@ fn spawn(spec: &LaunchSpec) -> std::io::Result<Child> {
     command
         .args(&spec.args)
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        // Python writes stdout to a pipe in 8 KiB blocks; its ready line would sit in the
+        // buffer until the start-up timeout. Agents in other languages ignore this.
+        .env("PYTHONUNBUFFERED", "1")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -298,7 +337,7 @@ fn spawn(spec: &LaunchSpec) -> std::io::Result<Child> {
     }
     let worker_pid = std::process::id() as libc::pid_t;
     // SAFETY: the closure runs in the forked child before exec and only calls
-    // async-signal-safe functions (prctl, getppid) and builds an io::Error from errno.
+    // async-signal-safe functions (prctl, getppid); its errors are plain errno values.
     unsafe {
         command.pre_exec(move || {
             // The death signal follows the thread that forked us. Agents are spawned from the
@@ -309,7 +348,9 @@ fn spawn(spec: &LaunchSpec) -> std::io::Result<Child> {
             // The worker may have died between fork and prctl; then we were re-parented and
             // no signal will ever come.
             if libc::getppid() != worker_pid {
-                return Err(std::io::Error::other("worker exited during spawn"));
+                // ESRCH ("no such process"): the worker is gone. No allocation between fork
+                // and exec.
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
             }
             Ok(())
         });
@@ -342,6 +383,11 @@ async fn own(
             }
         }
     };
+    // Processes the agent started live on in its group after it exits (the death signal is not
+    // inherited by them). The group id cannot be reused while any of them exists, and a new
+    // group taking the same id in the microseconds since the reap would need the pid space to
+    // wrap around: killing the group now is safe, and leaves nothing behind.
+    signal_group(group, Signal::SIGKILL);
     let exit = match status {
         Ok(status) => AgentExit::from(status),
         // wait() only fails if the child was already reaped elsewhere, which we never do.

@@ -388,6 +388,19 @@ impl SessionStore {
         self.run(pipe, state).await
     }
 
+    /// Records a failed launch attempt that will be retried, as `lastError`; the status stays
+    /// `starting`.
+    pub async fn note_attempt_error(
+        &self,
+        id: &SessionId,
+        message: &str,
+    ) -> Result<(), SessionError> {
+        let state = SessionKeys::new(id).state();
+        let mut pipe = redis::pipe();
+        pipe.hset(&state, "lastError", message).ignore();
+        self.run(pipe, state).await
+    }
+
     /// Status `error` with `message`; the session leaves both sets.
     pub async fn mark_error(&self, id: &SessionId, message: &str) -> Result<(), SessionError> {
         let state = SessionKeys::new(id).state();

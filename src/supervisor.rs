@@ -13,11 +13,13 @@
 
 use std::{
     collections::HashMap,
+    panic::AssertUnwindSafe,
     sync::{Arc, Mutex},
     time::Duration,
 };
 
 use agent_jobs::SessionId;
+use futures::FutureExt;
 use rand::RngExt;
 use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
@@ -173,7 +175,17 @@ impl Supervisor {
                     // A task of the supervisor, not of the job: it finishes even if the job's
                     // future is dropped.
                     self.inner.tasks.spawn(async move {
-                        let result = inner.launch(request).await;
+                        let id = request.spec.session_id.clone();
+                        let launch = AssertUnwindSafe(inner.clone().launch(request));
+                        let result = launch.catch_unwind().await.unwrap_or_else(|_| {
+                            // Free the slot, or every later delivery of the session would join
+                            // a launch that no longer exists.
+                            inner.slots.lock().expect("slots lock").remove(&id);
+                            Err(StartFailure {
+                                attempts: 0,
+                                last_error: "the launch panicked".into(),
+                            })
+                        });
                         let _ = tx.send(Some(result));
                     });
                     rx
@@ -224,6 +236,18 @@ impl Supervisor {
         }
         handle.stop(grace);
         true
+    }
+
+    /// Begins shutdown: launches in progress make no further attempts, and agents that become
+    /// ready from now on are stopped at once with `grace`. Running agents are left alone
+    /// until [`Supervisor::shutdown`].
+    pub fn close(&self, grace: Duration) {
+        let _slots = self.inner.slots.lock().expect("slots lock");
+        self.inner
+            .closing
+            .lock()
+            .expect("closing lock")
+            .get_or_insert(grace);
     }
 
     /// Stops every agent (SIGTERM to its group, SIGKILL after `grace`), including those whose
@@ -295,9 +319,9 @@ impl Inner {
                             .await
                             .map_or_else(|_| "unknown".to_owned(), |exit| exit.to_string());
                         tracing::info!(session_id = %id, pid, exit = %exit, "agent_exited");
-                        inner.slots.lock().expect("slots lock").remove(&id);
                         // The session ends with its agent: its keys go, by the same atomic
-                        // removal the sweep uses.
+                        // removal the sweep uses. Before the slot is freed: a new start of
+                        // the session meanwhile would otherwise lose its fresh keys to this.
                         if let Err(error) = inner
                             .store
                             .remove(&Removal::Force { reason: "agent_exited" }, std::slice::from_ref(&id))
@@ -305,6 +329,7 @@ impl Inner {
                         {
                             tracing::warn!(session_id = %id, error = %error, "session_removal_failed");
                         }
+                        inner.slots.lock().expect("slots lock").remove(&id);
                     });
                     return Ok(StartOutcome::Started { pid, startup });
                 }
@@ -317,11 +342,14 @@ impl Inner {
                         error = %last_error,
                         "agent_spawn_failed"
                     );
-                    self.record(self.store.mark_error(&id, &last_error).await);
                     let closing = self.closing.lock().expect("closing lock").is_some();
                     if attempt < self.retry.attempts && !closing {
+                        // The session stays `starting` between attempts (an orchestrator may
+                        // give up on `error`); the attempt's error is kept for operators.
+                        self.record(self.store.note_attempt_error(&id, &last_error).await);
                         tokio::time::sleep(self.retry.delay_after(attempt)).await;
                     } else {
+                        self.record(self.store.mark_error(&id, &last_error).await);
                         self.slots.lock().expect("slots lock").remove(&id);
                         return Err(StartFailure {
                             attempts: attempt,

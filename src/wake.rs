@@ -9,6 +9,8 @@
 //! after a reconnect every worker is woken once, in case a push happened meanwhile.
 
 use std::{
+    future::Future,
+    pin::Pin,
     sync::{Arc, Mutex},
     task::{Context, Poll},
     time::Duration,
@@ -38,7 +40,11 @@ impl WakeHub {
         self.senders.lock().expect("wake hub lock").push(tx);
         let mut interval = tokio::time::interval(fallback);
         interval.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        WakeStrategy { rx, interval }
+        WakeStrategy {
+            rx,
+            interval,
+            recheck: None,
+        }
     }
 
     /// Wakes every live worker; forgets workers that are gone.
@@ -50,22 +56,43 @@ impl WakeHub {
     }
 }
 
+/// After a wake-up, fetch once more this much later. apalis polls the strategy and then
+/// fetches, but ignores whether the strategy fired: a wake-up that arrives while a fetch is
+/// already in flight is consumed, and that fetch may have read the ready list just before the
+/// push. The second look closes that gap for the price of one extra fetch per burst.
+const RECHECK_AFTER: Duration = Duration::from_millis(25);
+
 /// A [`PollStrategy`] woken by the [`WakeHub`] or the fallback interval.
 #[derive(Debug)]
 pub struct WakeStrategy {
     rx: mpsc::Receiver<()>,
     interval: tokio::time::Interval,
+    recheck: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl PollStrategy for WakeStrategy {
     fn poll_drive(&mut self, cx: &mut Context<'_>, _: &PollSnapshot) -> Poll<Option<()>> {
-        // Both sources are drained until they return Pending, which registers the waker for
-        // their next event; the caller fetches on any wake-up.
+        // Every source is polled until it returns Pending, which registers the waker for its
+        // next event; the caller fetches on any wake-up.
         let mut woken = false;
+        let mut pushed = false;
         while let Poll::Ready(Some(())) = self.rx.poll_recv(cx) {
-            woken = true;
+            pushed = true;
         }
         while self.interval.poll_tick(cx).is_ready() {
+            woken = true;
+        }
+        if let Some(recheck) = self.recheck.as_mut()
+            && recheck.as_mut().poll(cx).is_ready()
+        {
+            self.recheck = None;
+            woken = true;
+        }
+        if pushed {
+            let mut recheck = Box::pin(tokio::time::sleep(RECHECK_AFTER));
+            // Registers the waker for the second look.
+            let _ = recheck.as_mut().poll(cx);
+            self.recheck = Some(recheck);
             woken = true;
         }
         if woken {
@@ -99,7 +126,6 @@ pub async fn listen(
             Ok(mut pubsub) => {
                 if failing {
                     tracing::info!(channel = %channel, "wake_listener_reconnected");
-                    failing = false;
                 }
                 delay = Duration::from_millis(100);
                 // Anything pushed while we were not subscribed has no message coming.
@@ -114,6 +140,8 @@ pub async fn listen(
                         },
                     }
                 }
+                tracing::warn!(channel = %channel, "wake_listener_disconnected");
+                failing = true;
             }
             Err(error) => {
                 if !failing {

@@ -103,6 +103,8 @@ pub async fn run(settings: Settings, make_launcher: LauncherFactory, shutdown: C
         supervisor: supervisor.clone(),
         store: store.clone(),
         command: settings.agent.command.clone(),
+        queue: keys.clone(),
+        conn: conn.clone(),
     });
 
     let background = CancellationToken::new();
@@ -150,7 +152,22 @@ pub async fn run(settings: Settings, make_launcher: LauncherFactory, shutdown: C
         },
     ));
 
+    // At the first signal, launches in progress stop retrying, so the drain of the job worker
+    // below waits for at most one start-up attempt per job.
+    let closer = {
+        let (supervisor, shutdown, grace) = (
+            supervisor.clone(),
+            shutdown.clone(),
+            settings.agent.stop_grace,
+        );
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            supervisor.close(grace);
+        })
+    };
+
     supervise_job_worker(&settings, &conn, &worker_id, &ops, &hub, job, &shutdown).await;
+    let _ = closer.await;
 
     tracing::info!(agents = supervisor.agent_count(), "worker_stopping");
     // Heartbeats go on while agents drain, so their sessions are not swept meanwhile.

@@ -51,7 +51,7 @@ async fn each_bad_payload_goes_dead_and_the_next_good_job_still_runs() {
             Some("ready"),
             "{name}"
         );
-        assert!(worker.is_running(), "{name}: the worker is still running");
+        assert_first_run(&redis.conn, name).await;
     }
     // Nothing was retried through the scheduled set and nothing is stuck in flight.
     let keys = QueueKeys::new(QUEUE).unwrap();
@@ -122,7 +122,10 @@ async fn launch_fails(behaviour: &str, command: Option<&str>, expected: &str) {
             .count();
         assert_eq!(attempts, 3, "{behaviour}: three launches: {logs:?}");
     }
-    assert!(worker.is_running());
+    assert_first_run(&redis.conn, behaviour).await;
+    // The dead job released the session's idempotency key: it can be started again at once.
+    let again = enqueue(&redis.conn, &id, None).await;
+    assert_ne!(again, task, "{behaviour}: a new job, not the dead one");
     worker.stop().await;
     wait_for("no zombie children", Duration::from_secs(5), || async {
         zombie_children().is_empty().then_some(())
@@ -189,4 +192,101 @@ async fn a_never_ready_agent_is_killed_with_its_whole_process_group() {
     )
     .await;
     worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_closes_its_output_and_hangs_times_out_and_is_killed() {
+    let redis = TestRedis::start().await;
+    let command = "/bin/sh,-c,echo pid=$$; exec >/dev/null 2>&1; sleep 300,agent";
+    let worker = TestWorker::start(redis.settings(
+        "ready",
+        &[
+            ("AGENT_WORKER__AGENT__COMMAND", command),
+            ("AGENT_WORKER__AGENT__STARTUP_TIMEOUT", "1s"),
+            ("AGENT_WORKER__AGENT__START_ATTEMPTS", "1"),
+        ],
+    ));
+    let id = sid("silent-hang-1");
+    let task = enqueue(&redis.conn, &id, None).await;
+    let result = wait_dead(&redis.conn, &task).await;
+    assert!(result.contains("no ready line within 1s"), "{result}");
+    let logs: Vec<String> = redis
+        .conn
+        .clone()
+        .lrange(SessionKeys::new(&id).agent_logs(), 0, -1)
+        .await
+        .unwrap();
+    let pid: u32 = logs
+        .iter()
+        .find_map(|l| l.strip_prefix("pid=").and_then(|p| p.parse().ok()))
+        .expect("the agent reported its pid");
+    wait_for(
+        "the silent agent to be killed",
+        Duration::from_secs(5),
+        || async { (!alive(pid)).then_some(()) },
+    )
+    .await;
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processes_left_by_an_agent_that_exited_are_killed() {
+    let redis = TestRedis::start().await;
+    let command = "/bin/sh,-c,sleep 300 & echo child=$!; exit 3,agent";
+    let worker = TestWorker::start(redis.settings(
+        "ready",
+        &[
+            ("AGENT_WORKER__AGENT__COMMAND", command),
+            ("AGENT_WORKER__AGENT__START_ATTEMPTS", "1"),
+        ],
+    ));
+    let id = sid("straggler-1");
+    let task = enqueue(&redis.conn, &id, None).await;
+    wait_dead(&redis.conn, &task).await;
+    let logs: Vec<String> = redis
+        .conn
+        .clone()
+        .lrange(SessionKeys::new(&id).agent_logs(), 0, -1)
+        .await
+        .unwrap();
+    let child: u32 = logs
+        .iter()
+        .find_map(|l| l.strip_prefix("child=").and_then(|p| p.parse().ok()))
+        .expect("the agent reported its child");
+    wait_for(
+        "the agent's leftover child to be killed",
+        Duration::from_secs(5),
+        || async { (!alive(child)).then_some(()) },
+    )
+    .await;
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_during_a_failing_start_makes_no_further_attempts() {
+    let redis = TestRedis::start().await;
+    let worker = TestWorker::start(redis.settings(
+        "never-ready",
+        &[
+            ("AGENT_WORKER__AGENT__STARTUP_TIMEOUT", "2s"),
+            ("AGENT_WORKER__AGENT__START_ATTEMPTS", "3"),
+        ],
+    ));
+    let id = sid("stop-while-starting");
+    enqueue(&redis.conn, &id, None).await;
+    // The first attempt is under way once the agent reported its arguments.
+    wait_received(&redis.conn, &id).await;
+    worker.stop().await;
+    let logs: Vec<String> = redis
+        .conn
+        .clone()
+        .lrange(SessionKeys::new(&id).agent_logs(), 0, -1)
+        .await
+        .unwrap();
+    let attempts = logs
+        .iter()
+        .filter(|l| l.starts_with("test-agent received"))
+        .count();
+    assert_eq!(attempts, 1, "no retry after the shutdown began: {logs:?}");
+    assert_eq!(status(&redis.conn, &id).await.as_deref(), Some("error"));
 }

@@ -139,7 +139,7 @@ async fn config_of_the_wrong_type_sends_the_job_to_the_dead_set_naming_the_key()
     assert_eq!(value, "Craig");
     enqueue(&redis.conn, &good, None).await;
     wait_status(&redis.conn, &good, "ready", Duration::from_secs(20)).await;
-    assert!(worker.is_running());
+    assert_first_run(&redis.conn, "after a wrong-type config").await;
     worker.stop().await;
 }
 

@@ -106,10 +106,6 @@ impl TestWorker {
         }
     }
 
-    pub fn is_running(&self) -> bool {
-        self.task.as_ref().is_some_and(|t| !t.is_finished())
-    }
-
     /// Stops the worker (and its agents) and waits for it.
     pub async fn stop(mut self) {
         self.shutdown.cancel();
@@ -315,4 +311,21 @@ pub fn proc_state(pid: u32) -> Option<(char, u32)> {
 /// True while `pid` exists and is not a zombie.
 pub fn alive(pid: u32) -> bool {
     proc_state(pid).is_some_and(|(state, _)| state != 'Z')
+}
+
+/// Names of the registered apalis worker runs (`<worker id>-<run>`).
+pub async fn worker_runs(conn: &ConnectionManager) -> Vec<String> {
+    conn.clone()
+        .zrange(QueueKeys::new(QUEUE).unwrap().workers(), 0, -1)
+        .await
+        .expect("ZRANGE")
+}
+
+/// Asserts that the job worker is still in its first run: nothing made it crash and restart.
+pub async fn assert_first_run(conn: &ConnectionManager, context: &str) {
+    let runs = worker_runs(conn).await;
+    assert!(
+        runs.len() == 1 && runs[0].ends_with("-0"),
+        "{context}: the first run of the job worker is still the only one: {runs:?}"
+    );
 }
