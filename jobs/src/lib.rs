@@ -15,6 +15,10 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+/// Version of the wire contract described in `jobs/README.md`. Bumped on any change a producer
+/// in another language must follow.
+pub const CONTRACT_VERSION: u32 = 1;
+
 pub mod keys;
 pub mod payload;
 pub mod producer;

@@ -18,8 +18,10 @@ static ENQUEUE: LazyLock<Script> =
 /// started twice while it can still exist.
 pub const DEFAULT_IDEMPOTENCY_TTL: Duration = Duration::from_secs(4 * 3600);
 
-/// Written as `max_attempts` in each task's meta. The worker retries a start in-process and
-/// never hands a job back to apalis-redis for a retry, so the backend runs a job once.
+/// Written as `max_attempts` in each task's meta (apalis-redis requires the field). The worker
+/// retries launches in-process and sends every permanent failure straight to the dead set; only
+/// a transient Redis error while reading the session config is handed back to apalis-redis,
+/// which reschedules it (it ignores `max_attempts` and allows up to 25 attempts).
 pub const MAX_ATTEMPTS: u32 = 1;
 
 /// What happened to one enqueued job.

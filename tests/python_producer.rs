@@ -1,0 +1,576 @@
+//! The Python producer (`jobs/python/agent_jobs.py`) and the JSON Schema
+//! (`jobs/schema/agent-start.schema.json`) against the Rust contract: a real worker runs what
+//! Python enqueues, both producers write the same bytes, and the schema agrees with the decoder.
+//!
+//! These tests need `python3` with the `redis` and `jsonschema` packages; when they are missing
+//! the tests fail (CI installs them) rather than skip.
+
+mod common;
+
+use std::{
+    collections::BTreeMap,
+    process::{Output, Stdio},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use agent_jobs::{AgentStart, QueueKeys, SessionConfigInput, SessionId, SessionKeys};
+use common::*;
+use redis::{AsyncCommands, aio::ConnectionManager};
+use tokio::{io::AsyncWriteExt, process::Command};
+
+const PYTHON_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/jobs/python");
+const PRODUCER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/jobs/python/agent_jobs.py");
+const SCHEMA: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/jobs/schema/agent-start.schema.json"
+);
+/// The session TTL both producers use by default (4 h).
+const TTL: u64 = 4 * 3600;
+
+/// Fails the test, with what to install, unless `python3` can import `modules`.
+async fn require_python(modules: &[&str]) {
+    let code = format!("import {}", modules.join(", "));
+    let help = "install Python 3.11+ and `python3 -m pip install redis jsonschema`";
+    match python().args(["-c", &code]).output().await {
+        Err(e) => panic!("these tests need python3, which could not be run ({e}); {help}"),
+        Ok(out) if !out.status.success() => panic!(
+            "these tests need python3 with {modules:?}; {help}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        ),
+        Ok(_) => {}
+    }
+}
+
+fn python() -> Command {
+    let mut cmd = Command::new("python3");
+    // Importing the module must not leave __pycache__ in the source tree.
+    cmd.env("PYTHONDONTWRITEBYTECODE", "1");
+    cmd
+}
+
+/// Runs python3 with `args`, feeding `stdin`.
+async fn run_python(args: &[&str], stdin: &[u8]) -> Output {
+    let mut child = python()
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn python3");
+    let mut input = child.stdin.take().unwrap();
+    input.write_all(stdin).await.unwrap();
+    drop(input);
+    child.wait_with_output().await.unwrap()
+}
+
+/// `agent_jobs.py enqueue --redis-url <url> <args>`.
+async fn cli(url: &str, args: &[&str]) -> Output {
+    let mut all = vec![PRODUCER, "enqueue", "--redis-url", url];
+    all.extend_from_slice(args);
+    run_python(&all, b"").await
+}
+
+/// [`cli`], which must succeed; returns the printed task id.
+async fn cli_ok(url: &str, args: &[&str]) -> String {
+    let out = cli(url, args).await;
+    assert!(
+        out.status.success(),
+        "agent_jobs.py enqueue {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+/// One session's input, as the orchestrator would pass it.
+#[derive(serde::Serialize)]
+struct Input {
+    session_id: &'static str,
+    user_id: Option<String>,
+    voice_id: &'static str,
+    opening_line: Option<&'static str>,
+    system_prompt: Option<&'static str>,
+}
+
+/// Calls the module's API (not the CLI: argv cannot carry a NUL byte): write_session_config,
+/// then enqueue_agent_start. Returns (task id, duplicate).
+async fn python_api(url: &str, input: &Input) -> (String, bool) {
+    const DRIVER: &str = r#"
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import agent_jobs, redis
+a = json.load(sys.stdin)
+r = redis.Redis.from_url(a["url"])
+agent_jobs.write_session_config(r, a["session_id"], a["voice_id"], a["user_id"] or "",
+                                a["opening_line"], a["system_prompt"])
+job = agent_jobs.enqueue_agent_start(r, a["session_id"], a["user_id"])
+print(json.dumps([job.task_id, job.duplicate]))
+"#;
+    let mut request = serde_json::to_value(input).unwrap();
+    request["url"] = url.into();
+    let out = run_python(
+        &["-c", DRIVER, PYTHON_DIR],
+        &serde_json::to_vec(&request).unwrap(),
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("driver prints [task_id, duplicate]")
+}
+
+/// The same through the Rust crate: `write_session_config`, then `Producer::enqueue`.
+async fn rust_api(conn: &ConnectionManager, input: &Input) -> String {
+    let id = sid(input.session_id);
+    let config = SessionConfigInput {
+        voice_id: input.voice_id.to_owned(),
+        user_name: input.user_id.clone().unwrap_or_default(),
+        opening_line: input.opening_line.map(str::to_owned),
+        system_prompt: input.system_prompt.map(str::to_owned),
+    };
+    agent_jobs::write_session_config(&mut conn.clone(), &id, &config, Duration::from_secs(TTL))
+        .await
+        .unwrap();
+    let mut job = AgentStart::new(id);
+    job.user_id = input.user_id.clone();
+    let enqueued = producer(conn).enqueue(&job).await.unwrap();
+    assert!(!enqueued.duplicate);
+    enqueued.task_id
+}
+
+/// Calls of a Redis command so far, from INFO commandstats (script-internal calls included).
+async fn command_calls(conn: &ConnectionManager, command: &str) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn.clone())
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|line| line.strip_prefix(&format!("cmdstat_{command}:calls=")))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|calls| calls.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Every key of a (private, test-only) Redis: name → (type, TTL class, value), with the task
+/// ids replaced by `<task N>` (ids are random) and `updatedAt` by `<now>` once checked.
+async fn dump(conn: &ConnectionManager, task_ids: &[String]) -> BTreeMap<String, String> {
+    let normalize = |text: &str| {
+        task_ids
+            .iter()
+            .enumerate()
+            .fold(text.to_owned(), |t, (n, id)| {
+                t.replace(id, &format!("<task {n}>"))
+            })
+    };
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let mut c = conn.clone();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let mut out = BTreeMap::new();
+    for key in keys {
+        let kind: String = redis::cmd("TYPE")
+            .arg(&key)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        let ttl: i64 = c.ttl(&key).await.unwrap();
+        let ttl = match ttl {
+            -1 => "no ttl".to_owned(),
+            t if t > (TTL - 60) as i64 && t <= TTL as i64 => "ttl 4h".to_owned(),
+            t => format!("ttl {t}"),
+        };
+        let value = match kind.as_str() {
+            "string" => format!("{:?}", c.get::<_, String>(&key).await.unwrap()),
+            "list" => format!(
+                "{:?}",
+                c.lrange::<_, Vec<String>>(&key, 0, -1).await.unwrap()
+            ),
+            "hash" => {
+                let mut hash: BTreeMap<String, String> = c.hgetall(&key).await.unwrap();
+                if let Some(at) = hash.get_mut("updatedAt") {
+                    let secs: u64 = at.parse().expect("updatedAt is decimal unix seconds");
+                    assert!(secs.abs_diff(now) < 60, "updatedAt {secs} is now ({now})");
+                    *at = "<now>".into();
+                }
+                format!("{hash:?}")
+            }
+            other => panic!("unexpected {other} key {key}"),
+        };
+        out.insert(
+            normalize(&key),
+            normalize(&format!("{kind}, {ttl}: {value}")),
+        );
+    }
+    out
+}
+
+/// Waits until the worker is registered, subscribed to the wake channel and done with its
+/// first (empty) fetch, so that only a wake-up can make it fetch again soon.
+async fn wait_idle(conn: &ConnectionManager) {
+    let keys = QueueKeys::new(QUEUE).unwrap();
+    wait_for("the worker to be idle", Duration::from_secs(10), || async {
+        let subscribed: Vec<(String, u64)> = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg(keys.wake_channel())
+            .query_async(&mut conn.clone())
+            .await
+            .unwrap();
+        let workers: Vec<String> = conn.clone().zrange(keys.workers(), 0, -1).await.unwrap();
+        let fetched = command_calls(conn, "lrange").await >= 1;
+        (subscribed[0].1 == 1 && fetched && workers.len() == 1).then_some(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_enqueued_seed_scenario_starts_both_agents_with_their_own_voices() {
+    require_python(&["redis"]).await;
+    let redis = TestRedis::start().await;
+    // No poll and no heartbeat fetch within the deadlines below: the agents can only start if
+    // the Python producer pushed to the ready list and published the wake-up.
+    let worker = TestWorker::start(redis.settings(
+        "ready",
+        &[
+            ("AGENT_WORKER__WORKER__HEARTBEAT_INTERVAL", "60s"),
+            ("AGENT_WORKER__WORKER__POLL_INTERVAL", "1h"),
+        ],
+    ));
+    wait_idle(&redis.conn).await;
+    let user = "test_concurrent_user";
+    let sessions = [
+        (sid("py-seed-craig"), "Craig"),
+        (sid("py-seed-olivia"), "Olivia"),
+    ];
+    for (id, voice) in &sessions {
+        let task = cli_ok(
+            &redis.url(),
+            &[
+                "--session-id",
+                id.as_str(),
+                "--user-id",
+                user,
+                "--voice-id",
+                voice,
+            ],
+        )
+        .await;
+        assert_eq!(task.len(), 26, "a ULID task id: {task:?}");
+    }
+    for (id, voice) in &sessions {
+        wait_status(&redis.conn, id, "ready", Duration::from_secs(20)).await;
+        let got = wait_received(&redis.conn, id).await;
+        assert_eq!(got["contract"]["voice_id"], *voice, "argv of {id}");
+        assert_eq!(got["contract"]["room"], id.as_str());
+        assert_eq!(got["env"]["VOICE_ID"], *voice);
+        let state = SessionKeys::new(id).state();
+        assert_eq!(hget(&redis.conn, &state, "userId").await.unwrap(), user);
+    }
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_and_rust_producers_write_byte_identical_records() {
+    require_python(&["redis"]).await;
+    let (py, rs) = (TestRedis::start().await, TestRedis::start().await);
+    // Every control character, quotes, backslash, '/', DEL, U+2028 and non-ASCII: the JSON
+    // escaping of json.dumps and serde_json must agree on all of them.
+    let tricky_user: String = "Zoë ✓ 🎧 \"q\" \\ / \u{2028} "
+        .chars()
+        .chain((0u8..0x20).map(char::from))
+        .chain(['\u{7f}'])
+        .collect();
+    let prompt = "You are \"Ava\".\nNever run $(rm -rf /) or `id`; 'single' \\ back\r\n\ttab";
+    let inputs = [
+        Input {
+            session_id: "same-1",
+            user_id: Some(tricky_user),
+            voice_id: "Craig",
+            opening_line: Some("Hi $(whoami) — hello"),
+            system_prompt: Some(prompt),
+        },
+        Input {
+            session_id: "same-2",
+            user_id: None,
+            voice_id: "Olivia",
+            opening_line: None,
+            system_prompt: None,
+        },
+    ];
+    let mut py_tasks = Vec::new();
+    let mut rs_tasks = Vec::new();
+    for input in &inputs {
+        let (task, duplicate) = python_api(&py.url(), input).await;
+        assert!(!duplicate);
+        py_tasks.push(task);
+        rs_tasks.push(rust_api(&rs.conn, input).await);
+    }
+    // The same through the CLI (no NUL in argv), with an opening line but no voice: "Ashley".
+    py_tasks.push(
+        cli_ok(
+            &py.url(),
+            &[
+                "--session-id",
+                "same-3",
+                "--user-id",
+                "Zoë\n\"x\"",
+                "--opening-line",
+                "Hey",
+            ],
+        )
+        .await,
+    );
+    let cli_input = Input {
+        session_id: "same-3",
+        user_id: Some("Zoë\n\"x\"".into()),
+        voice_id: "Ashley",
+        opening_line: Some("Hey"),
+        system_prompt: None,
+    };
+    rs_tasks.push(rust_api(&rs.conn, &cli_input).await);
+
+    for task in &py_tasks {
+        let ulid = ulid::Ulid::from_string(task).expect("the Python task id is a ULID");
+        let age = SystemTime::now().duration_since(ulid.datetime()).unwrap();
+        assert!(age < Duration::from_secs(60), "ULID time is now: {task}");
+    }
+    let (py_dump, rs_dump) = (
+        dump(&py.conn, &py_tasks).await,
+        dump(&rs.conn, &rs_tasks).await,
+    );
+    assert_eq!(py_dump, rs_dump, "Python and Rust records differ");
+
+    // What was compared, spelled out for one job, so an empty or partial dump cannot pass.
+    let keys = QueueKeys::new(QUEUE).unwrap();
+    let (job, task) = (&inputs[0], &py_tasks[0]);
+    let wire = AgentStart {
+        session_id: sid(job.session_id),
+        user_id: job.user_id.clone(),
+    }
+    .to_wire();
+    let stored: Vec<u8> = py.conn.clone().hget(keys.data(), task).await.unwrap();
+    assert_eq!(stored, wire, "payload bytes are AgentStart::to_wire()");
+    let meta: BTreeMap<String, String> = py.conn.clone().hgetall(keys.meta(task)).await.unwrap();
+    let expected_meta = [
+        ("attempts", "0"),
+        ("idempotency_key", "session:same-1"),
+        ("max_attempts", "1"),
+        ("status", "Pending"),
+    ];
+    assert_eq!(
+        meta,
+        BTreeMap::from(expected_meta.map(|(k, v)| (k.to_owned(), v.to_owned())))
+    );
+    let idem = format!("{}:session:same-1", keys.idempotency_prefix());
+    assert_eq!(py_dump[&idem], "string, ttl 4h: \"<task 0>\"");
+    let config = SessionKeys::new(&sid("same-1")).config();
+    assert!(py_dump[&config].starts_with("hash, ttl 4h: "));
+    assert!(py_dump[&config].contains("\"systemPrompt\": "));
+    assert_eq!(
+        py_dump[&keys.active()],
+        "list, no ttl: [\"<task 0>\", \"<task 1>\", \"<task 2>\"]"
+    );
+    assert_eq!(
+        py_dump.len(),
+        2 + 3 * 3,
+        "data, active, and per job meta/idem/config"
+    );
+    // The same commands ran inside the scripts, including one PUBLISH on the wake channel
+    // per enqueue.
+    for command in ["del", "hset", "expire", "set", "get", "rpush", "publish"] {
+        assert_eq!(
+            command_calls(&py.conn, command).await,
+            command_calls(&rs.conn, command).await,
+            "{command} calls"
+        );
+    }
+    assert_eq!(command_calls(&py.conn, "publish").await, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_enqueue_of_the_same_session_twice_returns_the_first_task_and_pushes_once() {
+    require_python(&["redis"]).await;
+    let redis = TestRedis::start().await;
+    let url = redis.url();
+    let first = cli_ok(&url, &["--session-id", "dup-1", "--user-id", "u"]).await;
+    let again = cli(&url, &["--session-id", "dup-1", "--voice-id", "Craig"]).await;
+    assert!(again.status.success());
+    assert_eq!(String::from_utf8(again.stdout).unwrap().trim(), first);
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(stderr.contains("already enqueued"), "{stderr}");
+    // The Rust producer shares the idempotency key.
+    let rust = producer(&redis.conn)
+        .enqueue(&AgentStart::new(sid("dup-1")))
+        .await
+        .unwrap();
+    assert!(rust.duplicate);
+    assert_eq!(rust.task_id, first);
+
+    let keys = QueueKeys::new(QUEUE).unwrap();
+    let mut c = redis.conn.clone();
+    let active: Vec<String> = c.lrange(keys.active(), 0, -1).await.unwrap();
+    let data: BTreeMap<String, String> = c.hgetall(keys.data()).await.unwrap();
+    assert_eq!(data.keys().collect::<Vec<_>>(), [&first]);
+    assert_eq!(active, [first]);
+    assert_eq!(command_calls(&redis.conn, "publish").await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_rejects_invalid_input_before_writing_anything() {
+    require_python(&["redis"]).await;
+    let redis = TestRedis::start().await;
+    let long_id = "x".repeat(129);
+    let long_user = "é".repeat(129); // 258 bytes, 129 characters
+    let cases: [(&[&str], &str); 6] = [
+        (&["--session-id", "a:b"], "':'"),
+        (&["--session-id", ""], "empty"),
+        (&["--session-id", &long_id], "129 characters"),
+        (&["--session-id", "é"], "position 0"),
+        (
+            &["--session-id", "ok", "--user-id", &long_user],
+            "258 bytes",
+        ),
+        (&["--session-id", "ok", "--queue", "q*"], "queue name"),
+    ];
+    for (args, expected) in cases {
+        let out = cli(&redis.url(), &[args, &["--voice-id", "Craig"]].concat()).await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    }
+    let size: u64 = redis::cmd("DBSIZE")
+        .query_async(&mut redis.conn.clone())
+        .await
+        .unwrap();
+    assert_eq!(size, 0, "nothing was written");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standalone_copy_of_the_module_uses_identical_embedded_scripts() {
+    require_python(&["redis"]).await;
+    // The copy a service vendors has no ../lua/ next to it and falls back to embedded text.
+    let print = "import sys; sys.path.insert(0, sys.argv[1]); import agent_jobs as m; \
+                 sys.stdout.write(m._EMBEDDED_ENQUEUE_LUA + '\\0' + \
+                 m._EMBEDDED_WRITE_SESSION_CONFIG_LUA)";
+    let out = run_python(&["-c", print, PYTHON_DIR], b"").await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let embedded = String::from_utf8(out.stdout).unwrap();
+    let (enqueue, write) = embedded.split_once('\0').unwrap();
+    assert_eq!(enqueue, include_str!("../jobs/lua/enqueue.lua"));
+    assert_eq!(write, include_str!("../jobs/lua/write_session_config.lua"));
+
+    let dir = std::env::temp_dir().join(format!("agent-jobs-py-{}", ulid::Ulid::generate()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let copy = dir.join("agent_jobs.py");
+    std::fs::copy(PRODUCER, &copy).unwrap();
+    let redis = TestRedis::start().await;
+    let args = [
+        "enqueue",
+        "--redis-url",
+        &redis.url(),
+        "--session-id",
+        "copy-1",
+    ];
+    let out = run_python(&[&[copy.to_str().unwrap()][..], &args].concat(), b"").await;
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let task = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let active: Vec<String> = redis
+        .conn
+        .clone()
+        .lrange(QueueKeys::new(QUEUE).unwrap().active(), 0, -1)
+        .await
+        .unwrap();
+    assert_eq!(active, [task]);
+}
+
+/// Validates JSON texts against the schema with the `jsonschema` package (after checking the
+/// schema itself against the 2020-12 meta-schema); one verdict per text.
+async fn schema_accepts(texts: &[String]) -> Vec<bool> {
+    const VALIDATE: &str = r#"
+import json, sys
+from jsonschema import Draft202012Validator
+schema = json.load(open(sys.argv[1], encoding="utf-8"))
+Draft202012Validator.check_schema(schema)
+validator = Draft202012Validator(schema)
+print(json.dumps([validator.is_valid(json.loads(t)) for t in json.load(sys.stdin)]))
+"#;
+    let out = run_python(
+        &["-c", VALIDATE, SCHEMA],
+        &serde_json::to_vec(texts).unwrap(),
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_json_schema_agrees_with_the_rust_payloads_and_decoder() {
+    require_python(&["jsonschema"]).await;
+    let job = |id: &str, user: Option<&str>| AgentStart {
+        session_id: SessionId::parse(id).unwrap(),
+        user_id: user.map(str::to_owned),
+    };
+    let control_user: String = "Zoë 🎧 \""
+        .chars()
+        .chain((0u8..0x20).map(char::from))
+        .collect();
+    let mut good: Vec<String> = [
+        job("abc-123", Some("test_concurrent_user")),
+        job("a", None),
+        job("A.b_c-9", Some("")),
+        job(&"x".repeat(128), Some(&"u".repeat(256))),
+        job("s.1", Some(&control_user)),
+    ]
+    .iter()
+    .map(|j| String::from_utf8(j.to_wire()).unwrap())
+    .collect();
+    // What other producers may send and the worker accepts: null user, unknown fields.
+    good.push(r#"{"user_id":null,"session_id":"s1","extra":[1]}"#.into());
+    let bad: Vec<String> = [
+        "{}",
+        r#"{"session_id":"a:b"}"#,
+        r#"{"session_id":5}"#,
+        r#"{"session_id":""}"#,
+        r#"{"session_id":"ab\n"}"#,
+        r#"{"session_id":"é"}"#,
+        &format!(r#"{{"session_id":"{}"}}"#, "x".repeat(129)),
+        r#"{"session_id":"a","user_id":7}"#,
+        r#"["session_id"]"#,
+    ]
+    .map(str::to_owned)
+    .into();
+    for text in &good {
+        assert!(AgentStart::decode(text.as_bytes()).is_ok(), "{text}");
+    }
+    for text in &bad {
+        assert!(AgentStart::decode(text.as_bytes()).is_err(), "{text}");
+    }
+    let verdicts = schema_accepts(&[good.clone(), bad.clone()].concat()).await;
+    let (good_verdicts, bad_verdicts) = verdicts.split_at(good.len());
+    for (text, ok) in good.iter().zip(good_verdicts) {
+        assert!(ok, "the schema rejects a valid payload: {text}");
+    }
+    for (text, ok) in bad.iter().zip(bad_verdicts) {
+        assert!(!ok, "the schema accepts an invalid payload: {text}");
+    }
+}
