@@ -47,6 +47,12 @@ pub struct Settings {
     pub session: SessionSettings,
     /// `[sweep]`
     pub sweep: SweepSettings,
+    /// `[shutdown]`
+    pub shutdown: ShutdownSettings,
+    /// `[retention]`
+    pub retention: RetentionSettings,
+    /// `[http]`
+    pub http: HttpSettings,
     /// `[telemetry]`
     pub telemetry: TelemetrySettings,
 }
@@ -81,8 +87,9 @@ pub struct WorkerSettings {
     /// apalis-redis worker heartbeat.
     #[serde(with = "humantime_serde")]
     pub heartbeat_interval: Duration,
-    /// Heartbeats a worker may miss before its jobs are re-queued by others.
-    pub missed_heartbeats: usize,
+    /// Silence after which a worker's fetched jobs are re-queued by others.
+    #[serde(with = "humantime_serde")]
+    pub orphan_timeout: Duration,
     /// Upper bound of the back-off between job-worker restarts.
     #[serde(with = "humantime_serde")]
     pub restart_backoff_max: Duration,
@@ -111,6 +118,8 @@ pub struct AgentSettings {
     pub retry_backoff: Duration,
     /// Output lines kept in `agent:<id>:logs`.
     pub log_lines: usize,
+    /// Agents (running plus starting) per replica.
+    pub max_agents: usize,
 }
 
 /// `[session]`
@@ -140,6 +149,40 @@ pub struct SweepSettings {
     pub interval: Duration,
     /// Sessions per script call.
     pub batch_size: usize,
+}
+
+/// `[shutdown]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownSettings {
+    /// How long agents may go on after SIGTERM before they are stopped.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+}
+
+/// `[retention]`: trimming finished jobs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionSettings {
+    /// Age after which done jobs are deleted.
+    #[serde(with = "humantime_serde")]
+    pub done: Duration,
+    /// Age after which dead jobs are deleted.
+    #[serde(with = "humantime_serde")]
+    pub dead: Duration,
+    /// Most dead jobs kept.
+    pub dead_max: usize,
+    /// Time between retention runs.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+}
+
+/// `[http]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSettings {
+    /// Listen address of the metrics and health endpoints.
+    pub addr: std::net::SocketAddr,
 }
 
 /// `[telemetry]`
@@ -293,8 +336,11 @@ impl Settings {
                 "must be at least 1s (apalis-redis counts whole seconds)",
             ));
         }
-        if self.worker.missed_heartbeats < 2 {
-            return Err(invalid("worker.missed_heartbeats", "must be >= 2"));
+        if self.worker.orphan_timeout < self.worker.heartbeat_interval * 2 {
+            return Err(invalid(
+                "worker.orphan_timeout",
+                "must be at least twice worker.heartbeat_interval",
+            ));
         }
         if self.worker.restart_backoff_max.is_zero() {
             return Err(invalid("worker.restart_backoff_max", "must be > 0"));
@@ -358,12 +404,23 @@ impl Settings {
         if self.sweep.batch_size == 0 {
             return Err(invalid("sweep.batch_size", "must be >= 1"));
         }
+        if self.agent.max_agents == 0 {
+            return Err(invalid("agent.max_agents", "must be >= 1"));
+        }
+        if self.retention.interval < Duration::from_secs(1) {
+            return Err(invalid("retention.interval", "must be at least 1s"));
+        }
+        if self.retention.done.is_zero() || self.retention.dead.is_zero() {
+            return Err(invalid("retention.done", "retention periods must be > 0"));
+        }
         Ok(())
     }
 
-    /// The orphan timeout this configuration gives apalis-redis.
-    pub fn orphan_timeout(&self) -> Duration {
-        self.worker.heartbeat_interval * self.worker.missed_heartbeats as u32
+    /// Heartbeats a worker may miss before it is presumed dead: `orphan_timeout` in whole
+    /// heartbeat intervals, rounded up (apalis-redis counts heartbeats).
+    pub fn missed_heartbeats(&self) -> usize {
+        let beat = self.worker.heartbeat_interval.as_millis().max(1);
+        self.worker.orphan_timeout.as_millis().div_ceil(beat).max(2) as usize
     }
 }
 

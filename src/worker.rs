@@ -266,7 +266,7 @@ async fn run_job_worker(
         .queue(&settings.redis.queue)
         .batch_size(settings.worker.batch_size)
         .heartbeat_interval(settings.worker.heartbeat_interval)
-        .missed_heartbeats(settings.worker.missed_heartbeats)
+        .missed_heartbeats(settings.missed_heartbeats())
         .lock_tasks(false)
         .emit_events(false)
         .idempotency_ttl(Some(settings.session.ttl));

@@ -240,6 +240,7 @@ async fn python_enqueued_seed_scenario_starts_both_agents_with_their_own_voices(
         "ready",
         &[
             ("AGENT_WORKER__WORKER__HEARTBEAT_INTERVAL", "60s"),
+            ("AGENT_WORKER__WORKER__ORPHAN_TIMEOUT", "180s"),
             ("AGENT_WORKER__WORKER__POLL_INTERVAL", "1h"),
         ],
     ));

@@ -115,6 +115,7 @@ async fn an_idle_worker_is_woken_by_a_push_not_by_its_heartbeat_or_poll() {
         "ready",
         &[
             ("AGENT_WORKER__WORKER__HEARTBEAT_INTERVAL", "60s"),
+            ("AGENT_WORKER__WORKER__ORPHAN_TIMEOUT", "180s"),
             ("AGENT_WORKER__WORKER__POLL_INTERVAL", "1h"),
         ],
     ));

@@ -68,6 +68,7 @@ pub fn settings(url: &str, overrides: &[(&str, &str)]) -> Settings {
         ("AGENT_WORKER__AGENT__STOP_GRACE", "2s"),
         ("AGENT_WORKER__WORKER__POLL_INTERVAL", "1h"),
         ("AGENT_WORKER__WORKER__HEARTBEAT_INTERVAL", "1s"),
+        ("AGENT_WORKER__WORKER__ORPHAN_TIMEOUT", "3s"),
         ("AGENT_WORKER__WORKER__RESTART_BACKOFF_MAX", "500ms"),
     ]
     .into_iter()
