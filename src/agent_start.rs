@@ -21,7 +21,7 @@ use tracing::Instrument;
 use crate::{
     launcher::LaunchSpec,
     session::{SessionConfig, SessionError, SessionStore},
-    supervisor::{StartFailure, StartOutcome, StartRequest, Supervisor},
+    supervisor::{StartError, StartOutcome, StartRequest, Supervisor},
 };
 
 /// The stored bytes of a job, not yet decoded.
@@ -54,18 +54,19 @@ pub enum JobError {
     /// The session config could not be read or used.
     #[error(transparent)]
     Config(#[from] SessionError),
-    /// Every launch attempt failed (the attempts were made in-process already).
+    /// The start failed: every launch attempt (made in-process already), or the claim.
     #[error(transparent)]
-    Start(#[from] StartFailure),
+    Start(#[from] StartError),
 }
 
 impl JobError {
     /// True when the job must go to the dead set now; false when apalis-redis may retry it.
-    /// Only Redis trouble while reading the config is worth a later retry: bad input stays bad,
-    /// and launches were already retried with back-off.
+    /// Only Redis trouble (reading the config, claiming the session) is worth a later retry:
+    /// bad input stays bad, and launches were already retried with back-off.
     pub fn is_permanent(&self) -> bool {
         match self {
-            Self::Payload(_) | Self::Start(_) => true,
+            Self::Payload(_) | Self::Start(StartError::Failed(_)) => true,
+            Self::Start(StartError::Unavailable(_)) => false,
             Self::Config(error) => error.is_permanent(),
         }
     }
@@ -148,8 +149,14 @@ impl AgentStartJob {
             task_id: task_id.to_owned(),
         };
         let outcome = self.supervisor.start(request).await?;
-        if let StartOutcome::AlreadyRunning { pid } = outcome {
-            tracing::info!(session_id = %job.session_id, pid, "agent_already_running");
+        match &outcome {
+            StartOutcome::AlreadyRunning { pid } => {
+                tracing::info!(session_id = %job.session_id, pid, "agent_already_running");
+            }
+            StartOutcome::RunningElsewhere { owner } => {
+                tracing::info!(session_id = %job.session_id, owner = %owner, "agent_already_running");
+            }
+            StartOutcome::Started { .. } => {}
         }
         Ok(outcome)
     }

@@ -12,7 +12,6 @@ use agent_jobs::{AgentStart, Producer, QueueKeys, SessionConfigInput, SessionId,
 use anyhow::{Context, bail};
 use redis::{AsyncCommands, aio::ConnectionManager};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use crate::{
     connection,
@@ -58,7 +57,7 @@ pub async fn run(mut settings: Settings) -> anyhow::Result<()> {
         agent_jobs::write_session_config(&mut conn, id, &config, settings.session.ttl).await?;
     }
 
-    let shutdown = CancellationToken::new();
+    let shutdown = worker::Shutdown::new();
     let agent = settings.agent.clone();
     let worker = tokio::spawn(worker::run(
         settings.clone(),
@@ -84,7 +83,7 @@ pub async fn run(mut settings: Settings) -> anyhow::Result<()> {
     );
 
     let outcome = report(&mut conn, &sessions).await;
-    shutdown.cancel();
+    shutdown.stop_now();
     worker.await.context("the demo worker panicked")?;
     let rows = outcome?;
 

@@ -13,6 +13,7 @@
 //! - [`session`]: the session store: config lookup by session id, session state writes.
 //! - [`launcher`]: the [`launcher::Launcher`] interface and the real process launcher (no shell,
 //!   own process group, death signal, continuous output reading, event-driven readiness).
+//! - [`capacity`]: `agent.max_agents`: a full replica fetches no jobs.
 //! - [`supervisor`]: owns the agents of this process: launch with retries, one agent per
 //!   session, exit handling, shutdown.
 //! - [`agent_start`]: the agent-start job: tolerant decoding and the retry-or-abort decision.
@@ -26,6 +27,7 @@
 //! - [`local_redis`]: a private `redis-server` for the demo when none answers.
 
 pub mod agent_start;
+pub mod capacity;
 pub mod connection;
 pub mod demo;
 pub mod launcher;

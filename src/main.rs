@@ -13,7 +13,6 @@ use agent_worker::{
 };
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use tokio_util::sync::CancellationToken;
 
 /// Starts and supervises one voice agent per session from agent-start jobs in Redis.
 #[derive(Debug, Parser)]
@@ -117,8 +116,8 @@ fn main() -> ExitCode {
 }
 
 async fn run(settings: Settings) -> anyhow::Result<()> {
-    let shutdown = CancellationToken::new();
-    tokio::spawn(stop_on_signal(shutdown.clone()));
+    let shutdown = worker::Shutdown::new();
+    tokio::spawn(stop_on_signals(shutdown.clone()));
     let agent = settings.agent.clone();
     worker::run(
         settings,
@@ -135,17 +134,23 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Cancels `shutdown` on the first SIGTERM or SIGINT.
-async fn stop_on_signal(shutdown: CancellationToken) {
+/// First SIGTERM or SIGINT: graceful shutdown (drain). Second: stop the agents now.
+async fn stop_on_signals(shutdown: worker::Shutdown) {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("a SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("a SIGINT handler");
-    let name = tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    };
-    tracing::info!(signal = name, "shutdown_requested");
-    shutdown.cancel();
+    for step in ["shutdown_requested", "immediate_shutdown_requested"] {
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        tracing::info!(signal = name, "{step}");
+        if step == "shutdown_requested" {
+            shutdown.graceful.cancel();
+        } else {
+            shutdown.immediate.cancel();
+        }
+    }
 }
 
 async fn enqueue(

@@ -16,7 +16,7 @@ use std::{
 
 use agent_jobs::{
     SessionId, SessionKeys,
-    keys::{SESSION_HEARTBEATS, SESSIONS_READY, SESSIONS_STARTING},
+    keys::{SESSION_HEARTBEATS, SESSIONS_READY, SESSIONS_STARTING, WORKER_AGENTS, WORKERS},
     session_config::fields,
 };
 use redis::{Script, Value, aio::ConnectionManager};
@@ -27,6 +27,8 @@ static HEARTBEAT: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/heartbeat.lua")));
 static APPEND_LOGS: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/append_logs.lua")));
+static CLAIM: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("lua/claim_session.lua")));
 static REMOVE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/remove_sessions.lua")));
 
@@ -44,10 +46,10 @@ pub enum Removal {
         /// The cutoff.
         cutoff: u64,
     },
-    /// Unconditionally, recording this reason (its agent exited here).
-    Force {
-        /// Why, as reported.
-        reason: &'static str,
+    /// Only if this worker still owns it (or nobody does): its agent exited here.
+    Owned {
+        /// The worker id.
+        owner: String,
     },
 }
 
@@ -58,6 +60,17 @@ pub struct HeartbeatReport {
     pub gone: Vec<SessionId>,
     /// Sessions older than the maximum age: their agents must stop.
     pub too_old: Vec<SessionId>,
+    /// Sessions another worker has taken over: their agents here must stop.
+    pub lost: Vec<SessionId>,
+}
+
+/// The outcome of [`SessionStore::mark_starting`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// The session is ours and marked `starting`.
+    Claimed,
+    /// Another live worker owns it.
+    HeldBy(String),
 }
 
 /// Linux refuses a single argv or environment string of 128 KiB or more (`MAX_ARG_STRLEN`).
@@ -168,6 +181,7 @@ pub struct SessionStore {
     ttl: Duration,
     default_voice: String,
     log_lines: usize,
+    worker_timeout: Duration,
 }
 
 impl std::fmt::Debug for SessionStore {
@@ -200,7 +214,15 @@ impl SessionStore {
             ttl,
             default_voice: default_voice.into(),
             log_lines,
+            worker_timeout: Duration::from_secs(15),
         }
+    }
+
+    /// How long a worker may be silent before its sessions can be taken over
+    /// (`worker.orphan_timeout`; 15 s unless set).
+    pub fn worker_timeout(mut self, timeout: Duration) -> Self {
+        self.worker_timeout = timeout;
+        self
     }
 
     fn ttl_secs(&self) -> u64 {
@@ -301,7 +323,8 @@ impl SessionStore {
         validate(key, map, ConfigSource::Stored).map(Some)
     }
 
-    /// Status `starting`: written before each launch attempt. Clears a previous error.
+    /// Claims the session for `worker_id` and marks it `starting` (before each launch
+    /// attempt), unless another live worker owns it: see `lua/claim_session.lua`.
     pub async fn mark_starting(
         &self,
         id: &SessionId,
@@ -309,38 +332,68 @@ impl SessionStore {
         voice_id: &str,
         task_id: &str,
         worker_id: &str,
-    ) -> Result<(), SessionError> {
+    ) -> Result<Claim, SessionError> {
         let keys = SessionKeys::new(id);
         let state = keys.state();
         let now = unix_now();
-        let mut pipe = redis::pipe();
-        pipe.hset_multiple(
-            &state,
-            &[
-                ("status", "starting"),
-                ("voiceId", voice_id),
-                ("taskId", task_id),
-                ("workerId", worker_id),
-                ("lastActive", &now.to_string()),
-            ],
-        )
-        .ignore()
-        .hset_nx(&state, "createdAt", now)
-        .ignore()
-        .hdel(&state, "error")
-        .ignore();
+        let mut invocation = CLAIM.prepare_invoke();
+        invocation
+            .key(&state)
+            .key(SESSIONS_STARTING)
+            .key(SESSIONS_READY)
+            .key(SESSION_HEARTBEATS)
+            .key(WORKERS)
+            .arg(worker_id)
+            .arg(now)
+            .arg(now.saturating_sub(self.worker_timeout.as_secs()))
+            .arg(self.ttl_secs())
+            .arg(id.as_str())
+            .arg("status")
+            .arg("starting")
+            .arg("voiceId")
+            .arg(voice_id)
+            .arg("taskId")
+            .arg(task_id);
         if let Some(user) = user_id {
-            pipe.hset(&state, "userId", user).ignore();
+            invocation.arg("userId").arg(user);
         }
-        pipe.expire(&state, self.ttl_secs() as i64)
+        let (claimed, owner): (i64, String) = invocation
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(|source| SessionError::Redis { key: state, source })?;
+        Ok(if claimed == 1 {
+            Claim::Claimed
+        } else {
+            Claim::HeldBy(owner)
+        })
+    }
+
+    /// Presence heartbeat of this worker: `agent-worker:workers` (liveness, read by claims and
+    /// `status`) and its agent count.
+    pub async fn presence(
+        &self,
+        worker_id: &str,
+        agents: usize,
+        now: u64,
+    ) -> redis::RedisResult<()> {
+        redis::pipe()
+            .zadd(WORKERS, worker_id, now)
             .ignore()
-            .srem(SESSIONS_READY, id.as_str())
+            .hset(WORKER_AGENTS, worker_id, agents)
             .ignore()
-            .sadd(SESSIONS_STARTING, id.as_str())
+            .query_async(&mut self.conn.clone())
+            .await
+    }
+
+    /// Deregisters this worker on a clean exit.
+    pub async fn leave(&self, worker_id: &str) -> redis::RedisResult<()> {
+        redis::pipe()
+            .zrem(WORKERS, worker_id)
             .ignore()
-            .zadd(SESSION_HEARTBEATS, id.as_str(), now)
-            .ignore();
-        self.run(pipe, state).await
+            .hdel(WORKER_AGENTS, worker_id)
+            .ignore()
+            .query_async(&mut self.conn.clone())
+            .await
     }
 
     /// Status `ready`, with the agent's pid and start-up time; writes `agent:<id>:pid` and
@@ -432,6 +485,7 @@ impl SessionStore {
     /// `createdAt` makes it too old.
     pub async fn heartbeat(
         &self,
+        worker_id: &str,
         ids: &[SessionId],
         now: u64,
         max_age_cutoff: u64,
@@ -444,11 +498,12 @@ impl SessionStore {
             .key(SESSION_HEARTBEATS)
             .arg(now)
             .arg(self.ttl_secs())
-            .arg(max_age_cutoff);
+            .arg(max_age_cutoff)
+            .arg(worker_id);
         for id in ids {
             invocation.arg(id.as_str());
         }
-        let (gone, too_old): (Vec<String>, Vec<String>) =
+        let (gone, too_old, lost): (Vec<String>, Vec<String>, Vec<String>) =
             invocation.invoke_async(&mut self.conn.clone()).await?;
         // The ids came from us; parsing them again only guards against a script change.
         let parse = |ids: Vec<String>| {
@@ -459,6 +514,7 @@ impl SessionStore {
         Ok(HeartbeatReport {
             gone: parse(gone),
             too_old: parse(too_old),
+            lost: parse(lost),
         })
     }
 
@@ -475,7 +531,7 @@ impl SessionStore {
         let (mode, arg) = match removal {
             Removal::Stale { cutoff } => ("stale", cutoff.to_string()),
             Removal::Legacy { cutoff } => ("legacy", cutoff.to_string()),
-            Removal::Force { reason } => ("force", reason.to_string()),
+            Removal::Owned { owner } => ("owned", owner.clone()),
         };
         let mut invocation = REMOVE.prepare_invoke();
         invocation

@@ -6,27 +6,36 @@
 //! launch goes on, and the re-delivered job finds it here instead of starting a second agent.
 //!
 //! Per session there is at most one slot: `Starting` (a launch in progress, which later
-//! deliveries join) or `Running` (a ready agent). A launch makes up to `start_attempts`
+//! deliveries join) or `Running` (a ready agent). Across replicas, each launch attempt first
+//! claims the session in Redis (`lua/claim_session.lua`): a session owned by another live worker
+//! is not started again here (`agent_already_running`). A launch makes up to `start_attempts`
 //! attempts with exponential back-off and jitter, writing `starting` / `error` / `ready` to the
-//! session hash as it goes. When an agent exits, its session is marked `ended` and the slot is
-//! freed.
+//! session hash as it goes. When an agent exits, its session's keys are removed (if this worker
+//! still owns it) and the slot is freed, which also frees capacity for the next job.
+//!
+//! Shutdown has three steps: [`Supervisor::close`] (no more retries), [`Supervisor::drain`]
+//! (let agents end on their own, up to a deadline) and [`Supervisor::shutdown`] (stop the rest).
 
 use std::{
     collections::HashMap,
     panic::AssertUnwindSafe,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
 use agent_jobs::SessionId;
 use futures::FutureExt;
 use rand::RngExt;
-use tokio::sync::watch;
-use tokio_util::task::TaskTracker;
+use tokio::sync::{Notify, watch};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    launcher::{AgentHandle, LaunchSpec, Launcher},
-    session::{Removal, SessionStore},
+    capacity::Capacity,
+    launcher::{AgentHandle, LaunchSpec, Launcher, RunningAgent},
+    session::{Claim, Removal, SessionStore},
 };
 
 /// What a start request led to.
@@ -44,6 +53,11 @@ pub enum StartOutcome {
         /// The running agent's pid.
         pid: u32,
     },
+    /// Another live worker owns the session; nothing was started here.
+    RunningElsewhere {
+        /// That worker's id.
+        owner: String,
+    },
 }
 
 /// Every attempt to launch the agent failed.
@@ -54,6 +68,18 @@ pub struct StartFailure {
     pub attempts: u32,
     /// The last attempt's error.
     pub last_error: String,
+}
+
+/// Why a start did not happen.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StartError {
+    /// The agent failed to start, every attempt. Permanent for this job.
+    #[error(transparent)]
+    Failed(#[from] StartFailure),
+    /// The session could not be claimed because Redis failed; nothing was launched. The job
+    /// may succeed later.
+    #[error("could not claim the session: {0}")]
+    Unavailable(String),
 }
 
 /// One agent start, as the job asks for it.
@@ -88,7 +114,7 @@ impl RetryPolicy {
     }
 }
 
-type StartResult = Result<StartOutcome, StartFailure>;
+type StartResult = Result<StartOutcome, StartError>;
 
 enum Slot {
     Starting(watch::Receiver<Option<StartResult>>),
@@ -105,9 +131,14 @@ struct Inner {
     store: SessionStore,
     worker_id: String,
     retry: RetryPolicy,
+    capacity: Arc<Capacity>,
     slots: Mutex<HashMap<SessionId, Slot>>,
-    /// Set once shutdown began: agents that become ready afterwards are stopped at once.
-    closing: Mutex<Option<Duration>>,
+    /// Shutdown began: no further launch attempts.
+    closing: AtomicBool,
+    /// Final stop under way: agents that become ready now are stopped with this grace.
+    stopping_all: Mutex<Option<Duration>>,
+    /// Notified whenever a slot is freed.
+    freed: Notify,
     tasks: TaskTracker,
 }
 
@@ -127,12 +158,14 @@ impl std::fmt::Debug for Supervisor {
 }
 
 impl Supervisor {
-    /// A supervisor launching with `launcher`, recording state in `store` under `worker_id`.
+    /// A supervisor launching with `launcher`, recording state in `store` under `worker_id`,
+    /// counting its agents against `capacity`.
     pub fn new(
         launcher: Arc<dyn Launcher>,
         store: SessionStore,
         worker_id: impl Into<String>,
         retry: RetryPolicy,
+        capacity: Arc<Capacity>,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -140,8 +173,11 @@ impl Supervisor {
                 store,
                 worker_id: worker_id.into(),
                 retry,
+                capacity,
                 slots: Mutex::new(HashMap::new()),
-                closing: Mutex::new(None),
+                closing: AtomicBool::new(false),
+                stopping_all: Mutex::new(None),
+                freed: Notify::new(),
                 tasks: TaskTracker::new(),
             }),
         }
@@ -158,7 +194,8 @@ impl Supervisor {
     }
 
     /// Starts an agent for the request's session unless this process already has one running
-    /// or starting; in the latter case it waits for that launch's outcome instead.
+    /// or starting (then it waits for that launch's outcome instead) or another live worker
+    /// owns the session.
     pub async fn start(&self, request: StartRequest) -> StartResult {
         let id = request.spec.session_id.clone();
         let mut outcome = {
@@ -180,11 +217,11 @@ impl Supervisor {
                         let result = launch.catch_unwind().await.unwrap_or_else(|_| {
                             // Free the slot, or every later delivery of the session would join
                             // a launch that no longer exists.
-                            inner.slots.lock().expect("slots lock").remove(&id);
-                            Err(StartFailure {
+                            inner.free(&id);
+                            Err(StartError::Failed(StartFailure {
                                 attempts: 0,
                                 last_error: "the launch panicked".into(),
-                            })
+                            }))
                         });
                         let _ = tx.send(Some(result));
                     });
@@ -199,10 +236,10 @@ impl Supervisor {
         match result {
             Ok(result) => result,
             // The launch task cannot drop its sender without sending, short of a panic.
-            Err(_) => Err(StartFailure {
+            Err(_) => Err(StartError::Failed(StartFailure {
                 attempts: 0,
                 last_error: "the launch task ended without a result".into(),
-            }),
+            })),
         }
     }
 
@@ -238,27 +275,44 @@ impl Supervisor {
         true
     }
 
-    /// Begins shutdown: launches in progress make no further attempts, and agents that become
-    /// ready from now on are stopped at once with `grace`. Running agents are left alone
-    /// until [`Supervisor::shutdown`].
-    pub fn close(&self, grace: Duration) {
-        let _slots = self.inner.slots.lock().expect("slots lock");
-        self.inner
-            .closing
-            .lock()
-            .expect("closing lock")
-            .get_or_insert(grace);
+    /// Begins shutdown: launches in progress make no further attempts. Agents, and launches
+    /// that still succeed, run on until [`Supervisor::drain`] and [`Supervisor::shutdown`].
+    pub fn close(&self) {
+        self.inner.closing.store(true, Ordering::SeqCst);
+    }
+
+    /// Waits until every agent has ended on its own, `timeout` has passed, or `immediate`
+    /// fires. Returns the number of agents still running.
+    pub async fn drain(&self, timeout: Duration, immediate: &CancellationToken) -> usize {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            // Registered before the count is read, so a slot freed in between still wakes us.
+            let freed = self.inner.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            let left = self.agent_count();
+            if left == 0 {
+                return 0;
+            }
+            tokio::select! {
+                _ = freed => {}
+                _ = tokio::time::sleep_until(deadline) => return left,
+                _ = immediate.cancelled() => return left,
+            }
+        }
     }
 
     /// Stops every agent (SIGTERM to its group, SIGKILL after `grace`), including those whose
     /// launch is still in progress, and waits until all have exited and their sessions are
-    /// marked ended.
+    /// removed.
     pub async fn shutdown(&self, grace: Duration) {
+        self.close();
         {
             let slots = self.inner.slots.lock().expect("slots lock");
-            *self.inner.closing.lock().expect("closing lock") = Some(grace);
-            for slot in slots.values() {
-                if let Slot::Running { handle, .. } = slot {
+            *self.inner.stopping_all.lock().expect("stopping lock") = Some(grace);
+            for (id, slot) in slots.iter() {
+                if let Slot::Running { pid, handle, .. } = slot {
+                    tracing::info!(session_id = %id, pid = *pid, reason = "worker_shutdown", "agent_stopped");
                     handle.stop(grace);
                 }
             }
@@ -272,67 +326,30 @@ impl Inner {
     async fn launch(self: Arc<Self>, request: StartRequest) -> StartResult {
         let id = request.spec.session_id.clone();
         for attempt in 1..=self.retry.attempts {
-            self.record(
-                self.store
-                    .mark_starting(
-                        &id,
-                        request.user_id.as_deref(),
-                        &request.voice_id,
-                        &request.task_id,
-                        &self.worker_id,
-                    )
-                    .await,
-            );
-            match self.launcher.launch(request.spec.clone()).await {
-                Ok(agent) => {
-                    tracing::info!(
-                        session_id = %id,
-                        pid = agent.pid,
-                        startup_ms = agent.startup.as_millis() as u64,
-                        attempt,
-                        "agent_ready"
-                    );
-                    self.record(
-                        self.store
-                            .mark_ready(&id, agent.pid, agent.pgid, agent.startup)
-                            .await,
-                    );
-                    let (pid, startup) = (agent.pid, agent.startup);
-                    {
-                        let mut slots = self.slots.lock().expect("slots lock");
-                        slots.insert(
-                            id.clone(),
-                            Slot::Running {
-                                pid,
-                                handle: agent.handle.clone(),
-                                stopping: false,
-                            },
-                        );
-                        if let Some(grace) = *self.closing.lock().expect("closing lock") {
-                            agent.handle.stop(grace);
-                        }
-                    }
-                    let inner = self.clone();
-                    self.tasks.spawn(async move {
-                        let exit = agent
-                            .exited
-                            .await
-                            .map_or_else(|_| "unknown".to_owned(), |exit| exit.to_string());
-                        tracing::info!(session_id = %id, pid, exit = %exit, "agent_exited");
-                        // The session ends with its agent: its keys go, by the same atomic
-                        // removal the sweep uses. Before the slot is freed: a new start of
-                        // the session meanwhile would otherwise lose its fresh keys to this.
-                        if let Err(error) = inner
-                            .store
-                            .remove(&Removal::Force { reason: "agent_exited" }, std::slice::from_ref(&id))
-                            .await
-                        {
-                            tracing::warn!(session_id = %id, error = %error, "session_removal_failed");
-                        }
-                        inner.slots.lock().expect("slots lock").remove(&id);
-                    });
-                    return Ok(StartOutcome::Started { pid, startup });
+            let claim = self
+                .store
+                .mark_starting(
+                    &id,
+                    request.user_id.as_deref(),
+                    &request.voice_id,
+                    &request.task_id,
+                    &self.worker_id,
+                )
+                .await;
+            match claim {
+                Ok(Claim::Claimed) => {}
+                Ok(Claim::HeldBy(owner)) => {
+                    self.free(&id);
+                    return Ok(StartOutcome::RunningElsewhere { owner });
                 }
+                // Without a claim there is no launch: another replica may own the session.
+                Err(error) => {
+                    self.free(&id);
+                    return Err(StartError::Unavailable(error.to_string()));
+                }
+            }
+            match self.launcher.launch(request.spec.clone()).await {
+                Ok(agent) => return Ok(self.clone().adopt(id, agent, attempt).await),
                 Err(error) => {
                     let last_error = error.to_string();
                     tracing::warn!(
@@ -342,7 +359,7 @@ impl Inner {
                         error = %last_error,
                         "agent_spawn_failed"
                     );
-                    let closing = self.closing.lock().expect("closing lock").is_some();
+                    let closing = self.closing.load(Ordering::SeqCst);
                     if attempt < self.retry.attempts && !closing {
                         // The session stays `starting` between attempts (an orchestrator may
                         // give up on `error`); the attempt's error is kept for operators.
@@ -350,16 +367,78 @@ impl Inner {
                         tokio::time::sleep(self.retry.delay_after(attempt)).await;
                     } else {
                         self.record(self.store.mark_error(&id, &last_error).await);
-                        self.slots.lock().expect("slots lock").remove(&id);
-                        return Err(StartFailure {
+                        self.free(&id);
+                        return Err(StartError::Failed(StartFailure {
                             attempts: attempt,
                             last_error,
-                        });
+                        }));
                     }
                 }
             }
         }
         unreachable!("the loop returns on its last attempt")
+    }
+
+    /// Takes over a ready agent: records it, counts it, and watches for its exit.
+    async fn adopt(
+        self: Arc<Self>,
+        id: SessionId,
+        agent: RunningAgent,
+        attempt: u32,
+    ) -> StartOutcome {
+        tracing::info!(
+            session_id = %id,
+            pid = agent.pid,
+            startup_ms = agent.startup.as_millis() as u64,
+            attempt,
+            "agent_ready"
+        );
+        self.record(
+            self.store
+                .mark_ready(&id, agent.pid, agent.pgid, agent.startup)
+                .await,
+        );
+        let (pid, startup) = (agent.pid, agent.startup);
+        {
+            let mut slots = self.slots.lock().expect("slots lock");
+            slots.insert(
+                id.clone(),
+                Slot::Running {
+                    pid,
+                    handle: agent.handle.clone(),
+                    stopping: false,
+                },
+            );
+            self.capacity.agent_started();
+            if let Some(grace) = *self.stopping_all.lock().expect("stopping lock") {
+                agent.handle.stop(grace);
+            }
+        }
+        let inner = self.clone();
+        self.tasks.spawn(async move {
+            let exit = agent
+                .exited
+                .await
+                .map_or_else(|_| "unknown".to_owned(), |exit| exit.to_string());
+            tracing::info!(session_id = %id, pid, exit = %exit, "agent_exited");
+            // The session ends with its agent: its keys go, by the same atomic removal the
+            // sweep uses, unless another worker owns the session by now. Before the slot is
+            // freed: a new start of the session here would otherwise lose its fresh keys.
+            let owned = Removal::Owned {
+                owner: inner.worker_id.clone(),
+            };
+            if let Err(error) = inner.store.remove(&owned, std::slice::from_ref(&id)).await {
+                tracing::warn!(session_id = %id, error = %error, "session_removal_failed");
+            }
+            inner.free(&id);
+            inner.capacity.agent_exited();
+        });
+        StartOutcome::Started { pid, startup }
+    }
+
+    fn free(&self, id: &SessionId) {
+        self.slots.lock().expect("slots lock").remove(id);
+        self.freed.notify_waiters();
     }
 
     /// State writes are best effort: the agent matters more than its bookkeeping, and a

@@ -33,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     agent_start::{self, AgentStartJob, RawCodec, RawJob},
+    capacity::{Capacity, CapacityLayer},
     connection,
     launcher::{Launcher, OutputSink},
     logs,
@@ -64,11 +65,34 @@ pub fn worker_id() -> String {
 /// Builds the launcher from settings, given the sink for agent output.
 pub type LauncherFactory = Box<dyn FnOnce(OutputSink) -> Arc<dyn Launcher> + Send>;
 
-/// Runs the worker until `shutdown` fires: waits for Redis, processes agent-start jobs,
-/// supervises agents, then stops every agent and returns. Redis outages are waited out, never
-/// fatal.
-pub async fn run(settings: Settings, make_launcher: LauncherFactory, shutdown: CancellationToken) {
-    let Some(conn) = connection::connect_with_retry(&settings.redis, &shutdown).await else {
+/// How a running worker is asked to stop.
+#[derive(Debug, Clone, Default)]
+pub struct Shutdown {
+    /// First signal: stop fetching, finish starts in progress, drain agents for up to
+    /// `shutdown.drain_timeout`, then stop them.
+    pub graceful: CancellationToken,
+    /// Second signal: stop the agents now (no drain, no grace).
+    pub immediate: CancellationToken,
+}
+
+impl Shutdown {
+    /// Not yet asked to stop.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Asks for both steps at once: stop fetching and stop the agents without draining.
+    pub fn stop_now(&self) {
+        self.graceful.cancel();
+        self.immediate.cancel();
+    }
+}
+
+/// Runs the worker until `shutdown`: waits for Redis, processes agent-start jobs, supervises
+/// agents, then drains and stops them and returns. Redis outages are waited out, never fatal.
+pub async fn run(settings: Settings, make_launcher: LauncherFactory, shutdown: Shutdown) {
+    let Some(conn) = connection::connect_with_retry(&settings.redis, &shutdown.graceful).await
+    else {
         return;
     };
     let keys = QueueKeys::new(&settings.redis.queue).expect("redis.queue is validated");
@@ -77,7 +101,7 @@ pub async fn run(settings: Settings, make_launcher: LauncherFactory, shutdown: C
         worker_id = %worker_id,
         queue = keys.queue(),
         redis = %settings.redis.url,
-        concurrency = settings.worker.concurrency,
+        max_agents = settings.agent.max_agents,
         "worker_started"
     );
 
@@ -86,18 +110,20 @@ pub async fn run(settings: Settings, make_launcher: LauncherFactory, shutdown: C
         settings.session.ttl,
         settings.agent.default_voice.clone(),
         settings.agent.log_lines,
-    );
+    )
+    .worker_timeout(settings.worker.orphan_timeout);
     let (lines_tx, lines_rx) = logs::channel();
     let shipper = tokio::spawn(logs::ship(lines_rx, store.clone()));
-    let launcher = make_launcher(lines_tx);
+    let capacity = Capacity::new(settings.agent.max_agents);
     let supervisor = Supervisor::new(
-        launcher,
+        make_launcher(lines_tx),
         store.clone(),
         worker_id.clone(),
         RetryPolicy {
             attempts: settings.agent.start_attempts,
             backoff: settings.agent.retry_backoff,
         },
+        capacity.clone(),
     );
     let job = Arc::new(AgentStartJob {
         supervisor: supervisor.clone(),
@@ -107,28 +133,11 @@ pub async fn run(settings: Settings, make_launcher: LauncherFactory, shutdown: C
         conn: conn.clone(),
     });
 
+    // Background tasks run until the agents are gone: heartbeats must go on while agents
+    // drain, or their sessions would look stale.
     let background = CancellationToken::new();
     let hub = WakeHub::new();
-    let client = connection::client(&settings.redis).expect("redis.url is validated");
-    let listener = tokio::spawn(wake::listen(
-        client,
-        keys.wake_channel(),
-        hub.clone(),
-        background.clone(),
-    ));
     let ops = QueueOps::new(conn.clone(), keys.clone());
-    let promoter = tokio::spawn(promote_loop(
-        ops.clone(),
-        settings.worker.poll_interval,
-        background.clone(),
-    ));
-
-    let heartbeat = tokio::spawn(heartbeat_loop(
-        supervisor.clone(),
-        store.clone(),
-        settings.clone(),
-        background.clone(),
-    ));
     let sweep = StaleSessionSweep::new(
         conn.clone(),
         store.clone(),
@@ -136,45 +145,108 @@ pub async fn run(settings: Settings, make_launcher: LauncherFactory, shutdown: C
         settings.session.stale_after,
         settings.session.max_age,
     );
-    let sweeper = tokio::spawn(sweep::every_tick(
-        "sweep",
-        TickLease::new(conn.clone(), worker_id.clone()),
-        settings.sweep.interval,
-        background.clone(),
-        move |tick| {
-            let sweep = sweep.clone();
-            async move {
-                match sweep.run(unix_now(), false).await {
-                    Ok(report) => sweep::log_report(&report, Some(tick), false),
-                    Err(error) => tracing::warn!(tick, error = %error, "sweep_failed"),
+    let client = connection::client(&settings.redis).expect("redis.url is validated");
+    let tasks = vec![
+        tokio::spawn(wake::listen(
+            client,
+            keys.wake_channel(),
+            hub.clone(),
+            background.clone(),
+        )),
+        tokio::spawn(promote_loop(
+            ops.clone(),
+            settings.worker.poll_interval,
+            background.clone(),
+        )),
+        tokio::spawn(presence_loop(
+            supervisor.clone(),
+            store.clone(),
+            settings.worker.heartbeat_interval,
+            background.clone(),
+        )),
+        tokio::spawn(heartbeat_loop(
+            supervisor.clone(),
+            store.clone(),
+            settings.clone(),
+            background.clone(),
+        )),
+        tokio::spawn(sweep::every_tick(
+            "sweep",
+            TickLease::new(conn.clone(), worker_id.clone()),
+            settings.sweep.interval,
+            background.clone(),
+            move |tick| {
+                let sweep = sweep.clone();
+                async move {
+                    match sweep.run(unix_now(), false).await {
+                        Ok(report) => sweep::log_report(&report, Some(tick), false),
+                        Err(error) => tracing::warn!(tick, error = %error, "sweep_failed"),
+                    }
                 }
-            }
-        },
-    ));
+            },
+        )),
+    ];
 
     // At the first signal, launches in progress stop retrying, so the drain of the job worker
     // below waits for at most one start-up attempt per job.
     let closer = {
-        let (supervisor, shutdown, grace) = (
-            supervisor.clone(),
-            shutdown.clone(),
-            settings.agent.stop_grace,
-        );
+        let (supervisor, graceful) = (supervisor.clone(), shutdown.graceful.clone());
         tokio::spawn(async move {
-            shutdown.cancelled().await;
-            supervisor.close(grace);
+            graceful.cancelled().await;
+            supervisor.close();
         })
     };
 
-    supervise_job_worker(&settings, &conn, &worker_id, &ops, &hub, job, &shutdown).await;
+    supervise_job_worker(
+        &settings,
+        &conn,
+        &worker_id,
+        &ops,
+        &hub,
+        job,
+        &capacity,
+        &shutdown.graceful,
+    )
+    .await;
     let _ = closer.await;
 
-    tracing::info!(agents = supervisor.agent_count(), "worker_stopping");
-    // Heartbeats go on while agents drain, so their sessions are not swept meanwhile.
-    supervisor.shutdown(settings.agent.stop_grace).await;
+    let agents = supervisor.agent_count();
+    tracing::info!(
+        agents,
+        drain_timeout_ms = settings.shutdown.drain_timeout.as_millis() as u64,
+        "worker_draining"
+    );
+    let left = supervisor
+        .drain(settings.shutdown.drain_timeout, &shutdown.immediate)
+        .await;
+    let grace = if shutdown.immediate.is_cancelled() {
+        Duration::ZERO
+    } else {
+        settings.agent.stop_grace
+    };
+    tracing::info!(
+        agents = left,
+        grace_ms = grace.as_millis() as u64,
+        "worker_stopping"
+    );
+    // A second signal during the graceful stop of the agents cuts their grace short.
+    let hurry = {
+        let (supervisor, immediate) = (supervisor.clone(), shutdown.immediate.clone());
+        tokio::spawn(async move {
+            immediate.cancelled().await;
+            for id in supervisor.running_sessions() {
+                supervisor.stop(&id, "worker_shutdown", Duration::ZERO);
+            }
+        })
+    };
+    supervisor.shutdown(grace).await;
+    hurry.abort();
     background.cancel();
-    for task in [listener, promoter, heartbeat, sweeper] {
+    for task in tasks {
         let _ = task.await;
+    }
+    if let Err(error) = store.leave(&worker_id).await {
+        tracing::debug!(error = %error, "worker_deregistration_failed");
     }
     drop(supervisor);
     // The shipper ends once the last agent output reader has closed its sender.
@@ -182,6 +254,7 @@ pub async fn run(settings: Settings, make_launcher: LauncherFactory, shutdown: C
     tracing::info!(worker_id = %worker_id, "worker_stopped");
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn supervise_job_worker(
     settings: &Settings,
     conn: &ConnectionManager,
@@ -189,6 +262,7 @@ async fn supervise_job_worker(
     ops: &QueueOps,
     hub: &WakeHub,
     job: Arc<AgentStartJob>,
+    capacity: &Arc<Capacity>,
     shutdown: &CancellationToken,
 ) {
     let mut backoff = Duration::from_millis(100);
@@ -198,7 +272,8 @@ async fn supervise_job_worker(
             tracing::debug!(error = %error, "promote_due_failed");
         }
         let started = Instant::now();
-        let result = run_job_worker(settings, conn, &name, hub, job.clone(), shutdown).await;
+        let result =
+            run_job_worker(settings, conn, &name, hub, job.clone(), capacity, shutdown).await;
         if shutdown.is_cancelled() {
             return;
         }
@@ -260,6 +335,7 @@ async fn run_job_worker(
     name: &str,
     hub: &WakeHub,
     job: Arc<AgentStartJob>,
+    capacity: &Arc<Capacity>,
     shutdown: &CancellationToken,
 ) -> Result<(), WorkerError> {
     let config = apalis_redis::Config::default()
@@ -278,6 +354,7 @@ async fn run_job_worker(
     WorkerBuilder::new(name)
         .backend(backend)
         .concurrency(settings.worker.concurrency)
+        .layer(CapacityLayer::new(capacity.clone()))
         .data(job)
         .build(agent_start::handle)
         .run_until(async move {
@@ -310,7 +387,10 @@ async fn heartbeat_loop(
         let oldest = now.saturating_sub(settings.session.max_age.as_secs());
         // Chunks bound the time of one script call when a process owns many agents.
         for chunk in sessions.chunks(1000) {
-            match store.heartbeat(chunk, now, oldest).await {
+            match store
+                .heartbeat(supervisor.worker_id(), chunk, now, oldest)
+                .await
+            {
                 Ok(report) => {
                     failing = false;
                     for id in &report.gone {
@@ -318,6 +398,11 @@ async fn heartbeat_loop(
                     }
                     for id in &report.too_old {
                         supervisor.stop(id, "max_age", grace);
+                    }
+                    // We were presumed dead and another worker took the session over: its
+                    // agent is the one that counts.
+                    for id in &report.lost {
+                        supervisor.stop(id, "session_taken_over", grace);
                     }
                 }
                 Err(error) => {
@@ -327,6 +412,30 @@ async fn heartbeat_loop(
                     failing = true;
                 }
             }
+        }
+    }
+}
+
+/// Every `worker.heartbeat_interval`: tell other replicas this process is alive (claims of a
+/// silent worker can be taken over after `worker.orphan_timeout`) and how many agents it runs.
+async fn presence_loop(
+    supervisor: Supervisor,
+    store: SessionStore,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let result = store
+            .presence(supervisor.worker_id(), supervisor.agent_count(), unix_now())
+            .await;
+        if let Err(error) = result {
+            tracing::debug!(error = %error, "presence_failed");
         }
     }
 }

@@ -26,6 +26,7 @@ fn worker_process(url: &str, behaviour: &str, extra: &[(&str, &str)]) -> Command
             format!("{TEST_AGENT},--behaviour,{behaviour}"),
         )
         .env("AGENT_WORKER__AGENT__STOP_GRACE", "2s")
+        .env("AGENT_WORKER__SHUTDOWN__DRAIN_TIMEOUT", "0s")
         .envs(extra.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -36,6 +36,7 @@ async fn ten_thousand_jobs_enqueued_before_the_worker_starts_are_all_processed()
         &[
             ("AGENT_WORKER__WORKER__BATCH_SIZE", "64"),
             ("AGENT_WORKER__WORKER__CONCURRENCY", "64"),
+            ("AGENT_WORKER__AGENT__MAX_AGENTS", "64"),
         ],
     ));
     wait_for("10,000 jobs done", Duration::from_secs(300), || async {
@@ -200,6 +201,7 @@ async fn nine_thousand_due_jobs_in_the_scheduled_set_do_not_crash_the_fetch() {
         &[
             ("AGENT_WORKER__WORKER__BATCH_SIZE", "64"),
             ("AGENT_WORKER__WORKER__CONCURRENCY", "64"),
+            ("AGENT_WORKER__AGENT__MAX_AGENTS", "64"),
         ],
     ));
     wait_for(

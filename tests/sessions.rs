@@ -18,7 +18,8 @@ async fn hundred_concurrent_sessions_of_one_user_each_get_their_own_voice() {
     for (id, voice) in &sessions {
         write_config(&redis.conn, id, voice, user).await;
     }
-    let worker = TestWorker::start(redis.settings("ready", &[]));
+    let worker =
+        TestWorker::start(redis.settings("ready", &[("AGENT_WORKER__AGENT__MAX_AGENTS", "100")]));
     // One atomic enqueue: all 100 arrive at the same moment.
     let jobs: Vec<_> = sessions
         .iter()

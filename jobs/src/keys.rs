@@ -18,6 +18,13 @@ pub const SESSIONS_READY: &str = "session:ready";
 /// keyspace. Deliberately outside the `session:` prefix, where a session id could collide.
 pub const SESSION_HEARTBEATS: &str = "agent-worker:session-heartbeats";
 
+/// ZSET worker id → unix seconds of its last presence heartbeat. A session claimed by a worker
+/// missing here for longer than `worker.orphan_timeout` can be taken over.
+pub const WORKERS: &str = "agent-worker:workers";
+
+/// HASH worker id → number of agents it runs, refreshed with its presence (for `status`).
+pub const WORKER_AGENTS: &str = "agent-worker:worker-agents";
+
 /// Prefix of the per-tick leases of scheduled jobs: `agent-worker:tick-lease:<job>:<tick>`
 /// (e.g. `…:sweep:<tick>`); whoever sets it first runs that tick.
 pub const TICK_LEASE_PREFIX: &str = "agent-worker:tick-lease";

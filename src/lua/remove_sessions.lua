@@ -9,7 +9,9 @@
 --           Reason: stuck_starting / stuck_error by its status, else heartbeat_stale.
 --   legacy: remove a session only if it is NOT in the index (written by the old system) and
 --           its newest of lastActive / createdAt is < ARGV[2]. Reason: legacy_max_age.
---   force:  remove unconditionally (its agent exited on this worker). Reason: ARGV[2].
+--   owned:  remove a session only if ARGV[2] (a worker id) still owns it, or nobody does: its
+--           agent exited on that worker. A session another worker has taken over is left alone.
+--           Reason: agent_exited.
 --
 -- KEYS[1]: the heartbeat index; KEYS[2]: session:starting; KEYS[3]: session:ready
 -- ARGV[3..]: session ids (validated by the caller)
@@ -20,8 +22,11 @@ for i = 3, #ARGV do
     local id = ARGV[i]
     local state = 'session:' .. id
     local reason = nil
-    if mode == 'force' then
-        reason = arg
+    if mode == 'owned' then
+        local owner = redis.call('HGET', state, 'workerId')
+        if not owner or owner == arg then
+            reason = 'agent_exited'
+        end
     elseif mode == 'stale' then
         local score = redis.call('ZSCORE', KEYS[1], id)
         if score and tonumber(score) <= tonumber(arg) then

@@ -19,7 +19,6 @@ use agent_worker::{
 };
 use redis::{AsyncCommands, aio::ConnectionManager};
 use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
 pub const QUEUE: &str = "agent-start";
 pub const TEST_AGENT: &str = env!("CARGO_BIN_EXE_test-agent");
@@ -82,13 +81,13 @@ pub fn settings(url: &str, overrides: &[(&str, &str)]) -> Settings {
 
 /// An in-process worker.
 pub struct TestWorker {
-    shutdown: CancellationToken,
+    shutdown: worker::Shutdown,
     task: Option<JoinHandle<()>>,
 }
 
 impl TestWorker {
     pub fn start(settings: Settings) -> Self {
-        let shutdown = CancellationToken::new();
+        let shutdown = worker::Shutdown::new();
         let agent = settings.agent.clone();
         let task = tokio::spawn(worker::run(
             settings,
@@ -107,9 +106,9 @@ impl TestWorker {
         }
     }
 
-    /// Stops the worker (and its agents) and waits for it.
+    /// Stops the worker and its agents (no drain) and waits for it.
     pub async fn stop(mut self) {
-        self.shutdown.cancel();
+        self.shutdown.stop_now();
         if let Some(task) = self.task.take() {
             tokio::time::timeout(Duration::from_secs(30), task)
                 .await
@@ -121,7 +120,7 @@ impl TestWorker {
 
 impl Drop for TestWorker {
     fn drop(&mut self) {
-        self.shutdown.cancel();
+        self.shutdown.stop_now();
     }
 }
 
