@@ -20,6 +20,7 @@ use tracing::Instrument;
 
 use crate::{
     launcher::LaunchSpec,
+    observability::{self, JobOutcome},
     session::{SessionConfig, SessionError, SessionStore},
     supervisor::{StartError, StartOutcome, StartRequest, Supervisor},
 };
@@ -126,6 +127,7 @@ impl AgentStartJob {
             .invoke_async(&mut self.conn.clone())
             .await;
         if let Err(error) = released {
+            observability::redis_error("idempotency_release");
             tracing::warn!(key = %key, error = %error, "idempotency_release_failed");
         }
     }
@@ -199,6 +201,7 @@ pub async fn handle(
     task_id: TaskId,
     ctx: Data<Arc<AgentStartJob>>,
 ) -> Result<(), BoxDynError> {
+    let started = std::time::Instant::now();
     let task_id = task_id.to_string();
     let span = tracing::info_span!(
         "agent_start",
@@ -218,11 +221,18 @@ pub async fn handle(
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "unknown panic".into());
             span.in_scope(|| tracing::error!(panic = %message, "agent_start_panicked"));
+            observability::job_finished(JobOutcome::Dead, started.elapsed());
             return Err(Box::new(AbortError::new(std::io::Error::other(format!(
                 "agent-start handler panicked: {message}"
             )))));
         }
     };
+    let outcome = match &result {
+        Ok(_) => JobOutcome::Done,
+        Err(error) if error.is_permanent() => JobOutcome::Dead,
+        Err(_) => JobOutcome::Retried,
+    };
+    observability::job_finished(outcome, started.elapsed());
     match result {
         Ok(_) => Ok(()),
         Err(error) => {

@@ -23,6 +23,10 @@
 //! - [`wake`]: pub/sub wake-ups so idle workers fetch a new job at once.
 //! - [`queue`]: our own maintenance scripts on the apalis-redis queue.
 //! - [`logs`]: batched shipping of agent output to `agent:<id>:logs`.
+//! - [`retention`]: trimming finished jobs (apalis-redis keeps them forever).
+//! - [`operator`]: what `status` and `dead list|retry` read and do.
+//! - [`observability`]: metric names and helpers, the Prometheus recorder, the `/metrics`
+//!   `/healthz` `/readyz` listener, the Redis probe.
 //! - [`demo`]: the `demo` command.
 //! - [`local_redis`]: a private `redis-server` for the demo when none answers.
 
@@ -33,7 +37,10 @@ pub mod demo;
 pub mod launcher;
 pub mod local_redis;
 pub mod logs;
+pub mod observability;
+pub mod operator;
 pub mod queue;
+pub mod retention;
 pub mod session;
 pub mod settings;
 pub mod supervisor;

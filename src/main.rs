@@ -6,6 +6,7 @@ use agent_jobs::{AgentStart, Producer, QueueKeys, SessionConfigInput, SessionId}
 use agent_worker::{
     connection, demo,
     launcher::{Launcher, ProcessLauncher},
+    observability, operator,
     session::{SessionStore, unix_now},
     settings::Settings,
     sweep::{self as stale, StaleSessionSweep},
@@ -13,6 +14,7 @@ use agent_worker::{
 };
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
 
 /// Starts and supervises one voice agent per session from agent-start jobs in Redis.
 #[derive(Debug, Parser)]
@@ -59,9 +61,42 @@ enum Command {
         #[arg(long)]
         scan: bool,
     },
+    /// Show the queue, the sessions and the live workers.
+    Status {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Inspect or retry jobs in the dead set.
+    Dead {
+        #[command(subcommand)]
+        command: DeadCommand,
+    },
     /// Start two sessions of one user at once (voices Craig and Olivia) with a test agent and
     /// show which voice each agent received.
     Demo,
+}
+
+#[derive(Debug, Subcommand)]
+enum DeadCommand {
+    /// List the most recent dead jobs: task id, session, error, when.
+    List {
+        /// How many to show.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put dead jobs back on the ready list.
+    Retry {
+        /// Task ids to retry.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        task_ids: Vec<String>,
+        /// Retry every dead job.
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -100,6 +135,8 @@ fn main() -> ExitCode {
                 .await
             }
             Command::Sweep { dry_run, scan } => sweep(settings, dry_run, scan).await,
+            Command::Status { json } => status(settings, json).await,
+            Command::Dead { command } => dead(settings, command).await,
             Command::Demo => demo::run(settings).await,
         }
     });
@@ -116,10 +153,22 @@ fn main() -> ExitCode {
 }
 
 async fn run(settings: Settings) -> anyhow::Result<()> {
+    let health = observability::Health::new();
+    // The listener outlives the worker's drain, so probes and scrapes keep answering while
+    // agents finish.
+    let http_stop = CancellationToken::new();
+    let server = observability::serve(
+        settings.http.addr,
+        observability::install_recorder(),
+        health.clone(),
+        http_stop.clone(),
+    )
+    .await
+    .with_context(|| format!("cannot listen on http.addr {}", settings.http.addr))?;
     let shutdown = worker::Shutdown::new();
-    tokio::spawn(stop_on_signals(shutdown.clone()));
+    tokio::spawn(stop_on_signals(shutdown.clone(), health.clone()));
     let agent = settings.agent.clone();
-    worker::run(
+    worker::run_with_health(
         settings,
         Box::new(move |output| {
             Arc::new(ProcessLauncher::new(
@@ -129,13 +178,16 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
             )) as Arc<dyn Launcher>
         }),
         shutdown,
+        health,
     )
     .await;
+    http_stop.cancel();
+    server.stopped().await?;
     Ok(())
 }
 
 /// First SIGTERM or SIGINT: graceful shutdown (drain). Second: stop the agents now.
-async fn stop_on_signals(shutdown: worker::Shutdown) {
+async fn stop_on_signals(shutdown: worker::Shutdown, health: Arc<observability::Health>) {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("a SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("a SIGINT handler");
@@ -146,6 +198,7 @@ async fn stop_on_signals(shutdown: worker::Shutdown) {
         };
         tracing::info!(signal = name, "{step}");
         if step == "shutdown_requested" {
+            health.set_draining();
             shutdown.graceful.cancel();
         } else {
             shutdown.immediate.cancel();
@@ -222,6 +275,78 @@ async fn sweep(settings: Settings, dry_run: bool, scan: bool) -> anyhow::Result<
             report.removed.len(),
             report.duration.as_millis()
         );
+    }
+    Ok(())
+}
+
+async fn status(settings: Settings, json: bool) -> anyhow::Result<()> {
+    let conn = connection::connect(&settings.redis)
+        .await
+        .with_context(|| format!("cannot reach Redis at {}", settings.redis.url))?;
+    let keys = QueueKeys::new(&settings.redis.queue)?;
+    let status = operator::status(&conn, &keys, unix_now(), settings.worker.orphan_timeout).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+        return Ok(());
+    }
+    let j = &status.jobs;
+    println!("queue {}", status.queue);
+    println!(
+        "  jobs      ready {}  scheduled {}  inflight {}  done {}  dead {}",
+        j.ready, j.scheduled, j.inflight, j.done, j.dead
+    );
+    println!(
+        "  sessions  starting {}  ready {}",
+        status.sessions.starting, status.sessions.ready
+    );
+    println!("workers");
+    for w in &status.workers {
+        println!(
+            "  {:<40} agents {:>4}  seen {:>4}s ago  {}",
+            w.id,
+            w.agents,
+            w.last_seen_secs,
+            if w.alive { "alive" } else { "silent" }
+        );
+    }
+    Ok(())
+}
+
+async fn dead(settings: Settings, command: DeadCommand) -> anyhow::Result<()> {
+    let conn = connection::connect(&settings.redis)
+        .await
+        .with_context(|| format!("cannot reach Redis at {}", settings.redis.url))?;
+    let keys = QueueKeys::new(&settings.redis.queue)?;
+    match command {
+        DeadCommand::List { limit, json } => {
+            let jobs = operator::dead_jobs(&conn, &keys, limit).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&jobs)?);
+                return Ok(());
+            }
+            for job in &jobs {
+                let when = job
+                    .failed_at
+                    .and_then(|t| chrono::DateTime::from_timestamp(t as i64, 0))
+                    .map(|t| t.to_rfc3339())
+                    .unwrap_or_else(|| "-".into());
+                println!(
+                    "{}  {:<24}  {}  {}",
+                    job.task_id,
+                    job.session_id.as_deref().unwrap_or("-"),
+                    when,
+                    job.error
+                );
+            }
+        }
+        DeadCommand::Retry { task_ids, all } => {
+            let ids = if all { None } else { Some(task_ids) };
+            let requeued = operator::retry_dead(&conn, &keys, ids).await?;
+            for id in &requeued {
+                println!("requeued {id}");
+            }
+            println!("{} job(s) requeued", requeued.len());
+        }
     }
     Ok(())
 }

@@ -35,6 +35,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     capacity::Capacity,
     launcher::{AgentHandle, LaunchSpec, Launcher, RunningAgent},
+    observability,
     session::{Claim, Removal, SessionStore},
 };
 
@@ -208,6 +209,7 @@ impl Supervisor {
                 None => {
                     let (tx, rx) = watch::channel(None);
                     slots.insert(id, Slot::Starting(rx.clone()));
+                    observability::agents_live(slots.len());
                     let inner = self.inner.clone();
                     // A task of the supervisor, not of the job: it finishes even if the job's
                     // future is dropped.
@@ -352,6 +354,7 @@ impl Inner {
                 Ok(agent) => return Ok(self.clone().adopt(id, agent, attempt).await),
                 Err(error) => {
                     let last_error = error.to_string();
+                    observability::agent_spawn_failed();
                     tracing::warn!(
                         session_id = %id,
                         attempt,
@@ -393,6 +396,7 @@ impl Inner {
             attempt,
             "agent_ready"
         );
+        observability::agent_started(agent.startup);
         self.record(
             self.store
                 .mark_ready(&id, agent.pid, agent.pgid, agent.startup)
@@ -421,6 +425,7 @@ impl Inner {
                 .await
                 .map_or_else(|_| "unknown".to_owned(), |exit| exit.to_string());
             tracing::info!(session_id = %id, pid, exit = %exit, "agent_exited");
+            observability::agent_exited();
             // The session ends with its agent: its keys go, by the same atomic removal the
             // sweep uses, unless another worker owns the session by now. Before the slot is
             // freed: a new start of the session here would otherwise lose its fresh keys.
@@ -428,6 +433,7 @@ impl Inner {
                 owner: inner.worker_id.clone(),
             };
             if let Err(error) = inner.store.remove(&owned, std::slice::from_ref(&id)).await {
+                observability::redis_error("session_remove");
                 tracing::warn!(session_id = %id, error = %error, "session_removal_failed");
             }
             inner.free(&id);
@@ -437,7 +443,10 @@ impl Inner {
     }
 
     fn free(&self, id: &SessionId) {
-        self.slots.lock().expect("slots lock").remove(id);
+        let mut slots = self.slots.lock().expect("slots lock");
+        slots.remove(id);
+        observability::agents_live(slots.len());
+        drop(slots);
         self.freed.notify_waiters();
     }
 
@@ -445,6 +454,7 @@ impl Inner {
     /// re-delivered job rewrites the state.
     fn record(&self, result: Result<(), crate::session::SessionError>) {
         if let Err(error) = result {
+            observability::redis_error("session_state");
             tracing::warn!(error = %error, "session_state_write_failed");
         }
     }

@@ -37,7 +37,9 @@ use crate::{
     connection,
     launcher::{Launcher, OutputSink},
     logs,
+    observability::{self, Health},
     queue::QueueOps,
+    retention::{self, Retention},
     session::{SessionStore, unix_now},
     settings::Settings,
     supervisor::{RetryPolicy, Supervisor},
@@ -91,10 +93,21 @@ impl Shutdown {
 /// Runs the worker until `shutdown`: waits for Redis, processes agent-start jobs, supervises
 /// agents, then drains and stops them and returns. Redis outages are waited out, never fatal.
 pub async fn run(settings: Settings, make_launcher: LauncherFactory, shutdown: Shutdown) {
+    run_with_health(settings, make_launcher, shutdown, Health::new()).await
+}
+
+/// [`run`], reporting readiness to `health` (served on `/readyz` by the caller).
+pub async fn run_with_health(
+    settings: Settings,
+    make_launcher: LauncherFactory,
+    shutdown: Shutdown,
+    health: Arc<Health>,
+) {
     let Some(conn) = connection::connect_with_retry(&settings.redis, &shutdown.graceful).await
     else {
         return;
     };
+    observability::agents_max(settings.agent.max_agents);
     let keys = QueueKeys::new(&settings.redis.queue).expect("redis.queue is validated");
     let worker_id = worker_id();
     tracing::info!(
@@ -145,8 +158,22 @@ pub async fn run(settings: Settings, make_launcher: LauncherFactory, shutdown: S
         settings.session.stale_after,
         settings.session.max_age,
     );
+    let retention = Retention::new(
+        conn.clone(),
+        keys.clone(),
+        settings.retention.done,
+        settings.retention.dead,
+        settings.retention.dead_max,
+    );
     let client = connection::client(&settings.redis).expect("redis.url is validated");
     let tasks = vec![
+        tokio::spawn(observability::probe_loop(
+            conn.clone(),
+            keys.clone(),
+            health.clone(),
+            Duration::from_secs(1),
+            background.clone(),
+        )),
         tokio::spawn(wake::listen(
             client,
             keys.wake_channel(),
@@ -179,8 +206,39 @@ pub async fn run(settings: Settings, make_launcher: LauncherFactory, shutdown: S
                 let sweep = sweep.clone();
                 async move {
                     match sweep.run(unix_now(), false).await {
-                        Ok(report) => sweep::log_report(&report, Some(tick), false),
-                        Err(error) => tracing::warn!(tick, error = %error, "sweep_failed"),
+                        Ok(report) => {
+                            observability::sweep_finished(report.removed.len());
+                            sweep::log_report(&report, Some(tick), false);
+                        }
+                        Err(error) => {
+                            observability::sweep_failed();
+                            observability::redis_error("sweep");
+                            tracing::warn!(tick, error = %error, "sweep_failed");
+                        }
+                    }
+                }
+            },
+        )),
+        tokio::spawn(sweep::every_tick(
+            "retention",
+            TickLease::new(conn.clone(), worker_id.clone()),
+            settings.retention.interval,
+            background.clone(),
+            move |tick| {
+                let retention = retention.clone();
+                async move {
+                    match retention.run(unix_now()).await {
+                        Ok(report) => {
+                            observability::retention_finished(
+                                report.done_deleted,
+                                report.dead_deleted,
+                            );
+                            retention::log_report(&report, tick);
+                        }
+                        Err(error) => {
+                            observability::redis_error("retention");
+                            tracing::warn!(tick, error = %error, "retention_failed");
+                        }
                     }
                 }
             },
@@ -205,6 +263,7 @@ pub async fn run(settings: Settings, make_launcher: LauncherFactory, shutdown: S
         &hub,
         job,
         &capacity,
+        &health,
         &shutdown.graceful,
     )
     .await;
@@ -263,6 +322,7 @@ async fn supervise_job_worker(
     hub: &WakeHub,
     job: Arc<AgentStartJob>,
     capacity: &Arc<Capacity>,
+    health: &Health,
     shutdown: &CancellationToken,
 ) {
     let mut backoff = Duration::from_millis(100);
@@ -272,8 +332,10 @@ async fn supervise_job_worker(
             tracing::debug!(error = %error, "promote_due_failed");
         }
         let started = Instant::now();
+        health.set_job_worker(true);
         let result =
             run_job_worker(settings, conn, &name, hub, job.clone(), capacity, shutdown).await;
+        health.set_job_worker(false);
         if shutdown.is_cancelled() {
             return;
         }
@@ -284,6 +346,7 @@ async fn supervise_job_worker(
         if started.elapsed() >= HEALTHY_RUN {
             backoff = Duration::from_millis(100);
         }
+        observability::job_worker_restarted();
         tracing::warn!(
             worker = %name,
             error = %reason,
@@ -406,6 +469,7 @@ async fn heartbeat_loop(
                     }
                 }
                 Err(error) => {
+                    observability::redis_error("heartbeat");
                     if !failing {
                         tracing::warn!(error = %error, sessions = chunk.len(), "heartbeat_failed");
                     }
@@ -435,6 +499,7 @@ async fn presence_loop(
             .presence(supervisor.worker_id(), supervisor.agent_count(), unix_now())
             .await;
         if let Err(error) = result {
+            observability::redis_error("presence");
             tracing::debug!(error = %error, "presence_failed");
         }
     }
@@ -451,7 +516,10 @@ async fn promote_loop(ops: QueueOps, every: Duration, shutdown: CancellationToke
         match ops.promote_due().await {
             Ok(0) => {}
             Ok(moved) => tracing::info!(moved, "scheduled_jobs_promoted"),
-            Err(error) => tracing::debug!(error = %error, "promote_due_failed"),
+            Err(error) => {
+                observability::redis_error("promote_due");
+                tracing::debug!(error = %error, "promote_due_failed");
+            }
         }
     }
 }

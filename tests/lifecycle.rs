@@ -60,6 +60,8 @@ fn worker_command(url: &str, args: &[&str], env: &[(&str, &str)]) -> Command {
         .env_remove("RUST_LOG")
         .env_remove("REDIS_URL")
         .env("AGENT_WORKER__REDIS__URL", url)
+        // Several workers per test machine: no fixed metrics port.
+        .env("AGENT_WORKER__HTTP__ADDR", "127.0.0.1:0")
         .env(
             "AGENT_WORKER__AGENT__COMMAND",
             format!("{TEST_AGENT},--behaviour,ready"),

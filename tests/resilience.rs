@@ -18,10 +18,6 @@ async fn workers(conn: &redis::aio::ConnectionManager) -> Vec<String> {
     conn.clone().zrange(keys().workers(), 0, -1).await.unwrap()
 }
 
-async fn done_count(conn: &redis::aio::ConnectionManager) -> usize {
-    conn.clone().scard(keys().done()).await.unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_jobs_enqueued_before_the_worker_starts_are_all_processed() {
     let redis = TestRedis::start().await;

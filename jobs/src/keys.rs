@@ -122,6 +122,18 @@ impl QueueKeys {
         format!("{}:dead", self.queue)
     }
 
+    /// ZSET task id → finish time of done jobs, for retention (ours; ids move here from
+    /// [`QueueKeys::done`]).
+    pub fn done_at(&self) -> String {
+        format!("{}:done-at", self.queue)
+    }
+
+    /// ZSET task id → finish time of dead jobs, for retention (ours; the ids stay in
+    /// [`QueueKeys::dead`] too).
+    pub fn dead_at(&self) -> String {
+        format!("{}:dead-at", self.queue)
+    }
+
     /// Prefix of the idempotency keys; one key is `<prefix>:<idempotency key>`.
     pub fn idempotency_prefix(&self) -> String {
         format!("{}:idempotency", self.queue)

@@ -5,6 +5,7 @@
 use std::{
     collections::HashMap,
     future::Future,
+    process::{Command, Stdio},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -266,13 +267,34 @@ pub async fn wait_dead(conn: &ConnectionManager, task_id: &str) -> String {
         .unwrap_or_default()
 }
 
-pub async fn wait_done(conn: &ConnectionManager, task_id: &str, deadline: Duration) {
+/// True once the task finished well: in the done set, or already moved from it into the
+/// retention index.
+pub async fn is_done(conn: &ConnectionManager, task_id: &str) -> bool {
     let keys = QueueKeys::new(QUEUE).unwrap();
-    wait_for(
-        &format!("task {task_id} in the done set"),
-        deadline,
-        || async { is_member(conn, &keys.done(), task_id).await.then_some(()) },
-    )
+    let indexed: Option<f64> = conn
+        .clone()
+        .zscore(keys.done_at(), task_id)
+        .await
+        .expect("ZSCORE");
+    indexed.is_some() || is_member(conn, &keys.done(), task_id).await
+}
+
+/// Finished-well jobs: the done set plus the retention index.
+pub async fn done_count(conn: &ConnectionManager) -> u64 {
+    let keys = QueueKeys::new(QUEUE).unwrap();
+    let (inbox, indexed): (u64, u64) = redis::pipe()
+        .scard(keys.done())
+        .zcard(keys.done_at())
+        .query_async(&mut conn.clone())
+        .await
+        .expect("counts");
+    inbox + indexed
+}
+
+pub async fn wait_done(conn: &ConnectionManager, task_id: &str, deadline: Duration) {
+    wait_for(&format!("task {task_id} to be done"), deadline, || async {
+        is_done(conn, task_id).await.then_some(())
+    })
     .await
 }
 
@@ -328,4 +350,55 @@ pub async fn assert_first_run(conn: &ConnectionManager, context: &str) {
         runs.len() == 1 && runs[0].ends_with("-0"),
         "{context}: the first run of the job worker is still the only one: {runs:?}"
     );
+}
+
+/// The `agent-worker` binary with `args`, pointed at `url`, running the test agent with
+/// `behaviour`, JSON logs, no drain; `env` overrides. stdout and stderr are piped.
+pub fn worker_command(url: &str, args: &[&str], behaviour: &str, env: &[(&str, &str)]) -> Command {
+    let mut command = Command::new(WORKER_BIN);
+    command
+        .args(args)
+        .env_remove("RUST_LOG")
+        .env_remove("REDIS_URL")
+        .env("AGENT_WORKER__REDIS__URL", url)
+        // Several workers per test machine: no fixed metrics port.
+        .env("AGENT_WORKER__HTTP__ADDR", "127.0.0.1:0")
+        .env(
+            "AGENT_WORKER__AGENT__COMMAND",
+            format!("{TEST_AGENT},--behaviour,{behaviour}"),
+        )
+        .env("AGENT_WORKER__AGENT__STARTUP_TIMEOUT", "5s")
+        .env("AGENT_WORKER__AGENT__STOP_GRACE", "2s")
+        .env("AGENT_WORKER__WORKER__HEARTBEAT_INTERVAL", "1s")
+        .env("AGENT_WORKER__WORKER__ORPHAN_TIMEOUT", "3s")
+        .env("AGENT_WORKER__SESSION__HEARTBEAT_INTERVAL", "1s")
+        .env("AGENT_WORKER__SESSION__STALE_AFTER", "6s")
+        .env("AGENT_WORKER__SHUTDOWN__DRAIN_TIMEOUT", "0s")
+        .env("AGENT_WORKER__TELEMETRY__FORMAT", "json")
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    command
+}
+
+/// Sends `signal` to a child process.
+pub fn signal(child: &std::process::Child, signal: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal)
+        .expect("signal the child");
+}
+
+/// Waits for a child to exit (off the async runtime) and returns its output.
+pub async fn output_of(child: std::process::Child) -> std::process::Output {
+    tokio::task::spawn_blocking(move || child.wait_with_output().expect("wait for the child"))
+        .await
+        .expect("the waiting task")
+}
+
+/// The JSON events of a worker's stderr.
+pub fn events(stderr: &[u8]) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(stderr)
+        .lines()
+        .filter_map(|line| serde_json::from_str(line).ok())
+        .collect()
 }

@@ -1,0 +1,271 @@
+//! What the operator CLI reads and does: `status`, `dead list`, `dead retry`.
+//!
+//! All of it reads the same keys the worker writes (see the README's contract section); none
+//! of it needs a running worker.
+
+use std::{collections::HashMap, sync::LazyLock, time::Duration};
+
+use agent_jobs::{
+    AgentStart, QueueKeys,
+    keys::{SESSIONS_READY, SESSIONS_STARTING, WORKER_AGENTS, WORKERS},
+};
+use redis::{Script, aio::ConnectionManager};
+use serde::Serialize;
+
+static RETRY_DEAD: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("lua/retry_dead.lua")));
+
+/// Job counts of the queue.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct QueueCounts {
+    /// Ready to be fetched.
+    pub ready: u64,
+    /// Waiting for a due time (retries, foreign producers).
+    pub scheduled: u64,
+    /// Fetched by a worker, not finished.
+    pub inflight: u64,
+    /// Finished and kept (until retention trims them).
+    pub done: u64,
+    /// Failed for good.
+    pub dead: u64,
+}
+
+/// Sessions by state.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct SessionCounts {
+    /// In `session:starting`.
+    pub starting: u64,
+    /// In `session:ready`.
+    pub ready: u64,
+}
+
+/// One worker process.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct WorkerRow {
+    /// Its worker id.
+    pub id: String,
+    /// Seconds since its last presence heartbeat.
+    pub last_seen_secs: u64,
+    /// Agents it reported.
+    pub agents: u64,
+    /// Heard from within the orphan timeout.
+    pub alive: bool,
+}
+
+/// `agent-worker status`.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Status {
+    /// The queue name.
+    pub queue: String,
+    /// Job counts.
+    pub jobs: QueueCounts,
+    /// Session counts.
+    pub sessions: SessionCounts,
+    /// Worker processes, most recently seen first.
+    pub workers: Vec<WorkerRow>,
+}
+
+/// Reads the status at `now` (unix seconds); workers silent for longer than `orphan_timeout`
+/// are shown as not alive.
+pub async fn status(
+    conn: &ConnectionManager,
+    keys: &QueueKeys,
+    now: u64,
+    orphan_timeout: Duration,
+) -> redis::RedisResult<Status> {
+    let mut conn = conn.clone();
+    let runs: Vec<String> = redis::cmd("ZRANGE")
+        .arg(keys.workers())
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut conn)
+        .await?;
+    let mut pipe = redis::pipe();
+    pipe.llen(keys.active())
+        .zcard(keys.scheduled())
+        .scard(keys.done())
+        .zcard(keys.done_at())
+        .scard(keys.dead())
+        .scard(SESSIONS_STARTING)
+        .scard(SESSIONS_READY)
+        .cmd("ZRANGE")
+        .arg(WORKERS)
+        .arg(0)
+        .arg(-1)
+        .arg("WITHSCORES")
+        .hgetall(WORKER_AGENTS);
+    for run in &runs {
+        pipe.scard(keys.inflight(run));
+    }
+    let reply: Vec<redis::Value> = pipe.query_async(&mut conn).await?;
+    // Replies in the order of the pipeline above: seven counts, the workers with their
+    // presence scores, their agent counts, then one inflight count per apalis worker run.
+    let count =
+        |i: usize| -> redis::RedisResult<u64> { Ok(redis::from_redis_value_ref(&reply[i])?) };
+    let [
+        ready,
+        scheduled,
+        done_inbox,
+        done_indexed,
+        dead,
+        starting,
+        sessions_ready,
+    ] = [
+        count(0)?,
+        count(1)?,
+        count(2)?,
+        count(3)?,
+        count(4)?,
+        count(5)?,
+        count(6)?,
+    ];
+    let workers: Vec<(String, f64)> = redis::from_redis_value_ref(&reply[7])?;
+    let agents: HashMap<String, u64> = redis::from_redis_value_ref(&reply[8])?;
+    let inflight = reply[9..]
+        .iter()
+        .map(|v| redis::from_redis_value_ref::<u64>(v).unwrap_or(0))
+        .sum();
+    let mut rows: Vec<WorkerRow> = workers
+        .into_iter()
+        .map(|(id, seen)| {
+            let last_seen_secs = now.saturating_sub(seen as u64);
+            WorkerRow {
+                agents: agents.get(&id).copied().unwrap_or(0),
+                alive: last_seen_secs <= orphan_timeout.as_secs(),
+                last_seen_secs,
+                id,
+            }
+        })
+        .collect();
+    rows.sort_by_key(|row| row.last_seen_secs);
+    Ok(Status {
+        queue: keys.queue().to_owned(),
+        jobs: QueueCounts {
+            ready,
+            scheduled,
+            inflight,
+            done: done_inbox + done_indexed,
+            dead,
+        },
+        sessions: SessionCounts {
+            starting,
+            ready: sessions_ready,
+        },
+        workers: rows,
+    })
+}
+
+/// One dead job.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct DeadJob {
+    /// Its task id.
+    pub task_id: String,
+    /// The session of its payload, if the payload names a valid one.
+    pub session_id: Option<String>,
+    /// Why it failed, as stored by the worker.
+    pub error: String,
+    /// When it failed (unix seconds), if recorded.
+    pub failed_at: Option<u64>,
+}
+
+/// The most recent `limit` dead jobs, newest first.
+pub async fn dead_jobs(
+    conn: &ConnectionManager,
+    keys: &QueueKeys,
+    limit: usize,
+) -> redis::RedisResult<Vec<DeadJob>> {
+    let mut conn = conn.clone();
+    // The dead set is bounded by retention (retention.dead_max), so reading it whole is fine.
+    let ids: Vec<String> = redis::cmd("SMEMBERS")
+        .arg(keys.dead())
+        .query_async(&mut conn)
+        .await?;
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut pipe = redis::pipe();
+    for id in &ids {
+        pipe.cmd("HMGET")
+            .arg(keys.meta(id))
+            .arg("result")
+            .arg("done_at")
+            .hget(keys.data(), id);
+    }
+    let reply: Vec<redis::Value> = pipe.query_async(&mut conn).await?;
+    let mut jobs = Vec::with_capacity(ids.len());
+    for (id, pair) in ids.into_iter().zip(reply.chunks_exact(2)) {
+        let (result, done_at): (Option<String>, Option<String>) =
+            redis::from_redis_value_ref(&pair[0])?;
+        let payload: Option<Vec<u8>> = redis::from_redis_value_ref(&pair[1])?;
+        jobs.push(DeadJob {
+            session_id: payload
+                .and_then(|bytes| AgentStart::decode(&bytes).ok())
+                .map(|job| job.session_id.to_string()),
+            error: result.map(|r| error_of(&r)).unwrap_or_default(),
+            failed_at: done_at.and_then(|t| t.parse().ok()),
+            task_id: id,
+        });
+    }
+    jobs.sort_by_key(|job| std::cmp::Reverse(job.failed_at));
+    jobs.truncate(limit);
+    Ok(jobs)
+}
+
+/// The message of a stored result `{"Err":"AbortError: …"}`, or the raw text.
+fn error_of(result: &str) -> String {
+    serde_json::from_str::<serde_json::Value>(result)
+        .ok()
+        .and_then(|v| v.get("Err").and_then(|e| e.as_str()).map(str::to_owned))
+        .map(|e| e.strip_prefix("AbortError: ").unwrap_or(&e).to_owned())
+        .unwrap_or_else(|| result.to_owned())
+}
+
+/// Puts dead jobs back on the ready list as new; `None` means every dead job. Returns the ids
+/// re-queued (ids that are not dead are skipped).
+pub async fn retry_dead(
+    conn: &ConnectionManager,
+    keys: &QueueKeys,
+    ids: Option<Vec<String>>,
+) -> redis::RedisResult<Vec<String>> {
+    let mut conn = conn.clone();
+    let ids = match ids {
+        Some(ids) => ids,
+        None => {
+            redis::cmd("SMEMBERS")
+                .arg(keys.dead())
+                .query_async(&mut conn)
+                .await?
+        }
+    };
+    let mut requeued = Vec::new();
+    for chunk in ids.chunks(1000) {
+        let mut invocation = RETRY_DEAD.prepare_invoke();
+        invocation
+            .key(keys.dead())
+            .key(keys.dead_at())
+            .key(keys.active())
+            .key(keys.data())
+            .arg(keys.meta_prefix())
+            .arg(keys.wake_channel());
+        for id in chunk {
+            invocation.arg(id);
+        }
+        let done: Vec<String> = invocation.invoke_async(&mut conn).await?;
+        requeued.extend(done);
+    }
+    Ok(requeued)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stored_errors_are_unwrapped() {
+        assert_eq!(
+            error_of(r#"{"Err":"AbortError: invalid agent-start payload: x"}"#),
+            "invalid agent-start payload: x"
+        );
+        assert_eq!(error_of("plain"), "plain");
+    }
+}
