@@ -1,0 +1,367 @@
+//! Faults across processes and Redis restarts, observed end to end: no job lost, never two live
+//! agents for one session, and the metrics and readiness endpoints of a running worker.
+
+mod common;
+
+use std::{
+    collections::{HashMap, HashSet},
+    io::BufRead,
+    net::SocketAddr,
+    time::Duration,
+};
+
+use agent_jobs::{AgentStart, QueueKeys, SessionId};
+use common::*;
+use nix::sys::signal::Signal;
+use redis::{AsyncCommands, aio::ConnectionManager};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn keys() -> QueueKeys {
+    QueueKeys::new(QUEUE).unwrap()
+}
+
+/// Whether each task finished: `Some("done")`, `Some("dead")`, or `None` while it is not.
+async fn outcome(conn: &ConnectionManager, task: &str) -> Option<&'static str> {
+    if is_done(conn, task).await {
+        return Some("done");
+    }
+    is_member(conn, &keys().dead(), task)
+        .await
+        .then_some("dead")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restart_with_aof_mid_burst_loses_no_job() {
+    let mut redis =
+        TestRedis::start_with(&["--appendonly", "yes", "--appendfsync", "always"]).await;
+    let worker = TestWorker::start(redis.settings(
+        "exit-after-ready",
+        &[("AGENT_WORKER__AGENT__MAX_AGENTS", "32")],
+    ));
+    let mut tasks = Vec::new();
+    for round in 0..10 {
+        if round == 5 {
+            // Mid-burst: Redis dies and comes back from its append-only file.
+            redis.redis.stop();
+            redis.redis.restart().await.unwrap();
+        }
+        for i in 0..30 {
+            let job = AgentStart::new(sid(&format!("aof-{round}-{i}")));
+            // An enqueue that fails during the restart is retried by its producer; only
+            // acknowledged enqueues count as jobs that must not be lost.
+            let task = wait_for(
+                "an enqueue to be acknowledged",
+                Duration::from_secs(20),
+                || async {
+                    producer(&redis.conn)
+                        .enqueue(&job)
+                        .await
+                        .ok()
+                        .map(|e| e.task_id)
+                },
+            )
+            .await;
+            tasks.push(task);
+        }
+    }
+    for task in &tasks {
+        let what = format!("task {task} to finish");
+        let result = wait_for(&what, Duration::from_secs(120), || {
+            outcome(&redis.conn, task)
+        })
+        .await;
+        assert_eq!(result, "done", "task {task}");
+    }
+    worker.stop().await;
+}
+
+/// Live `test-agent` processes per session, read from /proc.
+fn live_agents() -> HashMap<String, Vec<u32>> {
+    let mut by_session: HashMap<String, Vec<u32>> = HashMap::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return by_session;
+    };
+    for entry in entries.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if !args.first().is_some_and(|a| a.ends_with("test-agent")) || !alive(pid) {
+            continue;
+        }
+        if let Some(i) = args.iter().position(|a| a == "--room") {
+            if let Some(room) = args.get(i + 1) {
+                by_session.entry(room.clone()).or_default().push(pid);
+            }
+        }
+    }
+    by_session
+}
+
+/// Three replicas, 600 session starts with agents that stay up; one replica is SIGKILLed and
+/// restarted ten times during the burst. Sampled throughout: never two live agents for one
+/// session. At the end: no session stuck in `starting`; every job done (its agent became ready
+/// at least once) or dead with a reason; sessions whose agent died with a killed replica are
+/// swept once stale; nothing left in a dead worker's in-flight set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_with_one_killed_ten_times_start_every_session_exactly_once() {
+    const SESSIONS: usize = 600;
+    let redis = TestRedis::start().await;
+    let url = redis.url();
+    let spawn = || {
+        worker_command(
+            &url,
+            &["run"],
+            "ready",
+            &[
+                ("AGENT_WORKER__AGENT__MAX_AGENTS", "400"),
+                ("AGENT_WORKER__WORKER__CONCURRENCY", "32"),
+                ("AGENT_WORKER__SWEEP__INTERVAL", "2s"),
+                // The logs of three workers over the run are not read: do not pipe them.
+                ("RUST_LOG", "warn"),
+            ],
+        )
+        .stderr(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+    };
+    let steady = [spawn(), spawn()];
+    let mut victim = spawn();
+    let ids: Vec<SessionId> = (0..SESSIONS).map(|i| sid(&format!("fault-{i}"))).collect();
+    let mut tasks = Vec::new();
+    let mut kills = 0;
+    let mut violations = Vec::new();
+    for (n, chunk) in ids.chunks(SESSIONS / 20).enumerate() {
+        let jobs: Vec<AgentStart> = chunk.iter().map(|id| AgentStart::new(id.clone())).collect();
+        for enqueued in producer(&redis.conn).enqueue_many(&jobs).await.unwrap() {
+            tasks.push(enqueued.task_id);
+        }
+        // Every other chunk, at a moment that depends on how far the burst got: kill the
+        // victim replica (its agents die with it) and start it again.
+        if n % 2 == 1 && kills < 10 {
+            signal(&victim, Signal::SIGKILL);
+            victim.wait().unwrap();
+            victim = spawn();
+            kills += 1;
+        }
+        for (session, pids) in live_agents() {
+            if pids.len() > 1 {
+                violations.push((session, pids));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100 + 37 * (n as u64 % 5))).await;
+    }
+    assert_eq!(kills, 10);
+
+    // Every job finishes: done or dead with a reason. Sample the one-agent rule meanwhile.
+    let mut pending: HashSet<String> = tasks.iter().cloned().collect();
+    let mut dead = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(240);
+    while !pending.is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} jobs unfinished after 240 s",
+            pending.len()
+        );
+        for (session, pids) in live_agents() {
+            if pids.len() > 1 {
+                violations.push((session, pids));
+            }
+        }
+        let mut finished = Vec::new();
+        for task in &pending {
+            match outcome(&redis.conn, task).await {
+                Some("dead") => {
+                    finished.push(task.clone());
+                    dead.push(task.clone());
+                }
+                Some(_) => finished.push(task.clone()),
+                None => {}
+            }
+        }
+        for task in finished {
+            pending.remove(&task);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        violations.is_empty(),
+        "two live agents for one session: {violations:?}"
+    );
+    for task in &dead {
+        let result = hget(&redis.conn, &keys().meta(task), "result")
+            .await
+            .unwrap_or_default();
+        assert!(!result.is_empty(), "dead job {task} has a reason");
+    }
+
+    // No session stuck in `starting`; each is ready with exactly one live agent, or (its
+    // agent died with a killed replica) swept once stale.
+    wait_for(
+        "no session starting, and no stale session left",
+        Duration::from_secs(60),
+        || async {
+            let starting: u64 = redis.conn.clone().scard("session:starting").await.unwrap();
+            let live = live_agents();
+            let mut stale = 0;
+            for id in &ids {
+                let status = status(&redis.conn, id).await;
+                let agents = live.get(id.as_str()).map_or(0, Vec::len);
+                match status.as_deref() {
+                    Some("ready") if agents == 1 => {}
+                    None if agents == 0 => {}
+                    _ => stale += 1,
+                }
+            }
+            (starting == 0 && stale == 0).then_some(())
+        },
+    )
+    .await;
+
+    // Nothing is left in the in-flight set of a dead replica.
+    let runs: Vec<String> = redis
+        .conn
+        .clone()
+        .zrange(keys().workers(), 0, -1)
+        .await
+        .unwrap();
+    let mut left = 0u64;
+    let inflight_keys: Vec<String> = redis
+        .conn
+        .clone()
+        .keys(format!("{}:inflight:*", QUEUE))
+        .await
+        .unwrap();
+    for key in inflight_keys {
+        let run = key.rsplit(':').next().unwrap().to_owned();
+        if !runs.contains(&run) {
+            let n: u64 = redis.conn.clone().scard(&key).await.unwrap();
+            left += n;
+        }
+    }
+    assert_eq!(left, 0, "jobs stranded in a dead worker's in-flight set");
+
+    for mut worker in steady.into_iter().chain([victim]) {
+        signal(&worker, Signal::SIGTERM);
+        let _ = tokio::task::spawn_blocking(move || worker.wait()).await;
+    }
+}
+
+async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let code = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (code, response)
+}
+
+/// The value of the first sample of `series` (with its labels) in a Prometheus text page.
+fn sample(page: &str, series: &str) -> Option<f64> {
+    page.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with([' ', '{']))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_worker_serves_metrics_that_move_with_jobs_and_readiness() {
+    let mut redis = TestRedis::start().await;
+    let mut worker = worker_command(&redis.url(), &["run"], "ready", &[])
+        .spawn()
+        .unwrap();
+    // The worker logs where it listens (port 0 was asked for).
+    let stderr = worker.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let addr: SocketAddr = tokio::task::spawn_blocking(move || {
+        rx.iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(&l).ok())
+            .find(|e| e["message"] == "http_listening")
+            .and_then(|e| e["addr"].as_str().and_then(|a| a.parse().ok()))
+            .expect("the worker logs http_listening")
+    })
+    .await
+    .unwrap();
+
+    wait_for("/readyz 200", Duration::from_secs(10), || async {
+        (http_get(addr, "/readyz").await.0 == 200).then_some(())
+    })
+    .await;
+    assert_eq!(http_get(addr, "/healthz").await.0, 200);
+    let id = sid("metrics-1");
+    let task = enqueue(&redis.conn, &id, None).await;
+    wait_done(&redis.conn, &task, Duration::from_secs(20)).await;
+    let page = wait_for(
+        "the job in the metrics",
+        Duration::from_secs(10),
+        || async {
+            let (_, page) = http_get(addr, "/metrics").await;
+            (sample(&page, "agent_worker_jobs_total{outcome=\"done\"}") == Some(1.0))
+                .then_some(page)
+        },
+    )
+    .await;
+    assert_eq!(
+        sample(&page, "agent_worker_agent_startup_seconds_count"),
+        Some(1.0)
+    );
+    assert_eq!(sample(&page, "agent_worker_agents_live"), Some(1.0));
+    for series in [
+        "agent_worker_job_duration_seconds_count",
+        "agent_worker_queue_depth",
+        "agent_worker_sweep_runs_total",
+        "agent_worker_sweep_sessions_removed_total",
+    ] {
+        assert!(page.contains(series), "{series} missing from /metrics");
+    }
+
+    // Redis goes away: not ready within 5 s; back: ready again.
+    redis.redis.stop();
+    wait_for("/readyz 503", Duration::from_secs(5), || async {
+        (http_get(addr, "/readyz").await.0 == 503).then_some(())
+    })
+    .await;
+    wait_for(
+        "the probe to see Redis down",
+        Duration::from_secs(5),
+        || async {
+            let (_, page) = http_get(addr, "/metrics").await;
+            (sample(&page, "agent_worker_redis_up") == Some(0.0)).then_some(())
+        },
+    )
+    .await;
+    redis.redis.restart().await.unwrap();
+    wait_for("/readyz 200 again", Duration::from_secs(20), || async {
+        (http_get(addr, "/readyz").await.0 == 200).then_some(())
+    })
+    .await;
+    // The outage was counted.
+    let (_, page) = http_get(addr, "/metrics").await;
+    assert!(
+        sample(&page, "agent_worker_redis_errors_total{op=\"ping\"}").is_some_and(|n| n >= 1.0),
+        "{page}"
+    );
+    assert_eq!(sample(&page, "agent_worker_redis_up"), Some(1.0));
+    signal(&worker, Signal::SIGTERM);
+    let _ = output_of(worker).await;
+}
