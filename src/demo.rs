@@ -6,20 +6,14 @@
 //! atomic call, waits until both agents are ready, prints the voice each agent actually
 //! received (read from the agent's own output in `agent:<id>:logs`), then ends both sessions.
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{path::PathBuf, time::Duration};
 
 use agent_jobs::{AgentStart, Producer, QueueKeys, SessionConfigInput, SessionId, SessionKeys};
 use anyhow::{Context, bail};
 use redis::{AsyncCommands, aio::ConnectionManager};
 use tokio::time::Instant;
 
-use crate::{
-    connection,
-    launcher::{Launcher, ProcessLauncher},
-    local_redis::LocalRedis,
-    settings::Settings,
-    worker,
-};
+use crate::{connection, local_redis::LocalRedis, settings::Settings, worker};
 
 /// The user of the seed scenario.
 pub const DEMO_USER: &str = "test_concurrent_user";
@@ -58,16 +52,9 @@ pub async fn run(mut settings: Settings) -> anyhow::Result<()> {
     }
 
     let shutdown = worker::Shutdown::new();
-    let agent = settings.agent.clone();
     let worker = tokio::spawn(worker::run(
         settings.clone(),
-        Box::new(move |output| {
-            Arc::new(ProcessLauncher::new(
-                agent.ready_patterns,
-                agent.startup_timeout,
-                output,
-            )) as Arc<dyn Launcher>
-        }),
+        worker::process_launcher(&settings.agent),
         shutdown.clone(),
     ));
 

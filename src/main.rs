@@ -4,9 +4,7 @@ use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
 use agent_jobs::{AgentStart, Producer, QueueKeys, SessionConfigInput, SessionId};
 use agent_worker::{
-    connection, demo,
-    launcher::{Launcher, ProcessLauncher},
-    observability, operator,
+    connection, demo, observability, operator,
     session::{SessionStore, unix_now},
     settings::Settings,
     sweep::{self as stale, StaleSessionSweep},
@@ -167,20 +165,8 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     .with_context(|| format!("cannot listen on http.addr {}", settings.http.addr))?;
     let shutdown = worker::Shutdown::new();
     tokio::spawn(stop_on_signals(shutdown.clone(), health.clone()));
-    let agent = settings.agent.clone();
-    worker::run_with_health(
-        settings,
-        Box::new(move |output| {
-            Arc::new(ProcessLauncher::new(
-                agent.ready_patterns,
-                agent.startup_timeout,
-                output,
-            )) as Arc<dyn Launcher>
-        }),
-        shutdown,
-        health,
-    )
-    .await;
+    let launcher = worker::process_launcher(&settings.agent);
+    worker::run_with_health(settings, launcher, shutdown, health).await;
     http_stop.cancel();
     server.stopped().await?;
     Ok(())

@@ -35,13 +35,13 @@ use crate::{
     agent_start::{self, AgentStartJob, RawCodec, RawJob},
     capacity::{Capacity, CapacityLayer},
     connection,
-    launcher::{Launcher, OutputSink},
+    launcher::{Launcher, OutputSink, ProcessLauncher},
     logs,
     observability::{self, Health},
     queue::QueueOps,
     retention::{self, Retention},
     session::{SessionStore, unix_now},
-    settings::Settings,
+    settings::{AgentSettings, Settings},
     supervisor::{RetryPolicy, Supervisor},
     sweep::{self, StaleSessionSweep, TickLease},
     wake::{self, WakeHub},
@@ -66,6 +66,13 @@ pub fn worker_id() -> String {
 
 /// Builds the launcher from settings, given the sink for agent output.
 pub type LauncherFactory = Box<dyn FnOnce(OutputSink) -> Arc<dyn Launcher> + Send>;
+
+/// The real launcher: agent processes, judged ready by `agent.ready_patterns` within
+/// `agent.startup_timeout`.
+pub fn process_launcher(agent: &AgentSettings) -> LauncherFactory {
+    let (patterns, timeout) = (agent.ready_patterns.clone(), agent.startup_timeout);
+    Box::new(move |output| Arc::new(ProcessLauncher::new(patterns, timeout, output)))
+}
 
 /// How a running worker is asked to stop.
 #[derive(Debug, Clone, Default)]

@@ -175,16 +175,7 @@ async fn a_never_ready_agent_is_killed_with_its_whole_process_group() {
     let id = sid("group-kill-1");
     let task = enqueue(&redis.conn, &id, None).await;
     wait_dead(&redis.conn, &task).await;
-    let logs: Vec<String> = redis
-        .conn
-        .clone()
-        .lrange(SessionKeys::new(&id).agent_logs(), 0, -1)
-        .await
-        .unwrap();
-    let child: u32 = logs
-        .iter()
-        .find_map(|l| l.strip_prefix("child=").and_then(|p| p.parse().ok()))
-        .expect("the agent reported its child");
+    let child = logged_pid(&redis.conn, &id, "child=").await;
     wait_for(
         "the agent's child to be killed",
         Duration::from_secs(5),
@@ -210,16 +201,7 @@ async fn an_agent_that_closes_its_output_and_hangs_times_out_and_is_killed() {
     let task = enqueue(&redis.conn, &id, None).await;
     let result = wait_dead(&redis.conn, &task).await;
     assert!(result.contains("no ready line within 1s"), "{result}");
-    let logs: Vec<String> = redis
-        .conn
-        .clone()
-        .lrange(SessionKeys::new(&id).agent_logs(), 0, -1)
-        .await
-        .unwrap();
-    let pid: u32 = logs
-        .iter()
-        .find_map(|l| l.strip_prefix("pid=").and_then(|p| p.parse().ok()))
-        .expect("the agent reported its pid");
+    let pid = logged_pid(&redis.conn, &id, "pid=").await;
     wait_for(
         "the silent agent to be killed",
         Duration::from_secs(5),
@@ -243,16 +225,7 @@ async fn processes_left_by_an_agent_that_exited_are_killed() {
     let id = sid("straggler-1");
     let task = enqueue(&redis.conn, &id, None).await;
     wait_dead(&redis.conn, &task).await;
-    let logs: Vec<String> = redis
-        .conn
-        .clone()
-        .lrange(SessionKeys::new(&id).agent_logs(), 0, -1)
-        .await
-        .unwrap();
-    let child: u32 = logs
-        .iter()
-        .find_map(|l| l.strip_prefix("child=").and_then(|p| p.parse().ok()))
-        .expect("the agent reported its child");
+    let child = logged_pid(&redis.conn, &id, "child=").await;
     wait_for(
         "the agent's leftover child to be killed",
         Duration::from_secs(5),
@@ -289,4 +262,20 @@ async fn shutdown_during_a_failing_start_makes_no_further_attempts() {
         .count();
     assert_eq!(attempts, 1, "no retry after the shutdown began: {logs:?}");
     assert_eq!(status(&redis.conn, &id).await.as_deref(), Some("error"));
+}
+
+/// A pid the agent printed as `<prefix><pid>` (the shell agents of these tests report theirs).
+async fn logged_pid(
+    conn: &redis::aio::ConnectionManager,
+    id: &agent_jobs::SessionId,
+    prefix: &str,
+) -> u32 {
+    let logs: Vec<String> = conn
+        .clone()
+        .lrange(SessionKeys::new(id).agent_logs(), 0, -1)
+        .await
+        .unwrap();
+    logs.iter()
+        .find_map(|l| l.strip_prefix(prefix).and_then(|p| p.parse().ok()))
+        .unwrap_or_else(|| panic!("the agent printed no {prefix}: {logs:?}"))
 }

@@ -5,7 +5,6 @@ mod common;
 
 use std::{
     collections::HashMap,
-    process::{Command, Stdio},
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -53,29 +52,8 @@ async fn backdate(conn: &ConnectionManager, id: &SessionId, secs: u64) {
         .unwrap();
 }
 
-fn worker_command(url: &str, args: &[&str], env: &[(&str, &str)]) -> Command {
-    let mut command = Command::new(WORKER_BIN);
-    command
-        .args(args)
-        .env_remove("RUST_LOG")
-        .env_remove("REDIS_URL")
-        .env("AGENT_WORKER__REDIS__URL", url)
-        // Several workers per test machine: no fixed metrics port.
-        .env("AGENT_WORKER__HTTP__ADDR", "127.0.0.1:0")
-        .env(
-            "AGENT_WORKER__AGENT__COMMAND",
-            format!("{TEST_AGENT},--behaviour,ready"),
-        )
-        .env("AGENT_WORKER__AGENT__STARTUP_TIMEOUT", "2s")
-        .env("AGENT_WORKER__SESSION__HEARTBEAT_INTERVAL", "1s")
-        .env("AGENT_WORKER__SESSION__STALE_AFTER", "3s")
-        .env("AGENT_WORKER__TELEMETRY__FORMAT", "json")
-        .env("AGENT_WORKER__SHUTDOWN__DRAIN_TIMEOUT", "0s")
-        .envs(env.iter().copied())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    command
+fn worker_command(url: &str, args: &[&str], env: &[(&str, &str)]) -> std::process::Command {
+    common::worker_command(url, args, "ready", env)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

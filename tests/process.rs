@@ -3,41 +3,16 @@
 
 mod common;
 
-use std::{
-    process::{Child, Command, Stdio},
-    time::Duration,
-};
+use std::{process::Command, time::Duration};
 
 use agent_jobs::{QueueKeys, SessionKeys};
 use agent_worker::{connection, local_redis::LocalRedis};
 use common::*;
-use nix::{sys::signal::Signal, unistd::Pid};
+use nix::sys::signal::Signal;
 use redis::AsyncCommands;
 
 fn worker_process(url: &str, behaviour: &str, extra: &[(&str, &str)]) -> Command {
-    let mut command = Command::new(WORKER_BIN);
-    command
-        .arg("run")
-        .env_remove("RUST_LOG")
-        .env_remove("REDIS_URL")
-        .env("AGENT_WORKER__REDIS__URL", url)
-        // Several workers per test machine: no fixed metrics port.
-        .env("AGENT_WORKER__HTTP__ADDR", "127.0.0.1:0")
-        .env(
-            "AGENT_WORKER__AGENT__COMMAND",
-            format!("{TEST_AGENT},--behaviour,{behaviour}"),
-        )
-        .env("AGENT_WORKER__AGENT__STOP_GRACE", "2s")
-        .env("AGENT_WORKER__SHUTDOWN__DRAIN_TIMEOUT", "0s")
-        .envs(extra.iter().copied())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    command
-}
-
-fn signal(child: &Child, signal: Signal) {
-    nix::sys::signal::kill(Pid::from_raw(child.id() as i32), signal).unwrap();
+    common::worker_command(url, &["run"], behaviour, extra)
 }
 
 async fn agent_pid(conn: &redis::aio::ConnectionManager, id: &agent_jobs::SessionId) -> u32 {

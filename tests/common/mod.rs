@@ -6,18 +6,11 @@ use std::{
     collections::HashMap,
     future::Future,
     process::{Command, Stdio},
-    sync::Arc,
     time::{Duration, Instant},
 };
 
 use agent_jobs::{AgentStart, Producer, QueueKeys, SessionConfigInput, SessionId, SessionKeys};
-use agent_worker::{
-    connection,
-    launcher::{Launcher, ProcessLauncher},
-    local_redis::LocalRedis,
-    settings::Settings,
-    worker,
-};
+use agent_worker::{connection, local_redis::LocalRedis, settings::Settings, worker};
 use redis::{AsyncCommands, aio::ConnectionManager};
 use tokio::task::JoinHandle;
 
@@ -89,18 +82,8 @@ pub struct TestWorker {
 impl TestWorker {
     pub fn start(settings: Settings) -> Self {
         let shutdown = worker::Shutdown::new();
-        let agent = settings.agent.clone();
-        let task = tokio::spawn(worker::run(
-            settings,
-            Box::new(move |output| {
-                Arc::new(ProcessLauncher::new(
-                    agent.ready_patterns,
-                    agent.startup_timeout,
-                    output,
-                )) as Arc<dyn Launcher>
-            }),
-            shutdown.clone(),
-        ));
+        let launcher = worker::process_launcher(&settings.agent);
+        let task = tokio::spawn(worker::run(settings, launcher, shutdown.clone()));
         Self {
             shutdown,
             task: Some(task),
