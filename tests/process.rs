@@ -246,3 +246,69 @@ async fn the_enqueue_command_writes_the_config_and_prints_the_task_id() {
         "{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_started_before_redis_waits_for_it_then_works() {
+    let mut redis = TestRedis::start().await;
+    redis.redis.stop();
+    let mut worker = worker_process(&redis.url(), "ready", &[]).spawn().unwrap();
+    // Follow the log until the worker has found Redis missing at least once.
+    let stderr = worker.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let rx = tokio::task::spawn_blocking(move || {
+        let first = rx
+            .iter()
+            .find(|l| l.contains("redis_unreachable"))
+            .expect("the worker reports Redis unreachable");
+        (first, rx)
+    });
+    let (_, rx) = tokio::time::timeout(Duration::from_secs(10), rx)
+        .await
+        .expect("the worker tried to connect")
+        .unwrap();
+    // It keeps retrying with back-off (several attempts fit in this window) without exiting.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        worker.try_wait().unwrap().is_none(),
+        "the worker must not exit"
+    );
+    redis.redis.restart().await.unwrap();
+    let id = sid("after-late-redis");
+    wait_for(
+        "an enqueue once Redis is up",
+        Duration::from_secs(10),
+        || async {
+            let job = agent_jobs::AgentStart::new(id.clone());
+            common::producer(&redis.conn).enqueue(&job).await.ok()
+        },
+    )
+    .await;
+    wait_status(&redis.conn, &id, "ready", Duration::from_secs(20)).await;
+    signal(&worker, Signal::SIGTERM);
+    let status = tokio::task::spawn_blocking(move || worker.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success());
+    // The reader thread ends at EOF, after the worker exited: collect everything it read.
+    let rest: Vec<String> = tokio::task::spawn_blocking(move || rx.iter().collect())
+        .await
+        .unwrap();
+    let again = rest
+        .iter()
+        .filter(|l| l.contains("redis_unreachable"))
+        .count();
+    assert_eq!(
+        again, 0,
+        "one log line per outage, not one per attempt: {rest:?}"
+    );
+    assert!(rest.iter().any(|l| l.contains("redis_reachable")));
+}
