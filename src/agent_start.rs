@@ -13,7 +13,7 @@ use std::{
 };
 
 use agent_jobs::{AgentStart, PayloadError, QueueKeys};
-use apalis::prelude::{AbortError, BoxDynError, Codec, Data, TaskId};
+use apalis::prelude::{AbortError, Attempt, BoxDynError, Codec, Data, TaskId};
 use futures::FutureExt;
 use redis::{Script, aio::ConnectionManager};
 use tracing::Instrument;
@@ -24,6 +24,10 @@ use crate::{
     session::{SessionConfig, SessionError, SessionStore},
     supervisor::{StartError, StartOutcome, StartRequest, Supervisor},
 };
+
+/// The attempt at which apalis-redis 1.0 stops rescheduling a failed job (hard-coded in its
+/// `handle_results.lua`).
+const LAST_BACKEND_ATTEMPT: usize = 25;
 
 /// The stored bytes of a job, not yet decoded.
 #[derive(Debug, Clone)]
@@ -101,13 +105,19 @@ impl std::fmt::Debug for AgentStartJob {
 }
 
 impl AgentStartJob {
-    /// Runs one job: decode, load config, start (or find) the agent.
-    pub async fn run(&self, raw: &[u8], task_id: &str) -> Result<StartOutcome, JobError> {
+    /// Runs one job: decode, load config, start (or find) the agent. On the `last` attempt the
+    /// backend allows, every failure is final.
+    pub async fn run(
+        &self,
+        raw: &[u8],
+        task_id: &str,
+        last: bool,
+    ) -> Result<StartOutcome, JobError> {
         let job = AgentStart::decode(raw)?;
         tracing::Span::current().record("session_id", job.session_id.as_str());
         let result = self.start(&job, task_id).await;
         if let Err(error) = &result
-            && error.is_permanent()
+            && (last || error.is_permanent())
         {
             self.release_idempotency(&job, task_id).await;
         }
@@ -199,6 +209,7 @@ impl AgentStartJob {
 pub async fn handle(
     job: RawJob,
     task_id: TaskId,
+    attempt: Attempt,
     ctx: Data<Arc<AgentStartJob>>,
 ) -> Result<(), BoxDynError> {
     let started = std::time::Instant::now();
@@ -211,7 +222,10 @@ pub async fn handle(
     // A panic must fail this job, not the worker and every job fetched with it. (apalis's
     // catch_panic layer does the same, but its handler type defeats the Send inference of
     // the worker future.)
-    let run = AssertUnwindSafe(ctx.run(&job.0, &task_id)).catch_unwind();
+    // apalis-redis gives up on a job after 25 attempts, moving it to the dead set as `Failed`;
+    // our last one aborts instead, so it is dead with a reason and its session is released.
+    let last = attempt.current() >= LAST_BACKEND_ATTEMPT;
+    let run = AssertUnwindSafe(ctx.run(&job.0, &task_id, last)).catch_unwind();
     let result = match run.instrument(span.clone()).await {
         Ok(result) => result,
         Err(panic) => {
@@ -229,7 +243,7 @@ pub async fn handle(
     };
     let outcome = match &result {
         Ok(_) => JobOutcome::Done,
-        Err(error) if error.is_permanent() => JobOutcome::Dead,
+        Err(error) if last || error.is_permanent() => JobOutcome::Dead,
         Err(_) => JobOutcome::Retried,
     };
     observability::job_finished(outcome, started.elapsed());
@@ -243,7 +257,7 @@ pub async fn handle(
                     "agent_start_failed"
                 )
             });
-            if error.is_permanent() {
+            if last || error.is_permanent() {
                 Err(Box::new(AbortError::new(error)))
             } else {
                 Err(Box::new(error))

@@ -5,9 +5,12 @@
 //! fetches, so a replica at capacity fetches nothing and the jobs stay in the queue for replicas
 //! with room. It resumes as soon as one of its agents exits (the supervisor wakes it).
 //!
-//! What counts against the limit: jobs being handled (a start in progress, or a duplicate being
-//! resolved) plus agents running. An agent that just became ready is counted twice until its
-//! job completes a moment later, which errs on the side of not over-committing. A fetched job
+//! What counts against the limit: agents running, plus starts in progress counted as the larger
+//! of jobs being handled and launches under way. A job normally has one launch; a launch whose
+//! job was dropped (the job worker died on a Redis error) still counts, and a job that has not
+//! reached its launch yet (reading the config) counts too. An agent that just became ready is
+//! counted twice until its job completes a moment later, which errs on the side of not
+//! over-committing. A fetched job
 //! must be startable at once, so the worker fetches one job per round trip when this gate is
 //! on (see `worker.batch_size`).
 
@@ -29,6 +32,7 @@ use tower::{Layer, Service};
 pub struct Capacity {
     max: usize,
     jobs: AtomicUsize,
+    launches: AtomicUsize,
     agents: AtomicUsize,
     waker: AtomicWaker,
 }
@@ -39,6 +43,7 @@ impl Capacity {
         Arc::new(Self {
             max,
             jobs: AtomicUsize::new(0),
+            launches: AtomicUsize::new(0),
             agents: AtomicUsize::new(0),
             waker: AtomicWaker::new(),
         })
@@ -52,6 +57,17 @@ impl Capacity {
     /// Agents running now.
     pub fn agents(&self) -> usize {
         self.agents.load(Ordering::SeqCst)
+    }
+
+    /// A launch began.
+    pub fn launch_started(&self) {
+        self.launches.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// A launch ended (its agent is ready, or it failed).
+    pub fn launch_ended(&self) {
+        self.launches.fetch_sub(1, Ordering::SeqCst);
+        self.waker.wake();
     }
 
     /// An agent became ready.
@@ -69,7 +85,11 @@ impl Capacity {
         // Register before checking, so an exit between the check and the registration still
         // wakes us.
         self.waker.register(cx.waker());
-        if self.jobs.load(Ordering::SeqCst) + self.agents.load(Ordering::SeqCst) < self.max {
+        let starting = self
+            .jobs
+            .load(Ordering::SeqCst)
+            .max(self.launches.load(Ordering::SeqCst));
+        if starting + self.agents.load(Ordering::SeqCst) < self.max {
             Poll::Ready(())
         } else {
             Poll::Pending
@@ -170,6 +190,11 @@ mod tests {
         capacity.agent_started();
         assert!(capacity.poll_room(&mut cx).is_pending());
         capacity.agent_exited();
+        assert!(capacity.poll_room(&mut cx).is_ready());
+        // A launch whose job is gone still takes room.
+        capacity.launch_started();
+        assert!(capacity.poll_room(&mut cx).is_pending());
+        capacity.launch_ended();
         assert!(capacity.poll_room(&mut cx).is_ready());
     }
 }

@@ -6,7 +6,10 @@
 //! waits for Redis with back-off instead of exiting, so a worker that boots before Redis does
 //! not crash-loop.
 
-use std::time::Duration;
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
 
 use redis::{
     Client,
@@ -15,6 +18,36 @@ use redis::{
 use tokio_util::sync::CancellationToken;
 
 use crate::settings::RedisSettings;
+
+/// When this process last saw Redis fail. Liveness in Redis is judged from heartbeats that
+/// nobody can write during an outage; right after one, every worker looks dead. Takeovers and
+/// sweeps wait until this process has been connected long enough for live workers to have
+/// heartbeated again. Cheap to clone; shared by everything that talks to Redis.
+#[derive(Debug, Clone, Default)]
+pub struct RedisHealth {
+    last_failure: Arc<Mutex<Option<Instant>>>,
+}
+
+impl RedisHealth {
+    /// No failure seen yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Redis just failed.
+    pub fn failed(&self) {
+        *self.last_failure.lock().expect("health lock") = Some(Instant::now());
+    }
+
+    /// How long Redis has answered since the last failure this process saw (`Duration::MAX`
+    /// if it saw none).
+    pub fn connected_for(&self) -> Duration {
+        self.last_failure
+            .lock()
+            .expect("health lock")
+            .map_or(Duration::MAX, |at| at.elapsed())
+    }
+}
 
 /// Opens a client for the configured URL (no I/O yet).
 pub fn client(settings: &RedisSettings) -> redis::RedisResult<Client> {
@@ -39,6 +72,7 @@ pub async fn connect(settings: &RedisSettings) -> redis::RedisResult<ConnectionM
 /// A streak of failures is logged once when it starts and once when it ends, not per attempt.
 pub async fn connect_with_retry(
     settings: &RedisSettings,
+    health: &RedisHealth,
     shutdown: &CancellationToken,
 ) -> Option<ConnectionManager> {
     let mut delay = Duration::from_millis(100);
@@ -56,6 +90,7 @@ pub async fn connect_with_retry(
                 return Some(conn);
             }
             Err(error) => {
+                health.failed();
                 if failures == 0 {
                     tracing::warn!(
                         redis = %settings.url,

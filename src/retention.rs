@@ -105,16 +105,11 @@ impl Retention {
         }
         let done_cutoff = now.saturating_sub(self.done_after.as_secs());
         report.done_deleted = self
-            .trim_older(&self.keys.done_at(), &self.keys.done(), "Done", done_cutoff)
+            .trim_older(&self.keys.done_at(), &self.keys.done(), "done", done_cutoff)
             .await?;
         let dead_cutoff = now.saturating_sub(self.dead_after.as_secs());
         report.dead_deleted = self
-            .trim_older(
-                &self.keys.dead_at(),
-                &self.keys.dead(),
-                "Killed",
-                dead_cutoff,
-            )
+            .trim_older(&self.keys.dead_at(), &self.keys.dead(), "dead", dead_cutoff)
             .await?;
         loop {
             let count: usize = redis::cmd("ZCARD")
@@ -132,7 +127,7 @@ impl Retention {
                 .query_async(&mut conn)
                 .await?;
             report.dead_deleted += self
-                .delete(&self.keys.dead_at(), &self.keys.dead(), "Killed", &oldest)
+                .delete(&self.keys.dead_at(), &self.keys.dead(), "dead", &oldest)
                 .await?;
         }
         report.duration = started.elapsed();
@@ -143,7 +138,7 @@ impl Retention {
         &self,
         index: &str,
         set: &str,
-        status: &str,
+        kind: &str,
         cutoff: u64,
     ) -> redis::RedisResult<u64> {
         let mut deleted = 0;
@@ -160,7 +155,7 @@ impl Retention {
             if ids.is_empty() {
                 return Ok(deleted);
             }
-            deleted += self.delete(index, set, status, &ids).await?;
+            deleted += self.delete(index, set, kind, &ids).await?;
             if ids.len() < BATCH {
                 return Ok(deleted);
             }
@@ -171,7 +166,7 @@ impl Retention {
         &self,
         index: &str,
         set: &str,
-        status: &str,
+        kind: &str,
         ids: &[String],
     ) -> redis::RedisResult<u64> {
         if ids.is_empty() {
@@ -183,7 +178,7 @@ impl Retention {
             .key(set)
             .key(self.keys.data())
             .arg(self.keys.meta_prefix())
-            .arg(status);
+            .arg(kind);
         for id in ids {
             invocation.arg(id);
         }

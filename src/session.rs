@@ -21,6 +21,8 @@ use agent_jobs::{
 };
 use redis::{Script, Value, aio::ConnectionManager};
 
+use crate::connection::RedisHealth;
+
 static WRITE_DEFAULT: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/write_default_config.lua")));
 static HEARTBEAT: LazyLock<Script> =
@@ -29,6 +31,8 @@ static APPEND_LOGS: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/append_logs.lua")));
 static CLAIM: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/claim_session.lua")));
+static MARK_READY: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("lua/mark_ready.lua")));
 static REMOVE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/remove_sessions.lua")));
 
@@ -70,7 +74,12 @@ pub enum Claim {
     /// The session is ours and marked `starting`.
     Claimed,
     /// Another live worker owns it.
-    HeldBy(String),
+    HeldBy {
+        /// That worker's id.
+        owner: String,
+        /// True when its agent is ready; false while it is still starting.
+        ready: bool,
+    },
 }
 
 /// Linux refuses a single argv or environment string of 128 KiB or more (`MAX_ARG_STRLEN`).
@@ -182,6 +191,7 @@ pub struct SessionStore {
     default_voice: String,
     log_lines: usize,
     worker_timeout: Duration,
+    redis_health: RedisHealth,
 }
 
 impl std::fmt::Debug for SessionStore {
@@ -215,7 +225,15 @@ impl SessionStore {
             default_voice: default_voice.into(),
             log_lines,
             worker_timeout: Duration::from_secs(15),
+            redis_health: RedisHealth::new(),
         }
+    }
+
+    /// Judge other workers' liveness only after this process has been connected for a while
+    /// (see [`RedisHealth`]).
+    pub fn redis_health(mut self, health: RedisHealth) -> Self {
+        self.redis_health = health;
+        self
     }
 
     /// How long a worker may be silent before its sessions can be taken over
@@ -345,7 +363,7 @@ impl SessionStore {
             .key(WORKERS)
             .arg(worker_id)
             .arg(now)
-            .arg(now.saturating_sub(self.worker_timeout.as_secs()))
+            .arg(self.owner_dead_before(now))
             .arg(self.ttl_secs())
             .arg(id.as_str())
             .arg("status")
@@ -357,15 +375,28 @@ impl SessionStore {
         if let Some(user) = user_id {
             invocation.arg("userId").arg(user);
         }
-        let (claimed, owner): (i64, String) = invocation
+        let (claimed, owner, status): (i64, String, String) = invocation
             .invoke_async(&mut self.conn.clone())
             .await
             .map_err(|source| SessionError::Redis { key: state, source })?;
         Ok(if claimed == 1 {
             Claim::Claimed
         } else {
-            Claim::HeldBy(owner)
+            Claim::HeldBy {
+                owner,
+                ready: status == "ready",
+            }
         })
+    }
+
+    /// Presence older than this (unix seconds) means its worker is dead. Right after this process
+    /// was cut off from Redis, every other worker's presence is stale too (nobody could write
+    /// it): no takeover until the others had `worker_timeout` to write theirs again.
+    fn owner_dead_before(&self, now: u64) -> u64 {
+        if self.redis_health.connected_for() < self.worker_timeout {
+            return 0;
+        }
+        now.saturating_sub(self.worker_timeout.as_secs())
     }
 
     /// Presence heartbeat of this worker: `agent-worker:workers` (liveness, read by claims and
@@ -397,48 +428,36 @@ impl SessionStore {
     }
 
     /// Status `ready`, with the agent's pid and start-up time; writes `agent:<id>:pid` and
-    /// `agent:<id>:health`.
+    /// `agent:<id>:health`. Only if `worker_id` still owns the session (`lua/mark_ready.lua`):
+    /// returns false when another worker has taken it over.
     pub async fn mark_ready(
         &self,
         id: &SessionId,
+        worker_id: &str,
         pid: u32,
         pgid: u32,
         startup: Duration,
-    ) -> Result<(), SessionError> {
+    ) -> Result<bool, SessionError> {
         let keys = SessionKeys::new(id);
         let state = keys.state();
-        let now = unix_now().to_string();
-        let ttl = self.ttl_secs();
-        let mut pipe = redis::pipe();
-        pipe.hset_multiple(
-            &state,
-            &[
-                ("status", "ready"),
-                ("agentPid", &pid.to_string()),
-                ("agentPgid", &pgid.to_string()),
-                ("startupTime", &format!("{:.3}", startup.as_secs_f64())),
-                ("lastActive", &now),
-            ],
-        )
-        .ignore()
-        .expire(&state, ttl as i64)
-        .ignore()
-        .srem(SESSIONS_STARTING, id.as_str())
-        .ignore()
-        .sadd(SESSIONS_READY, id.as_str())
-        .ignore()
-        .set_ex(keys.agent_pid(), pid, ttl)
-        .ignore()
-        .hset_multiple(
-            keys.agent_health(),
-            &[("last_check", now.as_str()), ("status", "ready")],
-        )
-        .ignore()
-        .expire(keys.agent_health(), ttl as i64)
-        .ignore()
-        .zadd(SESSION_HEARTBEATS, id.as_str(), &now)
-        .ignore();
-        self.run(pipe, state).await
+        let recorded: i64 = MARK_READY
+            .key(&state)
+            .key(SESSIONS_STARTING)
+            .key(SESSIONS_READY)
+            .key(keys.agent_pid())
+            .key(keys.agent_health())
+            .key(SESSION_HEARTBEATS)
+            .arg(worker_id)
+            .arg(unix_now())
+            .arg(self.ttl_secs())
+            .arg(id.as_str())
+            .arg(pid)
+            .arg(pgid)
+            .arg(format!("{:.3}", startup.as_secs_f64()))
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(|source| SessionError::Redis { key: state, source })?;
+        Ok(recorded == 1)
     }
 
     /// Records a failed launch attempt that will be retried, as `lastError`; the status stays

@@ -96,6 +96,9 @@ pub struct StartRequest {
     pub task_id: String,
 }
 
+/// How often a claim held by a worker that is still starting the session is looked at again.
+const HELD_RECHECK: Duration = Duration::from_secs(1);
+
 /// Retry policy of a launch.
 #[derive(Debug, Clone, Copy)]
 pub struct RetryPolicy {
@@ -103,6 +106,9 @@ pub struct RetryPolicy {
     pub attempts: u32,
     /// Pause before the second attempt; doubled for each further one, with ±50 % jitter.
     pub backoff: Duration,
+    /// How long to wait for a session that another worker is still starting, before handing
+    /// the job back for a later retry: its start-up timeout plus the time to presume it dead.
+    pub held_patience: Duration,
 }
 
 impl RetryPolicy {
@@ -209,6 +215,7 @@ impl Supervisor {
                 None => {
                     let (tx, rx) = watch::channel(None);
                     slots.insert(id, Slot::Starting(rx.clone()));
+                    self.inner.capacity.launch_started();
                     observability::agents_live(slots.len());
                     let inner = self.inner.clone();
                     // A task of the supervisor, not of the job: it finishes even if the job's
@@ -327,7 +334,9 @@ impl Supervisor {
 impl Inner {
     async fn launch(self: Arc<Self>, request: StartRequest) -> StartResult {
         let id = request.spec.session_id.clone();
-        for attempt in 1..=self.retry.attempts {
+        let held_deadline = tokio::time::Instant::now() + self.retry.held_patience;
+        let mut attempt = 0;
+        while attempt < self.retry.attempts {
             let claim = self
                 .store
                 .mark_starting(
@@ -340,9 +349,25 @@ impl Inner {
                 .await;
             match claim {
                 Ok(Claim::Claimed) => {}
-                Ok(Claim::HeldBy(owner)) => {
+                Ok(Claim::HeldBy { owner, ready: true }) => {
                     self.free(&id);
                     return Ok(StartOutcome::RunningElsewhere { owner });
+                }
+                // Still starting elsewhere: that worker may be alive (then its start completes
+                // or fails) or dead but not yet presumed so. Look again until one is known;
+                // completing this job now could leave the session with no agent at all.
+                Ok(Claim::HeldBy {
+                    owner,
+                    ready: false,
+                }) => {
+                    if tokio::time::Instant::now() >= held_deadline {
+                        self.free(&id);
+                        return Err(StartError::Unavailable(format!(
+                            "session is still starting on worker {owner}"
+                        )));
+                    }
+                    tokio::time::sleep(HELD_RECHECK).await;
+                    continue;
                 }
                 // Without a claim there is no launch: another replica may own the session.
                 Err(error) => {
@@ -350,6 +375,7 @@ impl Inner {
                     return Err(StartError::Unavailable(error.to_string()));
                 }
             }
+            attempt += 1;
             match self.launcher.launch(request.spec.clone()).await {
                 Ok(agent) => return Ok(self.clone().adopt(id, agent, attempt).await),
                 Err(error) => {
@@ -368,6 +394,16 @@ impl Inner {
                         // give up on `error`); the attempt's error is kept for operators.
                         self.record(self.store.note_attempt_error(&id, &last_error).await);
                         tokio::time::sleep(self.retry.delay_after(attempt)).await;
+                        if !self.closing.load(Ordering::SeqCst) {
+                            continue;
+                        }
+                        // Shutdown began during the back-off: no further attempt.
+                        self.record(self.store.mark_error(&id, &last_error).await);
+                        self.free(&id);
+                        return Err(StartError::Failed(StartFailure {
+                            attempts: attempt,
+                            last_error,
+                        }));
                     } else {
                         self.record(self.store.mark_error(&id, &last_error).await);
                         self.free(&id);
@@ -397,15 +433,17 @@ impl Inner {
             "agent_ready"
         );
         observability::agent_started(agent.startup);
-        self.record(
-            self.store
-                .mark_ready(&id, agent.pid, agent.pgid, agent.startup)
-                .await,
-        );
+        let ready = self
+            .store
+            .mark_ready(&id, &self.worker_id, agent.pid, agent.pgid, agent.startup)
+            .await;
+        // Taken over while we were starting: the other worker's agent counts, ours goes.
+        let taken_over = matches!(ready, Ok(false));
+        self.record(ready.map(drop));
         let (pid, startup) = (agent.pid, agent.startup);
         {
             let mut slots = self.slots.lock().expect("slots lock");
-            slots.insert(
+            let previous = slots.insert(
                 id.clone(),
                 Slot::Running {
                     pid,
@@ -414,8 +452,15 @@ impl Inner {
                 },
             );
             self.capacity.agent_started();
+            if matches!(previous, Some(Slot::Starting(_))) {
+                self.capacity.launch_ended();
+            }
             if let Some(grace) = *self.stopping_all.lock().expect("stopping lock") {
                 agent.handle.stop(grace);
+            }
+            if taken_over {
+                tracing::info!(session_id = %id, pid, reason = "session_taken_over", "agent_stopped");
+                agent.handle.stop(Duration::ZERO);
             }
         }
         let inner = self.clone();
@@ -444,7 +489,9 @@ impl Inner {
 
     fn free(&self, id: &SessionId) {
         let mut slots = self.slots.lock().expect("slots lock");
-        slots.remove(id);
+        if let Some(Slot::Starting(_)) = slots.remove(id) {
+            self.capacity.launch_ended();
+        }
         observability::agents_live(slots.len());
         drop(slots);
         self.freed.notify_waiters();

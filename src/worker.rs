@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     agent_start::{self, AgentStartJob, RawCodec, RawJob},
     capacity::{Capacity, CapacityLayer},
-    connection,
+    connection::{self, RedisHealth},
     launcher::{Launcher, OutputSink, ProcessLauncher},
     logs,
     observability::{self, Health},
@@ -110,7 +110,9 @@ pub async fn run_with_health(
     shutdown: Shutdown,
     health: Arc<Health>,
 ) {
-    let Some(conn) = connection::connect_with_retry(&settings.redis, &shutdown.graceful).await
+    let redis_health = RedisHealth::new();
+    let Some(conn) =
+        connection::connect_with_retry(&settings.redis, &redis_health, &shutdown.graceful).await
     else {
         return;
     };
@@ -131,7 +133,8 @@ pub async fn run_with_health(
         settings.agent.default_voice.clone(),
         settings.agent.log_lines,
     )
-    .worker_timeout(settings.worker.orphan_timeout);
+    .worker_timeout(settings.worker.orphan_timeout)
+    .redis_health(redis_health.clone());
     let (lines_tx, lines_rx) = logs::channel();
     let shipper = tokio::spawn(logs::ship(lines_rx, store.clone()));
     let capacity = Capacity::new(settings.agent.max_agents);
@@ -142,6 +145,9 @@ pub async fn run_with_health(
         RetryPolicy {
             attempts: settings.agent.start_attempts,
             backoff: settings.agent.retry_backoff,
+            held_patience: settings.worker.orphan_timeout
+                + settings.agent.startup_timeout
+                + settings.worker.heartbeat_interval,
         },
         capacity.clone(),
     );
@@ -173,6 +179,7 @@ pub async fn run_with_health(
         settings.retention.dead_max,
     );
     let client = connection::client(&settings.redis).expect("redis.url is validated");
+    let (sweep_health, stale_after) = (redis_health.clone(), settings.session.stale_after);
     let tasks = vec![
         tokio::spawn(observability::probe_loop(
             conn.clone(),
@@ -196,12 +203,14 @@ pub async fn run_with_health(
             supervisor.clone(),
             store.clone(),
             settings.worker.heartbeat_interval,
+            redis_health.clone(),
             background.clone(),
         )),
         tokio::spawn(heartbeat_loop(
             supervisor.clone(),
             store.clone(),
             settings.clone(),
+            redis_health.clone(),
             background.clone(),
         )),
         tokio::spawn(sweep::every_tick(
@@ -211,7 +220,14 @@ pub async fn run_with_health(
             background.clone(),
             move |tick| {
                 let sweep = sweep.clone();
+                let connected_for = sweep_health.connected_for();
                 async move {
+                    // Right after an outage nobody's heartbeat is fresh: wait until live
+                    // workers had stale_after to write theirs again.
+                    if connected_for < stale_after {
+                        tracing::info!(tick, "sweep_skipped_after_redis_outage");
+                        return;
+                    }
                     match sweep.run(unix_now(), false).await {
                         Ok(report) => {
                             observability::sweep_finished(report.removed.len());
@@ -271,6 +287,7 @@ pub async fn run_with_health(
         job,
         &capacity,
         &health,
+        &redis_health,
         &shutdown.graceful,
     )
     .await;
@@ -330,6 +347,7 @@ async fn supervise_job_worker(
     job: Arc<AgentStartJob>,
     capacity: &Arc<Capacity>,
     health: &Health,
+    redis_health: &RedisHealth,
     shutdown: &CancellationToken,
 ) {
     let mut backoff = Duration::from_millis(100);
@@ -354,6 +372,7 @@ async fn supervise_job_worker(
             backoff = Duration::from_millis(100);
         }
         observability::job_worker_restarted();
+        redis_health.failed();
         tracing::warn!(
             worker = %name,
             error = %reason,
@@ -441,6 +460,7 @@ async fn heartbeat_loop(
     supervisor: Supervisor,
     store: SessionStore,
     settings: Settings,
+    redis_health: RedisHealth,
     shutdown: CancellationToken,
 ) {
     let mut ticker = tokio::time::interval(settings.session.heartbeat_interval);
@@ -476,6 +496,7 @@ async fn heartbeat_loop(
                     }
                 }
                 Err(error) => {
+                    redis_health.failed();
                     observability::redis_error("heartbeat");
                     if !failing {
                         tracing::warn!(error = %error, sessions = chunk.len(), "heartbeat_failed");
@@ -493,6 +514,7 @@ async fn presence_loop(
     supervisor: Supervisor,
     store: SessionStore,
     every: Duration,
+    redis_health: RedisHealth,
     shutdown: CancellationToken,
 ) {
     let mut ticker = tokio::time::interval(every);
@@ -506,6 +528,7 @@ async fn presence_loop(
             .presence(supervisor.worker_id(), supervisor.agent_count(), unix_now())
             .await;
         if let Err(error) = result {
+            redis_health.failed();
             observability::redis_error("presence");
             tracing::debug!(error = %error, "presence_failed");
         }

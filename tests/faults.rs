@@ -3,12 +3,7 @@
 
 mod common;
 
-use std::{
-    collections::{HashMap, HashSet},
-    io::BufRead,
-    net::SocketAddr,
-    time::Duration,
-};
+use std::{collections::HashSet, io::BufRead, net::SocketAddr, time::Duration};
 
 use agent_jobs::{AgentStart, QueueKeys, SessionId};
 use common::*;
@@ -75,35 +70,6 @@ async fn a_redis_restart_with_aof_mid_burst_loses_no_job() {
     worker.stop().await;
 }
 
-/// Live `test-agent` processes per session, read from /proc.
-fn live_agents() -> HashMap<String, Vec<u32>> {
-    let mut by_session: HashMap<String, Vec<u32>> = HashMap::new();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return by_session;
-    };
-    for entry in entries.flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-            continue;
-        };
-        let args: Vec<String> = cmdline
-            .split(|b| *b == 0)
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
-        if !args.first().is_some_and(|a| a.ends_with("test-agent")) || !alive(pid) {
-            continue;
-        }
-        if let Some(i) = args.iter().position(|a| a == "--room") {
-            if let Some(room) = args.get(i + 1) {
-                by_session.entry(room.clone()).or_default().push(pid);
-            }
-        }
-    }
-    by_session
-}
-
 /// Three replicas, 600 session starts with agents that stay up; one replica is SIGKILLed and
 /// restarted ten times during the burst. Sampled throughout: never two live agents for one
 /// session. At the end: no session stuck in `starting`; every job done (its agent became ready
@@ -114,23 +80,28 @@ async fn three_replicas_with_one_killed_ten_times_start_every_session_exactly_on
     const SESSIONS: usize = 600;
     let redis = TestRedis::start().await;
     let url = redis.url();
+    let ledger = std::env::temp_dir().join(format!("agent-ledger-{}", ulid::Ulid::generate()));
+    let guard = KillOnDrop::default();
     let spawn = || {
-        worker_command(
-            &url,
-            &["run"],
-            "ready",
-            &[
-                ("AGENT_WORKER__AGENT__MAX_AGENTS", "400"),
-                ("AGENT_WORKER__WORKER__CONCURRENCY", "32"),
-                ("AGENT_WORKER__SWEEP__INTERVAL", "2s"),
-                // The logs of three workers over the run are not read: do not pipe them.
-                ("RUST_LOG", "warn"),
-            ],
+        guard.track(
+            worker_command(
+                &url,
+                &["run"],
+                "ready",
+                &[
+                    ("AGENT_WORKER__AGENT__MAX_AGENTS", "400"),
+                    ("AGENT_WORKER__WORKER__CONCURRENCY", "32"),
+                    ("AGENT_WORKER__SWEEP__INTERVAL", "2s"),
+                    // The logs of three workers over the run are not read: do not pipe them.
+                    ("RUST_LOG", "warn"),
+                ],
+            )
+            .env("TEST_AGENT_LEDGER", &ledger)
+            .stderr(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
         )
-        .stderr(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap()
     };
     let steady = [spawn(), spawn()];
     let mut victim = spawn();
@@ -151,7 +122,7 @@ async fn three_replicas_with_one_killed_ten_times_start_every_session_exactly_on
             victim = spawn();
             kills += 1;
         }
-        for (session, pids) in live_agents() {
+        for (session, pids) in live_agents(&worker_pids(&steady, &victim)) {
             if pids.len() > 1 {
                 violations.push((session, pids));
             }
@@ -170,7 +141,7 @@ async fn three_replicas_with_one_killed_ten_times_start_every_session_exactly_on
             "{} jobs unfinished after 240 s",
             pending.len()
         );
-        for (session, pids) in live_agents() {
+        for (session, pids) in live_agents(&worker_pids(&steady, &victim)) {
             if pids.len() > 1 {
                 violations.push((session, pids));
             }
@@ -201,6 +172,24 @@ async fn three_replicas_with_one_killed_ten_times_start_every_session_exactly_on
             .unwrap_or_default();
         assert!(!result.is_empty(), "dead job {task} has a reason");
     }
+    // A done job means its agent became ready at least once: each such session has an agent
+    // in the ledger (which outlives the sessions' own logs).
+    let started: HashSet<String> = std::fs::read_to_string(&ledger)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').next().map(str::to_owned))
+        .collect();
+    let _ = std::fs::remove_file(&ledger);
+    let never: Vec<&str> = ids
+        .iter()
+        .zip(&tasks)
+        .filter(|(id, task)| !dead.contains(task) && !started.contains(id.as_str()))
+        .map(|(id, _)| id.as_str())
+        .collect();
+    assert!(
+        never.is_empty(),
+        "done without an agent ever starting: {never:?}"
+    );
 
     // No session stuck in `starting`; each is ready with exactly one live agent, or (its
     // agent died with a killed replica) swept once stale.
@@ -209,7 +198,7 @@ async fn three_replicas_with_one_killed_ten_times_start_every_session_exactly_on
         Duration::from_secs(60),
         || async {
             let starting: u64 = redis.conn.clone().scard("session:starting").await.unwrap();
-            let live = live_agents();
+            let live = live_agents(&worker_pids(&steady, &victim));
             let mut stale = 0;
             for id in &ids {
                 let status = status(&redis.conn, id).await;
@@ -252,6 +241,10 @@ async fn three_replicas_with_one_killed_ten_times_start_every_session_exactly_on
         signal(&worker, Signal::SIGTERM);
         let _ = tokio::task::spawn_blocking(move || worker.wait()).await;
     }
+}
+
+fn worker_pids(steady: &[std::process::Child], victim: &std::process::Child) -> Vec<u32> {
+    steady.iter().chain([victim]).map(|c| c.id()).collect()
 }
 
 async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {

@@ -12,6 +12,8 @@
 //! - `exit-before-ready`: print `failing on purpose` and exit 3.
 //! - `never-ready`: print `warming up` and never a ready line; runs until killed.
 //! - `ignore-term`: print the ready line and ignore SIGTERM; only SIGKILL ends it.
+//!
+//! With `TEST_AGENT_LEDGER=<file>` in its environment it also appends `<room> <pid>` to that file.
 
 use std::{collections::BTreeMap, time::Duration};
 
@@ -45,6 +47,18 @@ fn main() {
         json!({ "argv": argv, "contract": contract, "env": env, "pid": std::process::id() });
     println!("test-agent received {received}");
     let room = contract.get("room").cloned().unwrap_or_default();
+    // Tests that must know every agent that ever started (their logs in Redis go with their
+    // sessions) name a ledger file; one short O_APPEND write per agent is atomic.
+    if let Some(ledger) = std::env::var_os("TEST_AGENT_LEDGER") {
+        use std::io::Write;
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(ledger);
+        if let Ok(mut file) = file {
+            let _ = file.write_all(format!("{room} {}\n", std::process::id()).as_bytes());
+        }
+    }
 
     std::thread::sleep(ready_delay);
     match behaviour.as_str() {

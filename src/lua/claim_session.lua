@@ -18,14 +18,15 @@
 -- ARGV[4]: TTL of the session hash
 -- ARGV[5]: session id
 -- ARGV[6..]: field, value pairs to write (status, voiceId, taskId, ...)
--- Returns {1, previous owner or ''} when claimed, {0, owner} when another live worker holds it.
+-- Returns {1, previous owner or '', ''} when claimed, {0, owner, status} when another live worker
+-- holds it (status `starting` or `ready`).
 local me, now = ARGV[1], ARGV[2]
 local owner = redis.call('HGET', KEYS[1], 'workerId')
 local status = redis.call('HGET', KEYS[1], 'status')
 if owner and owner ~= me and (status == 'starting' or status == 'ready') then
     local seen = redis.call('ZSCORE', KEYS[5], owner)
     if seen and tonumber(seen) > tonumber(ARGV[3]) then
-        return { 0, owner }
+        return { 0, owner, status }
     end
 end
 redis.call('HSET', KEYS[1], 'workerId', me, 'lastActive', now, unpack(ARGV, 6))
@@ -35,4 +36,4 @@ redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('SREM', KEYS[3], ARGV[5])
 redis.call('SADD', KEYS[2], ARGV[5])
 redis.call('ZADD', KEYS[4], now, ARGV[5])
-return { 1, owner or '' }
+return { 1, owner or '', '' }

@@ -26,6 +26,13 @@ for i = 5, #ARGV do
         lost[#lost + 1] = id
     else
         local health = 'agent:' .. id .. ':health'
+        -- Our agent is running: re-assert `ready` in case recording it failed (a Redis error
+        -- right at that moment would otherwise leave the session `starting` for good).
+        if redis.call('HGET', state, 'status') ~= 'ready' then
+            redis.call('HSET', state, 'status', 'ready')
+            redis.call('SREM', 'session:starting', id)
+            redis.call('SADD', 'session:ready', id)
+        end
         redis.call('HSET', state, 'lastActive', now)
         redis.call('EXPIRE', state, ttl)
         redis.call('HSET', health, 'last_check', now, 'status', 'alive')

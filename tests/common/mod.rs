@@ -385,3 +385,64 @@ pub fn events(stderr: &[u8]) -> Vec<serde_json::Value> {
         .filter_map(|line| serde_json::from_str(line).ok())
         .collect()
 }
+
+/// Live `test-agent` processes per session whose parent is one of `parents`, read from /proc.
+/// (Other tests, or another checkout's tests, may run agents with the same room names.)
+pub fn live_agents(parents: &[u32]) -> HashMap<String, Vec<u32>> {
+    let mut by_session: HashMap<String, Vec<u32>> = HashMap::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return by_session;
+    };
+    for entry in entries.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Some((state, ppid)) = proc_state(pid) else {
+            continue;
+        };
+        if state == 'Z' || !parents.contains(&ppid) {
+            continue;
+        }
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if !args.first().is_some_and(|a| a.ends_with("test-agent")) {
+            continue;
+        }
+        if let Some(room) = args
+            .iter()
+            .position(|a| a == "--room")
+            .and_then(|i| args.get(i + 1))
+        {
+            by_session.entry(room.clone()).or_default().push(pid);
+        }
+    }
+    by_session
+}
+
+/// Kills the processes it tracks when dropped, so a failing test leaves no worker behind.
+#[derive(Default)]
+pub struct KillOnDrop(std::sync::Mutex<Vec<u32>>);
+
+impl KillOnDrop {
+    /// Tracks `child` and returns it.
+    pub fn track(&self, child: std::process::Child) -> std::process::Child {
+        self.0.lock().unwrap().push(child.id());
+        child
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for pid in self.0.lock().unwrap().iter() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(*pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
