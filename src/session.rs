@@ -33,6 +33,8 @@ static CLAIM: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/claim_session.lua")));
 static MARK_READY: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/mark_ready.lua")));
+static MARK_ERROR: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("lua/mark_error.lua")));
 static REMOVE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/remove_sessions.lua")));
 
@@ -473,30 +475,29 @@ impl SessionStore {
         self.run(pipe, state).await
     }
 
-    /// Status `error` with `message`; the session leaves both sets.
-    pub async fn mark_error(&self, id: &SessionId, message: &str) -> Result<(), SessionError> {
+    /// Status `error` with `message`; the session leaves both sets. Only if `worker_id` still
+    /// owns the session (`lua/mark_error.lua`).
+    pub async fn mark_error(
+        &self,
+        id: &SessionId,
+        worker_id: &str,
+        message: &str,
+    ) -> Result<(), SessionError> {
         let state = SessionKeys::new(id).state();
-        let now = unix_now();
-        let mut pipe = redis::pipe();
-        pipe.hset_multiple(
-            &state,
-            &[
-                ("status", "error"),
-                ("error", message),
-                ("lastActive", &now.to_string()),
-            ],
-        )
-        .ignore()
-        .expire(&state, self.ttl_secs() as i64)
-        .ignore()
-        .srem(SESSIONS_STARTING, id.as_str())
-        .ignore()
-        .srem(SESSIONS_READY, id.as_str())
-        .ignore()
-        // Indexed so that the sweep removes a failed session after `stale_after`.
-        .zadd(SESSION_HEARTBEATS, id.as_str(), now)
-        .ignore();
-        self.run(pipe, state).await
+        MARK_ERROR
+            .key(&state)
+            .key(SESSIONS_STARTING)
+            .key(SESSIONS_READY)
+            .key(SESSION_HEARTBEATS)
+            .arg(worker_id)
+            .arg(unix_now())
+            .arg(self.ttl_secs())
+            .arg(id.as_str())
+            .arg(message)
+            .invoke_async::<i64>(&mut self.conn.clone())
+            .await
+            .map(drop)
+            .map_err(|source| SessionError::Redis { key: state, source })
     }
 
     /// Refreshes the liveness of `ids` (agents this worker owns) in one script call: see

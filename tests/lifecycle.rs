@@ -207,7 +207,7 @@ async fn sessions_stuck_in_starting_or_error_are_swept_and_fresh_ones_are_not() 
             .await
             .unwrap();
     }
-    store.mark_error(&failed, "boom").await.unwrap();
+    store.mark_error(&failed, "w", "boom").await.unwrap();
     backdate(&redis.conn, &starting, 61).await;
     backdate(&redis.conn, &failed, 61).await;
 
