@@ -1,0 +1,324 @@
+//! Part 2: a burst of session starts, against what this machine can spawn at all.
+//!
+//! Burst: N sessions (configs written first) are enqueued at once, in batches of 1,000, to an
+//! idle worker with the real launcher; the agent prints its ready line and exits. Measured
+//! twice:
+//! - through the `agent-worker run` binary, as deployed (JSON logs, metrics), seen from Redis
+//!   only: N over the time from the first enqueue until every job is acknowledged and every
+//!   session removed. This is the headline figure;
+//! - with the worker in this process: N over the time to the last agent reported ready (and
+//!   to every session removed). The launcher forks, and a fork costs in proportion to the
+//!   forking process's memory, which here is the bench's, so this one reads lower.
+//!
+//! Ceiling: the same agent binary, N times, with the same concurrency (`worker.concurrency`),
+//! spawned with `tokio::process` and no Redis at all: spawn, read stdout up to the ready line,
+//! reap. Three ways, see [`Spawn`]: plainly, with the launcher's options (which make std fork),
+//! and through an exec shim (what avoiding the fork would cost).
+//!
+//! CPU time is split between the worker, the reaped agents and redis-server, which is where
+//! the time goes on a 2-core machine.
+
+use std::{
+    process::Stdio,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use agent_jobs::keys::SESSION_HEARTBEATS;
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    process::Command,
+    sync::Semaphore,
+};
+
+use crate::{
+    harness::{
+        CpuSplit, Ctx, InProcessWorker, Probe, RecordingLauncher, WorkerProcess, ids, wait_until,
+        with_cpu,
+    },
+    procfs::CpuTimes,
+    report::Row,
+    stats::{Spread, thousands},
+};
+
+const PART: &str = "2 burst";
+
+pub async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Row>> {
+    let n = ctx.size(10_000);
+    let settings = ctx.settings("exit-after-ready", &[]);
+    let concurrency = settings.worker.concurrency;
+
+    let mut burst = Vec::new();
+    let mut ended = Vec::new();
+    let mut burst_cpu = Vec::new();
+    for rep in 0..ctx.reps() {
+        ctx.quiet().await;
+        ctx.flush().await?;
+        let ids = ids(&format!("burst{rep}"), n);
+        ctx.write_configs(&ids).await?;
+        let probe = Probe::new();
+        let worker = InProcessWorker::start(
+            settings.clone(),
+            RecordingLauncher::factory(&settings, probe.clone(), None),
+        );
+        let result = async {
+            ctx.wait_worker_idle().await?;
+            let t0 = Instant::now();
+            let ((), cpu) = with_cpu(ctx, async {
+                ctx.enqueue_all(&ids).await?;
+                probe.wait_ready(n, Duration::from_secs(600)).await
+            })
+            .await?;
+            // Every agent has exited and its session was removed by the worker.
+            wait_until("every session to end", Duration::from_secs(120), || {
+                let mut conn = ctx.conn.clone();
+                async move {
+                    let left: u64 = redis::cmd("ZCARD")
+                        .arg(SESSION_HEARTBEATS)
+                        .query_async(&mut conn)
+                        .await
+                        .ok()?;
+                    (left == 0).then_some(())
+                }
+            })
+            .await?;
+            anyhow::Ok((cpu, t0.elapsed().as_secs_f64()))
+        }
+        .await;
+        probe.take();
+        worker.stop().await?;
+        let (cpu, all_ended) = result?;
+        eprintln!(
+            "  burst {rep}: {} sessions/s ({})",
+            thousands(n as f64 / cpu.wall),
+            cpu.describe()
+        );
+        burst.push(n as f64 / cpu.wall);
+        ended.push(n as f64 / all_ended);
+        burst_cpu.push(cpu);
+    }
+
+    let mut binary = Vec::new();
+    let mut binary_cpu = Vec::new();
+    for rep in 0..ctx.reps() {
+        ctx.quiet().await;
+        let (rate, cpu) = binary_burst(ctx, n, rep).await?;
+        eprintln!(
+            "  burst {rep} through the binary: {} sessions/s",
+            thousands(rate)
+        );
+        binary.push(rate);
+        binary_cpu.push((rate, cpu));
+    }
+
+    ctx.flush().await?;
+    let mut ceilings = Vec::new();
+    for spawn in [Spawn::Plain, Spawn::Fork, Spawn::Shim] {
+        let mut rates = Vec::new();
+        let mut cpu = CpuSplit::default();
+        for _ in 0..ctx.reps() {
+            ctx.quiet().await;
+            let (rate, split) = with_cpu(ctx, spawn_ceiling(ctx, n, concurrency, spawn)).await?;
+            rates.push(rate);
+            cpu = split;
+        }
+        ceilings.push((spawn, Spread::of(&rates), cpu));
+    }
+
+    let (burst, ended, binary) = (Spread::of(&burst), Spread::of(&ended), Spread::of(&binary));
+    // The CPU of the runs with the median rate.
+    binary_cpu.sort_by(|a: &(f64, String), b| a.0.total_cmp(&b.0));
+    let binary_cpu = binary_cpu.swap_remove(ctx.reps() / 2).1;
+    burst_cpu.sort_by(|a, b| a.wall.total_cmp(&b.wall));
+    let burst_cpu = burst_cpu[ctx.reps() / 2];
+    let ceiling = ceilings[0].1.median;
+    let (ratio, in_process_ratio) = (binary.median / ceiling, burst.median / ceiling);
+    let bench_rss = crate::procfs::status_kb(std::process::id(), "VmRSS").unwrap_or(0);
+    let mut rows = vec![
+        Row::info(
+            PART,
+            format!("burst through the agent-worker binary: {n} starts at once, concurrency {concurrency}: sessions/s (enqueue → all ended)"),
+            thousands(binary.median),
+        )
+        .spread(binary.describe("", 0)),
+        Row::info(PART, "  CPU of the binary and its agents", binary_cpu),
+        Row::info(
+            PART,
+            "same burst, in-process worker: sessions/s to the last agent ready",
+            thousands(burst.median),
+        )
+        .spread(burst.describe("", 0)),
+        Row::info(
+            PART,
+            "  in-process: sessions/s to every session ended",
+            thousands(ended.median),
+        )
+        .spread(ended.describe("", 0)),
+        Row::info(PART, "  CPU, in-process", burst_cpu.describe())
+            .spread(burst_cpu.per(n, "session")),
+        Row::info(
+            PART,
+            "  RSS of the bench process (the in-process worker forks it)",
+            format!("{:.0} MiB", bench_rss as f64 / 1024.0),
+        ),
+    ];
+    for (spawn, rate, cpu) in &ceilings {
+        rows.push(
+            Row::info(PART, spawn.describe(concurrency), thousands(rate.median))
+                .spread(rate.describe("", 0)),
+        );
+        rows.push(Row::info(PART, "  CPU", cpu.describe()).spread(cpu.per(n, "spawn")));
+    }
+    rows.push(Row::target(
+        PART,
+        "burst (binary) ÷ bare spawn ceiling",
+        format!("{:.0} %", ratio * 100.0),
+        "≥ 70 %",
+        ratio >= 0.7,
+    ));
+    rows.push(Row::info(
+        PART,
+        "burst (in-process) ÷ bare spawn ceiling",
+        format!("{:.0} %", in_process_ratio * 100.0),
+    ));
+    Ok(rows)
+}
+
+/// How the ceiling spawns the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Spawn {
+    /// `tokio::process` as is: std spawns with `posix_spawn` (a vfork: no page tables copied).
+    Plain,
+    /// With the launcher's options: its own process group and a `pre_exec` setting the death
+    /// signal. A `pre_exec` closure makes std fall back to `fork` + `exec`.
+    Fork,
+    /// Plain `posix_spawn` of a small program that execs the agent (`/usr/bin/env`): what an
+    /// exec shim setting the death signal itself would cost instead of `fork`.
+    Shim,
+}
+
+impl Spawn {
+    fn describe(self, concurrency: usize) -> String {
+        match self {
+            Self::Plain => {
+                format!("ceiling: bare spawns/s (tokio::process, {concurrency} at once, no Redis)")
+            }
+            Self::Fork => {
+                "ceiling with the launcher's spawn options (own group, death signal: fork)".into()
+            }
+            Self::Shim => {
+                "ceiling through an exec shim (posix_spawn of /usr/bin/env → agent)".into()
+            }
+        }
+    }
+}
+
+/// Spawns the agent `n` times, `concurrency` at once, each to its ready line and exit.
+/// Returns spawns per second.
+async fn spawn_ceiling(
+    ctx: &Ctx,
+    n: usize,
+    concurrency: usize,
+    spawn: Spawn,
+) -> anyhow::Result<f64> {
+    let permits = Arc::new(Semaphore::new(concurrency));
+    let mut tasks = tokio::task::JoinSet::new();
+    let started = Instant::now();
+    for i in 0..n {
+        let permit = permits.clone().acquire_owned().await?;
+        let program = ctx.test_agent.clone();
+        tasks.spawn(async move {
+            let result = spawn_one(&program, &format!("ceiling-{i}"), spawn).await;
+            drop(permit);
+            result
+        });
+        // Reap finished tasks as we go so that errors surface early.
+        while let Some(done) = tasks.try_join_next() {
+            done??;
+        }
+    }
+    while let Some(done) = tasks.join_next().await {
+        done??;
+    }
+    Ok(n as f64 / started.elapsed().as_secs_f64())
+}
+
+async fn spawn_one(program: &std::path::Path, room: &str, spawn: Spawn) -> anyhow::Result<()> {
+    let mut command = if spawn == Spawn::Shim {
+        let mut env = Command::new("/usr/bin/env");
+        env.arg(program);
+        env
+    } else {
+        Command::new(program)
+    };
+    command
+        .args(["--behaviour", "exit-after-ready", "--room", room])
+        .args(["--voice-id", "Craig"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    if spawn == Spawn::Fork {
+        command.process_group(0);
+        // SAFETY: runs in the forked child before exec and only calls prctl, which is
+        // async-signal-safe. Mirrors what the launcher does.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    let mut child = command.spawn()?;
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let mut lines = BufReader::new(stdout).lines();
+    while let Some(line) = lines.next_line().await? {
+        if line.contains("Room joined") {
+            break;
+        }
+    }
+    child.wait().await?;
+    Ok(())
+}
+
+/// The same burst through the `agent-worker run` binary, seen from Redis only: from the first
+/// enqueue until every job is acknowledged and every session removed. Returns sessions/s and
+/// where the binary's CPU went.
+async fn binary_burst(ctx: &Ctx, n: usize, rep: usize) -> anyhow::Result<(f64, String)> {
+    ctx.flush().await?;
+    let ids = ids(&format!("binary{rep}"), n);
+    ctx.write_configs(&ids).await?;
+    let worker = WorkerProcess::start(ctx, "exit-after-ready")?;
+    let pid = worker.pid().to_string();
+    let result = async {
+        ctx.wait_worker_idle().await?;
+        let (cpu0, t0) = (CpuTimes::of(&pid), Instant::now());
+        ctx.enqueue_all(&ids).await?;
+        wait_until("every session to end", Duration::from_secs(600), || async {
+            let live: u64 = redis::cmd("ZCARD")
+                .arg(SESSION_HEARTBEATS)
+                .query_async(&mut ctx.conn.clone())
+                .await
+                .ok()?;
+            (live == 0 && ctx.acked().await.ok()? >= n).then_some(())
+        })
+        .await?;
+        let wall = t0.elapsed().as_secs_f64();
+        let cpu = CpuTimes::of(&pid)
+            .zip(cpu0)
+            .map(|(a, b)| a.since(&b))
+            .unwrap_or_default();
+        let us = |s: f64| thousands(s / n as f64 * 1e6);
+        let cpu = format!(
+            "worker {}, agents {} µs CPU per session",
+            us(cpu.own),
+            us(cpu.children)
+        );
+        anyhow::Ok((n as f64 / wall, cpu))
+    }
+    .await;
+    worker.stop(result.is_ok()).await;
+    result
+}

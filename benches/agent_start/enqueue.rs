@@ -1,0 +1,135 @@
+//! Part 7: enqueue rate through our producer (`agent_jobs::Producer`), with no worker running.
+//!
+//! - sequential: one caller, each enqueue awaited before the next (one script call each);
+//! - concurrent: 32 tasks sharing one `ConnectionManager`, which pipelines their calls;
+//! - bulk: `enqueue_many` with batches of 1,000 (one script call per batch).
+//!
+//! Every job is a distinct session, so none is deduplicated by its idempotency key.
+
+use agent_jobs::{AgentStart, Producer};
+use redis::aio::ConnectionManager;
+
+use crate::{
+    baseline::Baseline,
+    harness::{CpuSplit, Ctx, ids, with_cpu},
+    report::Row,
+    stats::{Spread, thousands},
+};
+
+const PART: &str = "7 enqueue";
+const TASKS: usize = 32;
+
+pub async fn run(ctx: &Ctx, baseline: &Baseline) -> anyhow::Result<Vec<Row>> {
+    let mut sequential = Vec::new();
+    let mut concurrent = Vec::new();
+    let mut bulk = Vec::new();
+    for _ in 0..ctx.reps() {
+        sequential.push(timed(ctx, ctx.size(20_000), Mode::Sequential).await?);
+        concurrent.push(timed(ctx, ctx.size(50_000), Mode::Concurrent).await?);
+        bulk.push(timed(ctx, ctx.size(200_000), Mode::Bulk).await?);
+    }
+    // The CPU split of each mode's median run explains its rate: client, or Redis, bound.
+    let cpu = |runs: &mut Vec<(f64, CpuSplit)>, n: usize| {
+        runs.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let split = runs[runs.len() / 2].1;
+        format!("{}; {}", split.describe(), split.per(n, "job"))
+    };
+    let cpus = [
+        cpu(&mut sequential, ctx.size(20_000)),
+        cpu(&mut concurrent, ctx.size(50_000)),
+        cpu(&mut bulk, ctx.size(200_000)),
+    ];
+    let rates =
+        |runs: &[(f64, CpuSplit)]| Spread::of(&runs.iter().map(|r| r.0).collect::<Vec<_>>());
+    let (sequential, concurrent, bulk) = (rates(&sequential), rates(&concurrent), rates(&bulk));
+    Ok(vec![
+        Row::target(
+            PART,
+            "sequential: jobs/s",
+            thousands(sequential.median),
+            "≥ 12,000",
+            sequential.median >= 12_000.0,
+        )
+        .spread(sequential.describe("", 0)),
+        Row::info(PART, "  CPU, sequential", &cpus[0]),
+        Row::info(
+            PART,
+            "  sequential ÷ sequential PING rate",
+            format!("{:.0} %", sequential.median / baseline.sequential * 100.0),
+        ),
+        Row::info(
+            PART,
+            format!("concurrent ({TASKS} tasks, one connection): jobs/s"),
+            thousands(concurrent.median),
+        )
+        .spread(concurrent.describe("", 0)),
+        Row::info(PART, "  CPU, concurrent", &cpus[1]),
+        Row::info(
+            PART,
+            "  concurrent ÷ multiplexed PING rate",
+            format!("{:.0} %", concurrent.median / baseline.multiplexed * 100.0),
+        ),
+        Row::target(
+            PART,
+            "bulk (enqueue_many, batches of 1,000): jobs/s",
+            thousands(bulk.median),
+            "≥ 100,000",
+            bulk.median >= 100_000.0,
+        )
+        .spread(bulk.describe("", 0)),
+        Row::info(PART, "  CPU, bulk", &cpus[2]),
+    ])
+}
+
+#[derive(Clone, Copy)]
+enum Mode {
+    Sequential,
+    Concurrent,
+    Bulk,
+}
+
+/// Enqueues `n` new sessions in `mode` on a fresh connection; returns jobs per second.
+async fn timed(ctx: &Ctx, n: usize, mode: Mode) -> anyhow::Result<(f64, CpuSplit)> {
+    ctx.flush().await?;
+    ctx.quiet().await;
+    let jobs: Vec<AgentStart> = ids("enq", n).into_iter().map(AgentStart::new).collect();
+    let producer = ctx.producer(ctx.connect().await?);
+    let ((), cpu) = with_cpu(ctx, enqueue(&producer, jobs, mode)).await?;
+    Ok((n as f64 / cpu.wall, cpu))
+}
+
+async fn enqueue(
+    producer: &Producer<ConnectionManager>,
+    jobs: Vec<AgentStart>,
+    mode: Mode,
+) -> anyhow::Result<()> {
+    let n = jobs.len();
+    match mode {
+        Mode::Sequential => {
+            for job in &jobs {
+                producer.enqueue(job).await?;
+            }
+        }
+        Mode::Concurrent => {
+            let share = n.div_ceil(TASKS);
+            let tasks = jobs.chunks(share).map(|chunk| {
+                let (producer, chunk) = (producer.clone(), chunk.to_vec());
+                tokio::spawn(async move {
+                    for job in &chunk {
+                        producer.enqueue(job).await?;
+                    }
+                    anyhow::Ok(())
+                })
+            });
+            for task in futures::future::join_all(tasks).await {
+                task??;
+            }
+        }
+        Mode::Bulk => {
+            for batch in jobs.chunks(1000) {
+                producer.enqueue_many(batch).await?;
+            }
+        }
+    }
+    Ok(())
+}
