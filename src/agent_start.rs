@@ -19,9 +19,8 @@ use redis::{Script, aio::ConnectionManager};
 use tracing::Instrument;
 
 use crate::{
-    launcher::LaunchSpec,
     observability::{self, JobOutcome},
-    session::{SessionConfig, SessionError, SessionStore},
+    session::SessionStore,
     supervisor::{StartError, StartOutcome, StartRequest, Supervisor},
 };
 
@@ -56,9 +55,6 @@ pub enum JobError {
     /// The payload is not a valid agent-start job.
     #[error("invalid agent-start payload: {0}")]
     Payload(#[from] PayloadError),
-    /// The session config could not be read or used.
-    #[error(transparent)]
-    Config(#[from] SessionError),
     /// The start failed: every launch attempt (made in-process already), or the claim.
     #[error(transparent)]
     Start(#[from] StartError),
@@ -70,9 +66,8 @@ impl JobError {
     /// bad input stays bad, and launches were already retried with back-off.
     pub fn is_permanent(&self) -> bool {
         match self {
-            Self::Payload(_) | Self::Start(StartError::Failed(_)) => true,
+            Self::Payload(_) | Self::Start(StartError::Failed(_) | StartError::Rejected(_)) => true,
             Self::Start(StartError::Unavailable(_)) => false,
-            Self::Config(error) => error.is_permanent(),
         }
     }
 }
@@ -88,7 +83,7 @@ pub struct AgentStartJob {
     /// Session config and state.
     pub store: SessionStore,
     /// `agent.command`: program and leading arguments.
-    pub command: Vec<String>,
+    pub command: Arc<[String]>,
     /// The queue the jobs come from (for their idempotency keys).
     pub queue: QueueKeys,
     /// For the idempotency release.
@@ -143,22 +138,11 @@ impl AgentStartJob {
     }
 
     async fn start(&self, job: &AgentStart, task_id: &str) -> Result<StartOutcome, JobError> {
-        let config = self
-            .store
-            .load_config(&job.session_id, job.user_id.as_deref())
-            .await?;
-        tracing::info!(
-            session_id = %job.session_id,
-            voice_id = config.voice_id(),
-            source = config.source().as_str(),
-            fields = ?config.field_names(),
-            "session_config_loaded"
-        );
         let request = StartRequest {
-            spec: self.launch_spec(job, &config),
+            session_id: job.session_id.clone(),
             user_id: job.user_id.clone(),
-            voice_id: config.voice_id().to_owned(),
             task_id: task_id.to_owned(),
+            command: self.command.clone(),
         };
         let outcome = self.supervisor.start(request).await?;
         match &outcome {
@@ -171,37 +155,6 @@ impl AgentStartJob {
             StartOutcome::Started { .. } => {}
         }
         Ok(outcome)
-    }
-
-    /// The agent's command line and environment (contract §4).
-    pub fn launch_spec(&self, job: &AgentStart, config: &SessionConfig) -> LaunchSpec {
-        let (program, leading) = self
-            .command
-            .split_first()
-            .expect("agent.command is validated non-empty");
-        let mut args = leading.to_vec();
-        args.extend([
-            "--room".to_owned(),
-            job.session_id.to_string(),
-            "--voice-id".to_owned(),
-            config.voice_id().to_owned(),
-        ]);
-        if let Some(line) = config.opening_line() {
-            args.extend(["--opening-line".to_owned(), line.to_owned()]);
-        }
-        if let Some(prompt) = config.system_prompt() {
-            args.extend(["--system-prompt".to_owned(), prompt.to_owned()]);
-        }
-        LaunchSpec {
-            session_id: job.session_id.clone(),
-            program: program.clone(),
-            args,
-            env: vec![
-                ("SESSION_ID".to_owned(), job.session_id.to_string()),
-                ("VOICE_ID".to_owned(), config.voice_id().to_owned()),
-                ("SESSION_CONFIG".to_owned(), config.to_json()),
-            ],
-        }
     }
 }
 

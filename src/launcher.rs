@@ -26,6 +26,8 @@ use std::{
 };
 
 use agent_jobs::SessionId;
+
+use crate::session::SessionConfig;
 use futures::{FutureExt, future::BoxFuture};
 use nix::{sys::signal::Signal, unistd::Pid};
 use tokio::{
@@ -52,6 +54,40 @@ pub struct LaunchSpec {
     pub args: Vec<String>,
     /// Variables added to the inherited environment.
     pub env: Vec<(String, String)>,
+}
+
+impl LaunchSpec {
+    /// The agent's command line and environment for a session (contract §4): `command`
+    /// (program and leading arguments), then `--room <id> --voice-id <voice>` and the optional
+    /// `--opening-line` / `--system-prompt`, each value one argv element.
+    pub fn for_session(command: &[String], id: &SessionId, config: &SessionConfig) -> Self {
+        let (program, leading) = command
+            .split_first()
+            .expect("agent.command is validated non-empty");
+        let mut args = leading.to_vec();
+        args.extend([
+            "--room".to_owned(),
+            id.to_string(),
+            "--voice-id".to_owned(),
+            config.voice_id().to_owned(),
+        ]);
+        if let Some(line) = config.opening_line() {
+            args.extend(["--opening-line".to_owned(), line.to_owned()]);
+        }
+        if let Some(prompt) = config.system_prompt() {
+            args.extend(["--system-prompt".to_owned(), prompt.to_owned()]);
+        }
+        Self {
+            session_id: id.clone(),
+            program: program.clone(),
+            args,
+            env: vec![
+                ("SESSION_ID".to_owned(), id.to_string()),
+                ("VOICE_ID".to_owned(), config.voice_id().to_owned()),
+                ("SESSION_CONFIG".to_owned(), config.to_json()),
+            ],
+        }
+    }
 }
 
 /// How an agent process ended.

@@ -2,11 +2,14 @@
 //!
 //! Config is found by session id only: `session:<id>:config`, one `HGETALL`. There is no
 //! fallback to the user-scoped `user:<name>:config` of the old system, which made two sessions
-//! of one user share a voice. A missing hash means defaults, written back only if still absent
-//! (`lua/write_default_config.lua`). A hash that cannot be used (wrong type, no voice, a value
-//! the agent's command line cannot carry) is a permanent error naming the key and the problem.
+//! of one user share a voice. The read happens inside the claim (`lua/claim_session.lua`), so a
+//! start costs one round trip before the launch: config, ownership check and `starting` at
+//! once. A missing hash means defaults, written back in the same atomic step (so only if still
+//! absent). A hash that cannot be used (wrong type, no voice, a value the agent's command line
+//! cannot carry) is a permanent error naming the key and the problem.
 //!
-//! State writes are pipelined: one round trip per transition, whatever the number of fields.
+//! Each state transition is one script call or pipeline: one round trip, whatever the number
+//! of fields.
 
 use std::{
     collections::BTreeMap,
@@ -19,12 +22,10 @@ use agent_jobs::{
     keys::{SESSION_HEARTBEATS, SESSIONS_READY, SESSIONS_STARTING, WORKER_AGENTS, WORKERS},
     session_config::fields,
 };
-use redis::{Script, Value, aio::ConnectionManager};
+use redis::{FromRedisValue, Script, Value, aio::ConnectionManager};
 
 use crate::connection::RedisHealth;
 
-static WRITE_DEFAULT: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("lua/write_default_config.lua")));
 static HEARTBEAT: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/heartbeat.lua")));
 static APPEND_LOGS: LazyLock<Script> =
@@ -70,11 +71,11 @@ pub struct HeartbeatReport {
     pub lost: Vec<SessionId>,
 }
 
-/// The outcome of [`SessionStore::mark_starting`].
+/// The outcome of [`SessionStore::claim`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claim {
-    /// The session is ours and marked `starting`.
-    Claimed,
+    /// The session is ours and marked `starting`; its config, validated.
+    Claimed(SessionConfig),
     /// Another live worker owns it.
     HeldBy {
         /// That worker's id.
@@ -249,116 +250,25 @@ impl SessionStore {
         self.ttl.as_secs().max(1)
     }
 
-    /// Loads `session:<id>:config`; writes defaults when it is missing.
-    pub async fn load_config(
+    /// Reads the session's config and claims the session for `worker_id`, marking it
+    /// `starting` (before each launch attempt), unless another live worker owns it: one script
+    /// call, see `lua/claim_session.lua`. A missing config means defaults, written back.
+    ///
+    /// A config that cannot be used is a permanent error; if the session was claimed, it is
+    /// marked `error` with the reason first, so the orchestrator sees why.
+    pub async fn claim(
         &self,
         id: &SessionId,
         user_id: Option<&str>,
-    ) -> Result<SessionConfig, SessionError> {
-        let key = SessionKeys::new(id).config();
-        if let Some(stored) = self.read_config(&key).await? {
-            return Ok(stored);
-        }
-        let defaults = BTreeMap::from([
-            (fields::VOICE_ID.to_owned(), self.default_voice.clone()),
-            (
-                fields::USER_NAME.to_owned(),
-                user_id.unwrap_or_default().to_owned(),
-            ),
-            (fields::UPDATED_AT.to_owned(), unix_now().to_string()),
-        ]);
-        let mut invocation = WRITE_DEFAULT.prepare_invoke();
-        invocation.key(&key).arg(self.ttl_secs());
-        for (field, value) in &defaults {
-            invocation.arg(field).arg(value);
-        }
-        let written: i64 = invocation
-            .invoke_async(&mut self.conn.clone())
-            .await
-            .map_err(|source| SessionError::Redis {
-                key: key.clone(),
-                source,
-            })?;
-        if written == 0 {
-            // The orchestrator wrote the config between our read and our write: use theirs.
-            if let Some(stored) = self.read_config(&key).await? {
-                return Ok(stored);
-            }
-        }
-        validate(&key, defaults, ConfigSource::Default)
-    }
-
-    async fn read_config(&self, key: &str) -> Result<Option<SessionConfig>, SessionError> {
-        let mut conn = self.conn.clone();
-        let reply = redis::cmd("HGETALL")
-            .arg(key)
-            .query_async::<Value>(&mut conn)
-            .await;
-        let reply = match reply {
-            Ok(reply) => reply,
-            Err(e) if e.code() == Some("WRONGTYPE") => {
-                let found: String = redis::cmd("TYPE")
-                    .arg(key)
-                    .query_async(&mut conn)
-                    .await
-                    .unwrap_or_else(|_| "value of another type".into());
-                return Err(SessionError::WrongType {
-                    key: key.to_owned(),
-                    found,
-                });
-            }
-            Err(source) => {
-                return Err(SessionError::Redis {
-                    key: key.to_owned(),
-                    source,
-                });
-            }
-        };
-        let pairs: Vec<(Value, Value)> = match reply {
-            Value::Array(flat) => {
-                let mut it = flat.into_iter();
-                let mut pairs = Vec::new();
-                while let (Some(k), Some(v)) = (it.next(), it.next()) {
-                    pairs.push((k, v));
-                }
-                pairs
-            }
-            Value::Map(pairs) => pairs,
-            other => {
-                return Err(SessionError::WrongType {
-                    key: key.to_owned(),
-                    found: format!("{other:?}"),
-                });
-            }
-        };
-        if pairs.is_empty() {
-            return Ok(None);
-        }
-        let mut map = BTreeMap::new();
-        for (field, value) in pairs {
-            let field = utf8(key, "name", field)?;
-            let value = utf8(key, &field, value)?;
-            map.insert(field, value);
-        }
-        validate(key, map, ConfigSource::Stored).map(Some)
-    }
-
-    /// Claims the session for `worker_id` and marks it `starting` (before each launch
-    /// attempt), unless another live worker owns it: see `lua/claim_session.lua`.
-    pub async fn mark_starting(
-        &self,
-        id: &SessionId,
-        user_id: Option<&str>,
-        voice_id: &str,
         task_id: &str,
         worker_id: &str,
     ) -> Result<Claim, SessionError> {
         let keys = SessionKeys::new(id);
-        let state = keys.state();
+        let (state, config_key) = (keys.state(), keys.config());
         let now = unix_now();
-        let mut invocation = CLAIM.prepare_invoke();
-        invocation
+        let reply: Vec<Value> = CLAIM
             .key(&state)
+            .key(&config_key)
             .key(SESSIONS_STARTING)
             .key(SESSIONS_READY)
             .key(SESSION_HEARTBEATS)
@@ -368,27 +278,62 @@ impl SessionStore {
             .arg(self.owner_dead_before(now))
             .arg(self.ttl_secs())
             .arg(id.as_str())
-            .arg("status")
-            .arg("starting")
-            .arg("voiceId")
-            .arg(voice_id)
-            .arg("taskId")
-            .arg(task_id);
-        if let Some(user) = user_id {
-            invocation.arg("userId").arg(user);
-        }
-        let (claimed, owner, status): (i64, String, String) = invocation
+            .arg(task_id)
+            .arg(user_id.unwrap_or_default())
+            .arg(&self.default_voice)
             .invoke_async(&mut self.conn.clone())
             .await
-            .map_err(|source| SessionError::Redis { key: state, source })?;
-        Ok(if claimed == 1 {
-            Claim::Claimed
-        } else {
-            Claim::HeldBy {
-                owner,
-                ready: status == "ready",
+            .map_err(|source| SessionError::Redis {
+                key: state.clone(),
+                source,
+            })?;
+        let unexpected = |reply: &[Value]| SessionError::Redis {
+            key: state.clone(),
+            source: redis::RedisError::from((
+                redis::ErrorKind::UnexpectedReturnType,
+                "unexpected reply from the claim script",
+                format!("{reply:?}"),
+            )),
+        };
+        let text = |value: &Value| String::from_redis_value_ref(value).ok();
+        let mut parts = reply.into_iter();
+        let (Some(Value::Int(code)), Some(second), third, fourth) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(unexpected(&[]));
+        };
+        match code {
+            -1 => Err(SessionError::WrongType {
+                key: config_key,
+                found: text(&second).unwrap_or_else(|| "value of another type".into()),
+            }),
+            0 => Ok(Claim::HeldBy {
+                owner: text(&second).unwrap_or_default(),
+                ready: third.as_ref().and_then(text).as_deref() == Some("ready"),
+            }),
+            _ => {
+                let source = match third.as_ref().and_then(text).as_deref() {
+                    Some("default") => ConfigSource::Default,
+                    _ => ConfigSource::Stored,
+                };
+                let Some(Value::Array(flat)) = fourth else {
+                    return Err(unexpected(&[second]));
+                };
+                let config = config_from_pairs(&config_key, flat)
+                    .and_then(|map| validate(&config_key, map, source));
+                match config {
+                    Ok(config) => Ok(Claim::Claimed(config)),
+                    Err(error) => {
+                        // Ours now, and unusable: say why on the session, then give up on it.
+                        if let Err(mark) = self.mark_error(id, worker_id, &error.to_string()).await
+                        {
+                            tracing::warn!(session_id = %id, error = %mark, "session_error_not_recorded");
+                        }
+                        Err(error)
+                    }
+                }
             }
-        })
+        }
     }
 
     /// Presence older than this (unix seconds) means its worker is dead. Right after this process
@@ -595,6 +540,21 @@ impl SessionStore {
             .await
             .map_err(|source| SessionError::Redis { key, source })
     }
+}
+
+/// The field/value pairs of an `HGETALL` reply as UTF-8 strings.
+fn config_from_pairs(
+    key: &str,
+    flat: Vec<Value>,
+) -> Result<BTreeMap<String, String>, SessionError> {
+    let mut map = BTreeMap::new();
+    let mut it = flat.into_iter();
+    while let (Some(field), Some(value)) = (it.next(), it.next()) {
+        let field = utf8(key, "name", field)?;
+        let value = utf8(key, &field, value)?;
+        map.insert(field, value);
+    }
+    Ok(map)
 }
 
 fn utf8(key: &str, field: &str, value: Value) -> Result<String, SessionError> {

@@ -81,19 +81,24 @@ pub enum StartError {
     /// may succeed later.
     #[error("could not claim the session: {0}")]
     Unavailable(String),
+    /// The session's config cannot be used (wrong type, no voice, a value the command line
+    /// cannot carry). Permanent; the session was marked `error` if it was claimed.
+    #[error("{0}")]
+    Rejected(String),
 }
 
 /// One agent start, as the job asks for it.
 #[derive(Debug, Clone)]
 pub struct StartRequest {
-    /// What to launch.
-    pub spec: LaunchSpec,
-    /// For the session hash.
+    /// The session to start an agent for.
+    pub session_id: SessionId,
+    /// For the session hash (and the default config's `userName`).
     pub user_id: Option<String>,
     /// For the session hash.
-    pub voice_id: String,
-    /// For the session hash.
     pub task_id: String,
+    /// `agent.command`: program and leading arguments; the session's arguments follow
+    /// (contract §4), built from the config read at each claim.
+    pub command: Arc<[String]>,
 }
 
 /// How often a claim held by a worker that is still starting the session is looked at again.
@@ -204,7 +209,7 @@ impl Supervisor {
     /// or starting (then it waits for that launch's outcome instead) or another live worker
     /// owns the session.
     pub async fn start(&self, request: StartRequest) -> StartResult {
-        let id = request.spec.session_id.clone();
+        let id = request.session_id.clone();
         let mut outcome = {
             let mut slots = self.inner.slots.lock().expect("slots lock");
             match slots.get(&id) {
@@ -221,7 +226,7 @@ impl Supervisor {
                     // A task of the supervisor, not of the job: it finishes even if the job's
                     // future is dropped.
                     self.inner.tasks.spawn(async move {
-                        let id = request.spec.session_id.clone();
+                        let id = request.session_id.clone();
                         let launch = AssertUnwindSafe(inner.clone().launch(request));
                         let result = launch.catch_unwind().await.unwrap_or_else(|_| {
                             // Free the slot, or every later delivery of the session would join
@@ -333,22 +338,21 @@ impl Supervisor {
 
 impl Inner {
     async fn launch(self: Arc<Self>, request: StartRequest) -> StartResult {
-        let id = request.spec.session_id.clone();
+        let id = request.session_id.clone();
         let held_deadline = tokio::time::Instant::now() + self.retry.held_patience;
         let mut attempt = 0;
         while attempt < self.retry.attempts {
             let claim = self
                 .store
-                .mark_starting(
+                .claim(
                     &id,
                     request.user_id.as_deref(),
-                    &request.voice_id,
                     &request.task_id,
                     &self.worker_id,
                 )
                 .await;
-            match claim {
-                Ok(Claim::Claimed) => {}
+            let config = match claim {
+                Ok(Claim::Claimed(config)) => config,
                 Ok(Claim::HeldBy { owner, ready: true }) => {
                     self.free(&id);
                     return Ok(StartOutcome::RunningElsewhere { owner });
@@ -369,14 +373,26 @@ impl Inner {
                     tokio::time::sleep(HELD_RECHECK).await;
                     continue;
                 }
+                Err(error) if error.is_permanent() => {
+                    self.free(&id);
+                    return Err(StartError::Rejected(error.to_string()));
+                }
                 // Without a claim there is no launch: another replica may own the session.
                 Err(error) => {
                     self.free(&id);
                     return Err(StartError::Unavailable(error.to_string()));
                 }
-            }
+            };
+            tracing::info!(
+                session_id = %id,
+                voice_id = config.voice_id(),
+                source = config.source().as_str(),
+                fields = ?config.field_names(),
+                "session_config_loaded"
+            );
             attempt += 1;
-            match self.launcher.launch(request.spec.clone()).await {
+            let spec = LaunchSpec::for_session(&request.command, &id, &config);
+            match self.launcher.launch(spec).await {
                 Ok(agent) => return Ok(self.clone().adopt(id, agent, attempt).await),
                 Err(error) => {
                     let last_error = error.to_string();

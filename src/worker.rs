@@ -154,7 +154,7 @@ pub async fn run_with_health(
     let job = Arc::new(AgentStartJob {
         supervisor: supervisor.clone(),
         store: store.clone(),
-        command: settings.agent.command.clone(),
+        command: settings.agent.command.clone().into(),
         queue: keys.clone(),
         conn: conn.clone(),
     });

@@ -202,10 +202,7 @@ async fn sessions_stuck_in_starting_or_error_are_swept_and_fresh_ones_are_not() 
         sid("fresh-start"),
     );
     for id in [&starting, &failed, &fresh] {
-        store
-            .mark_starting(id, None, "Craig", "t", "w")
-            .await
-            .unwrap();
+        store.claim(id, None, "t", "w").await.unwrap();
     }
     store.mark_error(&failed, "w", "boom").await.unwrap();
     backdate(&redis.conn, &starting, 61).await;
@@ -213,9 +210,10 @@ async fn sessions_stuck_in_starting_or_error_are_swept_and_fresh_ones_are_not() 
 
     let dry = sweep.run(unix_now(), true).await.unwrap();
     assert_eq!(dry.removed.len(), 2);
+    // The claim wrote the session hash and, the config being absent, the default config.
     assert_eq!(
         keys_left(&redis.conn, &starting).await,
-        1,
+        2,
         "a dry run removes nothing"
     );
 
@@ -482,10 +480,7 @@ async fn monitor_during_a_sweep_shows_no_keys_command() {
     let store = SessionStore::new(redis.conn.clone(), Duration::from_secs(3600), "Ashley", 100);
     for i in 0..50 {
         let id = sid(&format!("monitored-{i}"));
-        store
-            .mark_starting(&id, None, "Craig", "t", "w")
-            .await
-            .unwrap();
+        store.claim(&id, None, "t", "w").await.unwrap();
         backdate(&redis.conn, &id, 3600).await;
     }
     let mut monitor = tokio::net::TcpStream::connect(("127.0.0.1", redis.redis.port()))

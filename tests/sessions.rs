@@ -145,6 +145,35 @@ async fn config_of_the_wrong_type_sends_the_job_to_the_dead_set_naming_the_key()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unusable_config_sends_the_job_dead_and_marks_the_session_error_with_the_reason() {
+    let redis = TestRedis::start().await;
+    let bad = sid("no-voice-1");
+    let key = SessionKeys::new(&bad).config();
+    let _: () = redis
+        .conn
+        .clone()
+        .hset_multiple(&key, &[("userName", "zoe"), ("voiceId", "  ")])
+        .await
+        .unwrap();
+    let worker = TestWorker::start(redis.settings("ready", &[]));
+    let task = enqueue(&redis.conn, &bad, None).await;
+    let result = wait_dead(&redis.conn, &task).await;
+    assert!(
+        result.contains(&key) && result.contains("voiceId is empty"),
+        "the error names the key and the problem: {result}"
+    );
+    // Config is read and the session claimed in one step; a config that cannot be used
+    // leaves the session in `error` with the reason, out of `session:starting`.
+    let state = SessionKeys::new(&bad).state();
+    assert_eq!(status(&redis.conn, &bad).await.as_deref(), Some("error"));
+    let error = hget(&redis.conn, &state, "error").await.unwrap_or_default();
+    assert!(error.contains("voiceId is empty"), "{error}");
+    assert!(!is_member(&redis.conn, "session:starting", bad.as_str()).await);
+    assert_eq!(received(&redis.conn, &bad).await, None, "no agent was launched");
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shell_metacharacters_reach_the_agent_verbatim_and_nothing_is_executed() {
     let redis = TestRedis::start().await;
     let marker =

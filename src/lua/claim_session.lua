@@ -1,39 +1,79 @@
--- Claim a session for this worker and mark it `starting`, unless another live worker owns it.
+-- Read a session's config and claim the session for this worker, marking it `starting`,
+-- unless another live worker owns it. One round trip per start attempt.
 --
--- One live agent per session across replicas: a duplicate delivery (a re-run after a crash,
--- a double enqueue past the idempotency window, two replicas) must not start a second agent.
--- The owner is `workerId` in session:<id>. Its claim stands while the session is starting or
--- ready and the owner process is alive (its presence heartbeat in the workers ZSET is newer
--- than the orphan timeout). A dead owner's agents died with it (death signal), so its claim
--- can be taken over.
+-- Config (contract §1): `session:<id>:config` only, never a user-scoped key. A missing hash
+-- means defaults, written here (the key is absent inside this atomic script, so this is the
+-- "only if still absent" write). A key of another type is reported, not touched. The values
+-- are validated by the caller, which marks the session `error` if they cannot be used.
 --
--- KEYS[1]: session:<id>
--- KEYS[2]: session:starting
--- KEYS[3]: session:ready
--- KEYS[4]: the heartbeat index
--- KEYS[5]: agent-worker:workers (worker id -> last presence heartbeat)
--- ARGV[1]: this worker's id
--- ARGV[2]: now (unix seconds)
+-- Claim: one live agent per session across replicas. A duplicate delivery (a re-run after a
+-- crash, a double enqueue past the idempotency window, two replicas) must not start a second
+-- agent. The owner is `workerId` in session:<id>. Its claim stands while the session is
+-- starting or ready and the owner process is alive (its presence heartbeat in the workers ZSET
+-- is newer than the orphan timeout). A dead owner's agents died with it (death signal), so its
+-- claim can be taken over.
+--
+-- Writes only what changes: `createdAt` for a new session, `error` removed only if present,
+-- the id moved out of `session:ready` only if it was there.
+--
+-- KEYS[1]: session:<id>          KEYS[2]: session:<id>:config
+-- KEYS[3]: session:starting      KEYS[4]: session:ready
+-- KEYS[5]: the heartbeat index   KEYS[6]: agent-worker:workers (worker id -> presence)
+-- ARGV[1]: this worker's id      ARGV[2]: now (unix seconds)
 -- ARGV[3]: presence older than this means the owner is dead
--- ARGV[4]: TTL of the session hash
--- ARGV[5]: session id
--- ARGV[6..]: field, value pairs to write (status, voiceId, taskId, ...)
--- Returns {1, previous owner or '', ''} when claimed, {0, owner, status} when another live worker
--- holds it (status `starting` or `ready`).
+-- ARGV[4]: TTL of the session keys
+-- ARGV[5]: session id            ARGV[6]: task id
+-- ARGV[7]: user id ('' for none) ARGV[8]: default voice
+-- Returns {1, previous owner or '', 'stored' | 'default', {config field, value, ...}} when
+-- claimed; {0, owner, status} when another live worker holds it; {-1, type} when the config
+-- key is not a hash.
 local me, now = ARGV[1], ARGV[2]
-local owner = redis.call('HGET', KEYS[1], 'workerId')
-local status = redis.call('HGET', KEYS[1], 'status')
+
+local config = redis.pcall('HGETALL', KEYS[2])
+if config.err then
+    return { -1, redis.call('TYPE', KEYS[2]).ok }
+end
+local source = 'stored'
+if #config == 0 then
+    source = 'default'
+    config = { 'voiceId', ARGV[8], 'userName', ARGV[7], 'updatedAt', now }
+    redis.call('HSET', KEYS[2], unpack(config))
+    redis.call('EXPIRE', KEYS[2], ARGV[4])
+end
+local voice = ''
+for i = 1, #config, 2 do
+    if config[i] == 'voiceId' then
+        voice = config[i + 1]
+    end
+end
+
+local current = redis.call('HMGET', KEYS[1], 'workerId', 'status', 'createdAt', 'error')
+local owner, status = current[1], current[2]
 if owner and owner ~= me and (status == 'starting' or status == 'ready') then
-    local seen = redis.call('ZSCORE', KEYS[5], owner)
+    local seen = redis.call('ZSCORE', KEYS[6], owner)
     if seen and tonumber(seen) > tonumber(ARGV[3]) then
         return { 0, owner, status }
     end
 end
-redis.call('HSET', KEYS[1], 'workerId', me, 'lastActive', now, unpack(ARGV, 6))
-redis.call('HSETNX', KEYS[1], 'createdAt', now)
-redis.call('HDEL', KEYS[1], 'error')
+
+local fields = { 'status', 'starting', 'workerId', me, 'lastActive', now, 'voiceId', voice,
+    'taskId', ARGV[6] }
+if ARGV[7] ~= '' then
+    fields[#fields + 1] = 'userId'
+    fields[#fields + 1] = ARGV[7]
+end
+if not current[3] then
+    fields[#fields + 1] = 'createdAt'
+    fields[#fields + 1] = now
+end
+redis.call('HSET', KEYS[1], unpack(fields))
+if current[4] then
+    redis.call('HDEL', KEYS[1], 'error')
+end
 redis.call('EXPIRE', KEYS[1], ARGV[4])
-redis.call('SREM', KEYS[3], ARGV[5])
-redis.call('SADD', KEYS[2], ARGV[5])
-redis.call('ZADD', KEYS[4], now, ARGV[5])
-return { 1, owner or '', '' }
+if status == 'ready' then
+    redis.call('SREM', KEYS[4], ARGV[5])
+end
+redis.call('SADD', KEYS[3], ARGV[5])
+redis.call('ZADD', KEYS[5], now, ARGV[5])
+return { 1, owner or '', source, config }
