@@ -169,7 +169,38 @@ async fn an_unusable_config_sends_the_job_dead_and_marks_the_session_error_with_
     let error = hget(&redis.conn, &state, "error").await.unwrap_or_default();
     assert!(error.contains("voiceId is empty"), "{error}");
     assert!(!is_member(&redis.conn, "session:starting", bad.as_str()).await);
-    assert_eq!(received(&redis.conn, &bad).await, None, "no agent was launched");
+    assert_eq!(
+        received(&redis.conn, &bad).await,
+        None,
+        "no agent was launched"
+    );
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_logs_list_keeps_the_last_hundred_output_lines_with_the_session_ttl() {
+    let redis = TestRedis::start().await;
+    let worker = TestWorker::start(redis.settings("chatty", &[]));
+    let id = sid("chatty-1");
+    enqueue(&redis.conn, &id, None).await;
+    let key = SessionKeys::new(&id).agent_logs();
+    // 252 lines in all: the arguments report, the ready line, then `chatty line 0..=249`.
+    let logs: Vec<String> = wait_for(
+        "the last output line in the logs list",
+        Duration::from_secs(20),
+        || async {
+            let logs: Vec<String> = redis.conn.clone().lrange(&key, 0, -1).await.unwrap();
+            (logs.last().map(String::as_str) == Some("chatty line 249")).then_some(logs)
+        },
+    )
+    .await;
+    let expected: Vec<String> = (150..250).map(|i| format!("chatty line {i}")).collect();
+    assert_eq!(logs, expected, "exactly the last 100 lines, in order");
+    let ttl: i64 = redis.conn.clone().ttl(&key).await.unwrap();
+    assert!(
+        ttl > 0 && ttl <= 4 * 3600,
+        "the logs expire with the session, got {ttl}"
+    );
     worker.stop().await;
 }
 

@@ -11,6 +11,7 @@
 //! - `exit-after-ready`: print the ready line and exit 0 at once.
 //! - `exit-before-ready`: print `failing on purpose` and exit 3.
 //! - `never-ready`: print `warming up` and never a ready line; runs until killed.
+//! - `chatty`: print the ready line, then 250 lines `chatty line <i>`, then run until SIGTERM.
 //! - `ignore-term`: print the ready line and ignore SIGTERM; only SIGKILL ends it.
 //!
 //! With `TEST_AGENT_LEDGER=<file>` in its environment it also appends `<room> <pid>` to that file.
@@ -72,6 +73,14 @@ fn main() {
         }
         "exit-after-ready" => {
             println!("Room joined {room}");
+        }
+        "chatty" => {
+            // More output than `agent:<id>:logs` keeps (the last 100 lines).
+            println!("Room joined {room}");
+            for i in 0..250 {
+                println!("chatty line {i}");
+            }
+            wait_for_sigterm();
         }
         "ignore-term" => {
             // SAFETY: setting a signal to SIG_IGN installs no handler code.

@@ -15,10 +15,14 @@ while i <= #ARGV do
     local id, n = ARGV[i], tonumber(ARGV[i + 1])
     if redis.call('EXISTS', 'session:' .. id) == 1 then
         local key = 'agent:' .. id .. ':logs'
+        local length = 0
         for first = i + 2, i + 1 + n, 1000 do
-            redis.call('RPUSH', key, unpack(ARGV, first, math.min(first + 999, i + 1 + n)))
+            length = redis.call('RPUSH', key, unpack(ARGV, first, math.min(first + 999, i + 1 + n)))
         end
-        redis.call('LTRIM', key, -keep, -1)
+        -- Most agents print a few lines: trim only once the list is over the limit.
+        if length > keep then
+            redis.call('LTRIM', key, -keep, -1)
+        end
         redis.call('EXPIRE', key, ttl)
         appended = appended + n
     end
