@@ -80,6 +80,7 @@ impl QueueOps {
             .key(self.keys.data())
             .key(self.keys.dead())
             .key(self.keys.workers())
+            .key(self.keys.worker_metadata(worker))
             .arg(self.keys.meta_prefix())
             .arg(worker)
             .arg(unix_now())

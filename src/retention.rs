@@ -7,7 +7,9 @@
 //!    the done SET into `<queue>:done-at`; dead ids are added to `<queue>:dead-at`;
 //! 2. deletes done jobs older than `retention.done`, dead jobs older than `retention.dead`, and
 //!    the oldest dead jobs beyond `retention.dead_max` (`lua/delete_finished.lua`), each with its
-//!    data and meta.
+//!    data and meta;
+//! 3. forgets workers whose presence is older than [`FORGET_WORKERS_AFTER`]
+//!    (`lua/forget_workers.lua`): each process has its own id, so every restart leaves an entry.
 //!
 //! Every step works in batches read from a sorted index, so its cost grows with the number of
 //! jobs to trim, not with the size of the sets. A job waiting for a retry (in the scheduled set,
@@ -19,13 +21,23 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agent_jobs::QueueKeys;
+use agent_jobs::{
+    QueueKeys,
+    keys::{WORKER_AGENTS, WORKERS},
+};
 use redis::{Script, aio::ConnectionManager};
 
 static INDEX: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/index_finished.lua")));
 static DELETE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/delete_finished.lua")));
+static FORGET_WORKERS: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("lua/forget_workers.lua")));
+
+/// A worker silent this long is forgotten (presence entry and agent count). Far beyond any
+/// orphan timeout: by then its sessions were taken over or swept long ago, and `status` has
+/// shown it as silent for an hour.
+pub const FORGET_WORKERS_AFTER: Duration = Duration::from_secs(3600);
 
 /// Jobs handled per script call: bounds the time of one Redis command.
 const BATCH: usize = 1000;
@@ -39,6 +51,8 @@ pub struct RetentionReport {
     pub done_deleted: u64,
     /// Dead jobs deleted (by age or beyond the maximum).
     pub dead_deleted: u64,
+    /// Long-silent workers forgotten.
+    pub workers_forgotten: u64,
     /// Wall time.
     pub duration: Duration,
 }
@@ -130,6 +144,20 @@ impl Retention {
                 .delete(&self.keys.dead_at(), &self.keys.dead(), "dead", &oldest)
                 .await?;
         }
+        let silent_since = now.saturating_sub(FORGET_WORKERS_AFTER.as_secs());
+        loop {
+            let forgotten: u64 = FORGET_WORKERS
+                .key(WORKERS)
+                .key(WORKER_AGENTS)
+                .arg(silent_since)
+                .arg(BATCH)
+                .invoke_async(&mut conn)
+                .await?;
+            report.workers_forgotten += forgotten;
+            if forgotten < BATCH as u64 {
+                break;
+            }
+        }
         report.duration = started.elapsed();
         Ok(report)
     }
@@ -193,6 +221,7 @@ pub fn log_report(report: &RetentionReport, tick: u64) {
         indexed = report.indexed,
         done_deleted = report.done_deleted,
         dead_deleted = report.dead_deleted,
+        workers_forgotten = report.workers_forgotten,
         duration_ms = report.duration.as_millis() as u64,
         "retention_complete"
     );

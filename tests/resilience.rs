@@ -164,6 +164,19 @@ async fn an_unreadable_job_that_crashes_the_fetch_is_quarantined_and_the_rest_ru
     // The fetch did crash once: the second run is the one that finished the jobs.
     let runs = worker_runs(&redis.conn).await;
     assert!(runs.len() == 1 && runs[0].ends_with("-1"), "{runs:?}");
+    // The dead run is deregistered completely: apalis-redis's registration hash of each run
+    // would otherwise stay behind forever, one per restart.
+    let first_run = format!("{}-0", runs[0].strip_suffix("-1").unwrap());
+    let dead_run: bool = conn
+        .exists(keys().worker_metadata(&first_run))
+        .await
+        .unwrap();
+    let live_run: bool = conn.exists(keys().worker_metadata(&runs[0])).await.unwrap();
+    assert!(
+        !dead_run && live_run,
+        "metadata of {first_run} gone, of {} kept",
+        runs[0]
+    );
     worker.stop().await;
 }
 

@@ -5,7 +5,10 @@ mod common;
 
 use std::time::Duration;
 
-use agent_jobs::{QueueKeys, SessionKeys, keys::WORKERS};
+use agent_jobs::{
+    QueueKeys, SessionKeys,
+    keys::{WORKER_AGENTS, WORKERS},
+};
 use agent_worker::{retention::Retention, session::unix_now};
 use common::*;
 use nix::sys::signal::Signal;
@@ -474,6 +477,38 @@ async fn retention_keeps_memory_flat_and_never_removes_a_job_waiting_for_a_retry
     retention.run(unix_now()).await.unwrap();
     let kept: Option<String> = conn.hget(keys().data(), &recent[0]).await.unwrap();
     assert!(kept.is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_forgets_workers_silent_for_an_hour_and_keeps_the_others() {
+    let redis = TestRedis::start().await;
+    let retention = Retention::new(
+        redis.conn.clone(),
+        keys(),
+        Duration::from_secs(3600),
+        Duration::from_secs(7 * 86400),
+        100,
+    );
+    let now = unix_now();
+    let mut conn = redis.conn.clone();
+    // 1,500 processes that died two hours ago (more than one batch), one silent for 59
+    // minutes, one alive.
+    let dead: Vec<String> = (0..1500).map(|i| format!("host-{i}-dead")).collect();
+    for id in &dead {
+        let _: () = conn.zadd(WORKERS, id, now - 7200).await.unwrap();
+        let _: () = conn.hset(WORKER_AGENTS, id, 3).await.unwrap();
+    }
+    for (id, seen) in [("host-recent", now - 3540), ("host-alive", now)] {
+        let _: () = conn.zadd(WORKERS, id, seen).await.unwrap();
+        let _: () = conn.hset(WORKER_AGENTS, id, 1).await.unwrap();
+    }
+    let report = retention.run(now).await.unwrap();
+    assert_eq!(report.workers_forgotten, 1500);
+    let left: Vec<String> = conn.zrange(WORKERS, 0, -1).await.unwrap();
+    assert_eq!(left, ["host-recent", "host-alive"]);
+    let mut counted: Vec<String> = conn.hkeys(WORKER_AGENTS).await.unwrap();
+    counted.sort();
+    assert_eq!(counted, ["host-alive", "host-recent"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -102,6 +102,11 @@ impl QueueKeys {
         format!("{}:workers", self.queue)
     }
 
+    /// HASH of apalis-redis's registration details of `worker` (backend, service).
+    pub fn worker_metadata(&self, worker: &str) -> String {
+        format!("{}:workers:metadata:{worker}", self.queue)
+    }
+
     /// Prefix of the per-worker inflight sets.
     pub fn inflight_prefix(&self) -> String {
         format!("{}:inflight", self.queue)

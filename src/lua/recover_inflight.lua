@@ -10,6 +10,8 @@
 -- KEYS[3]: <queue>:data
 -- KEYS[4]: <queue>:dead
 -- KEYS[5]: <queue>:workers
+-- KEYS[6]: <queue>:workers:metadata:<dead worker> (apalis-redis never deletes it: one leaked
+--          hash per run otherwise)
 -- ARGV[1]: meta key prefix (<queue>:meta)
 -- ARGV[2]: dead worker name
 -- ARGV[3]: now (unix seconds)
@@ -48,4 +50,5 @@ for first = #requeued, 1, -1000 do
 end
 redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[5], ARGV[2])
+redis.call('DEL', KEYS[6])
 return { #requeued, quarantined }
