@@ -351,6 +351,16 @@ impl Launcher for ProcessLauncher {
     }
 }
 
+/// The `AGENT_WORKER__*` variables of our environment, listed once: scanning the environment
+/// for every spawn showed up in burst profiles. (The settings are read once at start-up too.)
+static OWN_SETTINGS_VARS: std::sync::LazyLock<Vec<std::ffi::OsString>> =
+    std::sync::LazyLock::new(|| {
+        std::env::vars_os()
+            .map(|(key, _)| key)
+            .filter(|key| key.to_string_lossy().starts_with("AGENT_WORKER__"))
+            .collect()
+    });
+
 fn spawn(spec: &LaunchSpec) -> std::io::Result<Child> {
     let mut command = Command::new(&spec.program);
     command
@@ -366,10 +376,8 @@ fn spawn(spec: &LaunchSpec) -> std::io::Result<Child> {
         // The owner task reaps the child; dropping the handle must not kill a running agent.
         .kill_on_drop(false);
     // Our own settings variables may carry the Redis password; the agent has no use for them.
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("AGENT_WORKER__") {
-            command.env_remove(key);
-        }
+    for key in OWN_SETTINGS_VARS.iter() {
+        command.env_remove(key);
     }
     let worker_pid = std::process::id() as libc::pid_t;
     // SAFETY: the closure runs in the forked child before exec and only calls

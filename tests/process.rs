@@ -152,6 +152,14 @@ async fn json_logs_carry_the_events_and_never_the_redis_password() {
     .unwrap();
     enqueue(&conn, &id, Some("u")).await;
     wait_status(&conn, &id, "ready", Duration::from_secs(20)).await;
+    // The worker's settings variables (here the URL with the password) stay out of the
+    // agent's environment.
+    let received = wait_received(&conn, &id).await;
+    assert_eq!(
+        received["settings_vars"],
+        serde_json::json!([]),
+        "{received}"
+    );
     signal(&worker, Signal::SIGTERM);
     let output = tokio::task::spawn_blocking(move || worker.wait_with_output().unwrap())
         .await

@@ -6,7 +6,8 @@
 //!            [--opening-line T] [--system-prompt T]
 //! ```
 //! It first prints one line `test-agent received {json}` with its argv, the parsed contract
-//! arguments and its `SESSION_ID` / `VOICE_ID` / `SESSION_CONFIG` environment. Behaviours:
+//! arguments, its `SESSION_ID` / `VOICE_ID` / `SESSION_CONFIG` environment and the names of any
+//! `AGENT_WORKER__*` variables it inherited (`settings_vars`). Behaviours:
 //! - `ready` (default): print `Room joined <room>`, then run until SIGTERM and exit 0.
 //! - `exit-after-ready`: print the ready line and exit 0 at once.
 //! - `exit-before-ready`: print `failing on purpose` and exit 3.
@@ -44,8 +45,19 @@ fn main() {
         .into_iter()
         .map(|k| (k, std::env::var(k).ok()))
         .collect();
-    let received =
-        json!({ "argv": argv, "contract": contract, "env": env, "pid": std::process::id() });
+    // Names only: the worker's own settings (which may hold the Redis password) must not
+    // reach agents.
+    let settings_vars: Vec<String> = std::env::vars_os()
+        .map(|(key, _)| key.to_string_lossy().into_owned())
+        .filter(|key| key.starts_with("AGENT_WORKER__"))
+        .collect();
+    let received = json!({
+        "argv": argv,
+        "contract": contract,
+        "env": env,
+        "settings_vars": settings_vars,
+        "pid": std::process::id(),
+    });
     println!("test-agent received {received}");
     let room = contract.get("room").cloned().unwrap_or_default();
     // Tests that must know every agent that ever started (their logs in Redis go with their
