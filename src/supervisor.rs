@@ -414,28 +414,17 @@ impl Inner {
                             continue;
                         }
                         // Shutdown began during the back-off: no further attempt.
-                        self.record(
-                            self.store
-                                .mark_error(&id, &self.worker_id, &last_error)
-                                .await,
-                        );
-                        self.free(&id);
-                        return Err(StartError::Failed(StartFailure {
-                            attempts: attempt,
-                            last_error,
-                        }));
-                    } else {
-                        self.record(
-                            self.store
-                                .mark_error(&id, &self.worker_id, &last_error)
-                                .await,
-                        );
-                        self.free(&id);
-                        return Err(StartError::Failed(StartFailure {
-                            attempts: attempt,
-                            last_error,
-                        }));
                     }
+                    self.record(
+                        self.store
+                            .mark_error(&id, &self.worker_id, &last_error)
+                            .await,
+                    );
+                    self.free(&id);
+                    return Err(StartError::Failed(StartFailure {
+                        attempts: attempt,
+                        last_error,
+                    }));
                 }
             }
         }
