@@ -6,7 +6,7 @@
 //!   SIGTERM to the group, a grace period, then SIGKILL.
 //! - It cannot outlive the worker: `PR_SET_PDEATHSIG` asks the kernel to SIGKILL it when the
 //!   worker dies, even by SIGKILL, and a check right after closes the race where the worker
-//!   died during the fork.
+//!   died during the spawn. The worker is not forked for this: see [`crate::spawn`].
 //! - stdout and stderr are read continuously, line by line, so a chatty agent never blocks on
 //!   a full pipe. Each line goes to tracing and to the [`OutputSink`].
 //! - Ready detection is event-driven: the reader that sees a ready pattern flips a watch
@@ -20,19 +20,18 @@
 use std::{
     fmt,
     os::unix::process::ExitStatusExt,
-    process::{ExitStatus, Stdio},
+    process::ExitStatus,
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use agent_jobs::SessionId;
 
-use crate::session::SessionConfig;
+use crate::{session::SessionConfig, spawn::Child};
 use futures::{FutureExt, future::BoxFuture};
 use nix::{sys::signal::Signal, unistd::Pid};
 use tokio::{
     io::{AsyncBufReadExt, AsyncRead, BufReader},
-    process::{Child, Command},
     sync::{mpsc, oneshot, watch},
 };
 
@@ -244,8 +243,8 @@ impl ProcessLauncher {
             program: spec.program.clone(),
             reason: e.to_string(),
         })?;
-        let pid = child.id().expect("a just-spawned child has a pid");
-        // process_group(0) made the agent the leader of a new group named after its pid.
+        let pid = child.id();
+        // The agent leads a new group named after its pid (see `spawn`).
         let pgid = pid;
         tracing::info!(session_id = %spec.session_id, pid, pgid, "agent_process_spawned");
 
@@ -351,61 +350,24 @@ impl Launcher for ProcessLauncher {
     }
 }
 
-/// The `AGENT_WORKER__*` variables of our environment, listed once: scanning the environment
-/// for every spawn showed up in burst profiles. (The settings are read once at start-up too.)
-static OWN_SETTINGS_VARS: std::sync::LazyLock<Vec<std::ffi::OsString>> =
-    std::sync::LazyLock::new(|| {
-        std::env::vars_os()
-            .map(|(key, _)| key)
-            .filter(|key| key.to_string_lossy().starts_with("AGENT_WORKER__"))
-            .collect()
-    });
-
 fn spawn(spec: &LaunchSpec) -> std::io::Result<Child> {
-    let mut command = Command::new(&spec.program);
-    command
-        .args(&spec.args)
-        .envs(spec.env.iter().map(|(k, v)| (k, v)))
-        // Python writes stdout to a pipe in 8 KiB blocks; its ready line would sit in the
-        // buffer until the start-up timeout. Agents in other languages ignore this.
-        .env("PYTHONUNBUFFERED", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        // The owner task reaps the child; dropping the handle must not kill a running agent.
-        .kill_on_drop(false);
-    // Our own settings variables may carry the Redis password; the agent has no use for them.
-    for key in OWN_SETTINGS_VARS.iter() {
-        command.env_remove(key);
-    }
-    let worker_pid = std::process::id() as libc::pid_t;
-    // SAFETY: the closure runs in the forked child before exec and only calls
-    // async-signal-safe functions (prctl, getppid); its errors are plain errno values.
-    unsafe {
-        command.pre_exec(move || {
-            // The death signal follows the thread that forked us. Agents are spawned from the
-            // runtime's worker threads, which live as long as the process.
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) == -1 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // The worker may have died between fork and prctl; then we were re-parented and
-            // no signal will ever come.
-            if libc::getppid() != worker_pid {
-                // ESRCH ("no such process"): the worker is gone. No allocation between fork
-                // and exec.
-                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
-            }
-            Ok(())
-        });
-    }
-    command.spawn()
+    let mut env: Vec<(&str, &str)> = spec
+        .env
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    // Python writes stdout to a pipe in 8 KiB blocks; its ready line would sit in the buffer
+    // until the start-up timeout. Agents in other languages ignore this.
+    env.push(("PYTHONUNBUFFERED", "1"));
+    // Agents are launched from the runtime's worker threads, which live as long as the
+    // process: the death signal, which follows the spawning thread, fires only with the worker.
+    crate::spawn::spawn(&spec.program, &spec.args, &env)
 }
 
 /// Waits on the child (reaping it) and serves stop requests: SIGTERM to the group at once,
 /// SIGKILL when the shortest requested grace runs out.
 async fn own(
-    mut child: Child,
+    child: Child,
     pgid: u32,
     mut stop_rx: mpsc::UnboundedReceiver<Duration>,
     exit_tx: oneshot::Sender<AgentExit>,

@@ -13,6 +13,8 @@
 //! - [`session`]: the session store: config lookup by session id, session state writes.
 //! - [`launcher`]: the [`launcher::Launcher`] interface and the real process launcher (no shell,
 //!   own process group, death signal, continuous output reading, event-driven readiness).
+//! - [`spawn`]: starting that process without forking the worker (a `vfork`-style clone that
+//!   still arms the death signal), waited for on a pidfd.
 //! - [`capacity`]: `agent.max_agents`: a full replica fetches no jobs.
 //! - [`supervisor`]: owns the agents of this process: launch with retries, one agent per
 //!   session, exit handling, shutdown.
@@ -43,6 +45,7 @@ pub mod queue;
 pub mod retention;
 pub mod session;
 pub mod settings;
+pub mod spawn;
 pub mod supervisor;
 pub mod sweep;
 pub mod telemetry;
