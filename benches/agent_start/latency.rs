@@ -7,10 +7,14 @@
 //! orchestrator does. The 20 newest agents stay running (idle voice sessions, as on a replica
 //! at the default `agent.max_agents`); older ones are stopped, so the worker supervises a
 //! steady 20 and has nothing else to do between two starts.
+//!
+//! A last round runs while a `yes > /dev/null` process keeps one of the cores busy: the targets
+//! are judged on the quiet rounds, and this one shows what a neighbour on the host costs.
 
 use std::time::{Duration, Instant};
 
-use agent_jobs::AgentStart;
+use agent_jobs::{AgentStart, Producer};
+use redis::aio::ConnectionManager;
 
 use crate::{
     harness::{Ctx, InProcessWorker, Probe, RecordingLauncher, Stamps, ids},
@@ -36,9 +40,9 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Row>> {
         settings.clone(),
         RecordingLauncher::factory(&settings, probe.clone(), Some(KEEP_RUNNING)),
     );
-    let rounds = measure(ctx, &probe).await;
+    let measured = measure(ctx, &probe).await;
     worker.stop().await?;
-    let rounds = rounds?;
+    let (rounds, loaded) = measured?;
     eprintln!(
         "  {} sessions in {ROUNDS} rounds, one every {GAP:?}",
         rounds.iter().map(Vec::len).sum::<usize>()
@@ -75,6 +79,16 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Row>> {
                 PART,
                 format!("{} max", span.metric),
                 format!("{:.2} ms", pooled.max()),
+            ));
+        }
+    }
+    for span in SPANS.iter().filter(|span| span.show_max) {
+        let busy = Dist::new(loaded.iter().filter_map(|s| span.millis(s)).collect());
+        for p in [50.0, 99.0] {
+            rows.push(Row::info(
+                PART,
+                format!("{} p{p:.0}, one core busy (n={})", span.metric, busy.len()),
+                format!("{:.2} ms", busy.pct(p)),
             ));
         }
     }
@@ -139,7 +153,7 @@ const SPANS: [Span; 5] = [
         show_max: false,
     },
     Span {
-        metric: "  of which launch() → spawned (fork + exec)",
+        metric: "  of which launch() → spawned (clone + exec)",
         from: Stage::Launched,
         to: Stage::Spawned,
         percentiles: &[(50.0, None), (99.0, None)],
@@ -154,8 +168,9 @@ const SPANS: [Span; 5] = [
     },
 ];
 
-/// Enqueues the sessions of each round at the gentle rate and returns each round's stamps.
-async fn measure(ctx: &Ctx, probe: &Probe) -> anyhow::Result<Vec<Vec<Stamps>>> {
+/// Enqueues the sessions of each round at the gentle rate and returns each quiet round's
+/// stamps, then those of the round with one core busy.
+async fn measure(ctx: &Ctx, probe: &Probe) -> anyhow::Result<(Vec<Vec<Stamps>>, Vec<Stamps>)> {
     ctx.wait_worker_idle().await?;
     // The producer has its own connection, as the orchestrator would.
     let producer = ctx.producer(ctx.connect().await?);
@@ -176,19 +191,49 @@ async fn measure(ctx: &Ctx, probe: &Probe) -> anyhow::Result<Vec<Vec<Stamps>>> {
     let per_round = ctx.size(500);
     let mut rounds = Vec::new();
     for round in 0..ROUNDS {
-        let ids = ids(&format!("lat{round}"), per_round);
-        ctx.write_configs(&ids).await?;
-        ctx.quiet().await;
-        let start = tokio::time::Instant::now();
-        for (i, id) in ids.iter().enumerate() {
-            tokio::time::sleep_until(start + GAP * i as u32).await;
-            probe.enqueued(id.as_str(), Instant::now());
-            producer.enqueue(&AgentStart::new(id.clone())).await?;
-        }
-        probe.wait_ready(per_round, Duration::from_secs(60)).await?;
-        // The spawn event is recorded by the tracing layer in the same task that then waits
-        // for the ready line, so it is in by now.
-        rounds.push(probe.take().into_values().collect());
+        rounds.push(
+            self::round(
+                ctx,
+                probe,
+                &producer,
+                &format!("lat{round}"),
+                per_round,
+                true,
+            )
+            .await?,
+        );
     }
-    Ok(rounds)
+    let mut hog = std::process::Command::new("yes")
+        .stdout(std::process::Stdio::null())
+        .spawn()?;
+    let loaded = self::round(ctx, probe, &producer, "latbusy", per_round, false).await;
+    let _ = hog.kill();
+    let _ = hog.wait();
+    Ok((rounds, loaded?))
+}
+
+/// One round: `n` sessions enqueued one every [`GAP`], their stamps once all are ready.
+async fn round(
+    ctx: &Ctx,
+    probe: &Probe,
+    producer: &Producer<ConnectionManager>,
+    name: &str,
+    n: usize,
+    wait_for_quiet: bool,
+) -> anyhow::Result<Vec<Stamps>> {
+    let ids = ids(name, n);
+    ctx.write_configs(&ids).await?;
+    if wait_for_quiet {
+        ctx.quiet().await;
+    }
+    let start = tokio::time::Instant::now();
+    for (i, id) in ids.iter().enumerate() {
+        tokio::time::sleep_until(start + GAP * i as u32).await;
+        probe.enqueued(id.as_str(), Instant::now());
+        producer.enqueue(&AgentStart::new(id.clone())).await?;
+    }
+    probe.wait_ready(n, Duration::from_secs(60)).await?;
+    // The spawn event is recorded by the tracing layer in the same task that then waits for
+    // the ready line, so it is in by now.
+    Ok(probe.take().into_values().collect())
 }
