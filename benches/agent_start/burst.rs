@@ -5,15 +5,16 @@
 //! twice:
 //! - through the `agent-worker run` binary, as deployed (JSON logs, metrics), seen from Redis
 //!   only: N over the time from the first enqueue until every job is acknowledged and every
-//!   session removed. This is the headline figure;
+//!   session removed. This is the headline figure; then again with `worker.batch_size = 8`,
+//!   which shows what fetching one job per round trip (the default) costs;
 //! - with the worker in this process: N over the time to the last agent reported ready (and
-//!   to every session removed). The launcher forks, and a fork costs in proportion to the
-//!   forking process's memory, which here is the bench's, so this one reads lower.
+//!   to every session removed).
 //!
 //! Ceiling: the same agent binary, N times, with the same concurrency (`worker.concurrency`),
 //! spawned with `tokio::process` and no Redis at all: spawn, read stdout up to the ready line,
-//! reap. Three ways, see [`Spawn`]: plainly, with the launcher's options (which make std fork),
-//! and through an exec shim (what avoiding the fork would cost).
+//! reap. Three ways, see [`Spawn`]: plainly (the ceiling), with the launcher's own spawn
+//! (`agent_worker::spawn`), and the way the launcher spawned before it (std with a `pre_exec`
+//! hook, which makes std fork), to show what that spawn saves.
 //!
 //! CPU time is split between the worker, the reaped agents and redis-server, which is where
 //! the time goes on a 2-core machine.
@@ -42,6 +43,8 @@ use crate::{
 };
 
 const PART: &str = "2 burst";
+/// `worker.batch_size` of the second binary burst.
+const BATCHED: usize = 8;
 
 pub async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Row>> {
     let n = ctx.size(10_000);
@@ -102,7 +105,7 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Row>> {
     let mut binary_cpu = Vec::new();
     for rep in 0..ctx.reps() {
         ctx.quiet().await;
-        let (rate, cpu) = binary_burst(ctx, n, rep).await?;
+        let (rate, cpu) = binary_burst(ctx, n, rep, &[]).await?;
         eprintln!(
             "  burst {rep} through the binary: {} sessions/s",
             thousands(rate)
@@ -110,10 +113,27 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Row>> {
         binary.push(rate);
         binary_cpu.push((rate, cpu));
     }
+    // The same with jobs fetched 8 per round trip: what the fetch at the default batch of 1
+    // costs (the default is 1 so that a replica at `agent.max_agents` holds no jobs it cannot
+    // start; the bench lifts that limit).
+    let mut batched = Vec::new();
+    let mut batched_cpu = Vec::new();
+    for rep in 0..ctx.reps() {
+        ctx.quiet().await;
+        let env = [("AGENT_WORKER__WORKER__BATCH_SIZE", BATCHED.to_string())];
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let (rate, cpu) = binary_burst(ctx, n, rep, &env).await?;
+        eprintln!(
+            "  burst {rep} through the binary, batch {BATCHED}: {} sessions/s",
+            thousands(rate)
+        );
+        batched.push(rate);
+        batched_cpu.push((rate, cpu));
+    }
 
     ctx.flush().await?;
     let mut ceilings = Vec::new();
-    for spawn in [Spawn::Plain, Spawn::Fork, Spawn::Shim] {
+    for spawn in [Spawn::Plain, Spawn::Ours, Spawn::Fork] {
         let mut rates = Vec::new();
         let mut cpu = CpuSplit::default();
         for _ in 0..ctx.reps() {
@@ -126,9 +146,13 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Row>> {
     }
 
     let (burst, ended, binary) = (Spread::of(&burst), Spread::of(&ended), Spread::of(&binary));
+    let batched = Spread::of(&batched);
     // The CPU of the runs with the median rate.
-    binary_cpu.sort_by(|a: &(f64, String), b| a.0.total_cmp(&b.0));
-    let binary_cpu = binary_cpu.swap_remove(ctx.reps() / 2).1;
+    let median_cpu = |mut runs: Vec<(f64, String)>| {
+        runs.sort_by(|a, b| a.0.total_cmp(&b.0));
+        runs.swap_remove(ctx.reps() / 2).1
+    };
+    let (binary_cpu, batched_cpu) = (median_cpu(binary_cpu), median_cpu(batched_cpu));
     burst_cpu.sort_by(|a, b| a.wall.total_cmp(&b.wall));
     let burst_cpu = burst_cpu[ctx.reps() / 2];
     let ceiling = ceilings[0].1.median;
@@ -142,6 +166,13 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Row>> {
         )
         .spread(binary.describe("", 0)),
         Row::info(PART, "  CPU of the binary and its agents", binary_cpu),
+        Row::info(
+            PART,
+            format!("same burst through the binary with worker.batch_size = {BATCHED}"),
+            thousands(batched.median),
+        )
+        .spread(batched.describe("", 0)),
+        Row::info(PART, "  CPU of the binary and its agents", batched_cpu),
         Row::info(
             PART,
             "same burst, in-process worker: sessions/s to the last agent ready",
@@ -158,7 +189,7 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Row>> {
             .spread(burst_cpu.per(n, "session")),
         Row::info(
             PART,
-            "  RSS of the bench process (the in-process worker forks it)",
+            "  RSS of the bench process (the in-process worker's)",
             format!("{:.0} MiB", bench_rss as f64 / 1024.0),
         ),
     ];
@@ -178,6 +209,11 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Row>> {
     ));
     rows.push(Row::info(
         PART,
+        format!("burst (binary, batch {BATCHED}) ÷ bare spawn ceiling"),
+        format!("{:.0} %", batched.median / ceiling * 100.0),
+    ));
+    rows.push(Row::info(
+        PART,
         "burst (in-process) ÷ bare spawn ceiling",
         format!("{:.0} %", in_process_ratio * 100.0),
     ));
@@ -189,12 +225,12 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Row>> {
 enum Spawn {
     /// `tokio::process` as is: std spawns with `posix_spawn` (a vfork: no page tables copied).
     Plain,
-    /// With the launcher's options: its own process group and a `pre_exec` setting the death
-    /// signal. A `pre_exec` closure makes std fall back to `fork` + `exec`.
+    /// The launcher's spawn: a vfork-style clone that leads a new process group and arms the
+    /// death signal before exec.
+    Ours,
+    /// What the launcher did before: `tokio::process` with its own process group and a
+    /// `pre_exec` setting the death signal, which makes std fall back to `fork` + `exec`.
     Fork,
-    /// Plain `posix_spawn` of a small program that execs the agent (`/usr/bin/env`): what an
-    /// exec shim setting the death signal itself would cost instead of `fork`.
-    Shim,
 }
 
 impl Spawn {
@@ -203,12 +239,10 @@ impl Spawn {
             Self::Plain => {
                 format!("ceiling: bare spawns/s (tokio::process, {concurrency} at once, no Redis)")
             }
-            Self::Fork => {
-                "ceiling with the launcher's spawn options (own group, death signal: fork)".into()
+            Self::Ours => {
+                "the launcher's spawn alone (clone + own group + death signal), no Redis".into()
             }
-            Self::Shim => {
-                "ceiling through an exec shim (posix_spawn of /usr/bin/env → agent)".into()
-            }
+            Self::Fork => "for comparison: std with a pre_exec death signal (fork + exec)".into(),
         }
     }
 }
@@ -244,16 +278,25 @@ async fn spawn_ceiling(
 }
 
 async fn spawn_one(program: &std::path::Path, room: &str, spawn: Spawn) -> anyhow::Result<()> {
-    let mut command = if spawn == Spawn::Shim {
-        let mut env = Command::new("/usr/bin/env");
-        env.arg(program);
-        env
-    } else {
-        Command::new(program)
-    };
+    let args = [
+        "--behaviour",
+        "exit-after-ready",
+        "--room",
+        room,
+        "--voice-id",
+        "Craig",
+    ];
+    if spawn == Spawn::Ours {
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let mut child = agent_worker::spawn::spawn(&program.to_string_lossy(), &args, &[])?;
+        let stdout = child.stdout.take().expect("stdout is a pipe");
+        read_to_ready(stdout).await?;
+        child.wait().await?;
+        return Ok(());
+    }
+    let mut command = Command::new(program);
     command
-        .args(["--behaviour", "exit-after-ready", "--room", room])
-        .args(["--voice-id", "Craig"])
+        .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -261,7 +304,7 @@ async fn spawn_one(program: &std::path::Path, room: &str, spawn: Spawn) -> anyho
     if spawn == Spawn::Fork {
         command.process_group(0);
         // SAFETY: runs in the forked child before exec and only calls prctl, which is
-        // async-signal-safe. Mirrors what the launcher does.
+        // async-signal-safe. Mirrors what the launcher did before `agent_worker::spawn`.
         unsafe {
             command.pre_exec(|| {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) == -1 {
@@ -272,25 +315,34 @@ async fn spawn_one(program: &std::path::Path, room: &str, spawn: Spawn) -> anyho
         }
     }
     let mut child = command.spawn()?;
-    let stdout = child.stdout.take().expect("stdout is piped");
+    read_to_ready(child.stdout.take().expect("stdout is piped")).await?;
+    child.wait().await?;
+    Ok(())
+}
+
+async fn read_to_ready(stdout: impl tokio::io::AsyncRead + Unpin) -> anyhow::Result<()> {
     let mut lines = BufReader::new(stdout).lines();
     while let Some(line) = lines.next_line().await? {
         if line.contains("Room joined") {
             break;
         }
     }
-    child.wait().await?;
     Ok(())
 }
 
 /// The same burst through the `agent-worker run` binary, seen from Redis only: from the first
 /// enqueue until every job is acknowledged and every session removed. Returns sessions/s and
 /// where the binary's CPU went.
-async fn binary_burst(ctx: &Ctx, n: usize, rep: usize) -> anyhow::Result<(f64, String)> {
+async fn binary_burst(
+    ctx: &Ctx,
+    n: usize,
+    rep: usize,
+    env: &[(&str, &str)],
+) -> anyhow::Result<(f64, String)> {
     ctx.flush().await?;
     let ids = ids(&format!("binary{rep}"), n);
     ctx.write_configs(&ids).await?;
-    let worker = WorkerProcess::start(ctx, "exit-after-ready")?;
+    let worker = WorkerProcess::start_with(ctx, "exit-after-ready", env)?;
     let pid = worker.pid().to_string();
     let result = async {
         ctx.wait_worker_idle().await?;

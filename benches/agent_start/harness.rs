@@ -333,6 +333,11 @@ pub struct WorkerProcess {
 impl WorkerProcess {
     /// Starts the binary on the bench's Redis with the test agent in `behaviour`.
     pub fn start(ctx: &Ctx, behaviour: &str) -> anyhow::Result<Self> {
+        Self::start_with(ctx, behaviour, &[])
+    }
+
+    /// [`WorkerProcess::start`] with more `AGENT_WORKER__*` settings.
+    pub fn start_with(ctx: &Ctx, behaviour: &str, env: &[(&str, &str)]) -> anyhow::Result<Self> {
         let log = std::env::temp_dir().join(format!(
             "agent-start-bench-worker-{}-{}.log",
             std::process::id(),
@@ -348,6 +353,7 @@ impl WorkerProcess {
             .env("AGENT_WORKER__SHUTDOWN__DRAIN_TIMEOUT", "1s")
             .env("AGENT_WORKER__HTTP__ADDR", "127.0.0.1:0")
             .env("AGENT_WORKER__TELEMETRY__FORMAT", "json")
+            .envs(env.iter().copied())
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::fs::File::create(&log)?)
