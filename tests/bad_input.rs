@@ -279,3 +279,52 @@ async fn logged_pid(
         .find_map(|l| l.strip_prefix(prefix).and_then(|p| p.parse().ok()))
         .unwrap_or_else(|| panic!("the agent printed no {prefix}: {logs:?}"))
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_typed_idempotency_key_fails_the_enqueue_by_name_and_writes_nothing() {
+    let redis = TestRedis::start().await;
+    let mut conn = redis.conn.clone();
+    let producer = producer(&redis.conn);
+    let jobs: Vec<_> = ["idem-ok-1", "idem-bad", "idem-ok-2"]
+        .iter()
+        .map(|name| agent_jobs::AgentStart::new(sid(name)))
+        .collect();
+    let idem_key = |job: &agent_jobs::AgentStart| {
+        format!(
+            "{}:{}",
+            producer.keys().idempotency_prefix(),
+            agent_jobs::producer::idempotency_key(job)
+        )
+    };
+    // Something other than a task id where the second job's claim would go.
+    let bad = idem_key(&jobs[1]);
+    let _: () = conn.hset(&bad, "not", "a task id").await.unwrap();
+
+    for batch in [&jobs[..], &jobs[1..2]] {
+        let err = producer.enqueue_many(batch).await.unwrap_err().to_string();
+        assert!(err.contains(&bad) && err.contains("hash"), "{err}");
+    }
+    // The first job's claim was released, and no job was written.
+    let claimed: bool = conn.exists(idem_key(&jobs[0])).await.unwrap();
+    assert!(!claimed, "a claim of the failed batch was left behind");
+    let keys = producer.keys();
+    let (data, active): (usize, usize) = redis::pipe()
+        .hlen(keys.data())
+        .llen(keys.active())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!((data, active), (0, 0));
+    let metas: Vec<String> = conn
+        .keys(format!("{}:*", keys.meta_prefix()))
+        .await
+        .unwrap();
+    assert!(metas.is_empty(), "{metas:?}");
+
+    // The other sessions enqueue normally.
+    let good = [jobs[0].clone(), jobs[2].clone()];
+    let enqueued = producer.enqueue_many(&good).await.unwrap();
+    assert!(enqueued.iter().all(|e| !e.duplicate));
+    let active: usize = conn.llen(keys.active()).await.unwrap();
+    assert_eq!(active, 2);
+}

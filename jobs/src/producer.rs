@@ -37,8 +37,9 @@ pub struct Enqueued {
 /// Why an enqueue failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ProduceError {
-    /// Redis refused or could not be reached. Nothing or everything of the batch was written:
-    /// the script runs atomically.
+    /// Redis refused or could not be reached. An idempotency key holding something other than
+    /// a task id fails the call with an error naming the key, and nothing of the call is
+    /// written (the script claims every key before it writes any job and releases its claims).
     #[error("enqueue failed: {0}")]
     Redis(#[from] redis::RedisError),
     /// The script answered something this code does not understand (a version mismatch).
