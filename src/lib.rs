@@ -9,6 +9,7 @@
 //! - [`settings`]: typed settings from `config/default.toml`, `--config FILE` and
 //!   `AGENT_WORKER__*` variables, validated at start-up.
 //! - [`telemetry`]: the tracing subscriber (`json` or `pretty`).
+//! - [`clock`]: Redis's clock, so replicas with skewed clocks agree on what is stale.
 //! - [`connection`]: the shared Redis `ConnectionManager`, with our timeouts and start-up retry.
 //! - [`session`]: the session store: config lookup by session id, session state writes.
 //! - [`launcher`]: the [`launcher::Launcher`] interface and the real process launcher (no shell,
@@ -34,6 +35,7 @@
 
 pub mod agent_start;
 pub mod capacity;
+pub mod clock;
 pub mod connection;
 pub mod demo;
 pub mod launcher;

@@ -4,7 +4,7 @@ use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
 use agent_jobs::{AgentStart, Producer, QueueKeys, SessionConfigInput, SessionId};
 use agent_worker::{
-    connection, demo, observability, operator,
+    clock, connection, demo, observability, operator,
     session::{SessionStore, unix_now},
     settings::Settings,
     sweep::{self as stale, StaleSessionSweep},
@@ -231,6 +231,8 @@ async fn sweep(settings: Settings, dry_run: bool, scan: bool) -> anyhow::Result<
     let conn = connection::connect(&settings.redis)
         .await
         .with_context(|| format!("cannot reach Redis at {}", settings.redis.url))?;
+    // Staleness is judged on Redis's clock, as the workers do.
+    clock::sync(&mut conn.clone()).await?;
     let store = SessionStore::new(
         conn.clone(),
         settings.session.ttl,
@@ -269,6 +271,8 @@ async fn status(settings: Settings, json: bool) -> anyhow::Result<()> {
     let conn = connection::connect(&settings.redis)
         .await
         .with_context(|| format!("cannot reach Redis at {}", settings.redis.url))?;
+    // Staleness is judged on Redis's clock, as the workers do.
+    clock::sync(&mut conn.clone()).await?;
     let keys = QueueKeys::new(&settings.redis.queue)?;
     let status = operator::status(&conn, &keys, unix_now(), settings.worker.orphan_timeout).await?;
     if json {

@@ -11,11 +11,7 @@
 //! Each state transition is one script call or pipeline: one round trip, whatever the number
 //! of fields.
 
-use std::{
-    collections::BTreeMap,
-    sync::LazyLock,
-    time::{Duration, SystemTime, UNIX_EPOCH},
-};
+use std::{collections::BTreeMap, sync::LazyLock, time::Duration};
 
 use agent_jobs::{
     SessionId, SessionKeys,
@@ -205,13 +201,7 @@ impl std::fmt::Debug for SessionStore {
     }
 }
 
-/// Unix seconds now.
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs()
-}
+pub use crate::clock::unix_now;
 
 impl SessionStore {
     /// A store writing keys with `ttl`, defaulting the voice to `default_voice`, keeping

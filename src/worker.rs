@@ -34,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     agent_start::{self, AgentStartJob, RawCodec, RawJob},
     capacity::{Capacity, CapacityLayer},
+    clock,
     connection::{self, RedisHealth},
     launcher::{Launcher, OutputSink, ProcessLauncher},
     logs,
@@ -117,6 +118,9 @@ pub async fn run_with_health(
         return;
     };
     observability::agents_max(settings.agent.max_agents);
+    if let Err(error) = clock::sync(&mut conn.clone()).await {
+        tracing::warn!(error = %error, "clock_sync_failed");
+    }
     let keys = QueueKeys::new(&settings.redis.queue).expect("redis.queue is validated");
     let worker_id = worker_id();
     tracing::info!(
@@ -124,6 +128,7 @@ pub async fn run_with_health(
         queue = keys.queue(),
         redis = %settings.redis.url,
         max_agents = settings.agent.max_agents,
+        clock_offset_ms = clock::offset_ms(),
         "worker_started"
     );
 
@@ -202,6 +207,7 @@ pub async fn run_with_health(
         tokio::spawn(presence_loop(
             supervisor.clone(),
             store.clone(),
+            conn.clone(),
             settings.worker.heartbeat_interval,
             redis_health.clone(),
             background.clone(),
@@ -513,6 +519,7 @@ async fn heartbeat_loop(
 async fn presence_loop(
     supervisor: Supervisor,
     store: SessionStore,
+    conn: ConnectionManager,
     every: Duration,
     redis_health: RedisHealth,
     shutdown: CancellationToken,
@@ -524,9 +531,16 @@ async fn presence_loop(
             _ = shutdown.cancelled() => return,
             _ = ticker.tick() => {}
         }
-        let result = store
-            .presence(supervisor.worker_id(), supervisor.agent_count(), unix_now())
-            .await;
+        // Re-measured every tick: the host's clock may be stepped or drift.
+        let synced = clock::sync(&mut conn.clone()).await;
+        let result = match synced {
+            Ok(_) => {
+                store
+                    .presence(supervisor.worker_id(), supervisor.agent_count(), unix_now())
+                    .await
+            }
+            Err(error) => Err(error),
+        };
         if let Err(error) = result {
             redis_health.failed();
             observability::redis_error("presence");

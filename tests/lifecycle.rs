@@ -130,6 +130,85 @@ async fn a_sigkilled_workers_session_is_swept_by_another_worker_process() {
     assert!(swept, "worker B logged session_swept: {stderr}");
 }
 
+/// libfaketime, which shifts one process's clock (Debian package `faketime`; `.ci/run`
+/// installs it).
+fn libfaketime() -> &'static str {
+    [
+        "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/faketime/libfaketime.so.1",
+    ]
+    .into_iter()
+    .find(|path| std::path::Path::new(path).exists())
+    .expect("a worker with a skewed clock needs libfaketime: apt-get install faketime")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_whose_clock_runs_two_minutes_behind_keeps_its_sessions() {
+    let redis = TestRedis::start().await;
+    let id = sid("skewed-1");
+    write_config(&redis.conn, &id, "Craig", "u").await;
+    // Worker A's wall clock runs two minutes behind (its timers use the monotonic clock,
+    // which stays true). It never sweeps.
+    let a = worker_command(
+        &redis.url(),
+        &["run"],
+        &[
+            ("AGENT_WORKER__SWEEP__INTERVAL", "1h"),
+            ("LD_PRELOAD", libfaketime()),
+            ("FAKETIME", "-120s"),
+            ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+        ],
+    )
+    .spawn()
+    .unwrap();
+    enqueue(&redis.conn, &id, None).await;
+    wait_status(&redis.conn, &id, "ready", Duration::from_secs(20)).await;
+    // Its heartbeats are stamped with Redis's clock, not its own.
+    let (redis_now, _): (u64, u64) = redis::cmd("TIME")
+        .query_async(&mut redis.conn.clone())
+        .await
+        .unwrap();
+    let stamped = indexed(&redis.conn, &id).await.expect("indexed") as u64;
+    assert!(
+        redis_now.abs_diff(stamped) < 10,
+        "heartbeat stamped {stamped}, Redis says {redis_now}"
+    );
+
+    // Worker B, whose clock is right, sweeps every second with stale_after 6 s: to it, a
+    // heartbeat on A's own clock would be two minutes old.
+    let log = std::env::temp_dir().join(format!("skew-b-{}.log", std::process::id()));
+    let mut b = worker_command(
+        &redis.url(),
+        &["run"],
+        &[("AGENT_WORKER__SWEEP__INTERVAL", "1s")],
+    );
+    let b = b
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    wait_for(
+        "three sweeps by worker B",
+        Duration::from_secs(20),
+        || async {
+            let log = std::fs::read_to_string(&log).unwrap_or_default();
+            (log.matches("\"sweep_complete\"").count() >= 3).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(status(&redis.conn, &id).await.as_deref(), Some("ready"));
+    assert!(indexed(&redis.conn, &id).await.is_some());
+    let swept = std::fs::read_to_string(&log).unwrap();
+    assert!(!swept.contains("session_swept"), "{swept}");
+    for worker in [a, b] {
+        nix::sys::signal::kill(Pid::from_raw(worker.id() as i32), Signal::SIGTERM).unwrap();
+        tokio::task::spawn_blocking(move || worker.wait_with_output().unwrap())
+            .await
+            .unwrap();
+    }
+    let _ = std::fs::remove_file(log);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_a_sessions_keys_stops_its_agent_within_a_heartbeat() {
     let redis = TestRedis::start().await;

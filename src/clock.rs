@@ -1,0 +1,56 @@
+//! One clock for every replica: Redis's.
+//!
+//! Staleness is decided by comparing a timestamp one process wrote (a session heartbeat, a
+//! worker's presence, a claim) with the time another process reads (the sweep, a takeover).
+//! With each host's own clock, a replica whose clock runs two minutes behind writes heartbeats
+//! that look two minutes old to every other replica, which then sweep its live sessions and
+//! cut their calls. So every timestamp comes from Redis's clock: each process measures its
+//! offset to Redis `TIME` when it connects and again on every presence tick, and [`unix_now`]
+//! is the local clock plus that offset. No hot path pays a round trip for it.
+
+use std::{
+    sync::atomic::{AtomicI64, Ordering},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use redis::aio::ConnectionLike;
+
+/// Redis's clock minus ours, in milliseconds, as last measured (0 until then).
+static OFFSET_MS: AtomicI64 = AtomicI64::new(0);
+
+/// An offset at least this large is logged: the host's clock is worth fixing.
+const NOTABLE_OFFSET_MS: i64 = 2_000;
+
+/// Unix seconds now, on Redis's clock (as of the last [`sync`]; the local clock before any).
+pub fn unix_now() -> u64 {
+    let ms = local_ms() + OFFSET_MS.load(Ordering::Relaxed);
+    u64::try_from(ms / 1000).unwrap_or(0)
+}
+
+/// Redis's clock minus ours, in milliseconds, as last measured.
+pub fn offset_ms() -> i64 {
+    OFFSET_MS.load(Ordering::Relaxed)
+}
+
+/// Measures the offset to Redis's clock (`TIME`, against the midpoint of the round trip) and
+/// uses it from now on. Logs `clock_offset_from_redis` when the offset is notable and changed
+/// by more than a second since it was last measured.
+pub async fn sync(conn: &mut impl ConnectionLike) -> redis::RedisResult<i64> {
+    let before = local_ms();
+    let (secs, micros): (i64, i64) = redis::cmd("TIME").query_async(conn).await?;
+    let after = local_ms();
+    let offset = secs * 1000 + micros / 1000 - (before + after) / 2;
+    let previous = OFFSET_MS.swap(offset, Ordering::Relaxed);
+    if offset.abs() >= NOTABLE_OFFSET_MS && (offset - previous).abs() > 1000 {
+        // Timestamps are right either way; the host's clock is what to fix.
+        tracing::warn!(offset_ms = offset, "clock_offset_from_redis");
+    }
+    Ok(offset)
+}
+
+fn local_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
