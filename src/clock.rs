@@ -7,10 +7,16 @@
 //! cut their calls. So every timestamp comes from Redis's clock: each process measures its
 //! offset to Redis `TIME` when it connects and again on every presence tick, and [`unix_now`]
 //! is the local clock plus that offset. No hot path pays a round trip for it.
+//!
+//! apalis-redis 1.0 judges the liveness of job workers with each host's own clock (its worker
+//! registry and orphan recovery), which we cannot change: a replica whose clock is off by more
+//! than the orphan timeout would have its registration reaped by the others, or reap theirs
+//! and re-queue their jobs. So a replica whose offset to Redis is half the orphan timeout or
+//! more does not run its job worker (see `worker.rs`); it keeps supervising its agents.
 
 use std::{
     sync::atomic::{AtomicI64, Ordering},
-    time::{SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use redis::aio::ConnectionLike;
@@ -21,10 +27,25 @@ static OFFSET_MS: AtomicI64 = AtomicI64::new(0);
 /// An offset at least this large is logged: the host's clock is worth fixing.
 const NOTABLE_OFFSET_MS: i64 = 2_000;
 
+/// A sample whose round trip took longer than this says little about the offset: skipped.
+const MAX_SAMPLE_RTT_MS: i64 = 1_000;
+
 /// Unix seconds now, on Redis's clock (as of the last [`sync`]; the local clock before any).
 pub fn unix_now() -> u64 {
     let ms = local_ms() + OFFSET_MS.load(Ordering::Relaxed);
     u64::try_from(ms / 1000).unwrap_or(0)
+}
+
+/// Now, on Redis's clock.
+pub fn now() -> SystemTime {
+    let offset = OFFSET_MS.load(Ordering::Relaxed);
+    let local = SystemTime::now();
+    let shift = Duration::from_millis(offset.unsigned_abs());
+    if offset >= 0 {
+        local + shift
+    } else {
+        local - shift
+    }
 }
 
 /// Redis's clock minus ours, in milliseconds, as last measured.
@@ -39,6 +60,9 @@ pub async fn sync(conn: &mut impl ConnectionLike) -> redis::RedisResult<i64> {
     let before = local_ms();
     let (secs, micros): (i64, i64) = redis::cmd("TIME").query_async(conn).await?;
     let after = local_ms();
+    if after - before > MAX_SAMPLE_RTT_MS {
+        return Ok(OFFSET_MS.load(Ordering::Relaxed));
+    }
     let offset = secs * 1000 + micros / 1000 - (before + after) / 2;
     let previous = OFFSET_MS.swap(offset, Ordering::Relaxed);
     if offset.abs() >= NOTABLE_OFFSET_MS && (offset - previous).abs() > 1000 {

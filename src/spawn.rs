@@ -37,7 +37,7 @@ use std::{
     process::ExitStatus,
     ptr,
     sync::{
-        LazyLock,
+        LazyLock, OnceLock,
         atomic::{AtomicI32, Ordering},
     },
 };
@@ -51,8 +51,14 @@ use tokio::{
 /// The child's stack. It only runs a handful of system call wrappers before `execve`.
 const CHILD_STACK_BYTES: usize = 64 * 1024;
 
+/// The shell of execvp's fallback.
+const SH: &std::ffi::CStr = c"/bin/sh";
+
+/// Size of the kernel's signal set (64 signals) for raw `rt_sigprocmask`/`rt_sigaction`.
+const KERNEL_SIGSET_BYTES: usize = 8;
+
 /// `PATH` when the worker has none: glibc's default for `execvp`.
-const DEFAULT_PATH: &str = "/usr/local/bin:/bin:/usr/bin";
+const DEFAULT_PATH: &str = "/bin:/usr/bin";
 
 /// Prefix of the worker's own settings variables, which may carry the Redis password: they
 /// never reach an agent.
@@ -105,14 +111,15 @@ pub fn spawn(program: &str, args: &[String], env: &[(&str, &str)]) -> io::Result
     let envp = environment(env)?;
     let argv_ptrs = null_terminated(&argv);
     let envp_ptrs = null_terminated(&envp);
-    let dev_null = DEV_NULL
-        .as_ref()
-        .map_err(|e| io::Error::new(e.kind(), format!("opening /dev/null: {e}")))?;
+    let dev_null = dev_null()?;
     let (stdout_read, stdout_write) = pipe_cloexec()?;
     let (stderr_read, stderr_write) = pipe_cloexec()?;
-    // SAFETY: an all-zero sigset_t is a valid (empty) set, filled by sigemptyset.
-    let mut empty: libc::sigset_t = unsafe { std::mem::zeroed() };
-    unsafe { libc::sigemptyset(&mut empty) };
+    // execvp's fallback for a file the kernel cannot execute (a script without `#!`): the
+    // same arguments through /bin/sh.
+    let sh_argv: Vec<*const libc::c_char> = [SH.as_ptr(), path.as_ptr()]
+        .into_iter()
+        .chain(argv_ptrs[1..].iter().copied())
+        .collect();
 
     let plan = ChildPlan {
         path: path.as_ptr(),
@@ -122,7 +129,7 @@ pub fn spawn(program: &str, args: &[String], env: &[(&str, &str)]) -> io::Result
         stdout: stdout_write.as_raw_fd(),
         stderr: stderr_write.as_raw_fd(),
         worker_pid: std::process::id() as libc::pid_t,
-        unblocked: &empty,
+        sh_argv: sh_argv.as_ptr(),
         failure: AtomicI32::new(0),
     };
     let mut pidfd: RawFd = -1;
@@ -134,12 +141,19 @@ pub fn spawn(program: &str, args: &[String], env: &[(&str, &str)]) -> io::Result
         };
         // All signals stay blocked from before the clone until the child has reset their
         // handlers: a handler of ours running in the child would run in the worker's memory.
-        // SAFETY: plain signal-mask calls on sets we own.
-        let mut full: libc::sigset_t = unsafe { std::mem::zeroed() };
-        let mut previous: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // The raw system call, because glibc's sigfillset/pthread_sigmask leave out its own
+        // signals (32 and 33), whose handlers would run there too.
+        let all: u64 = !0;
+        let mut previous: u64 = 0;
+        // SAFETY: rt_sigprocmask on 64-bit kernel sigsets we own.
         unsafe {
-            libc::sigfillset(&mut full);
-            libc::pthread_sigmask(libc::SIG_SETMASK, &full, &mut previous);
+            libc::syscall(
+                libc::SYS_rt_sigprocmask,
+                libc::SIG_SETMASK,
+                &all as *const u64,
+                &mut previous as *mut u64,
+                KERNEL_SIGSET_BYTES,
+            );
         }
         // SAFETY: `child_main` only reads `plan` and the memory it points to, all of which
         // outlives the call: with CLONE_VFORK this thread sleeps until the child has exec'd
@@ -155,7 +169,16 @@ pub fn spawn(program: &str, args: &[String], env: &[(&str, &str)]) -> io::Result
             )
         };
         let clone_error = io::Error::last_os_error();
-        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &previous, ptr::null_mut()) };
+        // SAFETY: restores the mask saved above.
+        unsafe {
+            libc::syscall(
+                libc::SYS_rt_sigprocmask,
+                libc::SIG_SETMASK,
+                &previous as *const u64,
+                ptr::null_mut::<u64>(),
+                KERNEL_SIGSET_BYTES,
+            );
+        }
         if pid == -1 {
             return Err(io::Error::new(
                 clone_error.kind(),
@@ -164,6 +187,17 @@ pub fn spawn(program: &str, args: &[String], env: &[(&str, &str)]) -> io::Result
         }
         Ok(pid)
     })?;
+    if pidfd < 0 {
+        // A kernel older than 5.2 ignores CLONE_PIDFD: nothing could wait for this child.
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+        let mut status = 0;
+        // SAFETY: reaping our own child by pid.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "the kernel returned no pidfd: Linux 5.4 or later is required",
+        ));
+    }
     // SAFETY: with CLONE_PIDFD the kernel stored a new pidfd (close-on-exec) here, ours alone.
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
     // The child holds its own copies (or is gone): ours must close, or the readers would
@@ -285,8 +319,8 @@ fn null_terminated(strings: &[CString]) -> Vec<*const libc::c_char> {
 }
 
 /// The worker's environment without its own settings, as `KEY=value` entries with their keys,
-/// read once: the settings are read once at start-up too, and scanning the environment for
-/// every spawn showed up in burst profiles.
+/// read once, at the first spawn: the worker never changes its environment, and scanning it
+/// for every spawn showed up in burst profiles.
 static INHERITED_ENV: LazyLock<Vec<(OsString, CString)>> = LazyLock::new(|| {
     std::env::vars_os()
         .filter(|(key, _)| !key.as_bytes().starts_with(OWN_SETTINGS_PREFIX))
@@ -325,9 +359,21 @@ fn pipe_cloexec() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
-/// Opened once; every agent's stdin is a duplicate of it.
-static DEV_NULL: LazyLock<io::Result<OwnedFd>> =
-    LazyLock::new(|| std::fs::File::open("/dev/null").map(OwnedFd::from));
+/// Opened once; every agent's stdin is a duplicate of it. A failed open is not kept: the
+/// next spawn tries again (a brief EMFILE must not fail every later start).
+static DEV_NULL: OnceLock<OwnedFd> = OnceLock::new();
+
+fn dev_null() -> io::Result<&'static OwnedFd> {
+    if let Some(fd) = DEV_NULL.get() {
+        return Ok(fd);
+    }
+    let fd = std::fs::File::open("/dev/null")
+        .map(OwnedFd::from)
+        .map_err(|e| io::Error::new(e.kind(), format!("opening /dev/null: {e}")))?;
+    // Two threads may race here; the loser's fd is closed.
+    let _ = DEV_NULL.set(fd);
+    Ok(DEV_NULL.get().expect("just set"))
+}
 
 thread_local! {
     /// One child stack per thread, reused: a thread starts one child at a time and its stack
@@ -393,7 +439,8 @@ struct ChildPlan {
     stdout: RawFd,
     stderr: RawFd,
     worker_pid: libc::pid_t,
-    unblocked: *const libc::sigset_t,
+    /// `/bin/sh`, the program's path, then its arguments: for a program without `#!`.
+    sh_argv: *const *const libc::c_char,
     /// `ChildStep::encode(step, errno)` if a step failed; 0 if the child reached `execve`
     /// successfully.
     failure: AtomicI32,
@@ -469,7 +516,7 @@ extern "C" fn child_main(plan: *mut libc::c_void) -> libc::c_int {
                 signal,
                 default.as_ptr(),
                 ptr::null_mut::<u64>(),
-                8usize,
+                KERNEL_SIGSET_BYTES,
             );
         }
         if libc::setpgid(0, 0) == -1 {
@@ -495,8 +542,20 @@ extern "C" fn child_main(plan: *mut libc::c_void) -> libc::c_int {
                 return fail(ChildStep::Redirect);
             }
         }
-        libc::pthread_sigmask(libc::SIG_SETMASK, plan.unblocked, ptr::null_mut());
+        let none: u64 = 0;
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK,
+            &none as *const u64,
+            ptr::null_mut::<u64>(),
+            KERNEL_SIGSET_BYTES,
+        );
         libc::execve(plan.path, plan.argv, plan.envp);
+        if *libc::__errno_location() == libc::ENOEXEC {
+            libc::execve(SH.as_ptr(), plan.sh_argv, plan.envp);
+            // Report why the program itself could not run, not why the shell could not.
+            *libc::__errno_location() = libc::ENOEXEC;
+        }
         fail(ChildStep::Exec)
     }
 }
@@ -593,20 +652,28 @@ mod tests {
     async fn exec_failures_name_the_os_error() {
         let dir = std::env::temp_dir().join(format!("spawn-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        // Executable, but not a program the kernel can run and without a #! line.
-        let garbage = dir.join("not-a-program");
-        std::fs::write(&garbage, [0u8, 1, 2, 3]).unwrap();
-        std::fs::set_permissions(
-            &garbage,
-            std::os::unix::fs::PermissionsExt::from_mode(0o755),
-        )
-        .unwrap();
-        let err = spawn(garbage.to_str().unwrap(), &[], &[]).unwrap_err();
-        assert_eq!(err.raw_os_error(), Some(libc::ENOEXEC), "{err}");
+        let not_executable = dir.join("not-executable");
+        std::fs::write(&not_executable, "#!/bin/sh\n").unwrap();
+        let err = spawn(not_executable.to_str().unwrap(), &[], &[]).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EACCES), "{err}");
 
         let err = spawn("/nonexistent/agent", &[], &[]).unwrap_err();
         assert_eq!(err.to_string(), "No such file or directory (os error 2)");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 
+    #[tokio::test]
+    async fn a_script_without_a_shebang_runs_through_sh_as_with_execvp() {
+        let dir = std::env::temp_dir().join(format!("spawn-sh-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let script = dir.join("agent");
+        std::fs::write(&script, "echo from-script \"$1\" \"$2\"\n").unwrap();
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let child = spawn(script.to_str().unwrap(), &args(&["a b", "$(c)"]), &[]).unwrap();
+        let (out, status) = output(child).await;
+        assert_eq!(out, "from-script a b $(c)\n");
+        assert_eq!(status.code(), Some(0));
         std::fs::remove_dir_all(dir).unwrap();
     }
 

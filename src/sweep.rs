@@ -332,8 +332,8 @@ pub async fn every_tick<F, Fut>(
     Fut: std::future::Future<Output = ()>,
 {
     loop {
-        // Sleep to the next boundary of the wall clock, so that all replicas wake together.
-        let now = SystemTime::now();
+        // Sleep to the next boundary of Redis's clock, so that all replicas wake together.
+        let now = crate::clock::now();
         let tick = tick_of(now, interval);
         let next_ms = (tick + 1) as u128 * interval.as_millis();
         let now_ms = now

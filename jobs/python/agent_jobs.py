@@ -74,10 +74,11 @@ _EMBEDDED_ENQUEUE_LUA = """\
 -- Returns a flat array: for each job, 1 and its new task id, or 0 and the task id that already
 -- holds its idempotency key.
 --
--- Redis does not roll a script back when a command fails. The one failure input can cause is an
--- idempotency key holding something other than a string (GET on it fails): all keys are
+-- Redis does not roll a script back when a command fails. The failure a session can cause is
+-- an idempotency key holding something other than a string (GET on it fails): all keys are
 -- claimed first, and on that error the claims of this call are released and an error naming
--- the key is returned, so nothing of the call is left behind.
+-- the key is returned, so nothing of the call is left behind. (A queue key of the wrong type,
+-- <queue>:data or <queue>:active, breaks the whole queue; a batch then stops part-way.)
 --
 -- Cost notes (callgrind on redis-server 7.0): each redis.call costs far more than the Lua
 -- around it, so the data hash is written with one HSET per batch rather than one per job, and
