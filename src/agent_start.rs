@@ -67,7 +67,7 @@ impl JobError {
     pub fn is_permanent(&self) -> bool {
         match self {
             Self::Payload(_) | Self::Start(StartError::Failed(_) | StartError::Rejected(_)) => true,
-            Self::Start(StartError::Unavailable(_)) => false,
+            Self::Start(StartError::Unavailable(_) | StartError::Abandoned) => false,
         }
     }
 }

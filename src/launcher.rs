@@ -214,7 +214,8 @@ impl AgentHandle {
 /// Starts agents. See the module docs for what the real one guarantees.
 pub trait Launcher: Send + Sync + 'static {
     /// Launches an agent and resolves once it is ready, or with the reason it is not.
-    /// A failed launch leaves no process behind.
+    /// A failed launch leaves no process behind, and neither does a launch whose future is
+    /// dropped before it resolved.
     fn launch(&self, spec: LaunchSpec) -> BoxFuture<'_, Result<RunningAgent, LaunchError>>;
 }
 
@@ -268,6 +269,8 @@ impl ProcessLauncher {
         let (exit_tx, mut exit_rx) = oneshot::channel();
         tokio::spawn(own(child, pgid, stop_rx, exit_tx));
         let handle = AgentHandle::new(stop_tx);
+        // Until the launch returns, dropping it (an immediate shutdown) kills the agent.
+        let mut abandoned = StopOnDrop(Some(handle.clone()));
 
         let last = || last_line.lock().expect("last_line lock").clone();
         let mut ready_after_exit = ready_rx.clone();
@@ -302,6 +305,7 @@ impl ProcessLauncher {
             }
         })
         .await;
+        abandoned.0 = None;
         match outcome {
             Ok(Outcome::Ready) => Ok(RunningAgent {
                 pid,
@@ -333,6 +337,17 @@ impl ProcessLauncher {
                     last_line: last(),
                 })
             }
+        }
+    }
+}
+
+/// Stops the agent it holds when dropped.
+struct StopOnDrop(Option<AgentHandle>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        if let Some(handle) = self.0.take() {
+            handle.stop(Duration::ZERO);
         }
     }
 }

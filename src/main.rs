@@ -172,7 +172,8 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// First SIGTERM or SIGINT: graceful shutdown (drain). Second: stop the agents now.
+/// First SIGTERM or SIGINT: graceful shutdown (drain). Second: stop the agents now and abandon
+/// starts in progress.
 async fn stop_on_signals(shutdown: worker::Shutdown, health: Arc<observability::Health>) {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("a SIGTERM handler");

@@ -85,6 +85,11 @@ pub enum StartError {
     /// cannot carry). Permanent; the session was marked `error` if it was claimed.
     #[error("{0}")]
     Rejected(String),
+    /// The worker was told to stop now while the agent was starting: the agent was killed
+    /// and the session marked `error`, so another replica can start it when the job is
+    /// retried.
+    #[error("start abandoned: the worker is stopping now")]
+    Abandoned,
 }
 
 /// One agent start, as the job asks for it.
@@ -147,6 +152,8 @@ struct Inner {
     slots: Mutex<HashMap<SessionId, Slot>>,
     /// Shutdown began: no further launch attempts.
     closing: AtomicBool,
+    /// Immediate shutdown: launches in progress are abandoned.
+    abandon: CancellationToken,
     /// Final stop under way: agents that become ready now are stopped with this grace.
     stopping_all: Mutex<Option<Duration>>,
     /// Notified whenever a slot is freed.
@@ -188,6 +195,7 @@ impl Supervisor {
                 capacity,
                 slots: Mutex::new(HashMap::new()),
                 closing: AtomicBool::new(false),
+                abandon: CancellationToken::new(),
                 stopping_all: Mutex::new(None),
                 freed: Notify::new(),
                 tasks: TaskTracker::new(),
@@ -295,6 +303,14 @@ impl Supervisor {
         self.inner.closing.store(true, Ordering::SeqCst);
     }
 
+    /// Immediate shutdown: launches in progress stop waiting for their agents, which are
+    /// killed; their sessions are marked `error` and their jobs fail as retryable
+    /// ([`StartError::Abandoned`]).
+    pub fn abandon_starts(&self) {
+        self.close();
+        self.inner.abandon.cancel();
+    }
+
     /// Waits until every agent has ended on its own, `timeout` has passed, or `immediate`
     /// fires. Returns the number of agents still running.
     pub async fn drain(&self, timeout: Duration, immediate: &CancellationToken) -> usize {
@@ -392,7 +408,21 @@ impl Inner {
             );
             attempt += 1;
             let spec = LaunchSpec::for_session(&request.command, &id, &config);
-            match self.launcher.launch(spec).await {
+            // Dropping the launch kills its agent (see `Launcher::launch`).
+            let launched = tokio::select! {
+                launched = self.launcher.launch(spec) => launched,
+                _ = self.abandon.cancelled() => {
+                    tracing::info!(session_id = %id, attempt, "agent_start_abandoned");
+                    self.record(
+                        self.store
+                            .mark_error(&id, &self.worker_id, &StartError::Abandoned.to_string())
+                            .await,
+                    );
+                    self.free(&id);
+                    return Err(StartError::Abandoned);
+                }
+            };
+            match launched {
                 Ok(agent) => return Ok(self.clone().adopt(id, agent, attempt).await),
                 Err(error) => {
                     let last_error = error.to_string();

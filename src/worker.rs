@@ -81,7 +81,7 @@ pub struct Shutdown {
     /// First signal: stop fetching, finish starts in progress, drain agents for up to
     /// `shutdown.drain_timeout`, then stop them.
     pub graceful: CancellationToken,
-    /// Second signal: stop the agents now (no drain, no grace).
+    /// Second signal: stop the agents now (no drain, no grace) and abandon starts in progress.
     pub immediate: CancellationToken,
 }
 
@@ -283,6 +283,14 @@ pub async fn run_with_health(
             supervisor.close();
         })
     };
+    // At the second, they are abandoned: the drain must not wait out a start-up timeout.
+    let abandoner = {
+        let (supervisor, immediate) = (supervisor.clone(), shutdown.immediate.clone());
+        tokio::spawn(async move {
+            immediate.cancelled().await;
+            supervisor.abandon_starts();
+        })
+    };
 
     supervise_job_worker(
         &settings,
@@ -330,6 +338,9 @@ pub async fn run_with_health(
     };
     supervisor.shutdown(grace).await;
     hurry.abort();
+    // It holds a supervisor, and with it the launcher's output sink the shipper waits on.
+    abandoner.abort();
+    let _ = abandoner.await;
     background.cancel();
     for task in tasks {
         let _ = task.await;

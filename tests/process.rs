@@ -320,3 +320,95 @@ async fn a_worker_started_before_redis_waits_for_it_then_works() {
     );
     assert!(rest.iter().any(|l| l.contains("redis_reachable")));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_abandons_a_start_in_progress_and_exits() {
+    let redis = TestRedis::start().await;
+    let guard = KillOnDrop::default();
+    let dir = std::env::temp_dir().join(format!("second-signal-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (ledger, log) = (dir.join("ledger"), dir.join("worker.log"));
+    // An agent that never gets ready, with a start-up timeout far beyond the waits below.
+    let mut worker = worker_process(
+        &redis.url(),
+        "never-ready",
+        &[
+            ("AGENT_WORKER__AGENT__STARTUP_TIMEOUT", "120s"),
+            ("AGENT_WORKER__SESSION__STALE_AFTER", "300s"),
+            ("AGENT_WORKER__SHUTDOWN__DRAIN_TIMEOUT", "120s"),
+            ("TEST_AGENT_LEDGER", ledger.to_str().unwrap()),
+        ],
+    );
+    worker.stderr(std::fs::File::create(&log).unwrap());
+    let worker = guard.track(worker.spawn().unwrap());
+    let id = sid("abandoned-1");
+    enqueue(&redis.conn, &id, None).await;
+    let agent: u32 = wait_for("the agent to start", Duration::from_secs(20), || async {
+        let line = std::fs::read_to_string(&ledger).ok()?;
+        line.split_whitespace().nth(1)?.parse().ok()
+    })
+    .await;
+    let logged = |event: &str| {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains(&format!("\"message\":\"{event}\""))
+    };
+    signal(&worker, Signal::SIGTERM);
+    // Signals of one kind do not queue: the second must come after the first was handled.
+    wait_for(
+        "the first signal to be handled",
+        Duration::from_secs(10),
+        || async { logged("shutdown_requested").then_some(()) },
+    )
+    .await;
+    signal(&worker, Signal::SIGTERM);
+    let worker = std::sync::Mutex::new(worker);
+    let status = wait_for("the worker to exit", Duration::from_secs(30), || {
+        let exited = worker.lock().unwrap().try_wait().unwrap();
+        async move { exited }
+    })
+    .await;
+    assert!(status.success(), "{status:?}");
+    assert!(!alive(agent), "the starting agent was killed");
+    assert!(logged("agent_start_abandoned"));
+    // The session is free for another replica: marked `error`, which a claim takes over.
+    assert_eq!(
+        common::status(&redis.conn, &id).await.as_deref(),
+        Some("error")
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_launch_dropped_before_its_agent_is_ready_kills_the_agent() {
+    use agent_worker::launcher::{LaunchSpec, Launcher, ProcessLauncher};
+    let ledger = std::env::temp_dir().join(format!("dropped-launch-{}", std::process::id()));
+    let (sink, _lines) = tokio::sync::mpsc::channel(16);
+    let launcher = ProcessLauncher::new(vec!["Room joined".into()], Duration::from_secs(120), sink);
+    let spec = LaunchSpec {
+        session_id: sid("dropped-1"),
+        program: TEST_AGENT.into(),
+        args: ["--behaviour", "never-ready", "--room", "dropped-1"]
+            .map(String::from)
+            .to_vec(),
+        env: vec![("TEST_AGENT_LEDGER".into(), ledger.to_str().unwrap().into())],
+    };
+    let launch = launcher.launch(spec);
+    let started = wait_for("the agent to start", Duration::from_secs(20), || async {
+        let line = std::fs::read_to_string(&ledger).ok()?;
+        line.split_whitespace().nth(1)?.parse::<u32>().ok()
+    });
+    // The launch runs until the agent has started, then is dropped (as an abandoned start is).
+    let agent = tokio::select! {
+        _ = launch => panic!("a never-ready agent was reported ready"),
+        agent = started => agent,
+    };
+    // This process lives on, so no death signal: only the launcher can have stopped it.
+    wait_for(
+        "the agent to be killed",
+        Duration::from_secs(10),
+        || async { (!alive(agent)).then_some(()) },
+    )
+    .await;
+    let _ = std::fs::remove_file(ledger);
+}
