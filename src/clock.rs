@@ -9,10 +9,11 @@
 //! is the local clock plus that offset. No hot path pays a round trip for it.
 //!
 //! apalis-redis 1.0 judges the liveness of job workers with each host's own clock (its worker
-//! registry and orphan recovery), which we cannot change: a replica whose clock is off by more
-//! than the orphan timeout would have its registration reaped by the others, or reap theirs
-//! and re-queue their jobs. So a replica whose offset to Redis is half the orphan timeout or
-//! more does not run its job worker (see `worker.rs`); it keeps supervising its agents.
+//! registry and orphan recovery), which we cannot change without vendoring it: hosts must
+//! agree within `worker.orphan_timeout - worker.heartbeat_interval`, or one replica reaps the
+//! others' registrations (they restart: `worker_restarted`). The offset is logged
+//! (`clock_offset_from_redis`) so a host that is off can be found. Refusing to run on an
+//! offset to Redis would be wrong: if Redis's own clock is off, every replica would refuse.
 
 use std::{
     sync::atomic::{AtomicI64, Ordering},

@@ -1,7 +1,9 @@
 //! Launching a voice agent process (contract §4) behind the [`Launcher`] interface.
 //!
 //! [`ProcessLauncher`] is the real one:
-//! - No shell: program and arguments go to `execve` as separate strings, verbatim.
+//! - No shell: program and arguments go to `execve` as separate strings, verbatim. (As with
+//!   `execvp`, an executable file without `#!` is run by `/bin/sh` as a script, with the same
+//!   argv; no value is ever parsed by a shell.)
 //! - The agent leads its own process group, so stopping it reaches everything it started:
 //!   SIGTERM to the group, a grace period, then SIGKILL.
 //! - It cannot outlive the worker: `PR_SET_PDEATHSIG` asks the kernel to SIGKILL it when the
@@ -34,6 +36,7 @@ use tokio::{
     io::{AsyncBufReadExt, AsyncRead, BufReader},
     sync::{mpsc, oneshot, watch},
 };
+use tokio_util::task::TaskTracker;
 
 /// Longest output line kept; the rest of a longer line is dropped (a line without newlines
 /// must not grow memory without bound).
@@ -217,6 +220,13 @@ pub trait Launcher: Send + Sync + 'static {
     /// A failed launch leaves no process behind, and neither does a launch whose future is
     /// dropped before it resolved.
     fn launch(&self, spec: LaunchSpec) -> BoxFuture<'_, Result<RunningAgent, LaunchError>>;
+
+    /// Resolves once every process this launcher started has exited and its process group
+    /// was killed; for the end of a shutdown, after every agent was told to stop. Launches
+    /// made after this was called are not waited for.
+    fn wait_for_exits(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
 }
 
 /// Launches real processes.
@@ -225,6 +235,8 @@ pub struct ProcessLauncher {
     ready_patterns: Arc<[String]>,
     startup_timeout: Duration,
     output: OutputSink,
+    /// The owner task of every agent (see [`own`]).
+    owners: TaskTracker,
 }
 
 impl ProcessLauncher {
@@ -235,6 +247,7 @@ impl ProcessLauncher {
             ready_patterns: ready_patterns.into(),
             startup_timeout,
             output,
+            owners: TaskTracker::new(),
         }
     }
 
@@ -267,7 +280,7 @@ impl ProcessLauncher {
 
         let (stop_tx, stop_rx) = mpsc::unbounded_channel();
         let (exit_tx, mut exit_rx) = oneshot::channel();
-        tokio::spawn(own(child, pgid, stop_rx, exit_tx));
+        self.owners.spawn(own(child, pgid, stop_rx, exit_tx));
         let handle = AgentHandle::new(stop_tx);
         // Until the launch returns, dropping it (an immediate shutdown) kills the agent.
         let mut abandoned = StopOnDrop(Some(handle.clone()));
@@ -362,6 +375,13 @@ enum Outcome {
 impl Launcher for ProcessLauncher {
     fn launch(&self, spec: LaunchSpec) -> BoxFuture<'_, Result<RunningAgent, LaunchError>> {
         Box::pin(self.launch_process(spec))
+    }
+
+    fn wait_for_exits(&self) -> BoxFuture<'_, ()> {
+        // An abandoned launch's agent has no supervisor watching it; its owner task is what
+        // kills the rest of its group, which the death signal does not reach.
+        self.owners.close();
+        Box::pin(self.owners.wait())
     }
 }
 

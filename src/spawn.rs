@@ -189,6 +189,7 @@ pub fn spawn(program: &str, args: &[String], env: &[(&str, &str)]) -> io::Result
     })?;
     if pidfd < 0 {
         // A kernel older than 5.2 ignores CLONE_PIDFD: nothing could wait for this child.
+        // (5.2 and 5.3 return one but lack waitid(P_PIDFD): Linux 5.4 is the stated minimum.)
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
         let mut status = 0;
         // SAFETY: reaping our own child by pid.

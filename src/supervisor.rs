@@ -85,10 +85,10 @@ pub enum StartError {
     /// cannot carry). Permanent; the session was marked `error` if it was claimed.
     #[error("{0}")]
     Rejected(String),
-    /// The worker was told to stop now while the agent was starting: the agent was killed
-    /// and the session marked `error`, so another replica can start it when the job is
-    /// retried.
-    #[error("start abandoned: the worker is stopping now")]
+    /// The worker is stopping and the start was cut short (its agent killed, or attempts
+    /// left unmade). Retryable: the session stays `starting` with the reason in `lastError`,
+    /// and this worker's claim lapses when it leaves, so another replica starts it.
+    #[error("start abandoned: the worker is stopping")]
     Abandoned,
 }
 
@@ -349,6 +349,7 @@ impl Supervisor {
         }
         self.inner.tasks.close();
         self.inner.tasks.wait().await;
+        self.inner.launcher.wait_for_exits().await;
     }
 }
 
@@ -358,6 +359,10 @@ impl Inner {
         let held_deadline = tokio::time::Instant::now() + self.retry.held_patience;
         let mut attempt = 0;
         while attempt < self.retry.attempts {
+            if self.abandon.is_cancelled() {
+                self.free(&id);
+                return Err(StartError::Abandoned);
+            }
             let claim = self
                 .store
                 .claim(
@@ -386,8 +391,14 @@ impl Inner {
                             "session is still starting on worker {owner}"
                         )));
                     }
-                    tokio::time::sleep(HELD_RECHECK).await;
-                    continue;
+                    tokio::select! {
+                        _ = tokio::time::sleep(HELD_RECHECK) => continue,
+                        // Not ours: nothing to write.
+                        _ = self.abandon.cancelled() => {
+                            self.free(&id);
+                            return Err(StartError::Abandoned);
+                        }
+                    }
                 }
                 Err(error) if error.is_permanent() => {
                     self.free(&id);
@@ -408,19 +419,15 @@ impl Inner {
             );
             attempt += 1;
             let spec = LaunchSpec::for_session(&request.command, &id, &config);
-            // Dropping the launch kills its agent (see `Launcher::launch`).
+            // Dropping the launch kills its agent (see `Launcher::launch`). `biased`: once
+            // abandoned, a launch that has not finished is not waited for.
             let launched = tokio::select! {
-                launched = self.launcher.launch(spec) => launched,
+                biased;
                 _ = self.abandon.cancelled() => {
                     tracing::info!(session_id = %id, attempt, "agent_start_abandoned");
-                    self.record(
-                        self.store
-                            .mark_error(&id, &self.worker_id, &StartError::Abandoned.to_string())
-                            .await,
-                    );
-                    self.free(&id);
-                    return Err(StartError::Abandoned);
+                    return Err(self.abandoned(&id).await);
                 }
+                launched = self.launcher.launch(spec) => launched,
             };
             match launched {
                 Ok(agent) => return Ok(self.clone().adopt(id, agent, attempt).await),
@@ -434,16 +441,22 @@ impl Inner {
                         error = %last_error,
                         "agent_spawn_failed"
                     );
-                    let closing = self.closing.load(Ordering::SeqCst);
-                    if attempt < self.retry.attempts && !closing {
+                    if attempt < self.retry.attempts {
                         // The session stays `starting` between attempts (an orchestrator may
                         // give up on `error`); the attempt's error is kept for operators.
                         self.record(self.store.note_attempt_error(&id, &last_error).await);
-                        tokio::time::sleep(self.retry.delay_after(attempt)).await;
+                        if !self.closing.load(Ordering::SeqCst) {
+                            tokio::select! {
+                                _ = tokio::time::sleep(self.retry.delay_after(attempt)) => {}
+                                _ = self.abandon.cancelled() => {}
+                            }
+                        }
                         if !self.closing.load(Ordering::SeqCst) {
                             continue;
                         }
-                        // Shutdown began during the back-off: no further attempt.
+                        // Shutdown began: the attempts left are another replica's to make.
+                        self.free(&id);
+                        return Err(StartError::Abandoned);
                     }
                     self.record(
                         self.store
@@ -459,6 +472,15 @@ impl Inner {
             }
         }
         unreachable!("the loop returns on its last attempt")
+    }
+
+    /// An abandoned start of a session we claimed: the reason goes to `lastError` and the
+    /// session stays `starting`, so the retried job's claim takes it over once we are gone.
+    async fn abandoned(&self, id: &SessionId) -> StartError {
+        let error = StartError::Abandoned;
+        self.record(self.store.note_attempt_error(id, &error.to_string()).await);
+        self.free(id);
+        error
     }
 
     /// Takes over a ready agent: records it, counts it, and watches for its exit.

@@ -369,9 +369,6 @@ async fn supervise_job_worker(
 ) {
     let mut backoff = Duration::from_millis(100);
     for run in 0u64.. {
-        if !clock_within_orphan_window(settings, shutdown).await {
-            return;
-        }
         let name = format!("{worker_id}-{run}");
         if let Err(error) = ops.promote_due().await {
             tracing::debug!(error = %error, "promote_due_failed");
@@ -405,33 +402,6 @@ async fn supervise_job_worker(
         }
         backoff = (backoff * 2).min(settings.worker.restart_backoff_max);
         recover(ops, &name, shutdown, settings.worker.restart_backoff_max).await;
-    }
-}
-
-/// Waits until this host's clock is close enough to Redis's for apalis-redis, which judges
-/// worker liveness on each host's own clock (see `clock.rs`): an offset of half the orphan
-/// timeout or more would make this replica's registration look dead to the others, or theirs
-/// to it. Returns false on shutdown.
-async fn clock_within_orphan_window(settings: &Settings, shutdown: &CancellationToken) -> bool {
-    let limit_ms = (settings.worker.orphan_timeout / 2).as_millis() as i64;
-    let mut reported = false;
-    loop {
-        let offset_ms = clock::offset_ms();
-        if offset_ms.abs() < limit_ms {
-            if reported {
-                tracing::info!(offset_ms, "clock_offset_acceptable");
-            }
-            return true;
-        }
-        if !reported {
-            tracing::error!(offset_ms, limit_ms, "clock_offset_too_large");
-            reported = true;
-        }
-        // The presence loop measures the offset again every heartbeat.
-        tokio::select! {
-            _ = shutdown.cancelled() => return false,
-            _ = tokio::time::sleep(settings.worker.heartbeat_interval) => {}
-        }
     }
 }
 

@@ -260,8 +260,20 @@ async fn shutdown_during_a_failing_start_makes_no_further_attempts() {
         .iter()
         .filter(|l| l.starts_with("test-agent received"))
         .count();
-    assert_eq!(attempts, 1, "no retry after the shutdown began: {logs:?}");
-    assert_eq!(status(&redis.conn, &id).await.as_deref(), Some("error"));
+    assert_eq!(
+        attempts, 1,
+        "no retry here after the shutdown began: {logs:?}"
+    );
+    // The attempts left are another replica's: the session stays `starting` and the job is
+    // retryable, not dead.
+    assert_eq!(status(&redis.conn, &id).await.as_deref(), Some("starting"));
+    let dead: usize = redis
+        .conn
+        .clone()
+        .scard(QueueKeys::new(QUEUE).unwrap().dead())
+        .await
+        .unwrap();
+    assert_eq!(dead, 0);
 }
 
 /// A pid the agent printed as `<prefix><pid>` (the shell agents of these tests report theirs).

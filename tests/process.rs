@@ -326,6 +326,7 @@ async fn a_second_signal_abandons_a_start_in_progress_and_exits() {
     let redis = TestRedis::start().await;
     let guard = KillOnDrop::default();
     let dir = std::env::temp_dir().join(format!("second-signal-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let (ledger, log) = (dir.join("ledger"), dir.join("worker.log"));
     // An agent that never gets ready, with a start-up timeout far beyond the waits below.
@@ -371,11 +372,25 @@ async fn a_second_signal_abandons_a_start_in_progress_and_exits() {
     assert!(status.success(), "{status:?}");
     assert!(!alive(agent), "the starting agent was killed");
     assert!(logged("agent_start_abandoned"));
-    // The session is free for another replica: marked `error`, which a claim takes over.
+    // Left for another replica: still `starting` with the reason, the job retryable (waiting
+    // in the scheduled set, its idempotency key kept), our claim gone with our presence.
     assert_eq!(
         common::status(&redis.conn, &id).await.as_deref(),
-        Some("error")
+        Some("starting")
     );
+    let reason = hget(&redis.conn, &SessionKeys::new(&id).state(), "lastError").await;
+    assert!(reason.unwrap_or_default().contains("abandoned"));
+    let keys = QueueKeys::new(QUEUE).unwrap();
+    let (scheduled, dead): (usize, usize) = redis::pipe()
+        .zcard(keys.scheduled())
+        .scard(keys.dead())
+        .query_async(&mut redis.conn.clone())
+        .await
+        .unwrap();
+    assert_eq!((scheduled, dead), (1, 0), "retryable, not dead");
+    let key = format!("{}:session:{}", keys.idempotency_prefix(), id.as_str());
+    let kept: bool = redis.conn.clone().exists(key).await.unwrap();
+    assert!(kept, "the idempotency key is kept for the retry");
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -383,6 +398,7 @@ async fn a_second_signal_abandons_a_start_in_progress_and_exits() {
 async fn a_launch_dropped_before_its_agent_is_ready_kills_the_agent() {
     use agent_worker::launcher::{LaunchSpec, Launcher, ProcessLauncher};
     let ledger = std::env::temp_dir().join(format!("dropped-launch-{}", std::process::id()));
+    let _ = std::fs::remove_file(&ledger);
     let (sink, _lines) = tokio::sync::mpsc::channel(16);
     let launcher = ProcessLauncher::new(vec!["Room joined".into()], Duration::from_secs(120), sink);
     let spec = LaunchSpec {
