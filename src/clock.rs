@@ -33,8 +33,10 @@ const MAX_SAMPLE_RTT_MS: i64 = 1_000;
 
 /// Unix seconds now, on Redis's clock (as of the last [`sync`]; the local clock before any).
 pub fn unix_now() -> u64 {
-    let ms = local_ms() + OFFSET_MS.load(Ordering::Relaxed);
-    u64::try_from(ms / 1000).unwrap_or(0)
+    now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
 }
 
 /// Now, on Redis's clock.

@@ -141,20 +141,7 @@ pub fn spawn(program: &str, args: &[String], env: &[(&str, &str)]) -> io::Result
         };
         // All signals stay blocked from before the clone until the child has reset their
         // handlers: a handler of ours running in the child would run in the worker's memory.
-        // The raw system call, because glibc's sigfillset/pthread_sigmask leave out its own
-        // signals (32 and 33), whose handlers would run there too.
-        let all: u64 = !0;
-        let mut previous: u64 = 0;
-        // SAFETY: rt_sigprocmask on 64-bit kernel sigsets we own.
-        unsafe {
-            libc::syscall(
-                libc::SYS_rt_sigprocmask,
-                libc::SIG_SETMASK,
-                &all as *const u64,
-                &mut previous as *mut u64,
-                KERNEL_SIGSET_BYTES,
-            );
-        }
+        let previous = set_signal_mask(!0);
         // SAFETY: `child_main` only reads `plan` and the memory it points to, all of which
         // outlives the call: with CLONE_VFORK this thread sleeps until the child has exec'd
         // or exited, and only then is the stack free again. The child makes only
@@ -169,16 +156,7 @@ pub fn spawn(program: &str, args: &[String], env: &[(&str, &str)]) -> io::Result
             )
         };
         let clone_error = io::Error::last_os_error();
-        // SAFETY: restores the mask saved above.
-        unsafe {
-            libc::syscall(
-                libc::SYS_rt_sigprocmask,
-                libc::SIG_SETMASK,
-                &previous as *const u64,
-                ptr::null_mut::<u64>(),
-                KERNEL_SIGSET_BYTES,
-            );
-        }
+        set_signal_mask(previous);
         if pid == -1 {
             return Err(io::Error::new(
                 clone_error.kind(),
@@ -190,10 +168,7 @@ pub fn spawn(program: &str, args: &[String], env: &[(&str, &str)]) -> io::Result
     if pidfd < 0 {
         // A kernel older than 5.2 ignores CLONE_PIDFD: nothing could wait for this child.
         // (5.2 and 5.3 return one but lack waitid(P_PIDFD): Linux 5.4 is the stated minimum.)
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
-        let mut status = 0;
-        // SAFETY: reaping our own child by pid.
-        unsafe { libc::waitpid(pid, &mut status, 0) };
+        kill_and_reap(pid);
         return Err(io::Error::new(
             io::ErrorKind::Unsupported,
             "the kernel returned no pidfd: Linux 5.4 or later is required",
@@ -211,32 +186,47 @@ pub fn spawn(program: &str, args: &[String], env: &[(&str, &str)]) -> io::Result
         let _ = try_reap(pidfd.as_raw_fd(), 0);
         return Err(ChildStep::describe(failure));
     }
-    let registered = (|| {
+    let child = (|| {
         let stdout = pipe::Receiver::from_owned_fd(stdout_read)?;
         let stderr = pipe::Receiver::from_owned_fd(stderr_read)?;
-        Ok((stdout, stderr))
-    })();
-    let registered = registered.and_then(|(stdout, stderr)| {
         // SAFETY: an OwnedFd keeps its one fd open until the AsyncFd drops it.
-        let pidfd = unsafe { AsyncFd::register_with_interest(pidfd, Interest::READABLE) };
-        Ok((pidfd.map_err(|e| e.into_parts().1)?, stdout, stderr))
-    });
-    match registered {
-        Ok((pidfd, stdout, stderr)) => Ok(Child {
+        let pidfd = unsafe { AsyncFd::register_with_interest(pidfd, Interest::READABLE) }
+            .map_err(|e| e.into_parts().1)?;
+        Ok(Child {
             pid: pid as u32,
             pidfd,
             stdout: Some(stdout),
             stderr: Some(stderr),
-        }),
-        Err(error) => {
-            // Nobody could wait for it: leave neither a running process nor a zombie.
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
-            let mut status = 0;
-            // SAFETY: reaping our own child by pid; nothing else waits for it.
-            unsafe { libc::waitpid(pid, &mut status, 0) };
-            Err(error)
-        }
+        })
+    })();
+    // Nobody could wait for it: leave neither a running process nor a zombie.
+    child.inspect_err(|_| kill_and_reap(pid))
+}
+
+/// SIGKILL and reap, by pid, a child we cannot wait for through a pidfd.
+fn kill_and_reap(pid: libc::pid_t) {
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+    let mut status = 0;
+    // SAFETY: reaping our own child by pid; nothing else waits for it.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+}
+
+/// Sets this thread's signal mask (bit n-1 for signal n) and returns the previous one. The raw
+/// system call, because glibc's sigfillset/pthread_sigmask leave out its own signals (32 and
+/// 33). Async-signal-safe: also used by the child.
+fn set_signal_mask(mask: u64) -> u64 {
+    let mut previous: u64 = 0;
+    // SAFETY: rt_sigprocmask on 64-bit kernel sigsets we own.
+    unsafe {
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK,
+            &mask as *const u64,
+            &mut previous as *mut u64,
+            KERNEL_SIGSET_BYTES,
+        );
     }
+    previous
 }
 
 /// Reaps the child behind `pidfd` if it has exited (`WNOHANG`), or waits for it (`0`).
@@ -543,14 +533,7 @@ extern "C" fn child_main(plan: *mut libc::c_void) -> libc::c_int {
                 return fail(ChildStep::Redirect);
             }
         }
-        let none: u64 = 0;
-        libc::syscall(
-            libc::SYS_rt_sigprocmask,
-            libc::SIG_SETMASK,
-            &none as *const u64,
-            ptr::null_mut::<u64>(),
-            KERNEL_SIGSET_BYTES,
-        );
+        set_signal_mask(0);
         libc::execve(plan.path, plan.argv, plan.envp);
         if *libc::__errno_location() == libc::ENOEXEC {
             libc::execve(SH.as_ptr(), plan.sh_argv, plan.envp);

@@ -377,16 +377,21 @@ async fn finished_jobs(
     ids
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn retention_keeps_memory_flat_and_never_removes_a_job_waiting_for_a_retry() {
-    let redis = TestRedis::start().await;
-    let retention = Retention::new(
-        redis.conn.clone(),
+/// Done jobs kept an hour, dead ones a week or the newest 100.
+fn retention(conn: &redis::aio::ConnectionManager) -> Retention {
+    Retention::new(
+        conn.clone(),
         keys(),
         Duration::from_secs(3600),
         Duration::from_secs(7 * 86400),
         100,
-    );
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_keeps_memory_flat_and_never_removes_a_job_waiting_for_a_retry() {
+    let redis = TestRedis::start().await;
+    let retention = retention(&redis.conn);
     // A job waiting for a retry: failed once, rescheduled, with an old done_at.
     let retrying = ulid::Ulid::generate().to_string();
     let mut conn = redis.conn.clone();
@@ -482,13 +487,7 @@ async fn retention_keeps_memory_flat_and_never_removes_a_job_waiting_for_a_retry
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_forgets_workers_silent_for_an_hour_and_keeps_the_others() {
     let redis = TestRedis::start().await;
-    let retention = Retention::new(
-        redis.conn.clone(),
-        keys(),
-        Duration::from_secs(3600),
-        Duration::from_secs(7 * 86400),
-        100,
-    );
+    let retention = retention(&redis.conn);
     let now = unix_now();
     let mut conn = redis.conn.clone();
     // 1,500 processes that died two hours ago (more than one batch), one silent for 59

@@ -44,7 +44,7 @@ use crate::{
 
 const PART: &str = "2 burst";
 /// `worker.batch_size` of the second binary burst.
-const BATCHED: usize = 8;
+const BATCHED: &str = "8";
 
 pub async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Row>> {
     let n = ctx.size(10_000);
@@ -101,35 +101,12 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Row>> {
         burst_cpu.push(cpu);
     }
 
-    let mut binary = Vec::new();
-    let mut binary_cpu = Vec::new();
-    for rep in 0..ctx.reps() {
-        ctx.quiet().await;
-        let (rate, cpu) = binary_burst(ctx, n, rep, &[]).await?;
-        eprintln!(
-            "  burst {rep} through the binary: {} sessions/s",
-            thousands(rate)
-        );
-        binary.push(rate);
-        binary_cpu.push((rate, cpu));
-    }
+    let (binary, binary_cpu) = binary_bursts(ctx, n, &[]).await?;
     // The same with jobs fetched 8 per round trip: what the fetch at the default batch of 1
     // costs (the default is 1 so that a replica at `agent.max_agents` holds no jobs it cannot
     // start; the bench lifts that limit).
-    let mut batched = Vec::new();
-    let mut batched_cpu = Vec::new();
-    for rep in 0..ctx.reps() {
-        ctx.quiet().await;
-        let env = [("AGENT_WORKER__WORKER__BATCH_SIZE", BATCHED.to_string())];
-        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        let (rate, cpu) = binary_burst(ctx, n, rep, &env).await?;
-        eprintln!(
-            "  burst {rep} through the binary, batch {BATCHED}: {} sessions/s",
-            thousands(rate)
-        );
-        batched.push(rate);
-        batched_cpu.push((rate, cpu));
-    }
+    let (batched, batched_cpu) =
+        binary_bursts(ctx, n, &[("AGENT_WORKER__WORKER__BATCH_SIZE", BATCHED)]).await?;
 
     ctx.flush().await?;
     let mut ceilings = Vec::new();
@@ -145,14 +122,7 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Row>> {
         ceilings.push((spawn, Spread::of(&rates), cpu));
     }
 
-    let (burst, ended, binary) = (Spread::of(&burst), Spread::of(&ended), Spread::of(&binary));
-    let batched = Spread::of(&batched);
-    // The CPU of the runs with the median rate.
-    let median_cpu = |mut runs: Vec<(f64, String)>| {
-        runs.sort_by(|a, b| a.0.total_cmp(&b.0));
-        runs.swap_remove(ctx.reps() / 2).1
-    };
-    let (binary_cpu, batched_cpu) = (median_cpu(binary_cpu), median_cpu(batched_cpu));
+    let (burst, ended) = (Spread::of(&burst), Spread::of(&ended));
     burst_cpu.sort_by(|a, b| a.wall.total_cmp(&b.wall));
     let burst_cpu = burst_cpu[ctx.reps() / 2];
     let ceiling = ceilings[0].1.median;
@@ -328,6 +298,28 @@ async fn read_to_ready(stdout: impl tokio::io::AsyncRead + Unpin) -> anyhow::Res
         }
     }
     Ok(())
+}
+
+/// [`binary_burst`] once per repetition with the extra settings `env`: the spread of the rates,
+/// and where the CPU went in the run with the median rate.
+async fn binary_bursts(
+    ctx: &Ctx,
+    n: usize,
+    env: &[(&str, &str)],
+) -> anyhow::Result<(Spread, String)> {
+    let mut runs = Vec::new();
+    for rep in 0..ctx.reps() {
+        ctx.quiet().await;
+        let (rate, cpu) = binary_burst(ctx, n, rep, env).await?;
+        eprintln!(
+            "  burst {rep} through the binary {env:?}: {} sessions/s",
+            thousands(rate)
+        );
+        runs.push((rate, cpu));
+    }
+    let rates: Vec<f64> = runs.iter().map(|(rate, _)| *rate).collect();
+    runs.sort_by(|a, b| a.0.total_cmp(&b.0));
+    Ok((Spread::of(&rates), runs.swap_remove(ctx.reps() / 2).1))
 }
 
 /// The same burst through the `agent-worker run` binary, seen from Redis only: from the first
