@@ -9,10 +9,11 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked --bins \
     && mkdir -p /out \
-    && cp target/release/agent-worker target/release/test-agent /out/ \
-    && strip /out/agent-worker /out/test-agent
+    && cp target/release/agent-worker /out/ \
+    && strip /out/agent-worker
 
-# Runtime stage: only the binaries and the settings reference, as an unprivileged user.
+# Runtime stage: only the binary (whose hidden `test-agent` subcommand is the stand-in agent of
+# smoke tests) and the settings reference, as an unprivileged user.
 FROM debian:bookworm-slim
 # tini as PID 1 reaps processes that agents leave behind and the worker kills; without an init,
 # the worker itself would be PID 1 and such orphans would stay zombies.
@@ -25,7 +26,6 @@ RUN apt-get update \
     && groupadd --system --gid 10001 agent \
     && useradd --system --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin agent
 COPY --from=build /out/agent-worker /usr/local/bin/agent-worker
-COPY --from=build /out/test-agent /usr/local/bin/test-agent
 COPY config/ /etc/agent-worker/
 USER 10001:10001
 # /metrics, /healthz, /readyz (http.addr)

@@ -11,7 +11,7 @@
 //! beside it. Method of each part: the doc comment of its module, and BENCHMARKS.md.
 //! This is a report: nothing here asserts a timing.
 //!
-//! cargo builds the `agent-worker` and `test-agent` binaries for a bench target, in the same
+//! cargo builds the `agent-worker` binary (which is also the test agent) for a bench target, in the same
 //! profile, so the worker and agents measured are release builds of this tree.
 
 #[path = "agent_start/baseline.rs"]
@@ -113,7 +113,6 @@ async fn run(quick: bool, parts: Option<Vec<u8>>) -> anyhow::Result<()> {
         quick,
         redis.url(),
         redis.port(),
-        PathBuf::from(env!("CARGO_BIN_EXE_test-agent")),
         PathBuf::from(env!("CARGO_BIN_EXE_agent-worker")),
     )
     .await?;

@@ -2,18 +2,23 @@
 //!
 //! User `test_concurrent_user` starts two sessions at the same moment, one with voice `Craig`
 //! and one with `Olivia`. Under the old per-user config key both agents got the same voice.
-//! The demo runs an in-process worker with the test agent, enqueues both sessions in one
-//! atomic call, waits until both agents are ready, prints the voice each agent actually
-//! received (read from the agent's own output in `agent:<id>:logs`), then ends both sessions.
+//! The demo writes both configs as the orchestrator does, runs an in-process worker whose
+//! agent is the stand-in built into this binary (`agent-worker test-agent`, so a fresh clone
+//! has nothing else to build), enqueues both sessions in one atomic call, waits until both
+//! agents are ready, prints the voice each agent actually received (read from the agent's own
+//! output in `agent:<id>:logs`), then stops the worker and its agents.
+//!
+//! Its own output is a few lines and the table; the worker's logs are shown with `--verbose`
+//! or `RUST_LOG` (warnings always).
 
-use std::{path::PathBuf, time::Duration};
+use std::time::Duration;
 
 use agent_jobs::{AgentStart, Producer, QueueKeys, SessionConfigInput, SessionId, SessionKeys};
 use anyhow::{Context, bail};
 use redis::{AsyncCommands, aio::ConnectionManager};
 use tokio::time::Instant;
 
-use crate::{connection, local_redis::LocalRedis, settings::Settings, worker};
+use crate::{connection, local_redis::LocalRedis, settings::Settings, test_agent, worker};
 
 /// The user of the seed scenario.
 pub const DEMO_USER: &str = "test_concurrent_user";
@@ -26,8 +31,12 @@ const READY_DEADLINE: Duration = Duration::from_secs(30);
 
 /// Runs the demo.
 pub async fn run(mut settings: Settings) -> anyhow::Result<()> {
+    println!(
+        "agent-worker demo: user {DEMO_USER} starts two sessions at the same moment, voices {} and {}.",
+        DEMO_VOICES[0], DEMO_VOICES[1]
+    );
     let _private_redis = ensure_redis(&mut settings).await?;
-    settings.agent.command = vec![test_agent_path()?.display().to_string()];
+    settings.agent.command = demo_agent_command()?;
     settings.redis.queue = DEMO_QUEUE.to_owned();
     settings.agent.stop_grace = Duration::from_secs(5);
 
@@ -66,30 +75,37 @@ pub async fn run(mut settings: Settings) -> anyhow::Result<()> {
         .collect();
     producer.enqueue_many(&jobs).await?;
     println!(
-        "Enqueued two sessions for user {DEMO_USER} at the same moment; waiting for their agents..."
+        "Wrote both session configs and enqueued both jobs in one atomic call; waiting for the agents..."
     );
 
     let outcome = report(&mut conn, &sessions).await;
+    if let Ok(rows) = &outcome {
+        let startups: Vec<String> = rows.iter().map(|r| r.startup.clone()).collect();
+        println!(
+            "Both agents ready (start-up {}); stopping the worker and its agents.",
+            startups.join(", ")
+        );
+    }
     shutdown.stop_now();
     worker.await.context("the demo worker panicked")?;
     let rows = outcome?;
 
     println!();
     println!(
-        "{:<28} {:<10} {:<16} {:>8}  {:<8}",
-        "session", "requested", "agent received", "pid", "after"
+        "{:<26} {:<10} {:<15} {:>8} {:>9}  after",
+        "session", "requested", "agent received", "pid", "start-up"
     );
     for row in &rows {
         let status: Option<String> = conn
             .hget(SessionKeys::new(&row.session).state(), "status")
             .await?;
         println!(
-            "{:<28} {:<10} {:<16} {:>8}  {:<8}",
+            "{:<26} {:<10} {:<15} {:>8} {:>9}  {}",
             row.session.as_str(),
             row.requested,
             row.received,
             row.pid,
-            // An ended session's keys are removed with it.
+            row.startup,
             status.unwrap_or_else(|| "removed".into())
         );
     }
@@ -97,7 +113,7 @@ pub async fn run(mut settings: Settings) -> anyhow::Result<()> {
         bail!("an agent received another session's voice");
     }
     println!(
-        "\nEach agent received its own session's voice; both sessions ended and their keys were removed."
+        "\nEach agent received its own session's voice. Worker logs: `agent-worker demo --verbose`."
     );
     Ok(())
 }
@@ -107,6 +123,7 @@ struct Row {
     requested: String,
     received: String,
     pid: String,
+    startup: String,
 }
 
 /// Waits for both agents to be ready and reads the voice each received from its output.
@@ -119,9 +136,13 @@ async fn report(
     for (id, voice) in sessions {
         let keys = SessionKeys::new(id);
         let received = loop {
-            let status: Option<String> = conn.hget(keys.state(), "status").await?;
+            let (status, error): (Option<String>, Option<String>) = redis::cmd("HMGET")
+                .arg(keys.state())
+                .arg("status")
+                .arg("error")
+                .query_async(conn)
+                .await?;
             if status.as_deref() == Some("error") {
-                let error: Option<String> = conn.hget(keys.state(), "error").await?;
                 bail!(
                     "session {id} failed to start: {}",
                     error.unwrap_or_default()
@@ -134,16 +155,29 @@ async fn report(
                 }
             }
             if Instant::now() > deadline {
-                bail!("session {id} was not ready within {READY_DEADLINE:?}");
+                bail!(
+                    "session {id} was not ready within {READY_DEADLINE:?} (see the worker's \
+                     logs with `agent-worker demo --verbose`)"
+                );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
-        let pid: Option<String> = conn.get(keys.agent_pid()).await?;
+        let (pid, startup): (Option<String>, Option<String>) = redis::cmd("HMGET")
+            .arg(keys.state())
+            .arg("agentPid")
+            .arg("startupTime")
+            .query_async(conn)
+            .await?;
+        let startup = startup.and_then(|s| s.parse::<f64>().ok()).map_or_else(
+            || "-".to_owned(),
+            |s| format!("{} ms", (s * 1000.0).round()),
+        );
         rows.push(Row {
             session: id.clone(),
             requested: voice.to_string(),
             received,
             pid: pid.unwrap_or_default(),
+            startup,
         });
     }
     Ok(rows)
@@ -161,7 +195,10 @@ async fn ensure_redis(settings: &mut Settings) -> anyhow::Result<Option<LocalRed
     let probe =
         tokio::time::timeout(Duration::from_secs(3), connection::connect(&settings.redis)).await;
     if matches!(probe, Ok(Ok(_))) {
-        println!("Using Redis at {}.", settings.redis.url);
+        println!(
+            "Redis: {} (the demo uses its own queue, {DEMO_QUEUE}).",
+            settings.redis.url
+        );
         return Ok(None);
     }
     if !LocalRedis::available() {
@@ -176,7 +213,7 @@ async fn ensure_redis(settings: &mut Settings) -> anyhow::Result<Option<LocalRed
         .await
         .context("starting a private redis-server")?;
     println!(
-        "No Redis answered at {}; started a private redis-server on port {} for this demo.",
+        "Redis: none answered at {}, so a private redis-server runs on port {} for this demo.",
         settings.redis.url,
         local.port()
     );
@@ -184,15 +221,12 @@ async fn ensure_redis(settings: &mut Settings) -> anyhow::Result<Option<LocalRed
     Ok(Some(local))
 }
 
-/// The test agent binary, built next to this one.
-fn test_agent_path() -> anyhow::Result<PathBuf> {
+/// The agent of the demo: this very binary's hidden `test-agent` subcommand, so there is no
+/// second binary to build or to forget.
+fn demo_agent_command() -> anyhow::Result<Vec<String>> {
     let exe = std::env::current_exe().context("locating the agent-worker binary")?;
-    let path = exe.with_file_name("test-agent");
-    if !path.exists() {
-        bail!(
-            "the test agent is missing at {}; build it with `cargo build --release --bins`",
-            path.display()
-        );
-    }
-    Ok(path)
+    Ok(vec![
+        exe.display().to_string(),
+        test_agent::SUBCOMMAND.to_owned(),
+    ])
 }

@@ -32,6 +32,7 @@
 //!   `/healthz` `/readyz` listener, the Redis probe.
 //! - [`demo`]: the `demo` command.
 //! - [`local_redis`]: a private `redis-server` for the demo when none answers.
+//! - [`test_agent`]: the stand-in agent (`agent-worker test-agent`) of the demo and the tests.
 
 pub mod agent_start;
 pub mod capacity;
@@ -51,5 +52,6 @@ pub mod spawn;
 pub mod supervisor;
 pub mod sweep;
 pub mod telemetry;
+pub mod test_agent;
 pub mod wake;
 pub mod worker;

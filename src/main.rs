@@ -8,7 +8,7 @@ use agent_worker::{
     session::{SessionStore, unix_now},
     settings::Settings,
     sweep::{self as stale, StaleSessionSweep},
-    telemetry, worker,
+    telemetry, test_agent, worker,
 };
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -72,7 +72,11 @@ enum Command {
     },
     /// Start two sessions of one user at once (voices Craig and Olivia) with a test agent and
     /// show which voice each agent received.
-    Demo,
+    Demo {
+        /// Show the worker's logs (info level) instead of warnings only; `RUST_LOG` wins.
+        #[arg(long, short)]
+        verbose: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -98,6 +102,13 @@ enum DeadCommand {
 }
 
 fn main() -> ExitCode {
+    // The stand-in agent of the demo and the tests, before clap: its arguments are the agent
+    // command line of the contract, not ours, and it needs no settings.
+    let mut args = std::env::args_os();
+    if args.nth(1).as_deref() == Some(std::ffi::OsStr::new(test_agent::SUBCOMMAND)) {
+        let argv = args.map(|a| a.to_string_lossy().into_owned()).collect();
+        return ExitCode::from(test_agent::main(argv) as u8);
+    }
     let cli = Cli::parse();
     let settings = match Settings::load(cli.config.as_deref()) {
         Ok(settings) => settings,
@@ -106,9 +117,15 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // The demo's own lines and table are what a newcomer reads; its worker's logs are noise
+    // there unless asked for.
+    let default_filter = match cli.command {
+        Command::Demo { verbose: false } => "warn",
+        _ => "info",
+    };
     telemetry::init_subscriber(telemetry::get_subscriber(
         settings.telemetry.format,
-        "info",
+        default_filter,
         std::io::stderr,
     ));
     let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
@@ -135,7 +152,7 @@ fn main() -> ExitCode {
             Command::Sweep { dry_run, scan } => sweep(settings, dry_run, scan).await,
             Command::Status { json } => status(settings, json).await,
             Command::Dead { command } => dead(settings, command).await,
-            Command::Demo => demo::run(settings).await,
+            Command::Demo { .. } => demo::run(settings).await,
         }
     });
     // Agents are stopped by now; do not wait for lingering blocking tasks.

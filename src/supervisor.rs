@@ -143,6 +143,29 @@ enum Slot {
     },
 }
 
+impl Slot {
+    /// Stops a running agent (SIGTERM now, SIGKILL after `grace`; a shorter grace later
+    /// shortens the wait). `agent_stopped` is logged once per agent, at the first request:
+    /// a shutdown that hurries a stop already under way asks again without a second line.
+    /// Returns false for a launch in progress, which has nothing to stop yet.
+    fn stop(&mut self, id: &SessionId, reason: &str, grace: Duration) -> bool {
+        let Slot::Running {
+            pid,
+            handle,
+            stopping,
+        } = self
+        else {
+            return false;
+        };
+        if !*stopping {
+            tracing::info!(session_id = %id, pid = *pid, reason, "agent_stopped");
+            *stopping = true;
+        }
+        handle.stop(grace);
+        true
+    }
+}
+
 struct Inner {
     launcher: Arc<dyn Launcher>,
     store: SessionStore,
@@ -281,20 +304,10 @@ impl Supervisor {
     /// Its session is removed once it has exited. Returns false if there was nothing to stop.
     pub fn stop(&self, id: &SessionId, reason: &str, grace: Duration) -> bool {
         let mut slots = self.inner.slots.lock().expect("slots lock");
-        let Some(Slot::Running {
-            pid,
-            handle,
-            stopping,
-        }) = slots.get_mut(id)
-        else {
-            return false;
-        };
-        if !*stopping {
-            tracing::info!(session_id = %id, pid = *pid, reason, "agent_stopped");
-            *stopping = true;
+        match slots.get_mut(id) {
+            Some(slot) => slot.stop(id, reason, grace),
+            None => false,
         }
-        handle.stop(grace);
-        true
     }
 
     /// Begins shutdown: launches in progress make no further attempts. Agents, and launches
@@ -338,13 +351,10 @@ impl Supervisor {
     pub async fn shutdown(&self, grace: Duration) {
         self.close();
         {
-            let slots = self.inner.slots.lock().expect("slots lock");
+            let mut slots = self.inner.slots.lock().expect("slots lock");
             *self.inner.stopping_all.lock().expect("stopping lock") = Some(grace);
-            for (id, slot) in slots.iter() {
-                if let Slot::Running { pid, handle, .. } = slot {
-                    tracing::info!(session_id = %id, pid = *pid, reason = "worker_shutdown", "agent_stopped");
-                    handle.stop(grace);
-                }
+            for (id, slot) in slots.iter_mut() {
+                slot.stop(id, "worker_shutdown", grace);
             }
         }
         self.inner.tasks.close();
@@ -508,24 +518,21 @@ impl Inner {
         let (pid, startup) = (agent.pid, agent.startup);
         {
             let mut slots = self.slots.lock().expect("slots lock");
-            let previous = slots.insert(
-                id.clone(),
-                Slot::Running {
-                    pid,
-                    handle: agent.handle.clone(),
-                    stopping: false,
-                },
-            );
+            let mut slot = Slot::Running {
+                pid,
+                handle: agent.handle.clone(),
+                stopping: false,
+            };
+            if taken_over {
+                slot.stop(&id, "session_taken_over", Duration::ZERO);
+            }
+            if let Some(grace) = *self.stopping_all.lock().expect("stopping lock") {
+                slot.stop(&id, "worker_shutdown", grace);
+            }
+            let previous = slots.insert(id.clone(), slot);
             self.capacity.agent_started();
             if matches!(previous, Some(Slot::Starting(_))) {
                 self.capacity.launch_ended();
-            }
-            if let Some(grace) = *self.stopping_all.lock().expect("stopping lock") {
-                agent.handle.stop(grace);
-            }
-            if taken_over {
-                tracing::info!(session_id = %id, pid, reason = "session_taken_over", "agent_stopped");
-                agent.handle.stop(Duration::ZERO);
             }
         }
         let inner = self.clone();

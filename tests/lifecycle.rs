@@ -130,17 +130,27 @@ async fn a_sigkilled_workers_session_is_swept_by_another_worker_process() {
     assert!(swept, "worker B logged session_swept: {stderr}");
 }
 
-/// libfaketime, which shifts one process's clock (Debian package `faketime`; `.ci/run`
-/// installs it).
+/// libfaketime, which shifts one process's clock: where `cargo xtask test` put it
+/// (`AGENT_WORKER_TEST_LIBFAKETIME`), or where Debian's `libfaketime` package installs it.
 fn libfaketime() -> &'static str {
-    [
-        "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
-        "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
-        "/usr/lib/faketime/libfaketime.so.1",
-    ]
-    .into_iter()
-    .find(|path| std::path::Path::new(path).exists())
-    .expect("a worker with a skewed clock needs libfaketime: apt-get install faketime")
+    static PATH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| {
+        std::env::var("AGENT_WORKER_TEST_LIBFAKETIME")
+            .into_iter()
+            .chain(
+                [
+                    "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+                    "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
+                    "/usr/lib/faketime/libfaketime.so.1",
+                ]
+                .map(String::from),
+            )
+            .find(|path| std::path::Path::new(path).exists())
+            .expect(
+                "a worker with a skewed clock needs libfaketime: run the suite with \
+             `cargo xtask test` (installs it) or apt-get install libfaketime",
+            )
+    })
 }
 
 /// Settings of a worker whose wall clock is `skew` off (its timers, on the monotonic clock,

@@ -403,10 +403,16 @@ async fn a_launch_dropped_before_its_agent_is_ready_kills_the_agent() {
     let launcher = ProcessLauncher::new(vec!["Room joined".into()], Duration::from_secs(120), sink);
     let spec = LaunchSpec {
         session_id: sid("dropped-1"),
-        program: TEST_AGENT.into(),
-        args: ["--behaviour", "never-ready", "--room", "dropped-1"]
-            .map(String::from)
-            .to_vec(),
+        program: WORKER_BIN.into(),
+        args: [
+            "test-agent",
+            "--behaviour",
+            "never-ready",
+            "--room",
+            "dropped-1",
+        ]
+        .map(String::from)
+        .to_vec(),
         env: vec![("TEST_AGENT_LEDGER".into(), ledger.to_str().unwrap().into())],
     };
     let launch = launcher.launch(spec);

@@ -230,7 +230,7 @@ async fn spawn_ceiling(
     let started = Instant::now();
     for i in 0..n {
         let permit = permits.clone().acquire_owned().await?;
-        let program = ctx.test_agent.clone();
+        let program = ctx.worker_bin.clone();
         tasks.spawn(async move {
             let result = spawn_one(&program, &format!("ceiling-{i}"), spawn).await;
             drop(permit);
@@ -249,6 +249,7 @@ async fn spawn_ceiling(
 
 async fn spawn_one(program: &std::path::Path, room: &str, spawn: Spawn) -> anyhow::Result<()> {
     let args = [
+        "test-agent",
         "--behaviour",
         "exit-after-ready",
         "--room",

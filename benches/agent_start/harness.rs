@@ -41,9 +41,8 @@ pub struct Ctx {
     pub port: u16,
     /// The bench's own connection (never the worker's).
     pub conn: ConnectionManager,
-    /// `test-agent`, built by cargo with this bench.
-    pub test_agent: PathBuf,
-    /// `agent-worker`, built by cargo with this bench.
+    /// `agent-worker`, built by cargo with this bench; also the test agent
+    /// (`agent-worker test-agent`).
     pub worker_bin: PathBuf,
 }
 
@@ -52,7 +51,6 @@ impl Ctx {
         quick: bool,
         url: String,
         port: u16,
-        test_agent: PathBuf,
         worker_bin: PathBuf,
     ) -> anyhow::Result<Self> {
         let settings = Settings::load_from(
@@ -71,9 +69,16 @@ impl Ctx {
             url,
             port,
             conn,
-            test_agent,
             worker_bin,
         })
+    }
+
+    /// `agent.command` (comma-separated) of the test agent with `behaviour`.
+    pub fn agent_command(&self, behaviour: &str) -> String {
+        format!(
+            "{},test-agent,--behaviour,{behaviour}",
+            self.worker_bin.display()
+        )
     }
 
     /// Before one repetition of a measurement: waits (up to a minute) until other processes
@@ -99,7 +104,7 @@ impl Ctx {
     /// (each part states the concurrency it runs at); drain and grace are short because every
     /// part ends by stopping its worker.
     pub fn settings(&self, behaviour: &str, overrides: &[(&str, &str)]) -> Settings {
-        let command = format!("{},--behaviour,{behaviour}", self.test_agent.display());
+        let command = self.agent_command(behaviour);
         let mut env: HashMap<String, String> = [
             ("AGENT_WORKER__REDIS__URL", self.url.as_str()),
             ("AGENT_WORKER__REDIS__RESPONSE_TIMEOUT", "60s"),
@@ -343,7 +348,7 @@ impl WorkerProcess {
             std::process::id(),
             ulid::Ulid::generate()
         ));
-        let command = format!("{},--behaviour,{behaviour}", ctx.test_agent.display());
+        let command = ctx.agent_command(behaviour);
         let child = std::process::Command::new(&ctx.worker_bin)
             .arg("run")
             .env("AGENT_WORKER__REDIS__URL", &ctx.url)

@@ -15,8 +15,10 @@ use redis::{AsyncCommands, aio::ConnectionManager};
 use tokio::task::JoinHandle;
 
 pub const QUEUE: &str = "agent-start";
-pub const TEST_AGENT: &str = env!("CARGO_BIN_EXE_test-agent");
 pub const WORKER_BIN: &str = env!("CARGO_BIN_EXE_agent-worker");
+/// `agent.command` (comma-separated) of the stand-in agent built into the worker's binary;
+/// append `,--behaviour,<b>` and other options.
+pub const TEST_AGENT: &str = concat!(env!("CARGO_BIN_EXE_agent-worker"), ",test-agent");
 
 /// A test's own Redis, with a connection to it.
 pub struct TestRedis {
@@ -410,18 +412,25 @@ pub fn live_agents(parents: &[u32]) -> HashMap<String, Vec<u32>> {
             .split(|b| *b == 0)
             .map(|a| String::from_utf8_lossy(a).into_owned())
             .collect();
-        if !args.first().is_some_and(|a| a.ends_with("test-agent")) {
+        if args.get(1).map(String::as_str) != Some("test-agent") {
             continue;
         }
-        if let Some(room) = args
-            .iter()
-            .position(|a| a == "--room")
-            .and_then(|i| args.get(i + 1))
-        {
-            by_session.entry(room.clone()).or_default().push(pid);
+        if let Some(room) = room_of(&args) {
+            by_session.entry(room).or_default().push(pid);
         }
     }
     by_session
+}
+
+/// The `--room` of an agent's argv, in either form the worker sends (`--room=R`, `--room R`).
+pub fn room_of(args: &[String]) -> Option<String> {
+    args.iter()
+        .enumerate()
+        .find_map(|(i, arg)| match arg.strip_prefix("--room") {
+            Some(value) if value.starts_with('=') => Some(value[1..].to_owned()),
+            Some("") => args.get(i + 1).cloned(),
+            _ => None,
+        })
 }
 
 /// Kills the processes it tracks when dropped, so a failing test leaves no worker behind.

@@ -1,0 +1,189 @@
+//! The stand-in voice agent: `agent-worker test-agent …`, a hidden subcommand of the worker's
+//! own binary.
+//!
+//! It lives in the worker's binary so that the demo (and a smoke test of a deployed image) has
+//! nothing else to build or install: the demo launches `[current_exe, "test-agent"]` through
+//! the normal launcher. The tests and benchmarks use it too. It takes the agent command line
+//! of the contract, prints what it received, and behaves as asked:
+//!
+//! ```text
+//! agent-worker test-agent [--behaviour B] [--ready-delay-ms N] --room=R --voice-id=V
+//!                         [--opening-line=T] [--system-prompt=T]
+//! ```
+//! Contract options are accepted in both forms the worker can send (`agent.arg_style`):
+//! `--name=value` and `--name value`. It first prints one line `test-agent received {json}`
+//! with its argv, the parsed contract options, its `SESSION_ID` / `VOICE_ID` /
+//! `SESSION_CONFIG` environment and the names of any `AGENT_WORKER__*` variables it inherited
+//! (`settings_vars`). Behaviours:
+//! - `ready` (default): print `Room joined <room>`, then run until SIGTERM and exit 0.
+//! - `exit-after-ready`: print the ready line and exit 0 at once.
+//! - `exit-before-ready`: print `failing on purpose` and exit 3.
+//! - `never-ready`: print `warming up` and never a ready line; runs until killed.
+//! - `alive-never-ready`: print `AGENT_ALIVE` (the alive phase) and never a ready line.
+//! - `chatty`: print the ready line, then 250 lines `chatty line <i>`, then run until SIGTERM.
+//! - `ignore-term`: print the ready line and ignore SIGTERM; only SIGKILL ends it.
+//!
+//! With `TEST_AGENT_LEDGER=<file>` in its environment it also appends `<room> <pid>` to that
+//! file.
+
+use std::{collections::BTreeMap, io::Write, time::Duration};
+
+use nix::sys::signal::{SigSet, Signal};
+use serde_json::json;
+
+/// The hidden subcommand's name: `agent-worker test-agent …`.
+pub const SUBCOMMAND: &str = "test-agent";
+
+/// The contract options the test agent reports, by their option name.
+const CONTRACT_OPTIONS: [&str; 4] = ["room", "voice-id", "opening-line", "system-prompt"];
+
+/// Runs the test agent with `argv` (the arguments after the subcommand); returns its exit code.
+pub fn main(argv: Vec<String>) -> i32 {
+    // Blocked before anything else, so a SIGTERM that arrives early waits for `sigwait`
+    // instead of killing the process (a single thread: the mask is the whole process's).
+    let term = SigSet::from(Signal::SIGTERM);
+    let _ = term.thread_block();
+
+    let options = parse(&argv);
+    let behaviour = options
+        .get("behaviour")
+        .cloned()
+        .unwrap_or_else(|| "ready".into());
+    let ready_delay = options
+        .get("ready-delay-ms")
+        .and_then(|ms| ms.parse().ok())
+        .map_or(Duration::ZERO, Duration::from_millis);
+    let contract: BTreeMap<String, String> = CONTRACT_OPTIONS
+        .iter()
+        .filter_map(|name| Some((name.replace('-', "_"), options.get(*name)?.clone())))
+        .collect();
+    let env: BTreeMap<&str, Option<String>> = ["SESSION_ID", "VOICE_ID", "SESSION_CONFIG"]
+        .into_iter()
+        .map(|k| (k, std::env::var(k).ok()))
+        .collect();
+    // Names only: the worker's own settings (which may hold the Redis password) must not
+    // reach agents.
+    let settings_vars: Vec<String> = std::env::vars_os()
+        .map(|(key, _)| key.to_string_lossy().into_owned())
+        .filter(|key| key.starts_with("AGENT_WORKER__"))
+        .collect();
+    let received = json!({
+        "argv": argv,
+        "contract": contract,
+        "env": env,
+        "settings_vars": settings_vars,
+        "pid": std::process::id(),
+    });
+    say(&format!("test-agent received {received}"));
+    let room = contract.get("room").cloned().unwrap_or_default();
+    // Tests that must know every agent that ever started name a ledger file; one short
+    // O_APPEND write per agent is atomic.
+    if let Some(ledger) = std::env::var_os("TEST_AGENT_LEDGER") {
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(ledger);
+        if let Ok(mut file) = file {
+            let _ = file.write_all(format!("{room} {}\n", std::process::id()).as_bytes());
+        }
+    }
+
+    std::thread::sleep(ready_delay);
+    let ready = format!("Room joined {room}");
+    match behaviour.as_str() {
+        "exit-before-ready" => {
+            eprintln!("failing on purpose");
+            3
+        }
+        "never-ready" => {
+            say("warming up");
+            park_forever()
+        }
+        "alive-never-ready" => {
+            say("AGENT_ALIVE");
+            park_forever()
+        }
+        "exit-after-ready" => {
+            say(&ready);
+            0
+        }
+        "chatty" => {
+            // More output than `agent:<id>:logs` keeps (the last 100 lines).
+            say(&ready);
+            for i in 0..250 {
+                say(&format!("chatty line {i}"));
+            }
+            let _ = term.wait();
+            0
+        }
+        "ignore-term" => {
+            // SIGTERM stays blocked and is never waited for: only SIGKILL ends this one.
+            say(&ready);
+            park_forever()
+        }
+        _ => {
+            say(&ready);
+            let _ = term.wait();
+            say("test-agent stopping on SIGTERM");
+            0
+        }
+    }
+}
+
+/// Options as `name → value`, from `--name=value` or `--name value`; the first occurrence
+/// wins, as argparse's last-wins would hide a duplicate the tests want to see in `argv`.
+fn parse(argv: &[String]) -> BTreeMap<String, String> {
+    let mut options = BTreeMap::new();
+    let mut args = argv.iter().peekable();
+    while let Some(arg) = args.next() {
+        let Some(option) = arg.strip_prefix("--") else {
+            continue;
+        };
+        let (name, value) = match option.split_once('=') {
+            Some((name, value)) => (name.to_owned(), value.to_owned()),
+            None => (option.to_owned(), args.next().cloned().unwrap_or_default()),
+        };
+        options.entry(name).or_insert(value);
+    }
+    options
+}
+
+/// One line on stdout, flushed at once: the worker reads it from a pipe.
+fn say(line: &str) {
+    let mut stdout = std::io::stdout().lock();
+    let _ = writeln!(stdout, "{line}");
+    let _ = stdout.flush();
+}
+
+fn park_forever() -> ! {
+    loop {
+        std::thread::park();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strings(args: &[&str]) -> Vec<String> {
+        args.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn both_option_forms_parse_and_values_may_start_with_dashes() {
+        let options = parse(&strings(&[
+            "--behaviour",
+            "ready",
+            "--room=s-1",
+            "--voice-id=Craig",
+            "--opening-line=-r oops",
+            "--system-prompt",
+            "--not-an-option",
+        ]));
+        assert_eq!(options["behaviour"], "ready");
+        assert_eq!(options["room"], "s-1");
+        assert_eq!(options["voice-id"], "Craig");
+        assert_eq!(options["opening-line"], "-r oops");
+        assert_eq!(options["system-prompt"], "--not-an-option");
+    }
+}
