@@ -19,6 +19,7 @@ use redis::{Script, aio::ConnectionManager};
 use tracing::Instrument;
 
 use crate::{
+    launcher::AgentCommand,
     observability::{self, JobOutcome},
     session::SessionStore,
     supervisor::{StartError, StartOutcome, StartRequest, Supervisor},
@@ -82,8 +83,8 @@ pub struct AgentStartJob {
     pub supervisor: Supervisor,
     /// Session config and state.
     pub store: SessionStore,
-    /// `agent.command`: program and leading arguments.
-    pub command: Arc<[String]>,
+    /// How the agent is launched for a session.
+    pub command: Arc<AgentCommand>,
     /// The queue the jobs come from (for their idempotency keys).
     pub queue: QueueKeys,
     /// For the idempotency release.
@@ -94,7 +95,7 @@ impl std::fmt::Debug for AgentStartJob {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AgentStartJob")
             .field("queue", &self.queue.queue())
-            .field("command", &self.command)
+            .field("command", &self.command.command)
             .finish_non_exhaustive()
     }
 }
@@ -121,11 +122,9 @@ impl AgentStartJob {
 
     /// A dead job must not keep its session from being enqueued again.
     async fn release_idempotency(&self, job: &AgentStart, task_id: &str) {
-        let key = format!(
-            "{}:{}",
-            self.queue.idempotency_prefix(),
-            agent_jobs::producer::idempotency_key(job)
-        );
+        let key = self
+            .queue
+            .idempotency(&agent_jobs::producer::idempotency_key(job));
         let released: redis::RedisResult<i64> = RELEASE_IDEMPOTENCY
             .key(&key)
             .arg(task_id)
@@ -151,6 +150,13 @@ impl AgentStartJob {
             }
             StartOutcome::RunningElsewhere { owner } => {
                 tracing::info!(session_id = %job.session_id, owner = %owner, "agent_already_running");
+            }
+            StartOutcome::SessionEnded { status } => {
+                tracing::info!(
+                    session_id = %job.session_id,
+                    status = status.as_deref().unwrap_or("gone"),
+                    "agent_start_skipped_session_ended"
+                );
             }
             StartOutcome::Started { .. } => {}
         }

@@ -6,14 +6,19 @@
 //! agent is the stand-in built into this binary (`agent-worker test-agent`, so a fresh clone
 //! has nothing else to build), enqueues both sessions in one atomic call, waits until both
 //! agents are ready, prints the voice each agent actually received (read from the agent's own
-//! output in `agent:<id>:logs`), then stops the worker and its agents.
+//! output in `agent:<id>:logs`), then stops the worker gracefully (its agents get SIGTERM and
+//! exit) and, as the orchestrator's end-of-session handler does, reads each session's record
+//! and deletes its keys.
 //!
 //! Its own output is a few lines and the table; the worker's logs are shown with `--verbose`
 //! or `RUST_LOG` (warnings always).
 
 use std::time::Duration;
 
-use agent_jobs::{AgentStart, Producer, QueueKeys, SessionConfigInput, SessionId, SessionKeys};
+use agent_jobs::{
+    AgentStart, Producer, QueueKeys, SessionConfigInput, SessionId, SessionKeys,
+    keys::{SESSIONS_READY, SESSIONS_STARTING},
+};
 use anyhow::{Context, bail};
 use redis::{AsyncCommands, aio::ConnectionManager};
 use tokio::time::Instant;
@@ -39,6 +44,8 @@ pub async fn run(mut settings: Settings) -> anyhow::Result<()> {
     settings.agent.command = demo_agent_command()?;
     settings.redis.queue = DEMO_QUEUE.to_owned();
     settings.agent.stop_grace = Duration::from_secs(5);
+    // No drain: the demo's agents never end on their own.
+    settings.shutdown.drain_timeout = Duration::ZERO;
 
     let mut conn = connection::connect(&settings.redis).await?;
     let run_tag = ulid::Ulid::generate().to_string()[20..].to_lowercase();
@@ -73,7 +80,7 @@ pub async fn run(mut settings: Settings) -> anyhow::Result<()> {
         .iter()
         .map(|(id, _)| AgentStart::new(id.clone()).with_user(DEMO_USER))
         .collect();
-    producer.enqueue_many(&jobs).await?;
+    let enqueued = producer.enqueue_many(&jobs).await?;
     println!(
         "Wrote both session configs and enqueued both jobs in one atomic call; waiting for the agents..."
     );
@@ -86,7 +93,7 @@ pub async fn run(mut settings: Settings) -> anyhow::Result<()> {
             startups.join(", ")
         );
     }
-    shutdown.stop_now();
+    shutdown.graceful.cancel();
     worker.await.context("the demo worker panicked")?;
     let rows = outcome?;
 
@@ -96,8 +103,17 @@ pub async fn run(mut settings: Settings) -> anyhow::Result<()> {
         "session", "requested", "agent received", "pid", "start-up"
     );
     for row in &rows {
-        let status: Option<String> = conn
-            .hget(SessionKeys::new(&row.session).state(), "status")
+        let keys = SessionKeys::new(&row.session);
+        // The orchestrator's end-of-session handler: the record the agent left, then the keys.
+        let status: Option<String> = conn.hget(keys.state(), "status").await?;
+        redis::pipe()
+            .del(&keys.all())
+            .ignore()
+            .srem(SESSIONS_STARTING, row.session.as_str())
+            .ignore()
+            .srem(SESSIONS_READY, row.session.as_str())
+            .ignore()
+            .query_async::<()>(&mut conn)
             .await?;
         println!(
             "{:<26} {:<10} {:<15} {:>8} {:>9}  {}",
@@ -106,14 +122,17 @@ pub async fn run(mut settings: Settings) -> anyhow::Result<()> {
             row.received,
             row.pid,
             row.startup,
-            status.unwrap_or_else(|| "removed".into())
+            status.unwrap_or_else(|| "gone".into())
         );
     }
+    forget_jobs(&mut conn, &enqueued, &sessions).await?;
     if rows.iter().any(|r| r.requested != r.received) {
         bail!("an agent received another session's voice");
     }
     println!(
-        "\nEach agent received its own session's voice. Worker logs: `agent-worker demo --verbose`."
+        "\nEach agent received its own session's voice.\n`after`: the status the worker left for the \
+         orchestrator; the demo then deleted the keys, as its end-of-session handler does.\n\
+         Worker logs: `agent-worker demo --verbose`."
     );
     Ok(())
 }
@@ -181,6 +200,34 @@ async fn report(
         });
     }
     Ok(rows)
+}
+
+/// Removes what the demo's two jobs left in its queue (a shared Redis keeps nothing of a
+/// demo run): their data, meta, finished-index entries and idempotency keys.
+async fn forget_jobs(
+    conn: &mut ConnectionManager,
+    enqueued: &[agent_jobs::Enqueued],
+    sessions: &[(SessionId, &str)],
+) -> anyhow::Result<()> {
+    let keys = QueueKeys::new(DEMO_QUEUE)?;
+    let mut pipe = redis::pipe();
+    for job in enqueued {
+        pipe.hdel(keys.data(), &job.task_id)
+            .ignore()
+            .del(keys.meta(&job.task_id))
+            .ignore()
+            .srem(keys.done(), &job.task_id)
+            .ignore()
+            .zrem(keys.done_at(), &job.task_id)
+            .ignore();
+    }
+    for (id, _) in sessions {
+        let job = AgentStart::new(id.clone());
+        pipe.del(keys.idempotency(&agent_jobs::producer::idempotency_key(&job)))
+            .ignore();
+    }
+    pipe.query_async::<()>(conn).await?;
+    Ok(())
 }
 
 /// The `--voice-id` a test agent reported in its `test-agent received {json}` line.

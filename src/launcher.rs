@@ -21,15 +21,22 @@
 
 use std::{
     fmt,
-    os::unix::process::ExitStatusExt,
+    fs::File,
+    io::Write,
+    os::unix::{fs::OpenOptionsExt, process::ExitStatusExt},
+    path::{Path, PathBuf},
     process::ExitStatus,
     sync::Arc,
     time::{Duration, Instant},
 };
 
-use agent_jobs::SessionId;
+use agent_jobs::{SessionId, session_config::fields};
 
-use crate::{session::SessionConfig, spawn::Child};
+use crate::{
+    session::SessionConfig,
+    settings::{AgentSettings, ArgStyle},
+    spawn::Child,
+};
 use futures::{FutureExt, future::BoxFuture};
 use nix::{sys::signal::Signal, unistd::Pid};
 use tokio::{
@@ -38,12 +45,90 @@ use tokio::{
 };
 use tokio_util::task::TaskTracker;
 
-/// Longest output line kept; the rest of a longer line is dropped (a line without newlines
-/// must not grow memory without bound).
-pub const MAX_LINE_BYTES: usize = 16 * 1024;
-
 /// How long to wait for buffered output after an agent exited during start-up.
 const READER_DRAIN: Duration = Duration::from_millis(200);
+
+/// The session's config fields that become options of the agent's command line, with their
+/// option names (contract §4), in command-line order after `--room`.
+pub const SESSION_OPTIONS: [(&str, &str); 3] = [
+    (fields::VOICE_ID, "--voice-id"),
+    (fields::OPENING_LINE, "--opening-line"),
+    (fields::SYSTEM_PROMPT, "--system-prompt"),
+];
+
+/// How the agent of a session is launched: `agent.command`, `agent.arg_style` and
+/// `agent.log_dir`. Built once from settings.
+#[derive(Debug, Clone)]
+pub struct AgentCommand {
+    /// Program and leading arguments (validated non-empty).
+    pub command: Vec<String>,
+    /// How options reach the command line.
+    pub arg_style: ArgStyle,
+    /// Where per-session log files go, if anywhere.
+    pub log_dir: Option<PathBuf>,
+}
+
+impl AgentCommand {
+    /// From `[agent]` settings.
+    pub fn from_settings(agent: &AgentSettings) -> Self {
+        Self {
+            command: agent.command.clone(),
+            arg_style: agent.arg_style,
+            log_dir: agent.log_dir.clone(),
+        }
+    }
+
+    /// The session's options (contract §4): `--room=<id> --voice-id=<voice>
+    /// [--opening-line=<text>] [--system-prompt=<text>]`, each option one element (or two with
+    /// `agent.arg_style = separate`), an option whose value is empty left out as the original
+    /// worker did. With the `=` form a value starting with `-` can never be taken for an
+    /// option by argparse, nor by Pipecat's second `parse_known_args` pass.
+    pub fn session_args(&self, id: &SessionId, config: &SessionConfig) -> Vec<String> {
+        let mut args = Vec::with_capacity(8);
+        let mut option = |name: &str, value: &str| {
+            if value.is_empty() {
+                return;
+            }
+            match self.arg_style {
+                ArgStyle::Equals => args.push(format!("{name}={value}")),
+                ArgStyle::Separate => args.extend([name.to_owned(), value.to_owned()]),
+            }
+        };
+        option("--room", id.as_str());
+        for (field, name) in SESSION_OPTIONS {
+            option(name, config.get(field).unwrap_or_default());
+        }
+        args
+    }
+
+    /// The session's log file, `<agent.log_dir>/<session id>.log` (a session id holds no `/`).
+    pub fn log_file(&self, id: &SessionId) -> Option<PathBuf> {
+        Some(self.log_dir.as_ref()?.join(format!("{id}.log")))
+    }
+
+    /// The agent's command line, environment and log file for a session: `agent.command`,
+    /// then [`AgentCommand::session_args`]; `SESSION_ID`, `VOICE_ID` and `SESSION_CONFIG` (the
+    /// whole config hash as JSON) added to the inherited environment.
+    pub fn spec(&self, id: &SessionId, config: &SessionConfig) -> LaunchSpec {
+        let (program, leading) = self
+            .command
+            .split_first()
+            .expect("agent.command is validated non-empty");
+        let mut args = leading.to_vec();
+        args.extend(self.session_args(id, config));
+        LaunchSpec {
+            session_id: id.clone(),
+            program: program.clone(),
+            args,
+            env: vec![
+                ("SESSION_ID".to_owned(), id.to_string()),
+                ("VOICE_ID".to_owned(), config.voice_id().to_owned()),
+                ("SESSION_CONFIG".to_owned(), config.to_json()),
+            ],
+            log_file: self.log_file(id),
+        }
+    }
+}
 
 /// What to launch for one session.
 #[derive(Debug, Clone)]
@@ -56,40 +141,8 @@ pub struct LaunchSpec {
     pub args: Vec<String>,
     /// Variables added to the inherited environment.
     pub env: Vec<(String, String)>,
-}
-
-impl LaunchSpec {
-    /// The agent's command line and environment for a session (contract §4): `command`
-    /// (program and leading arguments), then `--room <id> --voice-id <voice>` and the optional
-    /// `--opening-line` / `--system-prompt`, each value one argv element.
-    pub fn for_session(command: &[String], id: &SessionId, config: &SessionConfig) -> Self {
-        let (program, leading) = command
-            .split_first()
-            .expect("agent.command is validated non-empty");
-        let mut args = leading.to_vec();
-        args.extend([
-            "--room".to_owned(),
-            id.to_string(),
-            "--voice-id".to_owned(),
-            config.voice_id().to_owned(),
-        ]);
-        if let Some(line) = config.opening_line() {
-            args.extend(["--opening-line".to_owned(), line.to_owned()]);
-        }
-        if let Some(prompt) = config.system_prompt() {
-            args.extend(["--system-prompt".to_owned(), prompt.to_owned()]);
-        }
-        Self {
-            session_id: id.clone(),
-            program: program.clone(),
-            args,
-            env: vec![
-                ("SESSION_ID".to_owned(), id.to_string()),
-                ("VOICE_ID".to_owned(), config.voice_id().to_owned()),
-                ("SESSION_CONFIG".to_owned(), config.to_json()),
-            ],
-        }
-    }
+    /// Where the agent's whole output is appended, if anywhere.
+    pub log_file: Option<PathBuf>,
 }
 
 /// How an agent process ended.
@@ -140,6 +193,14 @@ pub enum LaunchError {
         /// Its last output line, if any.
         last_line: Option<String>,
     },
+    /// No alive line (nor a ready line) within the alive timeout; the agent was killed.
+    #[error("agent printed no alive line within {timeout:?} and was killed{}", last_line_suffix(.last_line))]
+    NotAlive {
+        /// The alive timeout.
+        timeout: Duration,
+        /// Its last output line, if any.
+        last_line: Option<String>,
+    },
     /// No ready line within the start-up timeout; the agent was killed.
     #[error("agent printed no ready line within {timeout:?} and was killed{}", last_line_suffix(.last_line))]
     NotReady {
@@ -148,6 +209,14 @@ pub enum LaunchError {
         /// Its last output line, if any.
         last_line: Option<String>,
     },
+}
+
+impl LaunchError {
+    /// The agent ran but did not get through a start-up phase in time (what the original
+    /// worker counted as a start-up timeout).
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, Self::NotAlive { .. } | Self::NotReady { .. })
+    }
 }
 
 fn last_line_suffix(line: &Option<String>) -> String {
@@ -171,7 +240,8 @@ pub enum OutputStream {
 pub struct AgentLine {
     /// The agent's session.
     pub session_id: SessionId,
-    /// The line, without its newline, lossily decoded, at most [`MAX_LINE_BYTES`].
+    /// The line, without its newline, lossily decoded, cut at `agent.max_line_bytes` (with a
+    /// marker saying how much was cut).
     pub line: String,
 }
 
@@ -229,23 +299,73 @@ pub trait Launcher: Send + Sync + 'static {
     }
 }
 
+/// What the launcher judges start-up by, and how it treats output (from `[agent]`).
+#[derive(Debug, Clone)]
+pub struct Readiness {
+    /// A line containing one of these means alive (imports done); empty: no alive phase.
+    pub alive_patterns: Arc<[String]>,
+    /// Time allowed from spawn to the first alive (or ready) line.
+    pub alive_timeout: Duration,
+    /// A line containing one of these means ready (connected).
+    pub ready_patterns: Arc<[String]>,
+    /// Time allowed from spawn to the first ready line.
+    pub startup_timeout: Duration,
+    /// Longest output line kept.
+    pub max_line_bytes: usize,
+}
+
+impl Readiness {
+    /// From `[agent]` settings.
+    pub fn from_settings(agent: &AgentSettings) -> Self {
+        Self {
+            alive_patterns: agent.alive_patterns.clone().into(),
+            alive_timeout: agent.alive_timeout,
+            ready_patterns: agent.ready_patterns.clone().into(),
+            startup_timeout: agent.startup_timeout,
+            max_line_bytes: agent.max_line_bytes,
+        }
+    }
+
+    /// Only a ready phase: ready when a line contains one of `patterns` within `timeout`.
+    pub fn ready_only(patterns: Vec<String>, timeout: Duration) -> Self {
+        Self {
+            alive_patterns: Arc::from([]),
+            alive_timeout: timeout,
+            ready_patterns: patterns.into(),
+            startup_timeout: timeout,
+            max_line_bytes: 64 * 1024,
+        }
+    }
+
+    /// When the alive phase must have ended, if it ends before the ready deadline.
+    fn alive_deadline(&self, spawned: tokio::time::Instant) -> Option<tokio::time::Instant> {
+        (!self.alive_patterns.is_empty() && self.alive_timeout < self.startup_timeout)
+            .then(|| spawned + self.alive_timeout)
+    }
+}
+
+/// How far an agent's start-up got, as seen in its output. Ordered: ready implies alive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Phase {
+    Spawned,
+    Alive,
+    Ready,
+}
+
 /// Launches real processes.
 #[derive(Debug, Clone)]
 pub struct ProcessLauncher {
-    ready_patterns: Arc<[String]>,
-    startup_timeout: Duration,
+    readiness: Readiness,
     output: OutputSink,
     /// The owner task of every agent (see [`own`]).
     owners: TaskTracker,
 }
 
 impl ProcessLauncher {
-    /// A launcher judging readiness by `ready_patterns` within `startup_timeout`, sending
-    /// output lines to `output`.
-    pub fn new(ready_patterns: Vec<String>, startup_timeout: Duration, output: OutputSink) -> Self {
+    /// A launcher judging start-up by `readiness`, sending output lines to `output`.
+    pub fn new(readiness: Readiness, output: OutputSink) -> Self {
         Self {
-            ready_patterns: ready_patterns.into(),
-            startup_timeout,
+            readiness,
             output,
             owners: TaskTracker::new(),
         }
@@ -253,6 +373,11 @@ impl ProcessLauncher {
 
     async fn launch_process(&self, spec: LaunchSpec) -> Result<RunningAgent, LaunchError> {
         let started = Instant::now();
+        let spawned_at = tokio::time::Instant::now();
+        let log_file = spec
+            .log_file
+            .as_deref()
+            .and_then(|path| open_log_file(&spec.session_id, path));
         let mut child = spawn(&spec).map_err(|e| LaunchError::Spawn {
             program: spec.program.clone(),
             reason: e.to_string(),
@@ -262,14 +387,15 @@ impl ProcessLauncher {
         let pgid = pid;
         tracing::info!(session_id = %spec.session_id, pid, pgid, "agent_process_spawned");
 
-        let (ready_tx, mut ready_rx) = watch::channel(false);
+        let (phase_tx, mut phase_rx) = watch::channel(Phase::Spawned);
         let last_line = Arc::new(std::sync::Mutex::new(None::<String>));
         let reader = OutputReader {
             session_id: spec.session_id.clone(),
-            patterns: self.ready_patterns.clone(),
-            ready: Arc::new(ready_tx),
+            readiness: self.readiness.clone(),
+            phase: Arc::new(phase_tx),
             sink: self.output.clone(),
             last_line: last_line.clone(),
+            log_file: log_file.map(Arc::new),
         };
         if let Some(stdout) = child.stdout.take() {
             tokio::spawn(reader.clone().read(stdout, OutputStream::Stdout));
@@ -286,48 +412,44 @@ impl ProcessLauncher {
         let mut abandoned = StopOnDrop(Some(handle.clone()));
 
         let last = || last_line.lock().expect("last_line lock").clone();
-        let mut ready_after_exit = ready_rx.clone();
-        // Every wait below shares one deadline: an agent that closes its output but keeps
-        // running, or a grandchild holding the pipes, must not hold the launch past it.
-        let deadline = tokio::time::Instant::now() + self.startup_timeout;
-        let outcome = tokio::time::timeout_at(deadline, async {
-            tokio::select! {
-                // `biased`: an agent that printed its ready line and exited right after did
-                // start; check readiness before the exit.
-                biased;
-                ready = ready_rx.wait_for(|ready| *ready).map(|r| r.is_ok()) => {
-                    // The readers drop the sender at EOF; a closed channel without a ready line
-                    // means the agent closed its output, and its exit is what we report.
-                    if ready {
-                        Outcome::Ready
-                    } else {
-                        Outcome::Exited((&mut exit_rx).await.unwrap_or(AgentExit::Code(-1)))
-                    }
-                }
-                exit = &mut exit_rx => {
-                    let exit = exit.unwrap_or(AgentExit::Code(-1));
-                    // A ready line written just before the exit may still be in the pipe: give
-                    // the readers a moment to reach EOF.
-                    let seen = ready_after_exit.wait_for(|ready| *ready).map(|r| r.is_ok());
-                    if tokio::time::timeout(READER_DRAIN, seen).await == Ok(true) {
-                        Outcome::ReadyThenExited(exit)
-                    } else {
-                        Outcome::Exited(exit)
-                    }
-                }
-            }
-        })
-        .await;
+        // Every wait below is bounded by a deadline from the spawn: an agent that closes its
+        // output but keeps running, or a grandchild holding the pipes, must not hold the launch
+        // past it. The alive phase ends first (when it is on and shorter).
+        let ready_by = spawned_at + self.readiness.startup_timeout;
+        let alive_by = self.readiness.alive_deadline(spawned_at);
+        let mut outcome = None;
+        if let Some(alive_by) = alive_by {
+            let alive = tokio::time::timeout_at(
+                alive_by,
+                wait_for_phase(Phase::Alive, &mut phase_rx, &mut exit_rx),
+            )
+            .await;
+            outcome = match alive {
+                Ok(Outcome::Reached(Phase::Ready)) => Some(Outcome::Reached(Phase::Ready)),
+                Ok(Outcome::Reached(_)) => None,
+                Ok(ended) => Some(ended),
+                Err(_elapsed) => Some(Outcome::TimedOut(Phase::Alive)),
+            };
+        }
+        let outcome = match outcome {
+            Some(outcome) => outcome,
+            None => tokio::time::timeout_at(
+                ready_by,
+                wait_for_phase(Phase::Ready, &mut phase_rx, &mut exit_rx),
+            )
+            .await
+            .unwrap_or(Outcome::TimedOut(Phase::Ready)),
+        };
         abandoned.0 = None;
         match outcome {
-            Ok(Outcome::Ready) => Ok(RunningAgent {
+            Outcome::Reached(_) => Ok(RunningAgent {
                 pid,
                 pgid,
                 startup: started.elapsed(),
                 exited: exit_rx,
                 handle,
             }),
-            Ok(Outcome::ReadyThenExited(exit)) => {
+            Outcome::ReadyThenExited(exit) => {
                 let (tx, exited) = oneshot::channel();
                 let _ = tx.send(exit);
                 Ok(RunningAgent {
@@ -338,18 +460,74 @@ impl ProcessLauncher {
                     handle,
                 })
             }
-            Ok(Outcome::Exited(exit)) => Err(LaunchError::ExitedBeforeReady {
+            Outcome::Exited(exit) => Err(LaunchError::ExitedBeforeReady {
                 exit,
                 last_line: last(),
             }),
-            Err(_elapsed) => {
+            Outcome::TimedOut(phase) => {
                 handle.stop(Duration::ZERO);
                 let _ = exit_rx.await;
-                Err(LaunchError::NotReady {
-                    timeout: self.startup_timeout,
-                    last_line: last(),
+                Err(if phase == Phase::Alive {
+                    LaunchError::NotAlive {
+                        timeout: self.readiness.alive_timeout,
+                        last_line: last(),
+                    }
+                } else {
+                    LaunchError::NotReady {
+                        timeout: self.readiness.startup_timeout,
+                        last_line: last(),
+                    }
                 })
             }
+        }
+    }
+}
+
+/// Waits until the agent's output reached `target` (or further), or it exited.
+async fn wait_for_phase(
+    target: Phase,
+    phase: &mut watch::Receiver<Phase>,
+    exit: &mut oneshot::Receiver<AgentExit>,
+) -> Outcome {
+    let mut after_exit = phase.clone();
+    tokio::select! {
+        // `biased`: an agent that printed its ready line and exited right after did start;
+        // check the output before the exit.
+        biased;
+        reached = async { phase.wait_for(|p| *p >= target).await.map(|p| *p) } => match reached {
+            Ok(p) => Outcome::Reached(p),
+            // The readers drop the sender at EOF; a closed channel short of the target means the
+            // agent closed its output, and its exit is what we report.
+            Err(_) => Outcome::Exited(exit.await.unwrap_or(AgentExit::Code(-1))),
+        },
+        exited = &mut *exit => {
+            let exit = exited.unwrap_or(AgentExit::Code(-1));
+            // A ready line written just before the exit may still be in the pipe: give the
+            // readers a moment to reach EOF.
+            let seen = after_exit.wait_for(|p| *p == Phase::Ready).map(|r| r.is_ok());
+            if tokio::time::timeout(READER_DRAIN, seen).await == Ok(true) {
+                Outcome::ReadyThenExited(exit)
+            } else {
+                Outcome::Exited(exit)
+            }
+        }
+    }
+}
+
+/// Opens (appending, creating it 0640) the session's log file, never through a symlink: the
+/// directory may be shared, and a planted link must not make the worker write elsewhere.
+fn open_log_file(id: &SessionId, path: &Path) -> Option<File> {
+    let opened = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o640)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path);
+    match opened {
+        Ok(file) => Some(file),
+        Err(error) => {
+            tracing::warn!(session_id = %id, path = %path.display(), error = %error, "agent_log_file_failed");
+            None
         }
     }
 }
@@ -365,11 +543,12 @@ impl Drop for StopOnDrop {
     }
 }
 
-/// How the wait for readiness ended (before the deadline).
+/// How a wait for a start-up phase ended.
 enum Outcome {
-    Ready,
+    Reached(Phase),
     ReadyThenExited(AgentExit),
     Exited(AgentExit),
+    TimedOut(Phase),
 }
 
 impl Launcher for ProcessLauncher {
@@ -445,21 +624,26 @@ fn signal_group(group: Pid, signal: Signal) {
 #[derive(Clone)]
 struct OutputReader {
     session_id: SessionId,
-    patterns: Arc<[String]>,
-    ready: Arc<watch::Sender<bool>>,
+    readiness: Readiness,
+    phase: Arc<watch::Sender<Phase>>,
     sink: OutputSink,
     last_line: Arc<std::sync::Mutex<Option<String>>>,
+    log_file: Option<Arc<File>>,
 }
 
 impl OutputReader {
     async fn read(self, pipe: impl AsyncRead + Unpin, stream: OutputStream) {
+        let max = self.readiness.max_line_bytes;
         let mut reader = BufReader::with_capacity(8 * 1024, pipe);
         let mut line = Vec::with_capacity(256);
+        // Bytes of the current line beyond `max`, dropped as they arrive: a line without a
+        // newline never grows memory.
+        let mut cut = 0usize;
         // A read error ends the stream like EOF: the agent's exit is reported by its owner.
         while let Ok(chunk) = reader.fill_buf().await {
             if chunk.is_empty() {
-                if !line.is_empty() {
-                    self.emit(&line, stream);
+                if !line.is_empty() || cut > 0 {
+                    self.emit(&line, cut, stream);
                 }
                 break;
             }
@@ -467,27 +651,59 @@ impl OutputReader {
                 Some(newline) => (newline, true),
                 None => (chunk.len(), false),
             };
-            let room = MAX_LINE_BYTES.saturating_sub(line.len());
+            let room = max.saturating_sub(line.len());
             line.extend_from_slice(&chunk[..take.min(room)]);
+            cut += take.saturating_sub(room);
             reader.consume(take + usize::from(complete));
             if complete {
-                self.emit(&line, stream);
+                self.emit(&line, cut, stream);
                 line.clear();
+                cut = 0;
             }
         }
     }
 
-    fn emit(&self, raw: &[u8], stream: OutputStream) {
+    fn emit(&self, raw: &[u8], cut: usize, stream: OutputStream) {
         let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
-        let text = String::from_utf8_lossy(raw).into_owned();
+        let mut text = String::from_utf8_lossy(raw).into_owned();
+        if cut > 0 {
+            text.push_str(&format!(
+                " [agent-worker: {cut} more bytes of this line cut at agent.max_line_bytes]"
+            ));
+        }
         tracing::info!(
             target: "agent_output",
             session_id = %self.session_id,
             stream = ?stream,
             line = %text,
         );
-        if !*self.ready.borrow() && self.patterns.iter().any(|p| text.contains(p.as_str())) {
-            self.ready.send_replace(true);
+        let phase = *self.phase.borrow();
+        let matches = |patterns: &[String]| patterns.iter().any(|p| text.contains(p.as_str()));
+        let reached = if phase < Phase::Ready && matches(&self.readiness.ready_patterns) {
+            Some(Phase::Ready)
+        } else if phase < Phase::Alive && matches(&self.readiness.alive_patterns) {
+            Some(Phase::Alive)
+        } else {
+            None
+        };
+        if let Some(reached) = reached {
+            // Only forward: stdout's reader must not undo a phase stderr's reader just set.
+            self.phase.send_if_modified(|current| {
+                let forward = reached > *current;
+                if forward {
+                    *current = reached;
+                }
+                forward
+            });
+        }
+        if let Some(file) = &self.log_file {
+            // One write per line: O_APPEND keeps stdout's and stderr's lines whole.
+            let mut bytes = Vec::with_capacity(text.len() + 1);
+            bytes.extend_from_slice(text.as_bytes());
+            bytes.push(b'\n');
+            if let Err(error) = (&**file).write_all(&bytes) {
+                tracing::debug!(session_id = %self.session_id, error = %error, "agent_log_file_write_failed");
+            }
         }
         *self.last_line.lock().expect("last_line lock") = Some(text.clone());
         // Full or closed: drop from storage rather than block the agent.
@@ -495,5 +711,59 @@ impl OutputReader {
             session_id: self.session_id.clone(),
             line: text,
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(pairs: &[(&str, &str)]) -> SessionConfig {
+        SessionConfig::for_tests(pairs)
+    }
+
+    fn command(style: ArgStyle) -> AgentCommand {
+        AgentCommand {
+            command: vec!["python3".into(), "/app/voice_assistant.py".into()],
+            arg_style: style,
+            log_dir: Some(PathBuf::from("/var/log/voice-agents")),
+        }
+    }
+
+    #[test]
+    fn options_are_one_element_each_and_empty_ones_are_left_out() {
+        let id = SessionId::parse("s-1").unwrap();
+        let cfg = config(&[
+            ("voiceId", "Craig"),
+            ("openingLine", "-r oops"),
+            ("systemPrompt", ""),
+        ]);
+        let spec = command(ArgStyle::Equals).spec(&id, &cfg);
+        assert_eq!(spec.program, "python3");
+        assert_eq!(
+            spec.args,
+            [
+                "/app/voice_assistant.py",
+                "--room=s-1",
+                "--voice-id=Craig",
+                "--opening-line=-r oops"
+            ]
+        );
+        assert_eq!(
+            spec.log_file.as_deref(),
+            Some(Path::new("/var/log/voice-agents/s-1.log"))
+        );
+        let separate = command(ArgStyle::Separate).session_args(&id, &cfg);
+        assert_eq!(
+            separate,
+            [
+                "--room",
+                "s-1",
+                "--voice-id",
+                "Craig",
+                "--opening-line",
+                "-r oops"
+            ]
+        );
     }
 }

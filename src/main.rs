@@ -123,10 +123,11 @@ fn main() -> ExitCode {
         Command::Demo { verbose: false } => "warn",
         _ => "info",
     };
+    let (log_writer, _flush_logs_at_exit) = telemetry::non_blocking_stderr();
     telemetry::init_subscriber(telemetry::get_subscriber(
         settings.telemetry.format,
         default_filter,
-        std::io::stderr,
+        log_writer,
     ));
     let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
     let result = runtime.block_on(async move {
@@ -251,19 +252,8 @@ async fn sweep(settings: Settings, dry_run: bool, scan: bool) -> anyhow::Result<
         .with_context(|| format!("cannot reach Redis at {}", settings.redis.url))?;
     // Staleness is judged on Redis's clock, as the workers do.
     clock::sync(&mut conn.clone()).await?;
-    let store = SessionStore::new(
-        conn.clone(),
-        settings.session.ttl,
-        settings.agent.default_voice.clone(),
-        settings.agent.log_lines,
-    );
-    let sweep = StaleSessionSweep::new(
-        conn,
-        store,
-        settings.sweep.batch_size,
-        settings.session.stale_after,
-        settings.session.max_age,
-    );
+    let store = SessionStore::from_settings(conn.clone(), &settings);
+    let sweep = StaleSessionSweep::from_settings(conn, store, &settings);
     let now = unix_now();
     let mut reports = vec![("heartbeat index", sweep.run(now, dry_run).await?)];
     if scan {

@@ -22,6 +22,7 @@
 //! | `agent_startup_seconds` | histogram | |
 //! | `agent_spawn_failures_total` | counter | |
 //! | `agent_exits_total` | counter | |
+//! | `agent_stops_total` | counter | `reason` |
 //! | `agents_live` | gauge | |
 //! | `agents_max` | gauge | |
 //! | `queue_depth` | gauge | `queue`, `state` = `ready`, `scheduled`, `inflight`, `dead`, `done` |
@@ -68,6 +69,9 @@ pub const AGENT_STARTUP_SECONDS: &str = "agent_worker_agent_startup_seconds";
 pub const AGENT_SPAWN_FAILURES_TOTAL: &str = "agent_worker_agent_spawn_failures_total";
 /// Counter of agents that exited after having been ready.
 pub const AGENT_EXITS_TOTAL: &str = "agent_worker_agent_exits_total";
+/// Counter of agents the worker stopped, by `reason` (`session_ended`, `terminated`,
+/// `max_age`, `session_taken_over`, `worker_shutdown`).
+pub const AGENT_STOPS_TOTAL: &str = "agent_worker_agent_stops_total";
 /// Gauge of this process's agents: running plus starting (what `agent.max_agents` bounds).
 pub const AGENTS_LIVE: &str = "agent_worker_agents_live";
 /// Gauge of `agent.max_agents`, so dashboards can show utilisation.
@@ -155,6 +159,11 @@ pub fn agent_spawn_failed() {
 /// A ready agent exited (on its own or stopped).
 pub fn agent_exited() {
     counter!(AGENT_EXITS_TOTAL).increment(1);
+}
+
+/// The worker stopped an agent, for `reason` (a fixed name: it becomes a label).
+pub fn agent_stopped(reason: &'static str) {
+    counter!(AGENT_STOPS_TOTAL, "reason" => reason).increment(1);
 }
 
 /// This process now has `n` agents (running plus starting).
@@ -314,6 +323,11 @@ fn describe() {
         "Failed agent launch attempts."
     );
     describe_counter!(AGENT_EXITS_TOTAL, Unit::Count, "Ready agents that exited.");
+    describe_counter!(
+        AGENT_STOPS_TOTAL,
+        Unit::Count,
+        "Agents the worker stopped, by reason."
+    );
     describe_gauge!(
         AGENTS_LIVE,
         Unit::Count,
@@ -369,6 +383,15 @@ fn register_zeroes() {
     counter!(SWEEP_SESSIONS_REMOVED_TOTAL).increment(0);
     counter!(AGENT_SPAWN_FAILURES_TOTAL).increment(0);
     counter!(AGENT_EXITS_TOTAL).increment(0);
+    for reason in [
+        "session_ended",
+        "terminated",
+        "max_age",
+        "session_taken_over",
+        "worker_shutdown",
+    ] {
+        counter!(AGENT_STOPS_TOTAL, "reason" => reason).increment(0);
+    }
     counter!(JOB_WORKER_RESTARTS_TOTAL).increment(0);
     gauge!(AGENTS_LIVE).set(0.0);
     redis_up(false);
@@ -663,6 +686,7 @@ mod tests {
             JOBS_TOTAL,
             AGENT_SPAWN_FAILURES_TOTAL,
             AGENT_EXITS_TOTAL,
+            AGENT_STOPS_TOTAL,
             SWEEP_RUNS_TOTAL,
             SWEEP_SESSIONS_REMOVED_TOTAL,
             RETENTION_JOBS_REMOVED_TOTAL,

@@ -15,12 +15,15 @@ use std::{collections::BTreeMap, sync::LazyLock, time::Duration};
 
 use agent_jobs::{
     SessionId, SessionKeys,
-    keys::{SESSION_HEARTBEATS, SESSIONS_READY, SESSIONS_STARTING, WORKER_AGENTS, WORKERS},
+    keys::{
+        SESSION_HEARTBEATS, SESSIONS_READY, SESSIONS_STARTING, WORKER_AGENTS, WORKERS,
+        legacy_metrics,
+    },
     session_config::fields,
 };
 use redis::{FromRedisValue, Script, Value, aio::ConnectionManager};
 
-use crate::connection::RedisHealth;
+use crate::{connection::RedisHealth, launcher::AgentExit};
 
 static HEARTBEAT: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/heartbeat.lua")));
@@ -30,29 +33,30 @@ static CLAIM: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/claim_session.lua")));
 static MARK_READY: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/mark_ready.lua")));
-static MARK_ERROR: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("lua/mark_error.lua")));
+static END: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/end_session.lua")));
+static NOTE_ATTEMPT_ERROR: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("lua/note_attempt_error.lua")));
 static REMOVE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/remove_sessions.lua")));
 
 /// Which sessions [`SessionStore::remove`] may remove.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Removal {
-    /// Only those whose heartbeat index entry is at or before this unix time.
+    /// Only those whose heartbeat index entry is at or before `cutoff` (unix time). A live
+    /// session there has lost its agent and goes; an ended one (its end was not recorded)
+    /// goes only once it ended at or before `ended_cutoff`, and until then just leaves the
+    /// index.
     Stale {
-        /// The cutoff.
+        /// The heartbeat cutoff.
         cutoff: u64,
+        /// The end cutoff: now minus `session.ended_ttl`.
+        ended_cutoff: u64,
     },
     /// Only legacy sessions (not in the index) whose newest of `lastActive` / `createdAt`
     /// is before this unix time.
     Legacy {
         /// The cutoff.
         cutoff: u64,
-    },
-    /// Only if this worker still owns it (or nobody does): its agent exited here.
-    Owned {
-        /// The worker id.
-        owner: String,
     },
 }
 
@@ -65,6 +69,9 @@ pub struct HeartbeatReport {
     pub too_old: Vec<SessionId>,
     /// Sessions another worker has taken over: their agents here must stop.
     pub lost: Vec<SessionId>,
+    /// Sessions the orchestrator marked `terminated` (the user ran out of credit): their
+    /// agents must stop; the record keeps the orchestrator's status.
+    pub terminated: Vec<SessionId>,
 }
 
 /// The outcome of [`SessionStore::claim`].
@@ -79,6 +86,61 @@ pub enum Claim {
         /// True when its agent is ready; false while it is still starting.
         ready: bool,
     },
+    /// The session is over: no agent may be started for it.
+    Ended {
+        /// Its status (`completed`, `terminated`, or one the worker does not know), or
+        /// `None` when its record is gone (the orchestrator ended it during our retries).
+        status: Option<String>,
+    },
+}
+
+/// What a claim attempt carries besides the session.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ClaimAttempt<'a> {
+    /// A second or later launch attempt: the record written by the first must still exist.
+    pub retry: bool,
+    /// The first start of this worker process, or its first after a long idle time (the
+    /// original worker's cold-start counter).
+    pub cold: bool,
+    /// The agent's log file, recorded as `logFile` and in `agent:<id>:logfile`.
+    pub log_file: Option<&'a str>,
+}
+
+/// The outcome of [`SessionStore::mark_ready`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReadyRecord {
+    /// `ready` was recorded.
+    Recorded,
+    /// Another worker owns the session now: our agent must go.
+    TakenOver,
+    /// The record is gone: the orchestrator ended the session during the start.
+    Gone,
+    /// The session ended during the start (this status, e.g. `terminated`): our agent must go.
+    Ended(String),
+}
+
+/// How a session ended on this worker, for [`SessionStore::end`].
+#[derive(Debug, Clone, Default)]
+pub struct SessionEnd<'a> {
+    /// How its agent exited; `None` for a start that failed for good.
+    pub exit: Option<AgentExit>,
+    /// Why it failed (`None` for a clean exit).
+    pub error: Option<&'a str>,
+    /// Why the worker stopped the agent, when it did (`session_ended`, `worker_shutdown`, ...).
+    pub stop_reason: Option<&'a str>,
+    /// The last attempt timed out (the original worker's start-up timeout counter).
+    pub timed_out: bool,
+}
+
+/// The outcome of [`SessionStore::end`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EndRecord {
+    /// The record stays for the orchestrator, with this status.
+    Kept(String),
+    /// The record was already gone (the orchestrator ended the session first).
+    Gone,
+    /// Another worker owns the session: nothing was written.
+    NotOurs,
 }
 
 /// Linux refuses a single argv or environment string of 128 KiB or more (`MAX_ARG_STRLEN`).
@@ -112,6 +174,23 @@ pub struct SessionConfig {
 }
 
 impl SessionConfig {
+    /// A config of these fields, unvalidated (for unit tests of what is built from one).
+    #[cfg(test)]
+    pub(crate) fn for_tests(pairs: &[(&str, &str)]) -> Self {
+        Self {
+            fields: pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            source: ConfigSource::Stored,
+        }
+    }
+
+    /// The value of `field`, if the hash has it.
+    pub fn get(&self, field: &str) -> Option<&str> {
+        self.fields.get(field).map(String::as_str)
+    }
+
     /// The TTS voice (always present and non-empty).
     pub fn voice_id(&self) -> &str {
         &self.fields[fields::VOICE_ID]
@@ -187,10 +266,12 @@ impl SessionError {
 pub struct SessionStore {
     conn: ConnectionManager,
     ttl: Duration,
+    ended_ttl: Duration,
     default_voice: String,
     log_lines: usize,
     worker_timeout: Duration,
     redis_health: RedisHealth,
+    legacy_metrics: bool,
 }
 
 impl std::fmt::Debug for SessionStore {
@@ -219,7 +300,38 @@ impl SessionStore {
             log_lines,
             worker_timeout: Duration::from_secs(15),
             redis_health: RedisHealth::new(),
+            ended_ttl: Duration::from_secs(3600),
+            legacy_metrics: false,
         }
+    }
+
+    /// A store as the worker's settings say: `session.ttl`, `session.ended_ttl`,
+    /// `agent.default_voice`, `agent.log_lines`, `worker.orphan_timeout` and
+    /// `compat.legacy_metrics`. Every command that reads or writes sessions builds it here,
+    /// so none of them runs on defaults of its own.
+    pub fn from_settings(conn: ConnectionManager, settings: &crate::settings::Settings) -> Self {
+        Self::new(
+            conn,
+            settings.session.ttl,
+            settings.agent.default_voice.clone(),
+            settings.agent.log_lines,
+        )
+        .ended_ttl(settings.session.ended_ttl)
+        .worker_timeout(settings.worker.orphan_timeout)
+        .legacy_metrics(settings.compat.legacy_metrics)
+    }
+
+    /// How long an ended session's record stays (`session.ended_ttl`; 1 h unless set).
+    pub fn ended_ttl(mut self, ttl: Duration) -> Self {
+        self.ended_ttl = ttl;
+        self
+    }
+
+    /// Also write the original worker's `metrics:agent:*` keys (`compat.legacy_metrics`; off
+    /// unless set).
+    pub fn legacy_metrics(mut self, on: bool) -> Self {
+        self.legacy_metrics = on;
+        self
     }
 
     /// Judge other workers' liveness only after this process has been connected for a while
@@ -241,8 +353,9 @@ impl SessionStore {
     }
 
     /// Reads the session's config and claims the session for `worker_id`, marking it
-    /// `starting` (before each launch attempt), unless another live worker owns it: one script
-    /// call, see `lua/claim_session.lua`. A missing config means defaults, written back.
+    /// `starting` (before each launch attempt), unless another live worker owns it or the
+    /// session has ended: one script call, see `lua/claim_session.lua`. A missing config means
+    /// defaults, written back.
     ///
     /// A config that cannot be used is a permanent error; if the session was claimed, it is
     /// marked `error` with the reason first, so the orchestrator sees why.
@@ -252,6 +365,7 @@ impl SessionStore {
         user_id: Option<&str>,
         task_id: &str,
         worker_id: &str,
+        attempt: ClaimAttempt<'_>,
     ) -> Result<Claim, SessionError> {
         let keys = SessionKeys::new(id);
         let (state, config_key) = (keys.state(), keys.config());
@@ -263,6 +377,8 @@ impl SessionStore {
             .key(SESSIONS_READY)
             .key(SESSION_HEARTBEATS)
             .key(WORKERS)
+            .key(keys.agent_logfile())
+            .key(legacy_metrics::COLD_STARTS)
             .arg(worker_id)
             .arg(now)
             .arg(self.owner_dead_before(now))
@@ -271,6 +387,9 @@ impl SessionStore {
             .arg(task_id)
             .arg(user_id.unwrap_or_default())
             .arg(&self.default_voice)
+            .arg(flag(attempt.retry))
+            .arg(attempt.log_file.unwrap_or_default())
+            .arg(flag(attempt.cold && self.legacy_metrics))
             .invoke_async(&mut self.conn.clone())
             .await
             .map_err(|source| SessionError::Redis {
@@ -301,6 +420,9 @@ impl SessionStore {
                 owner: text(&second).unwrap_or_default(),
                 ready: third.as_ref().and_then(text).as_deref() == Some("ready"),
             }),
+            2 => Ok(Claim::Ended {
+                status: text(&second).filter(|s| !s.is_empty()),
+            }),
             _ => {
                 let source = match third.as_ref().and_then(text).as_deref() {
                     Some("default") => ConfigSource::Default,
@@ -315,8 +437,11 @@ impl SessionStore {
                     Ok(config) => Ok(Claim::Claimed(config)),
                     Err(error) => {
                         // Ours now, and unusable: say why on the session, then give up on it.
-                        if let Err(mark) = self.mark_error(id, worker_id, &error.to_string()).await
-                        {
+                        let end = SessionEnd {
+                            error: Some(&error.to_string()),
+                            ..SessionEnd::default()
+                        };
+                        if let Err(mark) = self.end(id, worker_id, &end).await {
                             tracing::warn!(session_id = %id, error = %mark, "session_error_not_recorded");
                         }
                         Err(error)
@@ -365,8 +490,8 @@ impl SessionStore {
     }
 
     /// Status `ready`, with the agent's pid and start-up time; writes `agent:<id>:pid` and
-    /// `agent:<id>:health`. Only if `worker_id` still owns the session (`lua/mark_ready.lua`):
-    /// returns false when another worker has taken it over.
+    /// `agent:<id>:health` (and the legacy start-up histogram). Only if `worker_id` still owns
+    /// the session and it has not ended meanwhile (`lua/mark_ready.lua`).
     pub async fn mark_ready(
         &self,
         id: &SessionId,
@@ -374,16 +499,19 @@ impl SessionStore {
         pid: u32,
         pgid: u32,
         startup: Duration,
-    ) -> Result<bool, SessionError> {
+    ) -> Result<ReadyRecord, SessionError> {
         let keys = SessionKeys::new(id);
         let state = keys.state();
-        let recorded: i64 = MARK_READY
+        let mut invocation = MARK_READY.prepare_invoke();
+        invocation
             .key(&state)
             .key(SESSIONS_STARTING)
             .key(SESSIONS_READY)
             .key(keys.agent_pid())
             .key(keys.agent_health())
             .key(SESSION_HEARTBEATS)
+            .key(legacy_metrics::STARTUP_HISTOGRAM)
+            .key(legacy_metrics::STARTUP_DURATION)
             .arg(worker_id)
             .arg(unix_now())
             .arg(self.ttl_secs())
@@ -391,48 +519,95 @@ impl SessionStore {
             .arg(pid)
             .arg(pgid)
             .arg(format!("{:.3}", startup.as_secs_f64()))
+            .arg(flag(self.legacy_metrics));
+        if self.legacy_metrics {
+            for bucket in legacy_metrics::BUCKETS {
+                invocation.arg(bucket);
+            }
+        }
+        let reply: Value = invocation
             .invoke_async(&mut self.conn.clone())
             .await
             .map_err(|source| SessionError::Redis { key: state, source })?;
-        Ok(recorded == 1)
+        Ok(match reply {
+            Value::Int(1) => ReadyRecord::Recorded,
+            Value::Int(-1) => ReadyRecord::Gone,
+            Value::Int(_) => ReadyRecord::TakenOver,
+            other => ReadyRecord::Ended(String::from_redis_value(other).unwrap_or_default()),
+        })
     }
 
-    /// Records a failed launch attempt that will be retried, as `lastError`; the status stays
-    /// `starting`.
+    /// Records a failed launch attempt that will be retried, as `lastError` (the status stays
+    /// `starting`), if `worker_id` still owns the session; counts the legacy retry (and, when
+    /// `timed_out`, the start-up timeout) in the same call.
     pub async fn note_attempt_error(
-        &self,
-        id: &SessionId,
-        message: &str,
-    ) -> Result<(), SessionError> {
-        let state = SessionKeys::new(id).state();
-        let mut pipe = redis::pipe();
-        pipe.hset(&state, "lastError", message).ignore();
-        self.run(pipe, state).await
-    }
-
-    /// Status `error` with `message`; the session leaves both sets. Only if `worker_id` still
-    /// owns the session (`lua/mark_error.lua`).
-    pub async fn mark_error(
         &self,
         id: &SessionId,
         worker_id: &str,
         message: &str,
+        timed_out: bool,
     ) -> Result<(), SessionError> {
         let state = SessionKeys::new(id).state();
-        MARK_ERROR
+        NOTE_ATTEMPT_ERROR
             .key(&state)
-            .key(SESSIONS_STARTING)
-            .key(SESSIONS_READY)
-            .key(SESSION_HEARTBEATS)
+            .key(legacy_metrics::RETRIES)
+            .key(legacy_metrics::STARTUP_TIMEOUTS)
             .arg(worker_id)
-            .arg(unix_now())
-            .arg(self.ttl_secs())
-            .arg(id.as_str())
             .arg(message)
+            .arg(flag(self.legacy_metrics))
+            .arg(flag(timed_out && self.legacy_metrics))
             .invoke_async::<i64>(&mut self.conn.clone())
             .await
             .map(drop)
             .map_err(|source| SessionError::Redis { key: state, source })
+    }
+
+    /// Records the end of a session on this worker (its agent exited, or its start failed for
+    /// good), if `worker_id` still owns it (`lua/end_session.lua`): `endedAt` and the exit,
+    /// `completed` or `error` only over the worker's own statuses, out of the state sets and
+    /// the heartbeat index, every key kept with a TTL of at most `session.ended_ttl` for the
+    /// orchestrator's end-of-session handler. A record that is already gone is not recreated.
+    pub async fn end(
+        &self,
+        id: &SessionId,
+        worker_id: &str,
+        end: &SessionEnd<'_>,
+    ) -> Result<EndRecord, SessionError> {
+        let keys = SessionKeys::new(id);
+        let (exit_field, exit_value) = match end.exit {
+            Some(AgentExit::Code(code)) => ("exitCode", code),
+            Some(AgentExit::Signal(signal)) => ("exitSignal", signal),
+            None => ("", 0),
+        };
+        let mut invocation = END.prepare_invoke();
+        for key in keys.all() {
+            invocation.key(key);
+        }
+        let reply: Option<String> = invocation
+            .key(SESSIONS_STARTING)
+            .key(SESSIONS_READY)
+            .key(SESSION_HEARTBEATS)
+            .key(legacy_metrics::STARTUP_TIMEOUTS)
+            .arg(worker_id)
+            .arg(unix_now())
+            .arg(self.ended_ttl.as_secs().max(1))
+            .arg(id.as_str())
+            .arg(exit_field)
+            .arg(exit_value)
+            .arg(end.error.unwrap_or_default())
+            .arg(end.stop_reason.unwrap_or_default())
+            .arg(flag(end.timed_out && self.legacy_metrics))
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(|source| SessionError::Redis {
+                key: keys.state(),
+                source,
+            })?;
+        Ok(match reply {
+            None => EndRecord::NotOurs,
+            Some(status) if status.is_empty() => EndRecord::Gone,
+            Some(status) => EndRecord::Kept(status),
+        })
     }
 
     /// Refreshes the liveness of `ids` (agents this worker owns) in one script call: see
@@ -451,15 +626,26 @@ impl SessionStore {
         let mut invocation = HEARTBEAT.prepare_invoke();
         invocation
             .key(SESSION_HEARTBEATS)
+            .key(SESSIONS_STARTING)
+            .key(SESSIONS_READY)
             .arg(now)
             .arg(self.ttl_secs())
             .arg(max_age_cutoff)
             .arg(worker_id);
         for id in ids {
-            invocation.arg(id.as_str());
+            let keys = SessionKeys::new(id);
+            invocation
+                .key(keys.state())
+                .key(keys.agent_health())
+                .key(keys.agent_pid())
+                .arg(id.as_str());
         }
-        let (gone, too_old, lost): (Vec<String>, Vec<String>, Vec<String>) =
-            invocation.invoke_async(&mut self.conn.clone()).await?;
+        let (gone, too_old, lost, terminated): (
+            Vec<String>,
+            Vec<String>,
+            Vec<String>,
+            Vec<String>,
+        ) = invocation.invoke_async(&mut self.conn.clone()).await?;
         // The ids came from us; parsing them again only guards against a script change.
         let parse = |ids: Vec<String>| {
             ids.into_iter()
@@ -470,23 +656,28 @@ impl SessionStore {
             gone: parse(gone),
             too_old: parse(too_old),
             lost: parse(lost),
+            terminated: parse(terminated),
         })
     }
 
     /// Removes the sessions among `ids` that `removal` allows, with every key they own, in one
     /// atomic script call (`lua/remove_sessions.lua`). Returns each removed session and why.
+    /// With `dry_run`, the same decisions and nothing written.
     pub async fn remove(
         &self,
         removal: &Removal,
         ids: &[SessionId],
+        dry_run: bool,
     ) -> redis::RedisResult<Vec<(SessionId, String)>> {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let (mode, arg) = match removal {
-            Removal::Stale { cutoff } => ("stale", cutoff.to_string()),
-            Removal::Legacy { cutoff } => ("legacy", cutoff.to_string()),
-            Removal::Owned { owner } => ("owned", owner.clone()),
+        let (mode, cutoff, ended_cutoff) = match removal {
+            Removal::Stale {
+                cutoff,
+                ended_cutoff,
+            } => ("stale", *cutoff, *ended_cutoff),
+            Removal::Legacy { cutoff } => ("legacy", *cutoff, 0),
         };
         let mut invocation = REMOVE.prepare_invoke();
         invocation
@@ -494,8 +685,13 @@ impl SessionStore {
             .key(SESSIONS_STARTING)
             .key(SESSIONS_READY)
             .arg(mode)
-            .arg(arg);
+            .arg(cutoff)
+            .arg(ended_cutoff)
+            .arg(flag(dry_run));
         for id in ids {
+            for key in SessionKeys::new(id).all() {
+                invocation.key(key);
+            }
             invocation.arg(id.as_str());
         }
         let flat: Vec<String> = invocation.invoke_async(&mut self.conn.clone()).await?;
@@ -506,7 +702,8 @@ impl SessionStore {
     }
 
     /// Appends output lines to the agents' `agent:<id>:logs`, keeping the last `log_lines`,
-    /// for sessions that still exist (`lua/append_logs.lua`). One round trip for the batch.
+    /// for sessions that still exist, with the record's TTL (`lua/append_logs.lua`). One round
+    /// trip for the batch.
     pub async fn append_logs(&self, batch: &[(SessionId, Vec<String>)]) -> redis::RedisResult<()> {
         if batch.is_empty() {
             return Ok(());
@@ -514,7 +711,11 @@ impl SessionStore {
         let mut invocation = APPEND_LOGS.prepare_invoke();
         invocation.arg(self.log_lines).arg(self.ttl_secs());
         for (id, lines) in batch {
-            invocation.arg(id.as_str()).arg(lines.len());
+            let keys = SessionKeys::new(id);
+            invocation
+                .key(keys.state())
+                .key(keys.agent_logs())
+                .arg(lines.len());
             for line in lines {
                 invocation.arg(line);
             }
@@ -524,12 +725,11 @@ impl SessionStore {
             .await
             .map(drop)
     }
+}
 
-    async fn run(&self, pipe: redis::Pipeline, key: String) -> Result<(), SessionError> {
-        pipe.query_async::<()>(&mut self.conn.clone())
-            .await
-            .map_err(|source| SessionError::Redis { key, source })
-    }
+/// A script flag.
+fn flag(on: bool) -> &'static str {
+    if on { "1" } else { "0" }
 }
 
 /// The field/value pairs of an `HGETALL` reply as UTF-8 strings.
@@ -585,11 +785,7 @@ fn validate(
         }
         Some(_) => {}
     }
-    for field in [
-        fields::VOICE_ID,
-        fields::OPENING_LINE,
-        fields::SYSTEM_PROMPT,
-    ] {
+    for (field, option) in crate::launcher::SESSION_OPTIONS {
         if let Some(value) = fields_map.get(field) {
             if value.contains('\0') {
                 return Err(unusable(
@@ -597,11 +793,14 @@ fn validate(
                     "contains a NUL byte, which a command-line argument cannot carry".into(),
                 ));
             }
-            if value.len() > MAX_ARG_BYTES {
+            // The whole `--option=value` element must fit (the larger of the two arg styles).
+            let element = option.len() + 1 + value.len();
+            if element > MAX_ARG_BYTES {
                 return Err(unusable(
                     field,
                     format!(
-                        "is {} bytes; one command-line argument holds at most {MAX_ARG_BYTES}",
+                        "is {} bytes; as {option}=<value> one command-line argument holds at \
+                         most {MAX_ARG_BYTES} bytes (Linux's MAX_ARG_STRLEN)",
                         value.len()
                     ),
                 ));

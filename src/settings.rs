@@ -6,7 +6,12 @@
 //! Unknown keys are errors (a typo must not silently fall back to a default), and
 //! [`Settings::validate`] checks every value at start-up with an error naming the key.
 
-use std::{collections::HashMap, fmt, path::Path, time::Duration};
+use std::{
+    collections::HashMap,
+    fmt,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use agent_jobs::QueueKeys;
 use config::{Config, Environment, File, FileFormat};
@@ -16,6 +21,11 @@ use serde::Deserialize;
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 
 const ENV_PREFIX: &str = "AGENT_WORKER";
+
+/// Bounds of `agent.max_line_bytes`: long enough for a log line with a stack frame, short
+/// enough that a line never costs much memory per agent.
+const MIN_LINE_BYTES: usize = 1024;
+const MAX_LINE_BYTES: usize = 1024 * 1024;
 
 /// Why settings could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +65,8 @@ pub struct Settings {
     pub http: HttpSettings,
     /// `[telemetry]`
     pub telemetry: TelemetrySettings,
+    /// `[compat]`
+    pub compat: CompatSettings,
 }
 
 /// `[redis]`: where the queue and the session keys live.
@@ -120,6 +132,48 @@ pub struct AgentSettings {
     pub log_lines: usize,
     /// Agents (running plus starting) per replica.
     pub max_agents: usize,
+    /// How options and their values are put on the agent's command line.
+    pub arg_style: ArgStyle,
+    /// Substrings of an output line that mean "alive" (imports done); empty: no alive phase.
+    pub alive_patterns: Vec<String>,
+    /// Time allowed to print an alive line (or a ready line, which implies it).
+    #[serde(with = "humantime_serde")]
+    pub alive_timeout: Duration,
+    /// Directory of the per-session log files (`<dir>/<session id>.log`); none when unset.
+    #[serde(deserialize_with = "empty_as_none")]
+    pub log_dir: Option<PathBuf>,
+    /// Longest output line kept; the rest of a longer line is cut with a marker.
+    pub max_line_bytes: usize,
+}
+
+/// How the session's options reach the agent's command line (`agent.arg_style`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ArgStyle {
+    /// One element per option: `--voice-id=Craig`. Safe with argparse whatever the value
+    /// (a value starting with `-` is never read as an option).
+    Equals,
+    /// Two elements: `--voice-id`, `Craig`, as the original Celery worker did, for agents that
+    /// cannot parse the `=` form. A value starting with `-` breaks argparse agents.
+    Separate,
+}
+
+/// `[compat]`: what the original system wrote that its orchestrator still reads.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompatSettings {
+    /// Write the original worker's `metrics:agent:*` keys (served by the orchestrator's
+    /// `/api/metrics/agent`), in the same script calls that record starts.
+    pub legacy_metrics: bool,
+}
+
+/// An empty string (the way `config/default.toml` says "unset") as `None`.
+fn empty_as_none<'de, D>(deserializer: D) -> Result<Option<PathBuf>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    let value: Option<String> = Option::deserialize(deserializer)?;
+    Ok(value.filter(|v| !v.is_empty()).map(PathBuf::from))
 }
 
 /// `[session]`
@@ -138,6 +192,9 @@ pub struct SessionSettings {
     /// Longest a session may live.
     #[serde(with = "humantime_serde")]
     pub max_age: Duration,
+    /// How long an ended session's record stays for the orchestrator's end-of-session handler.
+    #[serde(with = "humantime_serde")]
+    pub ended_ttl: Duration,
 }
 
 /// `[sweep]`: removal of stale sessions.
@@ -289,6 +346,7 @@ impl Settings {
                 .list_separator(",")
                 .with_list_parse_key("agent.command")
                 .with_list_parse_key("agent.ready_patterns")
+                .with_list_parse_key("agent.alive_patterns")
                 .try_parsing(true)
                 .source(Some(prefixed)),
         );
@@ -413,6 +471,32 @@ impl Settings {
         if self.retention.done.is_zero() || self.retention.dead.is_zero() {
             return Err(invalid("retention.done", "retention periods must be > 0"));
         }
+        if self.agent.alive_patterns.iter().any(|p| p.is_empty()) {
+            return Err(invalid(
+                "agent.alive_patterns",
+                "patterns must not be empty (an empty list turns the alive phase off)",
+            ));
+        }
+        if self.agent.alive_timeout.is_zero() {
+            return Err(invalid("agent.alive_timeout", "must be > 0"));
+        }
+        if !(MIN_LINE_BYTES..=MAX_LINE_BYTES).contains(&self.agent.max_line_bytes) {
+            return Err(invalid(
+                "agent.max_line_bytes",
+                format!("must be between {MIN_LINE_BYTES} and {MAX_LINE_BYTES}"),
+            ));
+        }
+        if let Some(dir) = &self.agent.log_dir
+            && !dir.is_absolute()
+        {
+            return Err(invalid(
+                "agent.log_dir",
+                format!("{} is not an absolute path", dir.display()),
+            ));
+        }
+        if self.session.ended_ttl < Duration::from_secs(1) {
+            return Err(invalid("session.ended_ttl", "must be at least 1s"));
+        }
         Ok(())
     }
 
@@ -460,6 +544,40 @@ mod tests {
         assert_eq!(s.agent.startup_timeout, Duration::from_secs(45));
         assert_eq!(s.worker.concurrency, 7);
         assert_eq!(s.telemetry.format, LogFormat::Json);
+    }
+
+    #[test]
+    fn agent_launch_settings() {
+        let s = Settings::load_from(None, HashMap::new()).unwrap();
+        assert_eq!(s.agent.arg_style, ArgStyle::Equals);
+        assert_eq!(s.agent.startup_timeout, Duration::from_secs(90));
+        assert_eq!(s.agent.alive_patterns.len(), 3);
+        assert_eq!(s.agent.log_dir, None);
+        assert!(s.compat.legacy_metrics);
+        let s = Settings::load_from(
+            None,
+            env(&[
+                ("AGENT_WORKER__AGENT__ARG_STYLE", "separate"),
+                (
+                    "AGENT_WORKER__AGENT__ALIVE_PATTERNS",
+                    "READY_TO_IMPORT,imports done",
+                ),
+                ("AGENT_WORKER__AGENT__LOG_DIR", "/var/log/voice-agents"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.agent.arg_style, ArgStyle::Separate);
+        assert_eq!(s.agent.alive_patterns, ["READY_TO_IMPORT", "imports done"]);
+        assert_eq!(
+            s.agent.log_dir.as_deref(),
+            Some(Path::new("/var/log/voice-agents"))
+        );
+        let err = Settings::load_from(None, env(&[("AGENT_WORKER__AGENT__LOG_DIR", "logs")]))
+            .unwrap_err();
+        assert!(err.to_string().contains("agent.log_dir"), "{err}");
+        let err = Settings::load_from(None, env(&[("AGENT_WORKER__AGENT__ARG_STYLE", "spaced")]))
+            .unwrap_err();
+        assert!(err.to_string().contains("arg_style"), "{err}");
     }
 
     #[test]

@@ -34,9 +34,9 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     capacity::Capacity,
-    launcher::{AgentHandle, LaunchSpec, Launcher, RunningAgent},
+    launcher::{AgentCommand, AgentExit, AgentHandle, Launcher, RunningAgent},
     observability,
-    session::{Claim, Removal, SessionStore},
+    session::{Claim, ClaimAttempt, EndRecord, ReadyRecord, SessionEnd, SessionStore},
 };
 
 /// What a start request led to.
@@ -58,6 +58,12 @@ pub enum StartOutcome {
     RunningElsewhere {
         /// That worker's id.
         owner: String,
+    },
+    /// The session is over (`completed` or `terminated`, or its record gone during our
+    /// retries): no agent was started, and none may be.
+    SessionEnded {
+        /// Its status, or `None` when the record is gone.
+        status: Option<String>,
     },
 }
 
@@ -101,10 +107,17 @@ pub struct StartRequest {
     pub user_id: Option<String>,
     /// For the session hash.
     pub task_id: String,
-    /// `agent.command`: program and leading arguments; the session's arguments follow
-    /// (contract §4), built from the config read at each claim.
-    pub command: Arc<[String]>,
+    /// How the agent is launched (`agent.command` and the session's options, contract §4,
+    /// built from the config read at each claim).
+    pub command: Arc<AgentCommand>,
 }
+
+/// A worker process idle for longer than this counts its next start as cold (the original
+/// worker's `cold_start_count`).
+const COLD_AFTER: Duration = Duration::from_secs(300);
+
+/// Attempts to record a session's end before giving up (about 30 s with the back-off).
+const END_ATTEMPTS: u32 = 18;
 
 /// How often a claim held by a worker that is still starting the session is looked at again.
 const HELD_RECHECK: Duration = Duration::from_secs(1);
@@ -138,8 +151,8 @@ enum Slot {
     Running {
         pid: u32,
         handle: AgentHandle,
-        /// A stop was requested; the agent has not exited yet.
-        stopping: bool,
+        /// Why a stop was requested (the first reason); the agent has not exited yet.
+        stopping: Option<String>,
     },
 }
 
@@ -148,7 +161,7 @@ impl Slot {
     /// shortens the wait). `agent_stopped` is logged once per agent, at the first request:
     /// a shutdown that hurries a stop already under way asks again without a second line.
     /// Returns false for a launch in progress, which has nothing to stop yet.
-    fn stop(&mut self, id: &SessionId, reason: &str, grace: Duration) -> bool {
+    fn stop(&mut self, id: &SessionId, reason: &'static str, grace: Duration) -> bool {
         let Slot::Running {
             pid,
             handle,
@@ -157,9 +170,10 @@ impl Slot {
         else {
             return false;
         };
-        if !*stopping {
+        if stopping.is_none() {
             tracing::info!(session_id = %id, pid = *pid, reason, "agent_stopped");
-            *stopping = true;
+            observability::agent_stopped(reason);
+            *stopping = Some(reason.to_owned());
         }
         handle.stop(grace);
         true
@@ -181,6 +195,8 @@ struct Inner {
     stopping_all: Mutex<Option<Duration>>,
     /// Notified whenever a slot is freed.
     freed: Notify,
+    /// When this process last began a start (cold-start detection).
+    last_start: Mutex<Option<tokio::time::Instant>>,
     tasks: TaskTracker,
 }
 
@@ -221,6 +237,7 @@ impl Supervisor {
                 abandon: CancellationToken::new(),
                 stopping_all: Mutex::new(None),
                 freed: Notify::new(),
+                last_start: Mutex::new(None),
                 tasks: TaskTracker::new(),
             }),
         }
@@ -302,7 +319,7 @@ impl Supervisor {
 
     /// Stops the agent of `id` if it runs here: SIGTERM to its group, SIGKILL after `grace`.
     /// Its session is removed once it has exited. Returns false if there was nothing to stop.
-    pub fn stop(&self, id: &SessionId, reason: &str, grace: Duration) -> bool {
+    pub fn stop(&self, id: &SessionId, reason: &'static str, grace: Duration) -> bool {
         let mut slots = self.inner.slots.lock().expect("slots lock");
         match slots.get_mut(id) {
             Some(slot) => slot.stop(id, reason, grace),
@@ -367,6 +384,9 @@ impl Inner {
     async fn launch(self: Arc<Self>, request: StartRequest) -> StartResult {
         let id = request.session_id.clone();
         let held_deadline = tokio::time::Instant::now() + self.retry.held_patience;
+        let log_file = request.command.log_file(&id);
+        let log_file = log_file.as_ref().map(|p| p.to_string_lossy().into_owned());
+        let mut cold = self.cold_start();
         let mut attempt = 0;
         while attempt < self.retry.attempts {
             if self.abandon.is_cancelled() {
@@ -380,6 +400,11 @@ impl Inner {
                     request.user_id.as_deref(),
                     &request.task_id,
                     &self.worker_id,
+                    ClaimAttempt {
+                        retry: attempt > 0,
+                        cold: std::mem::take(&mut cold),
+                        log_file: log_file.as_deref(),
+                    },
                 )
                 .await;
             let config = match claim {
@@ -410,6 +435,12 @@ impl Inner {
                         }
                     }
                 }
+                // Completed, terminated, or ended by the orchestrator during our retries:
+                // starting an agent now would bill a session nobody is in.
+                Ok(Claim::Ended { status }) => {
+                    self.free(&id);
+                    return Ok(StartOutcome::SessionEnded { status });
+                }
                 Err(error) if error.is_permanent() => {
                     self.free(&id);
                     return Err(StartError::Rejected(error.to_string()));
@@ -428,7 +459,7 @@ impl Inner {
                 "session_config_loaded"
             );
             attempt += 1;
-            let spec = LaunchSpec::for_session(&request.command, &id, &config);
+            let spec = request.command.spec(&id, &config);
             // Dropping the launch kills its agent (see `Launcher::launch`). `biased`: once
             // abandoned, a launch that has not finished is not waited for.
             let launched = tokio::select! {
@@ -439,56 +470,75 @@ impl Inner {
                 }
                 launched = self.launcher.launch(spec) => launched,
             };
-            match launched {
+            let error = match launched {
                 Ok(agent) => return Ok(self.clone().adopt(id, agent, attempt).await),
-                Err(error) => {
-                    let last_error = error.to_string();
-                    observability::agent_spawn_failed();
-                    tracing::warn!(
-                        session_id = %id,
-                        attempt,
-                        attempts = self.retry.attempts,
-                        error = %last_error,
-                        "agent_spawn_failed"
-                    );
-                    if attempt < self.retry.attempts {
-                        // The session stays `starting` between attempts (an orchestrator may
-                        // give up on `error`); the attempt's error is kept for operators.
-                        self.record(self.store.note_attempt_error(&id, &last_error).await);
-                        if !self.closing.load(Ordering::SeqCst) {
-                            tokio::select! {
-                                _ = tokio::time::sleep(self.retry.delay_after(attempt)) => {}
-                                _ = self.abandon.cancelled() => {}
-                            }
-                        }
-                        if !self.closing.load(Ordering::SeqCst) {
-                            continue;
-                        }
-                        // Shutdown began: the attempts left are another replica's to make.
-                        self.free(&id);
-                        return Err(StartError::Abandoned);
+                Err(error) => error,
+            };
+            let last_error = error.to_string();
+            observability::agent_spawn_failed();
+            tracing::warn!(
+                session_id = %id,
+                attempt,
+                attempts = self.retry.attempts,
+                error = %last_error,
+                "agent_spawn_failed"
+            );
+            if attempt < self.retry.attempts {
+                // The session stays `starting` between attempts (an orchestrator may give up
+                // on `error`); the attempt's error is kept for operators.
+                self.record(
+                    self.store
+                        .note_attempt_error(&id, &self.worker_id, &last_error, error.is_timeout())
+                        .await,
+                );
+                if !self.closing.load(Ordering::SeqCst) {
+                    tokio::select! {
+                        _ = tokio::time::sleep(self.retry.delay_after(attempt)) => {}
+                        _ = self.abandon.cancelled() => {}
                     }
-                    self.record(
-                        self.store
-                            .mark_error(&id, &self.worker_id, &last_error)
-                            .await,
-                    );
-                    self.free(&id);
-                    return Err(StartError::Failed(StartFailure {
-                        attempts: attempt,
-                        last_error,
-                    }));
                 }
+                if !self.closing.load(Ordering::SeqCst) {
+                    continue;
+                }
+                // Shutdown began: the attempts left are another replica's to make.
+                self.free(&id);
+                return Err(StartError::Abandoned);
             }
+            let end = SessionEnd {
+                error: Some(&last_error),
+                timed_out: error.is_timeout(),
+                ..SessionEnd::default()
+            };
+            self.record(self.store.end(&id, &self.worker_id, &end).await.map(drop));
+            self.free(&id);
+            return Err(StartError::Failed(StartFailure {
+                attempts: attempt,
+                last_error,
+            }));
         }
         unreachable!("the loop returns on its last attempt")
+    }
+
+    /// True when this start is the process's first, or its first after [`COLD_AFTER`] idle.
+    fn cold_start(&self) -> bool {
+        let now = tokio::time::Instant::now();
+        let previous = self
+            .last_start
+            .lock()
+            .expect("last_start lock")
+            .replace(now);
+        previous.is_none_or(|at| now.duration_since(at) > COLD_AFTER)
     }
 
     /// An abandoned start of a session we claimed: the reason goes to `lastError` and the
     /// session stays `starting`, so the retried job's claim takes it over once we are gone.
     async fn abandoned(&self, id: &SessionId) -> StartError {
         let error = StartError::Abandoned;
-        self.record(self.store.note_attempt_error(id, &error.to_string()).await);
+        self.record(
+            self.store
+                .note_attempt_error(id, &self.worker_id, &error.to_string(), false)
+                .await,
+        );
         self.free(id);
         error
     }
@@ -512,8 +562,14 @@ impl Inner {
             .store
             .mark_ready(&id, &self.worker_id, agent.pid, agent.pgid, agent.startup)
             .await;
-        // Taken over while we were starting: the other worker's agent counts, ours goes.
-        let taken_over = matches!(ready, Ok(false));
+        // The session changed hands or ended while we were starting: our agent goes.
+        let stop = match &ready {
+            Ok(ReadyRecord::Recorded) | Err(_) => None,
+            Ok(ReadyRecord::TakenOver) => Some("session_taken_over"),
+            Ok(ReadyRecord::Gone) => Some("session_ended"),
+            Ok(ReadyRecord::Ended(status)) if status == "terminated" => Some("terminated"),
+            Ok(ReadyRecord::Ended(_)) => Some("session_ended"),
+        };
         self.record(ready.map(drop));
         let (pid, startup) = (agent.pid, agent.startup);
         {
@@ -521,10 +577,10 @@ impl Inner {
             let mut slot = Slot::Running {
                 pid,
                 handle: agent.handle.clone(),
-                stopping: false,
+                stopping: None,
             };
-            if taken_over {
-                slot.stop(&id, "session_taken_over", Duration::ZERO);
+            if let Some(reason) = stop {
+                slot.stop(&id, reason, Duration::ZERO);
             }
             if let Some(grace) = *self.stopping_all.lock().expect("stopping lock") {
                 slot.stop(&id, "worker_shutdown", grace);
@@ -537,26 +593,63 @@ impl Inner {
         }
         let inner = self.clone();
         self.tasks.spawn(async move {
-            let exit = agent
-                .exited
-                .await
-                .map_or_else(|_| "unknown".to_owned(), |exit| exit.to_string());
-            tracing::info!(session_id = %id, pid, exit = %exit, "agent_exited");
+            let exit = agent.exited.await.ok();
+            let shown = exit.map_or_else(|| "unknown".to_owned(), |exit| exit.to_string());
+            tracing::info!(session_id = %id, pid, exit = %shown, "agent_exited");
             observability::agent_exited();
-            // The session ends with its agent: its keys go, by the same atomic removal the
-            // sweep uses, unless another worker owns the session by now. Before the slot is
-            // freed: a new start of the session here would otherwise lose its fresh keys.
-            let owned = Removal::Owned {
-                owner: inner.worker_id.clone(),
-            };
-            if let Err(error) = inner.store.remove(&owned, std::slice::from_ref(&id)).await {
-                observability::redis_error("session_remove");
-                tracing::warn!(session_id = %id, error = %error, "session_removal_failed");
-            }
+            // Recorded before the slot is freed: a new start of the session here would
+            // otherwise race this end record.
+            inner.record_end(&id, exit).await;
             inner.free(&id);
             inner.capacity.agent_exited();
         });
         StartOutcome::Started { pid, startup }
+    }
+
+    /// The session ends with its agent: the record stays for the orchestrator (see
+    /// `lua/end_session.lua`). Retried for a while on Redis errors: without it the session
+    /// would stay `ready` in the heartbeat index until the sweep removed it as stale, with
+    /// the billing fields the agent wrote.
+    async fn record_end(&self, id: &SessionId, exit: Option<AgentExit>) {
+        let stop_reason = match self.slots.lock().expect("slots lock").get(id) {
+            Some(Slot::Running { stopping, .. }) => stopping.clone(),
+            _ => None,
+        };
+        let error = match exit {
+            Some(AgentExit::Code(0)) => None,
+            Some(exit) => Some(format!("agent exited with {exit}")),
+            None => Some("agent exited (status unknown)".to_owned()),
+        };
+        let end = SessionEnd {
+            exit,
+            error: error.as_deref(),
+            stop_reason: stop_reason.as_deref(),
+            timed_out: false,
+        };
+        let mut delay = Duration::from_millis(100);
+        for attempt in 1.. {
+            match self.store.end(id, &self.worker_id, &end).await {
+                Ok(record) => {
+                    let status = match &record {
+                        EndRecord::Kept(status) => status.as_str(),
+                        EndRecord::Gone => "gone",
+                        EndRecord::NotOurs => "taken_over",
+                    };
+                    tracing::info!(session_id = %id, status, "session_ended");
+                    return;
+                }
+                Err(error) if attempt >= END_ATTEMPTS => {
+                    observability::redis_error("session_end");
+                    tracing::warn!(session_id = %id, error = %error, "session_end_not_recorded");
+                    return;
+                }
+                Err(_) => {
+                    observability::redis_error("session_end");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
     }
 
     fn free(&self, id: &SessionId) {

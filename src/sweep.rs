@@ -29,7 +29,7 @@
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use agent_jobs::{
-    SessionId,
+    SessionId, SessionKeys,
     keys::{SESSION_HEARTBEATS, TICK_LEASE_PREFIX},
 };
 use redis::aio::ConnectionManager;
@@ -56,6 +56,7 @@ pub struct StaleSessionSweep {
     batch_size: usize,
     stale_after: Duration,
     max_age: Duration,
+    ended_ttl: Duration,
 }
 
 impl std::fmt::Debug for StaleSessionSweep {
@@ -82,7 +83,32 @@ impl StaleSessionSweep {
             batch_size: batch_size.max(1),
             stale_after,
             max_age,
+            ended_ttl: Duration::from_secs(3600),
         }
+    }
+
+    /// The sweep as the settings say (`sweep.batch_size`, `session.stale_after`,
+    /// `session.max_age`, `session.ended_ttl`), for the worker and the `sweep` command alike.
+    pub fn from_settings(
+        conn: ConnectionManager,
+        store: SessionStore,
+        settings: &crate::settings::Settings,
+    ) -> Self {
+        Self::new(
+            conn,
+            store,
+            settings.sweep.batch_size,
+            settings.session.stale_after,
+            settings.session.max_age,
+        )
+        .ended_ttl(settings.session.ended_ttl)
+    }
+
+    /// How long an ended session's record may stay before the sweep removes it, when its end
+    /// was not recorded (1 h unless set).
+    pub fn ended_ttl(mut self, ttl: Duration) -> Self {
+        self.ended_ttl = ttl;
+        self
     }
 
     /// Removes every indexed session whose last heartbeat is older than `stale_after` at
@@ -93,8 +119,13 @@ impl StaleSessionSweep {
         let mut report = SweepReport::default();
         let mut conn = self.conn.clone();
         // A dry run removes nothing, so it pages with an offset; a real run always reads the
-        // head of the range, which shrinks as it goes.
+        // head of the range, which shrinks as it goes: every candidate leaves the index
+        // (removed, or an ended session released to its TTL), or was refreshed meanwhile.
         let mut offset = 0;
+        let removal = Removal::Stale {
+            cutoff,
+            ended_cutoff: now.saturating_sub(self.ended_ttl.as_secs()),
+        };
         loop {
             let ids: Vec<String> = redis::cmd("ZRANGEBYSCORE")
                 .arg(SESSION_HEARTBEATS)
@@ -108,7 +139,7 @@ impl StaleSessionSweep {
             let fetched = ids.len();
             report.examined += fetched;
             let (valid, invalid) = parse_ids(ids);
-            if !invalid.is_empty() {
+            if !invalid.is_empty() && !dry_run {
                 // Not ours to interpret; drop them from the index so they are not read again.
                 redis::cmd("ZREM")
                     .arg(SESSION_HEARTBEATS)
@@ -116,15 +147,11 @@ impl StaleSessionSweep {
                     .query_async::<()>(&mut conn)
                     .await?;
             }
+            report
+                .removed
+                .extend(self.store.remove(&removal, &valid, dry_run).await?);
             if dry_run {
-                report.removed.extend(self.stale_reasons(&valid).await?);
                 offset += fetched;
-            } else {
-                let removed = self
-                    .store
-                    .remove(&Removal::Stale { cutoff }, &valid)
-                    .await?;
-                report.removed.extend(removed);
             }
             if fetched < self.batch_size {
                 break;
@@ -132,34 +159,6 @@ impl StaleSessionSweep {
         }
         report.duration = started.elapsed();
         Ok(report)
-    }
-
-    /// What `lua/remove_sessions.lua` would give as reasons, for a dry run.
-    async fn stale_reasons(
-        &self,
-        ids: &[SessionId],
-    ) -> redis::RedisResult<Vec<(SessionId, String)>> {
-        if ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut pipe = redis::pipe();
-        for id in ids {
-            pipe.hget(format!("session:{id}"), "status");
-        }
-        let statuses: Vec<Option<String>> = pipe.query_async(&mut self.conn.clone()).await?;
-        Ok(ids
-            .iter()
-            .cloned()
-            .zip(statuses)
-            .map(|(id, status)| {
-                let reason = match status.as_deref() {
-                    Some("starting") => "stuck_starting",
-                    Some("error") => "stuck_error",
-                    _ => "heartbeat_stale",
-                };
-                (id, reason.to_owned())
-            })
-            .collect())
     }
 
     /// Migration: walks `session:<id>` hashes with `SCAN` and removes those that are not in
@@ -190,19 +189,11 @@ impl StaleSessionSweep {
             report.examined += ids.len();
             for batch in ids.chunks(self.batch_size) {
                 let candidates = self.legacy_candidates(batch, cutoff).await?;
-                if dry_run {
-                    report.removed.extend(
-                        candidates
-                            .into_iter()
-                            .map(|id| (id, "legacy_max_age".to_owned())),
-                    );
-                } else {
-                    let removed = self
-                        .store
-                        .remove(&Removal::Legacy { cutoff }, &candidates)
-                        .await?;
-                    report.removed.extend(removed);
-                }
+                let removed = self
+                    .store
+                    .remove(&Removal::Legacy { cutoff }, &candidates, dry_run)
+                    .await?;
+                report.removed.extend(removed);
             }
             cursor = next;
             if cursor == 0 {
@@ -223,7 +214,7 @@ impl StaleSessionSweep {
         for id in ids {
             pipe.zscore(SESSION_HEARTBEATS, id.as_str())
                 .cmd("HMGET")
-                .arg(format!("session:{id}"))
+                .arg(SessionKeys::new(id).state())
                 .arg("lastActive")
                 .arg("createdAt");
         }

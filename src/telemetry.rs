@@ -4,8 +4,16 @@
 //! (`session_config_loaded`, `agent_process_spawned`, `agent_ready`, `agent_spawn_failed`,
 //! `agent_exited`, `worker_restarted`, ...). Logs go to stderr so that commands like
 //! `agent-worker enqueue` keep stdout for their result.
+//!
+//! Writing a log line must never wait on stderr: the tasks that read agents' output log every
+//! line, and a stderr that drains slowly (a full pipe, a slow log shipper) would otherwise
+//! stop them reading, fill the agents' pipes and stall the agents themselves (an agent's ready
+//! line would go unseen). So `main` logs through [`non_blocking_stderr`]: a bounded queue in
+//! memory and a thread that writes it out; when stderr cannot keep up, lines beyond the queue
+//! are dropped, never waited for.
 
 use tracing::Subscriber;
+use tracing_appender::non_blocking::{NonBlocking, NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::{EnvFilter, fmt::MakeWriter, layer::SubscriberExt};
 
 use crate::settings::LogFormat;
@@ -42,6 +50,19 @@ where
             ),
         ),
     }
+}
+
+/// Lines queued for stderr before new ones are dropped.
+const STDERR_QUEUE_LINES: usize = 64 * 1024;
+
+/// A writer to stderr that never blocks the logging caller (see the module docs). Keep the
+/// guard until the process ends: dropping it flushes what is queued.
+pub fn non_blocking_stderr() -> (NonBlocking, WorkerGuard) {
+    NonBlockingBuilder::default()
+        .buffered_lines_limit(STDERR_QUEUE_LINES)
+        .lossy(true)
+        .thread_name("agent-worker-log")
+        .finish(std::io::stderr())
 }
 
 /// Installs `subscriber` as the global default. Call once, from `main`.

@@ -23,8 +23,9 @@
 //! - `chatty`: print the ready line, then 250 lines `chatty line <i>`, then run until SIGTERM.
 //! - `ignore-term`: print the ready line and ignore SIGTERM; only SIGKILL ends it.
 //!
-//! With `TEST_AGENT_LEDGER=<file>` in its environment it also appends `<room> <pid>` to that
-//! file.
+//! With `--long-line-bytes N` it first prints one line of `N` times `x` (no newline until the
+//! end). With `TEST_AGENT_LEDGER=<file>` in its environment it also appends `<room> <pid>` to
+//! that file.
 
 use std::{collections::BTreeMap, io::Write, time::Duration};
 
@@ -88,6 +89,9 @@ pub fn main(argv: Vec<String>) -> i32 {
         }
     }
 
+    if let Some(n) = options.get("long-line-bytes").and_then(|n| n.parse().ok()) {
+        say(&"x".repeat(n));
+    }
     std::thread::sleep(ready_delay);
     let ready = format!("Room joined {room}");
     match behaviour.as_str() {

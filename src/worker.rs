@@ -36,7 +36,7 @@ use crate::{
     capacity::{Capacity, CapacityLayer},
     clock,
     connection::{self, RedisHealth},
-    launcher::{Launcher, OutputSink, ProcessLauncher},
+    launcher::{AgentCommand, Launcher, OutputSink, ProcessLauncher, Readiness},
     logs,
     observability::{self, Health},
     queue::QueueOps,
@@ -68,11 +68,11 @@ pub fn worker_id() -> String {
 /// Builds the launcher from settings, given the sink for agent output.
 pub type LauncherFactory = Box<dyn FnOnce(OutputSink) -> Arc<dyn Launcher> + Send>;
 
-/// The real launcher: agent processes, judged ready by `agent.ready_patterns` within
-/// `agent.startup_timeout`.
+/// The real launcher: agent processes, judged alive and ready by `agent.alive_patterns` and
+/// `agent.ready_patterns` within their timeouts.
 pub fn process_launcher(agent: &AgentSettings) -> LauncherFactory {
-    let (patterns, timeout) = (agent.ready_patterns.clone(), agent.startup_timeout);
-    Box::new(move |output| Arc::new(ProcessLauncher::new(patterns, timeout, output)))
+    let readiness = Readiness::from_settings(agent);
+    Box::new(move |output| Arc::new(ProcessLauncher::new(readiness, output)))
 }
 
 /// How a running worker is asked to stop.
@@ -132,14 +132,8 @@ pub async fn run_with_health(
         "worker_started"
     );
 
-    let store = SessionStore::new(
-        conn.clone(),
-        settings.session.ttl,
-        settings.agent.default_voice.clone(),
-        settings.agent.log_lines,
-    )
-    .worker_timeout(settings.worker.orphan_timeout)
-    .redis_health(redis_health.clone());
+    let store =
+        SessionStore::from_settings(conn.clone(), &settings).redis_health(redis_health.clone());
     let (lines_tx, lines_rx) = logs::channel();
     let shipper = tokio::spawn(logs::ship(lines_rx, store.clone()));
     let capacity = Capacity::new(settings.agent.max_agents);
@@ -159,7 +153,7 @@ pub async fn run_with_health(
     let job = Arc::new(AgentStartJob {
         supervisor: supervisor.clone(),
         store: store.clone(),
-        command: settings.agent.command.clone().into(),
+        command: Arc::new(AgentCommand::from_settings(&settings.agent)),
         queue: keys.clone(),
         conn: conn.clone(),
     });
@@ -169,13 +163,7 @@ pub async fn run_with_health(
     let background = CancellationToken::new();
     let hub = WakeHub::new();
     let ops = QueueOps::new(conn.clone(), keys.clone());
-    let sweep = StaleSessionSweep::new(
-        conn.clone(),
-        store.clone(),
-        settings.sweep.batch_size,
-        settings.session.stale_after,
-        settings.session.max_age,
-    );
+    let sweep = StaleSessionSweep::from_settings(conn.clone(), store.clone(), &settings);
     let retention = Retention::new(
         conn.clone(),
         keys.clone(),
@@ -379,6 +367,23 @@ async fn supervise_job_worker(
             run_job_worker(settings, conn, &name, hub, job.clone(), capacity, shutdown).await;
         health.set_job_worker(false);
         if shutdown.is_cancelled() {
+            // apalis-redis does not deregister a worker that stopped cleanly: its registration
+            // (and its metadata hash) would stay forever, one per process. Whatever it still
+            // held goes back to the head of the queue for the other replicas.
+            match ops.recover_inflight(&name).await {
+                Ok(recovered) if recovered.requeued > 0 || recovered.quarantined > 0 => {
+                    tracing::info!(
+                        worker = %name,
+                        requeued = recovered.requeued,
+                        quarantined = recovered.quarantined,
+                        "inflight_jobs_recovered"
+                    );
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    tracing::debug!(worker = %name, error = %error, "deregistration_failed")
+                }
+            }
             return;
         }
         let reason = match result {
@@ -510,6 +515,10 @@ async fn heartbeat_loop(
                     // agent is the one that counts.
                     for id in &report.lost {
                         supervisor.stop(id, "session_taken_over", grace);
+                    }
+                    // The orchestrator's credit stop: the record keeps its `terminated`.
+                    for id in &report.terminated {
+                        supervisor.stop(id, "terminated", grace);
                     }
                 }
                 Err(error) => {

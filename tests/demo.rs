@@ -63,7 +63,7 @@ async fn the_demo_alone_prints_both_voices_quietly_with_a_private_redis() {
     );
     assert!(rows[0].0.ends_with("-craig") && rows[1].0.ends_with("-olivia"));
     // A newcomer reads the table and a few lines, not the worker's logs.
-    assert!(stdout.lines().count() <= 12, "{stdout}");
+    assert!(stdout.lines().count() <= 14, "{stdout}");
     assert!(
         stderr.trim().is_empty(),
         "no log lines by default: {stderr}"

@@ -14,7 +14,7 @@ use std::{
 
 use agent_jobs::{SessionId, SessionKeys, keys::SESSION_HEARTBEATS};
 use agent_worker::{
-    session::{SessionStore, unix_now},
+    session::{ClaimAttempt, EndRecord, SessionEnd, SessionStore, unix_now},
     sweep::StaleSessionSweep,
 };
 use common::*;
@@ -306,36 +306,74 @@ async fn deleting_a_sessions_keys_stops_its_agent_within_a_heartbeat() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sessions_stuck_in_starting_or_error_are_swept_and_fresh_ones_are_not() {
+async fn stuck_starts_are_swept_and_ended_records_wait_out_their_window() {
     let redis = TestRedis::start().await;
-    let store = SessionStore::new(redis.conn.clone(), Duration::from_secs(3600), "Ashley", 100);
+    let ended_ttl = Duration::from_secs(600);
+    let store = SessionStore::new(redis.conn.clone(), Duration::from_secs(3600), "Ashley", 100)
+        .ended_ttl(ended_ttl);
     let sweep = StaleSessionSweep::new(
         redis.conn.clone(),
         store.clone(),
         2,
         Duration::from_secs(60),
         Duration::from_secs(4 * 3600),
-    );
-    let (starting, failed, fresh) = (
+    )
+    .ended_ttl(ended_ttl);
+    let (starting, failed, fresh, completed, expired) = (
         sid("stuck-starting"),
-        sid("stuck-error"),
+        sid("failed-start"),
         sid("fresh-start"),
+        sid("completed-unrecorded"),
+        sid("completed-long-ago"),
     );
-    for id in [&starting, &failed, &fresh] {
-        store.claim(id, None, "t", "w").await.unwrap();
+    for id in [&starting, &failed, &fresh, &completed, &expired] {
+        store
+            .claim(id, None, "t", "w", ClaimAttempt::default())
+            .await
+            .unwrap();
     }
-    store.mark_error(&failed, "w", "boom").await.unwrap();
-    backdate(&redis.conn, &starting, 61).await;
-    backdate(&redis.conn, &failed, 61).await;
+    // A start that failed for good is ended at once: out of the index, kept for the
+    // orchestrator with a bounded TTL.
+    let end = SessionEnd {
+        error: Some("boom"),
+        ..SessionEnd::default()
+    };
+    assert_eq!(
+        store.end(&failed, "w", &end).await.unwrap(),
+        EndRecord::Kept("error".into())
+    );
+    assert_eq!(indexed(&redis.conn, &failed).await, None);
+    assert!(ttl_of(&redis.conn, &SessionKeys::new(&failed).state()).await <= 600);
+    // Agents that wrote `completed` on workers that died before recording the end: one a
+    // moment ago, one longer ago than the ended window.
+    let now = unix_now();
+    for (id, last) in [(&completed, now - 70), (&expired, now - 700)] {
+        let _: () = redis
+            .conn
+            .clone()
+            .hset_multiple(
+                SessionKeys::new(id).state(),
+                &[
+                    ("status", "completed".to_owned()),
+                    ("lastActive", last.to_string()),
+                ],
+            )
+            .await
+            .unwrap();
+    }
+    for id in [&starting, &completed, &expired] {
+        backdate(&redis.conn, id, 61).await;
+    }
 
     let dry = sweep.run(unix_now(), true).await.unwrap();
-    assert_eq!(dry.removed.len(), 2);
+    assert_eq!(dry.removed.len(), 2, "{dry:?}");
     // The claim wrote the session hash and, the config being absent, the default config.
     assert_eq!(
         keys_left(&redis.conn, &starting).await,
         2,
         "a dry run removes nothing"
     );
+    assert!(indexed(&redis.conn, &completed).await.is_some());
 
     let report = sweep.run(unix_now(), false).await.unwrap();
     let mut removed: Vec<_> = report
@@ -347,19 +385,32 @@ async fn sessions_stuck_in_starting_or_error_are_swept_and_fresh_ones_are_not() 
     assert_eq!(
         removed,
         [
-            ("stuck-error".to_owned(), "stuck_error"),
+            ("completed-long-ago".to_owned(), "ended_expired"),
             ("stuck-starting".to_owned(), "stuck_starting")
         ]
     );
     assert_eq!(keys_left(&redis.conn, &starting).await, 0);
     assert!(!is_member(&redis.conn, "session:starting", "stuck-starting").await);
+    assert_eq!(keys_left(&redis.conn, &expired).await, 0);
+    // The recent end stays for the orchestrator, out of the index, with the time it has left.
+    assert_eq!(
+        status(&redis.conn, &completed).await.as_deref(),
+        Some("completed")
+    );
+    assert_eq!(indexed(&redis.conn, &completed).await, None);
+    let left = ttl_of(&redis.conn, &SessionKeys::new(&completed).state()).await;
+    assert!((1..=530).contains(&left), "TTL {left}");
+    assert_eq!(status(&redis.conn, &failed).await.as_deref(), Some("error"));
     assert_eq!(
         status(&redis.conn, &fresh).await.as_deref(),
         Some("starting")
     );
 }
 
-/// 1,000 sessions; a heartbeater and a sweeper race for 10,000 rounds on a logical clock.
+async fn ttl_of(conn: &ConnectionManager, key: &str) -> i64 {
+    conn.clone().ttl(key).await.unwrap()
+}
+
 /// For every removal, the last heartbeat that session received before it was removed must be at
 /// or before the cutoff the sweep used: a session whose heartbeat was fresh at delete time is
 /// never removed. (A sweep that checked staleness outside the delete script fails this.)
@@ -600,7 +651,10 @@ async fn monitor_during_a_sweep_shows_no_keys_command() {
     let store = SessionStore::new(redis.conn.clone(), Duration::from_secs(3600), "Ashley", 100);
     for i in 0..50 {
         let id = sid(&format!("monitored-{i}"));
-        store.claim(&id, None, "t", "w").await.unwrap();
+        store
+            .claim(&id, None, "t", "w", ClaimAttempt::default())
+            .await
+            .unwrap();
         backdate(&redis.conn, &id, 3600).await;
     }
     let mut monitor = tokio::net::TcpStream::connect(("127.0.0.1", redis.redis.port()))
@@ -633,4 +687,74 @@ async fn monitor_during_a_sweep_shows_no_keys_command() {
         !seen.iter().any(|l| l.contains("\"KEYS\"")),
         "a KEYS command was sent: {seen:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_write_ready_only_over_starting_and_keep_everyone_elses_status() {
+    let redis = TestRedis::start().await;
+    let worker = TestWorker::start(redis.settings(
+        "ready",
+        &[("AGENT_WORKER__SESSION__HEARTBEAT_INTERVAL", "1s")],
+    ));
+    let id = sid("statuses-1");
+    enqueue(&redis.conn, &id, None).await;
+    wait_status(&redis.conn, &id, "ready", Duration::from_secs(20)).await;
+    let state = SessionKeys::new(&id).state();
+    let set_status = |value: &'static str| {
+        let conn = redis.conn.clone();
+        let state = state.clone();
+        async move {
+            let _: () = conn.clone().hset(&state, "status", value).await.unwrap();
+        }
+    };
+    // The orchestrator's late `starting` is ours to replace.
+    set_status("starting").await;
+    wait_status(&redis.conn, &id, "ready", Duration::from_secs(5)).await;
+    // Anything else stays, heartbeat after heartbeat, while the agent runs on.
+    for other in ["completed", "error", "something-new"] {
+        set_status(other).await;
+        let before = indexed(&redis.conn, &id).await.unwrap();
+        wait_for("two more heartbeats", Duration::from_secs(10), || async {
+            (indexed(&redis.conn, &id).await.unwrap() >= before + 2.0).then_some(())
+        })
+        .await;
+        assert_eq!(status(&redis.conn, &id).await.as_deref(), Some(other));
+    }
+    let pid = hget(&redis.conn, &state, "agentPid").await.unwrap();
+    assert!(
+        alive(pid.parse().unwrap()),
+        "only `terminated` stops the agent"
+    );
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_for_a_terminated_or_completed_session_starts_no_agent() {
+    let redis = TestRedis::start().await;
+    let worker = TestWorker::start(redis.settings("ready", &[]));
+    for (name, ended) in [
+        ("was-terminated", "terminated"),
+        ("was-completed", "completed"),
+    ] {
+        let id = sid(name);
+        let _: () = redis
+            .conn
+            .clone()
+            .hset(SessionKeys::new(&id).state(), "status", ended)
+            .await
+            .unwrap();
+        let task = enqueue(&redis.conn, &id, None).await;
+        wait_done(&redis.conn, &task, Duration::from_secs(20)).await;
+        assert_eq!(status(&redis.conn, &id).await.as_deref(), Some(ended));
+        assert!(received(&redis.conn, &id).await.is_none(), "no agent ran");
+        assert_eq!(indexed(&redis.conn, &id).await, None);
+        let config: bool = redis
+            .conn
+            .clone()
+            .exists(SessionKeys::new(&id).config())
+            .await
+            .unwrap();
+        assert!(!config, "no default config is written for an ended session");
+    }
+    worker.stop().await;
 }

@@ -49,7 +49,7 @@ async fn agents_die_with_a_sigkilled_worker() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_stops_the_agents_removes_their_sessions_and_exits_zero() {
+async fn sigterm_stops_the_agents_ends_their_sessions_and_exits_zero() {
     let redis = TestRedis::start().await;
     let worker = worker_process(
         &redis.url(),
@@ -73,21 +73,24 @@ async fn sigterm_stops_the_agents_removes_their_sessions_and_exits_zero() {
         "the agent got SIGTERM and exited cleanly"
     );
     assert!(!alive(pid));
-    // The session ended with its agent: every key of it is gone.
+    // The session ended with its agent: its record stays for the orchestrator (with a TTL of
+    // at most session.ended_ttl), the pid goes, and it is no longer live anywhere.
     let keys = SessionKeys::new(&id);
-    let left: usize = redis
-        .conn
-        .clone()
-        .exists(&[
-            keys.state(),
-            keys.config(),
-            keys.agent_pid(),
-            keys.agent_logs(),
-            keys.agent_health(),
-        ])
+    let state = keys.state();
+    assert_eq!(status(&redis.conn, &id).await.as_deref(), Some("completed"));
+    assert_eq!(
+        hget(&redis.conn, &state, "stopReason").await.as_deref(),
+        Some("worker_shutdown")
+    );
+    let (pid_left, ttl): (bool, i64) = redis::pipe()
+        .exists(keys.agent_pid())
+        .ttl(&state)
+        .query_async(&mut redis.conn.clone())
         .await
         .unwrap();
-    assert_eq!(left, 0);
+    assert!(!pid_left);
+    assert!((1..=3600).contains(&ttl), "TTL {ttl}");
+    assert!(!is_member(&redis.conn, "session:ready", id.as_str()).await);
     let indexed: Option<f64> = redis
         .conn
         .clone()
@@ -396,11 +399,14 @@ async fn a_second_signal_abandons_a_start_in_progress_and_exits() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_launch_dropped_before_its_agent_is_ready_kills_the_agent() {
-    use agent_worker::launcher::{LaunchSpec, Launcher, ProcessLauncher};
+    use agent_worker::launcher::{LaunchSpec, Launcher, ProcessLauncher, Readiness};
     let ledger = std::env::temp_dir().join(format!("dropped-launch-{}", std::process::id()));
     let _ = std::fs::remove_file(&ledger);
     let (sink, _lines) = tokio::sync::mpsc::channel(16);
-    let launcher = ProcessLauncher::new(vec!["Room joined".into()], Duration::from_secs(120), sink);
+    let launcher = ProcessLauncher::new(
+        Readiness::ready_only(vec!["Room joined".into()], Duration::from_secs(120)),
+        sink,
+    );
     let spec = LaunchSpec {
         session_id: sid("dropped-1"),
         program: WORKER_BIN.into(),
@@ -414,6 +420,7 @@ async fn a_launch_dropped_before_its_agent_is_ready_kills_the_agent() {
         .map(String::from)
         .to_vec(),
         env: vec![("TEST_AGENT_LEDGER".into(), ledger.to_str().unwrap().into())],
+        log_file: None,
     };
     let launch = launcher.launch(spec);
     let started = wait_for("the agent to start", Duration::from_secs(20), || async {

@@ -41,16 +41,31 @@ async fn hundred_concurrent_sessions_of_one_user_each_get_their_own_voice() {
     let ready: usize = redis.conn.clone().scard("session:ready").await.unwrap();
     assert_eq!(ready, 100);
     worker.stop().await;
-    // Each agent exited with its worker, so its session and every key of it are gone.
+    // Each agent was stopped at once with its worker (SIGTERM and SIGKILL, no grace): its
+    // session ended with that exit, and its record stays for the orchestrator's
+    // end-of-session handler, out of the live sets.
     for (id, _) in &sessions {
-        assert_eq!(status(&redis.conn, id).await, None);
-        let logs: bool = redis
+        let state = SessionKeys::new(id).state();
+        let ended = (
+            status(&redis.conn, id).await,
+            hget(&redis.conn, &state, "exitCode").await,
+            hget(&redis.conn, &state, "exitSignal").await,
+        );
+        let clean = (Some("completed".into()), Some("0".into()), None);
+        let killed = (Some("error".into()), None, Some("9".into()));
+        assert!(ended == clean || ended == killed, "{id}: {ended:?}");
+        assert_eq!(
+            hget(&redis.conn, &state, "stopReason").await.as_deref(),
+            Some("worker_shutdown")
+        );
+        assert!(hget(&redis.conn, &state, "endedAt").await.is_some());
+        let pid: bool = redis
             .conn
             .clone()
-            .exists(SessionKeys::new(id).agent_logs())
+            .exists(SessionKeys::new(id).agent_pid())
             .await
             .unwrap();
-        assert!(!logs);
+        assert!(!pid, "the pid of an exited agent goes");
     }
     let ready: usize = redis.conn.clone().scard("session:ready").await.unwrap();
     assert_eq!(ready, 0);
@@ -238,14 +253,10 @@ async fn shell_metacharacters_reach_the_agent_verbatim_and_nothing_is_executed()
         [
             "--behaviour",
             "ready",
-            "--room",
-            "metachar-1",
-            "--voice-id",
-            &voice,
-            "--opening-line",
-            &opening,
-            "--system-prompt",
-            &prompt,
+            "--room=metachar-1",
+            &format!("--voice-id={voice}"),
+            &format!("--opening-line={opening}"),
+            &format!("--system-prompt={prompt}"),
         ]
     );
     let config: serde_json::Value =

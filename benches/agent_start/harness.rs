@@ -13,7 +13,8 @@ use agent_jobs::{AgentStart, Producer, QueueKeys, SessionId};
 use agent_worker::{
     connection,
     launcher::{
-        AgentExit, AgentHandle, LaunchError, LaunchSpec, Launcher, ProcessLauncher, RunningAgent,
+        AgentExit, AgentHandle, LaunchError, LaunchSpec, Launcher, ProcessLauncher, Readiness,
+        RunningAgent,
     },
     settings::Settings,
     worker::{self, LauncherFactory, Shutdown},
@@ -504,7 +505,7 @@ impl RecordingLauncher {
         let agent = settings.agent.clone();
         Box::new(move |output| {
             Arc::new(Self {
-                inner: ProcessLauncher::new(agent.ready_patterns, agent.startup_timeout, output),
+                inner: ProcessLauncher::new(Readiness::from_settings(&agent), output),
                 probe,
                 keep_running,
                 running: Mutex::new(VecDeque::new()),

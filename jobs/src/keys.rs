@@ -29,6 +29,23 @@ pub const WORKER_AGENTS: &str = "agent-worker:worker-agents";
 /// (e.g. `…:sweep:<tick>`); whoever sets it first runs that tick.
 pub const TICK_LEASE_PREFIX: &str = "agent-worker:tick-lease";
 
+/// The original worker's agent metrics, which the orchestrator serves at `/api/metrics/agent`
+/// (contract §3). Written only with `compat.legacy_metrics`.
+pub mod legacy_metrics {
+    /// HASH of cumulative start-up buckets: `le_5` … `le_180` (seconds) and `le_inf`.
+    pub const STARTUP_HISTOGRAM: &str = "metrics:agent:startup_duration_histogram";
+    /// HASH `sum` (seconds, float) and `count` of successful starts.
+    pub const STARTUP_DURATION: &str = "metrics:agent:startup_duration";
+    /// Counter: start attempts that timed out (no alive line, or no ready line).
+    pub const STARTUP_TIMEOUTS: &str = "metrics:agent:startup_timeout_count";
+    /// Counter: start attempts retried after a failure.
+    pub const RETRIES: &str = "metrics:agent:retry_count";
+    /// Counter: starts that were a worker process's first, or its first after 300 s idle.
+    pub const COLD_STARTS: &str = "metrics:agent:cold_start_count";
+    /// The histogram's finite bucket bounds, in seconds, as the original worker wrote them.
+    pub const BUCKETS: [u32; 10] = [5, 10, 15, 20, 30, 45, 60, 90, 120, 180];
+}
+
 /// The default apalis queue name for agent-start jobs.
 pub const DEFAULT_QUEUE: &str = "agent-start";
 
@@ -144,6 +161,12 @@ impl QueueKeys {
         format!("{}:idempotency", self.queue)
     }
 
+    /// STRING: the task id of the job holding idempotency key `key` (for agent-start jobs,
+    /// [`crate::producer::idempotency_key`]: `session:<id>`).
+    pub fn idempotency(&self, key: &str) -> String {
+        format!("{}:idempotency:{key}", self.queue)
+    }
+
     /// Pub/sub channel a producer publishes to after pushing ready jobs, so idle workers fetch
     /// at once instead of waiting for their fallback poll. Not part of apalis-redis.
     pub fn wake_channel(&self) -> String {
@@ -192,6 +215,24 @@ impl SessionKeys {
     pub fn agent_health(&self) -> String {
         format!("agent:{}:health", self.id)
     }
+
+    /// STRING: the path of the agent's log file (with `agent.log_dir`).
+    pub fn agent_logfile(&self) -> String {
+        format!("agent:{}:logfile", self.id)
+    }
+
+    /// Every key of the session that its record is made of, in the order the session scripts
+    /// take them: state, config, pid, logs, health, logfile.
+    pub fn all(&self) -> [String; 6] {
+        [
+            self.state(),
+            self.config(),
+            self.agent_pid(),
+            self.agent_logs(),
+            self.agent_health(),
+            self.agent_logfile(),
+        ]
+    }
 }
 
 #[cfg(test)]
@@ -206,6 +247,10 @@ mod tests {
         assert_eq!(q.active(), "agent-start:active");
         assert_eq!(q.inflight("w1"), "agent-start:inflight:w1");
         assert_eq!(q.idempotency_prefix(), "agent-start:idempotency");
+        assert_eq!(
+            q.idempotency("session:s-1"),
+            "agent-start:idempotency:session:s-1"
+        );
     }
 
     #[test]
@@ -223,5 +268,7 @@ mod tests {
         assert_eq!(k.agent_pid(), "agent:s-1:pid");
         assert_eq!(k.agent_logs(), "agent:s-1:logs");
         assert_eq!(k.agent_health(), "agent:s-1:health");
+        assert_eq!(k.agent_logfile(), "agent:s-1:logfile");
+        assert_eq!(k.all()[0], "session:s-1");
     }
 }

@@ -1,5 +1,5 @@
 -- Read a session's config and claim the session for this worker, marking it `starting`,
--- unless another live worker owns it. One round trip per start attempt.
+-- unless another live worker owns it or the session has ended. One round trip per attempt.
 --
 -- Config (contract §1): `session:<id>:config` only, never a user-scoped key. A missing hash
 -- means defaults, written here (the key is absent inside this atomic script, so this is the
@@ -13,21 +13,46 @@
 -- is newer than the orphan timeout). A dead owner's agents died with it (death signal), so its
 -- claim can be taken over.
 --
--- Writes only what changes: `createdAt` for a new session, `error` removed only if present,
--- the id moved out of `session:ready` only if it was there.
+-- Ended: the worker sets `status` only over its own values (starting, ready, error). A session
+-- the agent `completed` or the orchestrator `terminated` (or with a status we do not know) is
+-- over: no agent is started for it. On a retry attempt (ARGV[9] = 1) the record we wrote at the
+-- first attempt must still be there; if it is gone, the orchestrator ended the session while
+-- we were retrying, and it is not recreated.
+--
+-- Writes only what changes: `createdAt` for a new session, the fields of an earlier end or
+-- failure removed only if present, the id moved out of `session:ready` only if it was there.
 --
 -- KEYS[1]: session:<id>          KEYS[2]: session:<id>:config
 -- KEYS[3]: session:starting      KEYS[4]: session:ready
 -- KEYS[5]: the heartbeat index   KEYS[6]: agent-worker:workers (worker id -> presence)
+-- KEYS[7]: agent:<id>:logfile    KEYS[8]: the legacy cold-start counter
 -- ARGV[1]: this worker's id      ARGV[2]: now (unix seconds)
 -- ARGV[3]: presence older than this means the owner is dead
 -- ARGV[4]: TTL of the session keys
 -- ARGV[5]: session id            ARGV[6]: task id
 -- ARGV[7]: user id ('' for none) ARGV[8]: default voice
+-- ARGV[9]: 1 on a retry attempt  ARGV[10]: log file path ('' for none)
+-- ARGV[11]: 1 to count a cold start
 -- Returns {1, previous owner or '', 'stored' | 'default', {config field, value, ...}} when
--- claimed; {0, owner, status} when another live worker holds it; {-1, type} when the config
--- key is not a hash.
-local me, now = ARGV[1], ARGV[2]
+-- claimed; {0, owner, status} when another live worker holds it; {2, status} when the session
+-- has ended ('' when its record is gone); {-1, type} when the config key is not a hash.
+local me, now, ttl = ARGV[1], ARGV[2], ARGV[4]
+
+local current = redis.call('HMGET', KEYS[1], 'workerId', 'status', 'createdAt', 'error',
+    'endedAt', 'exitCode', 'exitSignal', 'stopReason')
+local owner, status = current[1], current[2]
+if ARGV[9] == '1' and redis.call('EXISTS', KEYS[1]) == 0 then
+    return { 2, '' }
+end
+if status and status ~= 'starting' and status ~= 'ready' and status ~= 'error' then
+    return { 2, status }
+end
+if owner and owner ~= me and (status == 'starting' or status == 'ready') then
+    local seen = redis.call('ZSCORE', KEYS[6], owner)
+    if seen and tonumber(seen) > tonumber(ARGV[3]) then
+        return { 0, owner, status }
+    end
+end
 
 local config = redis.pcall('HGETALL', KEYS[2])
 if config.err then
@@ -38,21 +63,12 @@ if #config == 0 then
     source = 'default'
     config = { 'voiceId', ARGV[8], 'userName', ARGV[7], 'updatedAt', now }
     redis.call('HSET', KEYS[2], unpack(config))
-    redis.call('EXPIRE', KEYS[2], ARGV[4])
+    redis.call('EXPIRE', KEYS[2], ttl)
 end
 local voice = ''
 for i = 1, #config, 2 do
     if config[i] == 'voiceId' then
         voice = config[i + 1]
-    end
-end
-
-local current = redis.call('HMGET', KEYS[1], 'workerId', 'status', 'createdAt', 'error')
-local owner, status = current[1], current[2]
-if owner and owner ~= me and (status == 'starting' or status == 'ready') then
-    local seen = redis.call('ZSCORE', KEYS[6], owner)
-    if seen and tonumber(seen) > tonumber(ARGV[3]) then
-        return { 0, owner, status }
     end
 end
 
@@ -66,14 +82,31 @@ if not current[3] then
     fields[#fields + 1] = 'createdAt'
     fields[#fields + 1] = now
 end
-redis.call('HSET', KEYS[1], unpack(fields))
-if current[4] then
-    redis.call('HDEL', KEYS[1], 'error')
+if ARGV[10] ~= '' then
+    fields[#fields + 1] = 'logFile'
+    fields[#fields + 1] = ARGV[10]
+    redis.call('SET', KEYS[7], ARGV[10], 'EX', ttl)
 end
-redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('HSET', KEYS[1], unpack(fields))
+-- A failed or ended earlier incarnation leaves its error and exit behind.
+local stale = {}
+local names = { [4] = 'error', [5] = 'endedAt', [6] = 'exitCode', [7] = 'exitSignal',
+    [8] = 'stopReason' }
+for i = 4, 8 do
+    if current[i] then
+        stale[#stale + 1] = names[i]
+    end
+end
+if #stale > 0 then
+    redis.call('HDEL', KEYS[1], unpack(stale))
+end
+redis.call('EXPIRE', KEYS[1], ttl)
 if status == 'ready' then
     redis.call('SREM', KEYS[4], ARGV[5])
 end
 redis.call('SADD', KEYS[3], ARGV[5])
 redis.call('ZADD', KEYS[5], now, ARGV[5])
+if ARGV[11] == '1' then
+    redis.call('INCR', KEYS[8])
+end
 return { 1, owner or '', source, config }

@@ -5,45 +5,58 @@
 -- the caller picked it.
 --
 -- Modes (ARGV[1]):
---   stale:  remove a session only if its heartbeat index entry is <= ARGV[2] (the cutoff).
---           Reason: stuck_starting / stuck_error by its status, else heartbeat_stale.
---   legacy: remove a session only if it is NOT in the index (written by the old system) and
---           its newest of lastActive / createdAt is < ARGV[2]. Reason: legacy_max_age.
---   owned:  remove a session only if ARGV[2] (a worker id) still owns it, or nobody does: its
---           agent exited on that worker. A session another worker has taken over is left alone.
---           Reason: agent_exited.
+--   stale:  a session whose heartbeat index entry is <= ARGV[2] (the stale cutoff).
+--           Live (starting or ready): its worker stopped heartbeating, so its agent is gone:
+--           removed, reason stuck_starting or heartbeat_stale. Record gone: only our
+--           leftovers go (reason gone). Ended (any other status: completed, terminated,
+--           error; its end was not recorded, e.g. its worker died right then): the record
+--           is the orchestrator's to clean up, so it stays until ARGV[3] (endedAt, else
+--           lastActive, at or before it: removed, reason ended_expired); until then it only
+--           leaves the index and the state sets, its keys capped at the time it has left.
+--   legacy: a session NOT in the index (written by the old system) whose newest of
+--           lastActive / createdAt is < ARGV[2]. Reason: legacy_max_age.
+--
+-- A dry run (ARGV[4] = 1) decides exactly the same and writes nothing.
 --
 -- KEYS[1]: the heartbeat index; KEYS[2]: session:starting; KEYS[3]: session:ready
--- ARGV[3..]: session ids (validated by the caller)
--- Returns a flat array: id, reason, for each session removed.
-local mode, arg = ARGV[1], ARGV[2]
+-- KEYS[4..]: per session, six keys: session:<id>, its config, pid, logs, health and logfile
+-- ARGV[2]: the cutoff   ARGV[3]: the ended cutoff (stale mode)   ARGV[4]: 1 for a dry run
+-- ARGV[5..]: the session ids, in the order of their keys (validated by the caller)
+-- Returns a flat array: id, reason, for each session removed (or that would be).
+local mode, cutoff, dry = ARGV[1], tonumber(ARGV[2]), ARGV[4] == '1'
 local removed = {}
-for i = 3, #ARGV do
+for i = 5, #ARGV do
     local id = ARGV[i]
-    local state = 'session:' .. id
+    local k = 4 + (i - 5) * 6
+    local state = KEYS[k]
     local reason = nil
-    if mode == 'owned' then
-        local owner = redis.call('HGET', state, 'workerId')
-        if not owner or owner == arg then
-            reason = 'agent_exited'
-        end
-    elseif mode == 'stale' then
+    local release = nil
+    if mode == 'stale' then
         local score = redis.call('ZSCORE', KEYS[1], id)
-        if score and tonumber(score) <= tonumber(arg) then
-            local status = redis.call('HGET', state, 'status')
-            if status == 'starting' then
+        if score and tonumber(score) <= cutoff then
+            local current = redis.call('HMGET', state, 'status', 'endedAt', 'lastActive')
+            local status = current[1]
+            if redis.call('EXISTS', state) == 0 then
+                reason = 'gone'
+            elseif status == 'starting' then
                 reason = 'stuck_starting'
-            elseif status == 'error' then
-                reason = 'stuck_error'
-            else
+            elseif status == 'ready' or not status then
                 reason = 'heartbeat_stale'
+            else
+                local ended = tonumber(current[2]) or tonumber(current[3]) or 0
+                local left = ended - tonumber(ARGV[3])
+                if left <= 0 then
+                    reason = 'ended_expired'
+                else
+                    release = left
+                end
             end
         end
     elseif mode == 'legacy' then
         if not redis.call('ZSCORE', KEYS[1], id) and redis.call('TYPE', state).ok == 'hash' then
             local times = redis.call('HMGET', state, 'lastActive', 'createdAt')
             local newest = math.max(tonumber(times[1]) or 0, tonumber(times[2]) or 0)
-            if newest > 0 and newest < tonumber(arg) then
+            if newest > 0 and newest < cutoff then
                 reason = 'legacy_max_age'
             end
         end
@@ -51,13 +64,26 @@ for i = 3, #ARGV do
         return redis.error_reply('unknown mode ' .. tostring(mode))
     end
     if reason then
-        redis.call('DEL', state, state .. ':config', 'agent:' .. id .. ':pid',
-            'agent:' .. id .. ':logs', 'agent:' .. id .. ':health')
+        removed[#removed + 1] = id
+        removed[#removed + 1] = reason
+    end
+    if dry then
+        reason, release = nil, nil
+    end
+    if reason or release then
         redis.call('SREM', KEYS[2], id)
         redis.call('SREM', KEYS[3], id)
         redis.call('ZREM', KEYS[1], id)
-        removed[#removed + 1] = id
-        removed[#removed + 1] = reason
+    end
+    if reason then
+        redis.call('DEL', KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4], KEYS[k + 5])
+    elseif release then
+        for j = k, k + 5 do
+            local ttl = redis.call('TTL', KEYS[j])
+            if ttl == -1 or ttl > release then
+                redis.call('EXPIRE', KEYS[j], release)
+            end
+        end
     end
 end
 return removed

@@ -1,0 +1,646 @@
+//! Drop-in compatibility with the original system: our worker between a replay of the real
+//! orchestrator's Redis operations (in their original order) and a Python agent that parses
+//! its arguments and writes its billing fields as the real Pipecat agent does
+//! (`tests/agents/voice_assistant.py`). Every worker here is the real binary in its own
+//! process, with the environment a deployment gives it (`REDIS_URL`, which the agent uses).
+//!
+//! These tests need `python3` with redis-py (`cargo xtask test` installs it).
+
+mod common;
+
+use std::{
+    collections::HashMap,
+    process::Child,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use agent_jobs::{
+    AgentStart, SessionId, SessionKeys,
+    keys::{SESSION_HEARTBEATS, legacy_metrics},
+};
+use common::*;
+use nix::sys::signal::Signal;
+use redis::{AsyncCommands, aio::ConnectionManager};
+
+const AGENT: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/agents/voice_assistant.py"
+);
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// `agent-worker run` with the Python agent, as a deployment runs it: the agent's Redis comes
+/// from the worker's own `REDIS_URL`.
+fn worker(redis: &TestRedis, extra: &[(&str, &str)]) -> Child {
+    let command = format!("python3,{AGENT}");
+    let mut env = vec![
+        ("AGENT_WORKER__AGENT__COMMAND", command.as_str()),
+        ("AGENT_WORKER__AGENT__STARTUP_TIMEOUT", "20s"),
+        ("AGENT_WORKER__SESSION__STALE_AFTER", "30s"),
+        ("PYTHONDONTWRITEBYTECODE", "1"),
+    ];
+    env.extend_from_slice(extra);
+    let mut command = worker_command(&redis.url(), &["run"], "ready", &env);
+    command.env("REDIS_URL", redis.url());
+    command.spawn().expect("start the worker")
+}
+
+/// The orchestrator's `POST /session/start`, after its credit check: the config hash (TTL
+/// 4 h), the job, then its own write of `session:<id>` right after enqueueing.
+async fn orchestrator_start(
+    conn: &ConnectionManager,
+    id: &SessionId,
+    user: &str,
+    voice: &str,
+    opening_line: Option<&str>,
+    extra_config: &[(&str, &str)],
+) -> String {
+    let keys = SessionKeys::new(id);
+    let mut config: Vec<(String, String)> = vec![
+        ("voiceId".into(), voice.into()),
+        ("userName".into(), user.into()),
+        ("updatedAt".into(), now().to_string()),
+    ];
+    if let Some(line) = opening_line {
+        config.push(("openingLine".into(), line.into()));
+    }
+    config.extend(
+        extra_config
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string())),
+    );
+    let _: () = redis::pipe()
+        .hset_multiple(keys.config(), &config)
+        .ignore()
+        .expire(keys.config(), 14400)
+        .ignore()
+        .query_async(&mut conn.clone())
+        .await
+        .unwrap();
+    let task_id = producer(conn)
+        .enqueue(&AgentStart::new(id.clone()).with_user(user))
+        .await
+        .unwrap()
+        .task_id;
+    let _: () = redis::pipe()
+        .hset_multiple(
+            keys.state(),
+            &[
+                ("userName", user),
+                ("voiceId", voice),
+                ("openingLine", opening_line.unwrap_or("")),
+                ("systemPrompt", ""),
+                ("celeryTaskId", task_id.as_str()),
+                ("status", "starting"),
+                ("startTime", now().to_string().as_str()),
+            ],
+        )
+        .ignore()
+        .expire(keys.state(), 14400)
+        .ignore()
+        .query_async(&mut conn.clone())
+        .await
+        .unwrap();
+    task_id
+}
+
+/// The orchestrator's end-of-session handler (`POST /session/end`, the LiveKit webhook):
+/// 404 (`None`) without `session:<id>`; otherwise the record it bills from, after deleting
+/// the session's keys and set entries itself.
+async fn orchestrator_end(
+    conn: &ConnectionManager,
+    id: &SessionId,
+) -> Option<HashMap<String, String>> {
+    let keys = SessionKeys::new(id);
+    let record: HashMap<String, String> = conn.clone().hgetall(keys.state()).await.unwrap();
+    if record.is_empty() {
+        return None;
+    }
+    let _: () = redis::pipe()
+        .del(&[
+            keys.state(),
+            keys.config(),
+            keys.agent_pid(),
+            keys.agent_logs(),
+            keys.agent_health(),
+        ])
+        .ignore()
+        .srem("session:starting", id.as_str())
+        .ignore()
+        .srem("session:ready", id.as_str())
+        .ignore()
+        .query_async(&mut conn.clone())
+        .await
+        .unwrap();
+    Some(record)
+}
+
+/// What the Python agent reported receiving (`voice-agent received {json}`).
+async fn agent_report(conn: &ConnectionManager, id: &SessionId) -> Option<serde_json::Value> {
+    let lines: Vec<String> = conn
+        .clone()
+        .lrange(SessionKeys::new(id).agent_logs(), 0, -1)
+        .await
+        .unwrap();
+    lines.iter().find_map(|l| {
+        l.strip_prefix("voice-agent received ")
+            .and_then(|json| serde_json::from_str(json).ok())
+    })
+}
+
+async fn wait_report(conn: &ConnectionManager, id: &SessionId) -> serde_json::Value {
+    wait_for(
+        &format!("the agent of {id} to report"),
+        Duration::from_secs(20),
+        || agent_report(conn, id),
+    )
+    .await
+}
+
+async fn agent_pid_of(conn: &ConnectionManager, id: &SessionId) -> u32 {
+    let pid: String = conn
+        .clone()
+        .get(SessionKeys::new(id).agent_pid())
+        .await
+        .unwrap();
+    pid.parse().unwrap()
+}
+
+async fn wait_field(conn: &ConnectionManager, id: &SessionId, field: &str) -> String {
+    let state = SessionKeys::new(id).state();
+    wait_for(
+        &format!("{field} in session:{id}"),
+        Duration::from_secs(20),
+        || hget(conn, &state, field),
+    )
+    .await
+}
+
+/// Every key of the keyspace that names the session, by SCAN (test Redis: small).
+async fn keys_naming(conn: &ConnectionManager, id: &SessionId) -> Vec<String> {
+    let mut c = conn.clone();
+    let mut cursor = 0u64;
+    let mut found = Vec::new();
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        found.extend(keys.into_iter().filter(|k| k.contains(id.as_str())));
+        cursor = next;
+        if cursor == 0 {
+            return found;
+        }
+    }
+}
+
+/// Nothing of the session anywhere: no key naming it, not in the state sets, not indexed.
+/// Except the queue's idempotency key of its job, which is the job's, not the session's: it
+/// keeps a duplicate enqueue from starting an agent for the ended session until it expires
+/// (`session.ttl`).
+async fn nothing_left(conn: &ConnectionManager, id: &SessionId) -> Result<(), String> {
+    let idempotency = format!("{QUEUE}:idempotency:session:{id}");
+    let keys: Vec<String> = keys_naming(conn, id)
+        .await
+        .into_iter()
+        .filter(|k| *k != idempotency)
+        .collect();
+    let indexed: Option<f64> = conn
+        .clone()
+        .zscore(SESSION_HEARTBEATS, id.as_str())
+        .await
+        .unwrap();
+    let in_sets = is_member(conn, "session:starting", id.as_str()).await
+        || is_member(conn, "session:ready", id.as_str()).await;
+    if keys.is_empty() && indexed.is_none() && !in_sets {
+        Ok(())
+    } else {
+        Err(format!(
+            "left of {id}: keys {keys:?}, indexed {indexed:?}, in a state set {in_sets}"
+        ))
+    }
+}
+
+async fn stop(worker: Child) -> String {
+    signal(&worker, Signal::SIGTERM);
+    let out = output_of(worker).await;
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_scenario_through_the_orchestrators_steps_each_agent_gets_its_own_voice() {
+    let redis = TestRedis::start().await;
+    let worker = worker(&redis, &[]);
+    let user = "test_concurrent_user";
+    let sessions = [(sid("seed-craig"), "Craig"), (sid("seed-olivia"), "Olivia")];
+    for (id, voice) in &sessions {
+        orchestrator_start(&redis.conn, id, user, voice, Some("Hello there"), &[]).await;
+    }
+    for (id, voice) in &sessions {
+        wait_status(&redis.conn, id, "ready", Duration::from_secs(30)).await;
+        let report = wait_report(&redis.conn, id).await;
+        assert_eq!(report["voice_id"], *voice, "{report}");
+        assert_eq!(report["room"], id.as_str());
+        assert_eq!(report["pipecat_room"], id.as_str());
+        let state = SessionKeys::new(id).state();
+        // The orchestrator's own fields stand beside ours.
+        assert!(hget(&redis.conn, &state, "celeryTaskId").await.is_some());
+        assert!(hget(&redis.conn, &state, "startTime").await.is_some());
+        // The agent's own write, when its first participant joined.
+        wait_field(&redis.conn, id, "conversationStartTime").await;
+    }
+    // A late `status=starting` of the orchestrator (it writes after enqueueing) over a ready
+    // session: the heartbeat makes it ready again.
+    let (late, _) = &sessions[0];
+    let _: () = redis
+        .conn
+        .clone()
+        .hset(SessionKeys::new(late).state(), "status", "starting")
+        .await
+        .unwrap();
+    wait_status(&redis.conn, late, "ready", Duration::from_secs(5)).await;
+    stop(worker).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_normal_end_leaves_the_billing_record_for_the_orchestrator_then_nothing() {
+    let redis = TestRedis::start().await;
+    let worker = worker(&redis, &[]);
+    let id = sid("billed-1");
+    orchestrator_start(&redis.conn, &id, "u", "Craig", None, &[]).await;
+    wait_status(&redis.conn, &id, "ready", Duration::from_secs(30)).await;
+    let pid = agent_pid_of(&redis.conn, &id).await;
+    wait_field(&redis.conn, &id, "conversationStartTime").await;
+    // The participant hangs up: the agent writes its billing fields and exits 0.
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGUSR1).unwrap();
+    wait_field(&redis.conn, &id, "endedAt").await;
+    assert!(!alive(pid));
+
+    // The orchestrator's end handler, after the agent has gone, finds what it bills from.
+    let record = orchestrator_end(&redis.conn, &id)
+        .await
+        .expect("session:<id> is still there: /session/end would answer 404");
+    assert_eq!(record["status"], "completed", "{record:?}");
+    let duration: u64 = record["conversationDuration"].parse().unwrap();
+    assert_eq!(
+        record["conversationDurationMinutes"],
+        duration.div_ceil(60).to_string()
+    );
+    assert_eq!(record["exitCode"], "0");
+    assert!(!record.contains_key("error"), "{record:?}");
+
+    // After the next sweep nothing of the session is left, our indexes included.
+    let out = output_of(
+        worker_command(&redis.url(), &["sweep"], "ready", &[])
+            .spawn()
+            .unwrap(),
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Late log lines of the agent must not have recreated its log key either.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    nothing_left(&redis.conn, &id).await.unwrap();
+    stop(worker).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_credit_stop_stops_the_agent_on_another_process_and_keeps_terminated() {
+    let redis = TestRedis::start().await;
+    let worker = worker(&redis, &[]);
+    let id = sid("out-of-credit");
+    orchestrator_start(&redis.conn, &id, "u", "Olivia", None, &[]).await;
+    wait_status(&redis.conn, &id, "ready", Duration::from_secs(30)).await;
+    let pid = agent_pid_of(&redis.conn, &id).await;
+    // The orchestrator's terminate_session_insufficient_credits, from this (another) process.
+    let state = SessionKeys::new(&id).state();
+    let _: () = redis
+        .conn
+        .clone()
+        .hset_multiple(
+            &state,
+            &[
+                ("status", "terminated"),
+                ("terminationReason", "insufficient_credits"),
+                ("terminatedAt", now().to_string().as_str()),
+            ],
+        )
+        .await
+        .unwrap();
+    // Within one heartbeat (1 s here) plus the agent's stop.
+    wait_for(
+        "the agent to be stopped",
+        Duration::from_secs(5),
+        || async { (!alive(pid)).then_some(()) },
+    )
+    .await;
+    wait_field(&redis.conn, &id, "endedAt").await;
+    assert_eq!(
+        status(&redis.conn, &id).await.as_deref(),
+        Some("terminated")
+    );
+    assert_eq!(
+        hget(&redis.conn, &state, "terminationReason")
+            .await
+            .as_deref(),
+        Some("insufficient_credits")
+    );
+    assert_eq!(
+        hget(&redis.conn, &state, "stopReason").await.as_deref(),
+        Some("terminated")
+    );
+    let stderr = stop(worker).await;
+    let stopped = events(stderr.as_bytes())
+        .into_iter()
+        .any(|e| e["message"] == "agent_stopped" && e["reason"] == "terminated");
+    assert!(stopped, "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_orchestrator_first_end_stops_the_agent_and_recreates_nothing() {
+    let redis = TestRedis::start().await;
+    let worker = worker(&redis, &[]);
+    let id = sid("ended-first");
+    orchestrator_start(&redis.conn, &id, "u", "Craig", None, &[]).await;
+    wait_status(&redis.conn, &id, "ready", Duration::from_secs(30)).await;
+    let pid = agent_pid_of(&redis.conn, &id).await;
+    assert!(orchestrator_end(&redis.conn, &id).await.is_some());
+    wait_for(
+        "the agent to be stopped",
+        Duration::from_secs(5),
+        || async { (!alive(pid)).then_some(()) },
+    )
+    .await;
+    // Let a few heartbeats and the log shipper run: none of them may bring a key back.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    nothing_left(&redis.conn, &id).await.unwrap();
+    stop(worker).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn values_that_look_like_options_reach_the_agent_verbatim_and_empty_ones_are_left_out() {
+    let redis = TestRedis::start().await;
+    // The agent's report line carries the 100 KB prompt: keep it whole.
+    let worker = worker(
+        &redis,
+        &[("AGENT_WORKER__AGENT__MAX_LINE_BYTES", "1048576")],
+    );
+    // (opening line, system prompt) per session.
+    let big = "A long prompt line. ".repeat(5_000);
+    let cases: Vec<(&str, String, String)> = vec![
+        ("dash", "-Hello".into(), "-Hello".into()),
+        ("short-room", "-r oops".into(), "-r oops".into()),
+        ("short-url", "-u nice".into(), "-u nice".into()),
+        ("long-room", "--room=x".into(), "--room=x".into()),
+        ("empty", String::new(), String::new()),
+        (
+            "multi-line",
+            "first line\nsecond line\n-r third".into(),
+            "-u a\n--room b".into(),
+        ),
+        ("hundred-kb", "-Hi".into(), big),
+    ];
+    let mut started = Vec::new();
+    for (name, opening, prompt) in &cases {
+        let id = sid(&format!("argv-{name}"));
+        let config = [
+            ("voiceId", "Craig".to_owned()),
+            ("userName", "u".to_owned()),
+            ("updatedAt", now().to_string()),
+            ("openingLine", opening.clone()),
+            ("systemPrompt", prompt.clone()),
+        ];
+        let _: () = redis
+            .conn
+            .clone()
+            .hset_multiple(SessionKeys::new(&id).config(), &config)
+            .await
+            .unwrap();
+        enqueue(&redis.conn, &id, Some("u")).await;
+        started.push((id, opening.clone(), prompt.clone()));
+    }
+    for (id, opening, prompt) in &started {
+        wait_status(&redis.conn, id, "ready", Duration::from_secs(60)).await;
+        let report = wait_report(&redis.conn, id).await;
+        assert_eq!(report["room"], id.as_str(), "{id}");
+        assert_eq!(report["pipecat_room"], id.as_str(), "{id}: Pipecat's room");
+        assert!(report["pipecat_url"].is_null(), "{id}: Pipecat's url");
+        let argv: Vec<String> = serde_json::from_value(report["argv"].clone()).unwrap();
+        if opening.is_empty() {
+            assert!(report["opening_line"].is_null(), "{id}: {report}");
+            assert!(report["system_prompt"].is_null(), "{id}: {report}");
+            assert!(
+                !argv
+                    .iter()
+                    .any(|a| a.starts_with("--opening-line") || a.starts_with("--system-prompt")),
+                "{id}: empty options are left out: {argv:?}"
+            );
+        } else {
+            assert_eq!(report["opening_line"], opening.as_str(), "{id}");
+            assert_eq!(report["system_prompt"], prompt.as_str(), "{id}");
+        }
+    }
+    stop(worker).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_separate_arg_style_of_the_original_breaks_on_a_leading_dash() {
+    // Why `equals` is the default: the original's `--opening-line -Hello` fails every start.
+    let redis = TestRedis::start().await;
+    let worker = worker(
+        &redis,
+        &[
+            ("AGENT_WORKER__AGENT__ARG_STYLE", "separate"),
+            ("AGENT_WORKER__AGENT__START_ATTEMPTS", "1"),
+        ],
+    );
+    let id = sid("separate-dash");
+    orchestrator_start(&redis.conn, &id, "u", "Craig", Some("-Hello"), &[]).await;
+    let task = hget(&redis.conn, &SessionKeys::new(&id).state(), "celeryTaskId")
+        .await
+        .unwrap();
+    let result = wait_dead(&redis.conn, &task).await;
+    assert!(result.contains("exited with code 2"), "{result}");
+    stop(worker).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_stuck_in_its_imports_fails_after_the_alive_timeout() {
+    let redis = TestRedis::start().await;
+    let worker = worker(
+        &redis,
+        &[
+            ("AGENT_WORKER__AGENT__ALIVE_TIMEOUT", "2s"),
+            ("AGENT_WORKER__AGENT__STARTUP_TIMEOUT", "25s"),
+            ("AGENT_WORKER__AGENT__START_ATTEMPTS", "1"),
+        ],
+    );
+    let (hung, crashed) = (sid("hung-imports"), sid("crashed-imports"));
+    let started = std::time::Instant::now();
+    let hung_task = orchestrator_start(
+        &redis.conn,
+        &hung,
+        "u",
+        "Craig",
+        None,
+        &[("testBehaviour", "hang-before-alive")],
+    )
+    .await;
+    let crashed_task = orchestrator_start(
+        &redis.conn,
+        &crashed,
+        "u",
+        "Craig",
+        None,
+        &[("testBehaviour", "crash-on-import")],
+    )
+    .await;
+    let hung_result = wait_dead(&redis.conn, &hung_task).await;
+    assert!(
+        hung_result.contains("no alive line within 2s"),
+        "{hung_result}"
+    );
+    // Decided by the alive phase, not by the 25 s start-up timeout.
+    assert!(started.elapsed() < Duration::from_secs(20));
+    let crashed_result = wait_dead(&redis.conn, &crashed_task).await;
+    assert!(
+        crashed_result.contains("exited with code 1 before it was ready"),
+        "{crashed_result}"
+    );
+    assert!(crashed_result.contains("ImportError"), "{crashed_result}");
+    for id in [&hung, &crashed] {
+        assert_eq!(status(&redis.conn, id).await.as_deref(), Some("error"));
+    }
+    stop(worker).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legacy_metrics_match_what_the_original_worker_wrote() {
+    let redis = TestRedis::start().await;
+    let state_dir = std::env::temp_dir().join(format!("compat-state-{}", ulid::Ulid::generate()));
+    std::fs::create_dir_all(&state_dir).unwrap();
+    let state_dir_s = state_dir.display().to_string();
+    let worker = worker(
+        &redis,
+        &[
+            ("AGENT_WORKER__AGENT__STARTUP_TIMEOUT", "3s"),
+            ("AGENT_WORKER__AGENT__RETRY_BACKOFF", "50ms"),
+            ("AGENT_WORKER__AGENT__MAX_AGENTS", "10"),
+            // Inherited by the agents: where timeout-once counts its runs.
+            ("TEST_AGENT_STATE_DIR", state_dir_s.as_str()),
+        ],
+    );
+    // Three starts that work, one whose first attempt times out (alive, never connected).
+    let ids = [sid("m-1"), sid("m-2"), sid("m-3"), sid("m-timeout")];
+    for id in &ids[..3] {
+        orchestrator_start(&redis.conn, id, "u", "Craig", None, &[]).await;
+    }
+    orchestrator_start(
+        &redis.conn,
+        &ids[3],
+        "u",
+        "Craig",
+        None,
+        &[("testBehaviour", "timeout-once")],
+    )
+    .await;
+    for id in &ids {
+        wait_status(&redis.conn, id, "ready", Duration::from_secs(40)).await;
+    }
+    let mut startups = Vec::new();
+    for id in &ids {
+        let s = hget(&redis.conn, &SessionKeys::new(id).state(), "startupTime")
+            .await
+            .unwrap();
+        startups.push(s.parse::<f64>().unwrap());
+    }
+    // What the original worker's AgentMetrics would hold after these starts.
+    let mut expected: HashMap<String, String> = HashMap::new();
+    for bucket in legacy_metrics::BUCKETS {
+        let n = startups.iter().filter(|s| **s <= bucket as f64).count();
+        if n > 0 {
+            expected.insert(format!("le_{bucket}"), n.to_string());
+        }
+    }
+    expected.insert("le_inf".into(), startups.len().to_string());
+    let histogram: HashMap<String, String> = redis
+        .conn
+        .clone()
+        .hgetall(legacy_metrics::STARTUP_HISTOGRAM)
+        .await
+        .unwrap();
+    assert_eq!(histogram, expected);
+    let duration: HashMap<String, String> = redis
+        .conn
+        .clone()
+        .hgetall(legacy_metrics::STARTUP_DURATION)
+        .await
+        .unwrap();
+    assert_eq!(duration["count"], "4");
+    let sum: f64 = duration["sum"].parse().unwrap();
+    assert!(
+        (sum - startups.iter().sum::<f64>()).abs() < 1e-6,
+        "{sum} {startups:?}"
+    );
+    let counters: Vec<Option<u64>> = redis
+        .conn
+        .clone()
+        .mget(&[
+            legacy_metrics::STARTUP_TIMEOUTS,
+            legacy_metrics::RETRIES,
+            legacy_metrics::COLD_STARTS,
+        ])
+        .await
+        .unwrap();
+    assert_eq!(counters, [Some(1), Some(1), Some(1)]);
+    stop(worker).await;
+    let _ = std::fs::remove_dir_all(&state_dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_legacy_metrics_no_metrics_key_is_written() {
+    let redis = TestRedis::start().await;
+    let worker = TestWorker::start(redis.settings(
+        "exit-before-ready",
+        &[
+            ("AGENT_WORKER__COMPAT__LEGACY_METRICS", "false"),
+            ("AGENT_WORKER__AGENT__START_ATTEMPTS", "2"),
+        ],
+    ));
+    let ok_worker = TestWorker::start(TestRedis::settings(
+        &redis,
+        "ready",
+        &[
+            ("AGENT_WORKER__COMPAT__LEGACY_METRICS", "false"),
+            ("AGENT_WORKER__REDIS__QUEUE", "other-queue"),
+        ],
+    ));
+    // A failing start (a retry, then dead) and, on another queue, one that works.
+    let failing = sid("no-metrics-fail");
+    let task = enqueue(&redis.conn, &failing, None).await;
+    wait_dead(&redis.conn, &task).await;
+    let working = sid("no-metrics-ok");
+    agent_jobs::Producer::new(
+        redis.conn.clone(),
+        agent_jobs::QueueKeys::new("other-queue").unwrap(),
+    )
+    .enqueue(&AgentStart::new(working.clone()))
+    .await
+    .unwrap();
+    wait_status(&redis.conn, &working, "ready", Duration::from_secs(20)).await;
+    let metrics: Vec<String> = redis.conn.clone().keys("metrics:*").await.unwrap();
+    assert!(metrics.is_empty(), "{metrics:?}");
+    worker.stop().await;
+    ok_worker.stop().await;
+}
