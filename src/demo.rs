@@ -241,12 +241,17 @@ pub fn received_voice(line: &str) -> Option<String> {
 async fn ensure_redis(settings: &mut Settings) -> anyhow::Result<Option<LocalRedis>> {
     let probe =
         tokio::time::timeout(Duration::from_secs(3), connection::connect(&settings.redis)).await;
-    if matches!(probe, Ok(Ok(_))) {
-        println!(
-            "Redis: {} (the demo uses its own queue, {DEMO_QUEUE}).",
-            settings.redis.url
-        );
-        return Ok(None);
+    match probe {
+        Ok(Ok(_)) => {
+            println!(
+                "Redis: {} (the demo uses its own queue, {DEMO_QUEUE}).",
+                settings.redis.url
+            );
+            return Ok(None);
+        }
+        // A Redis that is there but refuses us is a mistake to report, not to work around.
+        Ok(Err(error)) if error.is_auth_failure() => return Err(error.into()),
+        _ => {}
     }
     if !LocalRedis::available() {
         bail!(

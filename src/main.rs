@@ -220,9 +220,7 @@ async fn enqueue(
     system_prompt: Option<String>,
 ) -> anyhow::Result<()> {
     let id = SessionId::parse(session_id).context("invalid --session-id")?;
-    let mut conn = connection::connect(&settings.redis)
-        .await
-        .with_context(|| format!("cannot reach Redis at {}", settings.redis.url))?;
+    let mut conn = connection::connect(&settings.redis).await?;
     if voice_id.is_some() || opening_line.is_some() || system_prompt.is_some() {
         let config = SessionConfigInput {
             voice_id: voice_id.unwrap_or_else(|| settings.agent.default_voice.clone()),
@@ -247,9 +245,7 @@ async fn enqueue(
 }
 
 async fn sweep(settings: Settings, dry_run: bool, scan: bool) -> anyhow::Result<()> {
-    let conn = connection::connect(&settings.redis)
-        .await
-        .with_context(|| format!("cannot reach Redis at {}", settings.redis.url))?;
+    let conn = connection::connect(&settings.redis).await?;
     // Staleness is judged on Redis's clock, as the workers do.
     clock::sync(&mut conn.clone()).await?;
     let store = SessionStore::from_settings(conn.clone(), &settings);
@@ -276,9 +272,7 @@ async fn sweep(settings: Settings, dry_run: bool, scan: bool) -> anyhow::Result<
 }
 
 async fn status(settings: Settings, json: bool) -> anyhow::Result<()> {
-    let conn = connection::connect(&settings.redis)
-        .await
-        .with_context(|| format!("cannot reach Redis at {}", settings.redis.url))?;
+    let conn = connection::connect(&settings.redis).await?;
     // Staleness is judged on Redis's clock, as the workers do.
     clock::sync(&mut conn.clone()).await?;
     let keys = QueueKeys::new(&settings.redis.queue)?;
@@ -311,9 +305,7 @@ async fn status(settings: Settings, json: bool) -> anyhow::Result<()> {
 }
 
 async fn dead(settings: Settings, command: DeadCommand) -> anyhow::Result<()> {
-    let conn = connection::connect(&settings.redis)
-        .await
-        .with_context(|| format!("cannot reach Redis at {}", settings.redis.url))?;
+    let conn = connection::connect(&settings.redis).await?;
     let keys = QueueKeys::new(&settings.redis.queue)?;
     match command {
         DeadCommand::List { limit, json } => {

@@ -405,6 +405,7 @@ fn register_zeroes() {
 #[derive(Debug, Default)]
 pub struct Health {
     redis: AtomicBool,
+    redis_auth_failed: AtomicBool,
     job_worker: AtomicBool,
     draining: AtomicBool,
 }
@@ -418,6 +419,11 @@ impl Health {
     /// Records whether Redis answered the last probe.
     pub fn set_redis(&self, answers: bool) {
         self.redis.store(answers, Ordering::Relaxed);
+    }
+
+    /// Records whether Redis refused our credentials (the reason `/readyz` gives).
+    pub fn set_redis_auth_failed(&self, refused: bool) {
+        self.redis_auth_failed.store(refused, Ordering::Relaxed);
     }
 
     /// Records whether the apalis job worker is running (true before each run, false when a
@@ -450,6 +456,8 @@ impl Health {
     pub fn not_ready_reason(&self) -> Option<&'static str> {
         if self.draining.load(Ordering::Relaxed) {
             Some("draining")
+        } else if self.redis_auth_failed.load(Ordering::Relaxed) {
+            Some("redis authentication failed")
         } else if !self.redis() {
             Some("redis unreachable")
         } else if !self.job_worker() {
@@ -598,11 +606,23 @@ pub async fn probe_loop(
                 }
                 failures = 0;
                 health.set_redis(true);
+                health.set_redis_auth_failed(false);
                 redis_up(true);
             }
             Err(error) => {
+                // A password rotated under a running worker: say so, not "unreachable".
+                let refused = error.as_ref().is_some_and(crate::connection::is_auth_error);
+                health.set_redis_auth_failed(refused);
                 if failures == 0 {
-                    tracing::warn!(error = %error, "redis_probe_failed");
+                    let error = error.map_or_else(
+                        || format!("no answer within {timeout:?}"),
+                        |e| e.to_string(),
+                    );
+                    if refused {
+                        tracing::error!(error = %error, "redis_auth_failed");
+                    } else {
+                        tracing::warn!(error = %error, "redis_probe_failed");
+                    }
                 }
                 failures += 1;
                 health.set_redis(false);
@@ -625,13 +645,14 @@ pub async fn probe_loop(
     }
 }
 
-async fn ping(conn: &ConnectionManager, timeout: Duration) -> Result<(), String> {
+/// `PING` within `timeout`: the error, or `None` when there was no answer in time.
+async fn ping(conn: &ConnectionManager, timeout: Duration) -> Result<(), Option<redis::RedisError>> {
     let mut conn = conn.clone();
     let ping = redis::cmd("PING");
     match tokio::time::timeout(timeout, ping.query_async::<String>(&mut conn)).await {
         Ok(Ok(_)) => Ok(()),
-        Ok(Err(error)) => Err(error.to_string()),
-        Err(_) => Err(format!("no answer within {timeout:?}")),
+        Ok(Err(error)) => Err(Some(error)),
+        Err(_) => Err(None),
     }
 }
 

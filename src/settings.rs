@@ -295,21 +295,23 @@ impl fmt::Display for RedisUrl {
     }
 }
 
-/// Replaces the user-info part of a URL (everything between `://` and the last `@` of the
-/// authority) with `***`, so credentials never reach a log line.
+/// Replaces everything between `://` and the last `@` of a URL with `***`, so credentials
+/// never reach a log line, whatever characters the password holds (`/`, `#`, `?`, `@`, `%`
+/// all occur in generated secrets, and a parser would stop at the first of them). A URL
+/// without `://` is not shown at all: it cannot be told apart from a bare secret.
 ///
 /// ```
 /// use agent_worker::settings::redact_url;
 /// assert_eq!(redact_url("redis://:hunter2@cache:6379/0"), "redis://***@cache:6379/0");
+/// assert_eq!(redact_url("redis://:a/b#c@cache:6379"), "redis://***@cache:6379");
 /// assert_eq!(redact_url("redis://cache:6379"), "redis://cache:6379");
 /// ```
 pub fn redact_url(url: &str) -> String {
     let Some(scheme_end) = url.find("://") else {
-        return url.to_owned();
+        return "(a value that is not a URL, not shown)".to_owned();
     };
     let rest = &url[scheme_end + 3..];
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
+    match rest.rfind('@') {
         Some(at) => format!("{}***{}", &url[..scheme_end + 3], &rest[at..]),
         None => url.to_owned(),
     }
@@ -363,10 +365,14 @@ impl Settings {
                 reason: reason.into(),
             }
         }
+        // Neither the URL nor the parser's message (which may quote it) is shown: an
+        // unparseable URL may hold its password anywhere.
         if redis::Client::open(self.redis.url.expose()).is_err() {
             return Err(invalid(
                 "redis.url",
-                format!("{} is not a valid Redis URL", self.redis.url.redacted()),
+                "is not a valid Redis URL (redis://[user:password@]host[:port][/db] or \
+                 rediss://...; not shown, it may contain a password; percent-encode \
+                 reserved characters of the password)",
             ));
         }
         QueueKeys::new(&self.redis.queue).map_err(|e| invalid("redis.queue", e.to_string()))?;
@@ -614,10 +620,12 @@ mod tests {
             redact_url("redis://:s3cret@host:6379/0"),
             "redis://***@host:6379/0"
         );
-        assert_eq!(
-            redact_url("rediss://user:p@ss@host/1?x=@"),
-            "rediss://***@host/1?x=@"
-        );
+        assert_eq!(redact_url("rediss://user:p@ss@host/1"), "rediss://***@host/1");
+        for secret in ["s3cr3t/PW", "s3cr3t#PW", "s3cr3t@PW", "s3cr3t%2FPW", "s3c?r3t"] {
+            let shown = redact_url(&format!("redis://:{secret}@127.0.0.1:6379/0"));
+            assert_eq!(shown, "redis://***@127.0.0.1:6379/0", "{secret}");
+        }
+        assert!(!redact_url("s3cr3t").contains("s3cr3t"));
         assert_eq!(redact_url("redis://host:6379"), "redis://host:6379");
         let url = RedisUrl::new("redis://:s3cret@h:1");
         assert!(!format!("{url:?} {url}").contains("s3cret"));

@@ -112,11 +112,17 @@ pub async fn run_with_health(
     health: Arc<Health>,
 ) {
     let redis_health = RedisHealth::new();
-    let Some(conn) =
-        connection::connect_with_retry(&settings.redis, &redis_health, &shutdown.graceful).await
+    let Some(conn) = connection::connect_with_retry(
+        &settings.redis,
+        &redis_health,
+        &shutdown.graceful,
+        |error| health.set_redis_auth_failed(error.is_auth_failure()),
+    )
+    .await
     else {
         return;
     };
+    health.set_redis_auth_failed(false);
     observability::agents_max(settings.agent.max_agents);
     if let Err(error) = clock::sync(&mut conn.clone()).await {
         tracing::warn!(error = %error, "clock_sync_failed");

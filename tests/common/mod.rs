@@ -40,6 +40,19 @@ impl TestRedis {
         Self { redis, conn }
     }
 
+    /// A Redis whose default user needs `password` (percent-encoded here for our own
+    /// connection; `url()` stays without it).
+    pub async fn start_requiring(password: &str, encoded: &str) -> Self {
+        let redis = LocalRedis::start_with(&["--requirepass", password])
+            .await
+            .expect("redis-server must be on PATH for the tests");
+        let url = redis.url().replacen("redis://", &format!("redis://:{encoded}@"), 1);
+        let conn = connection::connect(&settings(&url, &[]).redis)
+            .await
+            .expect("connect with the password");
+        Self { redis, conn }
+    }
+
     pub fn url(&self) -> String {
         self.redis.url()
     }
@@ -454,4 +467,25 @@ impl Drop for KillOnDrop {
             );
         }
     }
+}
+
+/// A port nothing listens on right now (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// `GET path` over HTTP/1.1: the status code and the body, or `None` when nothing answers.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.ok()?;
+    let code = response.split_whitespace().nth(1)?.parse().ok()?;
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
+    Some((code, body))
 }
