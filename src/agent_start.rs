@@ -141,6 +141,7 @@ impl AgentStartJob {
             session_id: job.session_id.clone(),
             user_id: job.user_id.clone(),
             task_id: task_id.to_owned(),
+            job_meta: self.queue.meta(task_id),
             command: self.command.clone(),
         };
         let outcome = self.supervisor.start(request).await?;

@@ -68,7 +68,7 @@ pub async fn run(mut settings: Settings) -> anyhow::Result<()> {
     }
 
     let shutdown = worker::Shutdown::new();
-    let worker = tokio::spawn(worker::run(
+    let mut worker = tokio::spawn(worker::run(
         settings.clone(),
         worker::process_launcher(&settings.agent),
         shutdown.clone(),
@@ -85,7 +85,14 @@ pub async fn run(mut settings: Settings) -> anyhow::Result<()> {
         "Wrote both session configs and enqueued both jobs in one atomic call; waiting for the agents..."
     );
 
-    let outcome = report(&mut conn, &sessions).await;
+    // A worker that ends before both agents are ready refused to start: say why.
+    let outcome = tokio::select! {
+        outcome = report(&mut conn, &sessions) => outcome,
+        ended = &mut worker => {
+            ended.context("the demo worker panicked")??;
+            bail!("the demo worker stopped before the agents were ready");
+        }
+    };
     if let Ok(rows) = &outcome {
         let startups: Vec<String> = rows.iter().map(|r| r.startup.clone()).collect();
         println!(
@@ -94,7 +101,7 @@ pub async fn run(mut settings: Settings) -> anyhow::Result<()> {
         );
     }
     shutdown.graceful.cancel();
-    worker.await.context("the demo worker panicked")?;
+    worker.await.context("the demo worker panicked")??;
     let rows = outcome?;
 
     println!();

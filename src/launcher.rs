@@ -21,10 +21,8 @@
 
 use std::{
     fmt,
-    fs::File,
-    io::Write,
-    os::unix::{fs::OpenOptionsExt, process::ExitStatusExt},
-    path::{Path, PathBuf},
+    os::unix::process::ExitStatusExt,
+    path::PathBuf,
     process::ExitStatus,
     sync::Arc,
     time::{Duration, Instant},
@@ -33,6 +31,8 @@ use std::{
 use agent_jobs::{SessionId, session_config::fields};
 
 use crate::{
+    log_files::{LogFile, LogFiles},
+    logs::{AgentLine, OutputSink},
     session::SessionConfig,
     settings::{AgentSettings, ArgStyle},
     spawn::Child,
@@ -235,20 +235,6 @@ pub enum OutputStream {
     Stderr,
 }
 
-/// One line of agent output.
-#[derive(Debug, Clone)]
-pub struct AgentLine {
-    /// The agent's session.
-    pub session_id: SessionId,
-    /// The line, without its newline, lossily decoded, cut at `agent.max_line_bytes` (with a
-    /// marker saying how much was cut).
-    pub line: String,
-}
-
-/// Receives agent output for storage. Sending never waits: when the receiver falls behind,
-/// lines are dropped from storage (they were already logged), never held in the agent's pipe.
-pub type OutputSink = mpsc::Sender<AgentLine>;
-
 /// A running, ready agent. Dropping it does not stop the process: call [`AgentHandle::stop`].
 #[derive(Debug)]
 pub struct RunningAgent {
@@ -310,8 +296,35 @@ pub struct Readiness {
     pub ready_patterns: Arc<[String]>,
     /// Time allowed from spawn to the first ready line.
     pub startup_timeout: Duration,
-    /// Longest output line kept.
+}
+
+/// How much of an agent's output is kept (from `[agent]`).
+#[derive(Debug, Clone, Copy)]
+pub struct OutputLimits {
+    /// Longest output line kept; the rest of a longer line is cut, with a marker.
     pub max_line_bytes: usize,
+    /// A log file stops growing at this size.
+    pub log_file_max_bytes: u64,
+}
+
+impl OutputLimits {
+    /// From `[agent]` settings.
+    pub fn from_settings(agent: &AgentSettings) -> Self {
+        Self {
+            max_line_bytes: agent.max_line_bytes,
+            log_file_max_bytes: agent.log_file_max_bytes,
+        }
+    }
+}
+
+impl Default for OutputLimits {
+    /// The defaults of `config/default.toml`.
+    fn default() -> Self {
+        Self {
+            max_line_bytes: 64 * 1024,
+            log_file_max_bytes: 64 * 1024 * 1024,
+        }
+    }
 }
 
 impl Readiness {
@@ -322,7 +335,6 @@ impl Readiness {
             alive_timeout: agent.alive_timeout,
             ready_patterns: agent.ready_patterns.clone().into(),
             startup_timeout: agent.startup_timeout,
-            max_line_bytes: agent.max_line_bytes,
         }
     }
 
@@ -333,7 +345,6 @@ impl Readiness {
             alive_timeout: timeout,
             ready_patterns: patterns.into(),
             startup_timeout: timeout,
-            max_line_bytes: 64 * 1024,
         }
     }
 
@@ -356,17 +367,22 @@ enum Phase {
 #[derive(Debug, Clone)]
 pub struct ProcessLauncher {
     readiness: Readiness,
+    limits: OutputLimits,
     output: OutputSink,
+    log_files: LogFiles,
     /// The owner task of every agent (see [`own`]).
     owners: TaskTracker,
 }
 
 impl ProcessLauncher {
-    /// A launcher judging start-up by `readiness`, sending output lines to `output`.
-    pub fn new(readiness: Readiness, output: OutputSink) -> Self {
+    /// A launcher judging start-up by `readiness`, keeping output within `limits`, sending
+    /// output lines to `output` (and to log files, for launches that name one).
+    pub fn new(readiness: Readiness, limits: OutputLimits, output: OutputSink) -> Self {
         Self {
             readiness,
+            limits,
             output,
+            log_files: LogFiles::start(limits.log_file_max_bytes),
             owners: TaskTracker::new(),
         }
     }
@@ -374,10 +390,10 @@ impl ProcessLauncher {
     async fn launch_process(&self, spec: LaunchSpec) -> Result<RunningAgent, LaunchError> {
         let started = Instant::now();
         let spawned_at = tokio::time::Instant::now();
-        let log_file = spec
-            .log_file
-            .as_deref()
-            .and_then(|path| open_log_file(&spec.session_id, path));
+        let log_file = match &spec.log_file {
+            Some(path) => self.log_files.open(&spec.session_id, path).await,
+            None => None,
+        };
         let mut child = spawn(&spec).map_err(|e| LaunchError::Spawn {
             program: spec.program.clone(),
             reason: e.to_string(),
@@ -392,10 +408,11 @@ impl ProcessLauncher {
         let reader = OutputReader {
             session_id: spec.session_id.clone(),
             readiness: self.readiness.clone(),
+            max_line_bytes: self.limits.max_line_bytes,
             phase: Arc::new(phase_tx),
             sink: self.output.clone(),
             last_line: last_line.clone(),
-            log_file: log_file.map(Arc::new),
+            log_file: log_file.map(|file| (self.log_files.clone(), file)),
         };
         if let Some(stdout) = child.stdout.take() {
             tokio::spawn(reader.clone().read(stdout, OutputStream::Stdout));
@@ -440,6 +457,19 @@ impl ProcessLauncher {
             .await
             .unwrap_or(Outcome::TimedOut(Phase::Ready)),
         };
+        // A ready line written just before the exit may still be in the pipe: give the readers
+        // a moment to reach EOF (after the deadlines: the exit is known either way).
+        let outcome = match outcome {
+            Outcome::Exited(exit) => {
+                let seen = phase_rx.wait_for(|p| *p == Phase::Ready).map(|r| r.is_ok());
+                if tokio::time::timeout(READER_DRAIN, seen).await == Ok(true) {
+                    Outcome::ReadyThenExited(exit)
+                } else {
+                    Outcome::Exited(exit)
+                }
+            }
+            other => other,
+        };
         abandoned.0 = None;
         match outcome {
             Outcome::Reached(_) => Ok(RunningAgent {
@@ -483,13 +513,14 @@ impl ProcessLauncher {
     }
 }
 
-/// Waits until the agent's output reached `target` (or further), or it exited.
+/// Waits until the agent's output reached `target` (or further), or it exited. Cancel-safe
+/// (it runs under the phase deadlines): the exit is taken from `exit` only in the step that
+/// returns it.
 async fn wait_for_phase(
     target: Phase,
     phase: &mut watch::Receiver<Phase>,
     exit: &mut oneshot::Receiver<AgentExit>,
 ) -> Outcome {
-    let mut after_exit = phase.clone();
     tokio::select! {
         // `biased`: an agent that printed its ready line and exited right after did start;
         // check the output before the exit.
@@ -500,35 +531,7 @@ async fn wait_for_phase(
             // agent closed its output, and its exit is what we report.
             Err(_) => Outcome::Exited(exit.await.unwrap_or(AgentExit::Code(-1))),
         },
-        exited = &mut *exit => {
-            let exit = exited.unwrap_or(AgentExit::Code(-1));
-            // A ready line written just before the exit may still be in the pipe: give the
-            // readers a moment to reach EOF.
-            let seen = after_exit.wait_for(|p| *p == Phase::Ready).map(|r| r.is_ok());
-            if tokio::time::timeout(READER_DRAIN, seen).await == Ok(true) {
-                Outcome::ReadyThenExited(exit)
-            } else {
-                Outcome::Exited(exit)
-            }
-        }
-    }
-}
-
-/// Opens (appending, creating it 0640) the session's log file, never through a symlink: the
-/// directory may be shared, and a planted link must not make the worker write elsewhere.
-fn open_log_file(id: &SessionId, path: &Path) -> Option<File> {
-    let opened = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o640)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path);
-    match opened {
-        Ok(file) => Some(file),
-        Err(error) => {
-            tracing::warn!(session_id = %id, path = %path.display(), error = %error, "agent_log_file_failed");
-            None
-        }
+        exited = &mut *exit => Outcome::Exited(exited.unwrap_or(AgentExit::Code(-1))),
     }
 }
 
@@ -625,15 +628,16 @@ fn signal_group(group: Pid, signal: Signal) {
 struct OutputReader {
     session_id: SessionId,
     readiness: Readiness,
+    max_line_bytes: usize,
     phase: Arc<watch::Sender<Phase>>,
     sink: OutputSink,
     last_line: Arc<std::sync::Mutex<Option<String>>>,
-    log_file: Option<Arc<File>>,
+    log_file: Option<(LogFiles, Arc<LogFile>)>,
 }
 
 impl OutputReader {
     async fn read(self, pipe: impl AsyncRead + Unpin, stream: OutputStream) {
-        let max = self.readiness.max_line_bytes;
+        let max = self.max_line_bytes;
         let mut reader = BufReader::with_capacity(8 * 1024, pipe);
         let mut line = Vec::with_capacity(256);
         // Bytes of the current line beyond `max`, dropped as they arrive: a line without a
@@ -696,18 +700,12 @@ impl OutputReader {
                 forward
             });
         }
-        if let Some(file) = &self.log_file {
-            // One write per line: O_APPEND keeps stdout's and stderr's lines whole.
-            let mut bytes = Vec::with_capacity(text.len() + 1);
-            bytes.extend_from_slice(text.as_bytes());
-            bytes.push(b'\n');
-            if let Err(error) = (&**file).write_all(&bytes) {
-                tracing::debug!(session_id = %self.session_id, error = %error, "agent_log_file_write_failed");
-            }
+        if let Some((files, file)) = &self.log_file {
+            files.write(file, &text);
         }
         *self.last_line.lock().expect("last_line lock") = Some(text.clone());
-        // Full or closed: drop from storage rather than block the agent.
-        let _ = self.sink.try_send(AgentLine {
+        // Beyond its budget the queue drops the line rather than block the agent.
+        self.sink.offer(AgentLine {
             session_id: self.session_id.clone(),
             line: text,
         });
@@ -716,6 +714,8 @@ impl OutputReader {
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
 
     fn config(pairs: &[(&str, &str)]) -> SessionConfig {

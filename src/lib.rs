@@ -11,6 +11,8 @@
 //! - [`telemetry`]: the tracing subscriber (`json` or `pretty`).
 //! - [`clock`]: Redis's clock, so replicas with skewed clocks agree on what is stale.
 //! - [`connection`]: the shared Redis `ConnectionManager`, with our timeouts and start-up retry.
+//! - [`dataset`]: whether Redis may evict our keys or lost data (eviction policy, `run_id`,
+//!   `evicted_keys`), so data loss is never taken for the end of a session.
 //! - [`session`]: the session store: config lookup by session id, session state writes.
 //! - [`launcher`]: the [`launcher::Launcher`] interface and the real process launcher (no shell,
 //!   own process group, death signal, continuous output reading, event-driven readiness).
@@ -25,7 +27,8 @@
 //! - [`worker`]: wiring of the apalis worker and the loop that restarts it after backend errors.
 //! - [`wake`]: pub/sub wake-ups so idle workers fetch a new job at once.
 //! - [`queue`]: our own maintenance scripts on the apalis-redis queue.
-//! - [`logs`]: batched shipping of agent output to `agent:<id>:logs`.
+//! - [`logs`]: batched shipping of agent output to `agent:<id>:logs`, bounded in bytes.
+//! - [`log_files`]: per-session log files (`agent.log_dir`), written off the output readers.
 //! - [`retention`]: trimming finished jobs (apalis-redis keeps them forever).
 //! - [`operator`]: what `status` and `dead list|retry` read and do.
 //! - [`observability`]: metric names and helpers, the Prometheus recorder, the `/metrics`
@@ -38,9 +41,11 @@ pub mod agent_start;
 pub mod capacity;
 pub mod clock;
 pub mod connection;
+pub mod dataset;
 pub mod demo;
 pub mod launcher;
 pub mod local_redis;
+pub mod log_files;
 pub mod logs;
 pub mod observability;
 pub mod operator;

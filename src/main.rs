@@ -184,10 +184,10 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     let shutdown = worker::Shutdown::new();
     tokio::spawn(stop_on_signals(shutdown.clone(), health.clone()));
     let launcher = worker::process_launcher(&settings.agent);
-    worker::run_with_health(settings, launcher, shutdown, health).await;
+    let ran = worker::run_with_health(settings, launcher, shutdown, health).await;
     http_stop.cancel();
     server.stopped().await?;
-    Ok(())
+    Ok(ran?)
 }
 
 /// First SIGTERM or SIGINT: graceful shutdown (drain). Second: stop the agents now and abandon
@@ -291,6 +291,13 @@ async fn status(settings: Settings, json: bool) -> anyhow::Result<()> {
         "  sessions  starting {}  ready {}",
         status.sessions.starting, status.sessions.ready
     );
+    let policy = status.maxmemory_policy.as_deref().unwrap_or("unknown");
+    let warning = match policy {
+        agent_worker::dataset::NO_EVICTION => "",
+        "unknown" => "  (could not be read)",
+        _ => "  (evicts keys: session records can vanish; set noeviction)",
+    };
+    println!("redis     maxmemory-policy {policy}{warning}");
     println!("workers");
     for w in &status.workers {
         println!(

@@ -32,6 +32,9 @@
 //! | `redis_errors_total` | counter | `op` |
 //! | `redis_up` | gauge | |
 //! | `job_worker_restarts_total` | counter | |
+//! | `redis_dataset_lost_total` | counter | |
+//! | `sessions_restored_total` | counter | |
+//! | `redis_evicting` | gauge | |
 
 use std::{
     io,
@@ -91,6 +94,12 @@ pub const REDIS_ERRORS_TOTAL: &str = "agent_worker_redis_errors_total";
 pub const REDIS_UP: &str = "agent_worker_redis_up";
 /// Counter of job-worker restarts after a backend error.
 pub const JOB_WORKER_RESTARTS_TOTAL: &str = "agent_worker_job_worker_restarts_total";
+/// Counter of heartbeats that found records of live agents lost by Redis.
+pub const REDIS_DATASET_LOST_TOTAL: &str = "agent_worker_redis_dataset_lost_total";
+/// Counter of session records written again after Redis lost them.
+pub const SESSIONS_RESTORED_TOTAL: &str = "agent_worker_sessions_restored_total";
+/// Gauge: 1 when Redis's `maxmemory-policy` lets it evict keys (with `redis.allow_eviction`).
+pub const REDIS_EVICTING: &str = "agent_worker_redis_evicting";
 
 /// Buckets of [`AGENT_STARTUP_SECONDS`]: 10 ms to one minute (`agent.startup_timeout` is 30 s
 /// by default; a real agent joins its room in a second or a few).
@@ -202,6 +211,17 @@ pub fn redis_error(op: &'static str) {
 /// The job worker is being restarted after a backend error.
 pub fn job_worker_restarted() {
     counter!(JOB_WORKER_RESTARTS_TOTAL).increment(1);
+}
+
+/// A heartbeat found records of live agents that Redis lost, and wrote `restored` again.
+pub fn dataset_lost(restored: u64) {
+    counter!(REDIS_DATASET_LOST_TOTAL).increment(1);
+    counter!(SESSIONS_RESTORED_TOTAL).increment(restored);
+}
+
+/// Whether Redis's eviction policy lets it delete keys.
+pub fn redis_evicting(evicting: bool) {
+    gauge!(REDIS_EVICTING).set(if evicting { 1.0 } else { 0.0 });
 }
 
 fn redis_up(up: bool) {
@@ -364,6 +384,20 @@ fn describe() {
         "1 while Redis answered the last probe PING in time, else 0."
     );
     describe_counter!(
+        REDIS_DATASET_LOST_TOTAL,
+        Unit::Count,
+        "Heartbeats that found session records of live agents lost by Redis."
+    );
+    describe_counter!(
+        SESSIONS_RESTORED_TOTAL,
+        Unit::Count,
+        "Session records written again after Redis lost them."
+    );
+    describe_gauge!(
+        REDIS_EVICTING,
+        "1 when Redis's maxmemory-policy lets it evict keys (redis.allow_eviction)."
+    );
+    describe_counter!(
         JOB_WORKER_RESTARTS_TOTAL,
         Unit::Count,
         "Restarts of the job worker after backend errors."
@@ -393,6 +427,8 @@ fn register_zeroes() {
         counter!(AGENT_STOPS_TOTAL, "reason" => reason).increment(0);
     }
     counter!(JOB_WORKER_RESTARTS_TOTAL).increment(0);
+    counter!(REDIS_DATASET_LOST_TOTAL).increment(0);
+    counter!(SESSIONS_RESTORED_TOTAL).increment(0);
     gauge!(AGENTS_LIVE).set(0.0);
     redis_up(false);
 }
@@ -646,7 +682,10 @@ pub async fn probe_loop(
 }
 
 /// `PING` within `timeout`: the error, or `None` when there was no answer in time.
-async fn ping(conn: &ConnectionManager, timeout: Duration) -> Result<(), Option<redis::RedisError>> {
+async fn ping(
+    conn: &ConnectionManager,
+    timeout: Duration,
+) -> Result<(), Option<redis::RedisError>> {
     let mut conn = conn.clone();
     let ping = redis::cmd("PING");
     match tokio::time::timeout(timeout, ping.query_async::<String>(&mut conn)).await {
@@ -713,9 +752,17 @@ mod tests {
             RETENTION_JOBS_REMOVED_TOTAL,
             REDIS_ERRORS_TOTAL,
             JOB_WORKER_RESTARTS_TOTAL,
+            REDIS_DATASET_LOST_TOTAL,
+            SESSIONS_RESTORED_TOTAL,
         ];
         let histograms = [JOB_DURATION_SECONDS, AGENT_STARTUP_SECONDS];
-        let gauges = [AGENTS_LIVE, AGENTS_MAX, QUEUE_DEPTH, REDIS_UP];
+        let gauges = [
+            AGENTS_LIVE,
+            AGENTS_MAX,
+            QUEUE_DEPTH,
+            REDIS_UP,
+            REDIS_EVICTING,
+        ];
         for name in counters.iter().chain(&histograms).chain(&gauges) {
             assert!(name.starts_with("agent_worker_"), "{name}");
             assert!(

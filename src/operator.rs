@@ -63,6 +63,9 @@ pub struct Status {
     pub sessions: SessionCounts,
     /// Worker processes, most recently seen first.
     pub workers: Vec<WorkerRow>,
+    /// Redis's `maxmemory-policy` (`None` when `INFO` did not say): anything but
+    /// `noeviction` lets it delete session records.
+    pub maxmemory_policy: Option<String>,
 }
 
 /// Reads the status at `now` (unix seconds); workers silent for longer than `orphan_timeout`
@@ -152,6 +155,10 @@ pub async fn status(
             ready: sessions_ready,
         },
         workers: rows,
+        maxmemory_policy: crate::dataset::Sample::read(&conn)
+            .await
+            .ok()
+            .and_then(|sample| sample.maxmemory_policy),
     })
 }
 

@@ -36,6 +36,8 @@ static MARK_READY: LazyLock<Script> =
 static END: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/end_session.lua")));
 static NOTE_ATTEMPT_ERROR: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/note_attempt_error.lua")));
+static RESTORE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("lua/restore_sessions.lua")));
 static REMOVE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/remove_sessions.lua")));
 
@@ -72,6 +74,66 @@ pub struct HeartbeatReport {
     /// Sessions the orchestrator marked `terminated` (the user ran out of credit): their
     /// agents must stop; the record keeps the orchestrator's status.
     pub terminated: Vec<SessionId>,
+    /// Sessions whose record and heartbeat index entry are both gone: Redis lost them (or a
+    /// sweep took them while we were cut off). Their agents are live: write them again
+    /// ([`SessionStore::restore`]).
+    pub vanished: Vec<SessionId>,
+}
+
+impl HeartbeatReport {
+    /// Adds the findings of another batch.
+    pub fn extend(&mut self, other: HeartbeatReport) {
+        self.gone.extend(other.gone);
+        self.too_old.extend(other.too_old);
+        self.lost.extend(other.lost);
+        self.terminated.extend(other.terminated);
+        self.vanished.extend(other.vanished);
+    }
+}
+
+/// What the worker wrote about one running agent, held in memory so that a record Redis lost
+/// can be written again ([`SessionStore::restore`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentRecord {
+    /// The session.
+    pub session_id: SessionId,
+    /// `userId`.
+    pub user_id: Option<String>,
+    /// `taskId`.
+    pub task_id: String,
+    /// `voiceId`.
+    pub voice_id: String,
+    /// `createdAt`: when this worker claimed the session.
+    pub created_at: u64,
+    /// `agentPid`, `agentPgid`.
+    pub pid: u32,
+    /// The agent's process group.
+    pub pgid: u32,
+    /// `startupTime`, seconds.
+    pub startup: Duration,
+    /// `logFile`.
+    pub log_file: Option<String>,
+}
+
+impl AgentRecord {
+    /// The record's fields (all but `status` and `workerId`), as written.
+    fn fields(&self) -> Vec<(&'static str, String)> {
+        let mut fields = vec![
+            ("voiceId", self.voice_id.clone()),
+            ("taskId", self.task_id.clone()),
+            ("createdAt", self.created_at.to_string()),
+            ("agentPid", self.pid.to_string()),
+            ("agentPgid", self.pgid.to_string()),
+            ("startupTime", format!("{:.3}", self.startup.as_secs_f64())),
+        ];
+        if let Some(user) = &self.user_id {
+            fields.push(("userId", user.clone()));
+        }
+        if let Some(path) = &self.log_file {
+            fields.push(("logFile", path.clone()));
+        }
+        fields
+    }
 }
 
 /// The outcome of [`SessionStore::claim`].
@@ -97,8 +159,10 @@ pub enum Claim {
 /// What a claim attempt carries besides the session.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ClaimAttempt<'a> {
-    /// A second or later launch attempt: the record written by the first must still exist.
-    pub retry: bool,
+    /// The job's meta hash (`<queue>:meta:<task id>`): a job that claimed its session once
+    /// records it there, so a later claim of it (a retry, a re-delivery on any replica) knows
+    /// that a missing record means the orchestrator ended the session. `None`: not recorded.
+    pub job_meta: Option<&'a str>,
     /// The first start of this worker process, or its first after a long idle time (the
     /// original worker's cold-start counter).
     pub cold: bool,
@@ -379,6 +443,7 @@ impl SessionStore {
             .key(WORKERS)
             .key(keys.agent_logfile())
             .key(legacy_metrics::COLD_STARTS)
+            .key(attempt.job_meta.unwrap_or(NO_JOB_META))
             .arg(worker_id)
             .arg(now)
             .arg(self.owner_dead_before(now))
@@ -387,9 +452,9 @@ impl SessionStore {
             .arg(task_id)
             .arg(user_id.unwrap_or_default())
             .arg(&self.default_voice)
-            .arg(flag(attempt.retry))
             .arg(attempt.log_file.unwrap_or_default())
             .arg(flag(attempt.cold && self.legacy_metrics))
+            .arg(flag(attempt.job_meta.is_some()))
             .invoke_async(&mut self.conn.clone())
             .await
             .map_err(|source| SessionError::Redis {
@@ -537,14 +602,15 @@ impl SessionStore {
         })
     }
 
-    /// Records a failed launch attempt that will be retried, as `lastError` (the status stays
-    /// `starting`), if `worker_id` still owns the session; counts the legacy retry (and, when
-    /// `timed_out`, the start-up timeout) in the same call.
+    /// Records a failed launch attempt, as `lastError` (the status stays `starting`), if
+    /// `worker_id` still owns the session; counts the legacy retry (when `retrying`) and
+    /// start-up timeout (when `timed_out`) in the same call.
     pub async fn note_attempt_error(
         &self,
         id: &SessionId,
         worker_id: &str,
         message: &str,
+        retrying: bool,
         timed_out: bool,
     ) -> Result<(), SessionError> {
         let state = SessionKeys::new(id).state();
@@ -554,7 +620,7 @@ impl SessionStore {
             .key(legacy_metrics::STARTUP_TIMEOUTS)
             .arg(worker_id)
             .arg(message)
-            .arg(flag(self.legacy_metrics))
+            .arg(flag(retrying && self.legacy_metrics))
             .arg(flag(timed_out && self.legacy_metrics))
             .invoke_async::<i64>(&mut self.conn.clone())
             .await
@@ -640,12 +706,8 @@ impl SessionStore {
                 .key(keys.agent_pid())
                 .arg(id.as_str());
         }
-        let (gone, too_old, lost, terminated): (
-            Vec<String>,
-            Vec<String>,
-            Vec<String>,
-            Vec<String>,
-        ) = invocation.invoke_async(&mut self.conn.clone()).await?;
+        let [gone, too_old, lost, terminated, vanished]: [Vec<String>; 5] =
+            invocation.invoke_async(&mut self.conn.clone()).await?;
         // The ids came from us; parsing them again only guards against a script change.
         let parse = |ids: Vec<String>| {
             ids.into_iter()
@@ -657,7 +719,45 @@ impl SessionStore {
             too_old: parse(too_old),
             lost: parse(lost),
             terminated: parse(terminated),
+            vanished: parse(vanished),
         })
+    }
+
+    /// Writes again the records of live agents that Redis lost (`lua/restore_sessions.lua`):
+    /// the fields the worker owns, `ready`, the state set, pid, health and the heartbeat
+    /// index. Returns how many were restored (a session another worker owns by now is not).
+    pub async fn restore(
+        &self,
+        worker_id: &str,
+        records: &[AgentRecord],
+        now: u64,
+    ) -> redis::RedisResult<u64> {
+        if records.is_empty() {
+            return Ok(0);
+        }
+        let mut invocation = RESTORE.prepare_invoke();
+        invocation
+            .key(SESSION_HEARTBEATS)
+            .key(SESSIONS_STARTING)
+            .key(SESSIONS_READY)
+            .arg(worker_id)
+            .arg(now)
+            .arg(self.ttl_secs());
+        for record in records {
+            let keys = SessionKeys::new(&record.session_id);
+            let fields = record.fields();
+            invocation
+                .key(keys.state())
+                .key(keys.agent_pid())
+                .key(keys.agent_health())
+                .arg(record.session_id.as_str())
+                .arg(record.pid)
+                .arg(fields.len());
+            for (name, value) in fields {
+                invocation.arg(name).arg(value);
+            }
+        }
+        invocation.invoke_async(&mut self.conn.clone()).await
     }
 
     /// Removes the sessions among `ids` that `removal` allows, with every key they own, in one
@@ -726,6 +826,9 @@ impl SessionStore {
             .map(drop)
     }
 }
+
+/// The job meta key of a claim made outside a job (tests, tools): a key nothing writes.
+const NO_JOB_META: &str = "agent-worker:no-job-meta";
 
 /// A script flag.
 fn flag(on: bool) -> &'static str {

@@ -83,6 +83,8 @@ pub struct RedisSettings {
     /// Connection establishment timeout.
     #[serde(with = "humantime_serde")]
     pub connection_timeout: Duration,
+    /// Run on a Redis whose `maxmemory-policy` evicts keys (refused otherwise).
+    pub allow_eviction: bool,
 }
 
 /// `[worker]`: how jobs are fetched and how the job worker is supervised.
@@ -144,6 +146,8 @@ pub struct AgentSettings {
     pub log_dir: Option<PathBuf>,
     /// Longest output line kept; the rest of a longer line is cut with a marker.
     pub max_line_bytes: usize,
+    /// A per-session log file stops growing at this size.
+    pub log_file_max_bytes: u64,
 }
 
 /// How the session's options reach the agent's command line (`agent.arg_style`).
@@ -500,6 +504,12 @@ impl Settings {
                 format!("{} is not an absolute path", dir.display()),
             ));
         }
+        if self.agent.log_file_max_bytes < 1024 * 1024 {
+            return Err(invalid(
+                "agent.log_file_max_bytes",
+                "must be at least 1 MiB",
+            ));
+        }
         if self.session.ended_ttl < Duration::from_secs(1) {
             return Err(invalid("session.ended_ttl", "must be at least 1s"));
         }
@@ -620,8 +630,17 @@ mod tests {
             redact_url("redis://:s3cret@host:6379/0"),
             "redis://***@host:6379/0"
         );
-        assert_eq!(redact_url("rediss://user:p@ss@host/1"), "rediss://***@host/1");
-        for secret in ["s3cr3t/PW", "s3cr3t#PW", "s3cr3t@PW", "s3cr3t%2FPW", "s3c?r3t"] {
+        assert_eq!(
+            redact_url("rediss://user:p@ss@host/1"),
+            "rediss://***@host/1"
+        );
+        for secret in [
+            "s3cr3t/PW",
+            "s3cr3t#PW",
+            "s3cr3t@PW",
+            "s3cr3t%2FPW",
+            "s3c?r3t",
+        ] {
             let shown = redact_url(&format!("redis://:{secret}@127.0.0.1:6379/0"));
             assert_eq!(shown, "redis://***@127.0.0.1:6379/0", "{secret}");
         }

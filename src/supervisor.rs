@@ -36,7 +36,10 @@ use crate::{
     capacity::Capacity,
     launcher::{AgentCommand, AgentExit, AgentHandle, Launcher, RunningAgent},
     observability,
-    session::{Claim, ClaimAttempt, EndRecord, ReadyRecord, SessionEnd, SessionStore},
+    session::{
+        AgentRecord, Claim, ClaimAttempt, EndRecord, ReadyRecord, SessionEnd, SessionStore,
+        unix_now,
+    },
 };
 
 /// What a start request led to.
@@ -107,6 +110,8 @@ pub struct StartRequest {
     pub user_id: Option<String>,
     /// For the session hash.
     pub task_id: String,
+    /// The job's meta hash, where the first claim of the session is recorded.
+    pub job_meta: String,
     /// How the agent is launched (`agent.command` and the session's options, contract §4,
     /// built from the config read at each claim).
     pub command: Arc<AgentCommand>,
@@ -153,6 +158,8 @@ enum Slot {
         handle: AgentHandle,
         /// Why a stop was requested (the first reason); the agent has not exited yet.
         stopping: Option<String>,
+        /// What we wrote about it, to write again if Redis loses it.
+        record: Arc<AgentRecord>,
     },
 }
 
@@ -166,6 +173,7 @@ impl Slot {
             pid,
             handle,
             stopping,
+            ..
         } = self
         else {
             return false;
@@ -317,6 +325,21 @@ impl Supervisor {
             .collect()
     }
 
+    /// What this process wrote about the running agents of `ids` (those still running here).
+    pub fn records(&self, ids: &[SessionId]) -> Vec<AgentRecord> {
+        let slots = self.inner.slots.lock().expect("slots lock");
+        ids.iter()
+            .filter_map(|id| match slots.get(id) {
+                Some(Slot::Running {
+                    record,
+                    stopping: None,
+                    ..
+                }) => Some((**record).clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Stops the agent of `id` if it runs here: SIGTERM to its group, SIGKILL after `grace`.
     /// Its session is removed once it has exited. Returns false if there was nothing to stop.
     pub fn stop(&self, id: &SessionId, reason: &'static str, grace: Duration) -> bool {
@@ -386,13 +409,19 @@ impl Inner {
         let held_deadline = tokio::time::Instant::now() + self.retry.held_patience;
         let log_file = request.command.log_file(&id);
         let log_file = log_file.as_ref().map(|p| p.to_string_lossy().into_owned());
-        let mut cold = self.cold_start();
+        let mut claimed_at = None;
         let mut attempt = 0;
         while attempt < self.retry.attempts {
             if self.abandon.is_cancelled() {
                 self.free(&id);
                 return Err(StartError::Abandoned);
             }
+            // Decided and recorded at once (concurrent first starts count one cold start), and
+            // put back if this claim starts nothing.
+            let (cold, before) = match claimed_at {
+                None => self.take_cold(),
+                Some(_) => (false, None),
+            };
             let claim = self
                 .store
                 .claim(
@@ -401,14 +430,20 @@ impl Inner {
                     &request.task_id,
                     &self.worker_id,
                     ClaimAttempt {
-                        retry: attempt > 0,
-                        cold: std::mem::take(&mut cold),
+                        job_meta: Some(&request.job_meta),
+                        cold,
                         log_file: log_file.as_deref(),
                     },
                 )
                 .await;
+            if cold && !matches!(claim, Ok(Claim::Claimed(_))) {
+                *self.last_start.lock().expect("last_start lock") = before;
+            }
             let config = match claim {
-                Ok(Claim::Claimed(config)) => config,
+                Ok(Claim::Claimed(config)) => {
+                    claimed_at.get_or_insert_with(unix_now);
+                    config
+                }
                 Ok(Claim::HeldBy { owner, ready: true }) => {
                     self.free(&id);
                     return Ok(StartOutcome::RunningElsewhere { owner });
@@ -471,7 +506,20 @@ impl Inner {
                 launched = self.launcher.launch(spec) => launched,
             };
             let error = match launched {
-                Ok(agent) => return Ok(self.clone().adopt(id, agent, attempt).await),
+                Ok(agent) => {
+                    let record = AgentRecord {
+                        session_id: id.clone(),
+                        user_id: request.user_id.clone(),
+                        task_id: request.task_id.clone(),
+                        voice_id: config.voice_id().to_owned(),
+                        created_at: claimed_at.unwrap_or_else(unix_now),
+                        pid: agent.pid,
+                        pgid: agent.pgid,
+                        startup: agent.startup,
+                        log_file: log_file.clone(),
+                    };
+                    return Ok(self.clone().adopt(id, agent, record, attempt).await);
+                }
                 Err(error) => error,
             };
             let last_error = error.to_string();
@@ -486,9 +534,16 @@ impl Inner {
             if attempt < self.retry.attempts {
                 // The session stays `starting` between attempts (an orchestrator may give up
                 // on `error`); the attempt's error is kept for operators.
+                let retrying = !self.closing.load(Ordering::SeqCst);
                 self.record(
                     self.store
-                        .note_attempt_error(&id, &self.worker_id, &last_error, error.is_timeout())
+                        .note_attempt_error(
+                            &id,
+                            &self.worker_id,
+                            &last_error,
+                            retrying,
+                            error.is_timeout(),
+                        )
                         .await,
                 );
                 if !self.closing.load(Ordering::SeqCst) {
@@ -519,15 +574,12 @@ impl Inner {
         unreachable!("the loop returns on its last attempt")
     }
 
-    /// True when this start is the process's first, or its first after [`COLD_AFTER`] idle.
-    fn cold_start(&self) -> bool {
-        let now = tokio::time::Instant::now();
-        let previous = self
-            .last_start
-            .lock()
-            .expect("last_start lock")
-            .replace(now);
-        previous.is_none_or(|at| now.duration_since(at) > COLD_AFTER)
+    /// Records a start now; true (with the previous start, to put back) when it is the
+    /// process's first, or its first after [`COLD_AFTER`] without one.
+    fn take_cold(&self) -> (bool, Option<tokio::time::Instant>) {
+        let mut last = self.last_start.lock().expect("last_start lock");
+        let before = last.replace(tokio::time::Instant::now());
+        (before.is_none_or(|at| at.elapsed() > COLD_AFTER), before)
     }
 
     /// An abandoned start of a session we claimed: the reason goes to `lastError` and the
@@ -536,7 +588,7 @@ impl Inner {
         let error = StartError::Abandoned;
         self.record(
             self.store
-                .note_attempt_error(id, &self.worker_id, &error.to_string(), false)
+                .note_attempt_error(id, &self.worker_id, &error.to_string(), false, false)
                 .await,
         );
         self.free(id);
@@ -548,6 +600,7 @@ impl Inner {
         self: Arc<Self>,
         id: SessionId,
         agent: RunningAgent,
+        record: AgentRecord,
         attempt: u32,
     ) -> StartOutcome {
         tracing::info!(
@@ -578,6 +631,7 @@ impl Inner {
                 pid,
                 handle: agent.handle.clone(),
                 stopping: None,
+                record: Arc::new(record),
             };
             if let Some(reason) = stop {
                 slot.stop(&id, reason, Duration::ZERO);

@@ -36,12 +36,14 @@ use crate::{
     capacity::{Capacity, CapacityLayer},
     clock,
     connection::{self, RedisHealth},
-    launcher::{AgentCommand, Launcher, OutputSink, ProcessLauncher, Readiness},
+    dataset,
+    launcher::{AgentCommand, Launcher, OutputLimits, ProcessLauncher, Readiness},
     logs,
+    logs::OutputSink,
     observability::{self, Health},
     queue::QueueOps,
     retention::{self, Retention},
-    session::{SessionStore, unix_now},
+    session::{HeartbeatReport, SessionStore, unix_now},
     settings::{AgentSettings, Settings},
     supervisor::{RetryPolicy, Supervisor},
     sweep::{self, StaleSessionSweep, TickLease},
@@ -71,8 +73,11 @@ pub type LauncherFactory = Box<dyn FnOnce(OutputSink) -> Arc<dyn Launcher> + Sen
 /// The real launcher: agent processes, judged alive and ready by `agent.alive_patterns` and
 /// `agent.ready_patterns` within their timeouts.
 pub fn process_launcher(agent: &AgentSettings) -> LauncherFactory {
-    let readiness = Readiness::from_settings(agent);
-    Box::new(move |output| Arc::new(ProcessLauncher::new(readiness, output)))
+    let (readiness, limits) = (
+        Readiness::from_settings(agent),
+        OutputLimits::from_settings(agent),
+    );
+    Box::new(move |output| Arc::new(ProcessLauncher::new(readiness, limits, output)))
 }
 
 /// How a running worker is asked to stop.
@@ -98,9 +103,22 @@ impl Shutdown {
     }
 }
 
+/// Why the worker would not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RefusedToStart {
+    /// Redis may evict keys and `redis.allow_eviction` is not set.
+    #[error("{0}")]
+    EvictingRedis(String),
+}
+
 /// Runs the worker until `shutdown`: waits for Redis, processes agent-start jobs, supervises
-/// agents, then drains and stops them and returns. Redis outages are waited out, never fatal.
-pub async fn run(settings: Settings, make_launcher: LauncherFactory, shutdown: Shutdown) {
+/// agents, then drains and stops them and returns. Redis outages are waited out, never fatal;
+/// a Redis that may evict session records is refused at start-up (see [`crate::dataset`]).
+pub async fn run(
+    settings: Settings,
+    make_launcher: LauncherFactory,
+    shutdown: Shutdown,
+) -> Result<(), RefusedToStart> {
     run_with_health(settings, make_launcher, shutdown, Health::new()).await
 }
 
@@ -110,7 +128,7 @@ pub async fn run_with_health(
     make_launcher: LauncherFactory,
     shutdown: Shutdown,
     health: Arc<Health>,
-) {
+) -> Result<(), RefusedToStart> {
     let redis_health = RedisHealth::new();
     let Some(conn) = connection::connect_with_retry(
         &settings.redis,
@@ -120,9 +138,10 @@ pub async fn run_with_health(
     )
     .await
     else {
-        return;
+        return Ok(());
     };
     health.set_redis_auth_failed(false);
+    check_eviction(&conn, &settings).await?;
     observability::agents_max(settings.agent.max_agents);
     if let Err(error) = clock::sync(&mut conn.clone()).await {
         tracing::warn!(error = %error, "clock_sync_failed");
@@ -209,6 +228,7 @@ pub async fn run_with_health(
         tokio::spawn(heartbeat_loop(
             supervisor.clone(),
             store.clone(),
+            conn.clone(),
             settings.clone(),
             redis_health.clone(),
             background.clone(),
@@ -346,6 +366,36 @@ pub async fn run_with_health(
     // The shipper ends once the last agent output reader has closed its sender.
     let _ = tokio::time::timeout(Duration::from_secs(5), shipper).await;
     tracing::info!(worker_id = %worker_id, "worker_stopped");
+    Ok(())
+}
+
+/// Refuses a Redis whose `maxmemory-policy` evicts keys, unless `redis.allow_eviction`; a
+/// policy that cannot be read is warned about (managed services may hide it), not refused.
+async fn check_eviction(
+    conn: &ConnectionManager,
+    settings: &Settings,
+) -> Result<(), RefusedToStart> {
+    match dataset::Sample::read(conn).await {
+        Ok(sample) => {
+            let policy = sample.maxmemory_policy.clone().unwrap_or_default();
+            observability::redis_evicting(sample.evicts());
+            if sample.maxmemory_policy.is_none() {
+                tracing::warn!(
+                    "redis_eviction_policy_unknown: INFO memory has no maxmemory_policy"
+                );
+            } else if sample.evicts() && !settings.redis.allow_eviction {
+                let refusal = dataset::eviction_refusal(&policy);
+                tracing::error!(policy = %policy, "redis_eviction_refused: {refusal}");
+                return Err(RefusedToStart::EvictingRedis(refusal));
+            } else if sample.evicts() {
+                tracing::warn!(policy = %policy, "redis_eviction_allowed: session records may be evicted; lost ones are written again");
+            }
+        }
+        Err(error) => {
+            tracing::warn!(error = %error, "redis_eviction_policy_unknown: INFO failed");
+        }
+    }
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -482,11 +532,13 @@ async fn run_job_worker(
 }
 
 /// Every `session.heartbeat_interval`: refresh the liveness of this process's agents in one
-/// batched call, and stop those whose session was ended by the orchestrator (its keys deleted)
-/// or is older than `session.max_age`.
+/// batched call, and stop those whose session was ended by the orchestrator (its keys deleted,
+/// or `terminated`) or is older than `session.max_age`. Records Redis lost are written again
+/// instead (see [`crate::dataset`]): data loss is never an end signal.
 async fn heartbeat_loop(
     supervisor: Supervisor,
     store: SessionStore,
+    conn: ConnectionManager,
     settings: Settings,
     redis_health: RedisHealth,
     shutdown: CancellationToken,
@@ -495,6 +547,12 @@ async fn heartbeat_loop(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let grace = settings.agent.stop_grace;
     let mut failing = false;
+    // The dataset as read after each of the last two heartbeats. A record found missing now was
+    // there at the previous heartbeat, which ran after the older of the two samples: a new
+    // run_id or more evicted keys since that one mean it was lost, not deleted.
+    let first = dataset::Sample::read(&conn).await.unwrap_or_default();
+    let mut warned_eviction = first.evicts();
+    let mut samples = [first.clone(), first];
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -503,29 +561,16 @@ async fn heartbeat_loop(
         let sessions = supervisor.running_sessions();
         let now = unix_now();
         let oldest = now.saturating_sub(settings.session.max_age.as_secs());
+        let mut report = HeartbeatReport::default();
         // Chunks bound the time of one script call when a process owns many agents.
         for chunk in sessions.chunks(1000) {
             match store
                 .heartbeat(supervisor.worker_id(), chunk, now, oldest)
                 .await
             {
-                Ok(report) => {
+                Ok(part) => {
                     failing = false;
-                    for id in &report.gone {
-                        supervisor.stop(id, "session_ended", grace);
-                    }
-                    for id in &report.too_old {
-                        supervisor.stop(id, "max_age", grace);
-                    }
-                    // We were presumed dead and another worker took the session over: its
-                    // agent is the one that counts.
-                    for id in &report.lost {
-                        supervisor.stop(id, "session_taken_over", grace);
-                    }
-                    // The orchestrator's credit stop: the record keeps its `terminated`.
-                    for id in &report.terminated {
-                        supervisor.stop(id, "terminated", grace);
-                    }
+                    report.extend(part);
                 }
                 Err(error) => {
                     redis_health.failed();
@@ -536,6 +581,74 @@ async fn heartbeat_loop(
                     failing = true;
                 }
             }
+        }
+        // Read after the heartbeat, so it covers every eviction or restart up to the moment
+        // records were found missing.
+        let sample = dataset::Sample::read(&conn).await.ok();
+        let loss = sample.as_ref().and_then(|s| s.loss_since(&samples[0]));
+        if let Some(sample) = sample {
+            // The policy can change under a running fleet (a managed service's parameter
+            // group): say so once, and keep running, which is safer than stopping every call.
+            observability::redis_evicting(sample.evicts());
+            if sample.evicts() && !settings.redis.allow_eviction && !warned_eviction {
+                tracing::warn!(
+                    policy = sample.maxmemory_policy.as_deref().unwrap_or_default(),
+                    "redis_eviction_enabled: Redis now evicts keys; set maxmemory-policy noeviction"
+                );
+            }
+            warned_eviction = sample.evicts();
+            samples = [std::mem::take(&mut samples[1]), sample];
+        }
+        if loss.is_some() {
+            // Missing, and Redis restarted or evicted since the last look: lost, not ended.
+            report.vanished.append(&mut report.gone);
+        }
+        if !report.vanished.is_empty() {
+            restore(&supervisor, &store, &report.vanished, loss).await;
+        }
+        for id in &report.gone {
+            supervisor.stop(id, "session_ended", grace);
+        }
+        for id in &report.too_old {
+            supervisor.stop(id, "max_age", grace);
+        }
+        // We were presumed dead and another worker took the session over: its agent is the
+        // one that counts.
+        for id in &report.lost {
+            supervisor.stop(id, "session_taken_over", grace);
+        }
+        // The orchestrator's credit stop: the record keeps its `terminated`.
+        for id in &report.terminated {
+            supervisor.stop(id, "terminated", grace);
+        }
+    }
+}
+
+/// Writes again the records of live agents that Redis lost; logs `redis_dataset_lost` once
+/// per heartbeat that found any, with the counts.
+async fn restore(
+    supervisor: &Supervisor,
+    store: &SessionStore,
+    vanished: &[agent_jobs::SessionId],
+    cause: Option<&'static str>,
+) {
+    let records = supervisor.records(vanished);
+    match store
+        .restore(supervisor.worker_id(), &records, unix_now())
+        .await
+    {
+        Ok(restored) => {
+            observability::dataset_lost(restored);
+            tracing::warn!(
+                missing = vanished.len(),
+                restored,
+                cause = cause.unwrap_or("records and index entries gone"),
+                "redis_dataset_lost"
+            );
+        }
+        Err(error) => {
+            observability::redis_error("restore");
+            tracing::warn!(error = %error, missing = vanished.len(), "session_restore_failed");
         }
     }
 }

@@ -62,6 +62,8 @@ async fn the_demo_alone_prints_both_voices_quietly_with_a_private_redis() {
         "{stdout}"
     );
     assert!(rows[0].0.ends_with("-craig") && rows[1].0.ends_with("-olivia"));
+    // Both records were left for the orchestrator, as the agents exited cleanly.
+    assert!(rows.iter().all(|row| row.3 == "completed"), "{stdout}");
     // A newcomer reads the table and a few lines, not the worker's logs.
     assert!(stdout.lines().count() <= 14, "{stdout}");
     assert!(

@@ -475,14 +475,22 @@ async fn racing_heartbeats_and_sweeps_never_remove_a_fresh_session() {
                     .heartbeat("race-worker", &picked, now, 0)
                     .await
                     .unwrap();
+                // A session the sweep removed is missing with its index entry: reported as
+                // vanished (a live worker would write it again).
+                let removed: Vec<SessionId> = report
+                    .gone
+                    .iter()
+                    .chain(&report.vanished)
+                    .cloned()
+                    .collect();
                 for id in &picked {
-                    if !report.gone.contains(id) {
+                    if !removed.contains(id) {
                         *incarnations.get_mut(id).unwrap().last_mut().unwrap() = now;
                     }
                 }
                 // A removed session starts again as a new incarnation.
-                create(&conn, &report.gone, now).await;
-                for id in &report.gone {
+                create(&conn, &removed, now).await;
+                for id in &removed {
                     incarnations.get_mut(id).unwrap().push(now);
                 }
                 clock.store(now, Ordering::SeqCst);

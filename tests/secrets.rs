@@ -12,7 +12,13 @@ use common::*;
 use nix::sys::signal::Signal;
 
 /// Secrets as generators make them: every character a URL parser stops at.
-const SECRETS: [&str; 5] = ["s3cr3t/PW+x", "s3cr3t#PW", "s3cr3t@PW", "s3cr3t%PW", "s3c?r3t=PW"];
+const SECRETS: [&str; 5] = [
+    "s3cr3t/PW+x",
+    "s3cr3t#PW",
+    "s3cr3t@PW",
+    "s3cr3t%PW",
+    "s3c?r3t=PW",
+];
 
 /// Percent-encodes a password for the userinfo part of a URL.
 fn encoded(secret: &str) -> String {
@@ -79,9 +85,10 @@ async fn passwords_with_url_reserved_characters_are_never_printed() {
         assert_hidden(secret, &text);
         // The worker's own logs, start-up to shutdown.
         let mut worker = cli(&good, &["run"]);
-        worker
-            .env("AGENT_WORKER__HTTP__ADDR", "127.0.0.1:0")
-            .env("AGENT_WORKER__AGENT__COMMAND", format!("{TEST_AGENT},--behaviour,ready"));
+        worker.env("AGENT_WORKER__HTTP__ADDR", "127.0.0.1:0").env(
+            "AGENT_WORKER__AGENT__COMMAND",
+            format!("{TEST_AGENT},--behaviour,ready"),
+        );
         let worker = worker.spawn().unwrap();
         wait_status(&redis.conn, &sid("s-1"), "ready", Duration::from_secs(20)).await;
         signal(&worker, Signal::SIGTERM);
@@ -97,7 +104,10 @@ async fn refused_credentials_fail_a_command_at_once_and_keep_the_worker_unready(
     let redis = TestRedis::start_requiring("right-one", "right-one").await;
     let port = redis.redis.port();
     for (url, what) in [
-        (format!("redis://:wrong-one@127.0.0.1:{port}"), "a wrong password"),
+        (
+            format!("redis://:wrong-one@127.0.0.1:{port}"),
+            "a wrong password",
+        ),
         (format!("redis://127.0.0.1:{port}"), "no password"),
     ] {
         let started = Instant::now();

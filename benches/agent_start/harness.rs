@@ -13,8 +13,8 @@ use agent_jobs::{AgentStart, Producer, QueueKeys, SessionId};
 use agent_worker::{
     connection,
     launcher::{
-        AgentExit, AgentHandle, LaunchError, LaunchSpec, Launcher, ProcessLauncher, Readiness,
-        RunningAgent,
+        AgentExit, AgentHandle, LaunchError, LaunchSpec, Launcher, OutputLimits, ProcessLauncher,
+        Readiness, RunningAgent,
     },
     settings::Settings,
     worker::{self, LauncherFactory, Shutdown},
@@ -309,7 +309,7 @@ where
 /// The real worker (`agent_worker::worker::run`) in this process.
 pub struct InProcessWorker {
     shutdown: Shutdown,
-    task: JoinHandle<()>,
+    task: JoinHandle<Result<(), worker::RefusedToStart>>,
 }
 
 impl InProcessWorker {
@@ -324,7 +324,7 @@ impl InProcessWorker {
         self.shutdown.stop_now();
         tokio::time::timeout(Duration::from_secs(120), self.task)
             .await
-            .context("the worker did not stop within 120 s")??;
+            .context("the worker did not stop within 120 s")???;
         Ok(())
     }
 }
@@ -505,7 +505,11 @@ impl RecordingLauncher {
         let agent = settings.agent.clone();
         Box::new(move |output| {
             Arc::new(Self {
-                inner: ProcessLauncher::new(Readiness::from_settings(&agent), output),
+                inner: ProcessLauncher::new(
+                    Readiness::from_settings(&agent),
+                    OutputLimits::from_settings(&agent),
+                    output,
+                ),
                 probe,
                 keep_running,
                 running: Mutex::new(VecDeque::new()),

@@ -16,8 +16,8 @@ local i = 3
 for k = 1, #KEYS, 2 do
     local state, key = KEYS[k], KEYS[k + 1]
     local n = tonumber(ARGV[i])
-    local left = redis.call('TTL', state)
-    if left ~= -2 then
+    local left = redis.call('PTTL', state)
+    if left == -1 or left > 0 then
         local length = 0
         for first = i + 1, i + n, 1000 do
             length = redis.call('RPUSH', key, unpack(ARGV, first, math.min(first + 999, i + n)))
@@ -27,7 +27,7 @@ for k = 1, #KEYS, 2 do
             redis.call('LTRIM', key, -keep, -1)
         end
         if left > 0 then
-            redis.call('EXPIRE', key, left)
+            redis.call('PEXPIRE', key, left)
         else
             redis.call('EXPIRE', key, ttl)
         end

@@ -13,11 +13,13 @@
 -- is newer than the orphan timeout). A dead owner's agents died with it (death signal), so its
 -- claim can be taken over.
 --
--- Ended: the worker sets `status` only over its own values (starting, ready, error). A session
--- the agent `completed` or the orchestrator `terminated` (or with a status we do not know) is
--- over: no agent is started for it. On a retry attempt (ARGV[9] = 1) the record we wrote at the
--- first attempt must still be there; if it is gone, the orchestrator ended the session while
--- we were retrying, and it is not recreated.
+-- Ended: the worker sets `status` only over its own values (starting, ready, and `error` from a
+-- start that failed before any agent ran). A session the agent `completed`, the orchestrator
+-- `terminated`, whose agent ran and exited (an exit is recorded), or with a status we do not
+-- know, is over: no agent is started for it. A job that claimed its session before (this
+-- worker's earlier attempt, or any delivery of the job on any replica: recorded in the job's
+-- own meta hash, which the orchestrator never touches) whose record is now gone was ended by
+-- the orchestrator meanwhile: it is not recreated.
 --
 -- Writes only what changes: `createdAt` for a new session, the fields of an earlier end or
 -- failure removed only if present, the id moved out of `session:ready` only if it was there.
@@ -26,13 +28,14 @@
 -- KEYS[3]: session:starting      KEYS[4]: session:ready
 -- KEYS[5]: the heartbeat index   KEYS[6]: agent-worker:workers (worker id -> presence)
 -- KEYS[7]: agent:<id>:logfile    KEYS[8]: the legacy cold-start counter
+-- KEYS[9]: the job's meta hash (<queue>:meta:<task id>)
 -- ARGV[1]: this worker's id      ARGV[2]: now (unix seconds)
 -- ARGV[3]: presence older than this means the owner is dead
 -- ARGV[4]: TTL of the session keys
 -- ARGV[5]: session id            ARGV[6]: task id
 -- ARGV[7]: user id ('' for none) ARGV[8]: default voice
--- ARGV[9]: 1 on a retry attempt  ARGV[10]: log file path ('' for none)
--- ARGV[11]: 1 to count a cold start
+-- ARGV[9]: log file path ('' for none)   ARGV[10]: 1 to count a cold start
+-- ARGV[11]: 1 when KEYS[9] is a job's meta hash (0: a claim outside a job)
 -- Returns {1, previous owner or '', 'stored' | 'default', {config field, value, ...}} when
 -- claimed; {0, owner, status} when another live worker holds it; {2, status} when the session
 -- has ended ('' when its record is gone); {-1, type} when the config key is not a hash.
@@ -41,10 +44,13 @@ local me, now, ttl = ARGV[1], ARGV[2], ARGV[4]
 local current = redis.call('HMGET', KEYS[1], 'workerId', 'status', 'createdAt', 'error',
     'endedAt', 'exitCode', 'exitSignal', 'stopReason')
 local owner, status = current[1], current[2]
-if ARGV[9] == '1' and redis.call('EXISTS', KEYS[1]) == 0 then
+local has_meta = ARGV[11] == '1'
+local claimed_before = has_meta and redis.call('HEXISTS', KEYS[9], 'sessionClaimedAt') == 1
+if claimed_before and redis.call('EXISTS', KEYS[1]) == 0 then
     return { 2, '' }
 end
-if status and status ~= 'starting' and status ~= 'ready' and status ~= 'error' then
+local ran = current[6] or current[7]
+if status and status ~= 'starting' and status ~= 'ready' and (status ~= 'error' or ran) then
     return { 2, status }
 end
 if owner and owner ~= me and (status == 'starting' or status == 'ready') then
@@ -82,10 +88,10 @@ if not current[3] then
     fields[#fields + 1] = 'createdAt'
     fields[#fields + 1] = now
 end
-if ARGV[10] ~= '' then
+if ARGV[9] ~= '' then
     fields[#fields + 1] = 'logFile'
-    fields[#fields + 1] = ARGV[10]
-    redis.call('SET', KEYS[7], ARGV[10], 'EX', ttl)
+    fields[#fields + 1] = ARGV[9]
+    redis.call('SET', KEYS[7], ARGV[9], 'EX', ttl)
 end
 redis.call('HSET', KEYS[1], unpack(fields))
 -- A failed or ended earlier incarnation leaves its error and exit behind.
@@ -106,7 +112,10 @@ if status == 'ready' then
 end
 redis.call('SADD', KEYS[3], ARGV[5])
 redis.call('ZADD', KEYS[5], now, ARGV[5])
-if ARGV[11] == '1' then
+if ARGV[10] == '1' then
     redis.call('INCR', KEYS[8])
+end
+if has_meta and not claimed_before then
+    redis.call('HSET', KEYS[9], 'sessionClaimedAt', now)
 end
 return { 1, owner or '', source, config }

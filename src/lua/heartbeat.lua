@@ -1,12 +1,19 @@
 -- Refresh the liveness of every agent a worker owns, in one call.
 --
 -- For each session:
--- - session:<id> gone: the orchestrator ended the session (it deletes the keys). Reported so
---   the worker stops the agent; nothing is recreated. A hash without `workerId` counts as
---   gone too: every record of ours has one, so ours was deleted and what is there now was
---   written after that (the agent's conversationStartTime, racing the orchestrator's cleanup).
+-- - session:<id> gone (or a hash without `workerId`: every record of ours has one, so ours
+--   was deleted and what is there was written after that, e.g. the agent's
+--   conversationStartTime racing the orchestrator's cleanup): who deleted it decides.
+--   - Its entry in our heartbeat index is still there: the orchestrator ended the session (it
+--     deletes the session's keys, and knows nothing of our index). Reported as gone so the
+--     worker stops the agent; nothing is recreated, and a leftover hash goes.
+--   - The index entry is gone too: the orchestrator did not do this. Redis lost data (a
+--     restart without persistence, a failover, eviction) or a sweep took the session while we
+--     were cut off from Redis, and the agent is still live. Reported as vanished, touching
+--     nothing: the worker writes the record again from what it holds in memory.
 -- - another worker owns it (we were cut off from Redis long enough to be presumed dead and it
 --   took the session over): reported as lost, that agent must stop; its record is not ours.
+-- - a record with `endedAt` is left alone: the agent has exited and its end is recorded.
 -- - otherwise `lastActive`, agent:<id>:health, the TTLs and the session's entry in the
 --   heartbeat index (what keeps the sweep away) are refreshed. The status is the worker's only
 --   while it is `starting` or `ready`: `starting` becomes `ready` (the orchestrator writes
@@ -21,24 +28,36 @@
 -- ARGV[3]: max-age cutoff: a createdAt before this is too old
 -- ARGV[4]: this worker's id
 -- ARGV[5..]: the session ids, in the order of their keys
--- Returns {gone ids, too-old ids, lost ids, terminated ids}.
+-- Returns {gone ids, too-old ids, lost ids, terminated ids, vanished ids}.
 local now, ttl, oldest, me = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
-local gone, too_old, lost, terminated = {}, {}, {}, {}
+local gone, too_old, lost, terminated, vanished = {}, {}, {}, {}, {}
 for i = 5, #ARGV do
     local id = ARGV[i]
     local k = 4 + (i - 5) * 3
     local state, health, pid = KEYS[k], KEYS[k + 1], KEYS[k + 2]
-    local current = redis.call('HMGET', state, 'workerId', 'status', 'createdAt')
-    if not current[1] then
+    local current = redis.call('HMGET', state, 'workerId', 'status', 'createdAt', 'endedAt',
+        'agentPid')
+    if not current[1] and not redis.call('ZSCORE', KEYS[1], id) then
+        vanished[#vanished + 1] = id
+    elseif not current[1] then
         gone[#gone + 1] = id
         redis.call('ZREM', KEYS[1], id)
+        -- Written after the orchestrator's cleanup, by nobody who will clean it up (it has no
+        -- TTL): it goes now.
+        redis.call('DEL', state)
     elseif current[1] ~= me then
         lost[#lost + 1] = id
+    elseif current[4] then
+        -- Ended a moment ago (the agent exited; its end was recorded after this heartbeat's
+        -- list was taken): nothing to refresh, the record keeps its end TTL.
     else
         local status = current[2]
         if status == 'starting' or not status then
             redis.call('HSET', state, 'status', 'ready')
             redis.call('SREM', KEYS[2], id)
+            redis.call('SADD', KEYS[3], id)
+        elseif status == 'ready' then
+            -- A no-op unless the set lost the id (or the whole set) to eviction.
             redis.call('SADD', KEYS[3], id)
         elseif status == 'terminated' then
             terminated[#terminated + 1] = id
@@ -47,7 +66,10 @@ for i = 5, #ARGV do
         redis.call('EXPIRE', state, ttl)
         redis.call('HSET', health, 'last_check', now, 'status', 'alive')
         redis.call('EXPIRE', health, ttl)
-        redis.call('EXPIRE', pid, ttl)
+        -- Written, not just extended: it comes back if it was evicted.
+        if current[5] then
+            redis.call('SET', pid, current[5], 'EX', ttl)
+        end
         redis.call('ZADD', KEYS[1], now, id)
         local created = tonumber(current[3])
         if created and created < oldest then
@@ -55,4 +77,4 @@ for i = 5, #ARGV do
         end
     end
 end
-return { gone, too_old, lost, terminated }
+return { gone, too_old, lost, terminated, vanished }

@@ -46,7 +46,9 @@ impl TestRedis {
         let redis = LocalRedis::start_with(&["--requirepass", password])
             .await
             .expect("redis-server must be on PATH for the tests");
-        let url = redis.url().replacen("redis://", &format!("redis://:{encoded}@"), 1);
+        let url = redis
+            .url()
+            .replacen("redis://", &format!("redis://:{encoded}@"), 1);
         let conn = connection::connect(&settings(&url, &[]).redis)
             .await
             .expect("connect with the password");
@@ -91,7 +93,7 @@ pub fn settings(url: &str, overrides: &[(&str, &str)]) -> Settings {
 /// An in-process worker.
 pub struct TestWorker {
     shutdown: worker::Shutdown,
-    task: Option<JoinHandle<()>>,
+    task: Option<JoinHandle<Result<(), worker::RefusedToStart>>>,
 }
 
 impl TestWorker {
@@ -112,7 +114,8 @@ impl TestWorker {
             tokio::time::timeout(Duration::from_secs(30), task)
                 .await
                 .expect("the worker stops within 30 s")
-                .expect("the worker task does not panic");
+                .expect("the worker task does not panic")
+                .expect("the worker started");
         }
     }
 }

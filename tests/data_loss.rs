@@ -1,0 +1,248 @@
+//! Redis data loss is not an end signal: live agents survive an empty-Redis restart and
+//! eviction, their records are written again; a Redis that may evict is refused unless allowed.
+
+mod common;
+
+use std::time::Duration;
+
+use agent_jobs::{SessionId, SessionKeys, keys::SESSION_HEARTBEATS};
+use common::*;
+use nix::sys::signal::Signal;
+use redis::{AsyncCommands, aio::ConnectionManager};
+
+fn worker(url: &str, extra: &[(&str, &str)]) -> std::process::Child {
+    let mut env = vec![("AGENT_WORKER__SWEEP__INTERVAL", "1h")];
+    env.extend_from_slice(extra);
+    worker_command(url, &["run"], "ready", &env)
+        .spawn()
+        .expect("start the worker")
+}
+
+async fn pid_of(conn: &ConnectionManager, id: &SessionId) -> u32 {
+    let pid: String = conn
+        .clone()
+        .get(SessionKeys::new(id).agent_pid())
+        .await
+        .unwrap();
+    pid.parse().unwrap()
+}
+
+/// The record of a live agent, as a fresh worker would have written it.
+async fn record_is_back(conn: &ConnectionManager, id: &SessionId, pid: u32) -> Option<()> {
+    let keys = SessionKeys::new(id);
+    let mut conn = conn.clone();
+    let (status, owner): (Option<String>, Option<String>) = redis::cmd("HMGET")
+        .arg(keys.state())
+        .arg("status")
+        .arg("workerId")
+        .query_async(&mut conn)
+        .await
+        .ok()?;
+    let (agent_pid, health, indexed, ready): (Option<String>, Option<String>, Option<f64>, bool) =
+        redis::pipe()
+            .get(keys.agent_pid())
+            .hget(keys.agent_health(), "status")
+            .zscore(SESSION_HEARTBEATS, id.as_str())
+            .sismember("session:ready", id.as_str())
+            .query_async(&mut conn)
+            .await
+            .ok()?;
+    (status.as_deref() == Some("ready")
+        && owner.is_some()
+        && agent_pid == Some(pid.to_string())
+        && health.as_deref() == Some("alive")
+        && indexed.is_some()
+        && ready)
+        .then_some(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_agents_survive_an_empty_redis_restart_and_their_records_come_back() {
+    let mut redis = TestRedis::start().await;
+    let worker = worker(&redis.url(), &[]);
+    let ids: Vec<SessionId> = (0..3).map(|i| sid(&format!("kept-{i}"))).collect();
+    let mut pids = Vec::new();
+    for id in &ids {
+        write_config(&redis.conn, id, "Craig", "u").await;
+        enqueue(&redis.conn, id, None).await;
+        wait_status(&redis.conn, id, "ready", Duration::from_secs(20)).await;
+        pids.push(pid_of(&redis.conn, id).await);
+    }
+    // Persistence is off: the server comes back empty.
+    redis.redis.stop();
+    redis.redis.restart().await.unwrap();
+    let keys: Vec<String> = redis.conn.clone().keys("*").await.unwrap_or_default();
+    assert!(keys.is_empty() || !keys.iter().any(|k| k.starts_with("session:")));
+    for (id, pid) in ids.iter().zip(&pids) {
+        wait_for(
+            &format!("the record of {id} to be back"),
+            Duration::from_secs(15),
+            || record_is_back(&redis.conn, id, *pid),
+        )
+        .await;
+        assert!(alive(*pid), "the agent of {id} is still running");
+    }
+    signal(&worker, Signal::SIGTERM);
+    let out = output_of(worker).await;
+    let events = events(&out.stderr);
+    let lost: Vec<_> = events
+        .iter()
+        .filter(|e| e["message"] == "redis_dataset_lost")
+        .collect();
+    assert!(!lost.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+    let restored: u64 = lost.iter().map(|e| e["restored"].as_u64().unwrap()).sum();
+    assert_eq!(restored, 3);
+    // Stopped only by the shutdown at the end, never as "ended by the orchestrator".
+    let ended = events
+        .iter()
+        .filter(|e| e["message"] == "agent_stopped" && e["reason"] != "worker_shutdown")
+        .count();
+    assert_eq!(ended, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_evicting_redis_is_refused_unless_allowed() {
+    let redis = TestRedis::start_with(&["--maxmemory-policy", "allkeys-lru"]).await;
+    let refused = output_of(worker(&redis.url(), &[])).await;
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("maxmemory-policy allkeys-lru"), "{stderr}");
+    assert!(stderr.contains("redis.allow_eviction"), "{stderr}");
+
+    let http = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let allowed = worker(
+        &redis.url(),
+        &[
+            ("AGENT_WORKER__REDIS__ALLOW_EVICTION", "true"),
+            ("AGENT_WORKER__HTTP__ADDR", &http.to_string()),
+        ],
+    );
+    let metrics = wait_for("/metrics", Duration::from_secs(10), || async {
+        http_get(http, "/metrics")
+            .await
+            .filter(|(_, body)| body.contains("agent_worker_redis_evicting 1"))
+    })
+    .await;
+    assert_eq!(metrics.0, 200);
+    let status = output_of(
+        worker_command(&redis.url(), &["status"], "ready", &[])
+            .spawn()
+            .unwrap(),
+    )
+    .await;
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        text.contains("maxmemory-policy allkeys-lru  (evicts keys"),
+        "{text}"
+    );
+    signal(&allowed, Signal::SIGTERM);
+    let out = output_of(allowed).await;
+    assert!(out.status.success());
+    let warned = events(&out.stderr)
+        .iter()
+        .filter(|e| {
+            e["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("redis_eviction_allowed"))
+        })
+        .count();
+    assert_eq!(warned, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_evicted_under_memory_pressure_are_written_again_not_ended() {
+    let redis = TestRedis::start().await;
+    let worker = worker(
+        &redis.url(),
+        &[("AGENT_WORKER__REDIS__ALLOW_EVICTION", "true")],
+    );
+    let ids: Vec<SessionId> = (0..5).map(|i| sid(&format!("evicted-{i}"))).collect();
+    let mut pids = Vec::new();
+    for id in &ids {
+        enqueue(&redis.conn, id, None).await;
+        wait_status(&redis.conn, id, "ready", Duration::from_secs(20)).await;
+        pids.push(pid_of(&redis.conn, id).await);
+    }
+    // volatile-ttl evicts keys with the shortest TTL first: the session records (4 h), before
+    // the filler (10 h); keys without a TTL (the queue, our index) stay.
+    let mut conn = redis.conn.clone();
+    let used: String = redis::cmd("INFO")
+        .arg("memory")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let used: u64 = used
+        .lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory-policy")
+        .arg("volatile-ttl")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg(used + 2 * 1024 * 1024)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let filler = "x".repeat(16 * 1024);
+    for i in 0.. {
+        let _: Result<(), _> = redis::pipe()
+            .set_ex(format!("filler-{i}"), &filler, 36_000)
+            .query_async(&mut conn)
+            .await;
+        let evicted: usize = redis::pipe()
+            .exists(
+                ids.iter()
+                    .map(|id| SessionKeys::new(id).state())
+                    .collect::<Vec<_>>(),
+            )
+            .query_async::<(usize,)>(&mut conn)
+            .await
+            .map(|(n,)| ids.len() - n)
+            .unwrap();
+        if evicted > 0 {
+            break;
+        }
+        assert!(i < 5_000, "nothing of ours was evicted");
+    }
+    // Pressure off again; the records must come back, the agents never stop.
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg(0)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    for (id, pid) in ids.iter().zip(&pids) {
+        wait_for(
+            &format!("the record of {id} to be back"),
+            Duration::from_secs(15),
+            || record_is_back(&redis.conn, id, *pid),
+        )
+        .await;
+        assert!(alive(*pid), "the agent of {id} is still running");
+    }
+    signal(&worker, Signal::SIGTERM);
+    let out = output_of(worker).await;
+    let events = events(&out.stderr);
+    assert!(
+        events
+            .iter()
+            .any(|e| e["message"] == "redis_dataset_lost" && e["cause"] == "evicted"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ended = events
+        .iter()
+        .filter(|e| e["message"] == "agent_stopped" && e["reason"] != "worker_shutdown")
+        .count();
+    assert_eq!(ended, 0);
+}
