@@ -31,18 +31,16 @@ use std::{
 use agent_jobs::{SessionId, session_config::fields};
 
 use crate::{
-    log_files::{LogFile, LogFiles},
-    logs::{AgentLine, OutputSink},
+    agent_output::{OutputReader, Phase},
+    log_files::LogFiles,
+    logs::OutputSink,
     session::SessionConfig,
     settings::{AgentSettings, ArgStyle},
     spawn::Child,
 };
 use futures::{FutureExt, future::BoxFuture};
 use nix::{sys::signal::Signal, unistd::Pid};
-use tokio::{
-    io::{AsyncBufReadExt, AsyncRead, BufReader},
-    sync::{mpsc, oneshot, watch},
-};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::task::TaskTracker;
 
 /// How long to wait for buffered output after an agent exited during start-up.
@@ -305,6 +303,8 @@ pub struct OutputLimits {
     pub max_line_bytes: usize,
     /// A log file stops growing at this size.
     pub log_file_max_bytes: u64,
+    /// Lines per second (burst: twice that) of each agent shown in the worker's own log.
+    pub log_lines_per_second: u32,
 }
 
 impl OutputLimits {
@@ -313,6 +313,7 @@ impl OutputLimits {
         Self {
             max_line_bytes: agent.max_line_bytes,
             log_file_max_bytes: agent.log_file_max_bytes,
+            log_lines_per_second: agent.log_lines_per_second,
         }
     }
 }
@@ -323,6 +324,7 @@ impl Default for OutputLimits {
         Self {
             max_line_bytes: 64 * 1024,
             log_file_max_bytes: 64 * 1024 * 1024,
+            log_lines_per_second: 50,
         }
     }
 }
@@ -353,14 +355,6 @@ impl Readiness {
         (!self.alive_patterns.is_empty() && self.alive_timeout < self.startup_timeout)
             .then(|| spawned + self.alive_timeout)
     }
-}
-
-/// How far an agent's start-up got, as seen in its output. Ordered: ready implies alive.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Phase {
-    Spawned,
-    Alive,
-    Ready,
 }
 
 /// Launches real processes.
@@ -405,15 +399,16 @@ impl ProcessLauncher {
 
         let (phase_tx, mut phase_rx) = watch::channel(Phase::Spawned);
         let last_line = Arc::new(std::sync::Mutex::new(None::<String>));
-        let reader = OutputReader {
-            session_id: spec.session_id.clone(),
-            readiness: self.readiness.clone(),
-            max_line_bytes: self.limits.max_line_bytes,
-            phase: Arc::new(phase_tx),
-            sink: self.output.clone(),
-            last_line: last_line.clone(),
-            log_file: log_file.map(|file| (self.log_files.clone(), file)),
-        };
+        let reader = OutputReader::new(
+            spec.session_id.clone(),
+            self.readiness.clone(),
+            self.limits.max_line_bytes,
+            self.limits.log_lines_per_second,
+            phase_tx,
+            self.output.clone(),
+            last_line.clone(),
+            log_file.map(|file| (self.log_files.clone(), file)),
+        );
         if let Some(stdout) = child.stdout.take() {
             tokio::spawn(reader.clone().read(stdout, OutputStream::Stdout));
         }
@@ -622,94 +617,6 @@ async fn own(
 fn signal_group(group: Pid, signal: Signal) {
     // ESRCH means the group is already gone, which is what we wanted.
     let _ = nix::sys::signal::killpg(group, signal);
-}
-
-#[derive(Clone)]
-struct OutputReader {
-    session_id: SessionId,
-    readiness: Readiness,
-    max_line_bytes: usize,
-    phase: Arc<watch::Sender<Phase>>,
-    sink: OutputSink,
-    last_line: Arc<std::sync::Mutex<Option<String>>>,
-    log_file: Option<(LogFiles, Arc<LogFile>)>,
-}
-
-impl OutputReader {
-    async fn read(self, pipe: impl AsyncRead + Unpin, stream: OutputStream) {
-        let max = self.max_line_bytes;
-        let mut reader = BufReader::with_capacity(8 * 1024, pipe);
-        let mut line = Vec::with_capacity(256);
-        // Bytes of the current line beyond `max`, dropped as they arrive: a line without a
-        // newline never grows memory.
-        let mut cut = 0usize;
-        // A read error ends the stream like EOF: the agent's exit is reported by its owner.
-        while let Ok(chunk) = reader.fill_buf().await {
-            if chunk.is_empty() {
-                if !line.is_empty() || cut > 0 {
-                    self.emit(&line, cut, stream);
-                }
-                break;
-            }
-            let (take, complete) = match chunk.iter().position(|&b| b == b'\n') {
-                Some(newline) => (newline, true),
-                None => (chunk.len(), false),
-            };
-            let room = max.saturating_sub(line.len());
-            line.extend_from_slice(&chunk[..take.min(room)]);
-            cut += take.saturating_sub(room);
-            reader.consume(take + usize::from(complete));
-            if complete {
-                self.emit(&line, cut, stream);
-                line.clear();
-                cut = 0;
-            }
-        }
-    }
-
-    fn emit(&self, raw: &[u8], cut: usize, stream: OutputStream) {
-        let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
-        let mut text = String::from_utf8_lossy(raw).into_owned();
-        if cut > 0 {
-            text.push_str(&format!(
-                " [agent-worker: {cut} more bytes of this line cut at agent.max_line_bytes]"
-            ));
-        }
-        tracing::info!(
-            target: "agent_output",
-            session_id = %self.session_id,
-            stream = ?stream,
-            line = %text,
-        );
-        let phase = *self.phase.borrow();
-        let matches = |patterns: &[String]| patterns.iter().any(|p| text.contains(p.as_str()));
-        let reached = if phase < Phase::Ready && matches(&self.readiness.ready_patterns) {
-            Some(Phase::Ready)
-        } else if phase < Phase::Alive && matches(&self.readiness.alive_patterns) {
-            Some(Phase::Alive)
-        } else {
-            None
-        };
-        if let Some(reached) = reached {
-            // Only forward: stdout's reader must not undo a phase stderr's reader just set.
-            self.phase.send_if_modified(|current| {
-                let forward = reached > *current;
-                if forward {
-                    *current = reached;
-                }
-                forward
-            });
-        }
-        if let Some((files, file)) = &self.log_file {
-            files.write(file, &text);
-        }
-        *self.last_line.lock().expect("last_line lock") = Some(text.clone());
-        // Beyond its budget the queue drops the line rather than block the agent.
-        self.sink.offer(AgentLine {
-            session_id: self.session_id.clone(),
-            line: text,
-        });
-    }
 }
 
 #[cfg(test)]

@@ -16,6 +16,8 @@
 //! - [`session`]: the session store: config lookup by session id, session state writes.
 //! - [`launcher`]: the [`launcher::Launcher`] interface and the real process launcher (no shell,
 //!   own process group, death signal, continuous output reading, event-driven readiness).
+//! - [`agent_output`]: reading an agent's output: never blocking, rate-limited in the worker's
+//!   log, cut at `agent.max_line_bytes`, judging the start-up phases.
 //! - [`spawn`]: starting that process without forking the worker (a `vfork`-style clone that
 //!   still arms the death signal), waited for on a pidfd.
 //! - [`capacity`]: `agent.max_agents`: a full replica fetches no jobs.
@@ -37,6 +39,7 @@
 //! - [`local_redis`]: a private `redis-server` for the demo when none answers.
 //! - [`test_agent`]: the stand-in agent (`agent-worker test-agent`) of the demo and the tests.
 
+pub mod agent_output;
 pub mod agent_start;
 pub mod capacity;
 pub mod clock;

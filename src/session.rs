@@ -280,11 +280,22 @@ impl SessionConfig {
         self.fields.keys().map(String::as_str).collect()
     }
 
-    /// The whole hash as a JSON object, for the agent's `SESSION_CONFIG`.
+    /// The hash as a JSON object for the agent's `SESSION_CONFIG`: every field but the
+    /// opening line and the system prompt, which reach the agent as options. A prompt is
+    /// carried once, so it may use the whole of one argument (128 KiB), not half of it
+    /// (JSON escaping can double it, too).
     pub fn to_json(&self) -> String {
-        serde_json::to_string(&self.fields).expect("a map of strings always serializes")
+        let rest: BTreeMap<&String, &String> = self
+            .fields
+            .iter()
+            .filter(|(field, _)| !ON_COMMAND_LINE_ONLY.contains(&field.as_str()))
+            .collect();
+        serde_json::to_string(&rest).expect("a map of strings always serializes")
     }
 }
+
+/// Config fields the agent gets on its command line and not again in `SESSION_CONFIG`.
+const ON_COMMAND_LINE_ONLY: [&str; 2] = [fields::OPENING_LINE, fields::SYSTEM_PROMPT];
 
 /// Why a session's config or state could not be read or written.
 #[derive(Debug, thiserror::Error)]
@@ -919,7 +930,8 @@ fn validate(
         return Err(unusable(
             "(all)",
             format!(
-                "the whole config is {json_len} bytes as SESSION_CONFIG; an environment entry holds at most {MAX_ARG_BYTES}"
+                "the config's other fields are {json_len} bytes as SESSION_CONFIG; one \
+                 environment entry holds at most {MAX_ARG_BYTES} bytes (Linux's MAX_ARG_STRLEN)"
             ),
         ));
     }
@@ -955,14 +967,40 @@ mod tests {
     }
 
     #[test]
-    fn config_json_carries_every_field() {
+    fn config_json_carries_every_field_but_the_command_line_options() {
         let config = validate(
             "k",
-            map(&[("voiceId", "Craig"), ("custom", "$(x)")]),
+            map(&[
+                ("voiceId", "Craig"),
+                ("custom", "$(x)"),
+                ("systemPrompt", "long"),
+                ("openingLine", "hi"),
+            ]),
             ConfigSource::Stored,
         )
         .unwrap();
         assert_eq!(config.to_json(), r#"{"custom":"$(x)","voiceId":"Craig"}"#);
-        assert_eq!(config.field_names(), ["custom", "voiceId"]);
+        assert_eq!(
+            config.field_names(),
+            ["custom", "openingLine", "systemPrompt", "voiceId"]
+        );
+        // The limit met is one argument's, whatever the prompt's characters.
+        let quotes = "\"".repeat(MAX_ARG_BYTES - "--system-prompt=".len());
+        assert!(
+            validate(
+                "k",
+                map(&[("voiceId", "v"), ("systemPrompt", &quotes)]),
+                ConfigSource::Stored
+            )
+            .is_ok()
+        );
+        let over = format!("{quotes}\"");
+        let err = validate(
+            "k",
+            map(&[("voiceId", "v"), ("systemPrompt", &over)]),
+            ConfigSource::Stored,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("MAX_ARG_STRLEN"), "{err}");
     }
 }

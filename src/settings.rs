@@ -148,6 +148,8 @@ pub struct AgentSettings {
     pub max_line_bytes: usize,
     /// A per-session log file stops growing at this size.
     pub log_file_max_bytes: u64,
+    /// Lines per second of each agent shown in the worker's own log (burst: twice that).
+    pub log_lines_per_second: u32,
 }
 
 /// How the session's options reach the agent's command line (`agent.arg_style`).

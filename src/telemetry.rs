@@ -53,7 +53,7 @@ where
 }
 
 /// Lines queued for stderr before new ones are dropped.
-const STDERR_QUEUE_LINES: usize = 64 * 1024;
+const STDERR_QUEUE_LINES: usize = 16 * 1024;
 
 /// A writer to stderr that never blocks the logging caller (see the module docs). Keep the
 /// guard until the process ends: dropping it flushes what is queued.

@@ -22,6 +22,8 @@
 //! - `alive-never-ready`: print `AGENT_ALIVE` (the alive phase) and never a ready line.
 //! - `chatty`: print the ready line, then 250 lines `chatty line <i>`, then run until SIGTERM.
 //! - `ignore-term`: print the ready line and ignore SIGTERM; only SIGKILL ends it.
+//! - `flood`: print the ready line, then lines as fast as it can for `--flood-secs` seconds
+//!   (default 2), then `flood done <lines> <lines per second>`, then run until SIGTERM.
 //!
 //! With `--long-line-bytes N` it first prints one line of `N` times `x` (no newline until the
 //! end). With `TEST_AGENT_LEDGER=<file>` in its environment it also appends `<room> <pid>` to
@@ -120,6 +122,17 @@ pub fn main(argv: Vec<String>) -> i32 {
             let _ = term.wait();
             0
         }
+        "flood" => {
+            say(&ready);
+            let secs = options
+                .get("flood-secs")
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(2.0);
+            let (lines, rate) = flood(Duration::from_secs_f64(secs));
+            say(&format!("flood done {lines} {rate:.0}"));
+            let _ = term.wait();
+            0
+        }
         "ignore-term" => {
             // SIGTERM stays blocked and is never waited for: only SIGKILL ends this one.
             say(&ready);
@@ -150,6 +163,25 @@ fn parse(argv: &[String]) -> BTreeMap<String, String> {
         options.entry(name).or_insert(value);
     }
     options
+}
+
+/// Writes numbered lines to stdout for `length`, as fast as the pipe takes them; returns the
+/// lines written and their rate per second.
+fn flood(length: Duration) -> (u64, f64) {
+    let started = std::time::Instant::now();
+    let mut stdout = std::io::stdout().lock();
+    let mut lines = 0u64;
+    while started.elapsed() < length {
+        for _ in 0..100 {
+            let _ = writeln!(
+                stdout,
+                "flood line {lines} of a chatty agent that logs too much"
+            );
+            lines += 1;
+        }
+    }
+    let _ = stdout.flush();
+    (lines, lines as f64 / started.elapsed().as_secs_f64())
 }
 
 /// One line on stdout, flushed at once: the worker reads it from a pipe.

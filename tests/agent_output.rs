@@ -119,3 +119,78 @@ async fn an_over_long_line_is_cut_with_a_marker_in_the_file_and_in_redis() {
     worker.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Runs a flooding agent under a worker whose stderr goes to a file, or to a pipe drained at
+/// about 200 KB/s; returns the agent's own output rate (lines/s) and the bytes the worker
+/// logged.
+async fn flood(slow_stderr: bool) -> (f64, u64) {
+    use std::io::Read;
+    let redis = TestRedis::start().await;
+    let command = format!("{TEST_AGENT},--behaviour,flood,--flood-secs,2");
+    let mut worker = worker_command(
+        &redis.url(),
+        &["run"],
+        "flood",
+        &[("AGENT_WORKER__AGENT__COMMAND", command.as_str())],
+    );
+    let log = std::env::temp_dir().join(format!("flood-{}.log", ulid::Ulid::generate()));
+    if !slow_stderr {
+        worker.stderr(std::fs::File::create(&log).unwrap());
+    }
+    let mut worker = worker.spawn().unwrap();
+    let drained = slow_stderr.then(|| {
+        let mut pipe = worker.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            let (mut total, mut buf) = (0u64, [0u8; 4096]);
+            loop {
+                match pipe.read(&mut buf) {
+                    Ok(0) | Err(_) => return total,
+                    Ok(n) => total += n as u64,
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    });
+    let id = sid("flooding-1");
+    enqueue(&redis.conn, &id, None).await;
+    let done = wait_for("the flood to end", Duration::from_secs(60), || async {
+        let logs: Vec<String> = redis
+            .conn
+            .clone()
+            .lrange(SessionKeys::new(&id).agent_logs(), -5, -1)
+            .await
+            .unwrap();
+        logs.into_iter().find(|l| l.starts_with("flood done "))
+    })
+    .await;
+    let rate: f64 = done.rsplit(' ').next().unwrap().parse().unwrap();
+    signal(&worker, nix::sys::signal::Signal::SIGTERM);
+    let status = tokio::task::spawn_blocking(move || worker.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success());
+    let logged = match drained {
+        Some(reader) => reader.join().unwrap(),
+        None => std::fs::metadata(&log).unwrap().len(),
+    };
+    let _ = std::fs::remove_file(&log);
+    (rate, logged)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_agent_is_not_slowed_by_a_slow_worker_log_and_the_log_stays_small() {
+    let (fast_rate, fast_logged) = flood(false).await;
+    let (slow_rate, slow_logged) = flood(true).await;
+    // It used to write ~900 MB of log in 10 s, and be blocked behind a slow stderr.
+    for logged in [fast_logged, slow_logged] {
+        assert!(logged < 1024 * 1024, "the worker logged {logged} bytes");
+    }
+    assert!(
+        slow_rate * 2.0 >= fast_rate,
+        "agent output rate: {slow_rate} lines/s with a slow stderr, {fast_rate} with a fast one"
+    );
+    assert!(
+        fast_rate > 10_000.0,
+        "the flood flooded: {fast_rate} lines/s"
+    );
+}

@@ -261,8 +261,29 @@ async fn shell_metacharacters_reach_the_agent_verbatim_and_nothing_is_executed()
     );
     let config: serde_json::Value =
         serde_json::from_str(got["env"]["SESSION_CONFIG"].as_str().unwrap()).unwrap();
-    assert_eq!(config["systemPrompt"], prompt.as_str());
+    assert_eq!(config["voiceId"], voice.as_str());
+    // Carried once, as an option.
+    assert!(config.get("systemPrompt").is_none(), "{config}");
     assert!(!marker.exists(), "a shell ran: {m} was created");
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_120_kb_prompt_of_quote_characters_starts_and_arrives_whole() {
+    let redis = TestRedis::start().await;
+    // JSON would double it (each quote escaped): past one argument if it travelled twice.
+    let prompt = "\"".repeat(120 * 1024);
+    let id = sid("big-prompt-1");
+    write_full_config(&redis.conn, &id, "Craig", "u", None, Some(&prompt)).await;
+    // The agent's report line carries the prompt: keep it whole.
+    let worker = TestWorker::start(redis.settings(
+        "ready",
+        &[("AGENT_WORKER__AGENT__MAX_LINE_BYTES", "1048576")],
+    ));
+    enqueue(&redis.conn, &id, None).await;
+    wait_status(&redis.conn, &id, "ready", Duration::from_secs(20)).await;
+    let got = wait_received(&redis.conn, &id).await;
+    assert_eq!(got["contract"]["system_prompt"], prompt.as_str());
     worker.stop().await;
 }
 

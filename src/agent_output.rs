@@ -1,0 +1,279 @@
+//! Reading an agent's stdout and stderr: line by line, continuously, never waiting on anyone.
+//!
+//! A full pipe blocks the agent that writes to it, so the readers must never stop reading:
+//! - every line goes to `agent:<id>:logs` through a queue that drops beyond its byte budget
+//!   ([`crate::logs::OutputSink`]), and to the session's log file through the writer thread
+//!   ([`crate::log_files::LogFiles`]); neither waits;
+//! - the worker's own log (target `agent_output`, at INFO) gets at most
+//!   `agent.log_lines_per_second` lines per agent (with a burst of twice that), each cut at
+//!   [`LOG_EVENT_BYTES`]; beyond the rate one `agent_output_suppressed` line per second says
+//!   how many were left out. An agent printing millions of lines costs the worker's log a few
+//!   kilobytes a second, and a slow stderr costs log lines, never the agent's progress (the log
+//!   writer itself is non-blocking: see [`crate::telemetry`]);
+//! - a line longer than `agent.max_line_bytes` is cut, with a marker saying how much was cut,
+//!   and the rest is dropped as it arrives, so a line without a newline never grows memory.
+//!
+//! The readers also judge start-up: the first line containing an alive pattern moves the
+//! agent's [`Phase`] to `Alive`, the first with a ready pattern to `Ready`, which the launch
+//! awaits (event-driven, no polling).
+
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use agent_jobs::SessionId;
+use tokio::{
+    io::{AsyncBufReadExt, AsyncRead, BufReader},
+    sync::watch,
+};
+
+use crate::{
+    launcher::{OutputStream, Readiness},
+    log_files::{LogFile, LogFiles},
+    logs::{AgentLine, OutputSink},
+};
+
+/// Bytes of one agent line shown in the worker's own log; the whole line (up to
+/// `agent.max_line_bytes`) goes to Redis and the log file.
+pub const LOG_EVENT_BYTES: usize = 2048;
+
+/// How far an agent's start-up got, as seen in its output. Ordered: ready implies alive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Phase {
+    Spawned,
+    Alive,
+    Ready,
+}
+
+/// The worker-log budget of one agent: a token bucket refilled at `rate` lines per second,
+/// holding at most twice that.
+#[derive(Debug)]
+struct LogBudget {
+    rate: f64,
+    tokens: f64,
+    refilled: Instant,
+    suppressed: u64,
+    reported: Instant,
+}
+
+impl LogBudget {
+    fn new(lines_per_second: u32) -> Self {
+        let rate = f64::from(lines_per_second);
+        Self {
+            rate,
+            tokens: rate * 2.0,
+            refilled: Instant::now(),
+            suppressed: 0,
+            reported: Instant::now(),
+        }
+    }
+
+    /// Whether the next line may be logged; and, at most once a second while lines are being
+    /// left out, how many were since the last report.
+    fn take(&mut self) -> (bool, Option<u64>) {
+        if self.rate == 0.0 {
+            // `agent.log_lines_per_second = 0`: none shown, and nothing to report.
+            return (false, None);
+        }
+        let now = Instant::now();
+        let elapsed = now.duration_since(self.refilled).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.rate * 2.0);
+        self.refilled = now;
+        let allowed = self.tokens >= 1.0;
+        if allowed {
+            self.tokens -= 1.0;
+        } else {
+            self.suppressed += 1;
+        }
+        (allowed, self.report(now, false))
+    }
+
+    /// The count to report now (`force`: at the end of the output).
+    fn report(&mut self, now: Instant, force: bool) -> Option<u64> {
+        if self.suppressed == 0
+            || (!force && now.duration_since(self.reported) < Duration::from_secs(1))
+        {
+            return None;
+        }
+        self.reported = now;
+        Some(std::mem::take(&mut self.suppressed))
+    }
+}
+
+/// Reads one agent's output (both streams share one, cloned).
+#[derive(Clone)]
+pub(crate) struct OutputReader {
+    session_id: SessionId,
+    readiness: Readiness,
+    max_line_bytes: usize,
+    phase: Arc<watch::Sender<Phase>>,
+    sink: OutputSink,
+    last_line: Arc<Mutex<Option<String>>>,
+    log_file: Option<(LogFiles, Arc<LogFile>)>,
+    budget: Arc<Mutex<LogBudget>>,
+}
+
+impl OutputReader {
+    /// A reader for `session_id`'s agent. Its phase starts at `Spawned`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        session_id: SessionId,
+        readiness: Readiness,
+        max_line_bytes: usize,
+        log_lines_per_second: u32,
+        phase: watch::Sender<Phase>,
+        sink: OutputSink,
+        last_line: Arc<Mutex<Option<String>>>,
+        log_file: Option<(LogFiles, Arc<LogFile>)>,
+    ) -> Self {
+        Self {
+            session_id,
+            readiness,
+            max_line_bytes,
+            phase: Arc::new(phase),
+            sink,
+            last_line,
+            log_file,
+            budget: Arc::new(Mutex::new(LogBudget::new(log_lines_per_second))),
+        }
+    }
+
+    /// Reads `pipe` to its end (or a read error, which ends it like EOF: the agent's exit is
+    /// reported by its owner task).
+    pub(crate) async fn read(self, pipe: impl AsyncRead + Unpin, stream: OutputStream) {
+        let max = self.max_line_bytes;
+        let mut reader = BufReader::with_capacity(8 * 1024, pipe);
+        let mut line = Vec::with_capacity(256);
+        // Bytes of the current line beyond `max`, dropped as they arrive.
+        let mut cut = 0usize;
+        while let Ok(chunk) = reader.fill_buf().await {
+            if chunk.is_empty() {
+                if !line.is_empty() || cut > 0 {
+                    self.emit(&line, cut, stream);
+                }
+                break;
+            }
+            let (take, complete) = match chunk.iter().position(|&b| b == b'\n') {
+                Some(newline) => (newline, true),
+                None => (chunk.len(), false),
+            };
+            let room = max.saturating_sub(line.len());
+            line.extend_from_slice(&chunk[..take.min(room)]);
+            cut += take.saturating_sub(room);
+            reader.consume(take + usize::from(complete));
+            if complete {
+                self.emit(&line, cut, stream);
+                line.clear();
+                cut = 0;
+            }
+        }
+        let left_out = self
+            .budget
+            .lock()
+            .expect("budget lock")
+            .report(Instant::now(), true);
+        if let Some(count) = left_out {
+            self.suppressed(count, stream);
+        }
+    }
+
+    fn emit(&self, raw: &[u8], cut: usize, stream: OutputStream) {
+        let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+        let mut text = String::from_utf8_lossy(raw).into_owned();
+        if cut > 0 {
+            text.push_str(&format!(
+                " [agent-worker: {cut} more bytes of this line cut at agent.max_line_bytes]"
+            ));
+        }
+        let (log, left_out) = self.budget.lock().expect("budget lock").take();
+        if let Some(count) = left_out {
+            self.suppressed(count, stream);
+        }
+        if log {
+            tracing::info!(
+                target: "agent_output",
+                session_id = %self.session_id,
+                stream = ?stream,
+                line = %shown(&text),
+            );
+        }
+        self.advance(&text);
+        if let Some((files, file)) = &self.log_file {
+            files.write(file, &text);
+        }
+        *self.last_line.lock().expect("last_line lock") = Some(text.clone());
+        // Beyond its budget the queue drops the line rather than block the agent.
+        self.sink.offer(AgentLine {
+            session_id: self.session_id.clone(),
+            line: text,
+        });
+    }
+
+    fn suppressed(&self, count: u64, stream: OutputStream) {
+        tracing::info!(
+            target: "agent_output",
+            session_id = %self.session_id,
+            stream = ?stream,
+            suppressed = count,
+            "agent_output_suppressed"
+        );
+    }
+
+    /// Moves the phase forward when `text` matches a pattern of a later one.
+    fn advance(&self, text: &str) {
+        let phase = *self.phase.borrow();
+        let matches = |patterns: &[String]| patterns.iter().any(|p| text.contains(p.as_str()));
+        let reached = if phase < Phase::Ready && matches(&self.readiness.ready_patterns) {
+            Some(Phase::Ready)
+        } else if phase < Phase::Alive && matches(&self.readiness.alive_patterns) {
+            Some(Phase::Alive)
+        } else {
+            None
+        };
+        if let Some(reached) = reached {
+            // Only forward: stdout's reader must not undo a phase stderr's reader just set.
+            self.phase.send_if_modified(|current| {
+                let forward = reached > *current;
+                if forward {
+                    *current = reached;
+                }
+                forward
+            });
+        }
+    }
+}
+
+/// At most [`LOG_EVENT_BYTES`] of a line, cut at a character boundary.
+fn shown(text: &str) -> &str {
+    if text.len() <= LOG_EVENT_BYTES {
+        return text;
+    }
+    let mut end = LOG_EVENT_BYTES;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_log_budget_allows_a_burst_then_the_rate_and_reports_what_it_left_out() {
+        let mut budget = LogBudget::new(10);
+        let allowed = (0..100).filter(|_| budget.take().0).count();
+        assert_eq!(allowed, 20, "a burst of twice the rate");
+        assert_eq!(budget.report(Instant::now(), true), Some(80));
+        assert_eq!(budget.report(Instant::now(), true), None);
+    }
+
+    #[test]
+    fn long_lines_are_shown_cut_at_a_character_boundary() {
+        let text = "é".repeat(LOG_EVENT_BYTES);
+        let cut = shown(&text);
+        assert!(cut.len() <= LOG_EVENT_BYTES && cut.len() >= LOG_EVENT_BYTES - 1);
+        assert_eq!(shown("short"), "short");
+    }
+}
