@@ -32,6 +32,7 @@ use agent_jobs::{SessionId, session_config::fields};
 
 use crate::{
     agent_output::{OutputReader, Phase},
+    containment::{self, AgentScope, Containment},
     log_files::LogFiles,
     logs::OutputSink,
     session::SessionConfig,
@@ -364,6 +365,8 @@ pub struct ProcessLauncher {
     limits: OutputLimits,
     output: OutputSink,
     log_files: LogFiles,
+    containment: Arc<Containment>,
+    worker_id: String,
     /// The owner task of every agent (see [`own`]).
     owners: TaskTracker,
 }
@@ -377,8 +380,22 @@ impl ProcessLauncher {
             limits,
             output,
             log_files: LogFiles::start(limits.log_file_max_bytes),
+            containment: Arc::new(Containment::ProcessGroup),
+            worker_id: "worker".into(),
             owners: TaskTracker::new(),
         }
+    }
+
+    /// Contains each agent's whole tree with `containment` (the process group alone unless
+    /// set), marking its processes as the agents of `worker_id`.
+    pub fn contained(
+        mut self,
+        containment: Arc<Containment>,
+        worker_id: impl Into<String>,
+    ) -> Self {
+        self.containment = containment;
+        self.worker_id = worker_id.into();
+        self
     }
 
     async fn launch_process(&self, spec: LaunchSpec) -> Result<RunningAgent, LaunchError> {
@@ -388,11 +405,16 @@ impl ProcessLauncher {
             Some(path) => self.log_files.open(&spec.session_id, path).await,
             None => None,
         };
-        let mut child = spawn(&spec).map_err(|e| LaunchError::Spawn {
+        let mut scope = self.containment.prepare(&self.worker_id, &spec.session_id);
+        let mut child = spawn(&spec, &scope).map_err(|e| LaunchError::Spawn {
             program: spec.program.clone(),
             reason: e.to_string(),
         })?;
+        if let Some(error) = child.cgroup_error.take() {
+            scope.cgroup_refused(&error, &spec.session_id);
+        }
         let pid = child.id();
+        containment::agent_started(pid);
         // The agent leads a new group named after its pid (see `spawn`).
         let pgid = pid;
         tracing::info!(session_id = %spec.session_id, pid, pgid, "agent_process_spawned");
@@ -418,7 +440,13 @@ impl ProcessLauncher {
 
         let (stop_tx, stop_rx) = mpsc::unbounded_channel();
         let (exit_tx, mut exit_rx) = oneshot::channel();
-        self.owners.spawn(own(child, pgid, stop_rx, exit_tx));
+        self.owners.spawn(own(
+            child,
+            pgid,
+            stop_rx,
+            exit_tx,
+            (self.containment.clone(), scope),
+        ));
         let handle = AgentHandle::new(stop_tx);
         // Until the launch returns, dropping it (an immediate shutdown) kills the agent.
         let mut abandoned = StopOnDrop(Some(handle.clone()));
@@ -562,7 +590,7 @@ impl Launcher for ProcessLauncher {
     }
 }
 
-fn spawn(spec: &LaunchSpec) -> std::io::Result<Child> {
+fn spawn(spec: &LaunchSpec, scope: &AgentScope) -> std::io::Result<Child> {
     let mut env: Vec<(&str, &str)> = spec
         .env
         .iter()
@@ -571,9 +599,11 @@ fn spawn(spec: &LaunchSpec) -> std::io::Result<Child> {
     // Python writes stdout to a pipe in 8 KiB blocks; its ready line would sit in the buffer
     // until the start-up timeout. Agents in other languages ignore this.
     env.push(("PYTHONUNBUFFERED", "1"));
+    // Inherited by everything the agent starts: how escaped descendants are found.
+    env.push((containment::SCOPE_VAR, scope.marker()));
     // Agents are launched from the runtime's worker threads, which live as long as the
     // process: the death signal, which follows the spawning thread, fires only with the worker.
-    crate::spawn::spawn(&spec.program, &spec.args, &env)
+    crate::spawn::spawn_into(&spec.program, &spec.args, &env, scope.cgroup_procs())
 }
 
 /// Waits on the child (reaping it) and serves stop requests: SIGTERM to the group at once,
@@ -583,6 +613,7 @@ async fn own(
     pgid: u32,
     mut stop_rx: mpsc::UnboundedReceiver<Duration>,
     exit_tx: oneshot::Sender<AgentExit>,
+    (containment, scope): (Arc<Containment>, AgentScope),
 ) {
     let group = Pid::from_raw(pgid as i32);
     let mut kill_at: Option<tokio::time::Instant> = None;
@@ -606,6 +637,9 @@ async fn own(
     // group taking the same id in the microseconds since the reap would need the pid space to
     // wrap around: killing the group now is safe, and leaves nothing behind.
     signal_group(group, Signal::SIGKILL);
+    containment::agent_reaped(child.id());
+    // And what left the group (setsid): its cgroup, or its marked re-parented descendants.
+    let _ = tokio::task::spawn_blocking(move || containment.end(scope)).await;
     let exit = match status {
         Ok(status) => AgentExit::from(status),
         // wait() only fails if the child was already reaped elsewhere, which we never do.

@@ -18,6 +18,8 @@
 //!   own process group, death signal, continuous output reading, event-driven readiness).
 //! - [`agent_output`]: reading an agent's output: never blocking, rate-limited in the worker's
 //!   log, cut at `agent.max_line_bytes`, judging the start-up phases.
+//! - [`containment`]: an agent's whole process tree ends with its session (cgroup v2 per agent,
+//!   or a subreaper marker scan).
 //! - [`spawn`]: starting that process without forking the worker (a `vfork`-style clone that
 //!   still arms the death signal), waited for on a pidfd.
 //! - [`capacity`]: `agent.max_agents`: a full replica fetches no jobs.
@@ -44,6 +46,7 @@ pub mod agent_start;
 pub mod capacity;
 pub mod clock;
 pub mod connection;
+pub mod containment;
 pub mod dataset;
 pub mod demo;
 pub mod launcher;

@@ -169,6 +169,11 @@ fn main() -> ExitCode {
 }
 
 async fn run(settings: Settings) -> anyhow::Result<()> {
+    // The worker process owns its agents' trees: orphans in them come back to it, so they can
+    // be killed with their session (see containment.rs).
+    if let Err(error) = agent_worker::containment::become_subreaper() {
+        tracing::warn!(error = %error, "subreaper_unavailable");
+    }
     let health = observability::Health::new();
     // The listener outlives the worker's drain, so probes and scrapes keep answering while
     // agents finish.

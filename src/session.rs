@@ -53,6 +53,9 @@ pub enum Removal {
         cutoff: u64,
         /// The end cutoff: now minus `session.ended_ttl`.
         ended_cutoff: u64,
+        /// `<queue>:meta` of the agent-start jobs, whose claim record of a removed live
+        /// session is cleared (so a re-delivered job starts it again).
+        job_meta_prefix: Option<String>,
     },
     /// Only legacy sessions (not in the index) whose newest of `lastActive` / `createdAt`
     /// is before this unix time.
@@ -783,12 +786,18 @@ impl SessionStore {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let (mode, cutoff, ended_cutoff) = match removal {
+        let (mode, cutoff, ended_cutoff, meta_prefix) = match removal {
             Removal::Stale {
                 cutoff,
                 ended_cutoff,
-            } => ("stale", *cutoff, *ended_cutoff),
-            Removal::Legacy { cutoff } => ("legacy", *cutoff, 0),
+                job_meta_prefix,
+            } => (
+                "stale",
+                *cutoff,
+                *ended_cutoff,
+                job_meta_prefix.as_deref().unwrap_or_default(),
+            ),
+            Removal::Legacy { cutoff } => ("legacy", *cutoff, 0, ""),
         };
         let mut invocation = REMOVE.prepare_invoke();
         invocation
@@ -798,7 +807,8 @@ impl SessionStore {
             .arg(mode)
             .arg(cutoff)
             .arg(ended_cutoff)
-            .arg(flag(dry_run));
+            .arg(flag(dry_run))
+            .arg(meta_prefix);
         for id in ids {
             for key in SessionKeys::new(id).all() {
                 invocation.key(key);

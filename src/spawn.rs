@@ -69,6 +69,9 @@ const OWN_SETTINGS_PREFIX: &[u8] = b"AGENT_WORKER__";
 pub struct Child {
     pid: u32,
     pidfd: AsyncFd<OwnedFd>,
+    /// Why the child could not move itself into the cgroup it was given, if it could not (it
+    /// runs anyway, outside it).
+    pub cgroup_error: Option<io::Error>,
     /// Read end of the child's stdout.
     pub stdout: Option<pipe::Receiver>,
     /// Read end of the child's stderr.
@@ -103,6 +106,19 @@ impl Child {
 /// lives as long as the child should (the death signal follows the thread), inside a tokio
 /// runtime (the pipes and pidfd register with its reactor).
 pub fn spawn(program: &str, args: &[String], env: &[(&str, &str)]) -> io::Result<Child> {
+    spawn_into(program, args, env, None)
+}
+
+/// [`spawn`], the child first moving itself into the cgroup whose `cgroup.procs` is open as
+/// `cgroup_procs` (writing `0` there moves the writer), before it execs: so everything the agent
+/// ever starts is born inside that cgroup. Failing to move is not fatal: the child runs outside
+/// it and [`Child::cgroup_error`] says why.
+pub fn spawn_into(
+    program: &str,
+    args: &[String],
+    env: &[(&str, &str)],
+    cgroup_procs: Option<RawFd>,
+) -> io::Result<Child> {
     let path = resolve(program, std::env::var_os("PATH").as_deref())?;
     let argv: Vec<CString> = std::iter::once(program)
         .chain(args.iter().map(String::as_str))
@@ -130,7 +146,9 @@ pub fn spawn(program: &str, args: &[String], env: &[(&str, &str)]) -> io::Result
         stderr: stderr_write.as_raw_fd(),
         worker_pid: std::process::id() as libc::pid_t,
         sh_argv: sh_argv.as_ptr(),
+        cgroup_procs: cgroup_procs.unwrap_or(-1),
         failure: AtomicI32::new(0),
+        cgroup_failure: AtomicI32::new(0),
     };
     let mut pidfd: RawFd = -1;
     let pid = CHILD_STACK.with(|stack| -> io::Result<libc::pid_t> {
@@ -186,6 +204,7 @@ pub fn spawn(program: &str, args: &[String], env: &[(&str, &str)]) -> io::Result
         let _ = try_reap(pidfd.as_raw_fd(), 0);
         return Err(ChildStep::describe(failure));
     }
+    let cgroup_errno = plan.cgroup_failure.load(Ordering::Acquire);
     let child = (|| {
         let stdout = pipe::Receiver::from_owned_fd(stdout_read)?;
         let stderr = pipe::Receiver::from_owned_fd(stderr_read)?;
@@ -195,6 +214,7 @@ pub fn spawn(program: &str, args: &[String], env: &[(&str, &str)]) -> io::Result
         Ok(Child {
             pid: pid as u32,
             pidfd,
+            cgroup_error: (cgroup_errno != 0).then(|| io::Error::from_raw_os_error(cgroup_errno)),
             stdout: Some(stdout),
             stderr: Some(stderr),
         })
@@ -432,6 +452,10 @@ struct ChildPlan {
     worker_pid: libc::pid_t,
     /// `/bin/sh`, the program's path, then its arguments: for a program without `#!`.
     sh_argv: *const *const libc::c_char,
+    /// `cgroup.procs` of the agent's cgroup, open for writing, or -1.
+    cgroup_procs: RawFd,
+    /// The errno of a failed move into that cgroup (not fatal), or 0.
+    cgroup_failure: AtomicI32,
     /// `ChildStep::encode(step, errno)` if a step failed; 0 if the child reached `execve`
     /// successfully.
     failure: AtomicI32,
@@ -512,6 +536,10 @@ extern "C" fn child_main(plan: *mut libc::c_void) -> libc::c_int {
         }
         if libc::setpgid(0, 0) == -1 {
             return fail(ChildStep::ProcessGroup);
+        }
+        if plan.cgroup_procs >= 0 && libc::write(plan.cgroup_procs, b"0".as_ptr().cast(), 1) != 1 {
+            plan.cgroup_failure
+                .store(*libc::__errno_location(), Ordering::Release);
         }
         // The death signal follows the thread that cloned us (see `spawn`).
         if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) == -1 {

@@ -57,6 +57,7 @@ pub struct StaleSessionSweep {
     stale_after: Duration,
     max_age: Duration,
     ended_ttl: Duration,
+    job_meta_prefix: Option<String>,
 }
 
 impl std::fmt::Debug for StaleSessionSweep {
@@ -84,6 +85,7 @@ impl StaleSessionSweep {
             stale_after,
             max_age,
             ended_ttl: Duration::from_secs(3600),
+            job_meta_prefix: None,
         }
     }
 
@@ -102,6 +104,16 @@ impl StaleSessionSweep {
             settings.session.max_age,
         )
         .ended_ttl(settings.session.ended_ttl)
+        .jobs_of(
+            &agent_jobs::QueueKeys::new(&settings.redis.queue).expect("redis.queue is validated"),
+        )
+    }
+
+    /// The queue whose agent-start jobs start these sessions: a live session the sweep removes
+    /// has its job's claim record cleared, so a re-delivery of the job starts it again.
+    pub fn jobs_of(mut self, queue: &agent_jobs::QueueKeys) -> Self {
+        self.job_meta_prefix = Some(queue.meta_prefix());
+        self
     }
 
     /// How long an ended session's record may stay before the sweep removes it, when its end
@@ -125,6 +137,7 @@ impl StaleSessionSweep {
         let removal = Removal::Stale {
             cutoff,
             ended_cutoff: now.saturating_sub(self.ended_ttl.as_secs()),
+            job_meta_prefix: self.job_meta_prefix.clone(),
         };
         loop {
             let ids: Vec<String> = redis::cmd("ZRANGEBYSCORE")

@@ -22,6 +22,10 @@
 //! - `alive-never-ready`: print `AGENT_ALIVE` (the alive phase) and never a ready line.
 //! - `chatty`: print the ready line, then 250 lines `chatty line <i>`, then run until SIGTERM.
 //! - `ignore-term`: print the ready line and ignore SIGTERM; only SIGKILL ends it.
+//! - `escape`: start a process of its own in a new process group (as a daemonizing helper
+//!   would, out of reach of a signal to the agent's group: `test-agent --behaviour linger
+//!   --room=<room>-escapee`), print the ready line, run until SIGTERM.
+//! - `linger`: print nothing and run until killed.
 //! - `flood`: print the ready line, then lines as fast as it can for `--flood-secs` seconds
 //!   (default 2), then `flood done <lines> <lines per second>`, then run until SIGTERM.
 //!
@@ -133,6 +137,26 @@ pub fn main(argv: Vec<String>) -> i32 {
             let _ = term.wait();
             0
         }
+        "escape" => {
+            use std::os::unix::process::CommandExt;
+            let exe = std::env::current_exe().expect("the test agent's own binary");
+            let escapee = std::process::Command::new(exe)
+                .args([SUBCOMMAND, "--behaviour", "linger"])
+                .arg(format!("--room={room}-escapee"))
+                .process_group(0)
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn();
+            match escapee {
+                Ok(child) => say(&format!("escapee {}", child.id())),
+                Err(error) => say(&format!("escapee failed: {error}")),
+            }
+            say(&ready);
+            let _ = term.wait();
+            0
+        }
+        "linger" => park_forever(),
         "ignore-term" => {
             // SIGTERM stays blocked and is never waited for: only SIGKILL ends this one.
             say(&ready);

@@ -36,6 +36,7 @@ use crate::{
     capacity::{Capacity, CapacityLayer},
     clock,
     connection::{self, RedisHealth},
+    containment::Containment,
     dataset,
     launcher::{AgentCommand, Launcher, OutputLimits, ProcessLauncher, Readiness},
     logs,
@@ -67,17 +68,32 @@ pub fn worker_id() -> String {
     )
 }
 
-/// Builds the launcher from settings, given the sink for agent output.
-pub type LauncherFactory = Box<dyn FnOnce(OutputSink) -> Arc<dyn Launcher> + Send>;
+/// What a launcher is built with inside a running worker.
+pub struct LauncherParts {
+    /// Where agent output goes (for `agent:<id>:logs`).
+    pub output: OutputSink,
+    /// How agents' process trees are contained.
+    pub containment: Arc<Containment>,
+    /// This worker's id (marks its agents' processes).
+    pub worker_id: String,
+}
+
+/// Builds the launcher from settings, given its parts.
+pub type LauncherFactory = Box<dyn FnOnce(LauncherParts) -> Arc<dyn Launcher> + Send>;
 
 /// The real launcher: agent processes, judged alive and ready by `agent.alive_patterns` and
-/// `agent.ready_patterns` within their timeouts.
+/// `agent.ready_patterns` within their timeouts, contained as `agent.containment` says.
 pub fn process_launcher(agent: &AgentSettings) -> LauncherFactory {
     let (readiness, limits) = (
         Readiness::from_settings(agent),
         OutputLimits::from_settings(agent),
     );
-    Box::new(move |output| Arc::new(ProcessLauncher::new(readiness, limits, output)))
+    Box::new(move |parts| {
+        Arc::new(
+            ProcessLauncher::new(readiness, limits, parts.output)
+                .contained(parts.containment, parts.worker_id),
+        )
+    })
 }
 
 /// How a running worker is asked to stop.
@@ -109,6 +125,9 @@ pub enum RefusedToStart {
     /// Redis may evict keys and `redis.allow_eviction` is not set.
     #[error("{0}")]
     EvictingRedis(String),
+    /// `agent.containment = "cgroup"` and no cgroup can be created.
+    #[error(transparent)]
+    NoCgroup(#[from] crate::containment::NoCgroup),
 }
 
 /// Runs the worker until `shutdown`: waits for Redis, processes agent-start jobs, supervises
@@ -148,11 +167,13 @@ pub async fn run_with_health(
     }
     let keys = QueueKeys::new(&settings.redis.queue).expect("redis.queue is validated");
     let worker_id = worker_id();
+    let containment = Arc::new(Containment::start(settings.agent.containment, &worker_id)?);
     tracing::info!(
         worker_id = %worker_id,
         queue = keys.queue(),
         redis = %settings.redis.url,
         max_agents = settings.agent.max_agents,
+        containment = containment.name(),
         clock_offset_ms = clock::offset_ms(),
         "worker_started"
     );
@@ -163,7 +184,11 @@ pub async fn run_with_health(
     let shipper = tokio::spawn(logs::ship(lines_rx, store.clone()));
     let capacity = Capacity::new(settings.agent.max_agents);
     let supervisor = Supervisor::new(
-        make_launcher(lines_tx),
+        make_launcher(LauncherParts {
+            output: lines_tx,
+            containment: containment.clone(),
+            worker_id: worker_id.clone(),
+        }),
         store.clone(),
         worker_id.clone(),
         RetryPolicy {
@@ -198,7 +223,7 @@ pub async fn run_with_health(
     );
     let client = connection::client(&settings.redis).expect("redis.url is validated");
     let (sweep_health, stale_after) = (redis_health.clone(), settings.session.stale_after);
-    let tasks = vec![
+    let mut tasks = vec![
         tokio::spawn(observability::probe_loop(
             conn.clone(),
             keys.clone(),
@@ -288,6 +313,10 @@ pub async fn run_with_health(
         )),
     ];
 
+    if crate::containment::is_subreaper() {
+        tasks.push(tokio::spawn(reap_loop(background.clone())));
+    }
+
     // At the first signal, launches in progress stop retrying, so the drain of the job worker
     // below waits for at most one start-up attempt per job.
     let closer = {
@@ -365,6 +394,7 @@ pub async fn run_with_health(
     drop(supervisor);
     // The shipper ends once the last agent output reader has closed its sender.
     let _ = tokio::time::timeout(Duration::from_secs(5), shipper).await;
+    containment.close();
     tracing::info!(worker_id = %worker_id, "worker_stopped");
     Ok(())
 }
@@ -690,6 +720,20 @@ async fn presence_loop(
             observability::redis_error("presence");
             tracing::debug!(error = %error, "presence_failed");
         }
+    }
+}
+
+/// As the subreaper of its agents' trees, the worker is the parent of every orphan in them:
+/// it reaps those that exit on their own (see [`crate::containment`]).
+async fn reap_loop(shutdown: CancellationToken) {
+    let mut ticker = tokio::time::interval(Duration::from_secs(2));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let _ = tokio::task::spawn_blocking(crate::containment::reap_adopted).await;
     }
 }
 

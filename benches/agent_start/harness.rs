@@ -503,13 +503,14 @@ impl RecordingLauncher {
         keep_running: Option<usize>,
     ) -> LauncherFactory {
         let agent = settings.agent.clone();
-        Box::new(move |output| {
+        Box::new(move |parts| {
             Arc::new(Self {
                 inner: ProcessLauncher::new(
                     Readiness::from_settings(&agent),
                     OutputLimits::from_settings(&agent),
-                    output,
-                ),
+                    parts.output,
+                )
+                .contained(parts.containment, parts.worker_id),
                 probe,
                 keep_running,
                 running: Mutex::new(VecDeque::new()),

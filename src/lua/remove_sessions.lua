@@ -13,6 +13,11 @@
 --           is the orchestrator's to clean up, so it stays until ARGV[3] (endedAt, else
 --           lastActive, at or before it: removed, reason ended_expired); until then it only
 --           leaves the index and the state sets, its keys capped at the time it has left.
+--           A live session removed here may still have its job coming back (its worker died
+--           during the start; the job is re-delivered): the job's record of having claimed
+--           the session is cleared (ARGV[5]: the meta key prefix of the jobs' queue, '' for
+--           none), so that delivery starts the session again instead of taking the missing
+--           record for one the orchestrator ended (see claim_session.lua).
 --   legacy: a session NOT in the index (written by the old system) whose newest of
 --           lastActive / createdAt is < ARGV[2]. Reason: legacy_max_age.
 --
@@ -21,13 +26,15 @@
 -- KEYS[1]: the heartbeat index; KEYS[2]: session:starting; KEYS[3]: session:ready
 -- KEYS[4..]: per session, six keys: session:<id>, its config, pid, logs, health and logfile
 -- ARGV[2]: the cutoff   ARGV[3]: the ended cutoff (stale mode)   ARGV[4]: 1 for a dry run
--- ARGV[5..]: the session ids, in the order of their keys (validated by the caller)
+-- ARGV[5]: the jobs' meta key prefix (<queue>:meta) or ''
+-- ARGV[6..]: the session ids, in the order of their keys (validated by the caller)
 -- Returns a flat array: id, reason, for each session removed (or that would be).
 local mode, cutoff, dry = ARGV[1], tonumber(ARGV[2]), ARGV[4] == '1'
 local removed = {}
-for i = 5, #ARGV do
+local meta_prefix = ARGV[5]
+for i = 6, #ARGV do
     local id = ARGV[i]
-    local k = 4 + (i - 5) * 6
+    local k = 4 + (i - 6) * 6
     local state = KEYS[k]
     local reason = nil
     local release = nil
@@ -38,10 +45,16 @@ for i = 5, #ARGV do
             local status = current[1]
             if redis.call('EXISTS', state) == 0 then
                 reason = 'gone'
-            elseif status == 'starting' then
-                reason = 'stuck_starting'
-            elseif status == 'ready' or not status then
-                reason = 'heartbeat_stale'
+            elseif status == 'starting' or status == 'ready' or not status then
+                if status == 'starting' then
+                    reason = 'stuck_starting'
+                else
+                    reason = 'heartbeat_stale'
+                end
+                local task = redis.call('HGET', state, 'taskId')
+                if task and meta_prefix ~= '' and not dry then
+                    redis.call('HDEL', meta_prefix .. ':' .. task, 'sessionClaimedAt')
+                end
             else
                 local ended = tonumber(current[2]) or tonumber(current[3]) or 0
                 local left = ended - tonumber(ARGV[3])

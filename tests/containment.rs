@@ -1,0 +1,124 @@
+//! No escaped processes: whatever an agent starts, even outside its process group, ends with
+//! its session. This machine offers both mechanisms (a writable cgroup v2 and a subreaper), so
+//! both are tested, and the cgroup's guarantee after a SIGKILLed worker too.
+
+mod common;
+
+use std::time::Duration;
+
+use agent_jobs::{SessionId, SessionKeys};
+use common::*;
+use nix::sys::signal::Signal;
+use redis::AsyncCommands;
+
+fn worker(url: &str, containment: &str) -> std::process::Child {
+    worker_command(
+        url,
+        &["run"],
+        "escape",
+        &[("AGENT_WORKER__AGENT__CONTAINMENT", containment)],
+    )
+    .spawn()
+    .expect("start the worker")
+}
+
+/// The pid of the process the agent of `id` started outside its group.
+async fn escapee(redis: &TestRedis, id: &SessionId) -> u32 {
+    wait_for("the escapee's pid", Duration::from_secs(10), || async {
+        let lines: Vec<String> = redis
+            .conn
+            .clone()
+            .lrange(SessionKeys::new(id).agent_logs(), 0, -1)
+            .await
+            .unwrap();
+        lines
+            .iter()
+            .find_map(|l| l.strip_prefix("escapee ")?.parse().ok())
+    })
+    .await
+}
+
+/// Ends the session as the orchestrator does; returns once its agent is gone.
+async fn end_session(redis: &TestRedis, id: &SessionId) {
+    let agent: u32 = hget(&redis.conn, &SessionKeys::new(id).state(), "agentPid")
+        .await
+        .unwrap()
+        .parse()
+        .unwrap();
+    let _: () = redis
+        .conn
+        .clone()
+        .del(&SessionKeys::new(id).all())
+        .await
+        .unwrap();
+    wait_for("the agent to stop", Duration::from_secs(10), || async {
+        (!alive(agent)).then_some(())
+    })
+    .await;
+}
+
+/// Stops the worker; the mechanism it said it used (in `worker_started`).
+async fn mechanism(worker: std::process::Child) -> String {
+    signal(&worker, Signal::SIGTERM);
+    let out = output_of(worker).await;
+    events(&out.stderr)
+        .into_iter()
+        .find(|e| e["message"] == "worker_started")
+        .and_then(|e| e["containment"].as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_escaped_process_ends_with_its_session_in_a_cgroup_and_under_the_subreaper() {
+    for containment in ["cgroup", "subreaper"] {
+        let redis = TestRedis::start().await;
+        let worker = worker(&redis.url(), containment);
+        let id = sid(&format!("escaping-{containment}"));
+        enqueue(&redis.conn, &id, None).await;
+        wait_status(&redis.conn, &id, "ready", Duration::from_secs(20)).await;
+        let escaped = escapee(&redis, &id).await;
+        assert!(alive(escaped));
+        end_session(&redis, &id).await;
+        wait_for(
+            &format!("the escaped process to be gone ({containment})"),
+            Duration::from_secs(10),
+            || async { (!alive(escaped)).then_some(()) },
+        )
+        .await;
+        assert_eq!(mechanism(worker).await, containment);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkilled_workers_escaped_processes_are_killed_by_the_next_worker_in_its_cgroup() {
+    let redis = TestRedis::start().await;
+    let first = worker(&redis.url(), "cgroup");
+    let id = sid("orphaned-escapee");
+    enqueue(&redis.conn, &id, None).await;
+    wait_status(&redis.conn, &id, "ready", Duration::from_secs(20)).await;
+    let escaped = escapee(&redis, &id).await;
+    let agent: u32 = hget(&redis.conn, &SessionKeys::new(&id).state(), "agentPid")
+        .await
+        .unwrap()
+        .parse()
+        .unwrap();
+    signal(&first, Signal::SIGKILL);
+    output_of(first).await;
+    wait_for(
+        "the agent to die with its worker",
+        Duration::from_secs(5),
+        || async { (!alive(agent)).then_some(()) },
+    )
+    .await;
+    // Out of the group, not a child of anyone who would kill it: it lives on...
+    assert!(alive(escaped));
+    // ...until a worker starts in the same cgroup and kills what dead workers left.
+    let second = worker(&redis.url(), "cgroup");
+    wait_for(
+        "the escaped process to be gone",
+        Duration::from_secs(10),
+        || async { (!alive(escaped)).then_some(()) },
+    )
+    .await;
+    assert_eq!(mechanism(second).await, "cgroup");
+}
