@@ -109,6 +109,10 @@ pub enum RefusedToStart {
     /// Redis may evict keys and `redis.allow_eviction` is not set.
     #[error("{0}")]
     EvictingRedis(String),
+    /// The client of the wake-up listener could not be made (its TLS files went unreadable
+    /// since the first connection).
+    #[error("cannot open the Redis client of the wake-up listener: {0}")]
+    WakeClient(redis::RedisError),
 }
 
 /// Runs the worker until `shutdown`: waits for Redis, processes agent-start jobs, supervises
@@ -142,6 +146,9 @@ pub async fn run_with_health(
     };
     health.set_redis_auth_failed(false);
     check_eviction(&conn, &settings).await?;
+    // The wake-up listener's own connection (pub/sub), with the same TLS settings.
+    let client = connection::client(&settings.redis).map_err(RefusedToStart::WakeClient)?;
+
     observability::agents_max(settings.agent.max_agents);
     if let Err(error) = clock::sync(&mut conn.clone()).await {
         tracing::warn!(error = %error, "clock_sync_failed");
@@ -152,6 +159,7 @@ pub async fn run_with_health(
         worker_id = %worker_id,
         queue = keys.queue(),
         redis = %settings.redis.url,
+        tls = settings.redis.tls_mode().as_str(),
         max_agents = settings.agent.max_agents,
         clock_offset_ms = clock::offset_ms(),
         "worker_started"
@@ -196,7 +204,6 @@ pub async fn run_with_health(
         settings.retention.dead,
         settings.retention.dead_max,
     );
-    let client = connection::client(&settings.redis).expect("redis.url is validated");
     let (sweep_health, stale_after) = (redis_health.clone(), settings.session.stale_after);
     let tasks = vec![
         tokio::spawn(observability::probe_loop(
