@@ -16,12 +16,13 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 # smoke tests) and the settings reference, as an unprivileged user.
 FROM debian:bookworm-slim
 # tini as PID 1 reaps processes that agents leave behind and the worker kills; without an init,
-# the worker itself would be PID 1 and such orphans would stay zombies.
+# the worker itself would be PID 1 and such orphans would stay zombies. ca-certificates: the
+# system's roots, which a rediss:// URL is verified against unless redis.tls_ca_file is set.
 # Not pinned (DL3008): bookworm only receives security updates, and an exact pin breaks the
 # build as soon as one supersedes it; pin the base image by digest for reproducible builds.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends tini \
+    && apt-get install -y --no-install-recommends ca-certificates tini \
     && rm -rf /var/lib/apt/lists/* \
     && groupadd --system --gid 10001 agent \
     && useradd --system --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin agent

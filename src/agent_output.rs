@@ -14,7 +14,7 @@
 //!   and the rest is dropped as it arrives, so a line without a newline never grows memory.
 //!
 //! The readers also judge start-up: the first line containing an alive pattern moves the
-//! agent's [`Phase`] to `Alive`, the first with a ready pattern to `Ready`, which the launch
+//! agent's `Phase` to `Alive`, the first with a ready pattern to `Ready`, which the launch
 //! awaits (event-driven, no polling).
 
 use std::{

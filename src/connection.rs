@@ -11,6 +11,14 @@
 //! [`ConnectError::AuthFailed`] (`redis_auth_failed`): a command-line call fails in
 //! milliseconds instead of retrying for seconds, and the worker says what is wrong, keeps
 //! waiting (someone may fix the secret) and answers `/readyz` with 503 meanwhile.
+//!
+//! TLS (`rediss://`) is rustls with the ring provider, installed once per process by
+//! [`client`]. The server's certificate is checked against the system's roots or
+//! `redis.tls_ca_file`; a client certificate is presented when `redis.tls_cert_file` and
+//! `redis.tls_key_file` are set; `redis.tls_insecure` turns verification off. A handshake that
+//! fails (an untrusted certificate, a refused client certificate, a server that does not speak
+//! TLS) is as permanent as a wrong password and reported the same way, as
+//! [`ConnectError::TlsFailed`] (`redis_tls_failed`).
 
 use std::{
     sync::{Arc, Mutex},
@@ -18,12 +26,12 @@ use std::{
 };
 
 use redis::{
-    AsyncConnectionConfig, Client, ErrorKind, RedisError,
+    AsyncConnectionConfig, Client, ConnectionAddr, ErrorKind, IntoConnectionInfo, RedisError,
     aio::{ConnectionManager, ConnectionManagerConfig},
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::settings::RedisSettings;
+use crate::settings::{RedisSettings, TlsMode};
 
 /// When this process last saw Redis fail. Liveness in Redis is judged from heartbeats that
 /// nobody can write during an outage; right after one, every worker looks dead. Takeovers and
@@ -70,11 +78,25 @@ pub enum ConnectError {
         /// What the server said.
         reason: String,
     },
+    /// The TLS handshake failed: the server's certificate is not trusted (or does not name the
+    /// host), the server refused our client certificate, or it does not speak TLS. Retrying
+    /// cannot help until the certificates or settings are fixed.
+    #[error("redis_tls_failed: TLS with Redis at {url} failed: {reason}; {hint}")]
+    TlsFailed {
+        /// The URL, redacted.
+        url: String,
+        /// What rustls said.
+        reason: String,
+        /// What to check.
+        hint: &'static str,
+    },
     /// Redis did not answer (down, unreachable, too slow).
-    #[error("cannot reach Redis at {url}: {source}")]
+    #[error("cannot reach Redis at {url}: {source}{hint}")]
     Unreachable {
         /// The URL, redacted.
         url: String,
+        /// What else to check, or empty.
+        hint: &'static str,
         /// The client's error.
         #[source]
         source: RedisError,
@@ -86,6 +108,12 @@ impl ConnectError {
     pub fn is_auth_failure(&self) -> bool {
         matches!(self, Self::AuthFailed { .. })
     }
+
+    /// True for [`ConnectError::AuthFailed`] and [`ConnectError::TlsFailed`]: failures that
+    /// retrying does not fix, so a command-line call reports them at once.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, Self::AuthFailed { .. } | Self::TlsFailed { .. })
+    }
 }
 
 /// True when `error` says the credentials were refused: a failed `AUTH` (`WRONGPASS`), or a
@@ -95,17 +123,119 @@ pub fn is_auth_error(error: &RedisError) -> bool {
         || matches!(error.code(), Some("NOAUTH" | "WRONGPASS"))
 }
 
-/// Opens a client for the configured URL (no I/O yet).
+/// The rustls error behind a failed connection, if TLS is what failed.
+pub fn tls_error(error: &RedisError) -> Option<&rustls::Error> {
+    /// `error` itself as rustls's error, also behind the wrappers redis-rs and tokio-rustls put
+    /// around it (an `Arc`, an `io::Error`, whose own `source()` skips what it wraps).
+    fn as_tls<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+        type Shared = Arc<dyn std::error::Error + Send + Sync>;
+        if let Some(tls) = error.downcast_ref::<rustls::Error>() {
+            return Some(tls);
+        }
+        if let Some(shared) = error.downcast_ref::<Shared>() {
+            return as_tls(shared.as_ref());
+        }
+        error
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|inner| as_tls(inner))
+    }
+    let mut source = std::error::Error::source(error);
+    while let Some(current) = source {
+        if let Some(tls) = as_tls(current) {
+            return Some(tls);
+        }
+        source = current.source();
+    }
+    None
+}
+
+/// What to check after a TLS failure.
+fn tls_hint(error: &rustls::Error) -> &'static str {
+    match error {
+        rustls::Error::InvalidCertificate(_) => {
+            "the server's certificate must chain to redis.tls_ca_file (or, when that is unset, \
+             to the system's roots) and name the host of redis.url"
+        }
+        rustls::Error::AlertReceived(_) => {
+            "the server refused the handshake; if it requires client certificates, set \
+             redis.tls_cert_file and redis.tls_key_file to one it trusts"
+        }
+        _ => "is the port of redis.url a TLS port (tls-port) of the server?",
+    }
+}
+
+/// Installs rustls's ring provider as the process default, once (a provider installed before,
+/// by us or anyone, is kept).
+pub fn install_crypto_provider() {
+    static INSTALL: std::sync::Once = std::sync::Once::new();
+    INSTALL.call_once(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
+/// Logs how the connection is protected, once at start-up; `redis.tls_insecure` as a warning.
+pub fn log_tls_mode(settings: &RedisSettings) {
+    match settings.tls_mode() {
+        TlsMode::Insecure => tracing::warn!(
+            redis = %settings.url,
+            "redis_tls_insecure: redis.tls_insecure = true, the server's certificate is NOT \
+             verified; anyone on the network path can impersonate Redis and read the traffic"
+        ),
+        TlsMode::Off => {}
+        mode => tracing::debug!(redis = %settings.url, tls = %mode, "redis_tls"),
+    }
+}
+
+/// Opens a client for the configured URL (no I/O yet), with the TLS settings: a CA bundle,
+/// a client certificate and verification turned off as configured. The TLS files are read
+/// here, on each call.
 pub fn client(settings: &RedisSettings) -> redis::RedisResult<Client> {
-    Client::open(settings.url.expose())
+    let mut info = settings.url.expose().into_connection_info()?;
+    if !settings.uses_tls() {
+        return Client::open(info);
+    }
+    install_crypto_provider();
+    if settings.tls_insecure
+        && let ConnectionAddr::TcpTls {
+            host,
+            port,
+            tls_params,
+            ..
+        } = info.addr().clone()
+    {
+        info = info.set_addr(ConnectionAddr::TcpTls {
+            host,
+            port,
+            insecure: true,
+            tls_params,
+        });
+    }
+    let certificates = settings.tls_certificates().map_err(|error| {
+        RedisError::from((
+            ErrorKind::InvalidClientConfig,
+            "TLS settings",
+            error.to_string(),
+        ))
+    })?;
+    match certificates {
+        Some(certificates) => Client::build_with_tls(info, certificates),
+        None => Client::open(info),
+    }
 }
 
 /// Connects once, failing if Redis does not answer (after the manager's own reconnect
 /// attempts), or at once if it refuses the credentials.
 pub async fn connect(settings: &RedisSettings) -> Result<ConnectionManager, ConnectError> {
     let url = settings.url.redacted();
-    let unreachable = |source| ConnectError::Unreachable {
+    let unreachable = |source: RedisError| ConnectError::Unreachable {
         url: url.clone(),
+        // A server port without TLS never answers the handshake.
+        hint: if settings.uses_tls() && source.is_timeout() {
+            " (with rediss://, also check that the port is the server's TLS port)"
+        } else {
+            ""
+        },
         source,
     };
     let client = client(settings).map_err(unreachable)?;
@@ -120,13 +250,20 @@ pub async fn connect(settings: &RedisSettings) -> Result<ConnectionManager, Conn
             .await?;
         redis::cmd("PING").query_async::<()>(&mut conn).await
     };
-    if let Err(error) = probe.await
-        && is_auth_error(&error)
-    {
-        return Err(ConnectError::AuthFailed {
-            url: url.clone(),
-            reason: error.to_string(),
-        });
+    if let Err(error) = probe.await {
+        if is_auth_error(&error) {
+            return Err(ConnectError::AuthFailed {
+                url: url.clone(),
+                reason: error.to_string(),
+            });
+        }
+        if let Some(tls) = tls_error(&error) {
+            return Err(ConnectError::TlsFailed {
+                url: url.clone(),
+                reason: tls.to_string(),
+                hint: tls_hint(tls),
+            });
+        }
     }
     let config = ConnectionManagerConfig::new()
         .set_response_timeout(Some(settings.response_timeout))
@@ -143,8 +280,9 @@ pub async fn connect(settings: &RedisSettings) -> Result<ConnectionManager, Conn
 
 /// Connects, retrying with back-off until Redis answers or `shutdown` fires (then `None`).
 /// A streak of failures is logged once when it starts and once when it ends, not per attempt;
-/// refused credentials are logged as `redis_auth_failed` (an error), other failures as
-/// `redis_unreachable`, and `on_failure` is told which, for readiness.
+/// refused credentials are logged as `redis_auth_failed` and failed TLS handshakes as
+/// `redis_tls_failed` (errors), other failures as `redis_unreachable`, and `on_failure` is
+/// told which, for readiness.
 pub async fn connect_with_retry(
     settings: &RedisSettings,
     health: &RedisHealth,
@@ -153,7 +291,7 @@ pub async fn connect_with_retry(
 ) -> Option<ConnectionManager> {
     let mut delay = Duration::from_millis(100);
     let mut failures = 0u32;
-    let mut last_was_auth = None;
+    let mut last_kind = None;
     loop {
         match connect(settings).await {
             Ok(conn) => {
@@ -165,19 +303,23 @@ pub async fn connect_with_retry(
             Err(error) => {
                 health.failed();
                 on_failure(&error);
-                let auth = error.is_auth_failure();
-                if last_was_auth != Some(auth) {
-                    if auth {
-                        tracing::error!(error = %error, "redis_auth_failed");
-                    } else {
-                        tracing::warn!(
+                let kind = std::mem::discriminant(&error);
+                if last_kind != Some(kind) {
+                    match error {
+                        ConnectError::AuthFailed { .. } => {
+                            tracing::error!(error = %error, "redis_auth_failed")
+                        }
+                        ConnectError::TlsFailed { .. } => {
+                            tracing::error!(error = %error, "redis_tls_failed")
+                        }
+                        ConnectError::Unreachable { .. } => tracing::warn!(
                             redis = %settings.url,
                             error = %error,
                             "redis_unreachable: retrying with back-off"
-                        );
+                        ),
                     }
                 }
-                last_was_auth = Some(auth);
+                last_kind = Some(kind);
                 failures += 1;
             }
         }
@@ -186,5 +328,41 @@ pub async fn connect_with_retry(
             _ = tokio::time::sleep(delay) => {}
         }
         delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+    use crate::settings::Settings;
+
+    fn settings(pairs: &[(&str, &str)]) -> RedisSettings {
+        let env: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Settings::load_from(None, env).unwrap().redis
+    }
+
+    #[test]
+    fn clients_carry_the_tls_settings() {
+        let insecure =
+            |settings: &RedisSettings| match client(settings).unwrap().get_connection_info().addr()
+            {
+                ConnectionAddr::TcpTls { insecure, .. } => Some(*insecure),
+                _ => None,
+            };
+        let url = ("AGENT_WORKER__REDIS__URL", "rediss://127.0.0.1:6380/");
+        assert_eq!(insecure(&settings(&[url])), Some(false));
+        assert_eq!(
+            insecure(&settings(&[
+                url,
+                ("AGENT_WORKER__REDIS__TLS_INSECURE", "true")
+            ])),
+            Some(true)
+        );
+        assert_eq!(insecure(&settings(&[])), None);
     }
 }

@@ -256,8 +256,9 @@ async fn ensure_redis(settings: &mut Settings) -> anyhow::Result<Option<LocalRed
             );
             return Ok(None);
         }
-        // A Redis that is there but refuses us is a mistake to report, not to work around.
-        Ok(Err(error)) if error.is_auth_failure() => return Err(error.into()),
+        // A Redis that is there but refuses us (credentials, TLS) is a mistake to report, not
+        // to work around.
+        Ok(Err(error)) if error.is_permanent() => return Err(error.into()),
         _ => {}
     }
     if !LocalRedis::available() {

@@ -129,6 +129,8 @@ fn main() -> ExitCode {
         default_filter,
         log_writer,
     ));
+    // redis.tls_insecure is warned about by every command, before it connects.
+    connection::log_tls_mode(&settings.redis);
     let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
     let result = runtime.block_on(async move {
         match cli.command {

@@ -128,6 +128,10 @@ pub enum RefusedToStart {
     /// `agent.containment = "cgroup"` and no cgroup can be created.
     #[error(transparent)]
     NoCgroup(#[from] crate::containment::NoCgroup),
+    /// The client of the wake-up listener could not be made (its TLS files went unreadable
+    /// since the first connection).
+    #[error("cannot open the Redis client of the wake-up listener: {0}")]
+    WakeClient(redis::RedisError),
 }
 
 /// Runs the worker until `shutdown`: waits for Redis, processes agent-start jobs, supervises
@@ -161,6 +165,9 @@ pub async fn run_with_health(
     };
     health.set_redis_auth_failed(false);
     check_eviction(&conn, &settings).await?;
+    // The wake-up listener's own connection (pub/sub), with the same TLS settings.
+    let client = connection::client(&settings.redis).map_err(RefusedToStart::WakeClient)?;
+
     observability::agents_max(settings.agent.max_agents);
     if let Err(error) = clock::sync(&mut conn.clone()).await {
         tracing::warn!(error = %error, "clock_sync_failed");
@@ -172,6 +179,7 @@ pub async fn run_with_health(
         worker_id = %worker_id,
         queue = keys.queue(),
         redis = %settings.redis.url,
+        tls = settings.redis.tls_mode().as_str(),
         max_agents = settings.agent.max_agents,
         containment = containment.name(),
         clock_offset_ms = clock::offset_ms(),
@@ -221,7 +229,6 @@ pub async fn run_with_health(
         settings.retention.dead,
         settings.retention.dead_max,
     );
-    let client = connection::client(&settings.redis).expect("redis.url is validated");
     let (sweep_health, stale_after) = (redis_health.clone(), settings.session.stale_after);
     let mut tasks = vec![
         tokio::spawn(observability::probe_loop(
