@@ -8,6 +8,8 @@
 //! - after an error it backs off (100 ms doubling to `worker.restart_backoff_max`, reset after a
 //!   minute of healthy running), re-queues the dead run's fetched jobs at once
 //!   ([`QueueOps::recover_inflight`]) and starts again; only a shutdown ends the loop;
+//! - a refusal by Redis's ACL ([`PermissionDenied`]) is logged once per streak as
+//!   `redis_permission_denied`, naming what it can, and retried at `worker.restart_backoff_max`;
 //! - before each run and on every fallback tick, due scheduled jobs are promoted in chunks
 //!   ([`QueueOps::promote_due`]), so a burst in the scheduled set cannot crash the fetch.
 //!
@@ -449,6 +451,8 @@ async fn supervise_job_worker(
     shutdown: &CancellationToken,
 ) {
     let mut backoff = Duration::from_millis(100);
+    // The ACL refusal of the current streak of failed runs: logged once, not per restart.
+    let mut denied: Option<PermissionDenied> = None;
     for run in 0u64.. {
         let name = format!("{worker_id}-{run}");
         if let Err(error) = ops.promote_due().await {
@@ -486,6 +490,24 @@ async fn supervise_job_worker(
         if started.elapsed() >= HEALTHY_RUN {
             backoff = Duration::from_millis(100);
         }
+        match PermissionDenied::parse(&reason) {
+            Some(refusal) => {
+                if denied.as_ref() != Some(&refusal) {
+                    tracing::error!(
+                        denied = refusal.kind,
+                        key = refusal.key,
+                        command = refusal.command.as_deref(),
+                        script = refusal.script.as_deref(),
+                        error = %reason,
+                        "redis_permission_denied: {refusal}"
+                    );
+                }
+                denied = Some(refusal);
+                // Nothing changes until someone changes the ACL: no fast retries meanwhile.
+                backoff = settings.worker.restart_backoff_max;
+            }
+            None => denied = None,
+        }
         observability::job_worker_restarted();
         redis_health.failed();
         tracing::warn!(
@@ -500,6 +522,94 @@ async fn supervise_job_worker(
         }
         backoff = (backoff * 2).min(settings.worker.restart_backoff_max);
         recover(ops, &name, shutdown, settings.worker.restart_backoff_max).await;
+    }
+}
+
+/// apalis-redis 1.0.0's `lua/register_worker.lua` (the SHA1 Redis knows it by). It writes
+/// `core:apalis:queues:list`, a key it neither declares nor documents.
+const APALIS_REGISTER_WORKER_SHA: &str = "0d5fbce91e1dcff1121ece41f7169da3c0e39194";
+
+/// The key [`APALIS_REGISTER_WORKER_SHA`] writes besides its declared keys.
+const APALIS_QUEUES_LIST: &str = "core:apalis:queues:list";
+
+/// A refusal by the Redis ACL of the worker's user, read from the text of a job worker error
+/// (they reach us through apalis as text). Redis answers `NOPERM ...` to a command the client
+/// sent, and `ERR The user executing the script can't ...` to one a script ran; the latter
+/// names neither the key nor the command, only the script's hash, so the apalis-redis script
+/// known to write an undeclared key is recognised here. The rule the worker needs is
+/// `deploy/redis/agent-worker.acl`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PermissionDenied {
+    /// What was refused: `key`, `channel` or `command`.
+    pub kind: &'static str,
+    /// The refused command, when Redis names it (top-level `NOPERM` replies).
+    pub command: Option<String>,
+    /// The script that ran the refused command: its name when known, else its SHA1.
+    pub script: Option<String>,
+    /// The refused key, when known.
+    pub key: Option<&'static str>,
+}
+
+impl PermissionDenied {
+    /// The refusal `error` reports, if it reports one.
+    pub fn parse(error: &str) -> Option<Self> {
+        let in_script = error.find("The user executing the script can't");
+        let start = in_script.or_else(|| error.find("NOPERM").or_else(|| error.find("NoPerm")))?;
+        let text = &error[start..];
+        // "…access at least one of the keys mentioned in the command arguments", "…publish to
+        // the channel mentioned in the command", "…run this command or subcommand"; at top
+        // level "…access one of the keys / channels used as arguments", "…run the 'x' command".
+        let kind = if text.contains("keys") {
+            "key"
+        } else if text.contains("channel") {
+            "channel"
+        } else {
+            "command"
+        };
+        let command = (in_script.is_none() && kind == "command")
+            .then(|| text.split('\'').nth(1).map(str::to_owned))
+            .flatten();
+        let sha = text.find("script: ").map(|i| {
+            text[i + "script: ".len()..]
+                .chars()
+                .take_while(char::is_ascii_hexdigit)
+                .collect::<String>()
+        });
+        let (script, key) = match sha {
+            Some(sha) if sha == APALIS_REGISTER_WORKER_SHA => (
+                Some("apalis-redis register_worker.lua".to_owned()),
+                (kind == "key").then_some(APALIS_QUEUES_LIST),
+            ),
+            Some(sha) if sha.len() == 40 => (Some(sha), None),
+            _ => (None, None),
+        };
+        Some(Self {
+            kind,
+            command,
+            script,
+            key,
+        })
+    }
+}
+
+impl std::fmt::Display for PermissionDenied {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the Redis user of redis.url may not ")?;
+        match (self.kind, self.key, &self.command) {
+            ("key", Some(key), _) => write!(f, "access the key {key}")?,
+            ("key", None, _) => write!(f, "access a key the worker needs")?,
+            ("channel", ..) => write!(f, "use a pub/sub channel the worker needs")?,
+            (_, _, Some(command)) => write!(f, "run the command {command}")?,
+            _ => write!(f, "run a command the worker needs")?,
+        }
+        if let Some(script) = &self.script {
+            write!(f, " (in script {script})")?;
+        }
+        write!(
+            f,
+            "; grant what deploy/redis/agent-worker.acl grants (the server's ACL LOG names what \
+             was refused); the job worker retries every worker.restart_backoff_max"
+        )
     }
 }
 
@@ -760,5 +870,49 @@ async fn promote_loop(ops: QueueOps, every: Duration, shutdown: CancellationToke
                 tracing::debug!(error = %error, "promote_due_failed");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn acl_refusals_are_recognised_and_named() {
+        // What the job worker's error says when the rule lacks `~core:apalis:queues:list`.
+        let registration = "Failed to poll backend: PollNextError: ResponseError: The user \
+            executing the script can't access at least one of the keys mentioned in the command \
+            arguments script: 0d5fbce91e1dcff1121ece41f7169da3c0e39194, on @user_script:26.";
+        let refusal = PermissionDenied::parse(registration).unwrap();
+        assert_eq!(refusal.kind, "key");
+        assert_eq!(refusal.key, Some("core:apalis:queues:list"));
+        assert!(
+            refusal
+                .to_string()
+                .contains("access the key core:apalis:queues:list")
+        );
+
+        let other = "ResponseError: The user executing the script can't publish to the channel \
+            mentioned in the command script: 67ccb076758a96d024936f50c41599403853c976, on \
+            @user_script:1.";
+        let refusal = PermissionDenied::parse(other).unwrap();
+        assert_eq!(refusal.kind, "channel");
+        assert_eq!(
+            refusal.script.as_deref(),
+            Some("67ccb076758a96d024936f50c41599403853c976")
+        );
+
+        let top = "NoPerm: this user has no permissions to run the 'zrem' command";
+        let refusal = PermissionDenied::parse(top).unwrap();
+        assert_eq!(
+            (refusal.kind, refusal.command.as_deref()),
+            ("command", Some("zrem"))
+        );
+        assert!(refusal.to_string().contains("run the command zrem"));
+
+        assert_eq!(
+            PermissionDenied::parse("Failed to poll backend: connection refused"),
+            None
+        );
     }
 }
