@@ -47,7 +47,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agent_worker::local_redis::LocalRedis;
+use agent_worker::cli::local_redis::LocalRedis;
 
 use crate::{
     harness::{Ctx, Load, SpawnLayer},
@@ -83,7 +83,7 @@ fn main() -> ExitCode {
 async fn run(quick: bool, parts: Option<Vec<u8>>) -> anyhow::Result<()> {
     SpawnLayer::install();
     // The in-process worker records its metrics as the binary does, so their cost is counted.
-    let _metrics = agent_worker::observability::install_recorder();
+    let _metrics = agent_worker::metrics::install_recorder();
     let wanted = |part: u8| parts.as_ref().is_none_or(|p| p.contains(&part));
 
     println!(

@@ -6,13 +6,15 @@
 //! - [`QueueOps::recover_inflight`]: re-queue the jobs of one of our workers that just died,
 //!   without waiting for the orphan timeout, quarantining unreadable ones
 //!   (`lua/recover_inflight.lua`).
+//! - [`QueueDepth::read`]: the queue's depth by state, in one consistent snapshot
+//!   (`lua/queue_depth.lua`), for the `agent_worker_queue_depth` gauges.
 
 use std::sync::LazyLock;
 
 use agent_jobs::QueueKeys;
 use redis::{Script, aio::ConnectionManager};
 
-use crate::session::unix_now;
+use crate::clock::unix_now;
 
 static PROMOTE_DUE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/promote_due.lua")));
@@ -90,5 +92,59 @@ impl QueueOps {
             requeued,
             quarantined,
         })
+    }
+}
+
+/// Depth of one job queue, as read by [`QueueDepth::read`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct QueueDepth {
+    /// Ready task ids (`<queue>:active`).
+    pub ready: u64,
+    /// Task ids waiting for their due time (`<queue>:scheduled`).
+    pub scheduled: u64,
+    /// Task ids fetched by a registered worker and not yet acknowledged.
+    pub inflight: u64,
+    /// Failed task ids (`<queue>:dead`).
+    pub dead: u64,
+    /// Finished task ids (`<queue>:done`), until retention trims them.
+    pub done: u64,
+}
+
+static QUEUE_DEPTH_SCRIPT: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("lua/queue_depth.lua")));
+
+impl QueueDepth {
+    /// Reads the depth of the queue `keys` in one round trip (`lua/queue_depth.lua`).
+    pub async fn read(conn: &ConnectionManager, keys: &QueueKeys) -> redis::RedisResult<Self> {
+        let (ready, scheduled, inflight, dead, done): (u64, u64, u64, u64, u64) =
+            QUEUE_DEPTH_SCRIPT
+                .key(keys.active())
+                .key(keys.scheduled())
+                .key(keys.workers())
+                .key(keys.dead())
+                .key(keys.done())
+                .arg(keys.inflight_prefix())
+                .invoke_async(&mut conn.clone())
+                .await?;
+        Ok(Self {
+            ready,
+            scheduled,
+            inflight,
+            dead,
+            done,
+        })
+    }
+
+    /// Sets the [`crate::metrics::QUEUE_DEPTH`] gauges of `queue`.
+    pub fn record(&self, queue: &str) {
+        for (state, value) in [
+            ("ready", self.ready),
+            ("scheduled", self.scheduled),
+            ("inflight", self.inflight),
+            ("dead", self.dead),
+            ("done", self.done),
+        ] {
+            metrics::gauge!(crate::metrics::QUEUE_DEPTH, "queue" => queue.to_owned(), "state" => state).set(value as f64);
+        }
     }
 }

@@ -300,7 +300,7 @@ pub struct AgentSettings {
     /// Lines per second of each agent shown in the worker's own log (burst: twice that).
     pub log_lines_per_second: u32,
     /// How an agent's whole process tree is kept from outliving its session.
-    pub containment: crate::containment::ContainmentSetting,
+    pub containment: crate::agent::containment::ContainmentSetting,
 }
 
 /// How the session's options reach the agent's command line (`agent.arg_style`).

@@ -14,8 +14,9 @@ use std::{
 
 use agent_jobs::{SessionId, SessionKeys, keys::SESSION_HEARTBEATS};
 use agent_worker::{
-    session::{ClaimAttempt, EndRecord, SessionEnd, SessionStore, unix_now},
-    sweep::StaleSessionSweep,
+    clock::unix_now,
+    jobs::sweep::StaleSessionSweep,
+    session::{ClaimAttempt, EndRecord, SessionEnd, SessionStore},
 };
 use common::*;
 use nix::{sys::signal::Signal, unistd::Pid};

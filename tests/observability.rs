@@ -9,9 +9,12 @@ use std::{
 
 use agent_jobs::QueueKeys;
 use agent_worker::{
+    cli::local_redis::LocalRedis,
     connection,
-    local_redis::LocalRedis,
-    observability::{self, Health, JobOutcome, QueueDepth},
+    health::{self, Health},
+    http,
+    metrics::{self, JobOutcome},
+    queue::QueueDepth,
     settings::Settings,
 };
 use redis::{AsyncCommands, aio::ConnectionManager};
@@ -102,10 +105,10 @@ async fn metrics_health_and_readiness_follow_redis() {
     let queue = "obs-test-queue";
     let keys = QueueKeys::new(queue).unwrap();
 
-    let handle = observability::install_recorder();
+    let handle = metrics::install_recorder();
     let health = Health::new();
     let shutdown = CancellationToken::new();
-    let server = observability::serve(
+    let server = http::serve(
         "127.0.0.1:0".parse().unwrap(),
         handle,
         health.clone(),
@@ -114,7 +117,7 @@ async fn metrics_health_and_readiness_follow_redis() {
     .await
     .expect("bind 127.0.0.1:0");
     let addr = server.local_addr();
-    let probe = tokio::spawn(observability::probe_loop(
+    let probe = tokio::spawn(health::probe_loop(
         conn.clone(),
         keys.clone(),
         health.clone(),
@@ -238,10 +241,10 @@ async fn metrics_health_and_readiness_follow_redis() {
 
 #[tokio::test]
 async fn every_listed_series_is_exposed() {
-    let handle = observability::install_recorder();
+    let handle = metrics::install_recorder();
     let health = Health::new();
     let shutdown = CancellationToken::new();
-    let server = observability::serve(
+    let server = http::serve(
         "127.0.0.1:0".parse().unwrap(),
         handle,
         health,
@@ -250,18 +253,18 @@ async fn every_listed_series_is_exposed() {
     .await
     .expect("bind 127.0.0.1:0");
 
-    observability::job_finished(JobOutcome::Done, Duration::from_millis(800));
-    observability::job_finished(JobOutcome::Dead, Duration::from_millis(3));
-    observability::agent_started(Duration::from_millis(650));
-    observability::agent_spawn_failed();
-    observability::agent_exited();
-    observability::agents_live(3);
-    observability::agents_max(20);
-    observability::sweep_finished(2);
-    observability::sweep_failed();
-    observability::retention_finished(5, 1);
-    observability::redis_error("listed_series_test");
-    observability::job_worker_restarted();
+    metrics::job_finished(JobOutcome::Done, Duration::from_millis(800));
+    metrics::job_finished(JobOutcome::Dead, Duration::from_millis(3));
+    metrics::agent_started(Duration::from_millis(650));
+    metrics::agent_spawn_failed();
+    metrics::agent_exited();
+    metrics::agents_live(3);
+    metrics::agents_max(20);
+    metrics::sweep_finished(2);
+    metrics::sweep_failed();
+    metrics::retention_finished(5, 1);
+    metrics::redis_error("listed_series_test");
+    metrics::job_worker_restarted();
     QueueDepth {
         ready: 4,
         ..Default::default()

@@ -6,7 +6,7 @@ mod common;
 use std::{process::Command, time::Duration};
 
 use agent_jobs::{QueueKeys, SessionKeys};
-use agent_worker::{connection, local_redis::LocalRedis};
+use agent_worker::{cli::local_redis::LocalRedis, connection};
 use common::*;
 use nix::sys::signal::Signal;
 use redis::AsyncCommands;
@@ -399,10 +399,13 @@ async fn a_second_signal_abandons_a_start_in_progress_and_exits() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_launch_dropped_before_its_agent_is_ready_kills_the_agent() {
-    use agent_worker::launcher::{LaunchSpec, Launcher, OutputLimits, ProcessLauncher, Readiness};
+    use agent_worker::agent::{
+        command::LaunchSpec,
+        launcher::{Launcher, OutputLimits, ProcessLauncher, Readiness},
+    };
     let ledger = std::env::temp_dir().join(format!("dropped-launch-{}", std::process::id()));
     let _ = std::fs::remove_file(&ledger);
-    let (sink, _lines) = agent_worker::logs::channel();
+    let (sink, _lines) = agent_worker::agent::log_list::channel();
     let launcher = ProcessLauncher::new(
         Readiness::ready_only(vec!["Room joined".into()], Duration::from_secs(120)),
         OutputLimits::default(),

@@ -186,7 +186,7 @@ async fn nine_thousand_due_jobs_in_the_scheduled_set_do_not_crash_the_fetch() {
     // What apalis-redis's own push does: every job goes through the scheduled set. Past
     // ~8,000 due ids its fetch fails with "too many results to unpack".
     let mut pipe = redis::pipe();
-    let now = agent_worker::session::unix_now();
+    let now = agent_worker::clock::unix_now();
     let mut ids = Vec::new();
     for i in 0..9_000 {
         let id = ulid::Ulid::generate().to_string();
@@ -234,7 +234,7 @@ async fn nine_thousand_due_jobs_in_the_scheduled_set_do_not_crash_the_fetch() {
 async fn promote_due_moves_only_due_ids_in_bounded_chunks() {
     let redis = TestRedis::start().await;
     let ops = QueueOps::new(redis.conn.clone(), keys());
-    let now = agent_worker::session::unix_now();
+    let now = agent_worker::clock::unix_now();
     let mut pipe = redis::pipe();
     for i in 0..2_500u64 {
         pipe.zadd(keys().scheduled(), format!("due-{i}"), now - 1)

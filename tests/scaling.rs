@@ -9,7 +9,7 @@ use agent_jobs::{
     QueueKeys, SessionKeys,
     keys::{WORKER_AGENTS, WORKERS},
 };
-use agent_worker::{retention::Retention, session::unix_now};
+use agent_worker::{clock::unix_now, jobs::retention::Retention};
 use common::*;
 use nix::sys::signal::Signal;
 use redis::{AsyncCommands, aio::ConnectionManager};
@@ -468,7 +468,7 @@ async fn retention_keeps_memory_flat_and_never_removes_a_job_waiting_for_a_retry
     );
     // Index both while they are too young to trim, then retry one.
     short.run(0).await.unwrap();
-    agent_worker::operator::retry_dead(&redis.conn, &keys(), Some(vec![retried.clone()]))
+    agent_worker::cli::operator::retry_dead(&redis.conn, &keys(), Some(vec![retried.clone()]))
         .await
         .unwrap();
     short.run(unix_now()).await.unwrap();

@@ -13,7 +13,7 @@
 //! Ceiling: the same agent binary, N times, with the same concurrency (`worker.concurrency`),
 //! spawned with `tokio::process` and no Redis at all: spawn, read stdout up to the ready line,
 //! reap. Three ways, see [`Spawn`]: plainly (the ceiling), with the launcher's own spawn
-//! (`agent_worker::spawn`), and the way the launcher spawned before it (std with a `pre_exec`
+//! (`agent_worker::agent::spawn`), and the way the launcher spawned before it (std with a `pre_exec`
 //! hook, which makes std fork), to show what that spawn saves.
 //!
 //! CPU time is split between the worker, the reaped agents and redis-server, which is where
@@ -259,7 +259,7 @@ async fn spawn_one(program: &std::path::Path, room: &str, spawn: Spawn) -> anyho
     ];
     if spawn == Spawn::Ours {
         let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-        let mut child = agent_worker::spawn::spawn(&program.to_string_lossy(), &args, &[])?;
+        let mut child = agent_worker::agent::spawn::spawn(&program.to_string_lossy(), &args, &[])?;
         let stdout = child.stdout.take().expect("stdout is a pipe");
         read_to_ready(stdout).await?;
         child.wait().await?;
@@ -275,7 +275,7 @@ async fn spawn_one(program: &std::path::Path, room: &str, spawn: Spawn) -> anyho
     if spawn == Spawn::Fork {
         command.process_group(0);
         // SAFETY: runs in the forked child before exec and only calls prctl, which is
-        // async-signal-safe. Mirrors what the launcher did before `agent_worker::spawn`.
+        // async-signal-safe. Mirrors what the launcher did before `agent_worker::agent::spawn`.
         unsafe {
             command.pre_exec(|| {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) == -1 {

@@ -11,13 +11,17 @@ use std::{
 
 use agent_jobs::{AgentStart, Producer, QueueKeys, SessionId};
 use agent_worker::{
-    connection,
-    launcher::{
-        AgentExit, AgentHandle, LaunchError, LaunchSpec, Launcher, OutputLimits, ProcessLauncher,
-        Readiness, RunningAgent,
+    agent::{
+        command::LaunchSpec,
+        launcher::{
+            AgentExit, AgentHandle, LaunchError, Launcher, OutputLimits, ProcessLauncher,
+            Readiness, RunningAgent,
+        },
     },
+    connection,
     settings::Settings,
-    worker::{self, LauncherFactory, Shutdown},
+    shutdown::Shutdown,
+    worker::{self, LauncherFactory},
 };
 use anyhow::{Context as _, bail};
 
@@ -147,7 +151,7 @@ impl Ctx {
     /// so the worker reads a stored config (one HGETALL) instead of writing defaults.
     /// Pipelined, since this is set-up, not something measured.
     pub async fn write_configs(&self, ids: &[SessionId]) -> anyhow::Result<()> {
-        let now = agent_worker::session::unix_now().to_string();
+        let now = agent_worker::clock::unix_now().to_string();
         let chunks: Vec<_> = ids.chunks(1000).collect();
         futures::stream::iter(chunks)
             .map(|chunk| {
@@ -592,7 +596,7 @@ pub struct SpawnLayer;
 impl SpawnLayer {
     fn wanted(meta: &tracing::Metadata<'_>) -> bool {
         meta.is_event()
-            && meta.target() == "agent_worker::launcher"
+            && meta.target() == "agent_worker::agent::launcher"
             && meta.fields().field("pgid").is_some()
             && meta.fields().field("session_id").is_some()
     }

@@ -17,7 +17,7 @@ use std::{
 };
 
 use agent_worker::{
-    agent_start::{RawCodec, RawJob},
+    jobs::agent_start::{RawCodec, RawJob},
     wake::WakeHub,
 };
 use anyhow::Context as _;

@@ -15,10 +15,7 @@ use agent_jobs::{
     SessionId,
     keys::{SESSION_HEARTBEATS, SESSIONS_READY, SESSIONS_STARTING},
 };
-use agent_worker::{
-    session::{SessionStore, unix_now},
-    sweep::StaleSessionSweep,
-};
+use agent_worker::{clock::unix_now, jobs::sweep::StaleSessionSweep, session::SessionStore};
 use futures::StreamExt;
 
 use crate::{

@@ -10,7 +10,9 @@ use std::{
 };
 
 use agent_jobs::{AgentStart, Producer, QueueKeys, SessionConfigInput, SessionId, SessionKeys};
-use agent_worker::{connection, local_redis::LocalRedis, settings::Settings, worker};
+use agent_worker::{
+    cli::local_redis::LocalRedis, connection, settings::Settings, shutdown::Shutdown, worker,
+};
 use redis::{AsyncCommands, aio::ConnectionManager};
 use tokio::task::JoinHandle;
 
@@ -80,6 +82,8 @@ pub fn settings(url: &str, overrides: &[(&str, &str)]) -> Settings {
         ("AGENT_WORKER__WORKER__HEARTBEAT_INTERVAL", "1s"),
         ("AGENT_WORKER__WORKER__ORPHAN_TIMEOUT", "3s"),
         ("AGENT_WORKER__WORKER__RESTART_BACKOFF_MAX", "500ms"),
+        // Every in-process worker serves HTTP too; many run at once.
+        ("AGENT_WORKER__HTTP__ADDR", "127.0.0.1:0"),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v.to_owned()))
@@ -92,13 +96,13 @@ pub fn settings(url: &str, overrides: &[(&str, &str)]) -> Settings {
 
 /// An in-process worker.
 pub struct TestWorker {
-    shutdown: worker::Shutdown,
+    shutdown: Shutdown,
     task: Option<JoinHandle<Result<(), worker::RefusedToStart>>>,
 }
 
 impl TestWorker {
     pub fn start(settings: Settings) -> Self {
-        let shutdown = worker::Shutdown::new();
+        let shutdown = Shutdown::new();
         let launcher = worker::process_launcher(&settings.agent);
         let task = tokio::spawn(worker::run(settings, launcher, shutdown.clone()));
         Self {

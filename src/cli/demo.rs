@@ -23,7 +23,8 @@ use anyhow::{Context, bail};
 use redis::{AsyncCommands, aio::ConnectionManager};
 use tokio::time::Instant;
 
-use crate::{connection, local_redis::LocalRedis, settings::Settings, test_agent, worker};
+use super::{local_redis::LocalRedis, test_agent};
+use crate::{connection, settings::Settings, shutdown::Shutdown, worker};
 
 /// The user of the seed scenario.
 pub const DEMO_USER: &str = "test_concurrent_user";
@@ -44,6 +45,8 @@ pub async fn run(mut settings: Settings) -> anyhow::Result<()> {
     settings.agent.command = demo_agent_command()?;
     settings.redis.queue = DEMO_QUEUE.to_owned();
     settings.agent.stop_grace = Duration::from_secs(5);
+    // Its own metrics port (whatever is free): a deployment on this host may hold the usual.
+    settings.http.addr = ([127, 0, 0, 1], 0).into();
     // No drain: the demo's agents never end on their own.
     settings.shutdown.drain_timeout = Duration::ZERO;
 
@@ -67,7 +70,7 @@ pub async fn run(mut settings: Settings) -> anyhow::Result<()> {
         agent_jobs::write_session_config(&mut conn, id, &config, settings.session.ttl).await?;
     }
 
-    let shutdown = worker::Shutdown::new();
+    let shutdown = Shutdown::new();
     let mut worker = tokio::spawn(worker::run(
         settings.clone(),
         worker::process_launcher(&settings.agent),

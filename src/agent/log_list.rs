@@ -101,7 +101,7 @@ pub async fn ship(mut queue: OutputQueue, store: SessionStore) {
             }
             Ok(()) => {}
             Err(error) => {
-                crate::observability::redis_error("agent_logs");
+                crate::metrics::redis_error("agent_logs");
                 let lines: usize = batch.iter().map(|(_, lines)| lines.len()).sum();
                 if !failing {
                     tracing::warn!(error = %error, lines, "agent_log_lines_dropped");

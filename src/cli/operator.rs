@@ -13,7 +13,7 @@ use redis::{Script, aio::ConnectionManager};
 use serde::Serialize;
 
 static RETRY_DEAD: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("lua/retry_dead.lua")));
+    LazyLock::new(|| Script::new(include_str!("../lua/retry_dead.lua")));
 
 /// Job counts of the queue.
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]

@@ -32,14 +32,15 @@ use rand::RngExt;
 use tokio::sync::{Notify, watch};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::{
+use super::{
     capacity::Capacity,
-    launcher::{AgentCommand, AgentExit, AgentHandle, Launcher, RunningAgent},
-    observability,
-    session::{
-        AgentRecord, Claim, ClaimAttempt, EndRecord, ReadyRecord, SessionEnd, SessionStore,
-        unix_now,
-    },
+    command::AgentCommand,
+    launcher::{AgentExit, AgentHandle, Launcher, RunningAgent},
+};
+use crate::{
+    clock::unix_now,
+    metrics as observability,
+    session::{AgentRecord, Claim, ClaimAttempt, EndRecord, ReadyRecord, SessionEnd, SessionStore},
 };
 
 /// What a start request led to.
@@ -140,6 +141,19 @@ pub struct RetryPolicy {
 }
 
 impl RetryPolicy {
+    /// As the settings say: `agent.start_attempts` with `agent.retry_backoff`, and patience
+    /// with a session held by another worker of `worker.orphan_timeout` (to presume it dead)
+    /// plus `agent.startup_timeout` (its start) plus a heartbeat.
+    pub fn from_settings(settings: &crate::settings::Settings) -> Self {
+        Self {
+            attempts: settings.agent.start_attempts,
+            backoff: settings.agent.retry_backoff,
+            held_patience: settings.worker.orphan_timeout
+                + settings.agent.startup_timeout
+                + settings.worker.heartbeat_interval,
+        }
+    }
+
     /// The pause after failed attempt number `attempt` (1-based).
     pub fn delay_after(&self, attempt: u32) -> Duration {
         let base = self.backoff.saturating_mul(1 << (attempt - 1).min(16));

@@ -140,8 +140,7 @@ fn open_private(path: &Path) -> std::io::Result<File> {
     if meta.nlink() != 1 {
         return refuse("the file has other hard links");
     }
-    // SAFETY: geteuid has no preconditions.
-    if meta.uid() != unsafe { libc::geteuid() } {
+    if meta.uid() != nix::unistd::geteuid().as_raw() {
         return refuse("the file belongs to another user");
     }
     Ok(file)

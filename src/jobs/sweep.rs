@@ -16,26 +16,17 @@
 //! (`agent-worker sweep --scan`, a one-off migration) walks `session:*` hashes with `SCAN` and
 //! removes those idle for longer than `session.max_age`, again re-checked inside the script.
 //!
-//! ## One replica per tick
-//! Every replica wakes at the same wall-clock boundaries (multiples of `sweep.interval`) and
-//! tries `SET agent-worker:tick-lease:sweep:<tick> <worker> NX EX <2 × interval>`; only the winner
-//! sweeps. We chose this lease over apalis-cron ticks enqueued with a per-tick idempotency key:
-//! both give one run per tick, but the cron route costs every replica an enqueue script
-//! (SET NX, 2 × HSET, RPUSH, PUBLISH: 6 commands) and the winner a fetch and an ack, and leaves a
-//! job record per tick for retention to clean, where the lease costs one `SET` per replica
-//! per tick and leaves one self-expiring key. Clock skew between replicas below the lease TTL
-//! cannot cause a second run: a late replica computes the same tick and finds it taken.
+//! It runs once per `sweep.interval`, on one replica: see [`crate::schedule`].
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use agent_jobs::{
-    SessionId, SessionKeys,
-    keys::{SESSION_HEARTBEATS, TICK_LEASE_PREFIX},
-};
+use agent_jobs::{SessionId, SessionKeys, keys::SESSION_HEARTBEATS};
 use redis::aio::ConnectionManager;
-use tokio_util::sync::CancellationToken;
 
-use crate::session::{Removal, SessionStore};
+use crate::{
+    metrics,
+    session::{Removal, SessionStore},
+};
 
 /// The outcome of one sweep.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -276,84 +267,23 @@ pub fn log_report(report: &SweepReport, tick: Option<u64>, dry_run: bool) {
     );
 }
 
-/// Claims sweep ticks: one replica per tick (see the module docs).
-#[derive(Clone)]
-pub struct TickLease {
-    conn: ConnectionManager,
-    holder: String,
-}
-
-impl std::fmt::Debug for TickLease {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TickLease")
-            .field("holder", &self.holder)
-            .finish()
+/// One scheduled sweep (tick `tick`), as the worker runs it: skipped right after a Redis outage
+/// (nobody's heartbeat is fresh then: live workers get `stale_after` to write theirs again),
+/// logged and counted either way.
+pub async fn scheduled(sweep: &StaleSessionSweep, tick: u64, connected_for: Duration) {
+    if connected_for < sweep.stale_after {
+        tracing::info!(tick, "sweep_skipped_after_redis_outage");
+        return;
     }
-}
-
-impl TickLease {
-    /// Leases taken in the name of `holder` (the worker id).
-    pub fn new(conn: ConnectionManager, holder: impl Into<String>) -> Self {
-        Self {
-            conn,
-            holder: holder.into(),
+    match sweep.run(crate::clock::unix_now(), false).await {
+        Ok(report) => {
+            metrics::sweep_finished(report.removed.len());
+            log_report(&report, Some(tick), false);
         }
-    }
-
-    /// Claims `tick` of the job `name` for `ttl`; true if this caller won it.
-    pub async fn claim(&self, name: &str, tick: u64, ttl: Duration) -> redis::RedisResult<bool> {
-        let won: Option<String> = redis::cmd("SET")
-            .arg(format!("{TICK_LEASE_PREFIX}:{name}:{tick}"))
-            .arg(&self.holder)
-            .arg("NX")
-            .arg("EX")
-            .arg(ttl.as_secs().max(1))
-            .query_async(&mut self.conn.clone())
-            .await?;
-        Ok(won.is_some())
-    }
-}
-
-/// The tick a wall-clock time falls in, for a period of `interval`.
-pub fn tick_of(time: SystemTime, interval: Duration) -> u64 {
-    let ms = time
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis();
-    (ms / interval.as_millis().max(1)) as u64
-}
-
-/// Runs `job` once per tick of `interval` on exactly one replica, until `shutdown`.
-/// Errors are logged and the loop goes on at the next tick.
-pub async fn every_tick<F, Fut>(
-    name: &'static str,
-    lease: TickLease,
-    interval: Duration,
-    shutdown: CancellationToken,
-    job: F,
-) where
-    F: Fn(u64) -> Fut,
-    Fut: std::future::Future<Output = ()>,
-{
-    loop {
-        // Sleep to the next boundary of Redis's clock, so that all replicas wake together.
-        let now = crate::clock::now();
-        let tick = tick_of(now, interval);
-        let next_ms = (tick + 1) as u128 * interval.as_millis();
-        let now_ms = now
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_millis();
-        let wait = Duration::from_millis((next_ms - now_ms) as u64);
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(wait) => {}
-        }
-        let tick = tick + 1;
-        match lease.claim(name, tick, interval * 2).await {
-            Ok(true) => job(tick).await,
-            Ok(false) => {}
-            Err(error) => tracing::warn!(job = name, tick, error = %error, "tick_lease_failed"),
+        Err(error) => {
+            metrics::sweep_failed();
+            metrics::redis_error("sweep");
+            tracing::warn!(tick, error = %error, "sweep_failed");
         }
     }
 }

@@ -19,10 +19,12 @@ use redis::{Script, aio::ConnectionManager};
 use tracing::Instrument;
 
 use crate::{
-    launcher::AgentCommand,
-    observability::{self, JobOutcome},
+    agent::{
+        command::AgentCommand,
+        supervisor::{StartError, StartOutcome, StartRequest, Supervisor},
+    },
+    metrics::{self as observability, JobOutcome},
     session::SessionStore,
-    supervisor::{StartError, StartOutcome, StartRequest, Supervisor},
 };
 
 /// The attempt at which apalis-redis 1.0 stops rescheduling a failed job (hard-coded in its
@@ -74,7 +76,7 @@ impl JobError {
 }
 
 static RELEASE_IDEMPOTENCY: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("lua/release_idempotency.lua")));
+    LazyLock::new(|| Script::new(include_str!("../lua/release_idempotency.lua")));
 
 /// What the handler needs, shared by all jobs of a process.
 #[derive(Clone)]

@@ -8,7 +8,7 @@
 //!   SIGTERM to the group, a grace period, then SIGKILL.
 //! - It cannot outlive the worker: `PR_SET_PDEATHSIG` asks the kernel to SIGKILL it when the
 //!   worker dies, even by SIGKILL, and a check right after closes the race where the worker
-//!   died during the spawn. The worker is not forked for this: see [`crate::spawn`].
+//!   died during the spawn. The worker is not forked for this: see [`crate::agent::spawn`].
 //! - stdout and stderr are read continuously, line by line, so a chatty agent never blocks on
 //!   a full pipe. Each line goes to tracing and to the [`OutputSink`].
 //! - Ready detection is event-driven: the reader that sees a ready pattern flips a watch
@@ -22,23 +22,20 @@
 use std::{
     fmt,
     os::unix::process::ExitStatusExt,
-    path::PathBuf,
     process::ExitStatus,
     sync::Arc,
     time::{Duration, Instant},
 };
 
-use agent_jobs::{SessionId, session_config::fields};
-
-use crate::{
-    agent_output::{OutputReader, Phase},
+use super::{
+    command::LaunchSpec,
     containment::{self, AgentScope, Containment},
     log_files::LogFiles,
-    logs::OutputSink,
-    session::SessionConfig,
-    settings::{AgentSettings, ArgStyle},
+    log_list::OutputSink,
+    output::{OutputReader, Phase},
     spawn::Child,
 };
+use crate::settings::AgentSettings;
 use futures::{FutureExt, future::BoxFuture};
 use nix::{sys::signal::Signal, unistd::Pid};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -46,103 +43,6 @@ use tokio_util::task::TaskTracker;
 
 /// How long to wait for buffered output after an agent exited during start-up.
 const READER_DRAIN: Duration = Duration::from_millis(200);
-
-/// The session's config fields that become options of the agent's command line, with their
-/// option names (contract §4), in command-line order after `--room`.
-pub const SESSION_OPTIONS: [(&str, &str); 3] = [
-    (fields::VOICE_ID, "--voice-id"),
-    (fields::OPENING_LINE, "--opening-line"),
-    (fields::SYSTEM_PROMPT, "--system-prompt"),
-];
-
-/// How the agent of a session is launched: `agent.command`, `agent.arg_style` and
-/// `agent.log_dir`. Built once from settings.
-#[derive(Debug, Clone)]
-pub struct AgentCommand {
-    /// Program and leading arguments (validated non-empty).
-    pub command: Vec<String>,
-    /// How options reach the command line.
-    pub arg_style: ArgStyle,
-    /// Where per-session log files go, if anywhere.
-    pub log_dir: Option<PathBuf>,
-}
-
-impl AgentCommand {
-    /// From `[agent]` settings.
-    pub fn from_settings(agent: &AgentSettings) -> Self {
-        Self {
-            command: agent.command.clone(),
-            arg_style: agent.arg_style,
-            log_dir: agent.log_dir.clone(),
-        }
-    }
-
-    /// The session's options (contract §4): `--room=<id> --voice-id=<voice>
-    /// [--opening-line=<text>] [--system-prompt=<text>]`, each option one element (or two with
-    /// `agent.arg_style = separate`), an option whose value is empty left out as the original
-    /// worker did. With the `=` form a value starting with `-` can never be taken for an
-    /// option by argparse, nor by Pipecat's second `parse_known_args` pass.
-    pub fn session_args(&self, id: &SessionId, config: &SessionConfig) -> Vec<String> {
-        let mut args = Vec::with_capacity(8);
-        let mut option = |name: &str, value: &str| {
-            if value.is_empty() {
-                return;
-            }
-            match self.arg_style {
-                ArgStyle::Equals => args.push(format!("{name}={value}")),
-                ArgStyle::Separate => args.extend([name.to_owned(), value.to_owned()]),
-            }
-        };
-        option("--room", id.as_str());
-        for (field, name) in SESSION_OPTIONS {
-            option(name, config.get(field).unwrap_or_default());
-        }
-        args
-    }
-
-    /// The session's log file, `<agent.log_dir>/<session id>.log` (a session id holds no `/`).
-    pub fn log_file(&self, id: &SessionId) -> Option<PathBuf> {
-        Some(self.log_dir.as_ref()?.join(format!("{id}.log")))
-    }
-
-    /// The agent's command line, environment and log file for a session: `agent.command`,
-    /// then [`AgentCommand::session_args`]; `SESSION_ID`, `VOICE_ID` and `SESSION_CONFIG` (the
-    /// whole config hash as JSON) added to the inherited environment.
-    pub fn spec(&self, id: &SessionId, config: &SessionConfig) -> LaunchSpec {
-        let (program, leading) = self
-            .command
-            .split_first()
-            .expect("agent.command is validated non-empty");
-        let mut args = leading.to_vec();
-        args.extend(self.session_args(id, config));
-        LaunchSpec {
-            session_id: id.clone(),
-            program: program.clone(),
-            args,
-            env: vec![
-                ("SESSION_ID".to_owned(), id.to_string()),
-                ("VOICE_ID".to_owned(), config.voice_id().to_owned()),
-                ("SESSION_CONFIG".to_owned(), config.to_json()),
-            ],
-            log_file: self.log_file(id),
-        }
-    }
-}
-
-/// What to launch for one session.
-#[derive(Debug, Clone)]
-pub struct LaunchSpec {
-    /// The session the agent serves.
-    pub session_id: SessionId,
-    /// Program to execute (path, or name looked up on `PATH`).
-    pub program: String,
-    /// Arguments, each passed verbatim as one argv element.
-    pub args: Vec<String>,
-    /// Variables added to the inherited environment.
-    pub env: Vec<(String, String)>,
-    /// Where the agent's whole output is appended, if anywhere.
-    pub log_file: Option<PathBuf>,
-}
 
 /// How an agent process ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -603,7 +503,7 @@ fn spawn(spec: &LaunchSpec, scope: &AgentScope) -> std::io::Result<Child> {
     env.push((containment::SCOPE_VAR, scope.marker()));
     // Agents are launched from the runtime's worker threads, which live as long as the
     // process: the death signal, which follows the spawning thread, fires only with the worker.
-    crate::spawn::spawn_into(&spec.program, &spec.args, &env, scope.cgroup_procs())
+    crate::agent::spawn::spawn_into(&spec.program, &spec.args, &env, scope.cgroup_procs())
 }
 
 /// Waits on the child (reaping it) and serves stop requests: SIGTERM to the group at once,
@@ -651,60 +551,4 @@ async fn own(
 fn signal_group(group: Pid, signal: Signal) {
     // ESRCH means the group is already gone, which is what we wanted.
     let _ = nix::sys::signal::killpg(group, signal);
-}
-
-#[cfg(test)]
-mod tests {
-    use std::path::Path;
-
-    use super::*;
-
-    fn config(pairs: &[(&str, &str)]) -> SessionConfig {
-        SessionConfig::for_tests(pairs)
-    }
-
-    fn command(style: ArgStyle) -> AgentCommand {
-        AgentCommand {
-            command: vec!["python3".into(), "/app/voice_assistant.py".into()],
-            arg_style: style,
-            log_dir: Some(PathBuf::from("/var/log/voice-agents")),
-        }
-    }
-
-    #[test]
-    fn options_are_one_element_each_and_empty_ones_are_left_out() {
-        let id = SessionId::parse("s-1").unwrap();
-        let cfg = config(&[
-            ("voiceId", "Craig"),
-            ("openingLine", "-r oops"),
-            ("systemPrompt", ""),
-        ]);
-        let spec = command(ArgStyle::Equals).spec(&id, &cfg);
-        assert_eq!(spec.program, "python3");
-        assert_eq!(
-            spec.args,
-            [
-                "/app/voice_assistant.py",
-                "--room=s-1",
-                "--voice-id=Craig",
-                "--opening-line=-r oops"
-            ]
-        );
-        assert_eq!(
-            spec.log_file.as_deref(),
-            Some(Path::new("/var/log/voice-agents/s-1.log"))
-        );
-        let separate = command(ArgStyle::Separate).session_args(&id, &cfg);
-        assert_eq!(
-            separate,
-            [
-                "--room",
-                "s-1",
-                "--voice-id",
-                "Craig",
-                "--opening-line",
-                "-r oops"
-            ]
-        );
-    }
 }

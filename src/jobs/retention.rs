@@ -28,11 +28,11 @@ use agent_jobs::{
 use redis::{Script, aio::ConnectionManager};
 
 static INDEX: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("lua/index_finished.lua")));
+    LazyLock::new(|| Script::new(include_str!("../lua/index_finished.lua")));
 static DELETE: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("lua/delete_finished.lua")));
+    LazyLock::new(|| Script::new(include_str!("../lua/delete_finished.lua")));
 static FORGET_WORKERS: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("lua/forget_workers.lua")));
+    LazyLock::new(|| Script::new(include_str!("../lua/forget_workers.lua")));
 
 /// A worker silent this long is forgotten (presence entry and agent count). Far beyond any
 /// orphan timeout: by then its sessions were taken over or swept long ago, and `status` has
@@ -94,6 +94,21 @@ impl Retention {
             dead_after,
             dead_max,
         }
+    }
+
+    /// Retention as `[retention]` says.
+    pub fn from_settings(
+        conn: ConnectionManager,
+        keys: QueueKeys,
+        settings: &crate::settings::Settings,
+    ) -> Self {
+        Self::new(
+            conn,
+            keys,
+            settings.retention.done,
+            settings.retention.dead,
+            settings.retention.dead_max,
+        )
     }
 
     /// One retention run at `now` (unix seconds).
@@ -225,4 +240,18 @@ pub fn log_report(report: &RetentionReport, tick: u64) {
         duration_ms = report.duration.as_millis() as u64,
         "retention_complete"
     );
+}
+
+/// One scheduled retention run (tick `tick`), as the worker runs it: logged and counted.
+pub async fn scheduled(retention: &Retention, tick: u64) {
+    match retention.run(crate::clock::unix_now()).await {
+        Ok(report) => {
+            crate::metrics::retention_finished(report.done_deleted, report.dead_deleted);
+            log_report(&report, tick);
+        }
+        Err(error) => {
+            crate::metrics::redis_error("retention");
+            tracing::warn!(tick, error = %error, "retention_failed");
+        }
+    }
 }

@@ -22,6 +22,11 @@
 //! Linux only (it already was: the death signal is Linux's), kernel 5.4 or later for
 //! `CLONE_PIDFD` and `waitid(P_PIDFD)`.
 
+// The one module that needs unsafe code: a vfork-style clone and what the child does before
+// it execs (raw system calls on memory it shares with the worker). Every block says why it is
+// sound.
+#![allow(unsafe_code)]
+
 use std::{
     cell::RefCell,
     ffi::{CString, OsStr, OsString},

@@ -6,7 +6,7 @@
 //! - **cgroup** (cgroup v2, where the worker may create cgroups below its own: a delegated
 //!   systemd unit, a container given a writable cgroupfs, root on a host). Each agent runs in a
 //!   cgroup of its own, `<worker's cgroup>/aw-<pid>-<rand>/<session>`: the child moves itself
-//!   there before it execs (see [`crate::spawn::spawn_into`]), so everything it starts is born
+//!   there before it execs (see [`crate::agent::spawn::spawn_into`]), so everything it starts is born
 //!   inside, `setsid()` or not. When the session ends, `cgroup.kill` takes the whole cgroup.
 //!   A worker that was SIGKILLed leaves its agents' cgroups behind: its agents died by their
 //!   death signal, and whatever escaped is killed by the next worker that starts in the same
@@ -31,7 +31,13 @@ use std::{
 };
 
 use agent_jobs::SessionId;
-use nix::{sys::signal::Signal, unistd::Pid};
+use nix::{
+    sys::{
+        signal::Signal,
+        wait::{WaitPidFlag, waitpid},
+    },
+    unistd::Pid,
+};
 use serde::Deserialize;
 
 /// The environment variable that marks an agent's descendants as its own.
@@ -85,20 +91,13 @@ static AGENTS: LazyLock<Mutex<HashSet<u32>>> = LazyLock::new(|| Mutex::new(HashS
 /// Makes this process the subreaper of everything it starts (for `agent-worker run`; a
 /// process that also has children of its own to wait for, like a test runner, must not).
 pub fn become_subreaper() -> io::Result<()> {
-    // SAFETY: prctl with integer arguments.
-    if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } == -1 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    nix::sys::prctl::set_child_subreaper(true).map_err(io::Error::from)
 }
 
 /// True when this process is the subreaper of what it starts: then it must reap the orphans
 /// re-parented to it ([`reap_adopted`]).
 pub fn is_subreaper() -> bool {
-    let mut flag: libc::c_int = 0;
-    // SAFETY: prctl writes one int through the pointer.
-    let asked = unsafe { libc::prctl(libc::PR_GET_CHILD_SUBREAPER, &mut flag as *mut libc::c_int) };
-    asked == 0 && flag != 0
+    nix::sys::prctl::get_child_subreaper().unwrap_or(false)
 }
 
 impl Containment {
@@ -388,9 +387,8 @@ fn kill_marked(marker: &str) {
             let _ = nix::sys::signal::kill(Pid::from_raw(*pid as i32), Signal::SIGKILL);
         }
         for pid in marked {
-            let mut status = 0;
-            // SAFETY: reaping a child of ours (re-parented to us) that we just killed.
-            unsafe { libc::waitpid(pid as i32, &mut status, 0) };
+            // A child of ours (re-parented to us) that we just killed.
+            let _ = waitpid(Pid::from_raw(pid as i32), None);
         }
         tracing::info!(marker, "escaped_agent_processes_killed");
     }
@@ -401,9 +399,8 @@ fn kill_marked(marker: &str) {
 pub fn reap_adopted() {
     for (pid, zombie) in adopted() {
         if zombie {
-            let mut status = 0;
-            // SAFETY: reaping a zombie child of ours that is not one of our agents.
-            unsafe { libc::waitpid(pid as i32, &mut status, libc::WNOHANG) };
+            // A zombie child of ours that is not one of our agents.
+            let _ = waitpid(Pid::from_raw(pid as i32), Some(WaitPidFlag::WNOHANG));
         }
     }
 }

@@ -2,8 +2,8 @@
 //!
 //! A full pipe blocks the agent that writes to it, so the readers must never stop reading:
 //! - every line goes to `agent:<id>:logs` through a queue that drops beyond its byte budget
-//!   ([`crate::logs::OutputSink`]), and to the session's log file through the writer thread
-//!   ([`crate::log_files::LogFiles`]); neither waits;
+//!   ([`crate::agent::log_list::OutputSink`]), and to the session's log file through the writer thread
+//!   ([`crate::agent::log_files::LogFiles`]); neither waits;
 //! - the worker's own log (target `agent_output`, at INFO) gets at most
 //!   `agent.log_lines_per_second` lines per agent (with a burst of twice that), each cut at
 //!   [`LOG_EVENT_BYTES`]; beyond the rate one `agent_output_suppressed` line per second says
@@ -28,10 +28,10 @@ use tokio::{
     sync::watch,
 };
 
-use crate::{
+use super::{
     launcher::{OutputStream, Readiness},
     log_files::{LogFile, LogFiles},
-    logs::{AgentLine, OutputSink},
+    log_list::{AgentLine, OutputSink},
 };
 
 /// Bytes of one agent line shown in the worker's own log; the whole line (up to

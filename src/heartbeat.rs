@@ -1,0 +1,141 @@
+//! The session heartbeat: every `session.heartbeat_interval`, one batched script call refreshes
+//! the liveness of every agent this process runs (`lua/heartbeat.lua`), and its findings are
+//! acted on: sessions the orchestrator ended (keys deleted, or `terminated`) and sessions past
+//! `session.max_age` have their agents stopped; sessions another worker took over while we
+//! were cut off too; records Redis lost are written again from memory, never taken for ended
+//! ([`crate::dataset`]).
+
+use agent_jobs::SessionId;
+use redis::aio::ConnectionManager;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    agent::supervisor::Supervisor,
+    clock::unix_now,
+    connection::RedisHealth,
+    dataset, metrics,
+    session::{HeartbeatReport, SessionStore},
+    settings::Settings,
+};
+
+/// Every `session.heartbeat_interval`: refresh the liveness of this process's agents in one
+/// batched call, and stop those whose session was ended by the orchestrator (its keys deleted,
+/// or `terminated`) or is older than `session.max_age`. Records Redis lost are written again
+/// instead (see [`crate::dataset`]): data loss is never an end signal.
+pub async fn heartbeat_loop(
+    supervisor: Supervisor,
+    store: SessionStore,
+    conn: ConnectionManager,
+    settings: Settings,
+    redis_health: RedisHealth,
+    shutdown: CancellationToken,
+) {
+    let mut ticker = tokio::time::interval(settings.session.heartbeat_interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let grace = settings.agent.stop_grace;
+    let mut failing = false;
+    // The dataset as read after each of the last two heartbeats. A record found missing now was
+    // there at the previous heartbeat, which ran after the older of the two samples: a new
+    // run_id or more evicted keys since that one mean it was lost, not deleted.
+    let first = dataset::Sample::read(&conn).await.unwrap_or_default();
+    let mut warned_eviction = first.evicts();
+    let mut samples = [first.clone(), first];
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let sessions = supervisor.running_sessions();
+        let now = unix_now();
+        let oldest = now.saturating_sub(settings.session.max_age.as_secs());
+        let mut report = HeartbeatReport::default();
+        // Chunks bound the time of one script call when a process owns many agents.
+        for chunk in sessions.chunks(1000) {
+            match store
+                .heartbeat(supervisor.worker_id(), chunk, now, oldest)
+                .await
+            {
+                Ok(part) => {
+                    failing = false;
+                    report.extend(part);
+                }
+                Err(error) => {
+                    redis_health.failed();
+                    metrics::redis_error("heartbeat");
+                    if !failing {
+                        tracing::warn!(error = %error, sessions = chunk.len(), "heartbeat_failed");
+                    }
+                    failing = true;
+                }
+            }
+        }
+        // Read after the heartbeat, so it covers every eviction or restart up to the moment
+        // records were found missing.
+        let sample = dataset::Sample::read(&conn).await.ok();
+        let loss = sample.as_ref().and_then(|s| s.loss_since(&samples[0]));
+        if let Some(sample) = sample {
+            // The policy can change under a running fleet (a managed service's parameter
+            // group): say so once, and keep running, which is safer than stopping every call.
+            metrics::redis_evicting(sample.evicts());
+            if sample.evicts() && !settings.redis.allow_eviction && !warned_eviction {
+                tracing::warn!(
+                    policy = sample.maxmemory_policy.as_deref().unwrap_or_default(),
+                    "redis_eviction_enabled: Redis now evicts keys; set maxmemory-policy noeviction"
+                );
+            }
+            warned_eviction = sample.evicts();
+            samples = [std::mem::take(&mut samples[1]), sample];
+        }
+        if loss.is_some() {
+            // Missing, and Redis restarted or evicted since the last look: lost, not ended.
+            report.vanished.append(&mut report.gone);
+        }
+        if !report.vanished.is_empty() {
+            restore(&supervisor, &store, &report.vanished, loss).await;
+        }
+        for id in &report.gone {
+            supervisor.stop(id, "session_ended", grace);
+        }
+        for id in &report.too_old {
+            supervisor.stop(id, "max_age", grace);
+        }
+        // We were presumed dead and another worker took the session over: its agent is the
+        // one that counts.
+        for id in &report.lost {
+            supervisor.stop(id, "session_taken_over", grace);
+        }
+        // The orchestrator's credit stop: the record keeps its `terminated`.
+        for id in &report.terminated {
+            supervisor.stop(id, "terminated", grace);
+        }
+    }
+}
+
+/// Writes again the records of live agents that Redis lost; logs `redis_dataset_lost` once
+/// per heartbeat that found any, with the counts.
+async fn restore(
+    supervisor: &Supervisor,
+    store: &SessionStore,
+    vanished: &[SessionId],
+    cause: Option<&'static str>,
+) {
+    let records = supervisor.records(vanished);
+    match store
+        .restore(supervisor.worker_id(), &records, unix_now())
+        .await
+    {
+        Ok(restored) => {
+            metrics::dataset_lost(restored);
+            tracing::warn!(
+                missing = vanished.len(),
+                restored,
+                cause = cause.unwrap_or("records and index entries gone"),
+                "redis_dataset_lost"
+            );
+        }
+        Err(error) => {
+            metrics::redis_error("restore");
+            tracing::warn!(error = %error, missing = vanished.len(), "session_restore_failed");
+        }
+    }
+}

@@ -1,0 +1,413 @@
+//! Metrics: every series' name, labels and buckets, the helpers that record them, and the one
+//! process-wide Prometheus recorder.
+//!
+//! The rest of the code records only through the helpers here ([`job_finished`],
+//! [`agent_started`], [`redis_error`], ...), so every name, label and bucket layout lives in
+//! this file. Without an installed recorder ([`install_recorder`]) the helpers are no-ops.
+//! `/metrics` serves it ([`crate::http`]).
+//!
+//! Exposed series (all prefixed `agent_worker_`):
+//!
+//! | name | type | labels |
+//! |---|---|---|
+//! | `jobs_total` | counter | `outcome` = `done`, `retried`, `dead` |
+//! | `job_duration_seconds` | histogram | `outcome` |
+//! | `agent_startup_seconds` | histogram | |
+//! | `agent_spawn_failures_total` | counter | |
+//! | `agent_exits_total` | counter | |
+//! | `agent_stops_total` | counter | `reason` |
+//! | `agents_live` | gauge | |
+//! | `agents_max` | gauge | |
+//! | `queue_depth` | gauge | `queue`, `state` = `ready`, `scheduled`, `inflight`, `dead`, `done` |
+//! | `sweep_runs_total` | counter | `outcome` = `ok`, `error` |
+//! | `sweep_sessions_removed_total` | counter | |
+//! | `retention_jobs_removed_total` | counter | `set` = `done`, `dead` |
+//! | `redis_errors_total` | counter | `op` |
+//! | `redis_up` | gauge | |
+//! | `job_worker_restarts_total` | counter | |
+//! | `redis_dataset_lost_total` | counter | |
+//! | `sessions_restored_total` | counter | |
+//! | `redis_evicting` | gauge | |
+
+use std::{sync::OnceLock, time::Duration};
+
+use metrics::{
+    Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Counter of finished agent-start jobs, by `outcome` ([`JobOutcome`]).
+pub const JOBS_TOTAL: &str = "agent_worker_jobs_total";
+/// Histogram of the time a job took in the handler (decode to ready agent), by `outcome`.
+pub const JOB_DURATION_SECONDS: &str = "agent_worker_job_duration_seconds";
+/// Histogram of agent start-up latency: spawn to the first ready line, successful starts only.
+pub const AGENT_STARTUP_SECONDS: &str = "agent_worker_agent_startup_seconds";
+/// Counter of failed launch attempts (each attempt of a start counts).
+pub const AGENT_SPAWN_FAILURES_TOTAL: &str = "agent_worker_agent_spawn_failures_total";
+/// Counter of agents that exited after having been ready.
+pub const AGENT_EXITS_TOTAL: &str = "agent_worker_agent_exits_total";
+/// Counter of agents the worker stopped, by `reason` (`session_ended`, `terminated`,
+/// `max_age`, `session_taken_over`, `worker_shutdown`).
+pub const AGENT_STOPS_TOTAL: &str = "agent_worker_agent_stops_total";
+/// Gauge of this process's agents: running plus starting (what `agent.max_agents` bounds).
+pub const AGENTS_LIVE: &str = "agent_worker_agents_live";
+/// Gauge of `agent.max_agents`, so dashboards can show utilisation.
+pub const AGENTS_MAX: &str = "agent_worker_agents_max";
+/// Gauge of the job queue, by `queue` and `state` (`ready`, `scheduled`, `inflight`, `dead`,
+/// `done`). The same value on every replica: aggregate with `max`, not `sum`.
+pub const QUEUE_DEPTH: &str = "agent_worker_queue_depth";
+/// Counter of sweeps this replica ran (it holds the tick's lease), by `outcome` (`ok`, `error`).
+pub const SWEEP_RUNS_TOTAL: &str = "agent_worker_sweep_runs_total";
+/// Counter of stale sessions the sweep removed.
+pub const SWEEP_SESSIONS_REMOVED_TOTAL: &str = "agent_worker_sweep_sessions_removed_total";
+/// Counter of finished jobs deleted by retention, by `set` (`done`, `dead`).
+pub const RETENTION_JOBS_REMOVED_TOTAL: &str = "agent_worker_retention_jobs_removed_total";
+/// Counter of failed Redis operations, by `op` (a short static name of the operation).
+pub const REDIS_ERRORS_TOTAL: &str = "agent_worker_redis_errors_total";
+/// Gauge: 1 while the last probe `PING` was answered in time, else 0.
+pub const REDIS_UP: &str = "agent_worker_redis_up";
+/// Counter of job-worker restarts after a backend error.
+pub const JOB_WORKER_RESTARTS_TOTAL: &str = "agent_worker_job_worker_restarts_total";
+/// Counter of heartbeats that found records of live agents lost by Redis.
+pub const REDIS_DATASET_LOST_TOTAL: &str = "agent_worker_redis_dataset_lost_total";
+/// Counter of session records written again after Redis lost them.
+pub const SESSIONS_RESTORED_TOTAL: &str = "agent_worker_sessions_restored_total";
+/// Gauge: 1 when Redis's `maxmemory-policy` lets it evict keys (with `redis.allow_eviction`).
+pub const REDIS_EVICTING: &str = "agent_worker_redis_evicting";
+
+/// Buckets of [`AGENT_STARTUP_SECONDS`]: 10 ms to one minute (`agent.startup_timeout` is 30 s
+/// by default; a real agent joins its room in a second or a few).
+pub const STARTUP_BUCKETS: &[f64] = &[
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0,
+];
+
+/// Buckets of [`JOB_DURATION_SECONDS`]: 5 ms (a bad payload) to two minutes (three attempts of
+/// a slow start with back-off).
+pub const JOB_DURATION_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 90.0, 120.0,
+];
+
+/// How an agent-start job ended, as the `outcome` label of [`JOBS_TOTAL`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum JobOutcome {
+    /// The handler returned `Ok` (agent ready, or already running here).
+    Done,
+    /// A transient failure: apalis-redis will run the job again.
+    Retried,
+    /// A permanent failure (or a panic): the job goes to the dead set.
+    Dead,
+}
+
+impl JobOutcome {
+    /// Every outcome, for pre-registering the series.
+    pub const ALL: [Self; 3] = [Self::Done, Self::Retried, Self::Dead];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Done => "done",
+            Self::Retried => "retried",
+            Self::Dead => "dead",
+        }
+    }
+}
+
+/// An agent-start job finished with `outcome` after `duration` in the handler.
+pub fn job_finished(outcome: JobOutcome, duration: Duration) {
+    counter!(JOBS_TOTAL, "outcome" => outcome.as_str()).increment(1);
+    histogram!(JOB_DURATION_SECONDS, "outcome" => outcome.as_str()).record(duration.as_secs_f64());
+}
+
+/// An agent became ready `startup` after it was spawned.
+pub fn agent_started(startup: Duration) {
+    histogram!(AGENT_STARTUP_SECONDS).record(startup.as_secs_f64());
+}
+
+/// One launch attempt failed (spawn error, exit before ready, start-up timeout).
+pub fn agent_spawn_failed() {
+    counter!(AGENT_SPAWN_FAILURES_TOTAL).increment(1);
+}
+
+/// A ready agent exited (on its own or stopped).
+pub fn agent_exited() {
+    counter!(AGENT_EXITS_TOTAL).increment(1);
+}
+
+/// The worker stopped an agent, for `reason` (a fixed name: it becomes a label).
+pub fn agent_stopped(reason: &'static str) {
+    counter!(AGENT_STOPS_TOTAL, "reason" => reason).increment(1);
+}
+
+/// This process now has `n` agents (running plus starting).
+pub fn agents_live(n: usize) {
+    gauge!(AGENTS_LIVE).set(n as f64);
+}
+
+/// The configured `agent.max_agents`.
+pub fn agents_max(n: usize) {
+    gauge!(AGENTS_MAX).set(n as f64);
+}
+
+/// A sweep run by this replica finished and removed `removed` sessions.
+pub fn sweep_finished(removed: usize) {
+    counter!(SWEEP_RUNS_TOTAL, "outcome" => "ok").increment(1);
+    counter!(SWEEP_SESSIONS_REMOVED_TOTAL).increment(removed as u64);
+}
+
+/// A sweep run by this replica failed.
+pub fn sweep_failed() {
+    counter!(SWEEP_RUNS_TOTAL, "outcome" => "error").increment(1);
+}
+
+/// Retention deleted `done` finished and `dead` failed jobs.
+pub fn retention_finished(done: u64, dead: u64) {
+    counter!(RETENTION_JOBS_REMOVED_TOTAL, "set" => "done").increment(done);
+    counter!(RETENTION_JOBS_REMOVED_TOTAL, "set" => "dead").increment(dead);
+}
+
+/// A Redis operation failed. `op` is a short, fixed name (`"ping"`, `"heartbeat"`, ...): it
+/// becomes a label, so never pass anything built from data.
+pub fn redis_error(op: &'static str) {
+    counter!(REDIS_ERRORS_TOTAL, "op" => op).increment(1);
+}
+
+/// The job worker is being restarted after a backend error.
+pub fn job_worker_restarted() {
+    counter!(JOB_WORKER_RESTARTS_TOTAL).increment(1);
+}
+
+/// A heartbeat found records of live agents that Redis lost, and wrote `restored` again.
+pub fn dataset_lost(restored: u64) {
+    counter!(REDIS_DATASET_LOST_TOTAL).increment(1);
+    counter!(SESSIONS_RESTORED_TOTAL).increment(restored);
+}
+
+/// Whether Redis's eviction policy lets it delete keys.
+pub fn redis_evicting(evicting: bool) {
+    gauge!(REDIS_EVICTING).set(if evicting { 1.0 } else { 0.0 });
+}
+
+/// Whether Redis answered the last probe.
+pub fn redis_up(up: bool) {
+    gauge!(REDIS_UP).set(if up { 1.0 } else { 0.0 });
+}
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide Prometheus recorder on the first call and returns a handle to
+/// it; later calls (several workers in one test process) return clones of the same handle.
+///
+/// Also describes every series (`# HELP` lines) and registers the counters at zero, so
+/// `rate()` and alerts see them before the first event.
+///
+/// # Panics
+///
+/// If another `metrics` recorder was installed in this process by other means.
+pub fn install_recorder() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let handle = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Full(AGENT_STARTUP_SECONDS.to_owned()),
+                    STARTUP_BUCKETS,
+                )
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(JOB_DURATION_SECONDS.to_owned()),
+                        JOB_DURATION_BUCKETS,
+                    )
+                })
+                .expect("bucket lists are not empty")
+                .install_recorder()
+                .expect("no other metrics recorder is installed in this process");
+            describe();
+            register_zeroes();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    describe_counter!(
+        JOBS_TOTAL,
+        Unit::Count,
+        "Agent-start jobs finished, by outcome."
+    );
+    describe_histogram!(
+        JOB_DURATION_SECONDS,
+        Unit::Seconds,
+        "Time an agent-start job spent in the handler, by outcome."
+    );
+    describe_histogram!(
+        AGENT_STARTUP_SECONDS,
+        Unit::Seconds,
+        "Agent start-up latency: spawn to first ready line."
+    );
+    describe_counter!(
+        AGENT_SPAWN_FAILURES_TOTAL,
+        Unit::Count,
+        "Failed agent launch attempts."
+    );
+    describe_counter!(AGENT_EXITS_TOTAL, Unit::Count, "Ready agents that exited.");
+    describe_counter!(
+        AGENT_STOPS_TOTAL,
+        Unit::Count,
+        "Agents the worker stopped, by reason."
+    );
+    describe_gauge!(
+        AGENTS_LIVE,
+        Unit::Count,
+        "Agents of this process, running plus starting."
+    );
+    describe_gauge!(AGENTS_MAX, Unit::Count, "Configured agent.max_agents.");
+    describe_gauge!(
+        QUEUE_DEPTH,
+        Unit::Count,
+        "Task ids in the job queue by state (same on every replica: aggregate with max)."
+    );
+    describe_counter!(
+        SWEEP_RUNS_TOTAL,
+        Unit::Count,
+        "Stale-session sweeps run by this replica, by outcome."
+    );
+    describe_counter!(
+        SWEEP_SESSIONS_REMOVED_TOTAL,
+        Unit::Count,
+        "Stale sessions removed by the sweep."
+    );
+    describe_counter!(
+        RETENTION_JOBS_REMOVED_TOTAL,
+        Unit::Count,
+        "Finished jobs deleted by retention, by set."
+    );
+    describe_counter!(
+        REDIS_ERRORS_TOTAL,
+        Unit::Count,
+        "Failed Redis operations, by operation."
+    );
+    describe_gauge!(
+        REDIS_UP,
+        "1 while Redis answered the last probe PING in time, else 0."
+    );
+    describe_counter!(
+        REDIS_DATASET_LOST_TOTAL,
+        Unit::Count,
+        "Heartbeats that found session records of live agents lost by Redis."
+    );
+    describe_counter!(
+        SESSIONS_RESTORED_TOTAL,
+        Unit::Count,
+        "Session records written again after Redis lost them."
+    );
+    describe_gauge!(
+        REDIS_EVICTING,
+        "1 when Redis's maxmemory-policy lets it evict keys (redis.allow_eviction)."
+    );
+    describe_counter!(
+        JOB_WORKER_RESTARTS_TOTAL,
+        Unit::Count,
+        "Restarts of the job worker after backend errors."
+    );
+}
+
+fn register_zeroes() {
+    for outcome in JobOutcome::ALL {
+        counter!(JOBS_TOTAL, "outcome" => outcome.as_str()).increment(0);
+    }
+    for outcome in ["ok", "error"] {
+        counter!(SWEEP_RUNS_TOTAL, "outcome" => outcome).increment(0);
+    }
+    for set in ["done", "dead"] {
+        counter!(RETENTION_JOBS_REMOVED_TOTAL, "set" => set).increment(0);
+    }
+    counter!(SWEEP_SESSIONS_REMOVED_TOTAL).increment(0);
+    counter!(AGENT_SPAWN_FAILURES_TOTAL).increment(0);
+    counter!(AGENT_EXITS_TOTAL).increment(0);
+    for reason in [
+        "session_ended",
+        "terminated",
+        "max_age",
+        "session_taken_over",
+        "worker_shutdown",
+    ] {
+        counter!(AGENT_STOPS_TOTAL, "reason" => reason).increment(0);
+    }
+    counter!(JOB_WORKER_RESTARTS_TOTAL).increment(0);
+    counter!(REDIS_DATASET_LOST_TOTAL).increment(0);
+    counter!(SESSIONS_RESTORED_TOTAL).increment(0);
+    gauge!(AGENTS_LIVE).set(0.0);
+    redis_up(false);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outcome_labels() {
+        let labels: Vec<_> = JobOutcome::ALL.iter().map(|o| o.as_str()).collect();
+        assert_eq!(labels, ["done", "retried", "dead"]);
+    }
+
+    #[test]
+    fn names_follow_prometheus_conventions() {
+        let counters = [
+            JOBS_TOTAL,
+            AGENT_SPAWN_FAILURES_TOTAL,
+            AGENT_EXITS_TOTAL,
+            AGENT_STOPS_TOTAL,
+            SWEEP_RUNS_TOTAL,
+            SWEEP_SESSIONS_REMOVED_TOTAL,
+            RETENTION_JOBS_REMOVED_TOTAL,
+            REDIS_ERRORS_TOTAL,
+            JOB_WORKER_RESTARTS_TOTAL,
+            REDIS_DATASET_LOST_TOTAL,
+            SESSIONS_RESTORED_TOTAL,
+        ];
+        let histograms = [JOB_DURATION_SECONDS, AGENT_STARTUP_SECONDS];
+        let gauges = [
+            AGENTS_LIVE,
+            AGENTS_MAX,
+            QUEUE_DEPTH,
+            REDIS_UP,
+            REDIS_EVICTING,
+        ];
+        for name in counters.iter().chain(&histograms).chain(&gauges) {
+            assert!(name.starts_with("agent_worker_"), "{name}");
+            assert!(
+                name.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'),
+                "{name}"
+            );
+        }
+        assert!(counters.iter().all(|n| n.ends_with("_total")));
+        assert!(histograms.iter().all(|n| n.ends_with("_seconds")));
+        assert!(gauges.iter().all(|n| !n.ends_with("_total")));
+        for buckets in [STARTUP_BUCKETS, JOB_DURATION_BUCKETS] {
+            assert!(
+                buckets.windows(2).all(|w| w[0] < w[1]),
+                "sorted: {buckets:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_recorder_is_installed_once_and_shared() {
+        let first = install_recorder();
+        let second = install_recorder();
+        agents_max(7);
+        agent_started(Duration::from_millis(1500));
+        for handle in [&first, &second] {
+            let text = handle.render();
+            assert!(text.contains("agent_worker_agents_max 7"), "{text}");
+            assert!(
+                text.contains(r#"agent_worker_agent_startup_seconds_bucket{le="2"}"#),
+                "{text}"
+            );
+            assert!(
+                text.contains(r#"agent_worker_jobs_total{outcome="retried"}"#),
+                "{text}"
+            );
+        }
+    }
+}

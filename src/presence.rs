@@ -1,0 +1,106 @@
+//! Worker presence: which worker processes are alive, for session claims and `status`.
+//!
+//! `agent-worker:workers` (worker id → unix seconds of its last presence, on Redis's clock) and
+//! `agent-worker:worker-agents` (worker id → agents it runs), written every
+//! `worker.heartbeat_interval`. A session claimed by a worker silent for longer than
+//! `worker.orphan_timeout` can be taken over: that worker's agents died with it. The clock's
+//! offset to Redis is measured on the same tick ([`crate::clock`]). Retention forgets workers
+//! silent for an hour (`lua/forget_workers.lua`).
+
+use std::time::Duration;
+
+use agent_jobs::keys::{WORKER_AGENTS, WORKERS};
+use redis::aio::ConnectionManager;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    agent::supervisor::Supervisor,
+    clock::{self, unix_now},
+    connection::RedisHealth,
+    metrics,
+};
+
+/// This worker's presence records.
+#[derive(Clone)]
+pub struct Presence {
+    conn: ConnectionManager,
+    worker_id: String,
+}
+
+impl std::fmt::Debug for Presence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Presence")
+            .field("worker_id", &self.worker_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Presence {
+    /// The presence of `worker_id`.
+    pub fn new(conn: ConnectionManager, worker_id: impl Into<String>) -> Self {
+        Self {
+            conn,
+            worker_id: worker_id.into(),
+        }
+    }
+
+    /// "Alive now, with `agents` agents": one pipelined round trip.
+    pub async fn beat(&self, agents: usize, now: u64) -> redis::RedisResult<()> {
+        redis::pipe()
+            .zadd(WORKERS, &self.worker_id, now)
+            .ignore()
+            .hset(WORKER_AGENTS, &self.worker_id, agents)
+            .ignore()
+            .query_async(&mut self.conn.clone())
+            .await
+    }
+
+    /// Deregisters this worker on a clean exit.
+    pub async fn leave(&self) -> redis::RedisResult<()> {
+        redis::pipe()
+            .zrem(WORKERS, &self.worker_id)
+            .ignore()
+            .hdel(WORKER_AGENTS, &self.worker_id)
+            .ignore()
+            .query_async(&mut self.conn.clone())
+            .await
+    }
+}
+
+/// Every `worker.heartbeat_interval`: tell other replicas this process is alive (claims of a
+/// silent worker can be taken over after `worker.orphan_timeout`) and how many agents it runs.
+pub async fn presence_loop(
+    supervisor: Supervisor,
+    presence: Presence,
+    conn: ConnectionManager,
+    every: Duration,
+    redis_health: RedisHealth,
+    shutdown: CancellationToken,
+) {
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut clock_failing = false;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        // Re-measured every tick: the host's clock may be stepped or drift. A failed
+        // measurement keeps the last offset; presence is written regardless.
+        match clock::sync(&mut conn.clone()).await {
+            Ok(_) => clock_failing = false,
+            Err(error) => {
+                if !clock_failing {
+                    tracing::warn!(error = %error, "clock_sync_failed");
+                }
+                clock_failing = true;
+            }
+        }
+        let result = presence.beat(supervisor.agent_count(), unix_now()).await;
+        if let Err(error) = result {
+            redis_health.failed();
+            metrics::redis_error("presence");
+            tracing::debug!(error = %error, "presence_failed");
+        }
+    }
+}
