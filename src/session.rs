@@ -14,7 +14,7 @@
 use std::{sync::LazyLock, time::Duration};
 
 use agent_jobs::{
-    SessionId, SessionKeys,
+    SessionId, SessionKeys, SessionStatus,
     keys::{SESSION_HEARTBEATS, SESSIONS_READY, SESSIONS_STARTING, WORKERS, legacy_metrics},
 };
 use redis::{FromRedisValue, Script, Value, aio::ConnectionManager};
@@ -156,7 +156,7 @@ pub enum Claim {
     Ended {
         /// Its status (`completed`, `terminated`, or one the worker does not know), or
         /// `None` when its record is gone (the orchestrator ended it during our retries).
-        status: Option<String>,
+        status: Option<SessionStatus>,
     },
 }
 
@@ -184,7 +184,7 @@ pub enum ReadyRecord {
     /// The record is gone: the orchestrator ended the session during the start.
     Gone,
     /// The session ended during the start (this status, e.g. `terminated`): our agent must go.
-    Ended(String),
+    Ended(SessionStatus),
 }
 
 /// How a session ended on this worker, for [`SessionStore::end`].
@@ -204,7 +204,7 @@ pub struct SessionEnd<'a> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EndRecord {
     /// The record stays for the orchestrator, with this status.
-    Kept(String),
+    Kept(SessionStatus),
     /// The record was already gone (the orchestrator ended the session first).
     Gone,
     /// Another worker owns the session: nothing was written.
@@ -406,10 +406,16 @@ impl SessionStore {
             }),
             0 => Ok(Claim::HeldBy {
                 owner: text(&second).unwrap_or_default(),
-                ready: third.as_ref().and_then(text).as_deref() == Some("ready"),
+                ready: third
+                    .as_ref()
+                    .and_then(text)
+                    .map(|s| SessionStatus::parse(&s))
+                    == Some(SessionStatus::Ready),
             }),
             2 => Ok(Claim::Ended {
-                status: text(&second).filter(|s| !s.is_empty()),
+                status: text(&second)
+                    .filter(|s| !s.is_empty())
+                    .map(|s| SessionStatus::parse(&s)),
             }),
             _ => {
                 let source = match third.as_ref().and_then(text).as_deref() {
@@ -493,7 +499,9 @@ impl SessionStore {
             Value::Int(1) => ReadyRecord::Recorded,
             Value::Int(-1) => ReadyRecord::Gone,
             Value::Int(_) => ReadyRecord::TakenOver,
-            other => ReadyRecord::Ended(String::from_redis_value(other).unwrap_or_default()),
+            other => ReadyRecord::Ended(SessionStatus::parse(
+                &String::from_redis_value(other).unwrap_or_default(),
+            )),
         })
     }
 
@@ -567,7 +575,7 @@ impl SessionStore {
         Ok(match reply {
             None => EndRecord::NotOurs,
             Some(status) if status.is_empty() => EndRecord::Gone,
-            Some(status) => EndRecord::Kept(status),
+            Some(status) => EndRecord::Kept(SessionStatus::parse(&status)),
         })
     }
 

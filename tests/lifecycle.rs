@@ -341,7 +341,7 @@ async fn stuck_starts_are_swept_and_ended_records_wait_out_their_window() {
     };
     assert_eq!(
         store.end(&failed, "w", &end).await.unwrap(),
-        EndRecord::Kept("error".into())
+        EndRecord::Kept(agent_jobs::SessionStatus::Error)
     );
     assert_eq!(indexed(&redis.conn, &failed).await, None);
     assert!(ttl_of(&redis.conn, &SessionKeys::new(&failed).state()).await <= 600);

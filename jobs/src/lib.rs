@@ -12,6 +12,7 @@
 //! - [`producer`]: [`Producer`], which enqueues jobs straight onto the ready list, once per
 //!   session, and wakes idle workers.
 //! - [`session_config`]: writing `session:<id>:config` as the orchestrator does.
+//! - [`session_state`]: the session record's statuses ([`SessionStatus`]) and field names.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -24,9 +25,11 @@ pub mod payload;
 pub mod producer;
 pub mod session_config;
 pub mod session_id;
+pub mod session_state;
 
 pub use keys::{QueueKeys, SessionKeys};
 pub use payload::{AgentStart, PayloadError};
 pub use producer::{Enqueued, ProduceError, Producer};
 pub use session_config::{SessionConfigInput, write_session_config};
 pub use session_id::{SessionId, SessionIdError};
+pub use session_state::SessionStatus;

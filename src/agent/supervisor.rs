@@ -26,7 +26,7 @@ use std::{
     time::Duration,
 };
 
-use agent_jobs::SessionId;
+use agent_jobs::{SessionId, SessionStatus};
 use futures::FutureExt;
 use rand::RngExt;
 use tokio::sync::{Notify, watch};
@@ -35,12 +35,15 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use super::{
     capacity::Capacity,
     command::AgentCommand,
-    launcher::{AgentExit, AgentHandle, Launcher, RunningAgent},
+    launcher::{AgentExit, AgentHandle, LaunchError, Launcher, RunningAgent},
 };
 use crate::{
     clock::unix_now,
     metrics as observability,
-    session::{AgentRecord, Claim, ClaimAttempt, EndRecord, ReadyRecord, SessionEnd, SessionStore},
+    session::{
+        AgentRecord, Claim, ClaimAttempt, EndRecord, ReadyRecord, SessionEnd, SessionError,
+        SessionStore, config::SessionConfig,
+    },
 };
 
 /// What a start request led to.
@@ -67,7 +70,7 @@ pub enum StartOutcome {
     /// retries): no agent was started, and none may be.
     SessionEnded {
         /// Its status, or `None` when the record is gone.
-        status: Option<String>,
+        status: Option<SessionStatus>,
     },
 }
 
@@ -81,8 +84,9 @@ pub struct StartFailure {
     pub last_error: String,
 }
 
-/// Why a start did not happen.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// Why a start did not happen. Shared by every delivery waiting on the same launch, hence the
+/// `Arc`s.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StartError {
     /// The agent failed to start, every attempt. Permanent for this job.
     #[error(transparent)]
@@ -90,11 +94,18 @@ pub enum StartError {
     /// The session could not be claimed because Redis failed; nothing was launched. The job
     /// may succeed later.
     #[error("could not claim the session: {0}")]
-    Unavailable(String),
+    Unavailable(Arc<SessionError>),
+    /// Another worker has been starting the session for longer than we wait for it (its
+    /// start-up timeout plus the time to presume it dead). The job may succeed later.
+    #[error("session is still starting on worker {owner}")]
+    StartingElsewhere {
+        /// That worker's id.
+        owner: String,
+    },
     /// The session's config cannot be used (wrong type, no voice, a value the command line
     /// cannot carry). Permanent; the session was marked `error` if it was claimed.
-    #[error("{0}")]
-    Rejected(String),
+    #[error(transparent)]
+    Rejected(Arc<SessionError>),
     /// The worker is stopping and the start was cut short (its agent killed, or attempts
     /// left unmade). Retryable: the session stays `starting` with the reason in `lastError`,
     /// and this worker's claim lapses when it leaves, so another replica starts it.
@@ -293,15 +304,17 @@ impl Supervisor {
                     self.inner.capacity.launch_started();
                     observability::agents_live(slots.len());
                     let inner = self.inner.clone();
+                    let slot = StartingSlot {
+                        inner: inner.clone(),
+                        id: request.session_id.clone(),
+                        armed: true,
+                    };
                     // A task of the supervisor, not of the job: it finishes even if the job's
-                    // future is dropped.
+                    // future is dropped. A panic drops the slot too, so later deliveries of the
+                    // session never join a launch that no longer exists.
                     self.inner.tasks.spawn(async move {
-                        let id = request.session_id.clone();
-                        let launch = AssertUnwindSafe(inner.clone().launch(request));
+                        let launch = AssertUnwindSafe(inner.launch(request, slot));
                         let result = launch.catch_unwind().await.unwrap_or_else(|_| {
-                            // Free the slot, or every later delivery of the session would join
-                            // a launch that no longer exists.
-                            inner.free(&id);
                             Err(StartError::Failed(StartFailure {
                                 attempts: 0,
                                 last_error: "the launch panicked".into(),
@@ -417,175 +430,258 @@ impl Supervisor {
     }
 }
 
+/// A launch in progress owns the session's `Starting` slot and its capacity through this:
+/// dropped on any way out of the launch (a return, an abandoned future, a panic), it frees
+/// both; an agent that became ready moves into a `Running` slot instead ([`Self::keep`]).
+struct StartingSlot {
+    inner: Arc<Inner>,
+    id: SessionId,
+    armed: bool,
+}
+
+impl StartingSlot {
+    /// The slot now holds a running agent: nothing to free.
+    fn keep(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for StartingSlot {
+    fn drop(&mut self) {
+        if self.armed {
+            self.inner.free(&self.id);
+        }
+    }
+}
+
+/// One launch's progress across its attempts.
+struct Attempts {
+    /// Attempts made so far.
+    made: u32,
+    /// When this worker first claimed the session (its `createdAt`).
+    claimed_at: Option<u64>,
+    /// Until when a session another worker is still starting is waited for.
+    held_until: tokio::time::Instant,
+    /// `logFile`, when `agent.log_dir` is set.
+    log_file: Option<String>,
+}
+
+/// What one claim decided.
+enum ClaimStep {
+    /// Ours, with this config: launch.
+    Launch(SessionConfig),
+    /// Held by a worker still starting it: look again shortly.
+    Recheck,
+    /// The start is over, with this result.
+    Finish(StartResult),
+}
+
+/// What one launch attempt came to.
+enum AttemptStep {
+    /// The agent is ready.
+    Ready(RunningAgent),
+    /// It failed: retry, or give up.
+    Failed(LaunchError),
+    /// The worker is stopping at once.
+    Abandoned,
+}
+
 impl Inner {
-    async fn launch(self: Arc<Self>, request: StartRequest) -> StartResult {
+    /// Claims and launches, attempt after attempt, until an agent is ready or the start is
+    /// over: see the module docs.
+    async fn launch(self: Arc<Self>, request: StartRequest, slot: StartingSlot) -> StartResult {
         let id = request.session_id.clone();
-        let held_deadline = tokio::time::Instant::now() + self.retry.held_patience;
-        let log_file = request.command.log_file(&id);
-        let log_file = log_file.as_ref().map(|p| p.to_string_lossy().into_owned());
-        let mut claimed_at = None;
-        let mut attempt = 0;
-        while attempt < self.retry.attempts {
+        let mut attempts = Attempts {
+            made: 0,
+            claimed_at: None,
+            held_until: tokio::time::Instant::now() + self.retry.held_patience,
+            log_file: request
+                .command
+                .log_file(&id)
+                .map(|p| p.to_string_lossy().into_owned()),
+        };
+        loop {
             if self.abandon.is_cancelled() {
-                self.free(&id);
                 return Err(StartError::Abandoned);
             }
-            // Decided and recorded at once (concurrent first starts count one cold start), and
-            // put back if this claim starts nothing.
-            let (cold, before) = match claimed_at {
-                None => self.take_cold(),
-                Some(_) => (false, None),
+            let config = match self.claim(&request, &mut attempts).await {
+                ClaimStep::Launch(config) => config,
+                ClaimStep::Recheck => continue,
+                ClaimStep::Finish(result) => return result,
             };
-            let claim = self
-                .store
-                .claim(
-                    &id,
-                    request.user_id.as_deref(),
-                    &request.task_id,
-                    &self.worker_id,
-                    ClaimAttempt {
-                        job_meta: Some(&request.job_meta),
-                        cold,
-                        log_file: log_file.as_deref(),
-                    },
-                )
-                .await;
-            if cold && !matches!(claim, Ok(Claim::Claimed(_))) {
-                *self.last_start.lock().expect("last_start lock") = before;
-            }
-            let config = match claim {
-                Ok(Claim::Claimed(config)) => {
-                    claimed_at.get_or_insert_with(unix_now);
-                    config
-                }
-                Ok(Claim::HeldBy { owner, ready: true }) => {
-                    self.free(&id);
-                    return Ok(StartOutcome::RunningElsewhere { owner });
-                }
-                // Still starting elsewhere: that worker may be alive (then its start completes
-                // or fails) or dead but not yet presumed so. Look again until one is known;
-                // completing this job now could leave the session with no agent at all.
-                Ok(Claim::HeldBy {
-                    owner,
-                    ready: false,
-                }) => {
-                    if tokio::time::Instant::now() >= held_deadline {
-                        self.free(&id);
-                        return Err(StartError::Unavailable(format!(
-                            "session is still starting on worker {owner}"
-                        )));
-                    }
-                    tokio::select! {
-                        _ = tokio::time::sleep(HELD_RECHECK) => continue,
-                        // Not ours: nothing to write.
-                        _ = self.abandon.cancelled() => {
-                            self.free(&id);
-                            return Err(StartError::Abandoned);
-                        }
-                    }
-                }
-                // Completed, terminated, or ended by the orchestrator during our retries:
-                // starting an agent now would bill a session nobody is in.
-                Ok(Claim::Ended { status }) => {
-                    self.free(&id);
-                    return Ok(StartOutcome::SessionEnded { status });
-                }
-                Err(error) if error.is_permanent() => {
-                    self.free(&id);
-                    return Err(StartError::Rejected(error.to_string()));
-                }
-                // Without a claim there is no launch: another replica may own the session.
-                Err(error) => {
-                    self.free(&id);
-                    return Err(StartError::Unavailable(error.to_string()));
-                }
-            };
-            tracing::info!(
-                session_id = %id,
-                voice_id = config.voice_id(),
-                source = config.source().as_str(),
-                fields = ?config.field_names(),
-                "session_config_loaded"
-            );
-            attempt += 1;
-            let spec = request.command.spec(&id, &config);
-            // Dropping the launch kills its agent (see `Launcher::launch`). `biased`: once
-            // abandoned, a launch that has not finished is not waited for.
-            let launched = tokio::select! {
-                biased;
-                _ = self.abandon.cancelled() => {
-                    tracing::info!(session_id = %id, attempt, "agent_start_abandoned");
-                    return Err(self.abandoned(&id).await);
-                }
-                launched = self.launcher.launch(spec) => launched,
-            };
-            let error = match launched {
-                Ok(agent) => {
+            attempts.made += 1;
+            match self.attempt(&request, &config, attempts.made).await {
+                AttemptStep::Ready(agent) => {
                     let record = AgentRecord {
                         session_id: id.clone(),
                         user_id: request.user_id.clone(),
                         task_id: request.task_id.clone(),
                         voice_id: config.voice_id().to_owned(),
-                        created_at: claimed_at.unwrap_or_else(unix_now),
+                        created_at: attempts.claimed_at.unwrap_or_else(unix_now),
                         pid: agent.pid,
                         pgid: agent.pgid,
                         startup: agent.startup,
-                        log_file: log_file.clone(),
+                        log_file: attempts.log_file.clone(),
                     };
-                    return Ok(self.clone().adopt(id, agent, record, attempt).await);
+                    return Ok(self.clone().adopt(slot, agent, record, attempts.made).await);
                 }
-                Err(error) => error,
-            };
-            let last_error = error.to_string();
-            observability::agent_spawn_failed();
-            tracing::warn!(
-                session_id = %id,
-                attempt,
-                attempts = self.retry.attempts,
-                error = %last_error,
-                "agent_spawn_failed"
-            );
-            if attempt < self.retry.attempts {
-                // The session stays `starting` between attempts (an orchestrator may give up
-                // on `error`); the attempt's error is kept for operators.
-                let retrying = !self.closing.load(Ordering::SeqCst);
-                self.record(
-                    self.store
-                        .note_attempt_error(
-                            &id,
-                            &self.worker_id,
-                            &last_error,
-                            retrying,
-                            error.is_timeout(),
-                        )
-                        .await,
-                );
-                if !self.closing.load(Ordering::SeqCst) {
-                    tokio::select! {
-                        _ = tokio::time::sleep(self.retry.delay_after(attempt)) => {}
-                        _ = self.abandon.cancelled() => {}
+                AttemptStep::Abandoned => return Err(self.abandoned(&id).await),
+                AttemptStep::Failed(error) => {
+                    if let Some(result) = self.after_failure(&request, &attempts, error).await {
+                        return result;
                     }
                 }
-                if !self.closing.load(Ordering::SeqCst) {
-                    continue;
-                }
-                // Shutdown began: the attempts left are another replica's to make.
-                self.free(&id);
-                return Err(StartError::Abandoned);
             }
-            let end = SessionEnd {
-                error: Some(&last_error),
-                timed_out: error.is_timeout(),
-                ..SessionEnd::default()
-            };
-            self.record(self.store.end(&id, &self.worker_id, &end).await.map(drop));
-            self.free(&id);
-            return Err(StartError::Failed(StartFailure {
-                attempts: attempt,
-                last_error,
-            }));
         }
-        unreachable!("the loop returns on its last attempt")
+    }
+
+    /// Claims the session for the next attempt (see `SessionStore::claim`).
+    async fn claim(&self, request: &StartRequest, attempts: &mut Attempts) -> ClaimStep {
+        // Decided and recorded at once (concurrent first starts count one cold start), and
+        // put back if this claim starts nothing.
+        let (cold, before) = match attempts.claimed_at {
+            None => self.take_cold(),
+            Some(_) => (false, None),
+        };
+        let claim = self
+            .store
+            .claim(
+                &request.session_id,
+                request.user_id.as_deref(),
+                &request.task_id,
+                &self.worker_id,
+                ClaimAttempt {
+                    job_meta: Some(&request.job_meta),
+                    cold,
+                    log_file: attempts.log_file.as_deref(),
+                },
+            )
+            .await;
+        if cold && !matches!(claim, Ok(Claim::Claimed(_))) {
+            *self.last_start.lock().expect("last_start lock") = before;
+        }
+        let finish = ClaimStep::Finish;
+        match claim {
+            Ok(Claim::Claimed(config)) => {
+                attempts.claimed_at.get_or_insert_with(unix_now);
+                tracing::info!(
+                    session_id = %request.session_id,
+                    voice_id = config.voice_id(),
+                    source = config.source().as_str(),
+                    fields = ?config.field_names(),
+                    "session_config_loaded"
+                );
+                ClaimStep::Launch(config)
+            }
+            Ok(Claim::HeldBy { owner, ready: true }) => {
+                finish(Ok(StartOutcome::RunningElsewhere { owner }))
+            }
+            // Still starting elsewhere: that worker may be alive (then its start completes or
+            // fails) or dead but not yet presumed so. Look again until one is known;
+            // completing this job now could leave the session with no agent at all.
+            Ok(Claim::HeldBy {
+                owner,
+                ready: false,
+            }) => {
+                if tokio::time::Instant::now() >= attempts.held_until {
+                    return finish(Err(StartError::StartingElsewhere { owner }));
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(HELD_RECHECK) => ClaimStep::Recheck,
+                    // Not ours: nothing to write.
+                    _ = self.abandon.cancelled() => finish(Err(StartError::Abandoned)),
+                }
+            }
+            // Completed, terminated, or ended by the orchestrator during our retries:
+            // starting an agent now would bill a session nobody is in.
+            Ok(Claim::Ended { status }) => finish(Ok(StartOutcome::SessionEnded { status })),
+            Err(error) if error.is_permanent() => {
+                finish(Err(StartError::Rejected(Arc::new(error))))
+            }
+            // Without a claim there is no launch: another replica may own the session.
+            Err(error) => finish(Err(StartError::Unavailable(Arc::new(error)))),
+        }
+    }
+
+    /// One launch of the agent with `config`, raced against an immediate shutdown.
+    async fn attempt(
+        &self,
+        request: &StartRequest,
+        config: &SessionConfig,
+        made: u32,
+    ) -> AttemptStep {
+        let id = &request.session_id;
+        let spec = request.command.spec(id, config);
+        // Dropping the launch kills its agent (see `Launcher::launch`). `biased`: once
+        // abandoned, a launch that has not finished is not waited for.
+        tokio::select! {
+            biased;
+            _ = self.abandon.cancelled() => {
+                tracing::info!(session_id = %id, attempt = made, "agent_start_abandoned");
+                AttemptStep::Abandoned
+            }
+            launched = self.launcher.launch(spec) => match launched {
+                Ok(agent) => AttemptStep::Ready(agent),
+                Err(error) => AttemptStep::Failed(error),
+            },
+        }
+    }
+
+    /// After a failed attempt: the next one after a back-off (`None`), or the end of the
+    /// start (the last attempt failed, or the worker began to stop).
+    async fn after_failure(
+        &self,
+        request: &StartRequest,
+        attempts: &Attempts,
+        error: LaunchError,
+    ) -> Option<StartResult> {
+        let (id, made) = (&request.session_id, attempts.made);
+        let last_error = error.to_string();
+        observability::agent_spawn_failed();
+        tracing::warn!(
+            session_id = %id,
+            attempt = made,
+            attempts = self.retry.attempts,
+            error = %last_error,
+            "agent_spawn_failed"
+        );
+        if made < self.retry.attempts {
+            // The session stays `starting` between attempts (an orchestrator may give up on
+            // `error`); the attempt's error is kept for operators.
+            let retrying = !self.closing.load(Ordering::SeqCst);
+            self.record(
+                self.store
+                    .note_attempt_error(
+                        id,
+                        &self.worker_id,
+                        &last_error,
+                        retrying,
+                        error.is_timeout(),
+                    )
+                    .await,
+            );
+            if retrying {
+                tokio::select! {
+                    _ = tokio::time::sleep(self.retry.delay_after(made)) => {}
+                    _ = self.abandon.cancelled() => {}
+                }
+            }
+            if !self.closing.load(Ordering::SeqCst) {
+                return None;
+            }
+            // Shutdown began: the attempts left are another replica's to make.
+            return Some(Err(StartError::Abandoned));
+        }
+        let end = SessionEnd {
+            error: Some(&last_error),
+            timed_out: error.is_timeout(),
+            ..SessionEnd::default()
+        };
+        self.record(self.store.end(id, &self.worker_id, &end).await.map(drop));
+        Some(Err(StartError::Failed(StartFailure {
+            attempts: made,
+            last_error,
+        })))
     }
 
     /// Records a start now; true (with the previous start, to put back) when it is the
@@ -605,18 +701,18 @@ impl Inner {
                 .note_attempt_error(id, &self.worker_id, &error.to_string(), false, false)
                 .await,
         );
-        self.free(id);
         error
     }
 
     /// Takes over a ready agent: records it, counts it, and watches for its exit.
     async fn adopt(
         self: Arc<Self>,
-        id: SessionId,
+        slot: StartingSlot,
         agent: RunningAgent,
         record: AgentRecord,
         attempt: u32,
     ) -> StartOutcome {
+        let id = slot.id.clone();
         tracing::info!(
             session_id = %id,
             pid = agent.pid,
@@ -634,30 +730,31 @@ impl Inner {
             Ok(ReadyRecord::Recorded) | Err(_) => None,
             Ok(ReadyRecord::TakenOver) => Some("session_taken_over"),
             Ok(ReadyRecord::Gone) => Some("session_ended"),
-            Ok(ReadyRecord::Ended(status)) if status == "terminated" => Some("terminated"),
+            Ok(ReadyRecord::Ended(SessionStatus::Terminated)) => Some("terminated"),
             Ok(ReadyRecord::Ended(_)) => Some("session_ended"),
         };
         self.record(ready.map(drop));
         let (pid, startup) = (agent.pid, agent.startup);
         {
             let mut slots = self.slots.lock().expect("slots lock");
-            let mut slot = Slot::Running {
+            let mut running = Slot::Running {
                 pid,
                 handle: agent.handle.clone(),
                 stopping: None,
                 record: Arc::new(record),
             };
             if let Some(reason) = stop {
-                slot.stop(&id, reason, Duration::ZERO);
+                running.stop(&id, reason, Duration::ZERO);
             }
             if let Some(grace) = *self.stopping_all.lock().expect("stopping lock") {
-                slot.stop(&id, "worker_shutdown", grace);
+                running.stop(&id, "worker_shutdown", grace);
             }
-            let previous = slots.insert(id.clone(), slot);
+            let previous = slots.insert(id.clone(), running);
             self.capacity.agent_started();
             if matches!(previous, Some(Slot::Starting(_))) {
                 self.capacity.launch_ended();
             }
+            slot.keep();
         }
         let inner = self.clone();
         self.tasks.spawn(async move {

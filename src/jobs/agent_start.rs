@@ -12,7 +12,7 @@ use std::{
     sync::{Arc, LazyLock},
 };
 
-use agent_jobs::{AgentStart, PayloadError, QueueKeys};
+use agent_jobs::{AgentStart, PayloadError, QueueKeys, SessionStatus};
 use apalis::prelude::{AbortError, Attempt, BoxDynError, Codec, Data, TaskId};
 use futures::FutureExt;
 use redis::{Script, aio::ConnectionManager};
@@ -61,18 +61,49 @@ pub enum JobError {
     /// The start failed: every launch attempt (made in-process already), or the claim.
     #[error(transparent)]
     Start(#[from] StartError),
+    /// The handler panicked (a bug): this job fails, not the worker and its other jobs.
+    #[error("agent-start handler panicked: {0}")]
+    Panicked(String),
+}
+
+/// What becomes of a failed job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    /// apalis-redis runs it again later.
+    Retry,
+    /// It goes to the dead set now, with its reason; its session can be enqueued again.
+    Dead,
 }
 
 impl JobError {
-    /// True when the job must go to the dead set now; false when apalis-redis may retry it.
-    /// Only Redis trouble (reading the config, claiming the session) is worth a later retry:
-    /// bad input stays bad, and launches were already retried with back-off.
-    pub fn is_permanent(&self) -> bool {
-        match self {
-            Self::Payload(_) | Self::Start(StartError::Failed(_) | StartError::Rejected(_)) => true,
-            Self::Start(StartError::Unavailable(_) | StartError::Abandoned) => false,
+    /// The one retry-or-abort decision. Only Redis trouble (claiming the session) and a start
+    /// cut short by a stopping worker are worth a later retry: bad input stays bad, launches
+    /// were already retried with back-off, a panic is a bug. On the `last` attempt
+    /// apalis-redis allows, everything is final.
+    pub fn disposition(&self, last: bool) -> Disposition {
+        let retryable = matches!(
+            self,
+            Self::Start(
+                StartError::Unavailable(_)
+                    | StartError::StartingElsewhere { .. }
+                    | StartError::Abandoned
+            )
+        );
+        if retryable && !last {
+            Disposition::Retry
+        } else {
+            Disposition::Dead
         }
     }
+}
+
+/// A failed job and what becomes of it.
+#[derive(Debug)]
+pub struct Failure {
+    /// Why it failed.
+    pub error: JobError,
+    /// Retried or dead.
+    pub disposition: Disposition,
 }
 
 static RELEASE_IDEMPOTENCY: LazyLock<Script> =
@@ -103,19 +134,24 @@ impl std::fmt::Debug for AgentStartJob {
 }
 
 impl AgentStartJob {
-    /// Runs one job: decode, load config, start (or find) the agent. On the `last` attempt the
-    /// backend allows, every failure is final.
+    /// Runs one job: decode, load config, start (or find) the agent; a failure comes with
+    /// its disposition (on the `last` attempt the backend allows, every failure is final). A
+    /// dead job releases its session's idempotency key.
     pub async fn run(
         &self,
         raw: &[u8],
         task_id: &str,
         last: bool,
-    ) -> Result<StartOutcome, JobError> {
-        let job = AgentStart::decode(raw)?;
+    ) -> Result<StartOutcome, Failure> {
+        let fail = |error: JobError| Failure {
+            disposition: error.disposition(last),
+            error,
+        };
+        let job = AgentStart::decode(raw).map_err(|e| fail(e.into()))?;
         tracing::Span::current().record("session_id", job.session_id.as_str());
-        let result = self.start(&job, task_id).await;
-        if let Err(error) = &result
-            && (last || error.is_permanent())
+        let result = self.start(&job, task_id).await.map_err(fail);
+        if let Err(failure) = &result
+            && failure.disposition == Disposition::Dead
         {
             self.release_idempotency(&job, task_id).await;
         }
@@ -157,7 +193,7 @@ impl AgentStartJob {
             StartOutcome::SessionEnded { status } => {
                 tracing::info!(
                     session_id = %job.session_id,
-                    status = status.as_deref().unwrap_or("gone"),
+                    status = status.as_ref().map_or("gone", SessionStatus::as_str),
                     "agent_start_skipped_session_ended"
                 );
             }
@@ -188,42 +224,72 @@ pub async fn handle(
     // our last one aborts instead, so it is dead with a reason and its session is released.
     let last = attempt.current() >= LAST_BACKEND_ATTEMPT;
     let run = AssertUnwindSafe(ctx.run(&job.0, &task_id, last)).catch_unwind();
-    let result = match run.instrument(span.clone()).await {
-        Ok(result) => result,
-        Err(panic) => {
-            let message = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".into());
-            span.in_scope(|| tracing::error!(panic = %message, "agent_start_panicked"));
-            observability::job_finished(JobOutcome::Dead, started.elapsed());
-            return Err(Box::new(AbortError::new(std::io::Error::other(format!(
-                "agent-start handler panicked: {message}"
-            )))));
+    let result = run.instrument(span.clone()).await.unwrap_or_else(|panic| {
+        let message = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        span.in_scope(|| tracing::error!(panic = %message, "agent_start_panicked"));
+        let error = JobError::Panicked(message);
+        Err(Failure {
+            disposition: error.disposition(last),
+            error,
+        })
+    });
+    let failure = match result {
+        Ok(_) => {
+            observability::job_finished(JobOutcome::Done, started.elapsed());
+            return Ok(());
         }
+        Err(failure) => failure,
     };
-    let outcome = match &result {
-        Ok(_) => JobOutcome::Done,
-        Err(error) if last || error.is_permanent() => JobOutcome::Dead,
-        Err(_) => JobOutcome::Retried,
+    let (outcome, dead) = match failure.disposition {
+        Disposition::Retry => (JobOutcome::Retried, false),
+        Disposition::Dead => (JobOutcome::Dead, true),
     };
     observability::job_finished(outcome, started.elapsed());
-    match result {
-        Ok(_) => Ok(()),
-        Err(error) => {
-            span.in_scope(|| {
-                tracing::warn!(
-                    error = %error,
-                    permanent = error.is_permanent(),
-                    "agent_start_failed"
-                )
-            });
-            if last || error.is_permanent() {
-                Err(Box::new(AbortError::new(error)))
+    span.in_scope(
+        || tracing::warn!(error = %failure.error, permanent = dead, "agent_start_failed"),
+    );
+    if dead {
+        Err(Box::new(AbortError::new(failure.error)))
+    } else {
+        Err(Box::new(failure.error))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::supervisor::StartFailure;
+
+    #[test]
+    fn only_redis_trouble_and_a_stopping_worker_are_retried_and_never_on_the_last_attempt() {
+        let failed = JobError::Start(StartError::Failed(StartFailure {
+            attempts: 3,
+            last_error: "exited".into(),
+        }));
+        let elsewhere = JobError::Start(StartError::StartingElsewhere {
+            owner: "w".into(),
+        });
+        let abandoned = JobError::Start(StartError::Abandoned);
+        let bad = JobError::Payload(AgentStart::decode(b"{}").unwrap_err());
+        let panicked = JobError::Panicked("boom".into());
+        for (error, retried) in [
+            (&failed, false),
+            (&elsewhere, true),
+            (&abandoned, true),
+            (&bad, false),
+            (&panicked, false),
+        ] {
+            let want = if retried {
+                Disposition::Retry
             } else {
-                Err(Box::new(error))
-            }
+                Disposition::Dead
+            };
+            assert_eq!(error.disposition(false), want, "{error}");
+            assert_eq!(error.disposition(true), Disposition::Dead, "{error}");
         }
     }
 }
