@@ -95,8 +95,8 @@ impl Health {
 }
 
 /// Every `every` until `shutdown`: `PING` Redis with a [`PROBE_TIMEOUT`] (at most `every`)
-/// and record the answer in `health` and [`REDIS_UP`]; when it answered, refresh the
-/// [`QUEUE_DEPTH`] gauges of `keys` with one script call. With `every` = 1 s, a Redis that
+/// and record the answer in `health` and [`crate::metrics::REDIS_UP`]; when it answered, refresh the
+/// [`crate::metrics::QUEUE_DEPTH`] gauges of `keys` with one script call. With `every` = 1 s, a Redis that
 /// goes away flips readiness within about 2 s. A failure streak is logged once when it starts
 /// and once when it ends.
 pub async fn probe_loop(

@@ -158,11 +158,11 @@ async fn a_missing_agent_program_is_retried_then_dead() {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_never_ready_agent_is_killed_with_its_whole_process_group() {
+/// Runs one start of the shell `script` as the agent (one attempt; a 1 s start-up timeout),
+/// waits for its job to be dead, and then for the process whose pid the script printed after
+/// `marker` to be gone. Returns the job's stored result.
+async fn failed_start_leaves_nothing(id: &str, script: &str, marker: &str) -> String {
     let redis = TestRedis::start().await;
-    // A shell as the agent, only to give it a child: both must be gone after the timeout.
-    let script = "sleep 300 & echo child=$!; wait";
     let command = format!("/bin/sh,-c,{script},agent");
     let worker = TestWorker::start(redis.settings(
         "ready",
@@ -172,67 +172,46 @@ async fn a_never_ready_agent_is_killed_with_its_whole_process_group() {
             ("AGENT_WORKER__AGENT__START_ATTEMPTS", "1"),
         ],
     ));
-    let id = sid("group-kill-1");
-    let task = enqueue(&redis.conn, &id, None).await;
-    wait_dead(&redis.conn, &task).await;
-    let child = logged_pid(&redis.conn, &id, "child=").await;
-    wait_for(
-        "the agent's child to be killed",
-        Duration::from_secs(5),
-        || async { (!alive(child)).then_some(()) },
-    )
-    .await;
-    worker.stop().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_agent_that_closes_its_output_and_hangs_times_out_and_is_killed() {
-    let redis = TestRedis::start().await;
-    let command = "/bin/sh,-c,echo pid=$$; exec >/dev/null 2>&1; sleep 300,agent";
-    let worker = TestWorker::start(redis.settings(
-        "ready",
-        &[
-            ("AGENT_WORKER__AGENT__COMMAND", command),
-            ("AGENT_WORKER__AGENT__STARTUP_TIMEOUT", "1s"),
-            ("AGENT_WORKER__AGENT__START_ATTEMPTS", "1"),
-        ],
-    ));
-    let id = sid("silent-hang-1");
+    let id = sid(id);
     let task = enqueue(&redis.conn, &id, None).await;
     let result = wait_dead(&redis.conn, &task).await;
-    assert!(result.contains("no ready line within 1s"), "{result}");
-    let pid = logged_pid(&redis.conn, &id, "pid=").await;
+    let pid = logged_pid(&redis.conn, &id, marker).await;
     wait_for(
-        "the silent agent to be killed",
+        &format!("the process after {marker} to be killed"),
         Duration::from_secs(5),
         || async { (!alive(pid)).then_some(()) },
     )
     .await;
     worker.stop().await;
+    result
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_never_ready_agent_is_killed_with_its_whole_process_group() {
+    // A shell as the agent, only to give it a child: both must be gone after the timeout.
+    let result =
+        failed_start_leaves_nothing("group-kill-1", "sleep 300 & echo child=$!; wait", "child=")
+            .await;
+    assert!(result.contains("no ready line within 1s"), "{result}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_closes_its_output_and_hangs_times_out_and_is_killed() {
+    let result = failed_start_leaves_nothing(
+        "silent-hang-1",
+        "echo pid=$$; exec >/dev/null 2>&1; sleep 300",
+        "pid=",
+    )
+    .await;
+    assert!(result.contains("no ready line within 1s"), "{result}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn processes_left_by_an_agent_that_exited_are_killed() {
-    let redis = TestRedis::start().await;
-    let command = "/bin/sh,-c,sleep 300 & echo child=$!; exit 3,agent";
-    let worker = TestWorker::start(redis.settings(
-        "ready",
-        &[
-            ("AGENT_WORKER__AGENT__COMMAND", command),
-            ("AGENT_WORKER__AGENT__START_ATTEMPTS", "1"),
-        ],
-    ));
-    let id = sid("straggler-1");
-    let task = enqueue(&redis.conn, &id, None).await;
-    wait_dead(&redis.conn, &task).await;
-    let child = logged_pid(&redis.conn, &id, "child=").await;
-    wait_for(
-        "the agent's leftover child to be killed",
-        Duration::from_secs(5),
-        || async { (!alive(child)).then_some(()) },
-    )
-    .await;
-    worker.stop().await;
+    let result =
+        failed_start_leaves_nothing("straggler-1", "sleep 300 & echo child=$!; exit 3", "child=")
+            .await;
+    assert!(result.contains("exited with code 3"), "{result}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

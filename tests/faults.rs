@@ -9,7 +9,6 @@ use agent_jobs::{AgentStart, QueueKeys, SessionId};
 use common::*;
 use nix::sys::signal::Signal;
 use redis::{AsyncCommands, aio::ConnectionManager};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn keys() -> QueueKeys {
     QueueKeys::new(QUEUE).unwrap()
@@ -247,20 +246,6 @@ fn worker_pids(steady: &[std::process::Child], victim: &std::process::Child) -> 
     steady.iter().chain([victim]).map(|c| c.id()).collect()
 }
 
-async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    let code = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (code, response)
-}
-
 /// The value of the first sample of `series` (with its labels) in a Prometheus text page.
 fn sample(page: &str, series: &str) -> Option<f64> {
     page.lines()
@@ -297,10 +282,10 @@ async fn a_running_worker_serves_metrics_that_move_with_jobs_and_readiness() {
     .unwrap();
 
     wait_for("/readyz 200", Duration::from_secs(10), || async {
-        (http_get(addr, "/readyz").await.0 == 200).then_some(())
+        (get(addr, "/readyz").await.0 == 200).then_some(())
     })
     .await;
-    assert_eq!(http_get(addr, "/healthz").await.0, 200);
+    assert_eq!(get(addr, "/healthz").await.0, 200);
     let id = sid("metrics-1");
     let task = enqueue(&redis.conn, &id, None).await;
     wait_done(&redis.conn, &task, Duration::from_secs(20)).await;
@@ -308,7 +293,7 @@ async fn a_running_worker_serves_metrics_that_move_with_jobs_and_readiness() {
         "the job in the metrics",
         Duration::from_secs(10),
         || async {
-            let (_, page) = http_get(addr, "/metrics").await;
+            let (_, page) = get(addr, "/metrics").await;
             (sample(&page, "agent_worker_jobs_total{outcome=\"done\"}") == Some(1.0))
                 .then_some(page)
         },
@@ -331,25 +316,25 @@ async fn a_running_worker_serves_metrics_that_move_with_jobs_and_readiness() {
     // Redis goes away: not ready within 5 s; back: ready again.
     redis.redis.stop();
     wait_for("/readyz 503", Duration::from_secs(5), || async {
-        (http_get(addr, "/readyz").await.0 == 503).then_some(())
+        (get(addr, "/readyz").await.0 == 503).then_some(())
     })
     .await;
     wait_for(
         "the probe to see Redis down",
         Duration::from_secs(5),
         || async {
-            let (_, page) = http_get(addr, "/metrics").await;
+            let (_, page) = get(addr, "/metrics").await;
             (sample(&page, "agent_worker_redis_up") == Some(0.0)).then_some(())
         },
     )
     .await;
     redis.redis.restart().await.unwrap();
     wait_for("/readyz 200 again", Duration::from_secs(20), || async {
-        (http_get(addr, "/readyz").await.0 == 200).then_some(())
+        (get(addr, "/readyz").await.0 == 200).then_some(())
     })
     .await;
     // The outage was counted.
-    let (_, page) = http_get(addr, "/metrics").await;
+    let (_, page) = get(addr, "/metrics").await;
     assert!(
         sample(&page, "agent_worker_redis_errors_total{op=\"ping\"}").is_some_and(|n| n >= 1.0),
         "{page}"

@@ -1,8 +1,9 @@
 //! The observability module on its own, against a private redis-server: the HTTP endpoints,
 //! the queue depth gauges read by the probe, and readiness following Redis away and back.
 
+mod common;
+
 use std::{
-    future::Future,
     net::SocketAddr,
     time::{Duration, Instant},
 };
@@ -17,52 +18,9 @@ use agent_worker::{
     queue::QueueDepth,
     settings::Settings,
 };
+use common::{get, wait_for};
 use redis::{AsyncCommands, aio::ConnectionManager};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
-
-/// One plain HTTP/1.1 GET; returns the status code and the body.
-async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let exchange = async {
-        let mut stream = tokio::net::TcpStream::connect(addr).await?;
-        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-        stream.write_all(request.as_bytes()).await?;
-        let mut response = Vec::new();
-        stream.read_to_end(&mut response).await?;
-        Ok::<_, std::io::Error>(response)
-    };
-    let response = tokio::time::timeout(Duration::from_secs(5), exchange)
-        .await
-        .unwrap_or_else(|_| panic!("GET {path}: no answer within 5s"))
-        .unwrap_or_else(|e| panic!("GET {path}: {e}"));
-    let response = String::from_utf8(response).expect("utf-8 response");
-    let (head, body) = response.split_once("\r\n\r\n").expect("a header block");
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("a status line in {head:?}"));
-    (status, body.to_owned())
-}
-
-/// Polls `check` every 50 ms until it returns `Some`, panicking after `deadline`.
-async fn wait_for<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let until = Instant::now() + deadline;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(
-            Instant::now() < until,
-            "timed out after {deadline:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 /// The value of the sample `series` (name with labels, exactly as exposed) in a scrape.
 fn sample(scrape: &str, series: &str) -> Option<f64> {

@@ -63,9 +63,7 @@ async fn sigterm_stops_the_agents_ends_their_sessions_and_exits_zero() {
     wait_status(&redis.conn, &id, "ready", Duration::from_secs(20)).await;
     let pid = agent_pid(&redis.conn, &id).await;
     signal(&worker, Signal::SIGTERM);
-    let output = tokio::task::spawn_blocking(move || worker.wait_with_output().unwrap())
-        .await
-        .unwrap();
+    let output = output_of(worker).await;
     assert!(output.status.success(), "exit status {:?}", output.status);
     assert_eq!(
         exits(&output.stderr),
@@ -127,9 +125,7 @@ async fn an_agent_ignoring_sigterm_is_killed_after_the_grace_period() {
     enqueue(&redis.conn, &id, None).await;
     wait_status(&redis.conn, &id, "ready", Duration::from_secs(20)).await;
     signal(&worker, Signal::SIGTERM);
-    let output = tokio::task::spawn_blocking(move || worker.wait_with_output().unwrap())
-        .await
-        .unwrap();
+    let output = output_of(worker).await;
     assert!(output.status.success());
     assert_eq!(exits(&output.stderr), ["signal 9"]);
 }
@@ -164,9 +160,7 @@ async fn json_logs_carry_the_events_and_never_the_redis_password() {
         "{received}"
     );
     signal(&worker, Signal::SIGTERM);
-    let output = tokio::task::spawn_blocking(move || worker.wait_with_output().unwrap())
-        .await
-        .unwrap();
+    let output = output_of(worker).await;
     assert!(output.status.success());
     let stderr = String::from_utf8(output.stderr).unwrap();
     let stdout = String::from_utf8(output.stdout).unwrap();

@@ -156,7 +156,12 @@ async fn a_claim_of_a_live_worker_stands_and_a_dead_workers_claim_is_taken_over(
     // Alive for the whole test, however slowly it runs.
     let _: () = conn.zadd(WORKERS, "live-worker", now + 3600).await.unwrap();
     let _: () = conn.zadd(WORKERS, "dead-worker", now - 3600).await.unwrap();
-    let worker = TestWorker::start(redis.settings("ready", &[]));
+    let ledger = Ledger::new();
+    let command = ledger.command("ready");
+    let worker = TestWorker::start(redis.settings(
+        "ready",
+        &[("AGENT_WORKER__AGENT__COMMAND", command.as_str())],
+    ));
     let held_task = enqueue(&redis.conn, &held, None).await;
     let orphan_task = enqueue(&redis.conn, &orphaned, None).await;
     wait_done(&redis.conn, &held_task, Duration::from_secs(20)).await;
@@ -168,10 +173,13 @@ async fn a_claim_of_a_live_worker_stands_and_a_dead_workers_claim_is_taken_over(
         Some("live-worker"),
         "the live claim stands"
     );
-    assert_eq!(
-        received(&redis.conn, &held).await,
-        None,
-        "no agent was started for it"
+    // Both jobs are done: an agent started for either is in the ledger by now (the taken-over
+    // one's is, which shows the ledger works).
+    let rooms = ledger.rooms();
+    assert!(rooms.contains(&orphaned.to_string()), "{rooms:?}");
+    assert!(
+        !rooms.contains(&held.to_string()),
+        "no agent was started for it: {rooms:?}"
     );
     let owner = hget(
         &redis.conn,

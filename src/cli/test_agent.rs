@@ -30,8 +30,8 @@
 //!   (default 2), then `flood done <lines> <lines per second>`, then run until SIGTERM.
 //!
 //! With `--long-line-bytes N` it first prints one line of `N` times `x` (no newline until the
-//! end). With `TEST_AGENT_LEDGER=<file>` in its environment it also appends `<room> <pid>` to
-//! that file.
+//! end). With `--ledger <file>` (or `TEST_AGENT_LEDGER=<file>` in its environment) it also
+//! appends `<room> <pid>` to that file, before anything else.
 
 use std::{collections::BTreeMap, io::Write, time::Duration};
 
@@ -85,7 +85,11 @@ pub fn main(argv: Vec<String>) -> i32 {
     let room = contract.get("room").cloned().unwrap_or_default();
     // Tests that must know every agent that ever started name a ledger file; one short
     // O_APPEND write per agent is atomic.
-    if let Some(ledger) = std::env::var_os("TEST_AGENT_LEDGER") {
+    let ledger = options
+        .get("ledger")
+        .map(std::ffi::OsString::from)
+        .or_else(|| std::env::var_os("TEST_AGENT_LEDGER"));
+    if let Some(ledger) = ledger {
         let file = std::fs::OpenOptions::new()
             .append(true)
             .create(true)

@@ -3,7 +3,7 @@
 //! apalis decodes a job's arguments before the handler runs, and with apalis-redis 1.0 a
 //! payload that fails to decode kills the worker and strands its whole fetched batch. So the
 //! queue is read with [`RawCodec`], which hands over the stored bytes untouched, and decoding
-//! happens here, where a bad payload is just a failed job. [`JobError::is_permanent`] is the one
+//! happens here, where a bad payload is just a failed job. [`JobError::disposition`] is the one
 //! place that decides between "dead now" (apalis `AbortError`) and "let the backend retry".
 
 use std::{
@@ -270,9 +270,7 @@ mod tests {
             attempts: 3,
             last_error: "exited".into(),
         }));
-        let elsewhere = JobError::Start(StartError::StartingElsewhere {
-            owner: "w".into(),
-        });
+        let elsewhere = JobError::Start(StartError::StartingElsewhere { owner: "w".into() });
         let abandoned = JobError::Start(StartError::Abandoned);
         let bad = JobError::Payload(AgentStart::decode(b"{}").unwrap_err());
         let panicked = JobError::Panicked("boom".into());

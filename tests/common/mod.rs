@@ -357,10 +357,28 @@ pub async fn assert_first_run(conn: &ConnectionManager, context: &str) {
     );
 }
 
-/// The `agent-worker` binary with `args`, pointed at `url`, running the test agent with
-/// `behaviour`, JSON logs, no drain; `env` overrides. stdout and stderr are piped.
-pub fn worker_command(url: &str, args: &[&str], behaviour: &str, env: &[(&str, &str)]) -> Command {
+/// The `agent-worker` binary, killed (SIGKILL) when the thread that started it ends: a test
+/// that fails half-way leaves no worker behind, whatever it was doing.
+pub fn worker_bin() -> Command {
+    use std::os::unix::process::CommandExt;
     let mut command = Command::new(WORKER_BIN);
+    // SAFETY: runs in the forked child before exec and only calls prctl, which is
+    // async-signal-safe.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    command
+}
+
+/// The `agent-worker` binary ([`worker_bin`]) with `args`, pointed at `url`, running the test
+/// agent with `behaviour`, JSON logs, no drain; `env` overrides. stdout and stderr are piped.
+pub fn worker_command(url: &str, args: &[&str], behaviour: &str, env: &[(&str, &str)]) -> Command {
+    let mut command = worker_bin();
     command
         .args(args)
         .env_remove("RUST_LOG")
@@ -453,6 +471,41 @@ pub fn room_of(args: &[String]) -> Option<String> {
         })
 }
 
+/// A file every test agent started with [`Ledger::command`] appends `<room> <pid>` to as it
+/// starts, synchronously: what tells that an agent never ran, unlike its shipped logs, which
+/// arrive later.
+pub struct Ledger(std::path::PathBuf);
+
+impl Ledger {
+    /// A new, empty ledger.
+    pub fn new() -> Self {
+        Self(std::env::temp_dir().join(format!("agent-ledger-{}", ulid::Ulid::generate())))
+    }
+
+    /// `agent.command` of the test agent with `behaviour`, writing to this ledger.
+    pub fn command(&self, behaviour: &str) -> String {
+        format!(
+            "{TEST_AGENT},--behaviour,{behaviour},--ledger,{}",
+            self.0.display()
+        )
+    }
+
+    /// The rooms of every agent started so far.
+    pub fn rooms(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.0)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split(' ').next().map(str::to_owned))
+            .collect()
+    }
+}
+
+impl Drop for Ledger {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 /// Kills the processes it tracks when dropped, so a failing test leaves no worker behind.
 #[derive(Default)]
 pub struct KillOnDrop(std::sync::Mutex<Vec<u32>>);
@@ -484,15 +537,29 @@ pub fn free_port() -> u16 {
         .expect("a free port")
 }
 
-/// `GET path` over HTTP/1.1: the status code and the body, or `None` when nothing answers.
+/// `GET path` over HTTP/1.1 (within 5 s): the status code and the body, or `None` when
+/// nothing answers.
 pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.ok()?;
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+        let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.ok()?;
+        Some(response)
+    };
+    let response = tokio::time::timeout(Duration::from_secs(5), exchange)
+        .await
+        .ok()??;
     let code = response.split_whitespace().nth(1)?.parse().ok()?;
     let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
     Some((code, body))
+}
+
+/// [`http_get`] that must be answered.
+pub async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    http_get(addr, path)
+        .await
+        .unwrap_or_else(|| panic!("GET {path}: no answer from {addr}"))
 }
