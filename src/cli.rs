@@ -3,7 +3,8 @@
 //! `main` parses [`Cli`], loads settings, starts telemetry and hands the command to
 //! [`execute`]. `run` is the worker ([`crate::worker::run`]) tied to the process's signals; the
 //! others are short operator commands:
-//! - [`operator`]: `status` and `dead list|retry`.
+//! - `status` and `dead list|retry` print what [`crate::inspect`] reads (the console shows
+//!   the same queries).
 //! - [`demo`]: `demo`, the seed scenario end to end.
 //! - [`local_redis`]: a private `redis-server` for the demo (and the tests) when none answers.
 //! - [`test_agent`]: the stand-in agent, `agent-worker test-agent` (dispatched by `main`
@@ -11,7 +12,6 @@
 
 pub mod demo;
 pub mod local_redis;
-pub mod operator;
 pub mod test_agent;
 
 use std::path::PathBuf;
@@ -23,7 +23,7 @@ use clap::{Parser, Subcommand};
 use crate::{
     agent::containment,
     clock::{self, unix_now},
-    connection,
+    connection, inspect,
     jobs::sweep::{self as stale, StaleSessionSweep},
     session::SessionStore,
     settings::Settings,
@@ -230,7 +230,7 @@ async fn status(settings: Settings, json: bool) -> anyhow::Result<()> {
     // Staleness is judged on Redis's clock, as the workers do.
     clock::sync(&mut conn.clone()).await?;
     let keys = QueueKeys::new(&settings.redis.queue)?;
-    let status = operator::status(&conn, &keys, unix_now(), settings.worker.orphan_timeout).await?;
+    let status = inspect::status(&conn, &keys, unix_now(), settings.worker.orphan_timeout).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&status)?);
         return Ok(());
@@ -270,7 +270,7 @@ async fn dead(settings: Settings, command: DeadCommand) -> anyhow::Result<()> {
     let keys = QueueKeys::new(&settings.redis.queue)?;
     match command {
         DeadCommand::List { limit, json } => {
-            let jobs = operator::dead_jobs(&conn, &keys, limit).await?;
+            let jobs = inspect::dead_jobs(&conn, &keys, limit).await?.jobs;
             if json {
                 println!("{}", serde_json::to_string_pretty(&jobs)?);
                 return Ok(());
@@ -292,7 +292,7 @@ async fn dead(settings: Settings, command: DeadCommand) -> anyhow::Result<()> {
         }
         DeadCommand::Retry { task_ids, all } => {
             let ids = if all { None } else { Some(task_ids) };
-            let requeued = operator::retry_dead(&conn, &keys, ids).await?;
+            let requeued = inspect::retry_dead(&conn, &keys, ids).await?;
             for id in &requeued {
                 println!("requeued {id}");
             }

@@ -1,5 +1,6 @@
 //! The HTTP listener: `/metrics` (Prometheus text), `/healthz` (the process runs) and
-//! `/readyz` (see [`crate::health::Health`]).
+//! `/readyz` (see [`crate::health::Health`]); the worker adds the console's pages
+//! ([`crate::console`]) with [`serve_with`].
 //!
 //! [`serve`] binds first (a taken port is an error at once; port 0 works, and
 //! [`HttpServer::local_addr`] tells the port), then serves in a task until its token is
@@ -67,10 +68,21 @@ pub async fn serve(
     health: Arc<Health>,
     shutdown: CancellationToken,
 ) -> io::Result<HttpServer> {
+    serve_with(addr, handle, health, Router::new(), shutdown).await
+}
+
+/// [`serve`], with the routes of `extra` (the console's) beside the three endpoints.
+pub async fn serve_with(
+    addr: SocketAddr,
+    handle: PrometheusHandle,
+    health: Arc<Health>,
+    extra: Router,
+    shutdown: CancellationToken,
+) -> io::Result<HttpServer> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let local_addr = listener.local_addr()?;
     tokio::spawn(upkeep_loop(handle.clone(), shutdown.clone()));
-    let app = router(AppState { handle, health });
+    let app = router(AppState { handle, health }).merge(extra);
     let task = tokio::spawn(async move {
         axum::serve(listener, app)
             .with_graceful_shutdown(shutdown.cancelled_owned())

@@ -42,7 +42,10 @@
 //! Observability:
 //! - [`metrics`]: every series and the helpers that record them.
 //! - [`health`]: readiness and the Redis probe.
-//! - [`http`]: the `/metrics`, `/healthz`, `/readyz` listener.
+//! - [`http`]: the `/metrics`, `/healthz`, `/readyz` listener, which also serves the console.
+//! - [`console`]: the operator console at `/`: server-rendered pages of the queue, sessions,
+//!   workers and dead jobs; with an admin token, retry and stop actions.
+//! - [`inspect`]: what an operator reads and does, shared by the CLI and the console.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -50,10 +53,12 @@ pub mod agent;
 pub mod cli;
 pub mod clock;
 pub mod connection;
+pub mod console;
 pub mod dataset;
 pub mod health;
 pub mod heartbeat;
 pub mod http;
+pub mod inspect;
 pub mod job_worker;
 pub mod jobs;
 pub mod metrics;

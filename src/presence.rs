@@ -1,7 +1,8 @@
 //! Worker presence: which worker processes are alive, for session claims and `status`.
 //!
-//! `agent-worker:workers` (worker id → unix seconds of its last presence, on Redis's clock) and
-//! `agent-worker:worker-agents` (worker id → agents it runs), written every
+//! `agent-worker:workers` (worker id → unix seconds of its last presence, on Redis's clock),
+//! `agent-worker:worker-agents` (worker id → agents it runs) and `agent-worker:worker-info`
+//! (worker id → [`WorkerInfo`] as JSON, for the console), written every
 //! `worker.heartbeat_interval`. A session claimed by a worker silent for longer than
 //! `worker.orphan_timeout` can be taken over: that worker's agents died with it. The clock's
 //! offset to Redis is measured on the same tick ([`crate::clock`]). Retention forgets workers
@@ -9,8 +10,9 @@
 
 use std::time::Duration;
 
-use agent_jobs::keys::{WORKER_AGENTS, WORKERS};
+use agent_jobs::keys::{WORKER_AGENTS, WORKER_INFO, WORKERS};
 use redis::aio::ConnectionManager;
+use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -20,11 +22,48 @@ use crate::{
     metrics,
 };
 
+/// What a worker tells about itself beside its presence (`agent-worker:worker-info`), so an
+/// operator sees which host and version a replica is, how full and how far off-clock it is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerInfo {
+    /// The host (container) name.
+    pub host: String,
+    /// agent-worker's version.
+    pub version: String,
+    /// Its `agent.max_agents`.
+    pub max_agents: u64,
+    /// Its clock's offset to Redis's at the last presence tick, in milliseconds.
+    pub clock_offset_ms: i64,
+    /// When it started (unix seconds, Redis's clock).
+    pub started_at: u64,
+}
+
+impl WorkerInfo {
+    /// This process, with `max_agents`, started now.
+    pub fn of_this_process(max_agents: usize) -> Self {
+        Self {
+            host: host_name(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            max_agents: max_agents as u64,
+            clock_offset_ms: clock::offset_ms(),
+            started_at: unix_now(),
+        }
+    }
+}
+
+/// The kernel's host name (a pod's name in Kubernetes), `host` when it cannot be read.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "host".into())
+}
+
 /// This worker's presence records.
 #[derive(Clone)]
 pub struct Presence {
     conn: ConnectionManager,
     worker_id: String,
+    info: WorkerInfo,
 }
 
 impl std::fmt::Debug for Presence {
@@ -36,20 +75,29 @@ impl std::fmt::Debug for Presence {
 }
 
 impl Presence {
-    /// The presence of `worker_id`.
-    pub fn new(conn: ConnectionManager, worker_id: impl Into<String>) -> Self {
+    /// The presence of `worker_id`, described by `info`.
+    pub fn new(conn: ConnectionManager, worker_id: impl Into<String>, info: WorkerInfo) -> Self {
         Self {
             conn,
             worker_id: worker_id.into(),
+            info,
         }
     }
 
-    /// "Alive now, with `agents` agents": one pipelined round trip.
+    /// "Alive now, with `agents` agents" (and the clock offset measured last): one pipelined
+    /// round trip.
     pub async fn beat(&self, agents: usize, now: u64) -> redis::RedisResult<()> {
+        let info = WorkerInfo {
+            clock_offset_ms: clock::offset_ms(),
+            ..self.info.clone()
+        };
+        let info = serde_json::to_string(&info).expect("WorkerInfo serializes");
         redis::pipe()
             .zadd(WORKERS, &self.worker_id, now)
             .ignore()
             .hset(WORKER_AGENTS, &self.worker_id, agents)
+            .ignore()
+            .hset(WORKER_INFO, &self.worker_id, info)
             .ignore()
             .query_async(&mut self.conn.clone())
             .await
@@ -61,6 +109,8 @@ impl Presence {
             .zrem(WORKERS, &self.worker_id)
             .ignore()
             .hdel(WORKER_AGENTS, &self.worker_id)
+            .ignore()
+            .hdel(WORKER_INFO, &self.worker_id)
             .ignore()
             .query_async(&mut self.conn.clone())
             .await

@@ -2,8 +2,9 @@
 //!
 //! [`run`] connects to Redis (waiting for it), refuses a Redis that may evict session records
 //! ([`crate::dataset`]), then starts, in this order:
-//! - the HTTP listener (`/metrics`, `/healthz`, `/readyz`: [`crate::http`]), which answers
-//!   until the very end, so probes and scrapes see the drain;
+//! - the HTTP listener (`/metrics`, `/healthz`, `/readyz`: [`crate::http`], and the console:
+//!   [`crate::console`]), which answers until the very end, so probes and scrapes see the
+//!   drain;
 //! - the agents' supervisor ([`crate::agent::supervisor`]) with its launcher and the shipper of
 //!   their output;
 //! - the background tasks: the Redis probe ([`crate::health`]), wake-ups ([`crate::wake`]),
@@ -36,6 +37,7 @@ use crate::{
     },
     clock,
     connection::{self, RedisHealth},
+    console::Console,
     dataset,
     health::{self, Health},
     heartbeat, http,
@@ -46,7 +48,7 @@ use crate::{
         sweep::{self, StaleSessionSweep},
     },
     metrics,
-    presence::{self, Presence},
+    presence::{self, Presence, WorkerInfo},
     queue::QueueOps,
     schedule::{self, TickLease},
     session::SessionStore,
@@ -61,9 +63,7 @@ const PROBE_EVERY: Duration = Duration::from_secs(1);
 /// A process-unique worker id: `<host>-<pid>-<random>`. Written to sessions as `workerId`;
 /// apalis worker names add the run number.
 pub fn worker_id() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
-        .unwrap_or_else(|_| "host".into());
+    let host = presence::host_name();
     let suffix = ulid::Ulid::generate().to_string();
     format!(
         "{host}-{}-{}",
@@ -134,10 +134,13 @@ pub async fn run(
 ) -> Result<(), RefusedToStart> {
     let health = Health::new();
     let http_stop = CancellationToken::new();
-    let server = http::serve(
+    let handle = metrics::install_recorder();
+    let console = Console::new(&settings, handle.clone());
+    let server = http::serve_with(
         settings.http.addr,
-        metrics::install_recorder(),
+        handle,
         health.clone(),
+        console.router(),
         http_stop.clone(),
     )
     .await
@@ -145,6 +148,8 @@ pub async fn run(
         addr: settings.http.addr,
         source,
     })?;
+    tracing::info!(actions = console.has_actions(), "console_serving");
+    tokio::spawn(console.clone().sample_rates(http_stop.clone()));
     let draining = {
         let (health, graceful) = (health.clone(), shutdown.graceful.clone());
         tokio::spawn(async move {
@@ -152,7 +157,7 @@ pub async fn run(
             health.set_draining();
         })
     };
-    let result = run_worker(settings, make_launcher, &shutdown, health).await;
+    let result = run_worker(settings, make_launcher, &shutdown, health, &console).await;
     draining.abort();
     http_stop.cancel();
     if let Err(error) = server.stopped().await {
@@ -166,6 +171,7 @@ async fn run_worker(
     make_launcher: LauncherFactory,
     shutdown: &Shutdown,
     health: Arc<Health>,
+    console: &Console,
 ) -> Result<(), RefusedToStart> {
     let redis_health = RedisHealth::new();
     let Some(conn) = connection::connect_with_retry(
@@ -179,6 +185,7 @@ async fn run_worker(
         return Ok(());
     };
     health.set_redis_auth_failed(false);
+    console.connected(conn.clone());
     check_eviction(&conn, &settings).await?;
     // The wake-up listener's own connection (pub/sub), with the same TLS settings.
     let client = connection::client(&settings.redis).map_err(RefusedToStart::WakeClient)?;
@@ -216,7 +223,11 @@ async fn run_worker(
         RetryPolicy::from_settings(&settings),
         capacity.clone(),
     );
-    let presence = Presence::new(conn.clone(), worker_id.clone());
+    let presence = Presence::new(
+        conn.clone(),
+        worker_id.clone(),
+        WorkerInfo::of_this_process(settings.agent.max_agents),
+    );
     let hub = WakeHub::new();
     let ops = QueueOps::new(conn.clone(), keys.clone());
     let background = CancellationToken::new();

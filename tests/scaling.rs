@@ -476,7 +476,7 @@ async fn retention_keeps_memory_flat_and_never_removes_a_job_waiting_for_a_retry
     );
     // Index both while they are too young to trim, then retry one.
     short.run(0).await.unwrap();
-    agent_worker::cli::operator::retry_dead(&redis.conn, &keys(), Some(vec![retried.clone()]))
+    agent_worker::inspect::retry_dead(&redis.conn, &keys(), Some(vec![retried.clone()]))
         .await
         .unwrap();
     short.run(unix_now()).await.unwrap();

@@ -25,6 +25,10 @@ pub const WORKERS: &str = "agent-worker:workers";
 /// HASH worker id → number of agents it runs, refreshed with its presence (for `status`).
 pub const WORKER_AGENTS: &str = "agent-worker:worker-agents";
 
+/// HASH worker id → JSON of what the console shows about it (`host`, `version`,
+/// `max_agents`, `clock_offset_ms`, `started_at`), refreshed with its presence.
+pub const WORKER_INFO: &str = "agent-worker:worker-info";
+
 /// Prefix of the per-tick leases of scheduled jobs: `agent-worker:tick-lease:<job>:<tick>`
 /// (e.g. `…:sweep:<tick>`); whoever sets it first runs that tick.
 pub const TICK_LEASE_PREFIX: &str = "agent-worker:tick-lease";

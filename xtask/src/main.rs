@@ -104,6 +104,8 @@ fn test(cargo_args: Vec<OsString>) -> Result<ExitCode, String> {
         ),
     );
 
+    chromium();
+
     if !path_dirs.is_empty() {
         env.push(("PATH".into(), joined(&path_dirs, env::var_os("PATH"))?));
     }
@@ -133,6 +135,44 @@ fn test(cargo_args: Vec<OsString>) -> Result<ExitCode, String> {
         Some(code) => ExitCode::from(code.clamp(1, 255) as u8),
         None => ExitCode::FAILURE,
     })
+}
+
+/// Where the console's browser test (`tests/console.rs`) looks for headless Chromium.
+const CHROMIUM: &str = "/usr/bin/chromium";
+
+/// Makes Debian's `chromium` available for the console's browser test: as root it is
+/// installed with `apt-get install -y chromium`; otherwise (it is too large and too entangled
+/// to unpack under `target/`) this says what to run, and that test fails saying the same.
+fn chromium() {
+    if Path::new(CHROMIUM).exists() {
+        say("chromium", &version_of(&[], "chromium"));
+        return;
+    }
+    let installed = is_root()
+        && on_path("apt-get")
+        && run(
+            "apt-get update",
+            Command::new("apt-get").args(["update", "-qq"]),
+        )
+        .and_then(|()| {
+            eprintln!("xtask: the console's browser test needs chromium: apt-get install chromium");
+            run(
+                "apt-get install",
+                Command::new("apt-get")
+                    .args(["install", "-y", "-qq", "chromium"])
+                    .env("DEBIAN_FRONTEND", "noninteractive"),
+            )
+        })
+        .map_err(|e| eprintln!("xtask: {e}"))
+        .is_ok();
+    if installed && Path::new(CHROMIUM).exists() {
+        say("chromium", &version_of(&[], "chromium"));
+    } else {
+        eprintln!(
+            "xtask: chromium is missing ({CHROMIUM}); the console's browser test will fail. \
+             Install it with: sudo apt-get install -y chromium"
+        );
+    }
 }
 
 /// `target/xtask/`, where rootless installs go.

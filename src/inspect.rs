@@ -1,19 +1,23 @@
-//! What the operator CLI reads and does: `status`, `dead list`, `dead retry`.
+//! What an operator reads and does, shared by the CLI (`status`, `dead list`, `dead retry`)
+//! and the console ([`crate::console`]): one query per question, so both always agree.
 //!
 //! All of it reads the same keys the worker writes (see the README's contract section); none
-//! of it needs a running worker.
+//! of it needs a running worker. Every read is bounded by an index the worker keeps small
+//! (workers, the dead set under `retention.dead_max`), never by the keyspace.
 
 use std::{collections::HashMap, sync::LazyLock, time::Duration};
 
 use agent_jobs::{
-    AgentStart, QueueKeys,
-    keys::{SESSIONS_READY, SESSIONS_STARTING, WORKER_AGENTS, WORKERS},
+    AgentStart, QueueKeys, SessionId, SessionKeys,
+    keys::{SESSIONS_READY, SESSIONS_STARTING, WORKER_AGENTS, WORKER_INFO, WORKERS},
 };
 use redis::{Script, aio::ConnectionManager};
 use serde::Serialize;
 
+use crate::presence::WorkerInfo;
+
 static RETRY_DEAD: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("../lua/retry_dead.lua")));
+    LazyLock::new(|| Script::new(include_str!("lua/retry_dead.lua")));
 
 /// Job counts of the queue.
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
@@ -50,6 +54,8 @@ pub struct WorkerRow {
     pub agents: u64,
     /// Heard from within the orphan timeout.
     pub alive: bool,
+    /// What it tells about itself (`None` for workers of versions that did not).
+    pub info: Option<WorkerInfo>,
 }
 
 /// `agent-worker status`.
@@ -96,13 +102,15 @@ pub async fn status(
         .arg(0)
         .arg(-1)
         .arg("WITHSCORES")
-        .hgetall(WORKER_AGENTS);
+        .hgetall(WORKER_AGENTS)
+        .hgetall(WORKER_INFO);
     for run in &runs {
         pipe.scard(keys.inflight(run));
     }
     let reply: Vec<redis::Value> = pipe.query_async(&mut conn).await?;
     // Replies in the order of the pipeline above: seven counts, the workers with their
-    // presence scores, their agent counts, then one inflight count per apalis worker run.
+    // presence scores, their agent counts, their info, then one inflight count per apalis
+    // worker run.
     let count =
         |i: usize| -> redis::RedisResult<u64> { Ok(redis::from_redis_value_ref(&reply[i])?) };
     let [
@@ -124,7 +132,8 @@ pub async fn status(
     ];
     let workers: Vec<(String, f64)> = redis::from_redis_value_ref(&reply[7])?;
     let agents: HashMap<String, u64> = redis::from_redis_value_ref(&reply[8])?;
-    let inflight = reply[9..]
+    let info: HashMap<String, String> = redis::from_redis_value_ref(&reply[9])?;
+    let inflight = reply[10..]
         .iter()
         .map(|v| redis::from_redis_value_ref::<u64>(v).unwrap_or(0))
         .sum();
@@ -136,6 +145,10 @@ pub async fn status(
                 agents: agents.get(&id).copied().unwrap_or(0),
                 alive: last_seen_secs <= orphan_timeout.as_secs(),
                 last_seen_secs,
+                // Untrusted JSON like any value in Redis: unreadable is shown as unknown.
+                info: info
+                    .get(&id)
+                    .and_then(|json| serde_json::from_str(json).ok()),
                 id,
             }
         })
@@ -175,23 +188,47 @@ pub struct DeadJob {
     pub failed_at: Option<u64>,
 }
 
-/// The most recent `limit` dead jobs, newest first.
+/// The most recent `limit` dead jobs, newest first, and how many there are in all.
+///
+/// Bounded by `limit`, not by the dead set: the ids and their finish times come from two
+/// commands (`SMEMBERS` of the dead set, which retention keeps under `retention.dead_max`,
+/// and one `ZMSCORE` against its time index), and only the newest `limit`, plus those not yet
+/// indexed (dead for less than one `retention.interval`, so the newest of all), have their
+/// meta and payload read.
 pub async fn dead_jobs(
     conn: &ConnectionManager,
     keys: &QueueKeys,
     limit: usize,
-) -> redis::RedisResult<Vec<DeadJob>> {
+) -> redis::RedisResult<DeadJobs> {
     let mut conn = conn.clone();
-    // The dead set is bounded by retention (retention.dead_max), so reading it whole is fine.
     let ids: Vec<String> = redis::cmd("SMEMBERS")
         .arg(keys.dead())
         .query_async(&mut conn)
         .await?;
-    if ids.is_empty() {
-        return Ok(Vec::new());
+    let total = ids.len() as u64;
+    if ids.is_empty() || limit == 0 {
+        return Ok(DeadJobs {
+            jobs: Vec::new(),
+            total,
+        });
     }
+    let scores: Vec<Option<f64>> = redis::cmd("ZMSCORE")
+        .arg(keys.dead_at())
+        .arg(&ids)
+        .query_async(&mut conn)
+        .await?;
+    let (mut indexed, unindexed): (Vec<_>, Vec<_>) = ids
+        .into_iter()
+        .zip(scores)
+        .partition(|(_, score)| score.is_some());
+    indexed.sort_by(|a, b| b.1.unwrap_or(0.0).total_cmp(&a.1.unwrap_or(0.0)));
+    let candidates: Vec<String> = unindexed
+        .into_iter()
+        .chain(indexed.into_iter().take(limit))
+        .map(|(id, _)| id)
+        .collect();
     let mut pipe = redis::pipe();
-    for id in &ids {
+    for id in &candidates {
         pipe.cmd("HMGET")
             .arg(keys.meta(id))
             .arg("result")
@@ -199,8 +236,8 @@ pub async fn dead_jobs(
             .hget(keys.data(), id);
     }
     let reply: Vec<redis::Value> = pipe.query_async(&mut conn).await?;
-    let mut jobs = Vec::with_capacity(ids.len());
-    for (id, pair) in ids.into_iter().zip(reply.chunks_exact(2)) {
+    let mut jobs = Vec::with_capacity(candidates.len());
+    for (id, pair) in candidates.into_iter().zip(reply.chunks_exact(2)) {
         let (result, done_at): (Option<String>, Option<String>) =
             redis::from_redis_value_ref(&pair[0])?;
         let payload: Option<Vec<u8>> = redis::from_redis_value_ref(&pair[1])?;
@@ -215,7 +252,16 @@ pub async fn dead_jobs(
     }
     jobs.sort_by_key(|job| std::cmp::Reverse(job.failed_at));
     jobs.truncate(limit);
-    Ok(jobs)
+    Ok(DeadJobs { jobs, total })
+}
+
+/// What [`dead_jobs`] read.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct DeadJobs {
+    /// The newest dead jobs, newest first.
+    pub jobs: Vec<DeadJob>,
+    /// Dead jobs in all.
+    pub total: u64,
 }
 
 /// The message of a stored result `{"Err":"AbortError: …"}`, or the raw text.
@@ -261,6 +307,25 @@ pub async fn retry_dead(
         requeued.extend(done);
     }
     Ok(requeued)
+}
+
+/// Ends a session the way the orchestrator's end-of-session handler does (contract §5): its
+/// keys (`session:<id>`, its config, pid, logs, health, log file) and its entries in
+/// `session:starting` / `session:ready` are deleted in one `MULTI`. The worker that runs its
+/// agent notices at its next heartbeat and stops the agent. The entry in the worker's own
+/// heartbeat index is left alone on purpose: a record gone *with* that entry reads as Redis
+/// data loss, which makes the worker write the record again instead of stopping the agent.
+/// Returns whether there was a record to delete.
+pub async fn stop_session(conn: &ConnectionManager, id: &SessionId) -> redis::RedisResult<bool> {
+    let keys = SessionKeys::new(id);
+    let (deleted, _, _): (u64, u64, u64) = redis::pipe()
+        .atomic()
+        .del(keys.all().as_slice())
+        .srem(SESSIONS_STARTING, id.as_str())
+        .srem(SESSIONS_READY, id.as_str())
+        .query_async(&mut conn.clone())
+        .await?;
+    Ok(deleted > 0)
 }
 
 #[cfg(test)]

@@ -1,0 +1,759 @@
+//! The operator console against a private redis-server, real workers and real test-agent
+//! sessions: what its pages show (and never show), what a page costs in Redis commands over
+//! 10,000 sessions, that its write routes exist only with an admin token and then need both
+//! the token and the CSRF token, and that a real browser renders it.
+
+mod common;
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::SocketAddr,
+    time::Duration,
+};
+
+use agent_jobs::{QueueKeys, SessionKeys, keys};
+use agent_worker::{console::Console, health::Health, http, metrics};
+use common::*;
+use redis::{AsyncCommands, aio::ConnectionManager};
+use tokio_util::sync::CancellationToken;
+
+/// A prompt no page may show (it may hold customer data).
+const PROMPT: &str = "PROMPT-customer-secret-7f3a: you are a careful assistant";
+const OPENING: &str = "OPENING-customer-secret-91bc hello";
+/// A voice that would run a script if any page failed to escape it (it also reaches the
+/// agent's log lines, which print their arguments).
+const HOSTILE_VOICE: &str = "<script>alert('voice')</script>";
+const ADMIN_TOKEN: &str = "console-test-admin-token-0123456789";
+
+fn queue() -> QueueKeys {
+    QueueKeys::new(QUEUE).unwrap()
+}
+
+/// A worker serving HTTP on a port of our choice (the in-process worker does not tell its
+/// port), with the test agent `ready` and `overrides`.
+fn start_worker(redis: &TestRedis, overrides: &[(&str, &str)]) -> (TestWorker, SocketAddr) {
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let addr_text = addr.to_string();
+    let mut all = vec![
+        ("AGENT_WORKER__HTTP__ADDR", addr_text.as_str()),
+        ("AGENT_WORKER__SESSION__HEARTBEAT_INTERVAL", "1s"),
+    ];
+    all.extend_from_slice(overrides);
+    let worker = TestWorker::start(redis.settings("ready", &all));
+    (worker, addr)
+}
+
+/// Waits until the console answers with its overview (Redis connected).
+async fn wait_console(addr: SocketAddr) {
+    wait_for("the console", Duration::from_secs(15), || async {
+        http_get(addr, "/")
+            .await
+            .filter(|(code, _)| *code == 200)
+            .map(|_| ())
+    })
+    .await;
+}
+
+/// Starts a session through the queue and waits until its agent is ready.
+async fn start_session(conn: &ConnectionManager, id: &str, voice: &str) -> String {
+    let id = sid(id);
+    write_full_config(conn, &id, voice, "test_user", Some(OPENING), Some(PROMPT)).await;
+    let task = enqueue(conn, &id, Some("test_user")).await;
+    wait_status(conn, &id, "ready", Duration::from_secs(20)).await;
+    // The orchestrator writes its own fields into the record too, the prompt texts among them.
+    let _: () = conn
+        .clone()
+        .hset_multiple(
+            SessionKeys::new(&id).state(),
+            &[("systemPrompt", PROMPT), ("openingLine", OPENING)],
+        )
+        .await
+        .unwrap();
+    task
+}
+
+/// A job that fails for good: its session's config key is a string, not a hash.
+async fn dead_job(conn: &ConnectionManager, id: &str) -> String {
+    let id = sid(id);
+    let _: () = conn
+        .clone()
+        .set(SessionKeys::new(&id).config(), "not a hash")
+        .await
+        .unwrap();
+    let task = enqueue(conn, &id, None).await;
+    wait_dead(conn, &task).await;
+    task
+}
+
+/// One HTTP/1.1 exchange: status, headers (lower-case names), body.
+async fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, HashMap<String, String>, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    if method == "POST" {
+        head.push_str("Content-Type: application/x-www-form-urlencoded\r\n");
+    }
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(body.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        stream.read_to_string(&mut response),
+    )
+    .await
+    .expect("an answer within 10 s")
+    .expect("read");
+    let (head, body) = response.split_once("\r\n\r\n").expect("a header block");
+    let mut lines = head.lines();
+    let code = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    (code, headers, body.to_owned())
+}
+
+/// The value of the first `name="csrf" value="..."` field of a page.
+fn csrf_of(page: &str) -> String {
+    let at = page
+        .find("name=\"csrf\" value=\"")
+        .unwrap_or_else(|| panic!("a CSRF field in {page}"));
+    let rest = &page[at + "name=\"csrf\" value=\"".len()..];
+    rest[..rest.find('"').unwrap()].to_owned()
+}
+
+/// Asserts that no page leaks the prompt texts or unescaped markup of the hostile voice.
+fn assert_clean(path: &str, page: &str) {
+    for secret in [PROMPT, OPENING, "customer-secret"] {
+        assert!(!page.contains(secret), "{path} shows {secret:?}: {page}");
+    }
+    assert!(
+        !page.contains("<script"),
+        "{path} has a script element: {page}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_show_live_sessions_and_failures_but_never_prompts_and_have_no_write_routes() {
+    let redis = TestRedis::start().await;
+    let conn = &redis.conn;
+    let (worker, addr) = start_worker(&redis, &[]);
+    wait_console(addr).await;
+    start_session(conn, "console-craig", "Craig").await;
+    start_session(conn, "console-hostile", HOSTILE_VOICE).await;
+    let dead = dead_job(conn, "console-broken").await;
+    let worker_id = hget(conn, "session:console-craig", "workerId")
+        .await
+        .expect("the record names its worker");
+    // The hostile voice reached the agent's log lines too (the test agent prints its argv).
+    let logs: Vec<String> = conn
+        .clone()
+        .lrange("agent:console-hostile:logs", 0, -1)
+        .await
+        .unwrap();
+    assert!(logs.iter().any(|l| l.contains(HOSTILE_VOICE)), "{logs:?}");
+    assert!(logs.iter().any(|l| l.contains(PROMPT)), "{logs:?}");
+
+    let (code, sessions) = get(addr, "/sessions").await;
+    assert_eq!(code, 200, "{sessions}");
+    assert_clean("/sessions", &sessions);
+    for expected in [
+        "console-craig",
+        "console-hostile",
+        "Craig",
+        "&lt;script&gt;alert(&#39;voice&#39;)&lt;/script&gt;",
+        worker_id.as_str(),
+        "test_user",
+    ] {
+        assert!(
+            sessions.contains(expected),
+            "/sessions lacks {expected}: {sessions}"
+        );
+    }
+    assert!(
+        !sessions.contains("console-broken"),
+        "a dead session is not live"
+    );
+    // Filters: by status and by worker.
+    let (_, starting) = get(addr, "/sessions?status=starting").await;
+    assert!(!starting.contains("console-craig"), "{starting}");
+    let (_, other) = get(addr, "/sessions?worker=another-worker").await;
+    assert!(!other.contains("console-craig"), "{other}");
+    let (_, mine) = get(addr, &format!("/sessions?status=ready&worker={worker_id}")).await;
+    assert!(mine.contains("console-craig"), "{mine}");
+
+    let (code, one) = get(addr, "/sessions/console-hostile").await;
+    assert_eq!(code, 200, "{one}");
+    assert_clean("/sessions/console-hostile", &one);
+    for expected in [
+        "systemPrompt",
+        "openingLine",
+        "voiceId",
+        "[systemPrompt hidden]",
+        "Room joined",
+        "attempts",
+        &format!("(hidden, {} bytes)", PROMPT.len()),
+    ] {
+        assert!(
+            one.contains(expected),
+            "the session page lacks {expected}: {one}"
+        );
+    }
+    let (code, gone) = get(addr, "/sessions/no-such-session").await;
+    assert_eq!(code, 404, "{gone}");
+    let (code, bad) = get(addr, "/sessions/%3Cscript%3E").await;
+    assert_eq!(code, 404);
+    assert_clean("/sessions/<script>", &bad);
+
+    let (code, overview) = get(addr, "/").await;
+    assert_eq!(code, 200);
+    assert_clean("/", &overview);
+    assert!(overview.contains("Warm pool"), "{overview}");
+    assert!(
+        overview.contains(&dead),
+        "recent failures list {dead}: {overview}"
+    );
+    assert!(
+        overview.contains("session:console-broken:config is a Redis string, not a hash"),
+        "the reason: {overview}"
+    );
+    let (code, dead_page) = get(addr, "/dead").await;
+    assert_eq!(code, 200);
+    assert!(
+        dead_page.contains(&dead) && dead_page.contains("console-broken"),
+        "{dead_page}"
+    );
+    // Agents / max as the worker's last presence tick reported them.
+    let workers = wait_for(
+        "the workers page to count 2 agents",
+        Duration::from_secs(10),
+        || async {
+            let (code, page) = get(addr, "/workers").await;
+            (code == 200 && page.contains(">2 / 20</a>")).then_some(page)
+        },
+    )
+    .await;
+    assert!(workers.contains(&worker_id), "{workers}");
+    assert!(workers.contains(env!("CARGO_PKG_VERSION")), "{workers}");
+    assert!(
+        workers.contains(" ms</span>"),
+        "the clock offset: {workers}"
+    );
+
+    // Read-only: no forms that write, and no write route at all.
+    for page in [&sessions, &one, &overview, &dead_page, &workers] {
+        assert!(!page.contains("method=\"post\""), "{page}");
+        assert!(page.contains("read-only"), "{page}");
+    }
+    for path in [
+        "/login",
+        "/logout",
+        "/actions/retry",
+        "/actions/stop",
+        "/",
+        "/sessions",
+    ] {
+        let body = format!("task_id={dead}&session_id=console-craig&token={ADMIN_TOKEN}");
+        let auth = format!("Bearer {ADMIN_TOKEN}");
+        let (code, _, _) = request(addr, "POST", path, &[("Authorization", &auth)], &body).await;
+        assert!(code == 404 || code == 405, "POST {path}: {code}");
+    }
+    assert_eq!(get(addr, "/login").await.0, 404);
+
+    // Every series the Grafana dashboard queries is one src/metrics.rs defines (a histogram's
+    // by its _bucket, _count and _sum series).
+    let dashboard = include_str!("../deploy/grafana/agent-worker.json");
+    let defined = include_str!("../src/metrics.rs");
+    let mut queried: Vec<&str> = dashboard
+        .match_indices("agent_worker_")
+        .map(|(at, _)| {
+            let rest = &dashboard[at..];
+            let end = rest
+                .find(|c: char| !(c.is_ascii_lowercase() || c == '_'))
+                .unwrap_or(rest.len());
+            &rest[..end]
+        })
+        .collect();
+    queried.sort();
+    queried.dedup();
+    assert!(queried.len() >= 15, "{queried:?}");
+    for series in queried {
+        let name = ["_bucket", "_count", "_sum"]
+            .iter()
+            .find_map(|suffix| series.strip_suffix(suffix))
+            .unwrap_or(series);
+        assert!(
+            defined.contains(&format!("\"{name}\"")),
+            "the dashboard queries {series}, which src/metrics.rs does not define"
+        );
+    }
+    assert!(is_member(conn, &queue().dead(), &dead).await);
+    assert_eq!(
+        status(conn, &sid("console-craig")).await.as_deref(),
+        Some("ready")
+    );
+    worker.stop().await;
+}
+
+/// Writes `n` ready sessions straight into the indexes and records the worker keeps, spread
+/// over two workers, in pipelines of 1,000.
+async fn write_sessions(conn: &ConnectionManager, n: usize) {
+    for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
+        let mut pipe = redis::pipe();
+        for i in chunk {
+            let id = format!("bulk-{i:05}");
+            let worker = if i % 2 == 0 {
+                "worker-even"
+            } else {
+                "worker-odd"
+            };
+            pipe.sadd(keys::SESSIONS_READY, &id)
+                .ignore()
+                .hset_multiple(
+                    format!("session:{id}"),
+                    &[
+                        ("status", "ready"),
+                        ("voiceId", "Olivia"),
+                        ("userId", "bulk_user"),
+                        ("workerId", worker),
+                        ("createdAt", "1700000000"),
+                        ("startupTime", "0.5"),
+                        ("lastActive", "1700000100"),
+                    ],
+                )
+                .ignore();
+        }
+        pipe.query_async::<()>(&mut conn.clone()).await.unwrap();
+    }
+}
+
+/// `INFO commandstats` as command → calls.
+async fn command_calls(conn: &ConnectionManager) -> HashMap<String, u64> {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn.clone())
+        .await
+        .unwrap();
+    info.lines()
+        .filter_map(|line| {
+            let (name, stats) = line.strip_prefix("cmdstat_")?.split_once(':')?;
+            let calls = stats.split(',').find_map(|kv| kv.strip_prefix("calls="))?;
+            Some((name.to_owned(), calls.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The commands `GET path` cost, by command (the `INFO` and `CONFIG` of the measurement
+/// itself left out), and the page.
+async fn measured(
+    conn: &ConnectionManager,
+    addr: SocketAddr,
+    path: &str,
+) -> (HashMap<String, u64>, String) {
+    let _: () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(&mut conn.clone())
+        .await
+        .unwrap();
+    let (code, page) = get(addr, path).await;
+    assert_eq!(code, 200, "{path}: {page}");
+    let mut calls = command_calls(conn).await;
+    calls.remove("info");
+    calls.remove("config|resetstat");
+    (calls, page)
+}
+
+/// The `Next page` link of a sessions page.
+fn next_link(page: &str) -> Option<String> {
+    let end = page.find("\">Next page</a>")?;
+    let start = page[..end].rfind("href=\"")? + "href=\"".len();
+    Some(page[start..end].replace("&amp;", "&"))
+}
+
+fn ids_on(page: &str) -> Vec<String> {
+    page.match_indices("<a href=\"/sessions/")
+        .map(|(at, _)| {
+            let rest = &page[at + "<a href=\"/sessions/".len()..];
+            rest[..rest.find('"').unwrap()].to_owned()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_over_ten_thousand_sessions_costs_a_bounded_number_of_commands() {
+    const SESSIONS: usize = 10_000;
+    let redis = TestRedis::start().await;
+    let conn = &redis.conn;
+    write_sessions(conn, SESSIONS).await;
+    // The console alone (no worker): then every command Redis counts is the page's.
+    let settings = redis.settings("ready", &[]);
+    let console = Console::new(&settings, metrics::install_recorder());
+    console.connected(conn.clone());
+    let stop = CancellationToken::new();
+    let server = http::serve_with(
+        "127.0.0.1:0".parse().unwrap(),
+        metrics::install_recorder(),
+        Health::new(),
+        console.router(),
+        stop.clone(),
+    )
+    .await
+    .unwrap();
+    let addr = server.local_addr();
+
+    // Page by page through all of them: each page is bounded, and every session shows up.
+    let page_limit = (agent_worker::console::queries::PAGE_SIZE
+        + agent_worker::console::queries::MAX_SCANS) as u64;
+    let mut seen = HashSet::new();
+    let mut path = "/sessions".to_owned();
+    let mut pages = 0;
+    let mut most = 0;
+    loop {
+        let (calls, page) = measured(conn, addr, &path).await;
+        pages += 1;
+        for forbidden in ["keys", "scan", "smembers", "hgetall"] {
+            assert!(
+                !calls.contains_key(forbidden),
+                "{path}: {forbidden} in {calls:?}"
+            );
+        }
+        let total: u64 = calls.values().sum();
+        assert!(total <= page_limit, "{path}: {total} commands: {calls:?}");
+        most = most.max(total);
+        let ids = ids_on(&page);
+        assert!(
+            ids.len() <= agent_worker::console::queries::PAGE_SIZE,
+            "{}",
+            ids.len()
+        );
+        seen.extend(ids);
+        match next_link(&page) {
+            Some(next) => path = next,
+            None => break,
+        }
+        assert!(pages < SESSIONS, "paging does not end");
+    }
+    assert_eq!(
+        seen.len(),
+        SESSIONS,
+        "every session on some page ({pages} pages)"
+    );
+    eprintln!(
+        "sessions pages: {pages} pages over {SESSIONS} sessions, at most {most} commands per page"
+    );
+
+    // The worker filter applies per page: only that worker's sessions.
+    let (calls, page) = measured(conn, addr, "/sessions?worker=worker-odd").await;
+    assert!(calls.values().sum::<u64>() <= page_limit, "{calls:?}");
+    assert!(
+        page.contains("worker-odd") && !page.contains(">worker-even<"),
+        "{page}"
+    );
+
+    // The overview's cost does not grow with the sessions either.
+    let (calls, page) = measured(conn, addr, "/").await;
+    let total: u64 = calls.values().sum();
+    eprintln!("overview: {total} commands: {calls:?}");
+    assert!(total <= 20, "overview: {calls:?}");
+    assert!(page.contains(&SESSIONS.to_string()), "ready count: {page}");
+    for forbidden in ["keys", "scan", "sscan"] {
+        assert!(!calls.contains_key(forbidden), "{calls:?}");
+    }
+    let (calls, _) = measured(conn, addr, "/sessions/bulk-00042").await;
+    assert!(calls.values().sum::<u64>() <= 6, "session page: {calls:?}");
+    stop.cancel();
+    server.stopped().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn actions_need_the_admin_token_and_the_csrf_token() {
+    let redis = TestRedis::start().await;
+    let conn = &redis.conn;
+    let token_file = std::env::temp_dir().join(format!("console-token-{}", ulid::Ulid::generate()));
+    std::fs::write(&token_file, format!("{ADMIN_TOKEN}\n")).unwrap();
+    let token_path = token_file.display().to_string();
+    let (worker, addr) = start_worker(
+        &redis,
+        &[("AGENT_WORKER__HTTP__ADMIN_TOKEN_FILE", token_path.as_str())],
+    );
+    wait_console(addr).await;
+    start_session(conn, "console-stop-me", "Craig").await;
+    let pid: u32 = hget(conn, "session:console-stop-me", "agentPid")
+        .await
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(alive(pid));
+    let dead = dead_job(conn, "console-retry-me").await;
+    let bearer = format!("Bearer {ADMIN_TOKEN}");
+
+    // Logged out: pages offer a login, no action buttons and no CSRF token.
+    let (_, page) = get(addr, "/dead").await;
+    assert!(
+        page.contains("log in for actions") && !page.contains("name=\"csrf\""),
+        "{page}"
+    );
+
+    // The login form: a wrong token is 401, the right one sets an HttpOnly, SameSite=Strict
+    // cookie that is not the token.
+    let (code, _, _) = request(addr, "POST", "/login", &[], "token=wrong-token-0123456789").await;
+    assert_eq!(code, 401);
+    let (code, headers, _) =
+        request(addr, "POST", "/login", &[], &format!("token={ADMIN_TOKEN}")).await;
+    assert_eq!(code, 303);
+    let set_cookie = headers.get("set-cookie").expect("a cookie").clone();
+    assert!(set_cookie.contains("HttpOnly") && set_cookie.contains("SameSite=Strict"));
+    assert!(!set_cookie.contains(ADMIN_TOKEN));
+    let cookie = set_cookie.split(';').next().unwrap().to_owned();
+    let (_, _, page) = request(addr, "GET", "/dead", &[("Cookie", &cookie)], "").await;
+    assert!(
+        page.contains("retry") && !page.contains(ADMIN_TOKEN),
+        "{page}"
+    );
+    let csrf = csrf_of(&page);
+
+    // Retry: no token 401, a wrong or missing CSRF token 403, both: done.
+    let retry = |csrf: &str| format!("task_id={dead}&csrf={csrf}");
+    let (code, _, _) = request(addr, "POST", "/actions/retry", &[], &retry(&csrf)).await;
+    assert_eq!(code, 401);
+    let (code, _, _) = request(
+        addr,
+        "POST",
+        "/actions/retry",
+        &[("Authorization", "Bearer not-the-admin-token-at-all")],
+        &retry(&csrf),
+    )
+    .await;
+    assert_eq!(code, 401);
+    let (code, _, _) = request(
+        addr,
+        "POST",
+        "/actions/retry",
+        &[("Cookie", &cookie)],
+        &retry("0000"),
+    )
+    .await;
+    assert_eq!(code, 403);
+    let body = format!("task_id={dead}");
+    let (code, _, _) = request(
+        addr,
+        "POST",
+        "/actions/retry",
+        &[("Authorization", &bearer)],
+        &body,
+    )
+    .await;
+    assert_eq!(code, 403);
+    assert!(
+        is_member(conn, &queue().dead(), &dead).await,
+        "refused requests change nothing"
+    );
+    // Fix what failed it (the config key of the wrong type), so that the retried job can
+    // succeed: it is then taken from the ready list and its agent starts.
+    let _: () = conn
+        .clone()
+        .del("session:console-retry-me:config")
+        .await
+        .unwrap();
+    let (code, _, page) = request(
+        addr,
+        "POST",
+        "/actions/retry",
+        &[("Cookie", &cookie)],
+        &retry(&csrf),
+    )
+    .await;
+    assert_eq!(code, 200, "{page}");
+    assert!(!is_member(conn, &queue().dead(), &dead).await);
+    wait_done(conn, &dead, Duration::from_secs(20)).await;
+    wait_status(
+        conn,
+        &sid("console-retry-me"),
+        "ready",
+        Duration::from_secs(20),
+    )
+    .await;
+
+    // Stop: the same checks, then the agent exits and the session's keys are gone.
+    let stop = |csrf: &str| format!("session_id=console-stop-me&csrf={csrf}");
+    let (code, _, _) = request(addr, "POST", "/actions/stop", &[], &stop(&csrf)).await;
+    assert_eq!(code, 401);
+    let (code, _, _) = request(
+        addr,
+        "POST",
+        "/actions/stop",
+        &[("Authorization", &bearer)],
+        &stop("x"),
+    )
+    .await;
+    assert_eq!(code, 403);
+    assert!(alive(pid));
+    let (code, _, page) = request(
+        addr,
+        "POST",
+        "/actions/stop",
+        &[("Authorization", &bearer)],
+        &stop(&csrf),
+    )
+    .await;
+    assert_eq!(code, 200, "{page}");
+    wait_for(
+        "the stopped agent to exit",
+        Duration::from_secs(15),
+        || async { (!alive(pid)).then_some(()) },
+    )
+    .await;
+    let keys = SessionKeys::new(&sid("console-stop-me"));
+    wait_for(
+        "the stopped session's keys to be gone",
+        Duration::from_secs(10),
+        || async {
+            let mut c = conn.clone();
+            let existing: u64 = c.exists(keys.all().as_slice()).await.unwrap();
+            let ready = is_member(conn, keys::SESSIONS_READY, "console-stop-me").await;
+            (existing == 0 && !ready).then_some(())
+        },
+    )
+    .await;
+    // The other session runs on.
+    assert_eq!(
+        status(conn, &sid("console-retry-me")).await.as_deref(),
+        Some("ready")
+    );
+
+    // Logging out needs the CSRF token too, and clears the cookie.
+    let (code, _, _) = request(addr, "POST", "/logout", &[("Cookie", &cookie)], "").await;
+    assert_eq!(code, 403);
+    let (code, headers, _) = request(
+        addr,
+        "POST",
+        "/logout",
+        &[("Cookie", &cookie)],
+        &format!("csrf={csrf}"),
+    )
+    .await;
+    assert_eq!(code, 303);
+    assert!(headers["set-cookie"].contains("Max-Age=0"));
+    worker.stop().await;
+    let _ = std::fs::remove_file(&token_file);
+}
+
+/// Headless Chromium, or a failure that says how to get it.
+fn chromium() -> String {
+    for candidate in ["/usr/bin/chromium", "/usr/bin/chromium-browser"] {
+        if std::path::Path::new(candidate).exists() {
+            return candidate.to_owned();
+        }
+    }
+    panic!(
+        "chromium is not installed: run `cargo xtask test --test console` (as root it installs \
+         it) or `sudo apt-get install -y chromium`"
+    );
+}
+
+/// Runs headless Chromium on `url` with `args`; its stdout.
+async fn run_chromium(url: &str, args: Vec<String>) -> String {
+    let program = chromium();
+    let profile = std::env::temp_dir().join(format!("console-chromium-{}", ulid::Ulid::generate()));
+    let url = url.to_owned();
+    let output = tokio::task::spawn_blocking(move || {
+        let mut command = std::process::Command::new(program);
+        command
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+            ])
+            .arg(format!("--user-data-dir={}", profile.display()))
+            .args(args)
+            .arg(url)
+            .stdin(std::process::Stdio::null());
+        let out = command.output().expect("run chromium");
+        let _ = std::fs::remove_dir_all(&profile);
+        out
+    });
+    let output = tokio::time::timeout(Duration::from_secs(90), output)
+        .await
+        .expect("chromium finishes within 90 s")
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "chromium failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_headless_browser_renders_the_live_sessions() {
+    let redis = TestRedis::start().await;
+    let conn = &redis.conn;
+    let (worker, addr) = start_worker(&redis, &[]);
+    wait_console(addr).await;
+    for (id, voice) in [
+        ("call-7a41-craig", "Craig"),
+        ("call-7a42-olivia", "Olivia"),
+        ("call-7a43-ashley", "Ashley"),
+    ] {
+        start_session(conn, id, voice).await;
+    }
+    let url = format!("http://{addr}/sessions");
+    let dom = run_chromium(&url, vec!["--dump-dom".into()]).await;
+    for expected in [
+        "call-7a41-craig",
+        "call-7a42-olivia",
+        "call-7a43-ashley",
+        "Olivia",
+    ] {
+        assert!(
+            dom.contains(expected),
+            "the rendered DOM lacks {expected}: {dom}"
+        );
+    }
+    assert!(
+        dom.contains("<table>") && dom.contains("status-ready"),
+        "{dom}"
+    );
+    assert_clean("the DOM", &dom);
+
+    let shot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("console.png");
+    let _ = std::fs::remove_file(&shot);
+    run_chromium(
+        &url,
+        vec![
+            format!("--screenshot={}", shot.display()),
+            "--window-size=1280,720".into(),
+            "--hide-scrollbars".into(),
+        ],
+    )
+    .await;
+    let png = std::fs::read(&shot).expect("chromium wrote the screenshot");
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 10_000,
+        "{} bytes",
+        png.len()
+    );
+    eprintln!("screenshot: {}", shot.display());
+    worker.stop().await;
+}
