@@ -18,6 +18,8 @@
 mod baseline;
 #[path = "agent_start/burst.rs"]
 mod burst;
+#[path = "agent_start/console.rs"]
+mod console;
 #[path = "agent_start/cost.rs"]
 mod cost;
 #[path = "agent_start/enqueue.rs"]
@@ -174,6 +176,7 @@ async fn run(quick: bool, parts: Option<Vec<u8>>) -> anyhow::Result<()> {
     part!(5, "5 sweep", sweep::run(&ctx));
     part!(6, "6 footprint", footprint::run(&ctx));
     part!(7, "7 enqueue", enqueue::run(&ctx, &baseline));
+    part!(8, "8 console", console::run(&ctx));
     ctx.flush().await?;
 
     println!("## Results ({:.0} s)\n", started.elapsed().as_secs_f64());

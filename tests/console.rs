@@ -201,6 +201,15 @@ async fn pages_show_live_sessions_and_failures_but_never_prompts_and_have_no_wri
     assert!(!other.contains("console-craig"), "{other}");
     let (_, mine) = get(addr, &format!("/sessions?status=ready&worker={worker_id}")).await;
     assert!(mine.contains("console-craig"), "{mine}");
+    // Pages reload themselves; "Pause" keeps the filters, and a paused page stays still.
+    assert!(mine.contains("http-equiv=\"refresh\""), "{mine}");
+    let pause = format!("/sessions?status=ready&amp;worker={worker_id}&amp;refresh=0");
+    assert!(mine.contains(&pause), "{mine}");
+    let (_, paused) = get(addr, &pause.replace("&amp;", "&")).await;
+    assert!(
+        paused.contains("console-craig") && !paused.contains("http-equiv"),
+        "{paused}"
+    );
 
     let (code, one) = get(addr, "/sessions/console-hostile").await;
     assert_eq!(code, 200, "{one}");

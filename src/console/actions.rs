@@ -44,7 +44,7 @@ fn message(
 ) -> Response {
     let csrf = console.csrf_for(access);
     let body = format!("<p>{}</p>", esc(text));
-    respond(status, html::page(title, "", access, false, csrf, &body))
+    respond(status, html::page(title, "", access, None, csrf, &body))
 }
 
 /// `GET /login`: the token form.
@@ -66,7 +66,7 @@ fn login_page(console: &Console, access: Access, error: Option<&str>) -> String 
          <code>http.admin_token_file</code>). The browser keeps a cookie derived from it \
          (HttpOnly, SameSite=Strict) for 12 h, not the token itself.</p>",
     );
-    html::page("Log in", "", access, false, console.csrf_for(access), &body)
+    html::page("Log in", "", access, None, console.csrf_for(access), &body)
 }
 
 /// `POST /login` (`token`): sets the login cookie and goes to the overview, or 401.

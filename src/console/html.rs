@@ -58,20 +58,21 @@ pub enum Access {
     Admin,
 }
 
-/// A whole page around `body` (already HTML). `refresh`: reload every [`REFRESH_SECS`].
-/// `csrf`: the CSRF token, for the logout form of an authenticated visitor.
+/// A whole page around `body` (already HTML). `refresh`: reload every [`REFRESH_SECS`], with
+/// a "Pause" link to this URL (the page's own, with `refresh=0`). `csrf`: the CSRF token, for
+/// the logout form of an authenticated visitor.
 pub fn page(
     title: &str,
     active: &str,
     access: Access,
-    refresh: bool,
+    refresh: Option<&str>,
     csrf: Option<&str>,
     body: &str,
 ) -> String {
     let mut out = String::with_capacity(body.len() + 2048);
     out.push_str("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">");
     out.push_str("<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">");
-    if refresh {
+    if refresh.is_some() {
         let _ = write!(
             out,
             "<meta http-equiv=\"refresh\" content=\"{REFRESH_SECS}\">"
@@ -106,10 +107,11 @@ pub fn page(
     let _ = write!(out, "<h1>{}</h1>", esc(title));
     out.push_str(body);
     out.push_str("</main><footer>");
-    if refresh {
+    if let Some(pause) = refresh {
         let _ = write!(
             out,
-            "Refreshes every {REFRESH_SECS} s. <a href=\"?refresh=0\">Pause</a>"
+            "Refreshes every {REFRESH_SECS} s. <a href=\"{}\">Pause</a>",
+            esc(pause)
         );
     } else {
         out.push_str("Not refreshing.");
@@ -222,7 +224,7 @@ mod tests {
             "<title>",
             "/",
             Access::ReadOnly,
-            true,
+            Some("/?refresh=0"),
             None,
             &fields(&[("<k>".into(), "<v>".into())]),
         );

@@ -37,15 +37,26 @@ const OFF_CLOCK_MS: i64 = 2000;
 struct Visit<'a> {
     console: &'a Console,
     access: Access,
-    refresh: bool,
+    /// The page's own URL with `refresh=0`, while it refreshes.
+    pause: Option<String>,
 }
 
 impl<'a> Visit<'a> {
-    fn new(console: &'a Console, headers: &HeaderMap, raw: Option<&str>) -> Self {
+    /// A visit of `path` with the query `raw`.
+    fn new(console: &'a Console, headers: &HeaderMap, path: &str, raw: Option<&str>) -> Self {
+        let mut params = params(raw);
+        let refresh = params.remove("refresh").as_deref() != Some("0");
+        let pause = refresh.then(|| {
+            let mut query = form_urlencoded::Serializer::new(String::new());
+            let mut kept: Vec<_> = params.iter().collect();
+            kept.sort();
+            query.extend_pairs(kept).append_pair("refresh", "0");
+            format!("{path}?{}", query.finish())
+        });
         Self {
             console,
             access: console.access(headers),
-            refresh: params(raw).get("refresh").map(String::as_str) != Some("0"),
+            pause,
         }
     }
 
@@ -54,8 +65,8 @@ impl<'a> Visit<'a> {
     }
 
     fn page(&self, status: StatusCode, title: &str, active: &str, body: &str) -> Response {
-        let refresh = self.refresh && status.is_success();
-        let page = html::page(title, active, self.access, refresh, self.csrf(), body);
+        let pause = self.pause.as_deref().filter(|_| status.is_success());
+        let page = html::page(title, active, self.access, pause, self.csrf(), body);
         respond(status, page)
     }
 
@@ -99,7 +110,7 @@ pub async fn overview(
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
 ) -> Response {
-    let visit = Visit::new(&console, &headers, raw.as_deref());
+    let visit = Visit::new(&console, &headers, "/", raw.as_deref());
     let conn = match visit.conn("/") {
         Ok(conn) => conn,
         Err(page) => return *page,
@@ -279,7 +290,7 @@ pub async fn sessions(
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
 ) -> Response {
-    let visit = Visit::new(&console, &headers, raw.as_deref());
+    let visit = Visit::new(&console, &headers, "/sessions", raw.as_deref());
     let conn = match visit.conn("/sessions") {
         Ok(conn) => conn,
         Err(page) => return *page,
@@ -409,7 +420,8 @@ pub async fn session(
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
 ) -> Response {
-    let visit = Visit::new(&console, &headers, raw.as_deref());
+    let here = format!("/sessions/{}", html::query_value(&id));
+    let visit = Visit::new(&console, &headers, &here, raw.as_deref());
     let Ok(id) = SessionId::parse(&id) else {
         return visit.page(
             StatusCode::NOT_FOUND,
@@ -583,7 +595,7 @@ pub async fn workers(
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
 ) -> Response {
-    let visit = Visit::new(&console, &headers, raw.as_deref());
+    let visit = Visit::new(&console, &headers, "/workers", raw.as_deref());
     let conn = match visit.conn("/workers") {
         Ok(conn) => conn,
         Err(page) => return *page,
@@ -654,7 +666,7 @@ pub async fn dead(
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
 ) -> Response {
-    let visit = Visit::new(&console, &headers, raw.as_deref());
+    let visit = Visit::new(&console, &headers, "/dead", raw.as_deref());
     let conn = match visit.conn("/dead") {
         Ok(conn) => conn,
         Err(page) => return *page,
