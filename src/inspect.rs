@@ -190,43 +190,71 @@ pub struct DeadJob {
 
 /// The most recent `limit` dead jobs, newest first, and how many there are in all.
 ///
-/// Bounded by `limit`, not by the dead set: the ids and their finish times come from two
-/// commands (`SMEMBERS` of the dead set, which retention keeps under `retention.dead_max`,
-/// and one `ZMSCORE` against its time index), and only the newest `limit`, plus those not yet
-/// indexed (dead for less than one `retention.interval`, so the newest of all), have their
-/// meta and payload read.
+/// Bounded by `limit`, not by the dead set. Retention indexes dead ids by their finish time
+/// (`<queue>:dead-at`) once per `retention.interval`; while every dead id is indexed (the
+/// counts agree, the usual case), the newest come from one `ZRANGE … REV` of `limit`. Ids
+/// that died since the last indexing are the newest of all, and only the dead set knows them:
+/// then its ids (`SMEMBERS`, bounded by `retention.dead_max`) and their index entries (one
+/// `ZMSCORE`) are read, and the unindexed ones are added to the candidates. Only candidates
+/// have their meta and payload read.
 pub async fn dead_jobs(
     conn: &ConnectionManager,
     keys: &QueueKeys,
     limit: usize,
 ) -> redis::RedisResult<DeadJobs> {
     let mut conn = conn.clone();
-    let ids: Vec<String> = redis::cmd("SMEMBERS")
-        .arg(keys.dead())
-        .query_async(&mut conn)
-        .await?;
-    let total = ids.len() as u64;
-    if ids.is_empty() || limit == 0 {
+    if limit == 0 {
+        let total: u64 = redis::cmd("SCARD")
+            .arg(keys.dead())
+            .query_async(&mut conn)
+            .await?;
         return Ok(DeadJobs {
             jobs: Vec::new(),
             total,
         });
     }
-    let scores: Vec<Option<f64>> = redis::cmd("ZMSCORE")
+    let (total, indexed, newest): (u64, u64, Vec<(String, f64)>) = redis::pipe()
+        .scard(keys.dead())
+        .zcard(keys.dead_at())
+        .cmd("ZRANGE")
         .arg(keys.dead_at())
-        .arg(&ids)
+        .arg(0)
+        .arg(limit - 1)
+        .arg("REV")
+        .arg("WITHSCORES")
         .query_async(&mut conn)
         .await?;
-    let (mut indexed, unindexed): (Vec<_>, Vec<_>) = ids
-        .into_iter()
-        .zip(scores)
-        .partition(|(_, score)| score.is_some());
-    indexed.sort_by(|a, b| b.1.unwrap_or(0.0).total_cmp(&a.1.unwrap_or(0.0)));
-    let candidates: Vec<String> = unindexed
-        .into_iter()
-        .chain(indexed.into_iter().take(limit))
-        .map(|(id, _)| id)
-        .collect();
+    let mut candidates: Vec<String> = newest.into_iter().map(|(id, _)| id).collect();
+    if total != indexed {
+        let ids: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(keys.dead())
+            .query_async(&mut conn)
+            .await?;
+        let scores: Vec<Option<f64>> = if ids.is_empty() {
+            Vec::new()
+        } else {
+            redis::cmd("ZMSCORE")
+                .arg(keys.dead_at())
+                .arg(&ids)
+                .query_async(&mut conn)
+                .await?
+        };
+        let dead: std::collections::HashSet<&String> = ids.iter().collect();
+        // An index entry whose id left the dead set (a retry racing us) is no candidate.
+        candidates.retain(|id| dead.contains(id));
+        candidates.extend(
+            ids.iter()
+                .zip(scores)
+                .filter(|(_, score)| score.is_none())
+                .map(|(id, _)| id.clone()),
+        );
+    }
+    if candidates.is_empty() {
+        return Ok(DeadJobs {
+            jobs: Vec::new(),
+            total,
+        });
+    }
     let mut pipe = redis::pipe();
     for id in &candidates {
         pipe.cmd("HMGET")

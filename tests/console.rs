@@ -12,7 +12,7 @@ use std::{
 };
 
 use agent_jobs::{QueueKeys, SessionKeys, keys};
-use agent_worker::{console::Console, health::Health, http, metrics};
+use agent_worker::{console::Console, health::Health, http, jobs::retention::Retention, metrics};
 use common::*;
 use redis::{AsyncCommands, aio::ConnectionManager};
 use tokio_util::sync::CancellationToken;
@@ -252,6 +252,19 @@ async fn pages_show_live_sessions_and_failures_but_never_prompts_and_have_no_wri
         dead_page.contains(&dead) && dead_page.contains("console-broken"),
         "{dead_page}"
     );
+    // Once retention has indexed it by time, it is read from that index instead: still there.
+    let retention = Retention::from_settings(conn.clone(), queue(), &redis.settings("ready", &[]));
+    retention
+        .run(agent_worker::clock::unix_now())
+        .await
+        .unwrap();
+    let indexed: Option<f64> = conn.clone().zscore(queue().dead_at(), &dead).await.unwrap();
+    assert!(indexed.is_some());
+    let (_, indexed_page) = get(addr, "/dead").await;
+    assert!(
+        indexed_page.contains(&dead) && indexed_page.contains("1 dead job"),
+        "{indexed_page}"
+    );
     // Agents / max as the worker's last presence tick reported them.
     let workers = wait_for(
         "the workers page to count 2 agents",
@@ -490,6 +503,36 @@ async fn a_page_over_ten_thousand_sessions_costs_a_bounded_number_of_commands() 
     }
     let (calls, _) = measured(conn, addr, "/sessions/bulk-00042").await;
     assert!(calls.values().sum::<u64>() <= 6, "session page: {calls:?}");
+
+    // 1,000 dead jobs, indexed by retention: the dead page reads 50 of them, not all.
+    let q = queue();
+    let mut pipe = redis::pipe();
+    for i in 0..1000u64 {
+        let task = format!("dead-{i:04}");
+        pipe.sadd(q.dead(), &task)
+            .ignore()
+            .zadd(q.dead_at(), &task, 1_700_000_000 + i)
+            .ignore()
+            .hset_multiple(
+                q.meta(&task),
+                &[
+                    ("result", "{\"Err\":\"AbortError: bulk\"}"),
+                    ("done_at", "1700000000"),
+                ],
+            )
+            .ignore();
+    }
+    pipe.query_async::<()>(&mut conn.clone()).await.unwrap();
+    let (calls, page) = measured(conn, addr, "/dead").await;
+    let total: u64 = calls.values().sum();
+    eprintln!("dead jobs page over 1,000 dead jobs: {total} commands: {calls:?}");
+    assert!(total <= 3 + 2 * 50, "{calls:?}");
+    assert!(!calls.contains_key("smembers"), "{calls:?}");
+    assert!(
+        page.contains("1000 dead job(s)") && page.contains("dead-0999"),
+        "{page}"
+    );
+    assert!(!page.contains("dead-0949"), "only the newest 50: {page}");
     stop.cancel();
     server.stopped().await.unwrap();
 }
