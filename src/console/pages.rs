@@ -474,7 +474,7 @@ pub async fn session(
     let record: Vec<(String, String)> = detail
         .record
         .iter()
-        .map(|(k, v)| (k.clone(), mask.value(k, v)))
+        .map(|(k, v)| (k.clone(), with_time(k, mask.value(k, v), now)))
         .collect();
     body.push_str(&html::fields(&record));
     let _ = write!(
@@ -509,7 +509,7 @@ pub async fn session(
             let _ = write!(body, "<p>Task {}</p>", esc(task));
             let meta: Vec<(String, String)> = meta
                 .iter()
-                .map(|(k, v)| (k.clone(), mask.value(k, v)))
+                .map(|(k, v)| (k.clone(), with_time(k, mask.value(k, v), now)))
                 .collect();
             body.push_str(&html::fields(&meta));
         }
@@ -531,6 +531,31 @@ pub async fn session(
         body.push_str("</pre>");
     }
     visit.page(StatusCode::OK, &title, "/sessions", &body)
+}
+
+/// A stored unix time (`createdAt`, `lastActive`, `endedAt`, `done_at`, ...) with its date
+/// and age beside it; any other value as it is.
+fn with_time(name: &str, shown: String, now: u64) -> String {
+    let named_as_time = name.ends_with("At")
+        || name.ends_with("_at")
+        || name.ends_with("StartTime")
+        || matches!(name, "startTime" | "lastActive" | "last_check");
+    // Seconds, possibly with a fraction; 2001 to 5138: not a duration or a count.
+    let seconds = shown
+        .split('.')
+        .next()
+        .and_then(|s| s.parse::<u64>().ok())
+        .filter(|s| (1_000_000_000..100_000_000_000).contains(s));
+    match seconds {
+        Some(t) if named_as_time => {
+            format!(
+                "{shown} ({}, {})",
+                html::time(Some(t)),
+                html::ago(Some(t), now)
+            )
+        }
+        _ => shown,
+    }
 }
 
 /// Hides the values of [`PRIVATE_FIELDS`] on a session's page: as a field, a size only; inside
@@ -714,4 +739,44 @@ fn dead_table(jobs: &[inspect::DeadJob], csrf: Option<&str>) -> String {
         headers.push("");
     }
     html::table(&headers, &rows, "No dead jobs.")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stored_times_get_a_date_and_other_values_stay() {
+        assert_eq!(
+            with_time("createdAt", "1700000000".into(), 1_700_000_010),
+            "1700000000 (2023-11-14 22:13:20 UTC, 10 s ago)"
+        );
+        assert_eq!(with_time("startupTime", "0.5".into(), 0), "0.5");
+        assert_eq!(with_time("agentPid", "1700000000".into(), 0), "1700000000");
+        assert_eq!(with_time("endedAt", "soon".into(), 0), "soon");
+    }
+
+    #[test]
+    fn prompts_are_masked_in_texts_raw_and_json_escaped() {
+        let prompt = "say \"hi\" to <everyone>";
+        let detail = SessionDetail {
+            config: vec![
+                ("systemPrompt".into(), prompt.into()),
+                ("openingLine".into(), "Hi".into()),
+            ],
+            ..SessionDetail::default()
+        };
+        let mask = Mask::of(&detail, false);
+        let json = serde_json::to_string(prompt).unwrap();
+        assert_eq!(
+            mask.text(&format!("argv --system-prompt={prompt} and {json}")),
+            "argv --system-prompt=[systemPrompt hidden] and \"[systemPrompt hidden]\""
+        );
+        assert_eq!(mask.value("systemPrompt", prompt), "(hidden, 22 bytes)");
+        // Too short to mask inside texts (it would blank out ordinary words), hidden as a field.
+        assert_eq!(mask.text("Hi there"), "Hi there");
+        assert_eq!(mask.value("openingLine", "Hi"), "(hidden, 2 bytes)");
+        let shown = Mask::of(&detail, true);
+        assert_eq!(shown.value("systemPrompt", prompt), prompt);
+    }
 }
