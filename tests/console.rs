@@ -809,3 +809,107 @@ async fn a_headless_browser_renders_the_live_sessions() {
     eprintln!("screenshot: {}", shot.display());
     worker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shipped_acl_rule_allows_every_page_and_action_of_the_console() {
+    const PASSWORD: &str = "console-acl-secret";
+    let shipped = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/redis/agent-worker.acl"
+    ))
+    .unwrap();
+    let rule = shipped
+        .trim()
+        .replace(" >CHANGE-ME ", &format!(" >{PASSWORD} "));
+    let file = std::env::temp_dir().join(format!("console-acl-{}.acl", ulid::Ulid::generate()));
+    std::fs::write(
+        &file,
+        format!("user default on nopass ~* &* +@all\n{rule}\n"),
+    )
+    .unwrap();
+    // Our own connection is the unrestricted default user (playing the orchestrator).
+    let redis = TestRedis::start_with(&["--aclfile", file.to_str().unwrap()]).await;
+    let admin = &redis.conn;
+    write_sessions(admin, 3).await;
+    let q = queue();
+    // One dead job not yet indexed by retention: the dead page reads the whole set for it.
+    let _: () = redis::pipe()
+        .sadd(q.dead(), "dead-acl")
+        .hset(
+            q.meta("dead-acl"),
+            "result",
+            "{\"Err\":\"AbortError: acl\"}",
+        )
+        .hset(q.data(), "dead-acl", "{\"session_id\":\"bulk-00001\"}")
+        .query_async(&mut admin.clone())
+        .await
+        .unwrap();
+
+    let url = format!(
+        "redis://agent-worker:{PASSWORD}@127.0.0.1:{}/",
+        redis.redis.port()
+    );
+    let settings = common::settings(&url, &[("AGENT_WORKER__HTTP__ADMIN_TOKEN", ADMIN_TOKEN)]);
+    let restricted = agent_worker::connection::connect(&settings.redis)
+        .await
+        .expect("the restricted user connects");
+    let console = Console::new(&settings, metrics::install_recorder());
+    console.connected(restricted);
+    let stop = CancellationToken::new();
+    let server = http::serve_with(
+        "127.0.0.1:0".parse().unwrap(),
+        metrics::install_recorder(),
+        Health::new(),
+        console.router(),
+        stop.clone(),
+    )
+    .await
+    .unwrap();
+    let addr = server.local_addr();
+    let bearer = format!("Bearer {ADMIN_TOKEN}");
+    let mut csrf = String::new();
+    for path in [
+        "/",
+        "/sessions",
+        "/sessions/bulk-00000",
+        "/workers",
+        "/dead",
+    ] {
+        let (code, _, page) = request(addr, "GET", path, &[("Authorization", &bearer)], "").await;
+        assert_eq!(code, 200, "{path} under the shipped rule: {page}");
+        csrf = csrf_of(&page);
+    }
+    let body = format!("session_id=bulk-00000&csrf={csrf}");
+    let (code, _, page) = request(
+        addr,
+        "POST",
+        "/actions/stop",
+        &[("Authorization", &bearer)],
+        &body,
+    )
+    .await;
+    assert_eq!(code, 200, "{page}");
+    assert!(!is_member(admin, keys::SESSIONS_READY, "bulk-00000").await);
+    let body = format!("task_id=dead-acl&csrf={csrf}");
+    let (code, _, page) = request(
+        addr,
+        "POST",
+        "/actions/retry",
+        &[("Authorization", &bearer)],
+        &body,
+    )
+    .await;
+    assert_eq!(code, 200, "{page}");
+    let ready: Vec<String> = admin.clone().lrange(q.active(), 0, -1).await.unwrap();
+    assert_eq!(ready, ["dead-acl"]);
+    // Nothing the console sent was refused.
+    let refused: Vec<redis::Value> = redis::cmd("ACL")
+        .arg("LOG")
+        .query_async(&mut admin.clone())
+        .await
+        .unwrap();
+    assert!(refused.is_empty(), "{refused:?}");
+    stop.cancel();
+    server.stopped().await.unwrap();
+    let _ = std::fs::remove_file(&file);
+}
