@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use agent_jobs::{
     QueueKeys, SessionKeys,
-    keys::{WORKER_AGENTS, WORKERS},
+    keys::{WORKER_AGENTS, WORKER_INFO, WORKERS},
 };
 use agent_worker::{clock::unix_now, jobs::retention::Retention};
 use common::*;
@@ -504,10 +504,12 @@ async fn retention_forgets_workers_silent_for_an_hour_and_keeps_the_others() {
     for id in &dead {
         let _: () = conn.zadd(WORKERS, id, now - 7200).await.unwrap();
         let _: () = conn.hset(WORKER_AGENTS, id, 3).await.unwrap();
+        let _: () = conn.hset(WORKER_INFO, id, "{}").await.unwrap();
     }
     for (id, seen) in [("host-recent", now - 3540), ("host-alive", now)] {
         let _: () = conn.zadd(WORKERS, id, seen).await.unwrap();
         let _: () = conn.hset(WORKER_AGENTS, id, 1).await.unwrap();
+        let _: () = conn.hset(WORKER_INFO, id, "{}").await.unwrap();
     }
     let report = retention.run(now).await.unwrap();
     assert_eq!(report.workers_forgotten, 1500);
@@ -516,6 +518,9 @@ async fn retention_forgets_workers_silent_for_an_hour_and_keeps_the_others() {
     let mut counted: Vec<String> = conn.hkeys(WORKER_AGENTS).await.unwrap();
     counted.sort();
     assert_eq!(counted, ["host-alive", "host-recent"]);
+    let mut described: Vec<String> = conn.hkeys(WORKER_INFO).await.unwrap();
+    described.sort();
+    assert_eq!(described, ["host-alive", "host-recent"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
