@@ -67,6 +67,8 @@ pub struct Settings {
     pub telemetry: TelemetrySettings,
     /// `[compat]`
     pub compat: CompatSettings,
+    /// `[events]`
+    pub events: EventSettings,
 }
 
 /// `[redis]`: where the queue and the session keys live.
@@ -323,6 +325,18 @@ pub struct CompatSettings {
     /// `/api/metrics/agent`), in the same script calls that record starts.
     pub legacy_metrics: bool,
 }
+
+/// `[events]`: the session event stream (`agent-worker:events`) the session scripts append to.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventSettings {
+    /// Approximate bound of the stream (`XADD MAXLEN ~`): older events are trimmed.
+    pub max_len: u64,
+}
+
+/// The largest `events.max_len`: a bound that still keeps the stream's memory small (about
+/// 100 bytes per event).
+const MAX_EVENTS_MAX_LEN: u64 = 10_000_000;
 
 /// An empty string (the way `config/default.toml` says "unset") as `None`.
 fn empty_as_none<'de, D>(deserializer: D) -> Result<Option<PathBuf>, D::Error>
@@ -667,6 +681,12 @@ impl Settings {
         if self.session.ended_ttl < Duration::from_secs(1) {
             return Err(invalid("session.ended_ttl", "must be at least 1s"));
         }
+        if !(1..=MAX_EVENTS_MAX_LEN).contains(&self.events.max_len) {
+            return Err(invalid(
+                "events.max_len",
+                format!("must be between 1 and {MAX_EVENTS_MAX_LEN}"),
+            ));
+        }
         Ok(())
     }
 
@@ -769,6 +789,7 @@ mod tests {
         assert_eq!(s.agent.alive_patterns.len(), 3);
         assert_eq!(s.agent.log_dir, None);
         assert!(s.compat.legacy_metrics);
+        assert_eq!(s.events.max_len, 10_000);
         let s = Settings::load_from(
             None,
             env(&[

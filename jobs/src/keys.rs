@@ -22,6 +22,13 @@ pub const SESSION_HEARTBEATS: &str = "agent-worker:session-heartbeats";
 /// missing here for longer than `worker.orphan_timeout` can be taken over.
 pub const WORKERS: &str = "agent-worker:workers";
 
+/// STREAM of session state changes (`starting`, `ready`, `error`, `completed`, `terminated`,
+/// `stopped`, `swept`), appended by the worker's session scripts in the same call that records
+/// each change and bounded by `events.max_len` (approximate `MAXLEN`). Fields: `session_id`,
+/// `status`, `worker_id`, `ts` (Redis time, ms), `reason` (when there is one): version 1 of
+/// the event format in jobs/README.md.
+pub const EVENTS: &str = "agent-worker:events";
+
 /// HASH worker id → number of agents it runs, refreshed with its presence (for `status`).
 pub const WORKER_AGENTS: &str = "agent-worker:worker-agents";
 

@@ -17,6 +17,7 @@
 -- ARGV[1]: this worker's id   ARGV[2]: now   ARGV[3]: TTL   ARGV[4]: session id
 -- ARGV[5]: pid   ARGV[6]: pgid   ARGV[7]: start-up time (s)   ARGV[8]: 1 for legacy metrics
 -- ARGV[9..]: the legacy histogram's finite bucket bounds (s), ascending
+-- Last KEY and ARGV: the event stream and its bound (session_events.lua): `ready` is appended.
 -- Returns 1 when recorded, 0 when another worker owns the session, -1 when its record is
 -- gone, or the status of a session that ended meanwhile.
 local current = redis.call('HMGET', KEYS[1], 'workerId', 'status')
@@ -42,7 +43,7 @@ redis.call('EXPIRE', KEYS[5], ARGV[3])
 redis.call('ZADD', KEYS[6], ARGV[2], ARGV[4])
 if ARGV[8] == '1' then
     local seconds = tonumber(ARGV[7])
-    for i = 9, #ARGV do
+    for i = 9, OWN_ARGS do
         if seconds <= tonumber(ARGV[i]) then
             redis.call('HINCRBY', KEYS[7], 'le_' .. ARGV[i], 1)
         end
@@ -50,5 +51,8 @@ if ARGV[8] == '1' then
     redis.call('HINCRBY', KEYS[7], 'le_inf', 1)
     redis.call('HINCRBYFLOAT', KEYS[8], 'sum', ARGV[7])
     redis.call('HINCRBY', KEYS[8], 'count', 1)
+end
+if status ~= 'ready' then
+    session_event(ARGV[4], 'ready', ARGV[1])
 end
 return 1
