@@ -11,6 +11,7 @@ written are the Rust producer's, byte for byte.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import time
@@ -388,8 +389,19 @@ def wait_ready_blocking(
                     return record
 
 
-def block_ms_for(socket_timeout: float | None) -> int:
-    """The longest XREAD BLOCK that a connection with ``socket_timeout`` (seconds) survives."""
+def block_ms_for(pool: Any) -> int:
+    """The longest XREAD BLOCK that the connections of redis-py ``pool`` survive: 80 % of
+    their socket timeout (redis-py 6+ defaults it to 5 s), 30 s without one."""
+    kwargs = getattr(pool, "connection_kwargs", {})
+    if "socket_timeout" in kwargs:
+        socket_timeout = kwargs["socket_timeout"]
+    else:
+        # Not given: the connection class's own default, which differs between versions.
+        try:
+            default = inspect.signature(pool.connection_class).parameters["socket_timeout"].default
+        except (AttributeError, KeyError, TypeError, ValueError):
+            default = inspect.Parameter.empty
+        socket_timeout = 5.0 if default is inspect.Parameter.empty else default
     if not socket_timeout:
         return 30_000
-    return max(10, int(socket_timeout * 1000 * 0.8))
+    return max(10, int(float(socket_timeout) * 1000 * 0.8))

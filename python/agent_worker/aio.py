@@ -22,7 +22,15 @@ import redis.asyncio
 from . import _protocol as p
 from .client import _jobs
 from .keys import DEFAULT_QUEUE, EVENTS, validate_queue, validate_session_id
-from .records import DeadJob, Enqueued, Session, SessionEvent, WaitTimeout, text
+from .records import (
+    AgentWorkerError,
+    DeadJob,
+    Enqueued,
+    Session,
+    SessionEvent,
+    WaitTimeout,
+    text,
+)
 
 # An idle reader (no waiters left) ends at its next wake-up: at most this long after the last
 # wait, it holds its connection.
@@ -90,8 +98,7 @@ class _EventReader:
                 del self._waiters[waiter.session_id]
 
     async def _run(self) -> None:
-        socket_timeout = self._client.connection_pool.connection_kwargs.get("socket_timeout")
-        block = min(_IDLE_BLOCK_MS, p.block_ms_for(socket_timeout))
+        block = min(_IDLE_BLOCK_MS, p.block_ms_for(self._client.connection_pool))
         try:
             while self._waiters:
                 reply = await self._client.execute_command(
@@ -117,6 +124,10 @@ class _EventReader:
                 await self._task
             except asyncio.CancelledError:
                 pass
+        # Waits still pending would otherwise hang until their timeouts.
+        for waiters in self._waiters.values():
+            for waiter in waiters:
+                waiter.events.put_nowait(AgentWorkerError("the client was closed"))
 
 
 class AsyncClient(redis.asyncio.Redis):

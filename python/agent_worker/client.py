@@ -140,10 +140,9 @@ class Client(redis.Redis):
         position is read before the record and the event stream is read from there, so a
         change between the two reads is never missed.
         """
-        socket_timeout = self.connection_pool.connection_kwargs.get("socket_timeout")
         return self._drive(
             p.wait_ready_blocking(
-                session_id, timeout, p.block_ms_for(socket_timeout), self._after_status_read
+                session_id, timeout, p.block_ms_for(self.connection_pool), self._after_status_read
             )
         )
 

@@ -106,16 +106,33 @@ class SyncWait(unittest.TestCase):
         self.assertEqual(record.status, "ready")
         self.assertLess(time.monotonic() - started, TIMEOUT)
 
+    def test_a_wait_longer_than_the_socket_timeout_blocks_in_shorter_reads(self) -> None:
+        # Each XREAD must return before the connection's socket timeout, or redis-py fails it.
+        client = agent_worker.Client.from_url(REDIS_URL, queue=QUEUE, socket_timeout=0.5)
+        sid = new_id("sync-short-socket")
+        client.enqueue_agent_start(sid)
+        self.assertEqual(client.wait_ready(sid, timeout=TIMEOUT).status, "ready")
+        client.close()
+
     def test_a_failed_start_raises_session_failed_with_the_reason(self) -> None:
         sid = new_id("sync-fail")
         failing = agent_worker.Client.from_url(REDIS_URL, queue=FAILING_QUEUE)
         failing.enqueue_agent_start(sid)
         with self.assertRaises(agent_worker.SessionFailed) as failed:
             failing.wait_ready(sid, timeout=TIMEOUT)
-        failing.close()
         self.assertEqual(failed.exception.status, "error")
         self.assertIn("exited", failed.exception.reason or "")
         self.assertEqual(failed.exception.reason, self.client.session(sid).error)
+        # The job is dead, with why; retrying it puts it back on the ready list.
+        job = wait_for(
+            "the job in the dead set",
+            10,
+            lambda: next((j for j in failing.dead_jobs() if j.session_id == sid), None),
+        )
+        self.assertIn("exited", job.error)
+        self.assertIsNotNone(job.failed_at)
+        self.assertEqual(failing.retry_dead([job.task_id, "not-a-dead-task"]), [job.task_id])
+        failing.close()
 
     def test_a_session_nobody_starts_times_out(self) -> None:
         sid = new_id("sync-never")
@@ -179,9 +196,14 @@ class AsyncWait(unittest.IsolatedAsyncioTestCase):
         await client.enqueue_agent_start(sid)
         with self.assertRaises(agent_worker.SessionFailed) as failed:
             await client.wait_ready(sid, timeout=TIMEOUT)
-        await client.aclose()
         self.assertEqual(failed.exception.status, "error")
         self.assertTrue(failed.exception.reason)
+        deadline = time.monotonic() + 10
+        while not any(j.session_id == sid for j in await client.dead_jobs()):
+            self.assertLess(time.monotonic(), deadline, "the job goes dead")
+            await asyncio.sleep(0.02)
+        self.assertEqual(len(await client.retry_dead()), 1)
+        await client.aclose()
 
     async def test_200_concurrent_waits_share_one_stream_reader(self) -> None:
         # A pool of 20 connections for 200 waits: one blocking XREAD per waiter could not even
