@@ -286,3 +286,59 @@ async fn the_stream_stays_within_its_bound_after_twenty_thousand_sessions() {
     let last = &newest[0].1["status"];
     assert_eq!(last, "completed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_heartbeat_that_turns_starting_into_ready_and_a_restored_record_append_ready() {
+    let redis = TestRedis::start().await;
+    let store = SessionStore::new(redis.conn.clone(), Duration::from_secs(3600), "Ashley", 100);
+    let id = sid("ev-heartbeat");
+    store
+        .claim(&id, None, "t", "w", ClaimAttempt::default())
+        .await
+        .unwrap();
+    // No ready record yet (say it failed to be written): the heartbeat makes it ready.
+    store
+        .heartbeat("w", std::slice::from_ref(&id), unix_now(), 0)
+        .await
+        .unwrap();
+    // A second heartbeat changes nothing and appends nothing.
+    store
+        .heartbeat("w", std::slice::from_ref(&id), unix_now(), 0)
+        .await
+        .unwrap();
+    let events = wait_events(&redis.conn, &id, &["starting", "ready"]).await;
+    check_fields(&events[1], &id, Some("w"), None);
+
+    // Redis loses the record and the index entry: the worker writes it again, as ready.
+    let _: () = redis
+        .conn
+        .clone()
+        .del(SessionKeys::new(&id).state())
+        .await
+        .unwrap();
+    let _: () = redis
+        .conn
+        .clone()
+        .zrem(SESSION_HEARTBEATS, id.as_str())
+        .await
+        .unwrap();
+    let report = store
+        .heartbeat("w", std::slice::from_ref(&id), unix_now(), 0)
+        .await
+        .unwrap();
+    assert_eq!(report.vanished, std::slice::from_ref(&id));
+    let record = agent_worker::session::AgentRecord {
+        session_id: id.clone(),
+        user_id: None,
+        task_id: "t".into(),
+        voice_id: "Ashley".into(),
+        created_at: unix_now(),
+        pid: 1,
+        pgid: 1,
+        startup: Duration::from_millis(5),
+        log_file: None,
+    };
+    assert_eq!(store.restore("w", &[record], unix_now()).await.unwrap(), 1);
+    let events = wait_events(&redis.conn, &id, &["starting", "ready", "ready"]).await;
+    check_fields(&events[2], &id, Some("w"), None);
+}

@@ -51,6 +51,7 @@ class EndRequest(BaseModel):
 
 
 def agents(request: Request) -> agent_worker.AsyncClient:
+    """The application's one client (made in the lifespan)."""
     return request.app.state.agents
 
 
