@@ -579,6 +579,7 @@ impl Launcher for InstantLauncher {
             startup: Duration::ZERO,
             exited,
             handle: AgentHandle::new(stop_tx),
+            warm: false,
         })))
     }
 }
