@@ -1,7 +1,8 @@
 //! Worker presence: which worker processes are alive, for session claims and `status`.
 //!
 //! `agent-worker:workers` (worker id → unix seconds of its last presence, on Redis's clock) and
-//! `agent-worker:worker-agents` (worker id → agents it runs), written every
+//! `agent-worker:worker-agents` (worker id → agents it runs; `agent-worker:worker-warm` its idle
+//! warm processes, with a pool), written every
 //! `worker.heartbeat_interval`. A session claimed by a worker silent for longer than
 //! `worker.orphan_timeout` can be taken over: that worker's agents died with it. The clock's
 //! offset to Redis is measured on the same tick ([`crate::clock`]). Retention forgets workers
@@ -9,7 +10,7 @@
 
 use std::time::Duration;
 
-use agent_jobs::keys::{WORKER_AGENTS, WORKERS};
+use agent_jobs::keys::{WORKER_AGENTS, WORKER_WARM, WORKERS};
 use redis::aio::ConnectionManager;
 use tokio_util::sync::CancellationToken;
 
@@ -44,15 +45,23 @@ impl Presence {
         }
     }
 
-    /// "Alive now, with `agents` agents": one pipelined round trip.
-    pub async fn beat(&self, agents: usize, now: u64) -> redis::RedisResult<()> {
-        redis::pipe()
-            .zadd(WORKERS, &self.worker_id, now)
+    /// "Alive now, with `agents` agents" (and `warm` idle warm processes, with a pool): one
+    /// pipelined round trip.
+    pub async fn beat(
+        &self,
+        agents: usize,
+        warm: Option<usize>,
+        now: u64,
+    ) -> redis::RedisResult<()> {
+        let mut pipe = redis::pipe();
+        pipe.zadd(WORKERS, &self.worker_id, now)
             .ignore()
             .hset(WORKER_AGENTS, &self.worker_id, agents)
-            .ignore()
-            .query_async(&mut self.conn.clone())
-            .await
+            .ignore();
+        if let Some(warm) = warm {
+            pipe.hset(WORKER_WARM, &self.worker_id, warm).ignore();
+        }
+        pipe.query_async(&mut self.conn.clone()).await
     }
 
     /// Deregisters this worker on a clean exit.
@@ -61,6 +70,8 @@ impl Presence {
             .zrem(WORKERS, &self.worker_id)
             .ignore()
             .hdel(WORKER_AGENTS, &self.worker_id)
+            .ignore()
+            .hdel(WORKER_WARM, &self.worker_id)
             .ignore()
             .query_async(&mut self.conn.clone())
             .await
@@ -96,7 +107,9 @@ pub async fn presence_loop(
                 clock_failing = true;
             }
         }
-        let result = presence.beat(supervisor.agent_count(), unix_now()).await;
+        let result = presence
+            .beat(supervisor.agent_count(), supervisor.warm_idle(), unix_now())
+            .await;
         if let Err(error) = result {
             redis_health.failed();
             metrics::redis_error("presence");

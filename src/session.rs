@@ -262,6 +262,19 @@ impl SessionError {
     }
 }
 
+/// A ready agent, as [`SessionStore::mark_ready`] records it.
+#[derive(Debug, Clone, Copy)]
+pub struct Ready {
+    /// Its pid.
+    pub pid: u32,
+    /// Its process group id.
+    pub pgid: u32,
+    /// Its start-up time (from the handoff, for a warm process).
+    pub startup: Duration,
+    /// Whether a warm process took the session (`warm=1`).
+    pub warm: bool,
+}
+
 /// Reads session config and writes session state.
 #[derive(Clone)]
 pub struct SessionStore {
@@ -491,9 +504,7 @@ impl SessionStore {
         &self,
         id: &SessionId,
         worker_id: &str,
-        pid: u32,
-        pgid: u32,
-        startup: Duration,
+        ready: Ready,
     ) -> Result<ReadyRecord, SessionError> {
         let keys = SessionKeys::new(id);
         let state = keys.state();
@@ -511,9 +522,10 @@ impl SessionStore {
             .arg(unix_now())
             .arg(self.ttl_secs())
             .arg(id.as_str())
-            .arg(pid)
-            .arg(pgid)
-            .arg(format!("{:.3}", startup.as_secs_f64()))
+            .arg(ready.pid)
+            .arg(ready.pgid)
+            .arg(format!("{:.3}", ready.startup.as_secs_f64()))
+            .arg(flag(ready.warm))
             .arg(flag(self.legacy_metrics));
         if self.legacy_metrics {
             for bucket in legacy_metrics::BUCKETS {

@@ -32,6 +32,10 @@ pub const EVENTS: &str = "agent-worker:events";
 /// HASH worker id → number of agents it runs, refreshed with its presence (for `status`).
 pub const WORKER_AGENTS: &str = "agent-worker:worker-agents";
 
+/// HASH worker id → idle warm processes of its pool (`agent.warm_pool`), written with its
+/// presence; absent for workers without a pool.
+pub const WORKER_WARM: &str = "agent-worker:worker-warm";
+
 /// Prefix of the per-tick leases of scheduled jobs: `agent-worker:tick-lease:<job>:<tick>`
 /// (e.g. `…:sweep:<tick>`); whoever sets it first runs that tick.
 pub const TICK_LEASE_PREFIX: &str = "agent-worker:tick-lease";

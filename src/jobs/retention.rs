@@ -23,7 +23,7 @@ use std::{
 
 use agent_jobs::{
     QueueKeys,
-    keys::{WORKER_AGENTS, WORKERS},
+    keys::{WORKER_AGENTS, WORKER_WARM, WORKERS},
 };
 use redis::{Script, aio::ConnectionManager};
 
@@ -164,6 +164,7 @@ impl Retention {
             let forgotten: u64 = FORGET_WORKERS
                 .key(WORKERS)
                 .key(WORKER_AGENTS)
+                .key(WORKER_WARM)
                 .arg(silent_since)
                 .arg(BATCH)
                 .invoke_async(&mut conn)
