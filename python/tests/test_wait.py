@@ -213,14 +213,26 @@ class AsyncWait(unittest.IsolatedAsyncioTestCase):
         sessions = {new_id(f"many{n}"): voice for n, voice in zip(range(20), ["Craig", "Olivia"] * 10)}
         for sid, voice in sessions.items():
             await client.write_session_config(sid, voice, "test_concurrent_user")
-        await client.enqueue_agent_starts([(sid, "test_concurrent_user") for sid in sessions])
+        # The waits begin before the jobs exist (a session nobody has started yet is waited
+        # for), so all 200 are pending at once however slow the machine is; the jobs go in
+        # only then.
         waits = [
             asyncio.create_task(client.wait_ready(sid, timeout=TIMEOUT))
             for sid in sessions
             for _ in range(10)
         ]
         self.assertEqual(len(waits), 200)
+        deadline = time.monotonic() + TIMEOUT
+        while sum(len(ws) for ws in client._reader._waiters.values()) < 200:
+            self.assertLess(time.monotonic(), deadline, "all 200 waits pending")
+            await asyncio.sleep(0.02)
         samples: list[int] = []
+        while len(samples) < 5 or int(self.raw.info("clients")["blocked_clients"]) == 0:
+            self.assertLess(time.monotonic(), deadline, "the shared reader blocks")
+            samples.append(int(self.raw.info("clients")["blocked_clients"]))
+            await asyncio.sleep(0.02)
+        samples.append(int(self.raw.info("clients")["blocked_clients"]))
+        await client.enqueue_agent_starts([(sid, "test_concurrent_user") for sid in sessions])
         while not all(w.done() for w in waits):
             pending = sum(len(ws) for ws in client._reader._waiters.values())
             if pending == 200:
