@@ -1,6 +1,6 @@
 """Warm-pool shim: run any Python agent script as a warm process of agent-worker's pool.
 
-    python3 -m agent_worker.warm [--preload mod1,mod2] [--pattern TEXT] -- SCRIPT [LEADING ARGS...]
+    python3 -m agent_worker.warm [--preload mod1,mod2|mod1:mod2] [--pattern TEXT] -- SCRIPT [LEADING ARGS...]
 
 1. Imports the ``--preload`` modules (the slow part of an agent's start: e.g.
    ``pipecat,livekit.rtc``), so they are already in ``sys.modules`` when the script imports them.
@@ -74,7 +74,8 @@ def parse_options(argv: list[str]) -> tuple[list[str], str, str, list[str]]:
             value = ours[i + 1]
             i += 1
         if name == "--preload":
-            preload.extend(m for m in value.split(",") if m)
+            # "," or ":" (a "," list inside the worker's comma-separated env lists would split).
+            preload.extend(m for m in value.replace(":", ",").split(",") if m)
         elif name == "--pattern":
             pattern = value
         else:
