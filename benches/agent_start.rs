@@ -42,6 +42,8 @@ mod report;
 mod stats;
 #[path = "agent_start/sweep.rs"]
 mod sweep;
+#[path = "agent_start/warm.rs"]
+mod warm;
 
 use std::{
     path::PathBuf,
@@ -176,7 +178,8 @@ async fn run(quick: bool, parts: Option<Vec<u8>>) -> anyhow::Result<()> {
     part!(5, "5 sweep", sweep::run(&ctx));
     part!(6, "6 footprint", footprint::run(&ctx));
     part!(7, "7 enqueue", enqueue::run(&ctx, &baseline));
-    part!(8, "8 console", console::run(&ctx));
+    part!(8, "8 warm pool", warm::run(&ctx));
+    part!(9, "9 console", console::run(&ctx));
     ctx.flush().await?;
 
     println!("## Results ({:.0} s)\n", started.elapsed().as_secs_f64());

@@ -10,6 +10,8 @@
 //! - [`spawn`]: starting it without forking the worker, waited for on a pidfd.
 //! - [`supervisor`]: the agents of this process: launch with retries, one per session, exit.
 //! - [`capacity`]: `agent.max_agents`: a full replica fetches no jobs.
+//! - [`warm`]: a warm process (imports done, no session yet) and the handoff protocol.
+//! - [`warm_pool`]: `agent.warm_pool`: idle warm processes per replica, refilled with back-off.
 
 pub mod capacity;
 pub mod command;
@@ -20,3 +22,5 @@ pub mod log_list;
 pub mod output;
 pub mod spawn;
 pub mod supervisor;
+pub mod warm;
+pub mod warm_pool;

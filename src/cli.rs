@@ -254,8 +254,11 @@ async fn status(settings: Settings, json: bool) -> anyhow::Result<()> {
     println!("redis     maxmemory-policy {policy}{warning}");
     println!("workers");
     for w in &status.workers {
+        let warm = w
+            .warm_idle
+            .map_or_else(String::new, |n| format!("  warm idle {n}"));
         println!(
-            "  {:<40} agents {:>4}  seen {:>4}s ago  {}",
+            "  {:<40} agents {:>4}  seen {:>4}s ago  {}{warm}",
             w.id,
             w.agents,
             w.last_seen_secs,

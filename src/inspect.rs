@@ -9,7 +9,7 @@ use std::{collections::HashMap, sync::LazyLock, time::Duration};
 
 use agent_jobs::{
     AgentStart, QueueKeys, SessionId, SessionKeys,
-    keys::{SESSIONS_READY, SESSIONS_STARTING, WORKER_AGENTS, WORKER_INFO, WORKERS},
+    keys::{SESSIONS_READY, SESSIONS_STARTING, WORKER_AGENTS, WORKER_INFO, WORKER_WARM, WORKERS},
 };
 use redis::{Script, aio::ConnectionManager};
 use serde::Serialize;
@@ -56,6 +56,8 @@ pub struct WorkerRow {
     pub alive: bool,
     /// What it tells about itself (`None` for workers of versions that did not).
     pub info: Option<WorkerInfo>,
+    /// Idle warm processes of its pool (`None` without a pool).
+    pub warm_idle: Option<u64>,
 }
 
 /// `agent-worker status`.
@@ -103,14 +105,15 @@ pub async fn status(
         .arg(-1)
         .arg("WITHSCORES")
         .hgetall(WORKER_AGENTS)
-        .hgetall(WORKER_INFO);
+        .hgetall(WORKER_INFO)
+        .hgetall(WORKER_WARM);
     for run in &runs {
         pipe.scard(keys.inflight(run));
     }
     let reply: Vec<redis::Value> = pipe.query_async(&mut conn).await?;
     // Replies in the order of the pipeline above: seven counts, the workers with their
-    // presence scores, their agent counts, their info, then one inflight count per apalis
-    // worker run.
+    // presence scores, their agent counts, their info, their idle warm processes, then one
+    // inflight count per apalis worker run.
     let count =
         |i: usize| -> redis::RedisResult<u64> { Ok(redis::from_redis_value_ref(&reply[i])?) };
     let [
@@ -133,7 +136,8 @@ pub async fn status(
     let workers: Vec<(String, f64)> = redis::from_redis_value_ref(&reply[7])?;
     let agents: HashMap<String, u64> = redis::from_redis_value_ref(&reply[8])?;
     let info: HashMap<String, String> = redis::from_redis_value_ref(&reply[9])?;
-    let inflight = reply[10..]
+    let warm: HashMap<String, u64> = redis::from_redis_value_ref(&reply[10])?;
+    let inflight = reply[11..]
         .iter()
         .map(|v| redis::from_redis_value_ref::<u64>(v).unwrap_or(0))
         .sum();
@@ -149,6 +153,7 @@ pub async fn status(
                 info: info
                     .get(&id)
                     .and_then(|json| serde_json::from_str(json).ok()),
+                warm_idle: warm.get(&id).copied(),
                 id,
             }
         })

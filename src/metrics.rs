@@ -28,6 +28,10 @@
 //! | `redis_dataset_lost_total` | counter | |
 //! | `sessions_restored_total` | counter | |
 //! | `redis_evicting` | gauge | |
+//! | `warm_idle` | gauge | |
+//! | `warm_takes_total` | counter | `result` = `warm`, `cold` |
+//! | `warm_up_seconds` | histogram | |
+//! | `warm_up_failures_total` | counter | |
 
 use std::{sync::OnceLock, time::Duration};
 
@@ -74,6 +78,16 @@ pub const REDIS_DATASET_LOST_TOTAL: &str = "agent_worker_redis_dataset_lost_tota
 pub const SESSIONS_RESTORED_TOTAL: &str = "agent_worker_sessions_restored_total";
 /// Gauge: 1 when Redis's `maxmemory-policy` lets it evict keys (with `redis.allow_eviction`).
 pub const REDIS_EVICTING: &str = "agent_worker_redis_evicting";
+/// Gauge of idle warm processes of this replica (`agent.warm_pool`).
+pub const WARM_IDLE: &str = "agent_worker_warm_idle";
+/// Counter of launches with the pool on, by `result`: `warm` (a warm process took the
+/// session) or `cold` (none was idle, or the one taken died at the handoff).
+pub const WARM_TAKES_TOTAL: &str = "agent_worker_warm_takes_total";
+/// Histogram of warm-ups: a warm process's spawn to its warm line.
+pub const WARM_UP_SECONDS: &str = "agent_worker_warm_up_seconds";
+/// Counter of warm-ups that failed (exit or no warm line in time) and idle warm processes
+/// that died.
+pub const WARM_UP_FAILURES_TOTAL: &str = "agent_worker_warm_up_failures_total";
 
 /// Buckets of [`AGENT_STARTUP_SECONDS`]: 10 ms to one minute (`agent.startup_timeout` is 30 s
 /// by default; a real agent joins its room in a second or a few).
@@ -187,6 +201,26 @@ pub fn redis_evicting(evicting: bool) {
     gauge!(REDIS_EVICTING).set(if evicting { 1.0 } else { 0.0 });
 }
 
+/// The number of idle warm processes.
+pub fn warm_idle(n: usize) {
+    gauge!(WARM_IDLE).set(n as f64);
+}
+
+/// A launch took a warm process (`warm`) or started cold with the pool on.
+pub fn warm_take(warm: bool) {
+    counter!(WARM_TAKES_TOTAL, "result" => if warm { "warm" } else { "cold" }).increment(1);
+}
+
+/// A warm process printed its warm line `duration` after its spawn.
+pub fn warm_up_finished(duration: Duration) {
+    histogram!(WARM_UP_SECONDS).record(duration.as_secs_f64());
+}
+
+/// A warm-up failed, or an idle warm process died.
+pub fn warm_up_failed() {
+    counter!(WARM_UP_FAILURES_TOTAL).increment(1);
+}
+
 /// Whether Redis answered the last probe.
 pub fn redis_up(up: bool) {
     gauge!(REDIS_UP).set(if up { 1.0 } else { 0.0 });
@@ -215,6 +249,12 @@ pub fn install_recorder() -> PrometheusHandle {
                     b.set_buckets_for_metric(
                         Matcher::Full(JOB_DURATION_SECONDS.to_owned()),
                         JOB_DURATION_BUCKETS,
+                    )
+                })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(WARM_UP_SECONDS.to_owned()),
+                        STARTUP_BUCKETS,
                     )
                 })
                 .expect("bucket lists are not empty")
@@ -308,6 +348,22 @@ fn describe() {
         Unit::Count,
         "Restarts of the job worker after backend errors."
     );
+    describe_gauge!(WARM_IDLE, Unit::Count, "Idle warm agent processes.");
+    describe_counter!(
+        WARM_TAKES_TOTAL,
+        Unit::Count,
+        "Launches with the warm pool on, by result (warm or cold)."
+    );
+    describe_histogram!(
+        WARM_UP_SECONDS,
+        Unit::Seconds,
+        "Warm-ups: a warm process's spawn to its warm line."
+    );
+    describe_counter!(
+        WARM_UP_FAILURES_TOTAL,
+        Unit::Count,
+        "Failed warm-ups and idle warm processes that died."
+    );
 }
 
 fn register_zeroes() {
@@ -335,6 +391,11 @@ fn register_zeroes() {
     counter!(JOB_WORKER_RESTARTS_TOTAL).increment(0);
     counter!(REDIS_DATASET_LOST_TOTAL).increment(0);
     counter!(SESSIONS_RESTORED_TOTAL).increment(0);
+    for result in ["warm", "cold"] {
+        counter!(WARM_TAKES_TOTAL, "result" => result).increment(0);
+    }
+    counter!(WARM_UP_FAILURES_TOTAL).increment(0);
+    gauge!(WARM_IDLE).set(0.0);
     gauge!(AGENTS_LIVE).set(0.0);
     redis_up(false);
 }
@@ -358,19 +419,22 @@ mod tests {
             AGENT_STOPS_TOTAL,
             SWEEP_RUNS_TOTAL,
             SWEEP_SESSIONS_REMOVED_TOTAL,
+            WARM_TAKES_TOTAL,
+            WARM_UP_FAILURES_TOTAL,
             RETENTION_JOBS_REMOVED_TOTAL,
             REDIS_ERRORS_TOTAL,
             JOB_WORKER_RESTARTS_TOTAL,
             REDIS_DATASET_LOST_TOTAL,
             SESSIONS_RESTORED_TOTAL,
         ];
-        let histograms = [JOB_DURATION_SECONDS, AGENT_STARTUP_SECONDS];
+        let histograms = [JOB_DURATION_SECONDS, AGENT_STARTUP_SECONDS, WARM_UP_SECONDS];
         let gauges = [
             AGENTS_LIVE,
             AGENTS_MAX,
             QUEUE_DEPTH,
             REDIS_UP,
             REDIS_EVICTING,
+            WARM_IDLE,
         ];
         for name in counters.iter().chain(&histograms).chain(&gauges) {
             assert!(name.starts_with("agent_worker_"), "{name}");

@@ -1,8 +1,9 @@
 //! Worker presence: which worker processes are alive, for session claims and `status`.
 //!
 //! `agent-worker:workers` (worker id → unix seconds of its last presence, on Redis's clock),
-//! `agent-worker:worker-agents` (worker id → agents it runs) and `agent-worker:worker-info`
-//! (worker id → [`WorkerInfo`] as JSON, for the console), written every
+//! `agent-worker:worker-agents` (worker id → agents it runs), `agent-worker:worker-info`
+//! (worker id → [`WorkerInfo`] as JSON, for the console) and, with a warm pool,
+//! `agent-worker:worker-warm` (worker id → its idle warm processes), written every
 //! `worker.heartbeat_interval`. A session claimed by a worker silent for longer than
 //! `worker.orphan_timeout` can be taken over: that worker's agents died with it. The clock's
 //! offset to Redis is measured on the same tick ([`crate::clock`]). Retention forgets workers
@@ -10,7 +11,7 @@
 
 use std::time::Duration;
 
-use agent_jobs::keys::{WORKER_AGENTS, WORKER_INFO, WORKERS};
+use agent_jobs::keys::{WORKER_AGENTS, WORKER_INFO, WORKER_WARM, WORKERS};
 use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
@@ -84,23 +85,30 @@ impl Presence {
         }
     }
 
-    /// "Alive now, with `agents` agents" (and the clock offset measured last): one pipelined
-    /// round trip.
-    pub async fn beat(&self, agents: usize, now: u64) -> redis::RedisResult<()> {
+    /// "Alive now, with `agents` agents" (and `warm` idle warm processes, with a pool, and the
+    /// clock offset measured last): one pipelined round trip.
+    pub async fn beat(
+        &self,
+        agents: usize,
+        warm: Option<usize>,
+        now: u64,
+    ) -> redis::RedisResult<()> {
         let info = WorkerInfo {
             clock_offset_ms: clock::offset_ms(),
             ..self.info.clone()
         };
         let info = serde_json::to_string(&info).expect("WorkerInfo serializes");
-        redis::pipe()
-            .zadd(WORKERS, &self.worker_id, now)
+        let mut pipe = redis::pipe();
+        pipe.zadd(WORKERS, &self.worker_id, now)
             .ignore()
             .hset(WORKER_AGENTS, &self.worker_id, agents)
             .ignore()
             .hset(WORKER_INFO, &self.worker_id, info)
-            .ignore()
-            .query_async(&mut self.conn.clone())
-            .await
+            .ignore();
+        if let Some(warm) = warm {
+            pipe.hset(WORKER_WARM, &self.worker_id, warm).ignore();
+        }
+        pipe.query_async(&mut self.conn.clone()).await
     }
 
     /// Deregisters this worker on a clean exit.
@@ -111,6 +119,7 @@ impl Presence {
             .hdel(WORKER_AGENTS, &self.worker_id)
             .ignore()
             .hdel(WORKER_INFO, &self.worker_id)
+            .hdel(WORKER_WARM, &self.worker_id)
             .ignore()
             .query_async(&mut self.conn.clone())
             .await
@@ -146,7 +155,9 @@ pub async fn presence_loop(
                 clock_failing = true;
             }
         }
-        let result = presence.beat(supervisor.agent_count(), unix_now()).await;
+        let result = presence
+            .beat(supervisor.agent_count(), supervisor.warm_idle(), unix_now())
+            .await;
         if let Err(error) = result {
             redis_health.failed();
             metrics::redis_error("presence");

@@ -9,15 +9,19 @@
 //! cannot carry) is a permanent error naming the key and the problem.
 //!
 //! Each state transition is one script call or pipeline: one round trip, whatever the number
-//! of fields.
+//! of fields. Every script that changes a session's status also appends the change to the
+//! event stream `agent-worker:events` in that same call (`lua/session_events.lua`, the format
+//! in jobs/README.md), which is what lets a producer wait for readiness without polling.
 
 use std::{sync::LazyLock, time::Duration};
 
 use agent_jobs::{
     SessionId, SessionKeys, SessionStatus,
-    keys::{SESSION_HEARTBEATS, SESSIONS_READY, SESSIONS_STARTING, WORKERS, legacy_metrics},
+    keys::{
+        EVENTS, SESSION_HEARTBEATS, SESSIONS_READY, SESSIONS_STARTING, WORKERS, legacy_metrics,
+    },
 };
-use redis::{FromRedisValue, Script, Value, aio::ConnectionManager};
+use redis::{FromRedisValue, Script, ScriptInvocation, Value, aio::ConnectionManager};
 
 pub mod config;
 
@@ -26,21 +30,29 @@ use config::{config_from_pairs, validate};
 
 use crate::{agent::launcher::AgentExit, clock::unix_now, connection::RedisHealth};
 
-static HEARTBEAT: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("lua/heartbeat.lua")));
+/// A script that changes a session's status: `lua/session_events.lua` (the event stream's
+/// prologue) followed by the script, so every status change and its event are one atomic call.
+/// Its last key must be [`EVENTS`] and its last argument the stream's bound
+/// ([`SessionStore::events`] adds both).
+macro_rules! session_script {
+    ($file:literal) => {
+        Script::new(concat!(
+            include_str!("lua/session_events.lua"),
+            include_str!($file)
+        ))
+    };
+}
+
+static HEARTBEAT: LazyLock<Script> = LazyLock::new(|| session_script!("lua/heartbeat.lua"));
 static APPEND_LOGS: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/append_logs.lua")));
-static CLAIM: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("lua/claim_session.lua")));
-static MARK_READY: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("lua/mark_ready.lua")));
-static END: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/end_session.lua")));
+static CLAIM: LazyLock<Script> = LazyLock::new(|| session_script!("lua/claim_session.lua"));
+static MARK_READY: LazyLock<Script> = LazyLock::new(|| session_script!("lua/mark_ready.lua"));
+static END: LazyLock<Script> = LazyLock::new(|| session_script!("lua/end_session.lua"));
 static NOTE_ATTEMPT_ERROR: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/note_attempt_error.lua")));
-static RESTORE: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("lua/restore_sessions.lua")));
-static REMOVE: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("lua/remove_sessions.lua")));
+static RESTORE: LazyLock<Script> = LazyLock::new(|| session_script!("lua/restore_sessions.lua"));
+static REMOVE: LazyLock<Script> = LazyLock::new(|| session_script!("lua/remove_sessions.lua"));
 
 /// Which sessions [`SessionStore::remove`] may remove.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -250,6 +262,19 @@ impl SessionError {
     }
 }
 
+/// A ready agent, as [`SessionStore::mark_ready`] records it.
+#[derive(Debug, Clone, Copy)]
+pub struct Ready {
+    /// Its pid.
+    pub pid: u32,
+    /// Its process group id.
+    pub pgid: u32,
+    /// Its start-up time (from the handoff, for a warm process).
+    pub startup: Duration,
+    /// Whether a warm process took the session (`warm=1`).
+    pub warm: bool,
+}
+
 /// Reads session config and writes session state.
 #[derive(Clone)]
 pub struct SessionStore {
@@ -261,6 +286,7 @@ pub struct SessionStore {
     worker_timeout: Duration,
     redis_health: RedisHealth,
     legacy_metrics: bool,
+    events_max_len: u64,
 }
 
 impl std::fmt::Debug for SessionStore {
@@ -289,6 +315,7 @@ impl SessionStore {
             redis_health: RedisHealth::new(),
             ended_ttl: Duration::from_secs(3600),
             legacy_metrics: false,
+            events_max_len: DEFAULT_EVENTS_MAX_LEN,
         }
     }
 
@@ -306,6 +333,19 @@ impl SessionStore {
         .ended_ttl(settings.session.ended_ttl)
         .worker_timeout(settings.worker.orphan_timeout)
         .legacy_metrics(settings.compat.legacy_metrics)
+        .events_max_len(settings.events.max_len)
+    }
+
+    /// The approximate bound of the event stream [`EVENTS`] (`events.max_len`; 10,000 unless
+    /// set): every script that records a status change trims it with `XADD MAXLEN ~`.
+    pub fn events_max_len(mut self, max_len: u64) -> Self {
+        self.events_max_len = max_len.max(1);
+        self
+    }
+
+    /// Adds what `lua/session_events.lua` expects last: the stream's key and its bound.
+    fn events(&self, invocation: &mut ScriptInvocation<'_>) {
+        invocation.key(EVENTS).arg(self.events_max_len);
     }
 
     /// How long an ended session's record stays (`session.ended_ttl`; 1 h unless set).
@@ -378,6 +418,8 @@ impl SessionStore {
             .arg(attempt.log_file.unwrap_or_default())
             .arg(flag(attempt.cold && self.legacy_metrics))
             .arg(flag(attempt.job_meta.is_some()))
+            .key(EVENTS)
+            .arg(self.events_max_len)
             .invoke_async(&mut self.conn.clone())
             .await
             .map_err(|source| SessionError::Redis {
@@ -462,9 +504,7 @@ impl SessionStore {
         &self,
         id: &SessionId,
         worker_id: &str,
-        pid: u32,
-        pgid: u32,
-        startup: Duration,
+        ready: Ready,
     ) -> Result<ReadyRecord, SessionError> {
         let keys = SessionKeys::new(id);
         let state = keys.state();
@@ -482,15 +522,17 @@ impl SessionStore {
             .arg(unix_now())
             .arg(self.ttl_secs())
             .arg(id.as_str())
-            .arg(pid)
-            .arg(pgid)
-            .arg(format!("{:.3}", startup.as_secs_f64()))
+            .arg(ready.pid)
+            .arg(ready.pgid)
+            .arg(format!("{:.3}", ready.startup.as_secs_f64()))
+            .arg(flag(ready.warm))
             .arg(flag(self.legacy_metrics));
         if self.legacy_metrics {
             for bucket in legacy_metrics::BUCKETS {
                 invocation.arg(bucket);
             }
         }
+        self.events(&mut invocation);
         let reply: Value = invocation
             .invoke_async(&mut self.conn.clone())
             .await
@@ -566,6 +608,8 @@ impl SessionStore {
             .arg(end.error.unwrap_or_default())
             .arg(end.stop_reason.unwrap_or_default())
             .arg(flag(end.timed_out && self.legacy_metrics))
+            .key(EVENTS)
+            .arg(self.events_max_len)
             .invoke_async(&mut self.conn.clone())
             .await
             .map_err(|source| SessionError::Redis {
@@ -609,6 +653,7 @@ impl SessionStore {
                 .key(keys.agent_pid())
                 .arg(id.as_str());
         }
+        self.events(&mut invocation);
         let [gone, too_old, lost, terminated, vanished]: [Vec<String>; 5] =
             invocation.invoke_async(&mut self.conn.clone()).await?;
         // The ids came from us; parsing them again only guards against a script change.
@@ -660,6 +705,7 @@ impl SessionStore {
                 invocation.arg(name).arg(value);
             }
         }
+        self.events(&mut invocation);
         invocation.invoke_async(&mut self.conn.clone()).await
     }
 
@@ -704,6 +750,7 @@ impl SessionStore {
             }
             invocation.arg(id.as_str());
         }
+        self.events(&mut invocation);
         let flat: Vec<String> = invocation.invoke_async(&mut self.conn.clone()).await?;
         Ok(flat
             .chunks_exact(2)
@@ -736,6 +783,9 @@ impl SessionStore {
             .map(drop)
     }
 }
+
+/// `events.max_len` of a store built without settings.
+pub const DEFAULT_EVENTS_MAX_LEN: u64 = 10_000;
 
 /// The job meta key of a claim made outside a job (tests, tools): a key nothing writes.
 const NO_JOB_META: &str = "agent-worker:no-job-meta";

@@ -67,6 +67,8 @@ pub struct Settings {
     pub telemetry: TelemetrySettings,
     /// `[compat]`
     pub compat: CompatSettings,
+    /// `[events]`
+    pub events: EventSettings,
 }
 
 /// `[redis]`: where the queue and the session keys live.
@@ -301,6 +303,31 @@ pub struct AgentSettings {
     pub log_lines_per_second: u32,
     /// How an agent's whole process tree is kept from outliving its session.
     pub containment: crate::agent::containment::ContainmentSetting,
+    /// Idle warm processes kept per replica (0: every agent starts cold).
+    pub warm_pool: usize,
+    /// Program and leading arguments of a warm process; empty: `command`.
+    pub warm_command: Vec<String>,
+    /// Substring of the line a warm process prints when it can take a session.
+    pub warm_pattern: String,
+    /// Warm-ups in progress at once.
+    pub warm_concurrency: usize,
+    /// Time allowed from a warm process's spawn to its warm line.
+    #[serde(with = "humantime_serde")]
+    pub warm_timeout: Duration,
+    /// An idle warm process older than this is replaced by a fresh one.
+    #[serde(with = "humantime_serde")]
+    pub warm_max_idle: Duration,
+}
+
+impl AgentSettings {
+    /// The command of warm processes: `warm_command`, or `command` when that is empty.
+    pub fn warm_command(&self) -> &[String] {
+        if self.warm_command.is_empty() {
+            &self.command
+        } else {
+            &self.warm_command
+        }
+    }
 }
 
 /// How the session's options reach the agent's command line (`agent.arg_style`).
@@ -323,6 +350,18 @@ pub struct CompatSettings {
     /// `/api/metrics/agent`), in the same script calls that record starts.
     pub legacy_metrics: bool,
 }
+
+/// `[events]`: the session event stream (`agent-worker:events`) the session scripts append to.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventSettings {
+    /// Approximate bound of the stream (`XADD MAXLEN ~`): older events are trimmed.
+    pub max_len: u64,
+}
+
+/// The largest `events.max_len`: a bound that still keeps the stream's memory small (about
+/// 100 bytes per event).
+const MAX_EVENTS_MAX_LEN: u64 = 10_000_000;
 
 /// An empty string (the way `config/default.toml` says "unset") as `None`.
 fn empty_as_none<'de, D>(deserializer: D) -> Result<Option<PathBuf>, D::Error>
@@ -600,6 +639,7 @@ impl Settings {
                 .separator("__")
                 .list_separator(",")
                 .with_list_parse_key("agent.command")
+                .with_list_parse_key("agent.warm_command")
                 .with_list_parse_key("agent.ready_patterns")
                 .with_list_parse_key("agent.alive_patterns")
                 .try_parsing(true)
@@ -740,6 +780,31 @@ impl Settings {
         if self.agent.alive_timeout.is_zero() {
             return Err(invalid("agent.alive_timeout", "must be > 0"));
         }
+        if self.agent.warm_pool > 0 {
+            if self.agent.warm_pattern.is_empty() {
+                return Err(invalid("agent.warm_pattern", "must not be empty"));
+            }
+            if self.agent.warm_concurrency == 0 {
+                return Err(invalid("agent.warm_concurrency", "must be >= 1"));
+            }
+            if self.agent.warm_timeout.is_zero() {
+                return Err(invalid("agent.warm_timeout", "must be > 0"));
+            }
+            if self.agent.warm_max_idle < Duration::from_secs(1) {
+                return Err(invalid("agent.warm_max_idle", "must be at least 1s"));
+            }
+            if self
+                .agent
+                .warm_command
+                .first()
+                .is_some_and(|p| p.is_empty())
+            {
+                return Err(invalid(
+                    "agent.warm_command",
+                    "the program must not be empty",
+                ));
+            }
+        }
         if !(MIN_LINE_BYTES..=MAX_LINE_BYTES).contains(&self.agent.max_line_bytes) {
             return Err(invalid(
                 "agent.max_line_bytes",
@@ -764,6 +829,12 @@ impl Settings {
             return Err(invalid("session.ended_ttl", "must be at least 1s"));
         }
         self.http.admin_token()?;
+        if !(1..=MAX_EVENTS_MAX_LEN).contains(&self.events.max_len) {
+            return Err(invalid(
+                "events.max_len",
+                format!("must be between 1 and {MAX_EVENTS_MAX_LEN}"),
+            ));
+        }
         Ok(())
     }
 
@@ -866,6 +937,7 @@ mod tests {
         assert_eq!(s.agent.alive_patterns.len(), 3);
         assert_eq!(s.agent.log_dir, None);
         assert!(s.compat.legacy_metrics);
+        assert_eq!(s.events.max_len, 10_000);
         let s = Settings::load_from(
             None,
             env(&[

@@ -34,6 +34,7 @@ use crate::{
         launcher::{Launcher, OutputLimits, ProcessLauncher, Readiness},
         log_list::{self, OutputSink},
         supervisor::{RetryPolicy, Supervisor},
+        warm_pool::{PooledLauncher, WarmSettings},
     },
     clock,
     connection::{self, RedisHealth},
@@ -80,23 +81,30 @@ pub struct LauncherParts {
     pub containment: Arc<Containment>,
     /// This worker's id (marks its agents' processes).
     pub worker_id: String,
+    /// The replica's room for agents (what a warm pool sizes itself by).
+    pub capacity: Arc<Capacity>,
 }
 
 /// Builds the launcher from settings, given its parts.
 pub type LauncherFactory = Box<dyn FnOnce(LauncherParts) -> Arc<dyn Launcher> + Send>;
 
 /// The real launcher: agent processes, judged alive and ready by `agent.alive_patterns` and
-/// `agent.ready_patterns` within their timeouts, contained as `agent.containment` says.
+/// `agent.ready_patterns` within their timeouts, contained as `agent.containment` says; with
+/// `agent.warm_pool > 0`, handed to warm processes when one is idle.
 pub fn process_launcher(agent: &AgentSettings) -> LauncherFactory {
     let (readiness, limits) = (
         Readiness::from_settings(agent),
         OutputLimits::from_settings(agent),
     );
+    let warm = WarmSettings::from_settings(agent);
     Box::new(move |parts| {
-        Arc::new(
-            ProcessLauncher::new(readiness, limits, parts.output)
-                .contained(parts.containment, parts.worker_id),
-        )
+        let cold = ProcessLauncher::new(readiness, limits, parts.output)
+            .contained(parts.containment, parts.worker_id);
+        if warm.size == 0 {
+            Arc::new(cold)
+        } else {
+            Arc::new(PooledLauncher::new(cold, warm, parts.capacity))
+        }
     })
 }
 
@@ -217,6 +225,7 @@ async fn run_worker(
             output: lines_tx,
             containment: containment.clone(),
             worker_id: worker_id.clone(),
+            capacity: capacity.clone(),
         }),
         store.clone(),
         worker_id.clone(),

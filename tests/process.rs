@@ -417,6 +417,7 @@ async fn a_launch_dropped_before_its_agent_is_ready_kills_the_agent() {
         ]
         .map(String::from)
         .to_vec(),
+        leading_args: 1,
         env: vec![("TEST_AGENT_LEDGER".into(), ledger.to_str().unwrap().into())],
         log_file: None,
     };

@@ -1,6 +1,8 @@
-//! The Python producer (`jobs/python/agent_jobs.py`) and the JSON Schema
+//! The Python producer (the `agent_worker` package in `python/`, its sync and async clients, its
+//! CLI, and the `jobs/python/agent_jobs.py` compatibility module) and the JSON Schema
 //! (`jobs/schema/agent-start.schema.json`) against the Rust contract: a real worker runs what
-//! Python enqueues, both producers write the same bytes, and the schema agrees with the decoder.
+//! Python enqueues, both producers write the same bytes, the package's scripts and key names
+//! are the repository's, and the schema agrees with the decoder.
 //!
 //! These tests need `python3` with the `redis` and `jsonschema` packages; when they are missing
 //! the tests fail (CI installs them) rather than skip.
@@ -18,8 +20,10 @@ use common::*;
 use redis::{AsyncCommands, aio::ConnectionManager};
 use tokio::{io::AsyncWriteExt, process::Command};
 
-const PYTHON_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/jobs/python");
-const PRODUCER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/jobs/python/agent_jobs.py");
+/// The package's root (what `pip install ./python` installs from).
+const PYTHON_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/python");
+/// The compatibility module of the old one-file producer.
+const COMPAT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/jobs/python/agent_jobs.py");
 const SCHEMA: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/jobs/schema/agent-start.schema.json"
@@ -45,6 +49,9 @@ fn python() -> Command {
     let mut cmd = Command::new("python3");
     // Importing the module must not leave __pycache__ in the source tree.
     cmd.env("PYTHONDONTWRITEBYTECODE", "1");
+    // The package from the source tree, ahead of whatever `cargo xtask` installed.
+    let path = std::env::var("PYTHONPATH").unwrap_or_default();
+    cmd.env("PYTHONPATH", format!("{PYTHON_DIR}:{path}"));
     cmd
 }
 
@@ -63,9 +70,9 @@ async fn run_python(args: &[&str], stdin: &[u8]) -> Output {
     child.wait_with_output().await.unwrap()
 }
 
-/// `agent_jobs.py enqueue --redis-url <url> <args>`.
+/// `python -m agent_worker enqueue --redis-url <url> <args>`.
 async fn cli(url: &str, args: &[&str]) -> Output {
-    let mut all = vec![PRODUCER, "enqueue", "--redis-url", url];
+    let mut all = vec!["-m", "agent_worker", "enqueue", "--redis-url", url];
     all.extend_from_slice(args);
     run_python(&all, b"").await
 }
@@ -75,7 +82,7 @@ async fn cli_ok(url: &str, args: &[&str]) -> String {
     let out = cli(url, args).await;
     assert!(
         out.status.success(),
-        "agent_jobs.py enqueue {args:?} failed: {}",
+        "python -m agent_worker enqueue {args:?} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap().trim().to_owned()
@@ -91,24 +98,53 @@ struct Input {
     system_prompt: Option<&'static str>,
 }
 
-/// Calls the module's API (not the CLI: argv cannot carry a NUL byte): write_session_config,
+/// Which Python API writes: the package's sync `Client`, its `AsyncClient`, or the old
+/// functions of the compatibility module.
+#[derive(Clone, Copy, Debug)]
+enum Api {
+    Sync,
+    Async,
+    Compat,
+}
+
+/// Calls a Python API (not the CLI: argv cannot carry a NUL byte): write_session_config,
 /// then enqueue_agent_start. Returns (task id, duplicate).
-async fn python_api(url: &str, input: &Input) -> (String, bool) {
+async fn python_api(api: Api, url: &str, input: &Input) -> (String, bool) {
     const DRIVER: &str = r#"
-import json, sys
-sys.path.insert(0, sys.argv[1])
-import agent_jobs, redis
+import asyncio, json, sys
 a = json.load(sys.stdin)
-r = redis.Redis.from_url(a["url"])
-agent_jobs.write_session_config(r, a["session_id"], a["voice_id"], a["user_id"] or "",
-                                a["opening_line"], a["system_prompt"])
-job = agent_jobs.enqueue_agent_start(r, a["session_id"], a["user_id"])
+user_name = a["user_id"] or ""
+if sys.argv[1] == "Compat":
+    sys.path.insert(0, sys.argv[2])
+    import agent_jobs, redis
+    r = redis.Redis.from_url(a["url"])
+    agent_jobs.write_session_config(r, a["session_id"], a["voice_id"], user_name,
+                                    a["opening_line"], a["system_prompt"])
+    job = agent_jobs.enqueue_agent_start(r, a["session_id"], a["user_id"])
+elif sys.argv[1] == "Sync":
+    import agent_worker
+    client = agent_worker.Client.from_url(a["url"])
+    client.write_session_config(a["session_id"], a["voice_id"], user_name,
+                                opening_line=a["opening_line"], system_prompt=a["system_prompt"])
+    job = client.enqueue_agent_start(a["session_id"], a["user_id"])
+else:
+    import agent_worker
+    async def main():
+        client = agent_worker.AsyncClient.from_url(a["url"])
+        await client.write_session_config(a["session_id"], a["voice_id"], user_name,
+                                          opening_line=a["opening_line"],
+                                          system_prompt=a["system_prompt"])
+        job = await client.enqueue_agent_start(a["session_id"], a["user_id"])
+        await client.aclose()
+        return job
+    job = asyncio.run(main())
 print(json.dumps([job.task_id, job.duplicate]))
 "#;
     let mut request = serde_json::to_value(input).unwrap();
     request["url"] = url.into();
+    let compat_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/jobs/python");
     let out = run_python(
-        &["-c", DRIVER, PYTHON_DIR],
+        &["-c", DRIVER, &format!("{api:?}"), compat_dir],
         &serde_json::to_vec(&request).unwrap(),
     )
     .await;
@@ -278,7 +314,23 @@ async fn python_enqueued_seed_scenario_starts_both_agents_with_their_own_voices(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn python_and_rust_producers_write_byte_identical_records() {
+async fn the_sync_client_and_the_rust_producer_write_byte_identical_records() {
+    byte_identical_records(Api::Sync).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_async_client_and_the_rust_producer_write_byte_identical_records() {
+    byte_identical_records(Api::Async).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_compatibility_module_and_the_rust_producer_write_byte_identical_records() {
+    byte_identical_records(Api::Compat).await
+}
+
+/// `api` and the Rust crate, each on its own Redis, given the same inputs (plus one through
+/// the CLI), leave the same keys, values and TTLs and ran the same commands.
+async fn byte_identical_records(api: Api) {
     require_python(&["redis"]).await;
     let (py, rs) = (TestRedis::start().await, TestRedis::start().await);
     // Every control character, quotes, backslash, '/', DEL, U+2028 and non-ASCII: the JSON
@@ -308,7 +360,7 @@ async fn python_and_rust_producers_write_byte_identical_records() {
     let mut py_tasks = Vec::new();
     let mut rs_tasks = Vec::new();
     for input in &inputs {
-        let (task, duplicate) = python_api(&py.url(), input).await;
+        let (task, duplicate) = python_api(api, &py.url(), input).await;
         assert!(!duplicate);
         py_tasks.push(task);
         rs_tasks.push(rust_api(&rs.conn, input).await);
@@ -453,38 +505,179 @@ async fn python_rejects_invalid_input_before_writing_anything() {
     assert_eq!(size, 0, "nothing was written");
 }
 
+#[test]
+fn the_package_ships_the_repositorys_scripts_byte_for_byte() {
+    // pip installs the package without the rest of the repository: it carries copies.
+    let shipped = |name: &str| {
+        std::fs::read_to_string(format!("{PYTHON_DIR}/agent_worker/lua/{name}"))
+            .unwrap_or_else(|e| panic!("python/agent_worker/lua/{name}: {e}"))
+    };
+    for (name, original) in [
+        ("enqueue.lua", include_str!("../jobs/lua/enqueue.lua")),
+        (
+            "write_session_config.lua",
+            include_str!("../jobs/lua/write_session_config.lua"),
+        ),
+        (
+            "delete_session.lua",
+            include_str!("../jobs/lua/delete_session.lua"),
+        ),
+        ("retry_dead.lua", include_str!("../src/lua/retry_dead.lua")),
+    ] {
+        assert_eq!(
+            shipped(name),
+            original,
+            "python/agent_worker/lua/{name} is a stale copy"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_standalone_copy_of_the_module_uses_identical_embedded_scripts() {
+async fn the_packages_key_names_are_those_of_keys_rs() {
     require_python(&["redis"]).await;
-    // The copy a service vendors has no ../lua/ next to it and falls back to embedded text.
-    let print = "import sys; sys.path.insert(0, sys.argv[1]); import agent_jobs as m; \
-                 sys.stdout.write(m._EMBEDDED_ENQUEUE_LUA + '\\0' + \
-                 m._EMBEDDED_WRITE_SESSION_CONFIG_LUA)";
-    let out = run_python(&["-c", print, PYTHON_DIR], b"").await;
+    const PRINT: &str = r#"
+import json, sys
+from agent_worker import keys as k
+s, q = k.SessionKeys.of(sys.argv[1]), k.QueueKeys.of(sys.argv[2])
+print(json.dumps({
+    "session": s.all(), "starting": k.SESSIONS_STARTING, "ready": k.SESSIONS_READY,
+    "heartbeats": k.SESSION_HEARTBEATS, "events": k.EVENTS,
+    "queue": [q.data, q.meta_prefix, q.meta("T1"), q.active, q.dead, q.dead_at,
+              q.idempotency_prefix, q.idempotency(k.idempotency_key(sys.argv[1])),
+              q.wake_channel],
+}))
+"#;
+    let out = run_python(&["-c", PRINT, "s-1.x_Y", "agent-start"], b"").await;
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let embedded = String::from_utf8(out.stdout).unwrap();
-    let (enqueue, write) = embedded.split_once('\0').unwrap();
-    assert_eq!(enqueue, include_str!("../jobs/lua/enqueue.lua"));
-    assert_eq!(write, include_str!("../jobs/lua/write_session_config.lua"));
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let id = sid("s-1.x_Y");
+    let q = QueueKeys::new("agent-start").unwrap();
+    let expected = serde_json::json!({
+        "session": SessionKeys::new(&id).all(),
+        "starting": agent_jobs::keys::SESSIONS_STARTING,
+        "ready": agent_jobs::keys::SESSIONS_READY,
+        "heartbeats": agent_jobs::keys::SESSION_HEARTBEATS,
+        "events": agent_jobs::keys::EVENTS,
+        "queue": [q.data(), q.meta_prefix(), q.meta("T1"), q.active(), q.dead(), q.dead_at(),
+                  q.idempotency_prefix(),
+                  q.idempotency(&agent_jobs::producer::idempotency_key(&agent_jobs::AgentStart::new(id.clone()))),
+                  q.wake_channel()],
+    });
+    assert_eq!(got, expected);
+}
 
-    let dir = std::env::temp_dir().join(format!("agent-jobs-py-{}", ulid::Ulid::generate()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let copy = dir.join("agent_jobs.py");
-    std::fs::copy(PRODUCER, &copy).unwrap();
+/// Copies the files of `from` to `to`, leaving out the top-level entries named in `skip` and
+/// Python's caches.
+fn copy_tree(from: &std::path::Path, to: &std::path::Path, skip: &[&str]) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.file_name();
+        if skip.iter().any(|s| name == *s) || name == "__pycache__" {
+            continue;
+        }
+        if entry.file_type().unwrap().is_dir() {
+            copy_tree(&entry.path(), &to.join(&name), &[]);
+        } else {
+            std::fs::copy(entry.path(), to.join(&name)).unwrap();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pip_installs_the_package_with_its_scripts_and_type_marker() {
+    require_python(&["redis"]).await;
+    let scratch = std::env::temp_dir().join(format!("agent-worker-pip-{}", ulid::Ulid::generate()));
+    let (source, target) = (scratch.join("src"), scratch.join("site"));
+    // A copy of what `pip install ./python` reads: setuptools builds in the source tree
+    // (build/, *.egg-info), which must not be the checkout.
+    copy_tree(std::path::Path::new(PYTHON_DIR), &source, &["tests"]);
+    // Offline and without build isolation: the build backend already installed is used.
+    let out = python()
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+        ])
+        .args([
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--target",
+        ])
+        .arg(&target)
+        .arg(&source)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "pip install ./python: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let package = target.join("agent_worker");
+    for file in [
+        "py.typed",
+        "lua/enqueue.lua",
+        "lua/delete_session.lua",
+        "client.py",
+        "aio.py",
+    ] {
+        assert!(package.join(file).is_file(), "{file} installed");
+    }
+    // The installed copy is the one imported, and it finds its scripts there.
+    let check = "import agent_worker._protocol as p, sys; \
+                 assert p.__file__.startswith(sys.argv[1]), p.__file__; \
+                 print(len(p.lua('enqueue.lua')))";
+    let mut cmd = Command::new("python3");
+    cmd.env("PYTHONDONTWRITEBYTECODE", "1").env(
+        "PYTHONPATH",
+        format!(
+            "{}:{}",
+            target.display(),
+            std::env::var("PYTHONPATH").unwrap_or_default()
+        ),
+    );
+    let out = cmd
+        .args(["-c", check, target.to_str().unwrap()])
+        .output()
+        .await
+        .unwrap();
+    std::fs::remove_dir_all(&scratch).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let size: usize = String::from_utf8(out.stdout)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(size, include_str!("../jobs/lua/enqueue.lua").len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_compatibility_modules_cli_still_enqueues_without_the_package_installed() {
+    require_python(&["redis"]).await;
     let redis = TestRedis::start().await;
+    // Without the package on PYTHONPATH: the module finds the repository's python/ itself.
+    let mut cmd = Command::new("python3");
+    cmd.env("PYTHONDONTWRITEBYTECODE", "1");
     let args = [
         "enqueue",
         "--redis-url",
         &redis.url(),
         "--session-id",
-        "copy-1",
+        "compat-1",
     ];
-    let out = run_python(&[&[copy.to_str().unwrap()][..], &args].concat(), b"").await;
-    std::fs::remove_dir_all(&dir).unwrap();
+    let out = cmd.arg(COMPAT).args(args).output().await.unwrap();
     assert!(
         out.status.success(),
         "{}",

@@ -1,4 +1,4 @@
-//! Part 8: the operator console over many live sessions (issue 16).
+//! Part 9: the operator console over many live sessions (issue 16).
 //!
 //! N ready sessions (100,000; 10,000 with `--quick`) are written into `session:ready` with
 //! their records, in the layout the worker uses, over ten workers. The console is served alone
@@ -25,7 +25,7 @@ use crate::{
     stats::{Dist, thousands},
 };
 
-const PART: &str = "8 console";
+const PART: &str = "9 console";
 /// Sessions per populating pipeline.
 const CHUNK: usize = 1000;
 

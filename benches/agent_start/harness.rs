@@ -13,10 +13,7 @@ use agent_jobs::{AgentStart, Producer, QueueKeys, SessionId};
 use agent_worker::{
     agent::{
         command::LaunchSpec,
-        launcher::{
-            AgentExit, AgentHandle, LaunchError, Launcher, OutputLimits, ProcessLauncher,
-            Readiness, RunningAgent,
-        },
+        launcher::{AgentExit, AgentHandle, LaunchError, Launcher, RunningAgent},
     },
     connection,
     settings::Settings,
@@ -489,11 +486,12 @@ async fn wait_count(
     }
 }
 
-/// The real [`ProcessLauncher`], with the instants of the call and of its result recorded.
+/// The real launcher (the [`ProcessLauncher`], with a warm pool when the settings ask for one),
+/// with the instants of the call and of its result recorded.
 /// With `keep_running`, only that many of the ready agents are left running: the oldest is
 /// stopped when a new one is ready, as sessions end on a replica at `agent.max_agents`.
 pub struct RecordingLauncher {
-    inner: ProcessLauncher,
+    inner: Arc<dyn Launcher>,
     probe: Arc<Probe>,
     keep_running: Option<usize>,
     running: Mutex<VecDeque<AgentHandle>>,
@@ -506,15 +504,10 @@ impl RecordingLauncher {
         probe: Arc<Probe>,
         keep_running: Option<usize>,
     ) -> LauncherFactory {
-        let agent = settings.agent.clone();
+        let real = agent_worker::worker::process_launcher(&settings.agent);
         Box::new(move |parts| {
             Arc::new(Self {
-                inner: ProcessLauncher::new(
-                    Readiness::from_settings(&agent),
-                    OutputLimits::from_settings(&agent),
-                    parts.output,
-                )
-                .contained(parts.containment, parts.worker_id),
+                inner: real(parts),
                 probe,
                 keep_running,
                 running: Mutex::new(VecDeque::new()),
@@ -543,6 +536,18 @@ impl Launcher for RecordingLauncher {
             }
             result
         })
+    }
+
+    fn close(&self) {
+        self.inner.close();
+    }
+
+    fn warm_idle(&self) -> Option<usize> {
+        self.inner.warm_idle()
+    }
+
+    fn wait_for_exits(&self) -> BoxFuture<'_, ()> {
+        self.inner.wait_for_exits()
     }
 }
 
@@ -579,6 +584,7 @@ impl Launcher for InstantLauncher {
             startup: Duration::ZERO,
             exited,
             handle: AgentHandle::new(stop_tx),
+            warm: false,
         })))
     }
 }

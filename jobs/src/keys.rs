@@ -22,12 +22,23 @@ pub const SESSION_HEARTBEATS: &str = "agent-worker:session-heartbeats";
 /// missing here for longer than `worker.orphan_timeout` can be taken over.
 pub const WORKERS: &str = "agent-worker:workers";
 
+/// STREAM of session state changes (`starting`, `ready`, `error`, `completed`, `terminated`,
+/// `stopped`, `swept`), appended by the worker's session scripts in the same call that records
+/// each change and bounded by `events.max_len` (approximate `MAXLEN`). Fields: `session_id`,
+/// `status`, `worker_id`, `ts` (Redis time, ms), `reason` (when there is one): version 1 of
+/// the event format in jobs/README.md.
+pub const EVENTS: &str = "agent-worker:events";
+
 /// HASH worker id → number of agents it runs, refreshed with its presence (for `status`).
 pub const WORKER_AGENTS: &str = "agent-worker:worker-agents";
 
 /// HASH worker id → JSON of what the console shows about it (`host`, `version`,
 /// `max_agents`, `clock_offset_ms`, `started_at`), refreshed with its presence.
 pub const WORKER_INFO: &str = "agent-worker:worker-info";
+
+/// HASH worker id → idle warm processes of its pool (`agent.warm_pool`), written with its
+/// presence; absent for workers without a pool.
+pub const WORKER_WARM: &str = "agent-worker:worker-warm";
 
 /// Prefix of the per-tick leases of scheduled jobs: `agent-worker:tick-lease:<job>:<tick>`
 /// (e.g. `…:sweep:<tick>`); whoever sets it first runs that tick.

@@ -83,6 +83,8 @@ pub mod fields {
     pub const AGENT_PGID: &str = "agentPgid";
     /// Spawn to ready, seconds.
     pub const STARTUP_TIME: &str = "startupTime";
+    /// `1` when a warm process of the worker's pool took the session, else `0`.
+    pub const WARM: &str = "warm";
     /// The last heartbeat or state change (unix seconds).
     pub const LAST_ACTIVE: &str = "lastActive";
     /// Why the start failed or the agent exited with an error.

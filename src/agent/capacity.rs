@@ -59,6 +59,13 @@ impl Capacity {
         self.agents.load(Ordering::SeqCst)
     }
 
+    /// Starts in progress: the larger of jobs being handled and launches under way.
+    pub fn starting(&self) -> usize {
+        self.jobs
+            .load(Ordering::SeqCst)
+            .max(self.launches.load(Ordering::SeqCst))
+    }
+
     /// A launch began.
     pub fn launch_started(&self) {
         self.launches.fetch_add(1, Ordering::SeqCst);
@@ -85,11 +92,7 @@ impl Capacity {
         // Register before checking, so an exit between the check and the registration still
         // wakes us.
         self.waker.register(cx.waker());
-        let starting = self
-            .jobs
-            .load(Ordering::SeqCst)
-            .max(self.launches.load(Ordering::SeqCst));
-        if starting + self.agents.load(Ordering::SeqCst) < self.max {
+        if self.starting() + self.agents.load(Ordering::SeqCst) < self.max {
             Poll::Ready(())
         } else {
             Poll::Pending

@@ -86,6 +86,7 @@ impl AgentCommand {
             session_id: id.clone(),
             program: program.clone(),
             args,
+            leading_args: leading.len(),
             env: vec![
                 ("SESSION_ID".to_owned(), id.to_string()),
                 ("VOICE_ID".to_owned(), config.voice_id().to_owned()),
@@ -105,10 +106,20 @@ pub struct LaunchSpec {
     pub program: String,
     /// Arguments, each passed verbatim as one argv element.
     pub args: Vec<String>,
+    /// How many of `args` are `agent.command`'s leading arguments; the rest are the session's
+    /// (what a warm process is handed: see [`crate::agent::warm`]).
+    pub leading_args: usize,
     /// Variables added to the inherited environment.
     pub env: Vec<(String, String)>,
     /// Where the agent's whole output is appended, if anywhere.
     pub log_file: Option<PathBuf>,
+}
+
+impl LaunchSpec {
+    /// The session's own arguments: `args` after `agent.command`'s leading ones.
+    pub fn session_args(&self) -> &[String] {
+        &self.args[self.leading_args.min(self.args.len())..]
+    }
 }
 
 #[cfg(test)]

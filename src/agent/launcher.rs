@@ -19,23 +19,18 @@
 //! The interface exists so benchmarks can measure the queue path with a launcher that returns
 //! at once; production code only ever uses [`ProcessLauncher`].
 
-use std::{
-    fmt,
-    os::unix::process::ExitStatusExt,
-    process::ExitStatus,
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::{fmt, os::unix::process::ExitStatusExt, process::ExitStatus, sync::Arc, time::Duration};
 
 use super::{
     command::LaunchSpec,
     containment::{self, AgentScope, Containment},
-    log_files::LogFiles,
+    log_files::{LogFile, LogFiles},
     log_list::OutputSink,
-    output::{OutputReader, Phase},
-    spawn::Child,
+    output::{Binding, OutputReader, Phase},
+    spawn::{Child, Stdin},
 };
 use crate::settings::AgentSettings;
+use agent_jobs::SessionId;
 use futures::{FutureExt, future::BoxFuture};
 use nix::{sys::signal::Signal, unistd::Pid};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -147,6 +142,8 @@ pub struct RunningAgent {
     pub exited: oneshot::Receiver<AgentExit>,
     /// Stops the agent.
     pub handle: AgentHandle,
+    /// Whether it was a warm process handed its session (see [`crate::agent::warm`]).
+    pub warm: bool,
 }
 
 /// Asks an agent's owner task to stop it.
@@ -175,6 +172,15 @@ pub trait Launcher: Send + Sync + 'static {
     /// A failed launch leaves no process behind, and neither does a launch whose future is
     /// dropped before it resolved.
     fn launch(&self, spec: LaunchSpec) -> BoxFuture<'_, Result<RunningAgent, LaunchError>>;
+
+    /// Shutdown began: processes kept for later launches (a warm pool's) are stopped now,
+    /// and no more are started. Launches still work.
+    fn close(&self) {}
+
+    /// Idle warm processes, for a launcher with a warm pool.
+    fn warm_idle(&self) -> Option<usize> {
+        None
+    }
 
     /// Resolves once every process this launcher started has exited and its process group
     /// was killed; for the end of a shutdown, after every agent was told to stop. Launches
@@ -299,47 +305,75 @@ impl ProcessLauncher {
     }
 
     async fn launch_process(&self, spec: LaunchSpec) -> Result<RunningAgent, LaunchError> {
-        let started = Instant::now();
-        let spawned_at = tokio::time::Instant::now();
         let log_file = match &spec.log_file {
             Some(path) => self.log_files.open(&spec.session_id, path).await,
             None => None,
         };
-        let mut scope = self.containment.prepare(&self.worker_id, &spec.session_id);
-        let mut child = spawn(&spec, &scope).map_err(|e| LaunchError::Spawn {
-            program: spec.program.clone(),
+        let process = self.start_process(
+            Program {
+                label: spec.session_id.clone(),
+                program: &spec.program,
+                args: &spec.args,
+                env: &spec.env,
+                stdin: Stdin::Null,
+            },
+            self.readiness.clone(),
+            true,
+            log_file.map(|file| (self.log_files.clone(), file)),
+        )?;
+        self.await_start(process, &self.readiness).await
+    }
+
+    /// Spawns a process (see the module docs for how), starts its output readers with its
+    /// output bound as `to_session` says, and its owner task.
+    pub(crate) fn start_process(
+        &self,
+        program: Program<'_>,
+        readiness: Readiness,
+        to_session: bool,
+        log_file: Option<(LogFiles, Arc<LogFile>)>,
+    ) -> Result<Started, LaunchError> {
+        let spawned_at = tokio::time::Instant::now();
+        let label = program.label.clone();
+        let mut scope = self.containment.prepare(&self.worker_id, &label);
+        let mut child = spawn(&program, &scope).map_err(|e| LaunchError::Spawn {
+            program: program.program.to_owned(),
             reason: e.to_string(),
         })?;
         if let Some(error) = child.cgroup_error.take() {
-            scope.cgroup_refused(&error, &spec.session_id);
+            scope.cgroup_refused(&error, &label);
         }
         let pid = child.id();
         containment::agent_started(pid);
         // The agent leads a new group named after its pid (see `spawn`).
         let pgid = pid;
-        tracing::info!(session_id = %spec.session_id, pid, pgid, "agent_process_spawned");
+        tracing::info!(session_id = %label, pid, pgid, "agent_process_spawned");
 
-        let (phase_tx, mut phase_rx) = watch::channel(Phase::Spawned);
+        let (phase_tx, phase_rx) = watch::channel(Phase::Spawned);
         let last_line = Arc::new(std::sync::Mutex::new(None::<String>));
         let reader = OutputReader::new(
-            spec.session_id.clone(),
-            self.readiness.clone(),
+            Binding {
+                label,
+                to_session,
+                readiness,
+                phase: phase_tx,
+                log_file,
+            },
             self.limits.max_line_bytes,
             self.limits.log_lines_per_second,
-            phase_tx,
             self.output.clone(),
             last_line.clone(),
-            log_file.map(|file| (self.log_files.clone(), file)),
         );
         if let Some(stdout) = child.stdout.take() {
             tokio::spawn(reader.clone().read(stdout, OutputStream::Stdout));
         }
         if let Some(stderr) = child.stderr.take() {
-            tokio::spawn(reader.read(stderr, OutputStream::Stderr));
+            tokio::spawn(reader.clone().read(stderr, OutputStream::Stderr));
         }
+        let stdin = child.stdin.take();
 
         let (stop_tx, stop_rx) = mpsc::unbounded_channel();
-        let (exit_tx, mut exit_rx) = oneshot::channel();
+        let (exit_tx, exit_rx) = oneshot::channel();
         self.owners.spawn(own(
             child,
             pgid,
@@ -347,7 +381,35 @@ impl ProcessLauncher {
             exit_tx,
             (self.containment.clone(), scope),
         ));
-        let handle = AgentHandle::new(stop_tx);
+        Ok(Started {
+            pid,
+            spawned_at,
+            phase: phase_rx,
+            exited: exit_rx,
+            handle: AgentHandle::new(stop_tx),
+            last_line,
+            reader,
+            stdin,
+        })
+    }
+
+    /// Waits for `process` to get through its start-up phases as `readiness` judges them,
+    /// with deadlines from `process.spawned_at`. A process that does not is stopped.
+    pub(crate) async fn await_start(
+        &self,
+        process: Started,
+        readiness: &Readiness,
+    ) -> Result<RunningAgent, LaunchError> {
+        let Started {
+            pid,
+            spawned_at,
+            phase: mut phase_rx,
+            exited: mut exit_rx,
+            handle,
+            last_line,
+            ..
+        } = process;
+        let pgid = pid;
         // Until the launch returns, dropping it (an immediate shutdown) kills the agent.
         let mut abandoned = StopOnDrop(Some(handle.clone()));
 
@@ -355,8 +417,8 @@ impl ProcessLauncher {
         // Every wait below is bounded by a deadline from the spawn: an agent that closes its
         // output but keeps running, or a grandchild holding the pipes, must not hold the launch
         // past it. The alive phase ends first (when it is on and shorter).
-        let ready_by = spawned_at + self.readiness.startup_timeout;
-        let alive_by = self.readiness.alive_deadline(spawned_at);
+        let ready_by = spawned_at + readiness.startup_timeout;
+        let alive_by = readiness.alive_deadline(spawned_at);
         let mut outcome = None;
         if let Some(alive_by) = alive_by {
             let alive = tokio::time::timeout_at(
@@ -394,13 +456,15 @@ impl ProcessLauncher {
             other => other,
         };
         abandoned.0 = None;
+        let startup = spawned_at.elapsed();
         match outcome {
             Outcome::Reached(_) => Ok(RunningAgent {
                 pid,
                 pgid,
-                startup: started.elapsed(),
+                startup,
                 exited: exit_rx,
                 handle,
+                warm: false,
             }),
             Outcome::ReadyThenExited(exit) => {
                 let (tx, exited) = oneshot::channel();
@@ -408,9 +472,10 @@ impl ProcessLauncher {
                 Ok(RunningAgent {
                     pid,
                     pgid,
-                    startup: started.elapsed(),
+                    startup,
                     exited,
                     handle,
+                    warm: false,
                 })
             }
             Outcome::Exited(exit) => Err(LaunchError::ExitedBeforeReady {
@@ -422,18 +487,67 @@ impl ProcessLauncher {
                 let _ = exit_rx.await;
                 Err(if phase == Phase::Alive {
                     LaunchError::NotAlive {
-                        timeout: self.readiness.alive_timeout,
+                        timeout: readiness.alive_timeout,
                         last_line: last(),
                     }
                 } else {
                     LaunchError::NotReady {
-                        timeout: self.readiness.startup_timeout,
+                        timeout: readiness.startup_timeout,
                         last_line: last(),
                     }
                 })
             }
         }
     }
+
+    /// How agents are judged ready.
+    pub(crate) fn readiness(&self) -> &Readiness {
+        &self.readiness
+    }
+
+    /// Opens the session's log file, when `spec` names one.
+    pub(crate) async fn open_log_file(
+        &self,
+        spec: &LaunchSpec,
+    ) -> Option<(LogFiles, Arc<LogFile>)> {
+        let path = spec.log_file.as_ref()?;
+        let file = self.log_files.open(&spec.session_id, path).await?;
+        Some((self.log_files.clone(), file))
+    }
+}
+
+/// What [`ProcessLauncher::start_process`] starts.
+pub(crate) struct Program<'a> {
+    /// The session id in logs and the containment scope (a warm process's own label).
+    pub(crate) label: SessionId,
+    /// The program to execute.
+    pub(crate) program: &'a str,
+    /// Its arguments.
+    pub(crate) args: &'a [String],
+    /// Environment additions.
+    pub(crate) env: &'a [(String, String)],
+    /// What it reads.
+    pub(crate) stdin: Stdin,
+}
+
+/// A spawned process whose output is being read, not yet judged ready.
+pub(crate) struct Started {
+    /// Its pid (and process group id).
+    pub(crate) pid: u32,
+    /// When it was spawned (or handed its session), where start-up deadlines count from.
+    pub(crate) spawned_at: tokio::time::Instant,
+    /// The phase its output reached.
+    pub(crate) phase: watch::Receiver<Phase>,
+    /// Resolves once it exited and was reaped.
+    pub(crate) exited: oneshot::Receiver<AgentExit>,
+    /// Stops it.
+    pub(crate) handle: AgentHandle,
+    /// Its last output line.
+    pub(crate) last_line: Arc<std::sync::Mutex<Option<String>>>,
+    /// Its output readers (to rebind a warm process's output to its session).
+    pub(crate) reader: OutputReader,
+    /// Its stdin, when piped.
+    pub(crate) stdin: Option<tokio::net::unix::pipe::Sender>,
 }
 
 /// Waits until the agent's output reached `target` (or further), or it exited. Cancel-safe
@@ -459,7 +573,7 @@ async fn wait_for_phase(
 }
 
 /// Stops the agent it holds when dropped.
-struct StopOnDrop(Option<AgentHandle>);
+pub(crate) struct StopOnDrop(pub(crate) Option<AgentHandle>);
 
 impl Drop for StopOnDrop {
     fn drop(&mut self) {
@@ -490,7 +604,7 @@ impl Launcher for ProcessLauncher {
     }
 }
 
-fn spawn(spec: &LaunchSpec, scope: &AgentScope) -> std::io::Result<Child> {
+fn spawn(spec: &Program<'_>, scope: &AgentScope) -> std::io::Result<Child> {
     let mut env: Vec<(&str, &str)> = spec
         .env
         .iter()
@@ -503,7 +617,13 @@ fn spawn(spec: &LaunchSpec, scope: &AgentScope) -> std::io::Result<Child> {
     env.push((containment::SCOPE_VAR, scope.marker()));
     // Agents are launched from the runtime's worker threads, which live as long as the
     // process: the death signal, which follows the spawning thread, fires only with the worker.
-    crate::agent::spawn::spawn_into(&spec.program, &spec.args, &env, scope.cgroup_procs())
+    crate::agent::spawn::spawn_into(
+        spec.program,
+        spec.args,
+        &env,
+        scope.cgroup_procs(),
+        spec.stdin,
+    )
 }
 
 /// Waits on the child (reaping it) and serves stop requests: SIGTERM to the group at once,

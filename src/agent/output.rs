@@ -101,42 +101,54 @@ impl LogBudget {
     }
 }
 
+/// Whose output the readers are reading: a session's agent, or a warm process not yet given a
+/// session (see [`crate::agent::warm`]), which [`OutputReader::rebind`] turns into a session's.
+pub(crate) struct Binding {
+    /// The session id in log events (a warm process's own label until it has a session).
+    pub(crate) label: SessionId,
+    /// Whether lines go to `agent:<id>:logs` (a warm process has no session to log to).
+    pub(crate) to_session: bool,
+    /// What the phases are judged by.
+    pub(crate) readiness: Readiness,
+    /// The phase reached, as seen in the output.
+    pub(crate) phase: watch::Sender<Phase>,
+    /// The session's log file, if it has one.
+    pub(crate) log_file: Option<(LogFiles, Arc<LogFile>)>,
+}
+
 /// Reads one agent's output (both streams share one, cloned).
 #[derive(Clone)]
 pub(crate) struct OutputReader {
-    session_id: SessionId,
-    readiness: Readiness,
+    binding: Arc<Mutex<Arc<Binding>>>,
     max_line_bytes: usize,
-    phase: Arc<watch::Sender<Phase>>,
     sink: OutputSink,
     last_line: Arc<Mutex<Option<String>>>,
-    log_file: Option<(LogFiles, Arc<LogFile>)>,
     budget: Arc<Mutex<LogBudget>>,
 }
 
 impl OutputReader {
-    /// A reader for `session_id`'s agent. Its phase starts at `Spawned`.
-    #[allow(clippy::too_many_arguments)]
+    /// A reader for the output of `binding`'s process.
     pub(crate) fn new(
-        session_id: SessionId,
-        readiness: Readiness,
+        binding: Binding,
         max_line_bytes: usize,
         log_lines_per_second: u32,
-        phase: watch::Sender<Phase>,
         sink: OutputSink,
         last_line: Arc<Mutex<Option<String>>>,
-        log_file: Option<(LogFiles, Arc<LogFile>)>,
     ) -> Self {
         Self {
-            session_id,
-            readiness,
+            binding: Arc::new(Mutex::new(Arc::new(binding))),
             max_line_bytes,
-            phase: Arc::new(phase),
             sink,
             last_line,
-            log_file,
             budget: Arc::new(Mutex::new(LogBudget::new(log_lines_per_second))),
         }
+    }
+
+    /// From the next line on, the output is `binding`'s (a warm process handed its session).
+    /// The last line seen is forgotten: an error message must not quote warm-up output.
+    pub(crate) fn rebind(&self, binding: Binding) {
+        *self.binding.lock().expect("binding lock") = Arc::new(binding);
+        *self.last_line.lock().expect("last_line lock") = None;
     }
 
     /// Reads `pipe` to its end (or a read error, which ends it like EOF: the agent's exit is
@@ -174,7 +186,8 @@ impl OutputReader {
             .expect("budget lock")
             .report(Instant::now(), true);
         if let Some(count) = left_out {
-            self.suppressed(count, stream);
+            let label = self.binding.lock().expect("binding lock").label.clone();
+            self.suppressed(&label, count, stream);
         }
     }
 
@@ -186,61 +199,65 @@ impl OutputReader {
                 " [agent-worker: {cut} more bytes of this line cut at agent.max_line_bytes]"
             ));
         }
+        let binding = self.binding.lock().expect("binding lock").clone();
         let (log, left_out) = self.budget.lock().expect("budget lock").take();
         if let Some(count) = left_out {
-            self.suppressed(count, stream);
+            self.suppressed(&binding.label, count, stream);
         }
         if log {
             tracing::info!(
                 target: "agent_output",
-                session_id = %self.session_id,
+                session_id = %binding.label,
                 stream = ?stream,
                 line = %shown(&text),
             );
         }
-        self.advance(&text);
-        if let Some((files, file)) = &self.log_file {
+        advance(&binding, &text);
+        if let Some((files, file)) = &binding.log_file {
             files.write(file, &text);
         }
         *self.last_line.lock().expect("last_line lock") = Some(text.clone());
-        // Beyond its budget the queue drops the line rather than block the agent.
-        self.sink.offer(AgentLine {
-            session_id: self.session_id.clone(),
-            line: text,
-        });
+        if binding.to_session {
+            // Beyond its budget the queue drops the line rather than block the agent.
+            self.sink.offer(AgentLine {
+                session_id: binding.label.clone(),
+                line: text,
+            });
+        }
     }
 
-    fn suppressed(&self, count: u64, stream: OutputStream) {
+    fn suppressed(&self, label: &SessionId, count: u64, stream: OutputStream) {
         tracing::info!(
             target: "agent_output",
-            session_id = %self.session_id,
+            session_id = %label,
             stream = ?stream,
             suppressed = count,
             "agent_output_suppressed"
         );
     }
+}
 
-    /// Moves the phase forward when `text` matches a pattern of a later one.
-    fn advance(&self, text: &str) {
-        let phase = *self.phase.borrow();
-        let matches = |patterns: &[String]| patterns.iter().any(|p| text.contains(p.as_str()));
-        let reached = if phase < Phase::Ready && matches(&self.readiness.ready_patterns) {
-            Some(Phase::Ready)
-        } else if phase < Phase::Alive && matches(&self.readiness.alive_patterns) {
-            Some(Phase::Alive)
-        } else {
-            None
-        };
-        if let Some(reached) = reached {
-            // Only forward: stdout's reader must not undo a phase stderr's reader just set.
-            self.phase.send_if_modified(|current| {
-                let forward = reached > *current;
-                if forward {
-                    *current = reached;
-                }
-                forward
-            });
-        }
+/// Moves `binding`'s phase forward when `text` matches a pattern of a later one.
+fn advance(binding: &Binding, text: &str) {
+    let readiness = &binding.readiness;
+    let phase = *binding.phase.borrow();
+    let matches = |patterns: &[String]| patterns.iter().any(|p| text.contains(p.as_str()));
+    let reached = if phase < Phase::Ready && matches(&readiness.ready_patterns) {
+        Some(Phase::Ready)
+    } else if phase < Phase::Alive && matches(&readiness.alive_patterns) {
+        Some(Phase::Alive)
+    } else {
+        None
+    };
+    if let Some(reached) = reached {
+        // Only forward: stdout's reader must not undo a phase stderr's reader just set.
+        binding.phase.send_if_modified(|current| {
+            let forward = reached > *current;
+            if forward {
+                *current = reached;
+            }
+            forward
+        });
     }
 }
 

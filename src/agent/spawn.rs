@@ -77,6 +77,8 @@ pub struct Child {
     /// Why the child could not move itself into the cgroup it was given, if it could not (it
     /// runs anyway, outside it).
     pub cgroup_error: Option<io::Error>,
+    /// Write end of the child's stdin, when it was asked for ([`Stdin::Piped`]).
+    pub stdin: Option<pipe::Sender>,
     /// Read end of the child's stdout.
     pub stdout: Option<pipe::Receiver>,
     /// Read end of the child's stderr.
@@ -111,18 +113,29 @@ impl Child {
 /// lives as long as the child should (the death signal follows the thread), inside a tokio
 /// runtime (the pipes and pidfd register with its reactor).
 pub fn spawn(program: &str, args: &[String], env: &[(&str, &str)]) -> io::Result<Child> {
-    spawn_into(program, args, env, None)
+    spawn_into(program, args, env, None, Stdin::Null)
+}
+
+/// What the child's stdin is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stdin {
+    /// `/dev/null`, as for every agent started for a session.
+    Null,
+    /// A pipe whose write end is [`Child::stdin`]: how a warm process receives its session
+    /// (see [`crate::agent::warm`]).
+    Piped,
 }
 
 /// [`spawn`], the child first moving itself into the cgroup whose `cgroup.procs` is open as
 /// `cgroup_procs` (writing `0` there moves the writer), before it execs: so everything the agent
 /// ever starts is born inside that cgroup. Failing to move is not fatal: the child runs outside
-/// it and [`Child::cgroup_error`] says why.
+/// it and [`Child::cgroup_error`] says why. `stdin` says what the child reads.
 pub fn spawn_into(
     program: &str,
     args: &[String],
     env: &[(&str, &str)],
     cgroup_procs: Option<RawFd>,
+    stdin: Stdin,
 ) -> io::Result<Child> {
     let path = resolve(program, std::env::var_os("PATH").as_deref())?;
     let argv: Vec<CString> = std::iter::once(program)
@@ -133,6 +146,10 @@ pub fn spawn_into(
     let argv_ptrs = null_terminated(&argv);
     let envp_ptrs = null_terminated(&envp);
     let dev_null = dev_null()?;
+    let stdin_pipe = match stdin {
+        Stdin::Null => None,
+        Stdin::Piped => Some(pipe_cloexec()?),
+    };
     let (stdout_read, stdout_write) = pipe_cloexec()?;
     let (stderr_read, stderr_write) = pipe_cloexec()?;
     // execvp's fallback for a file the kernel cannot execute (a script without `#!`): the
@@ -146,7 +163,9 @@ pub fn spawn_into(
         path: path.as_ptr(),
         argv: argv_ptrs.as_ptr(),
         envp: envp_ptrs.as_ptr(),
-        stdin: dev_null.as_raw_fd(),
+        stdin: stdin_pipe
+            .as_ref()
+            .map_or(dev_null.as_raw_fd(), |(read, _)| read.as_raw_fd()),
         stdout: stdout_write.as_raw_fd(),
         stderr: stderr_write.as_raw_fd(),
         worker_pid: std::process::id() as libc::pid_t,
@@ -201,6 +220,10 @@ pub fn spawn_into(
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
     // The child holds its own copies (or is gone): ours must close, or the readers would
     // never see end-of-file.
+    let stdin_write = stdin_pipe.map(|(read, write)| {
+        drop(read);
+        write
+    });
     drop((stdout_write, stderr_write));
 
     let failure = plan.failure.load(Ordering::Acquire);
@@ -213,6 +236,7 @@ pub fn spawn_into(
     let child = (|| {
         let stdout = pipe::Receiver::from_owned_fd(stdout_read)?;
         let stderr = pipe::Receiver::from_owned_fd(stderr_read)?;
+        let stdin = stdin_write.map(pipe::Sender::from_owned_fd).transpose()?;
         // SAFETY: an OwnedFd keeps its one fd open until the AsyncFd drops it.
         let pidfd = unsafe { AsyncFd::register_with_interest(pidfd, Interest::READABLE) }
             .map_err(|e| e.into_parts().1)?;
@@ -220,6 +244,7 @@ pub fn spawn_into(
             pid: pid as u32,
             pidfd,
             cgroup_error: (cgroup_errno != 0).then(|| io::Error::from_raw_os_error(cgroup_errno)),
+            stdin,
             stdout: Some(stdout),
             stderr: Some(stderr),
         })

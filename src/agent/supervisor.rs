@@ -41,7 +41,7 @@ use crate::{
     clock::unix_now,
     metrics as observability,
     session::{
-        AgentRecord, Claim, ClaimAttempt, EndRecord, ReadyRecord, SessionEnd, SessionError,
+        AgentRecord, Claim, ClaimAttempt, EndRecord, Ready, ReadyRecord, SessionEnd, SessionError,
         SessionStore, config::SessionConfig,
     },
 };
@@ -281,6 +281,11 @@ impl Supervisor {
         &self.inner.worker_id
     }
 
+    /// Idle warm processes of the launcher's pool, when it has one.
+    pub fn warm_idle(&self) -> Option<usize> {
+        self.inner.launcher.warm_idle()
+    }
+
     /// Running agents plus launches in progress.
     pub fn agent_count(&self) -> usize {
         self.inner.slots.lock().expect("slots lock").len()
@@ -381,6 +386,7 @@ impl Supervisor {
     /// that still succeed, run on until [`Supervisor::drain`] and [`Supervisor::shutdown`].
     pub fn close(&self) {
         self.inner.closing.store(true, Ordering::SeqCst);
+        self.inner.launcher.close();
     }
 
     /// Immediate shutdown: launches in progress stop waiting for their agents, which are
@@ -717,13 +723,23 @@ impl Inner {
             session_id = %id,
             pid = agent.pid,
             startup_ms = agent.startup.as_millis() as u64,
+            warm = agent.warm,
             attempt,
             "agent_ready"
         );
         observability::agent_started(agent.startup);
         let ready = self
             .store
-            .mark_ready(&id, &self.worker_id, agent.pid, agent.pgid, agent.startup)
+            .mark_ready(
+                &id,
+                &self.worker_id,
+                Ready {
+                    pid: agent.pid,
+                    pgid: agent.pgid,
+                    startup: agent.startup,
+                    warm: agent.warm,
+                },
+            )
             .await;
         // The session changed hands or ended while we were starting: our agent goes.
         let stop = match &ready {

@@ -29,6 +29,14 @@
 //! - `flood`: print the ready line, then lines as fast as it can for `--flood-secs` seconds
 //!   (default 2), then `flood done <lines> <lines per second>`, then run until SIGTERM.
 //!
+//! With `--warm` it is a warm process of the worker's pool (protocol: `crate::agent::warm`):
+//! it prints `AGENT_WORKER_WARM`, reads one handoff line on stdin, appends its `args` to its
+//! own argv and takes its `env` as its environment, then carries on as above (the received
+//! line reports `"warm": true`). `--warm-behaviour=crash` exits 4 before the warm line;
+//! `--warm-behaviour=exit-on-handoff` exits 0 right after reading its line, printing nothing;
+//! `--warm-delay-ms=N` waits that long before the warm line. A ledger gets `warm <pid>` when a
+//! warm process starts (`warm <pid> <unix ms>`).
+//!
 //! With `--long-line-bytes N` it first prints one line of `N` times `x` (no newline until the
 //! end). With `--ledger <file>` (or `TEST_AGENT_LEDGER=<file>` in its environment) it also
 //! appends `<room> <pid>` to that file, before anything else.
@@ -45,11 +53,30 @@ pub const SUBCOMMAND: &str = "test-agent";
 const CONTRACT_OPTIONS: [&str; 4] = ["room", "voice-id", "opening-line", "system-prompt"];
 
 /// Runs the test agent with `argv` (the arguments after the subcommand); returns its exit code.
-pub fn main(argv: Vec<String>) -> i32 {
+pub fn main(mut argv: Vec<String>) -> i32 {
     // Blocked before anything else, so a SIGTERM that arrives early waits for `sigwait`
     // instead of killing the process (a single thread: the mask is the whole process's).
     let term = SigSet::from(Signal::SIGTERM);
     let _ = term.thread_block();
+
+    let mut handed_env = BTreeMap::new();
+    let warm = argv.iter().any(|a| a == "--warm");
+    if warm {
+        argv.retain(|a| a != "--warm");
+        match warm_up(&argv) {
+            Ok((args, env)) => {
+                argv.extend(args);
+                handed_env = env;
+            }
+            Err(code) => return code,
+        }
+    }
+    let env_var = |key: &str| {
+        handed_env
+            .get(key)
+            .cloned()
+            .or_else(|| std::env::var(key).ok())
+    };
 
     let options = parse(&argv);
     let behaviour = options
@@ -66,7 +93,7 @@ pub fn main(argv: Vec<String>) -> i32 {
         .collect();
     let env: BTreeMap<&str, Option<String>> = ["SESSION_ID", "VOICE_ID", "SESSION_CONFIG"]
         .into_iter()
-        .map(|k| (k, std::env::var(k).ok()))
+        .map(|k| (k, env_var(k)))
         .collect();
     // Names only: the worker's own settings (which may hold the Redis password) must not
     // reach agents.
@@ -80,24 +107,12 @@ pub fn main(argv: Vec<String>) -> i32 {
         "env": env,
         "settings_vars": settings_vars,
         "pid": std::process::id(),
+        "warm": warm,
     });
     say(&format!("test-agent received {received}"));
     let room = contract.get("room").cloned().unwrap_or_default();
-    // Tests that must know every agent that ever started name a ledger file; one short
-    // O_APPEND write per agent is atomic.
-    let ledger = options
-        .get("ledger")
-        .map(std::ffi::OsString::from)
-        .or_else(|| std::env::var_os("TEST_AGENT_LEDGER"));
-    if let Some(ledger) = ledger {
-        let file = std::fs::OpenOptions::new()
-            .append(true)
-            .create(true)
-            .open(ledger);
-        if let Ok(mut file) = file {
-            let _ = file.write_all(format!("{room} {}\n", std::process::id()).as_bytes());
-        }
-    }
+    // Tests that must know every agent that ever started name a ledger file.
+    record(&options, &format!("{room} {}", std::process::id()));
 
     if let Some(n) = options.get("long-line-bytes").and_then(|n| n.parse().ok()) {
         say(&"x".repeat(n));
@@ -171,6 +186,75 @@ pub fn main(argv: Vec<String>) -> i32 {
             let _ = term.wait();
             say("test-agent stopping on SIGTERM");
             0
+        }
+    }
+}
+
+/// The warm phase: the warm line, then the handoff line's `args` and `env`, or the exit code
+/// to end with.
+fn warm_up(argv: &[String]) -> Result<(Vec<String>, BTreeMap<String, String>), i32> {
+    let options = parse(argv);
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    record(&options, &format!("warm {} {now_ms}", std::process::id()));
+    if let Some(ms) = options.get("warm-delay-ms").and_then(|ms| ms.parse().ok()) {
+        std::thread::sleep(Duration::from_millis(ms));
+    }
+    let behaviour = options.get("warm-behaviour").map(String::as_str);
+    if behaviour == Some("crash") {
+        eprintln!("warm-up crashing on purpose");
+        return Err(4);
+    }
+    say("AGENT_WORKER_WARM");
+    let mut line = String::new();
+    if std::io::stdin().read_line(&mut line).is_err() || line.is_empty() {
+        eprintln!("no handoff line");
+        return Err(5);
+    }
+    if behaviour == Some("exit-on-handoff") {
+        return Err(0);
+    }
+    let handoff: serde_json::Value = match serde_json::from_str(&line) {
+        Ok(value) => value,
+        Err(error) => {
+            eprintln!("bad handoff line: {error}");
+            return Err(6);
+        }
+    };
+    let args = handoff["args"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    let env = handoff["env"]
+        .as_object()
+        .map(|e| {
+            e.iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok((args, env))
+}
+
+/// Appends `line` to the ledger file, if the agent was given one.
+fn record(options: &BTreeMap<String, String>, line: &str) {
+    let ledger = options
+        .get("ledger")
+        .map(std::ffi::OsString::from)
+        .or_else(|| std::env::var_os("TEST_AGENT_LEDGER"));
+    if let Some(ledger) = ledger {
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(ledger);
+        if let Ok(mut file) = file {
+            // One short O_APPEND write per line is atomic.
+            let _ = file.write_all(format!("{line}\n").as_bytes());
         }
     }
 }

@@ -178,7 +178,7 @@ pub async fn overview(
         None => body.push_str("<p class=\"empty\">Measuring (needs two readings 10 s apart).</p>"),
     }
     body.push_str("</div>");
-    body.push_str(&warm_pool());
+    body.push_str(&warm_pool(&status.workers));
 
     let alive = status.workers.iter().filter(|w| w.alive).count();
     let (agents, max): (u64, u64) =
@@ -234,13 +234,32 @@ pub async fn overview(
     visit.page(StatusCode::OK, "Overview", "/", &body)
 }
 
-/// The warm pool's place on the overview. There is no warm pool yet (another change adds
-/// one); when it exists, its state (idle agents ready to take a session, per worker) goes
-/// here, read from the keys it keeps.
-fn warm_pool() -> String {
-    "<h2>Warm pool</h2><div class=\"cards\"><div class=\"card placeholder\">\
-     not available in this version: every session starts a new agent</div></div>"
-        .into()
+/// The warm pool on the overview: idle warm processes (agents that have done their imports
+/// and wait for a session, `agent.warm_pool`) of the live workers that keep one.
+fn warm_pool(workers: &[inspect::WorkerRow]) -> String {
+    let pooled: Vec<&inspect::WorkerRow> = workers
+        .iter()
+        .filter(|w| w.alive && w.warm_idle.is_some())
+        .collect();
+    let mut body = String::from("<h2>Warm pool</h2><div class=\"cards\">");
+    if pooled.is_empty() {
+        body.push_str(
+            "<div class=\"card placeholder\">off (agent.warm_pool = 0): every session starts \
+             a new agent</div>",
+        );
+    } else {
+        let idle: u64 = pooled.iter().filter_map(|w| w.warm_idle).sum();
+        let empty = pooled.iter().filter(|w| w.warm_idle == Some(0)).count();
+        card(&mut body, "idle warm agents", &idle.to_string(), "/workers");
+        card(
+            &mut body,
+            "workers with a pool / with none idle",
+            &format!("{} / {empty}", pooled.len()),
+            "/workers",
+        );
+    }
+    body.push_str("</div>");
+    body
 }
 
 fn card(out: &mut String, label: &str, value: &str, link: &str) {
@@ -665,6 +684,7 @@ pub async fn workers(
                 state,
                 offset,
                 esc(&html::ago(info.map(|i| i.started_at), now)),
+                w.warm_idle.map_or("-".into(), |n| n.to_string()),
             ]
         })
         .collect();
@@ -678,6 +698,7 @@ pub async fn workers(
             "State",
             "Clock offset",
             "Started",
+            "Warm idle",
         ],
         &rows,
         "No worker has reported its presence.",

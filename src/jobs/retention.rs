@@ -23,7 +23,7 @@ use std::{
 
 use agent_jobs::{
     QueueKeys,
-    keys::{WORKER_AGENTS, WORKER_INFO, WORKERS},
+    keys::{WORKER_AGENTS, WORKER_INFO, WORKER_WARM, WORKERS},
 };
 use redis::{Script, aio::ConnectionManager};
 
@@ -165,6 +165,7 @@ impl Retention {
                 .key(WORKERS)
                 .key(WORKER_AGENTS)
                 .key(WORKER_INFO)
+                .key(WORKER_WARM)
                 .arg(silent_since)
                 .arg(BATCH)
                 .invoke_async(&mut conn)

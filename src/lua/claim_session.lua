@@ -36,6 +36,8 @@
 -- ARGV[7]: user id ('' for none) ARGV[8]: default voice
 -- ARGV[9]: log file path ('' for none)   ARGV[10]: 1 to count a cold start
 -- ARGV[11]: 1 when KEYS[9] is a job's meta hash (0: a claim outside a job)
+-- Last KEY and ARGV: the event stream and its bound (session_events.lua). A `starting` event
+-- is appended when the claim changes the status or the owner (not on a retry's re-claim).
 -- Returns {1, previous owner or '', 'stored' | 'default', {config field, value, ...}} when
 -- claimed; {0, owner, status} when another live worker holds it; {2, status} when the session
 -- has ended ('' when its record is gone); {-1, type} when the config key is not a hash.
@@ -117,5 +119,8 @@ if ARGV[10] == '1' then
 end
 if has_meta and not claimed_before then
     redis.call('HSET', KEYS[9], 'sessionClaimedAt', now)
+end
+if status ~= 'starting' or owner ~= me then
+    session_event(ARGV[5], 'starting', me)
 end
 return { 1, owner or '', source, config }

@@ -27,9 +27,22 @@
 -- ARGV[7]: the error ('' for a clean exit)
 -- ARGV[8]: why the worker stopped the agent ('' when it ended on its own)
 -- ARGV[9]: 1 to count a start-up timeout (legacy metrics)
+-- Last KEY and ARGV: the event stream and its bound (session_events.lua). One event per end
+-- recorded here (none when another worker owns the session): `stopped` with the stop reason
+-- when the worker stopped the agent; otherwise the status the record was left with (`completed`,
+-- `error` with the error, or the agent's or orchestrator's own), and for a record already gone
+-- `completed` or `error` from the exit.
 -- Returns the status the record was left with, '' when the record was gone, or false when
 -- another worker owns it.
 local state, id = KEYS[1], ARGV[4]
+
+local function end_event(status)
+    if ARGV[8] ~= '' then
+        session_event(id, 'stopped', ARGV[1], ARGV[8])
+    else
+        session_event(id, status, ARGV[1], ARGV[7])
+    end
+end
 if ARGV[9] == '1' then
     redis.call('INCR', KEYS[10])
 end
@@ -41,6 +54,7 @@ if not owner then
     redis.call('SREM', KEYS[8], id)
     redis.call('ZREM', KEYS[9], id)
     redis.call('DEL', KEYS[1], KEYS[3], KEYS[4], KEYS[5], KEYS[6])
+    end_event(ARGV[7] == '' and 'completed' or 'error')
     return ''
 end
 if owner ~= ARGV[1] then
@@ -85,4 +99,5 @@ for _, key in ipairs({ KEYS[1], KEYS[2], KEYS[4], KEYS[5], KEYS[6] }) do
         redis.call('EXPIRE', key, ttl)
     end
 end
+end_event(status)
 return status

@@ -28,15 +28,18 @@
 -- ARGV[3]: max-age cutoff: a createdAt before this is too old
 -- ARGV[4]: this worker's id
 -- ARGV[5..]: the session ids, in the order of their keys
+-- Last KEY and ARGV: the event stream and its bound (session_events.lua): `ready` when a
+-- session goes from starting to ready here, `terminated` (with the orchestrator's
+-- terminationReason) at each heartbeat that finds it while the agent still runs.
 -- Returns {gone ids, too-old ids, lost ids, terminated ids, vanished ids}.
 local now, ttl, oldest, me = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 local gone, too_old, lost, terminated, vanished = {}, {}, {}, {}, {}
-for i = 5, #ARGV do
+for i = 5, OWN_ARGS do
     local id = ARGV[i]
     local k = 4 + (i - 5) * 3
     local state, health, pid = KEYS[k], KEYS[k + 1], KEYS[k + 2]
     local current = redis.call('HMGET', state, 'workerId', 'status', 'createdAt', 'endedAt',
-        'agentPid')
+        'agentPid', 'terminationReason')
     if not current[1] and not redis.call('ZSCORE', KEYS[1], id) then
         vanished[#vanished + 1] = id
     elseif not current[1] then
@@ -56,11 +59,13 @@ for i = 5, #ARGV do
             redis.call('HSET', state, 'status', 'ready')
             redis.call('SREM', KEYS[2], id)
             redis.call('SADD', KEYS[3], id)
+            session_event(id, 'ready', me)
         elseif status == 'ready' then
             -- A no-op unless the set lost the id (or the whole set) to eviction.
             redis.call('SADD', KEYS[3], id)
         elseif status == 'terminated' then
             terminated[#terminated + 1] = id
+            session_event(id, 'terminated', me, current[6])
         end
         redis.call('HSET', state, 'lastActive', now)
         redis.call('EXPIRE', state, ttl)

@@ -28,21 +28,26 @@
 -- ARGV[2]: the cutoff   ARGV[3]: the ended cutoff (stale mode)   ARGV[4]: 1 for a dry run
 -- ARGV[5]: the jobs' meta key prefix (<queue>:meta) or ''
 -- ARGV[6..]: the session ids, in the order of their keys (validated by the caller)
+-- Last KEY and ARGV: the event stream and its bound (session_events.lua): `swept`, with the
+-- reason and the removed record's owner, for each session removed (not in a dry run).
 -- Returns a flat array: id, reason, for each session removed (or that would be).
 local mode, cutoff, dry = ARGV[1], tonumber(ARGV[2]), ARGV[4] == '1'
 local removed = {}
 local meta_prefix = ARGV[5]
-for i = 6, #ARGV do
+for i = 6, OWN_ARGS do
     local id = ARGV[i]
     local k = 4 + (i - 6) * 6
     local state = KEYS[k]
     local reason = nil
     local release = nil
+    local owner = nil
     if mode == 'stale' then
         local score = redis.call('ZSCORE', KEYS[1], id)
         if score and tonumber(score) <= cutoff then
-            local current = redis.call('HMGET', state, 'status', 'endedAt', 'lastActive')
+            local current = redis.call('HMGET', state, 'status', 'endedAt', 'lastActive',
+                'workerId')
             local status = current[1]
+            owner = current[4]
             if redis.call('EXISTS', state) == 0 then
                 reason = 'gone'
             elseif status == 'starting' or status == 'ready' or not status then
@@ -67,7 +72,8 @@ for i = 6, #ARGV do
         end
     elseif mode == 'legacy' then
         if not redis.call('ZSCORE', KEYS[1], id) and redis.call('TYPE', state).ok == 'hash' then
-            local times = redis.call('HMGET', state, 'lastActive', 'createdAt')
+            local times = redis.call('HMGET', state, 'lastActive', 'createdAt', 'workerId')
+            owner = times[3]
             local newest = math.max(tonumber(times[1]) or 0, tonumber(times[2]) or 0)
             if newest > 0 and newest < cutoff then
                 reason = 'legacy_max_age'
@@ -90,6 +96,7 @@ for i = 6, #ARGV do
     end
     if reason then
         redis.call('DEL', KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4], KEYS[k + 5])
+        session_event(id, 'swept', owner, reason)
     elseif release then
         for j = k, k + 5 do
             local ttl = redis.call('TTL', KEYS[j])

@@ -13,11 +13,13 @@
 -- ARGV[1]: this worker's id   ARGV[2]: now   ARGV[3]: TTL of the session keys
 -- ARGV[4..]: per session, in the order of its keys: id, pid, the number of field/value pairs
 --            n, then n pairs (without status and workerId)
+-- Last KEY and ARGV: the event stream and its bound (session_events.lua): `ready` for a
+-- session whose status is written again.
 -- Returns the number of sessions restored.
 local me, now, ttl = ARGV[1], ARGV[2], ARGV[3]
 local restored = 0
 local i, k = 4, 4
-while i <= #ARGV do
+while i <= OWN_ARGS do
     local id, pid, n = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
     local state, pid_key, health = KEYS[k], KEYS[k + 1], KEYS[k + 2]
     local current = redis.call('HMGET', state, 'workerId', 'status')
@@ -32,6 +34,9 @@ while i <= #ARGV do
             fields[#fields + 1] = 'ready'
             redis.call('SREM', KEYS[2], id)
             redis.call('SADD', KEYS[3], id)
+            if status ~= 'ready' then
+                session_event(id, 'ready', me)
+            end
         end
         redis.call('HSET', state, unpack(fields))
         redis.call('EXPIRE', state, ttl)

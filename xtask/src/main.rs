@@ -10,7 +10,7 @@
 //! |---|---|---|
 //! | `redis-server` on `PATH` | every integration test (each starts its own) | Debian's `redis-server` |
 //! | libfaketime | the skewed-clock test (`tests/lifecycle.rs`) | Debian's `libfaketime` |
-//! | `python3` with redis-py and jsonschema | the Python producer and agent tests | pip |
+//! | `python3` with redis-py, jsonschema, FastAPI, uvicorn, httpx, setuptools, wheel | the Python client, producer, example and agent tests | pip |
 //!
 //! Where it can, it installs without root, under `target/xtask/`: Python packages with
 //! `pip install --target`, Debian packages with `apt-get download` and `dpkg-deb -x` (a
@@ -37,8 +37,19 @@ const LIBFAKETIME_PATHS: &[&str] = &[
 /// The variable the skewed-clock test reads libfaketime's path from.
 const LIBFAKETIME_VAR: &str = "AGENT_WORKER_TEST_LIBFAKETIME";
 
-/// The Python packages the tests import.
-const PYTHON_PACKAGES: &[&str] = &["redis", "jsonschema"];
+/// The Python packages the tests import (pip names equal to module names): redis-py and
+/// jsonschema for the producer tests; FastAPI, uvicorn and httpx for the FastAPI example's
+/// test; setuptools and wheel, the build backend `pip install ./python` uses offline (older
+/// setuptools build wheels only with the wheel package).
+const PYTHON_PACKAGES: &[&str] = &[
+    "redis",
+    "jsonschema",
+    "fastapi",
+    "uvicorn",
+    "httpx",
+    "setuptools",
+    "wheel",
+];
 
 /// Debian packages of a private redis-server: the server, the binary it links to, and the
 /// libraries a minimal system may lack.

@@ -1,0 +1,394 @@
+//! The warm pool (`agent.warm_pool`): idle [warm processes](crate::agent::warm) kept per
+//! replica, so a session's agent skips its import phase.
+//!
+//! - **Taking never waits.** A launch takes the oldest idle process if there is one, else it
+//!   starts cold at once ([`PooledLauncher`]). A process serves one session: it leaves the
+//!   pool when taken, never to come back. One lost at the handoff makes that launch start cold
+//!   at once.
+//! - **Refill.** After a take, a death, a recycle or a change of room, one task starts
+//!   replacements, at most `agent.warm_concurrency` warm-ups at a time (they must not starve
+//!   live agents of CPU). The target is `min(warm_pool, max_agents − running − starting)`: a
+//!   replica with no room left keeps no idle processes (idle ones beyond
+//!   `min(warm_pool, max_agents − running)` are stopped; starts in progress may still take
+//!   one). Warm processes do not count against `agent.max_agents`; their number is bounded
+//!   by `warm_pool`.
+//! - **Failures.** A warm-up that exits or prints no warm line within `agent.warm_timeout`,
+//!   and an idle process that dies, start a failure streak: the next warm-up waits 1 s,
+//!   doubling up to 1 min, and the streak is logged once when it begins (`warm_up_failed`)
+//!   and once when it ends (`warm_pool_recovered`). No respawn loop, and starts go on cold.
+//! - **Recycling.** An idle process older than `agent.warm_max_idle` is replaced.
+//! - **Shutdown.** [`Launcher::close`] (the first SIGTERM) stops the idle processes at once
+//!   and starts no more; a SIGKILLed worker takes them with it (the death signal).
+
+use std::{
+    collections::VecDeque,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use agent_jobs::SessionId;
+use futures::future::BoxFuture;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    capacity::Capacity,
+    command::LaunchSpec,
+    launcher::{LaunchError, Launcher, ProcessLauncher, RunningAgent},
+    warm::{HandoffError, WarmCommand, WarmProcess},
+};
+use crate::metrics;
+
+/// First pause after a failed warm-up; doubles while they keep failing.
+const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+/// Longest pause between failed warm-ups.
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// How often the pool looks at the room left without being woken (agents that exit free room
+/// without telling the pool).
+const RECHECK: Duration = Duration::from_secs(1);
+
+/// The pool's settings (from `[agent]`).
+#[derive(Debug, Clone)]
+pub struct WarmSettings {
+    /// Idle processes kept (`agent.warm_pool`), at most.
+    pub size: usize,
+    /// How warm processes are started.
+    pub command: WarmCommand,
+    /// Warm-ups at a time (`agent.warm_concurrency`).
+    pub concurrency: usize,
+    /// Idle processes older than this are replaced (`agent.warm_max_idle`).
+    pub max_idle: Duration,
+}
+
+impl WarmSettings {
+    /// From `[agent]` settings.
+    pub fn from_settings(agent: &crate::settings::AgentSettings) -> Self {
+        Self {
+            size: agent.warm_pool,
+            command: WarmCommand {
+                command: agent.warm_command().to_vec(),
+                pattern: agent.warm_pattern.clone(),
+                timeout: agent.warm_timeout,
+            },
+            concurrency: agent.warm_concurrency,
+            max_idle: agent.warm_max_idle,
+        }
+    }
+}
+
+/// What the pool holds and is doing.
+#[derive(Default)]
+struct State {
+    /// Idle processes, oldest first.
+    idle: VecDeque<WarmProcess>,
+    /// Warm-ups in progress.
+    warming: usize,
+    /// Failures in a row (0: the last warm-up succeeded).
+    failures: u32,
+    /// No warm-up starts before this (after a failure).
+    retry_at: Option<tokio::time::Instant>,
+    /// Labels of warm processes: `warm-<n>`.
+    next_label: u64,
+    /// Closed: nothing starts any more.
+    closed: bool,
+}
+
+struct Pool {
+    cold: ProcessLauncher,
+    settings: WarmSettings,
+    capacity: Arc<Capacity>,
+    state: Mutex<State>,
+    /// Something changed: look again.
+    changed: Notify,
+    closed: CancellationToken,
+}
+
+/// A launcher that hands sessions to warm processes when one is idle, else launches cold.
+pub struct PooledLauncher {
+    pool: Arc<Pool>,
+}
+
+impl PooledLauncher {
+    /// A pool of warm processes started through `cold` (which also launches cold), sized by
+    /// `settings` and the room left in `capacity`. Its refill task starts at once, inside the
+    /// current tokio runtime.
+    pub fn new(cold: ProcessLauncher, settings: WarmSettings, capacity: Arc<Capacity>) -> Self {
+        let pool = Arc::new(Pool {
+            cold,
+            settings,
+            capacity,
+            state: Mutex::new(State::default()),
+            changed: Notify::new(),
+            closed: CancellationToken::new(),
+        });
+        tokio::spawn(pool.clone().refill());
+        Self { pool }
+    }
+
+    /// Idle warm processes now.
+    pub fn idle(&self) -> usize {
+        self.pool.state.lock().expect("pool lock").idle.len()
+    }
+
+    async fn launch_pooled(&self, spec: LaunchSpec) -> Result<RunningAgent, LaunchError> {
+        let pool = &self.pool;
+        while let Some(warm) = pool.take() {
+            match pool.cold.hand_off(warm, &spec).await {
+                Ok(agent) => {
+                    metrics::warm_take(true);
+                    return Ok(agent);
+                }
+                Err(HandoffError::Failed(error)) => {
+                    metrics::warm_take(true);
+                    return Err(error);
+                }
+                Err(HandoffError::Lost(reason)) => {
+                    metrics::warm_up_failed();
+                    tracing::warn!(
+                        session_id = %spec.session_id,
+                        reason,
+                        "warm_agent_lost_at_handoff"
+                    );
+                    // Another idle one, if any; else cold, at once.
+                    pool.failed();
+                }
+            }
+        }
+        metrics::warm_take(false);
+        pool.cold.launch(spec).await
+    }
+}
+
+impl Launcher for PooledLauncher {
+    fn launch(&self, spec: LaunchSpec) -> BoxFuture<'_, Result<RunningAgent, LaunchError>> {
+        Box::pin(self.launch_pooled(spec))
+    }
+
+    fn close(&self) {
+        self.pool.close();
+    }
+
+    fn warm_idle(&self) -> Option<usize> {
+        Some(self.idle())
+    }
+
+    fn wait_for_exits(&self) -> BoxFuture<'_, ()> {
+        self.pool.close();
+        self.pool.cold.wait_for_exits()
+    }
+}
+
+impl Pool {
+    /// The oldest idle process that is still alive, out of the pool for good.
+    fn take(&self) -> Option<WarmProcess> {
+        let taken = {
+            let mut state = self.state.lock().expect("pool lock");
+            loop {
+                match state.idle.pop_front() {
+                    // Its death is counted by its watcher.
+                    Some(warm) if warm.has_exited() => continue,
+                    other => break other,
+                }
+            }
+        };
+        self.publish();
+        self.changed.notify_one();
+        taken
+    }
+
+    /// Stops the idle processes; no warm-up starts any more.
+    fn close(&self) {
+        let idle = {
+            let mut state = self.state.lock().expect("pool lock");
+            state.closed = true;
+            std::mem::take(&mut state.idle)
+        };
+        for warm in &idle {
+            warm.stop();
+        }
+        if !idle.is_empty() {
+            tracing::info!(stopped = idle.len(), "warm_pool_closed");
+        }
+        self.closed.cancel();
+        self.publish();
+    }
+
+    fn publish(&self) {
+        metrics::warm_idle(self.state.lock().expect("pool lock").idle.len());
+    }
+
+    /// A warm-up failed or a warm process died: a streak of failures backs off.
+    fn failed(&self) {
+        let mut state = self.state.lock().expect("pool lock");
+        state.failures = state.failures.saturating_add(1);
+        let backoff = FIRST_BACKOFF
+            .saturating_mul(1 << (state.failures - 1).min(16))
+            .min(MAX_BACKOFF);
+        state.retry_at = Some(tokio::time::Instant::now() + backoff);
+        drop(state);
+        self.changed.notify_one();
+    }
+
+    /// The refill task: looks at the pool whenever something changed, at the end of a back-off
+    /// or an idle process's life, and every [`RECHECK`].
+    async fn refill(self: Arc<Self>) {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let wake_at = self.clone().step();
+            tokio::select! {
+                _ = changed => {}
+                _ = tokio::time::sleep_until(wake_at) => {}
+                _ = self.closed.cancelled() => return,
+            }
+        }
+    }
+
+    /// Recycles old idle processes, stops those beyond the room left, starts warm-ups up to
+    /// the target. Returns when to look again at the latest.
+    fn step(self: Arc<Self>) -> tokio::time::Instant {
+        let now = tokio::time::Instant::now();
+        let mut wake_at = now + RECHECK;
+        let (max, running, starting) = (
+            self.capacity.max(),
+            self.capacity.agents(),
+            self.capacity.starting(),
+        );
+        let target = self
+            .settings
+            .size
+            .min(max.saturating_sub(running + starting));
+        let keep = self.settings.size.min(max.saturating_sub(running));
+        let mut stop = Vec::new();
+        let mut start = 0;
+        let mut labels = Vec::new();
+        {
+            let mut state = self.state.lock().expect("pool lock");
+            if state.closed {
+                return wake_at;
+            }
+            while let Some(oldest) = state.idle.front() {
+                if oldest.warm_at.elapsed() < self.settings.max_idle {
+                    let expires = oldest.warm_at + self.settings.max_idle;
+                    let left = expires.saturating_duration_since(Instant::now());
+                    wake_at = wake_at.min(now + left);
+                    break;
+                }
+                let old = state.idle.pop_front().expect("just seen");
+                tracing::info!(warm_label = %old.label, pid = old.pid, "warm_agent_recycled");
+                stop.push(old);
+            }
+            while state.idle.len() > keep {
+                // The newest go first: the oldest are taken first and would be recycled first.
+                stop.push(state.idle.pop_back().expect("len > keep"));
+            }
+            let backing_off = state.retry_at.is_some_and(|at| at > now);
+            if backing_off {
+                wake_at = wake_at.min(state.retry_at.expect("backing off"));
+            }
+            let have = state.idle.len() + state.warming;
+            if !backing_off && have < target && state.warming < self.settings.concurrency {
+                start = (target - have).min(self.settings.concurrency - state.warming);
+                // After a failure, one at a time until one succeeds.
+                if state.failures > 0 {
+                    start = start.min(1).min(1 - state.warming.min(1));
+                }
+                state.warming += start;
+            }
+            for _ in 0..start {
+                // Each its own: the label names the process's cgroup, too.
+                state.next_label += 1;
+                labels.push(
+                    SessionId::parse(format!("warm-{}", state.next_label))
+                        .expect("warm-<n> is a valid session id"),
+                );
+            }
+        }
+        for warm in stop {
+            warm.stop();
+        }
+        self.publish();
+        for label in labels {
+            tokio::spawn(self.clone().warm_one(label));
+        }
+        wake_at
+    }
+
+    /// One warm-up, into the pool or counted as a failure.
+    async fn warm_one(self: Arc<Self>, label: SessionId) {
+        let started = tokio::time::Instant::now();
+        let warmed = tokio::select! {
+            warmed = self.cold.warm_up(label.clone(), &self.settings.command) => warmed,
+            // Dropping the warm-up kills its process.
+            _ = self.closed.cancelled() => {
+                self.state.lock().expect("pool lock").warming -= 1;
+                return;
+            }
+        };
+        match warmed {
+            Ok(warm) => {
+                metrics::warm_up_finished(started.elapsed());
+                tracing::debug!(warm_label = %label, pid = warm.pid, "warm_agent_ready");
+                let exited = warm.exited();
+                let mut state = self.state.lock().expect("pool lock");
+                state.warming -= 1;
+                if state.failures > 0 {
+                    tracing::info!(failures = state.failures, "warm_pool_recovered");
+                }
+                state.failures = 0;
+                state.retry_at = None;
+                if state.closed {
+                    warm.stop();
+                } else {
+                    state.idle.push_back(warm);
+                }
+                drop(state);
+                let pool = Arc::downgrade(&self);
+                tokio::spawn(async move {
+                    let exit = exited.await;
+                    if let Some(pool) = pool.upgrade() {
+                        pool.died_idle(&label, exit);
+                    }
+                });
+            }
+            Err(error) => {
+                metrics::warm_up_failed();
+                let first = {
+                    let mut state = self.state.lock().expect("pool lock");
+                    state.warming -= 1;
+                    state.failures == 0
+                };
+                if first {
+                    tracing::warn!(
+                        warm_label = %label,
+                        error = %error,
+                        "warm_up_failed; retrying with back-off, sessions start cold meanwhile"
+                    );
+                } else {
+                    tracing::debug!(warm_label = %label, error = %error, "warm_up_failed");
+                }
+                self.failed();
+            }
+        }
+        self.publish();
+        self.changed.notify_one();
+    }
+
+    /// A warm process exited: if it was still idle, it died there (a failure).
+    fn died_idle(&self, label: &SessionId, exit: Option<super::launcher::AgentExit>) {
+        let removed = {
+            let mut state = self.state.lock().expect("pool lock");
+            let before = state.idle.len();
+            state.idle.retain(|warm| &warm.label != label);
+            before != state.idle.len() && !state.closed
+        };
+        if removed {
+            metrics::warm_up_failed();
+            let exit = exit.map_or_else(|| "unknown".to_owned(), |e| e.to_string());
+            tracing::warn!(warm_label = %label, exit, "warm_agent_died_idle");
+            self.failed();
+            self.publish();
+        }
+    }
+}
