@@ -10,7 +10,8 @@
    ``{"v":1,"args":[...],"env":{...}}``. The worker closes stdin after it, so nothing is
    read beyond it.
 4. Sets ``os.environ`` from ``env``; ``sys.argv`` to ``[SCRIPT, *LEADING ARGS, *args]``;
-   ``sys.path[0]`` to the script's directory (symlinks resolved), as ``python3 SCRIPT`` does;
+   ``sys.path[0]`` to the script's directory (symlinks resolved; set before the preloads, and
+   left alone in safe-path mode), as ``python3 SCRIPT`` does;
    then runs the unchanged script as the ``__main__`` module, the way the interpreter runs
    ``python3 SCRIPT``: a fresh ``__main__`` in ``sys.modules`` with the absolute ``__file__``,
    ``__spec__`` and ``__package__`` None. (Not ``runpy.run_path``: it sets ``sys.argv[0]`` to
@@ -147,6 +148,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     if not os.path.isfile(script):
         raise SystemExit(f"agent_worker.warm: no such script: {script}")
+    # What `python3 SCRIPT` puts first on the path, before the preloads (so the script's
+    # sibling modules can be preloaded too). Under safe-path mode (-P, -I, PYTHONSAFEPATH)
+    # a cold start adds no directory, and neither does `-m`: leave the path as it is.
+    if not getattr(sys.flags, "safe_path", False):
+        sys.path[0] = os.path.dirname(os.path.realpath(script))
     for module in preload:
         importlib.import_module(module)
     print(f"{pattern} pid={os.getpid()} preloaded={','.join(preload)}", flush=True)
@@ -156,7 +162,6 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"agent_worker.warm: {error}") from None
     os.environ.update(env)
     sys.argv = [script, *leading, *args]
-    sys.path[0] = os.path.dirname(os.path.realpath(script))
     run_script(script)
 
 

@@ -132,15 +132,16 @@ impl Containment {
     }
 
     /// Prepares the scope of one agent before it is spawned: its cgroup (if cgroups are in
-    /// use) and its marker. A cgroup that cannot be created is warned about; the agent then
-    /// runs with its marker only.
-    pub fn prepare(&self, worker_id: &str, id: &SessionId) -> AgentScope {
-        let marker = format!("{worker_id}/{id}");
+    /// use) and its marker, both named `name` (a session's id, or for a warm process a name no
+    /// session id can take: see [`crate::agent::warm_pool`]). A cgroup that cannot be created
+    /// is warned about; the agent then runs with its marker only.
+    pub fn prepare(&self, worker_id: &str, name: &str) -> AgentScope {
+        let marker = format!("{worker_id}/{name}");
         let cgroup = match self {
-            Self::Cgroup(root) => match AgentCgroup::create(root, id) {
+            Self::Cgroup(root) => match AgentCgroup::create(root, name) {
                 Ok(cgroup) => Some(cgroup),
                 Err(error) => {
-                    tracing::warn!(session_id = %id, error = %error, "agent_cgroup_failed");
+                    tracing::warn!(scope = name, error = %error, "agent_cgroup_failed");
                     None
                 }
             },
@@ -201,8 +202,8 @@ struct AgentCgroup {
 }
 
 impl AgentCgroup {
-    fn create(root: &Path, id: &SessionId) -> io::Result<Self> {
-        let dir = root.join(id.as_str());
+    fn create(root: &Path, name: &str) -> io::Result<Self> {
+        let dir = root.join(name);
         match fs::create_dir(&dir) {
             Ok(()) => {}
             // A previous agent of the session on this worker (a retry) left it: reuse it.

@@ -312,6 +312,7 @@ impl ProcessLauncher {
         let process = self.start_process(
             Program {
                 label: spec.session_id.clone(),
+                scope: spec.session_id.to_string(),
                 program: &spec.program,
                 args: &spec.args,
                 env: &spec.env,
@@ -335,7 +336,7 @@ impl ProcessLauncher {
     ) -> Result<Started, LaunchError> {
         let spawned_at = tokio::time::Instant::now();
         let label = program.label.clone();
-        let mut scope = self.containment.prepare(&self.worker_id, &label);
+        let mut scope = self.containment.prepare(&self.worker_id, &program.scope);
         let mut child = spawn(&program, &scope).map_err(|e| LaunchError::Spawn {
             program: program.program.to_owned(),
             reason: e.to_string(),
@@ -358,11 +359,11 @@ impl ProcessLauncher {
                 readiness,
                 phase: phase_tx,
                 log_file,
+                last_line: last_line.clone(),
             },
             self.limits.max_line_bytes,
             self.limits.log_lines_per_second,
             self.output.clone(),
-            last_line.clone(),
         );
         if let Some(stdout) = child.stdout.take() {
             tokio::spawn(reader.clone().read(stdout, OutputStream::Stdout));
@@ -407,8 +408,13 @@ impl ProcessLauncher {
             exited: mut exit_rx,
             handle,
             last_line,
-            ..
+            reader,
+            stdin,
         } = process;
+        // Only the output tasks may keep the readers: the phase channel closes when they reach
+        // end-of-file, which is how an exit before the ready line is told without waiting out
+        // the drain below.
+        drop((reader, stdin));
         let pgid = pid;
         // Until the launch returns, dropping it (an immediate shutdown) kills the agent.
         let mut abandoned = StopOnDrop(Some(handle.clone()));
@@ -518,8 +524,11 @@ impl ProcessLauncher {
 
 /// What [`ProcessLauncher::start_process`] starts.
 pub(crate) struct Program<'a> {
-    /// The session id in logs and the containment scope (a warm process's own label).
+    /// The session id in logs (a warm process's own label).
     pub(crate) label: SessionId,
+    /// The name of its containment scope (cgroup, marker): the session id, or for a warm
+    /// process a name outside the session ids' alphabet, so no session can share its cgroup.
+    pub(crate) scope: String,
     /// The program to execute.
     pub(crate) program: &'a str,
     /// Its arguments.

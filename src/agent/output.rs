@@ -114,6 +114,9 @@ pub(crate) struct Binding {
     pub(crate) phase: watch::Sender<Phase>,
     /// The session's log file, if it has one.
     pub(crate) log_file: Option<(LogFiles, Arc<LogFile>)>,
+    /// The last line read while this binding held (for error messages, and to tell whether a
+    /// warm process printed anything once handed its session).
+    pub(crate) last_line: Arc<Mutex<Option<String>>>,
 }
 
 /// Reads one agent's output (both streams share one, cloned).
@@ -122,7 +125,6 @@ pub(crate) struct OutputReader {
     binding: Arc<Mutex<Arc<Binding>>>,
     max_line_bytes: usize,
     sink: OutputSink,
-    last_line: Arc<Mutex<Option<String>>>,
     budget: Arc<Mutex<LogBudget>>,
 }
 
@@ -133,22 +135,20 @@ impl OutputReader {
         max_line_bytes: usize,
         log_lines_per_second: u32,
         sink: OutputSink,
-        last_line: Arc<Mutex<Option<String>>>,
     ) -> Self {
         Self {
             binding: Arc::new(Mutex::new(Arc::new(binding))),
             max_line_bytes,
             sink,
-            last_line,
             budget: Arc::new(Mutex::new(LogBudget::new(log_lines_per_second))),
         }
     }
 
-    /// From the next line on, the output is `binding`'s (a warm process handed its session).
-    /// The last line seen is forgotten: an error message must not quote warm-up output.
+    /// From the next line on, the output is `binding`'s (a warm process handed its session, or
+    /// lost at the handoff). A line being emitted right now still goes to the old binding,
+    /// last line included: the new one's `last_line` holds only what came after.
     pub(crate) fn rebind(&self, binding: Binding) {
         *self.binding.lock().expect("binding lock") = Arc::new(binding);
-        *self.last_line.lock().expect("last_line lock") = None;
     }
 
     /// Reads `pipe` to its end (or a read error, which ends it like EOF: the agent's exit is
@@ -216,7 +216,7 @@ impl OutputReader {
         if let Some((files, file)) = &binding.log_file {
             files.write(file, &text);
         }
-        *self.last_line.lock().expect("last_line lock") = Some(text.clone());
+        *binding.last_line.lock().expect("last_line lock") = Some(text.clone());
         if binding.to_session {
             // Beyond its budget the queue drops the line rather than block the agent.
             self.sink.offer(AgentLine {

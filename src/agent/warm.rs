@@ -77,7 +77,6 @@ pub(crate) struct WarmProcess {
     handle: AgentHandle,
     exit: Shared<BoxFuture<'static, Option<AgentExit>>>,
     reader: OutputReader,
-    last_line: Arc<Mutex<Option<String>>>,
     stdin: pipe::Sender,
 }
 
@@ -140,6 +139,9 @@ impl ProcessLauncher {
         let mut started = self.start_process(
             Program {
                 label: label.clone(),
+                // `~` is outside the session ids' alphabet: no session's cgroup or marker can
+                // be this one.
+                scope: label.as_str().replace('-', "~"),
                 program,
                 args,
                 env: &[],
@@ -151,7 +153,6 @@ impl ProcessLauncher {
         )?;
         let stdin = started.stdin.take().expect("a piped stdin");
         let reader = started.reader.clone();
-        let last_line = started.last_line.clone();
         let agent = self.await_start(started, &readiness).await?;
         let exited = agent.exited;
         Ok(WarmProcess {
@@ -161,7 +162,6 @@ impl ProcessLauncher {
             handle: agent.handle,
             exit: async move { exited.await.ok() }.boxed().shared(),
             reader,
-            last_line,
             stdin,
         })
     }
@@ -179,6 +179,7 @@ impl ProcessLauncher {
         }
         let log_file = self.open_log_file(spec).await;
         let (phase_tx, phase_rx) = watch::channel(Phase::Spawned);
+        let last_line = Arc::new(Mutex::new(None));
         // Before the line is written: whatever the process prints from now on is the session's.
         warm.reader.rebind(Binding {
             label: spec.session_id.clone(),
@@ -186,7 +187,20 @@ impl ProcessLauncher {
             readiness: self.readiness().clone(),
             phase: phase_tx,
             log_file,
+            last_line: last_line.clone(),
         });
+        // What a process lost at the handoff prints as it dies is not the session's.
+        let lost = |reason: String| {
+            warm.reader.rebind(Binding {
+                label: warm.label.clone(),
+                to_session: false,
+                readiness: Readiness::ready_only(Vec::new(), Duration::ZERO),
+                phase: watch::channel(Phase::Spawned).0,
+                log_file: None,
+                last_line: Arc::new(Mutex::new(None)),
+            });
+            HandoffError::Lost(reason)
+        };
         let handed_at = tokio::time::Instant::now();
         let mut stdin = warm.stdin;
         let line = handoff_line(spec);
@@ -227,8 +241,8 @@ impl ProcessLauncher {
             phase: phase_rx,
             exited: exit_rx,
             handle: warm.handle.clone(),
-            last_line: warm.last_line.clone(),
-            reader: warm.reader,
+            last_line,
+            reader: warm.reader.clone(),
             stdin: None,
         };
         // The launch's own guard takes over.
@@ -243,7 +257,7 @@ impl ProcessLauncher {
             Err(LaunchError::ExitedBeforeReady {
                 exit,
                 last_line: None,
-            }) => Err(HandoffError::Lost(format!(
+            }) => Err(lost(format!(
                 "it exited with {exit} before printing anything of its session"
             ))),
             Err(error) => Err(HandoffError::Failed(error)),

@@ -14,8 +14,11 @@
 //!   by `warm_pool`.
 //! - **Failures.** A warm-up that exits or prints no warm line within `agent.warm_timeout`,
 //!   and an idle process that dies, start a failure streak: the next warm-up waits 1 s,
-//!   doubling up to 1 min, and the streak is logged once when it begins (`warm_up_failed`)
-//!   and once when it ends (`warm_pool_recovered`). No respawn loop, and starts go on cold.
+//!   doubling up to 1 min, one at a time, and the streak is logged once when it begins
+//!   (`warm_up_failed` or `warm_agent_died_idle`) and once when it ends (`warm_pool_recovered`).
+//!   It ends when a warm process takes a session or has stayed idle for [`HEALTHY_AFTER`], not
+//!   at its warm line: a process that dies right after it would otherwise restart the back-off
+//!   at 1 s every time. No respawn loop, and starts go on cold.
 //! - **Recycling.** An idle process older than `agent.warm_max_idle` is replaced.
 //! - **Shutdown.** [`Launcher::close`] (the first SIGTERM) stops the idle processes at once
 //!   and starts no more; a SIGKILLed worker takes them with it (the death signal).
@@ -43,6 +46,9 @@ use crate::metrics;
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 /// Longest pause between failed warm-ups.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// A warm process that stays alive this long in the pool (or takes a session) ends a failure
+/// streak: one that prints its warm line and dies soon after must not reset the back-off.
+const HEALTHY_AFTER: Duration = Duration::from_secs(10);
 /// How often the pool looks at the room left without being woken (agents that exit free room
 /// without telling the pool).
 const RECHECK: Duration = Duration::from_secs(1);
@@ -136,6 +142,7 @@ impl PooledLauncher {
             match pool.cold.hand_off(warm, &spec).await {
                 Ok(agent) => {
                     metrics::warm_take(true);
+                    pool.recovered("a warm process took a session");
                     return Ok(agent);
                 }
                 Err(HandoffError::Failed(error)) => {
@@ -150,7 +157,7 @@ impl PooledLauncher {
                         "warm_agent_lost_at_handoff"
                     );
                     // Another idle one, if any; else cold, at once.
-                    pool.failed();
+                    let _ = pool.failed();
                 }
             }
         }
@@ -217,9 +224,17 @@ impl Pool {
         metrics::warm_idle(self.state.lock().expect("pool lock").idle.len());
     }
 
-    /// A warm-up failed or a warm process died: a streak of failures backs off.
-    fn failed(&self) {
+    /// Ends a failure streak, if one is going on.
+    fn recovered(&self, how: &str) {
         let mut state = self.state.lock().expect("pool lock");
+        end_streak(&mut state, how);
+    }
+
+    /// A warm-up failed or a warm process died: a streak of failures backs off. Returns
+    /// whether this failure began the streak.
+    fn failed(&self) -> bool {
+        let mut state = self.state.lock().expect("pool lock");
+        let first = state.failures == 0;
         state.failures = state.failures.saturating_add(1);
         let backoff = FIRST_BACKOFF
             .saturating_mul(1 << (state.failures - 1).min(16))
@@ -227,6 +242,7 @@ impl Pool {
         state.retry_at = Some(tokio::time::Instant::now() + backoff);
         drop(state);
         self.changed.notify_one();
+        first
     }
 
     /// The refill task: looks at the pool whenever something changed, at the end of a back-off
@@ -279,6 +295,18 @@ impl Pool {
                 tracing::info!(warm_label = %old.label, pid = old.pid, "warm_agent_recycled");
                 stop.push(old);
             }
+            if state.failures > 0 {
+                match state.idle.iter().map(|w| w.warm_at).min() {
+                    Some(oldest) if oldest.elapsed() >= HEALTHY_AFTER => {
+                        end_streak(&mut state, "a warm process stayed up");
+                    }
+                    Some(oldest) => {
+                        let left = HEALTHY_AFTER.saturating_sub(oldest.elapsed());
+                        wake_at = wake_at.min(now + left);
+                    }
+                    None => {}
+                }
+            }
             while state.idle.len() > keep {
                 // The newest go first: the oldest are taken first and would be recycled first.
                 stop.push(state.idle.pop_back().expect("len > keep"));
@@ -290,9 +318,18 @@ impl Pool {
             let have = state.idle.len() + state.warming;
             if !backing_off && have < target && state.warming < self.settings.concurrency {
                 start = (target - have).min(self.settings.concurrency - state.warming);
-                // After a failure, one at a time until one succeeds.
+                // During a failure streak, one at a time, and none while an idle one has not
+                // proven healthy yet (it may be about to die like the ones before).
                 if state.failures > 0 {
-                    start = start.min(1).min(1 - state.warming.min(1));
+                    let unproven = state
+                        .idle
+                        .iter()
+                        .any(|w| w.warm_at.elapsed() < HEALTHY_AFTER);
+                    start = if state.warming > 0 || unproven {
+                        0
+                    } else {
+                        start.min(1)
+                    };
                 }
                 state.warming += start;
             }
@@ -333,11 +370,7 @@ impl Pool {
                 let exited = warm.exited();
                 let mut state = self.state.lock().expect("pool lock");
                 state.warming -= 1;
-                if state.failures > 0 {
-                    tracing::info!(failures = state.failures, "warm_pool_recovered");
-                }
-                state.failures = 0;
-                state.retry_at = None;
+                // A failure streak ends only once this one proves healthy (see the module docs).
                 if state.closed {
                     warm.stop();
                 } else {
@@ -354,12 +387,8 @@ impl Pool {
             }
             Err(error) => {
                 metrics::warm_up_failed();
-                let first = {
-                    let mut state = self.state.lock().expect("pool lock");
-                    state.warming -= 1;
-                    state.failures == 0
-                };
-                if first {
+                self.state.lock().expect("pool lock").warming -= 1;
+                if self.failed() {
                     tracing::warn!(
                         warm_label = %label,
                         error = %error,
@@ -368,7 +397,6 @@ impl Pool {
                 } else {
                     tracing::debug!(warm_label = %label, error = %error, "warm_up_failed");
                 }
-                self.failed();
             }
         }
         self.publish();
@@ -386,9 +414,25 @@ impl Pool {
         if removed {
             metrics::warm_up_failed();
             let exit = exit.map_or_else(|| "unknown".to_owned(), |e| e.to_string());
-            tracing::warn!(warm_label = %label, exit, "warm_agent_died_idle");
-            self.failed();
+            if self.failed() {
+                tracing::warn!(
+                    warm_label = %label,
+                    exit,
+                    "warm_agent_died_idle; retrying with back-off, sessions start cold meanwhile"
+                );
+            } else {
+                tracing::debug!(warm_label = %label, exit, "warm_agent_died_idle");
+            }
             self.publish();
         }
     }
+}
+
+/// Ends the failure streak of `state`, logging it once.
+fn end_streak(state: &mut State, how: &str) {
+    if state.failures > 0 {
+        tracing::info!(failures = state.failures, how, "warm_pool_recovered");
+    }
+    state.failures = 0;
+    state.retry_at = None;
 }

@@ -34,6 +34,7 @@
 //! own argv and takes its `env` as its environment, then carries on as above (the received
 //! line reports `"warm": true`). `--warm-behaviour=crash` exits 4 before the warm line;
 //! `--warm-behaviour=exit-on-handoff` exits 0 right after reading its line, printing nothing;
+//! `--warm-behaviour=die-after-warm` exits 7 right after its warm line;
 //! `--warm-delay-ms=N` waits that long before the warm line. A ledger gets `warm <pid>` when a
 //! warm process starts (`warm <pid> <unix ms>`).
 //!
@@ -207,6 +208,9 @@ fn warm_up(argv: &[String]) -> Result<(Vec<String>, BTreeMap<String, String>), i
         return Err(4);
     }
     say("AGENT_WORKER_WARM");
+    if behaviour == Some("die-after-warm") {
+        return Err(7);
+    }
     let mut line = String::new();
     if std::io::stdin().read_line(&mut line).is_err() || line.is_empty() {
         eprintln!("no handoff line");
