@@ -109,6 +109,11 @@ impl ConnectError {
         matches!(self, Self::AuthFailed { .. })
     }
 
+    /// True for [`ConnectError::TlsFailed`].
+    pub fn is_tls_failure(&self) -> bool {
+        matches!(self, Self::TlsFailed { .. })
+    }
+
     /// True for [`ConnectError::AuthFailed`] and [`ConnectError::TlsFailed`]: failures that
     /// retrying does not fix, so a command-line call reports them at once.
     pub fn is_permanent(&self) -> bool {

@@ -32,6 +32,7 @@ pub const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 pub struct Health {
     redis: AtomicBool,
     redis_auth_failed: AtomicBool,
+    redis_tls_failed: AtomicBool,
     job_worker: AtomicBool,
     draining: AtomicBool,
 }
@@ -50,6 +51,13 @@ impl Health {
     /// Records whether Redis refused our credentials (the reason `/readyz` gives).
     pub fn set_redis_auth_failed(&self, refused: bool) {
         self.redis_auth_failed.store(refused, Ordering::Relaxed);
+    }
+
+    /// Whether the last connection attempt failed in its TLS handshake (an untrusted
+    /// certificate, a client certificate refused, a plain-text port), which retrying alone does
+    /// not fix: `/readyz` names it.
+    pub fn set_redis_tls_failed(&self, failed: bool) {
+        self.redis_tls_failed.store(failed, Ordering::Relaxed);
     }
 
     /// Records whether the apalis job worker is running (true before each run, false when a
@@ -84,6 +92,8 @@ impl Health {
             Some("draining")
         } else if self.redis_auth_failed.load(Ordering::Relaxed) {
             Some("redis authentication failed")
+        } else if self.redis_tls_failed.load(Ordering::Relaxed) {
+            Some("redis TLS handshake failed")
         } else if !self.redis() {
             Some("redis unreachable")
         } else if !self.job_worker() {
@@ -123,12 +133,18 @@ pub async fn probe_loop(
                 failures = 0;
                 health.set_redis(true);
                 health.set_redis_auth_failed(false);
+                health.set_redis_tls_failed(false);
                 redis_up(true);
             }
             Err(error) => {
                 // A password rotated under a running worker: say so, not "unreachable".
                 let refused = error.as_ref().is_some_and(crate::connection::is_auth_error);
                 health.set_redis_auth_failed(refused);
+                health.set_redis_tls_failed(
+                    error
+                        .as_ref()
+                        .is_some_and(|e| crate::connection::tls_error(e).is_some()),
+                );
                 if failures == 0 {
                     let error = error.map_or_else(
                         || format!("no answer within {timeout:?}"),

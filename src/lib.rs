@@ -37,7 +37,8 @@
 //!
 //! Agents:
 //! - [`agent`]: one agent process, from its command line to its reaped exit: launcher,
-//!   output, log list and files, containment, spawn, supervisor, capacity.
+//!   output, log list and files, containment, spawn, supervisor, capacity; and the warm pool
+//!   (`agent.warm_pool`) of processes that did their imports before their session came.
 //!
 //! Observability:
 //! - [`metrics`]: every series and the helpers that record them.

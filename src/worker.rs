@@ -186,13 +186,17 @@ async fn run_worker(
         &settings.redis,
         &redis_health,
         &shutdown.graceful,
-        |error| health.set_redis_auth_failed(error.is_auth_failure()),
+        |error| {
+            health.set_redis_auth_failed(error.is_auth_failure());
+            health.set_redis_tls_failed(error.is_tls_failure());
+        },
     )
     .await
     else {
         return Ok(());
     };
     health.set_redis_auth_failed(false);
+    health.set_redis_tls_failed(false);
     console.connected(conn.clone());
     check_eviction(&conn, &settings).await?;
     // The wake-up listener's own connection (pub/sub), with the same TLS settings.

@@ -289,9 +289,29 @@ async fn a_rediss_worker_starts_a_session_and_refuses_an_untrusted_certificate()
     .await;
     assert_untrusted("enqueue", ok, took, &text);
 
-    // A worker that does not trust the server waits, says why once, and never starts.
-    let worker = kill.track(cli(&redis.url("127.0.0.1"), &["run"], &[]).spawn().unwrap());
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // A worker that does not trust the server waits, unready with the reason, says why once
+    // in its log, and never starts.
+    let port = free_port();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let http = addr.to_string();
+    let worker = kill.track(
+        cli(
+            &redis.url("127.0.0.1"),
+            &["run"],
+            &[("AGENT_WORKER__HTTP__ADDR", http.as_str())],
+        )
+        .spawn()
+        .unwrap(),
+    );
+    wait_for(
+        "/readyz to name the TLS failure",
+        Duration::from_secs(20),
+        || async {
+            let (code, body) = http_get(addr, "/readyz").await?;
+            (code == 503 && body.contains("redis TLS handshake failed")).then_some(())
+        },
+    )
+    .await;
     signal(&worker, Signal::SIGTERM);
     let out = output_of(worker).await;
     let stderr = String::from_utf8_lossy(&out.stderr);

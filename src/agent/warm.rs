@@ -18,7 +18,7 @@
 //!    agent (with `warm=1` in `session:<id>`).
 //!
 //! A process that is gone before it took its session (it died idle, could not be written to,
-//! or exited without printing a line after the handoff) is [`HandoffError::Lost`]: the start
+//! or exited without printing a line after the handoff) is lost (`HandoffError::Lost`): the start
 //! falls back to a cold launch at once, and the job never fails because of the pool. One
 //! that printed output and then failed is the session's agent failing, as a cold one can.
 

@@ -16,7 +16,7 @@
 //!   and an idle process that dies, start a failure streak: the next warm-up waits 1 s,
 //!   doubling up to 1 min, one at a time, and the streak is logged once when it begins
 //!   (`warm_up_failed` or `warm_agent_died_idle`) and once when it ends (`warm_pool_recovered`).
-//!   It ends when a warm process takes a session or has stayed idle for [`HEALTHY_AFTER`], not
+//!   It ends when a warm process takes a session or has stayed idle for `HEALTHY_AFTER` (10 s), not
 //!   at its warm line: a process that dies right after it would otherwise restart the back-off
 //!   at 1 s every time. No respawn loop, and starts go on cold.
 //! - **Recycling.** An idle process older than `agent.warm_max_idle` is replaced.
