@@ -20,6 +20,7 @@ use agent_jobs::{
     keys::{
         EVENTS, SESSION_HEARTBEATS, SESSIONS_READY, SESSIONS_STARTING, WORKERS, legacy_metrics,
     },
+    session_state::fields,
 };
 use redis::{FromRedisValue, Script, ScriptInvocation, Value, aio::ConnectionManager};
 
@@ -129,26 +130,34 @@ pub struct AgentRecord {
     pub startup: Duration,
     /// `logFile`.
     pub log_file: Option<String>,
+    /// `warm`: a warm process took the session.
+    pub warm: bool,
 }
 
 impl AgentRecord {
     /// The record's fields (all but `status` and `workerId`), as written.
     fn fields(&self) -> Vec<(&'static str, String)> {
-        let mut fields = vec![
-            ("voiceId", self.voice_id.clone()),
-            ("taskId", self.task_id.clone()),
-            ("createdAt", self.created_at.to_string()),
-            ("agentPid", self.pid.to_string()),
-            ("agentPgid", self.pgid.to_string()),
-            ("startupTime", format!("{:.3}", self.startup.as_secs_f64())),
+        let mut pairs = vec![
+            (fields::VOICE_ID, self.voice_id.clone()),
+            (fields::TASK_ID, self.task_id.clone()),
+            (fields::CREATED_AT, self.created_at.to_string()),
+            (fields::AGENT_PID, self.pid.to_string()),
+            (fields::AGENT_PGID, self.pgid.to_string()),
+            (
+                fields::STARTUP_TIME,
+                format!("{:.3}", self.startup.as_secs_f64()),
+            ),
         ];
         if let Some(user) = &self.user_id {
-            fields.push(("userId", user.clone()));
+            pairs.push((fields::USER_ID, user.clone()));
         }
         if let Some(path) = &self.log_file {
-            fields.push(("logFile", path.clone()));
+            pairs.push((fields::LOG_FILE, path.clone()));
         }
-        fields
+        if self.warm {
+            pairs.push((fields::WARM, "1".to_owned()));
+        }
+        pairs
     }
 }
 
@@ -586,8 +595,8 @@ impl SessionStore {
     ) -> Result<EndRecord, SessionError> {
         let keys = SessionKeys::new(id);
         let (exit_field, exit_value) = match end.exit {
-            Some(AgentExit::Code(code)) => ("exitCode", code),
-            Some(AgentExit::Signal(signal)) => ("exitSignal", signal),
+            Some(AgentExit::Code(code)) => (fields::EXIT_CODE, code),
+            Some(AgentExit::Signal(signal)) => (fields::EXIT_SIGNAL, signal),
             None => ("", 0),
         };
         let mut invocation = END.prepare_invoke();

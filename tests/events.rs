@@ -337,8 +337,17 @@ async fn a_heartbeat_that_turns_starting_into_ready_and_a_restored_record_append
         pgid: 1,
         startup: Duration::from_millis(5),
         log_file: None,
+        warm: true,
     };
     assert_eq!(store.restore("w", &[record], unix_now()).await.unwrap(), 1);
+    // What the worker held is written back, the warm-pool flag with it.
+    let warm: Option<String> = redis
+        .conn
+        .clone()
+        .hget(SessionKeys::new(&id).state(), "warm")
+        .await
+        .unwrap();
+    assert_eq!(warm.as_deref(), Some("1"));
     let events = wait_events(&redis.conn, &id, &["starting", "ready", "ready"]).await;
     check_fields(&events[2], &id, Some("w"), None);
 }

@@ -528,6 +528,7 @@ impl Inner {
                         pgid: agent.pgid,
                         startup: agent.startup,
                         log_file: attempts.log_file.clone(),
+                        warm: agent.warm,
                     };
                     return Ok(self.clone().adopt(slot, agent, record, attempts.made).await);
                 }

@@ -18,6 +18,7 @@ use std::time::Duration;
 use agent_jobs::{
     AgentStart, Producer, QueueKeys, SessionConfigInput, SessionId, SessionKeys,
     keys::{SESSIONS_READY, SESSIONS_STARTING},
+    session_state::fields,
 };
 use anyhow::{Context, bail};
 use redis::{AsyncCommands, aio::ConnectionManager};
@@ -115,7 +116,7 @@ pub async fn run(mut settings: Settings) -> anyhow::Result<()> {
     for row in &rows {
         let keys = SessionKeys::new(&row.session);
         // The orchestrator's end-of-session handler: the record the agent left, then the keys.
-        let status: Option<String> = conn.hget(keys.state(), "status").await?;
+        let status: Option<String> = conn.hget(keys.state(), fields::STATUS).await?;
         redis::pipe()
             .del(&keys.all())
             .ignore()
@@ -167,8 +168,8 @@ async fn report(
         let received = loop {
             let (status, error): (Option<String>, Option<String>) = redis::cmd("HMGET")
                 .arg(keys.state())
-                .arg("status")
-                .arg("error")
+                .arg(fields::STATUS)
+                .arg(fields::ERROR)
                 .query_async(conn)
                 .await?;
             if status.as_deref() == Some("error") {
@@ -193,8 +194,8 @@ async fn report(
         };
         let (pid, startup): (Option<String>, Option<String>) = redis::cmd("HMGET")
             .arg(keys.state())
-            .arg("agentPid")
-            .arg("startupTime")
+            .arg(fields::AGENT_PID)
+            .arg(fields::STARTUP_TIME)
             .query_async(conn)
             .await?;
         let startup = startup.and_then(|s| s.parse::<f64>().ok()).map_or_else(

@@ -4,7 +4,7 @@
 
 use std::fmt::Write;
 
-use agent_jobs::{SessionId, keys::SESSION_HEARTBEATS};
+use agent_jobs::{SessionId, keys::SESSION_HEARTBEATS, session_state::fields};
 use axum::{
     extract::{Path, RawQuery, State},
     http::{HeaderMap, StatusCode},
@@ -477,7 +477,7 @@ pub async fn session(
     let status = detail
         .record
         .iter()
-        .find(|(k, _)| k == "status")
+        .find(|(k, _)| k == fields::STATUS)
         .map(|(_, v)| v.as_str());
     if let Some(csrf) = visit.csrf()
         && matches!(status, Some("starting" | "ready"))

@@ -20,7 +20,7 @@
 
 use std::time::{Duration, Instant};
 
-use agent_jobs::{SessionId, SessionKeys, keys::SESSION_HEARTBEATS};
+use agent_jobs::{SessionId, SessionKeys, keys::SESSION_HEARTBEATS, session_state::fields};
 use redis::aio::ConnectionManager;
 
 use crate::{
@@ -219,8 +219,8 @@ impl StaleSessionSweep {
             pipe.zscore(SESSION_HEARTBEATS, id.as_str())
                 .cmd("HMGET")
                 .arg(SessionKeys::new(id).state())
-                .arg("lastActive")
-                .arg("createdAt");
+                .arg(fields::LAST_ACTIVE)
+                .arg(fields::CREATED_AT);
         }
         let flat: Vec<redis::Value> = pipe.query_async(&mut self.conn.clone()).await?;
         let mut candidates = Vec::new();
