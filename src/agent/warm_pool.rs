@@ -188,16 +188,21 @@ impl Launcher for PooledLauncher {
 impl Pool {
     /// The oldest idle process that is still alive, out of the pool for good.
     fn take(&self) -> Option<WarmProcess> {
+        let mut dead = Vec::new();
         let taken = {
             let mut state = self.state.lock().expect("pool lock");
             loop {
                 match state.idle.pop_front() {
-                    // Its death is counted by its watcher.
-                    Some(warm) if warm.has_exited() => continue,
+                    // Dead before its watcher could remove it: the watcher will find nothing
+                    // to remove, so its death is counted here.
+                    Some(warm) if warm.has_exited() => dead.push(warm.label.clone()),
                     other => break other,
                 }
             }
         };
+        for label in &dead {
+            self.idle_death(label, "exited before it was taken".to_owned());
+        }
         self.publish();
         self.changed.notify_one();
         taken
@@ -412,18 +417,25 @@ impl Pool {
             before != state.idle.len() && !state.closed
         };
         if removed {
-            metrics::warm_up_failed();
-            let exit = exit.map_or_else(|| "unknown".to_owned(), |e| e.to_string());
-            if self.failed() {
-                tracing::warn!(
-                    warm_label = %label,
-                    exit,
-                    "warm_agent_died_idle; retrying with back-off, sessions start cold meanwhile"
-                );
-            } else {
-                tracing::debug!(warm_label = %label, exit, "warm_agent_died_idle");
-            }
+            self.idle_death(
+                label,
+                exit.map_or_else(|| "unknown".to_owned(), |e| e.to_string()),
+            );
             self.publish();
+        }
+    }
+
+    /// Counts the death of an idle warm process as a failure of the streak.
+    fn idle_death(&self, label: &SessionId, exit: String) {
+        metrics::warm_up_failed();
+        if self.failed() {
+            tracing::warn!(
+                warm_label = %label,
+                exit,
+                "warm_agent_died_idle; retrying with back-off, sessions start cold meanwhile"
+            );
+        } else {
+            tracing::debug!(warm_label = %label, exit, "warm_agent_died_idle");
         }
     }
 }

@@ -22,9 +22,12 @@
 //! - `alive-never-ready`: print `AGENT_ALIVE` (the alive phase) and never a ready line.
 //! - `chatty`: print the ready line, then 250 lines `chatty line <i>`, then run until SIGTERM.
 //! - `ignore-term`: print the ready line and ignore SIGTERM; only SIGKILL ends it.
-//! - `escape`: start a process of its own in a new process group (as a daemonizing helper
-//!   would, out of reach of a signal to the agent's group: `test-agent --behaviour linger
-//!   --room=<room>-escapee`), print the ready line, run until SIGTERM.
+//! - `crash-after-ready`: print the ready line and exit 3 at once (a call that crashes).
+//! - `escape`: daemonize a process as a helper would: start a child (`--behaviour
+//!   escape-middle`) that starts a grandchild (`--behaviour setsid-linger`, which calls
+//!   `setsid()` and lingers) and exits at once, so the grandchild is an orphan in a session of
+//!   its own, out of reach of a signal to the agent's group; print `escapee <its pid>`, then
+//!   the ready line, and run until SIGTERM.
 //! - `linger`: print nothing and run until killed.
 //! - `flood`: print the ready line, then lines as fast as it can for `--flood-secs` seconds
 //!   (default 2), then `flood done <lines> <lines per second>`, then run until SIGTERM.
@@ -157,24 +160,52 @@ pub fn main(mut argv: Vec<String>) -> i32 {
             let _ = term.wait();
             0
         }
+        "crash-after-ready" => {
+            say(&ready);
+            3
+        }
         "escape" => {
-            use std::os::unix::process::CommandExt;
-            let exe = std::env::current_exe().expect("the test agent's own binary");
-            let escapee = std::process::Command::new(exe)
-                .args([SUBCOMMAND, "--behaviour", "linger"])
+            // The middle process prints its child's pid and exits; the grandchild is then
+            // re-parented away from us, as a double-forked daemon is.
+            let middle = std::process::Command::new(own_exe())
+                .args([SUBCOMMAND, "--behaviour", "escape-middle"])
                 .arg(format!("--room={room}-escapee"))
-                .process_group(0)
                 .stdin(std::process::Stdio::null())
-                .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::null())
-                .spawn();
-            match escapee {
-                Ok(child) => say(&format!("escapee {}", child.id())),
+                .output();
+            match middle {
+                // Its last line is the pid (after its own `test-agent received` line).
+                Ok(out) => {
+                    let stdout = String::from_utf8_lossy(&out.stdout);
+                    let pid = stdout.lines().last().unwrap_or_default().trim();
+                    say(&format!("escapee {pid}"));
+                }
                 Err(error) => say(&format!("escapee failed: {error}")),
             }
             say(&ready);
             let _ = term.wait();
             0
+        }
+        "escape-middle" => {
+            let grandchild = std::process::Command::new(own_exe())
+                .args([SUBCOMMAND, "--behaviour", "setsid-linger"])
+                .arg(format!("--room={room}"))
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn();
+            match grandchild {
+                Ok(child) => {
+                    println!("{}", child.id());
+                    0
+                }
+                Err(_) => 1,
+            }
+        }
+        "setsid-linger" => {
+            // A session (and process group) of its own, as a daemon makes itself.
+            let _ = nix::unistd::setsid();
+            park_forever()
         }
         "linger" => park_forever(),
         "ignore-term" => {
@@ -189,6 +220,11 @@ pub fn main(mut argv: Vec<String>) -> i32 {
             0
         }
     }
+}
+
+/// This binary (the worker's, running as the test agent).
+fn own_exe() -> std::path::PathBuf {
+    std::env::current_exe().expect("the test agent's own binary")
 }
 
 /// The warm phase: the warm line, then the handoff line's `args` and `env`, or the exit code
