@@ -7,6 +7,8 @@
 //! - [`log_list`]: shipping its output to `agent:<id>:logs`, batched and bounded.
 //! - [`log_files`]: its per-session log file (`agent.log_dir`).
 //! - [`containment`]: its whole process tree ends with its session (cgroup v2, or a subreaper).
+//! - [`cgroup_guard`]: a process that removes the worker's agent cgroups once the worker is
+//!   gone, however it died.
 //! - [`spawn`]: starting it without forking the worker, waited for on a pidfd.
 //! - [`supervisor`]: the agents of this process: launch with retries, one per session, exit.
 //! - [`capacity`]: `agent.max_agents`: a full replica fetches no jobs.
@@ -14,6 +16,7 @@
 //! - [`warm_pool`]: `agent.warm_pool`: idle warm processes per replica, refilled with back-off.
 
 pub mod capacity;
+pub mod cgroup_guard;
 pub mod command;
 pub mod containment;
 pub mod launcher;

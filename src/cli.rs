@@ -21,7 +21,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use crate::{
-    agent::containment,
+    agent::{cgroup_guard, containment},
     clock::{self, unix_now},
     connection, inspect,
     jobs::sweep::{self as stale, StaleSessionSweep},
@@ -156,6 +156,11 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     // be killed with their session (see containment.rs).
     if let Err(error) = containment::become_subreaper() {
         tracing::warn!(error = %error, "subreaper_unavailable");
+    }
+    // With cgroups, a guard started from this binary removes them if the worker is killed.
+    match std::env::current_exe() {
+        Ok(exe) => cgroup_guard::enable(exe),
+        Err(error) => tracing::warn!(error = %error, "cgroup_guard_unavailable"),
     }
     let shutdown = Shutdown::new();
     let signals = shutdown::on_signals(shutdown.clone());

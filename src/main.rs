@@ -3,6 +3,7 @@
 use std::{process::ExitCode, time::Duration};
 
 use agent_worker::{
+    agent::cgroup_guard,
     cli::{self, Cli, Command, test_agent},
     connection,
     settings::Settings,
@@ -11,12 +12,16 @@ use agent_worker::{
 use clap::Parser;
 
 fn main() -> ExitCode {
-    // The stand-in agent of the demo and the tests, before clap: its arguments are the agent
-    // command line of the contract, not ours, and it needs no settings.
+    // The processes the worker starts from its own binary, before clap: the stand-in agent of
+    // the demo and the tests (its arguments are the agent command line of the contract, not
+    // ours) and the cgroup guard. Neither needs settings.
     let mut args = std::env::args_os();
-    if args.nth(1).as_deref() == Some(std::ffi::OsStr::new(test_agent::SUBCOMMAND)) {
-        let argv = args.map(|a| a.to_string_lossy().into_owned()).collect();
-        return ExitCode::from(test_agent::main(argv) as u8);
+    let hidden = args.nth(1);
+    let rest = || args.map(|a| a.to_string_lossy().into_owned()).collect();
+    match hidden.as_deref().and_then(std::ffi::OsStr::to_str) {
+        Some(test_agent::SUBCOMMAND) => return ExitCode::from(test_agent::main(rest()) as u8),
+        Some(cgroup_guard::SUBCOMMAND) => return ExitCode::from(cgroup_guard::main(rest()) as u8),
+        _ => {}
     }
     let cli = Cli::parse();
     let settings = match Settings::load(cli.config.as_deref()) {

@@ -1,6 +1,7 @@
 //! No escaped processes: whatever an agent starts, even outside its process group, ends with
 //! its session. This machine offers both mechanisms (a writable cgroup v2 and a subreaper), so
-//! both are tested, and the cgroup's guarantee after a SIGKILLed worker too.
+//! both are tested, and the cgroup's guarantee after a SIGKILLed worker too: its guard kills
+//! what escaped at once, and without the guard the next worker does.
 
 mod common;
 
@@ -89,19 +90,52 @@ async fn an_escaped_process_ends_with_its_session_in_a_cgroup_and_under_the_subr
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_sigkilled_workers_escaped_processes_are_killed_by_the_next_worker_in_its_cgroup() {
-    let redis = TestRedis::start().await;
-    let first = worker(&redis.url(), "cgroup");
-    let id = sid("orphaned-escapee");
+/// The cgroup guard `agent-worker run` started (a child of `worker` running `cgroup-guard`).
+async fn guard_of(worker: &std::process::Child) -> u32 {
+    let parent = worker.id().to_string();
+    wait_for(
+        "the worker's cgroup guard",
+        Duration::from_secs(10),
+        || async {
+            std::fs::read_dir("/proc")
+                .ok()?
+                .flatten()
+                .find_map(|entry| {
+                    let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+                    let status = std::fs::read_to_string(entry.path().join("status")).ok()?;
+                    let ppid = status.lines().find_map(|l| l.strip_prefix("PPid:"))?.trim();
+                    let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+                    let guard = cmdline.split(|b| *b == 0).any(|arg| arg == b"cgroup-guard");
+                    (ppid == parent && guard).then_some(pid)
+                })
+        },
+    )
+    .await
+}
+
+/// A worker in a cgroup with one ready session whose agent left an escaped process; returns
+/// the worker, its agent's pid and the escapee's.
+async fn worker_with_an_escapee(redis: &TestRedis, name: &str) -> (std::process::Child, u32, u32) {
+    let worker = worker(&redis.url(), "cgroup");
+    let id = sid(name);
     enqueue(&redis.conn, &id, None).await;
     wait_status(&redis.conn, &id, "ready", Duration::from_secs(20)).await;
-    let escaped = escapee(&redis, &id).await;
+    let escaped = escapee(redis, &id).await;
     let agent: u32 = hget(&redis.conn, &SessionKeys::new(&id).state(), "agentPid")
         .await
         .unwrap()
         .parse()
         .unwrap();
+    (worker, agent, escaped)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkilled_workers_escaped_processes_die_with_it_and_without_its_guard_by_the_next_worker()
+ {
+    let redis = TestRedis::start().await;
+    // The guard sees the worker go and removes its cgroups: the escapee dies at once.
+    let (first, agent, escaped) = worker_with_an_escapee(&redis, "orphaned-escapee").await;
+    let guard = guard_of(&first).await;
     signal(&first, Signal::SIGKILL);
     output_of(first).await;
     wait_for(
@@ -110,15 +144,37 @@ async fn a_sigkilled_workers_escaped_processes_are_killed_by_the_next_worker_in_
         || async { (!alive(agent)).then_some(()) },
     )
     .await;
-    // Out of the group, not a child of anyone who would kill it: it lives on...
+    wait_for(
+        "the escaped process to be killed by the guard",
+        Duration::from_secs(10),
+        || async { (!alive(escaped)).then_some(()) },
+    )
+    .await;
+    wait_for("the guard to exit", Duration::from_secs(10), || async {
+        (!alive(guard)).then_some(())
+    })
+    .await;
+
+    // Guard and worker both killed: out of the group, no one's child, the escapee lives on...
+    let (second, agent, escaped) = worker_with_an_escapee(&redis, "orphaned-twice").await;
+    let guard = guard_of(&second).await;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(guard as i32), Signal::SIGKILL).unwrap();
+    signal(&second, Signal::SIGKILL);
+    output_of(second).await;
+    wait_for(
+        "the agent to die with its worker",
+        Duration::from_secs(5),
+        || async { (!alive(agent)).then_some(()) },
+    )
+    .await;
     assert!(alive(escaped));
     // ...until a worker starts in the same cgroup and kills what dead workers left.
-    let second = worker(&redis.url(), "cgroup");
+    let third = worker(&redis.url(), "cgroup");
     wait_for(
         "the escaped process to be gone",
         Duration::from_secs(10),
         || async { (!alive(escaped)).then_some(()) },
     )
     .await;
-    assert_eq!(mechanism(second).await, "cgroup");
+    assert_eq!(mechanism(third).await, "cgroup");
 }

@@ -8,9 +8,11 @@
 //!   cgroup of its own, `<worker's cgroup>/aw-<pid>-<rand>/<session>`: the child moves itself
 //!   there before it execs (see [`crate::agent::spawn::spawn_into`]), so everything it starts is born
 //!   inside, `setsid()` or not. When the session ends, `cgroup.kill` takes the whole cgroup.
-//!   A worker that was SIGKILLed leaves its agents' cgroups behind: its agents died by their
-//!   death signal, and whatever escaped is killed by the next worker that starts in the same
-//!   cgroup (it kills the cgroups of workers that are gone), or with the service's cgroup.
+//!   A worker that was SIGKILLed cannot do that: its agents die by their death signal, and
+//!   whatever escaped is killed by the worker's guard ([`crate::agent::cgroup_guard`], a
+//!   process `agent-worker run` starts that outlives it). Should the guard be killed too, the
+//!   next worker that starts in the same cgroup kills the cgroups of workers that are gone, or
+//!   they go with the service's cgroup.
 //! - **subreaper** (`PR_SET_CHILD_SUBREAPER`, which `agent-worker run` sets on itself): an
 //!   orphan in an agent's tree is re-parented to the worker instead of to init. Each agent gets
 //!   `AGENT_WORKER_SCOPE=<worker id>/<session id>` in its environment, which its descendants
@@ -40,6 +42,8 @@ use nix::{
 };
 use serde::Deserialize;
 
+use super::cgroup_guard::Guard;
+
 /// The environment variable that marks an agent's descendants as its own.
 pub const SCOPE_VAR: &str = "AGENT_WORKER_SCOPE";
 
@@ -67,8 +71,14 @@ pub enum ContainmentSetting {
 /// The mechanism in use.
 #[derive(Debug)]
 pub enum Containment {
-    /// One cgroup per agent below this directory (the worker's own, created for it).
-    Cgroup(PathBuf),
+    /// One cgroup per agent below `dir` (the worker's own, created for it), watched by a
+    /// guard where `agent-worker run` enabled one.
+    Cgroup {
+        /// The worker's cgroup directory.
+        dir: PathBuf,
+        /// The process that removes `dir`'s cgroups once the worker is gone.
+        guard: Option<Guard>,
+    },
     /// Re-parented descendants carrying the session's marker are killed.
     Subreaper,
     /// Only the process group.
@@ -109,7 +119,18 @@ impl Containment {
             ContainmentSetting::Auto | ContainmentSetting::Cgroup
         ) {
             match worker_cgroup(worker_id) {
-                Ok(dir) => return Ok(Self::Cgroup(dir)),
+                Ok(dir) => {
+                    let guard = Guard::start(&dir).unwrap_or_else(|error| {
+                        // Still contained while the worker lives; a SIGKILL then leaves
+                        // escaped processes to the next worker, as without a guard.
+                        tracing::warn!(error = %error, "cgroup_guard_failed");
+                        None
+                    });
+                    if let Some(guard) = &guard {
+                        tracing::info!(pid = guard.pid(), cgroup = %dir.display(), "cgroup_guard_started");
+                    }
+                    return Ok(Self::Cgroup { dir, guard });
+                }
                 Err(error) if setting == ContainmentSetting::Cgroup => {
                     return Err(NoCgroup(error.to_string()));
                 }
@@ -125,7 +146,7 @@ impl Containment {
     /// The name of the mechanism, as logged.
     pub fn name(&self) -> &'static str {
         match self {
-            Self::Cgroup(_) => "cgroup",
+            Self::Cgroup { .. } => "cgroup",
             Self::Subreaper => "subreaper",
             Self::ProcessGroup => "process-group",
         }
@@ -138,7 +159,7 @@ impl Containment {
     pub fn prepare(&self, worker_id: &str, name: &str) -> AgentScope {
         let marker = format!("{worker_id}/{name}");
         let cgroup = match self {
-            Self::Cgroup(root) => match AgentCgroup::create(root, name) {
+            Self::Cgroup { dir: root, .. } => match AgentCgroup::create(root, name) {
                 Ok(cgroup) => Some(cgroup),
                 Err(error) => {
                     tracing::warn!(scope = name, error = %error, "agent_cgroup_failed");
@@ -162,7 +183,7 @@ impl Containment {
 
     /// Removes the worker's own (empty) cgroup at a clean exit.
     pub fn close(&self) {
-        if let Self::Cgroup(dir) = self {
+        if let Self::Cgroup { dir, .. } = self {
             let _ = fs::remove_dir(dir);
         }
     }
@@ -270,15 +291,7 @@ fn worker_cgroup(worker_id: &str) -> io::Result<PathBuf> {
         };
         let gone = nix::sys::signal::kill(Pid::from_raw(pid), None).is_err();
         if gone && entry.path().is_dir() {
-            let mut killed = 0;
-            for agent in fs::read_dir(entry.path())?.flatten() {
-                if agent.path().is_dir() {
-                    killed += cgroup_pids(&agent.path()).len();
-                    kill_cgroup(&agent.path());
-                    let _ = fs::remove_dir(agent.path());
-                }
-            }
-            let _ = fs::remove_dir(entry.path());
+            let killed = remove_worker_cgroup(&entry.path());
             tracing::info!(cgroup = %name, processes = killed, "stale_agent_cgroups_removed");
         }
     }
@@ -294,6 +307,22 @@ fn worker_cgroup(worker_id: &str) -> io::Result<PathBuf> {
             let _ = fs::remove_dir(&dir);
         })?;
     Ok(dir)
+}
+
+/// Kills the agents' cgroups below a worker's cgroup `dir` and removes them and `dir`;
+/// returns how many processes were in them. Used for the cgroups of workers that are gone:
+/// by the next worker, and by a worker's guard.
+pub(crate) fn remove_worker_cgroup(dir: &Path) -> usize {
+    let mut killed = 0;
+    for agent in fs::read_dir(dir).into_iter().flatten().flatten() {
+        if agent.path().is_dir() {
+            killed += cgroup_pids(&agent.path()).len();
+            kill_cgroup(&agent.path());
+            let _ = fs::remove_dir(agent.path());
+        }
+    }
+    let _ = fs::remove_dir(dir);
+    killed
 }
 
 /// The directory of this process's cgroup v2 (from `/proc/self/cgroup` and the cgroup2 mount).
