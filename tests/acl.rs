@@ -293,6 +293,42 @@ async fn the_worker_runs_end_to_end_under_the_shipped_rule() {
     assert!(ok, "enqueue: {err}");
     wait_status(admin, &second, "ready", Duration::from_secs(20)).await;
 
+    // The orchestrator's Python client under the same rule: enqueue, wait for ready on the
+    // event stream (XREAD), end the session (its atomic delete script): the agent stops.
+    let third = sid("acl-python");
+    let python = |args: &'static [&'static str]| {
+        let (url, third) = (url.clone(), third.clone());
+        async move {
+            let out = tokio::process::Command::new("python3")
+                .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/python"))
+                .args(["-m", "agent_worker", args[0]])
+                .args(["--redis-url", url.as_str(), "--session-id", third.as_str()])
+                .args(&args[1..])
+                .output()
+                .await
+                .expect("python3 -m agent_worker (run through `cargo xtask test`)");
+            assert!(
+                out.status.success(),
+                "python client {}: {}{}",
+                args[0],
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    };
+    python(&["enqueue", "--voice-id", "Ashley"]).await;
+    python(&["wait", "--timeout", "20"]).await;
+    let received = wait_received(admin, &third).await;
+    assert_eq!(received["contract"]["voice_id"], "Ashley");
+    let python_agent = received["pid"].as_u64().unwrap() as u32;
+    python(&["end"]).await;
+    wait_for(
+        "the agent to stop after the Python client ended its session",
+        Duration::from_secs(15),
+        || async { (!alive(python_agent)).then_some(()) },
+    )
+    .await;
+
     // The scheduled sweep and retention ran (a job claims its next tick only after the last
     // one finished).
     wait_for(
