@@ -331,10 +331,9 @@ pub async fn retry_dead(
             .key(keys.dead_at())
             .key(keys.active())
             .key(keys.data())
-            .arg(keys.meta_prefix())
             .arg(keys.wake_channel());
         for id in chunk {
-            invocation.arg(id);
+            invocation.key(keys.meta(id)).arg(id);
         }
         let done: Vec<String> = invocation.invoke_async(&mut conn).await?;
         requeued.extend(done);

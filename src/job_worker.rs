@@ -24,6 +24,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use agent_jobs::keys::APALIS_QUEUES_LIST;
 use apalis::{
     layers::WorkerBuilderExt,
     prelude::{BackendExt, WorkerBuilder, WorkerError},
@@ -160,11 +161,8 @@ impl JobWorker {
 }
 
 /// apalis-redis 1.0.0's `lua/register_worker.lua` (the SHA1 Redis knows it by). It writes
-/// `core:apalis:queues:list`, a key it neither declares nor documents.
+/// `core:apalis:queues:list` ([`APALIS_QUEUES_LIST`]), a key it neither declares nor documents.
 const APALIS_REGISTER_WORKER_SHA: &str = "0d5fbce91e1dcff1121ece41f7169da3c0e39194";
-
-/// The key [`APALIS_REGISTER_WORKER_SHA`] writes besides its declared keys.
-const APALIS_QUEUES_LIST: &str = "core:apalis:queues:list";
 
 /// A refusal by the Redis ACL of the worker's user, read from the text of a job worker error
 /// (they reach us through apalis as text). Redis answers `NOPERM ...` to a command the client

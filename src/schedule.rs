@@ -11,7 +11,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use agent_jobs::keys::TICK_LEASE_PREFIX;
+use agent_jobs::keys::tick_lease;
 use redis::aio::ConnectionManager;
 use tokio_util::sync::CancellationToken;
 
@@ -42,7 +42,7 @@ impl TickLease {
     /// Claims `tick` of the job `name` for `ttl`; true if this caller won it.
     pub async fn claim(&self, name: &str, tick: u64, ttl: Duration) -> redis::RedisResult<bool> {
         let won: Option<String> = redis::cmd("SET")
-            .arg(format!("{TICK_LEASE_PREFIX}:{name}:{tick}"))
+            .arg(tick_lease(name, tick))
             .arg(&self.holder)
             .arg("NX")
             .arg("EX")

@@ -415,7 +415,7 @@ impl SessionStore {
             .key(WORKERS)
             .key(keys.agent_logfile())
             .key(legacy_metrics::COLD_STARTS)
-            .key(attempt.job_meta.unwrap_or(NO_JOB_META))
+            .key(attempt.job_meta.unwrap_or(agent_jobs::keys::NO_JOB_META))
             .arg(worker_id)
             .arg(now)
             .arg(self.owner_dead_before(now))
@@ -795,9 +795,6 @@ impl SessionStore {
 
 /// `events.max_len` of a store built without settings.
 pub const DEFAULT_EVENTS_MAX_LEN: u64 = 10_000;
-
-/// The job meta key of a claim made outside a job (tests, tools): a key nothing writes.
-const NO_JOB_META: &str = "agent-worker:no-job-meta";
 
 /// A script flag.
 fn flag(on: bool) -> &'static str {

@@ -10,13 +10,14 @@ mod common;
 
 use std::{
     collections::HashMap,
+    net::SocketAddr,
     process::Child,
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use agent_jobs::{
     AgentStart, SessionId, SessionKeys,
-    keys::{SESSION_HEARTBEATS, legacy_metrics},
+    keys::{EVENTS, SESSION_HEARTBEATS, legacy_metrics},
 };
 use common::*;
 use nix::sys::signal::Signal;
@@ -235,6 +236,74 @@ async fn stop(worker: Child) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// The `status` (and `reason`) of every event of the session in `agent-worker:events`, oldest
+/// first.
+async fn event_statuses(conn: &ConnectionManager, id: &SessionId) -> Vec<(String, String)> {
+    let entries: Vec<(String, Vec<String>)> = redis::cmd("XRANGE")
+        .arg(EVENTS)
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn.clone())
+        .await
+        .unwrap();
+    entries
+        .into_iter()
+        .filter_map(|(_, flat)| {
+            let fields: HashMap<&str, &str> = flat
+                .chunks_exact(2)
+                .map(|pair| (pair[0].as_str(), pair[1].as_str()))
+                .collect();
+            (fields.get("session_id") == Some(&id.as_str())).then(|| {
+                (
+                    fields.get("status").unwrap_or(&"").to_string(),
+                    fields.get("reason").unwrap_or(&"").to_string(),
+                )
+            })
+        })
+        .collect()
+}
+
+/// The score of `id` in the heartbeat index: the time of its owner's last heartbeat of it.
+async fn heartbeat_of(conn: &ConnectionManager, id: &SessionId) -> Option<u64> {
+    conn.clone()
+        .zscore(SESSION_HEARTBEATS, id.as_str())
+        .await
+        .unwrap()
+}
+
+/// Waits until the owner of the live session `id` has heartbeated it `n` more times (its score
+/// in the heartbeat index, unix seconds, advanced `n` times).
+async fn wait_heartbeats(conn: &ConnectionManager, id: &SessionId, n: usize) {
+    let mut last = heartbeat_of(conn, id).await.expect("a live session");
+    for _ in 0..n {
+        last = wait_for(
+            &format!("a heartbeat of {id} after {last}"),
+            Duration::from_secs(10),
+            || async { heartbeat_of(conn, id).await.filter(|t| *t > last) },
+        )
+        .await;
+    }
+}
+
+/// The TTL of `key` in seconds (`-2` when it does not exist, `-1` without a TTL).
+async fn ttl_of(conn: &ConnectionManager, key: &str) -> i64 {
+    conn.clone().ttl(key).await.unwrap()
+}
+
+/// The value of the counter `name{label}` on the worker's `/metrics` at `http`, if served.
+async fn counter(http: SocketAddr, name: &str, label: &str) -> Option<f64> {
+    let (code, body) = http_get(http, "/metrics").await?;
+    if code != 200 {
+        return None;
+    }
+    body.lines()
+        .filter(|line| {
+            line.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') && rest.contains(label))
+        })
+        .find_map(|line| line.rsplit(' ').next()?.parse().ok())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seed_scenario_through_the_orchestrators_steps_each_agent_gets_its_own_voice() {
     let redis = TestRedis::start().await;
@@ -318,13 +387,28 @@ async fn a_normal_end_leaves_the_billing_record_for_the_orchestrator_then_nothin
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_credit_stop_stops_the_agent_on_another_process_and_keeps_terminated() {
     let redis = TestRedis::start().await;
-    let worker = worker(&redis, &[]);
+    let (heartbeat, stop_grace) = (Duration::from_secs(1), Duration::from_secs(2));
+    let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let (heartbeat_text, grace_text, http_text) = (
+        format!("{}s", heartbeat.as_secs()),
+        format!("{}s", stop_grace.as_secs()),
+        http.to_string(),
+    );
+    let worker = worker(
+        &redis,
+        &[
+            ("AGENT_WORKER__SESSION__HEARTBEAT_INTERVAL", &heartbeat_text),
+            ("AGENT_WORKER__AGENT__STOP_GRACE", &grace_text),
+            ("AGENT_WORKER__HTTP__ADDR", &http_text),
+        ],
+    );
     let id = sid("out-of-credit");
     orchestrator_start(&redis.conn, &id, "u", "Olivia", None, &[]).await;
     wait_status(&redis.conn, &id, "ready", Duration::from_secs(30)).await;
     let pid = agent_pid_of(&redis.conn, &id).await;
     // The orchestrator's terminate_session_insufficient_credits, from this (another) process.
     let state = SessionKeys::new(&id).state();
+    let written = Instant::now();
     let _: () = redis
         .conn
         .clone()
@@ -338,10 +422,12 @@ async fn a_credit_stop_stops_the_agent_on_another_process_and_keeps_terminated()
         )
         .await
         .unwrap();
-    // Within one heartbeat (1 s here) plus the agent's stop.
+    // Within one heartbeat plus the agent's stop (SIGTERM, at worst the grace, SIGKILL), and
+    // a second of slack for the reaping and this poll, counted from the write.
+    let budget = heartbeat + stop_grace + Duration::from_secs(1);
     wait_for(
-        "the agent to be stopped",
-        Duration::from_secs(5),
+        &format!("the agent to be stopped within {budget:?} of the terminated write"),
+        budget.saturating_sub(written.elapsed()),
         || async { (!alive(pid)).then_some(()) },
     )
     .await;
@@ -350,6 +436,15 @@ async fn a_credit_stop_stops_the_agent_on_another_process_and_keeps_terminated()
         status(&redis.conn, &id).await.as_deref(),
         Some("terminated")
     );
+    // The stop is counted by its reason.
+    let (series, label) = ("agent_worker_agent_stops_total", "reason=\"terminated\"");
+    let stops = wait_for(
+        &format!("{series}{{{label}}} on /metrics"),
+        Duration::from_secs(10),
+        || counter(http, series, label),
+    )
+    .await;
+    assert!(stops >= 1.0, "{stops}");
     assert_eq!(
         hget(&redis.conn, &state, "terminationReason")
             .await
@@ -370,10 +465,18 @@ async fn a_credit_stop_stops_the_agent_on_another_process_and_keeps_terminated()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_orchestrator_first_end_stops_the_agent_and_recreates_nothing() {
     let redis = TestRedis::start().await;
-    let worker = worker(&redis, &[]);
-    let id = sid("ended-first");
-    orchestrator_start(&redis.conn, &id, "u", "Craig", None, &[]).await;
-    wait_status(&redis.conn, &id, "ready", Duration::from_secs(30)).await;
+    let worker = worker(
+        &redis,
+        &[("AGENT_WORKER__SESSION__HEARTBEAT_INTERVAL", "1s")],
+    );
+    // A second session keeps running: its heartbeats show the worker's heartbeats go on.
+    let (id, running) = (sid("ended-first"), sid("still-running"));
+    for session in [&id, &running] {
+        orchestrator_start(&redis.conn, session, "u", "Craig", None, &[]).await;
+    }
+    for session in [&id, &running] {
+        wait_status(&redis.conn, session, "ready", Duration::from_secs(30)).await;
+    }
     let pid = agent_pid_of(&redis.conn, &id).await;
     assert!(orchestrator_end(&redis.conn, &id).await.is_some());
     wait_for(
@@ -382,10 +485,26 @@ async fn an_orchestrator_first_end_stops_the_agent_and_recreates_nothing() {
         || async { (!alive(pid)).then_some(()) },
     )
     .await;
-    // Let a few heartbeats and the log shipper run: none of them may bring a key back.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The worker recorded that it stopped the agent because the session ended...
+    wait_for(
+        &format!("the stopped event of {id}"),
+        Duration::from_secs(10),
+        || async {
+            let events = event_statuses(&redis.conn, &id).await;
+            events
+                .iter()
+                .any(|(status, reason)| status == "stopped" && reason == "session_ended")
+                .then_some(())
+        },
+    )
+    .await;
+    // ... then heartbeated on (twice, with the ended session no longer among them): none of
+    // those heartbeats may bring a key back.
+    wait_heartbeats(&redis.conn, &running, 2).await;
     nothing_left(&redis.conn, &id).await.unwrap();
+    // Nor the agent's last lines: a stopped worker has drained its log shipper.
     stop(worker).await;
+    nothing_left(&redis.conn, &id).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -523,6 +642,156 @@ async fn an_agent_stuck_in_its_imports_fails_after_the_alive_timeout() {
         assert_eq!(status(&redis.conn, id).await.as_deref(), Some("error"));
     }
     stop(worker).await;
+}
+
+/// The alive phase is on only when `alive_timeout` < `startup_timeout`: with it on, starts
+/// that work still work, whether the agent prints an alive line or not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_alive_phase_on_agents_with_and_without_an_alive_line_become_ready() {
+    let alive_phase = [
+        ("AGENT_WORKER__AGENT__ALIVE_TIMEOUT", "2s"),
+        ("AGENT_WORKER__AGENT__STARTUP_TIMEOUT", "20s"),
+    ];
+    // The Python agent: `AGENT_ALIVE`, then `Connected to <room>`.
+    let python = TestRedis::start().await;
+    let python_worker = worker(&python, &alive_phase);
+    // The test agent's default behaviour: a ready line only (alive implied).
+    let plain = TestRedis::start().await;
+    let plain_worker = worker_command(
+        &plain.url(),
+        &["run"],
+        "ready",
+        &[
+            alive_phase[0],
+            alive_phase[1],
+            // Longer than the start-up timeout, as `worker` has it.
+            ("AGENT_WORKER__SESSION__STALE_AFTER", "30s"),
+        ],
+    )
+    .spawn()
+    .expect("start the worker");
+    let (alive_first, implied) = (sid("alive-then-connected"), sid("alive-implied"));
+    orchestrator_start(&python.conn, &alive_first, "u", "Craig", None, &[]).await;
+    write_config(&plain.conn, &implied, "Craig", "u").await;
+    let plain_task = enqueue(&plain.conn, &implied, None).await;
+
+    wait_status(&python.conn, &alive_first, "ready", Duration::from_secs(30)).await;
+    let lines: Vec<String> = python
+        .conn
+        .clone()
+        .lrange(SessionKeys::new(&alive_first).agent_logs(), 0, -1)
+        .await
+        .unwrap();
+    let position = |prefix: &str| lines.iter().position(|l| l.starts_with(prefix));
+    let (alive, connected) = (position("AGENT_ALIVE"), position("Connected to"));
+    assert!(
+        alive.is_some() && connected.is_some() && alive < connected,
+        "an alive line, then the connected line: {lines:?}"
+    );
+
+    wait_status(&plain.conn, &implied, "ready", Duration::from_secs(30)).await;
+    wait_done(&plain.conn, &plain_task, Duration::from_secs(10)).await;
+    let report = wait_received(&plain.conn, &implied).await;
+    assert_eq!(report["contract"]["room"], implied.as_str(), "{report}");
+    let lines: Vec<String> = plain
+        .conn
+        .clone()
+        .lrange(SessionKeys::new(&implied).agent_logs(), 0, -1)
+        .await
+        .unwrap();
+    assert!(
+        !lines.iter().any(|l| l.contains("AGENT_ALIVE")),
+        "no alive line was printed: {lines:?}"
+    );
+    stop(python_worker).await;
+    stop(plain_worker).await;
+}
+
+/// An agent that printed its alive line is past the alive phase: without a ready line it
+/// fails at the start-up timeout, not at the (shorter) alive timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_alive_agent_that_never_gets_ready_fails_after_the_startup_timeout() {
+    let redis = TestRedis::start().await;
+    let worker = worker_command(
+        &redis.url(),
+        &["run"],
+        "alive-never-ready",
+        &[
+            ("AGENT_WORKER__AGENT__ALIVE_TIMEOUT", "2s"),
+            ("AGENT_WORKER__AGENT__STARTUP_TIMEOUT", "4s"),
+            ("AGENT_WORKER__AGENT__START_ATTEMPTS", "1"),
+        ],
+    )
+    .spawn()
+    .expect("start the worker");
+    let id = sid("alive-never-ready");
+    write_config(&redis.conn, &id, "Craig", "u").await;
+    let enqueued = Instant::now();
+    let task = enqueue(&redis.conn, &id, None).await;
+    let result = wait_dead(&redis.conn, &task).await;
+    assert!(
+        result.contains("no ready line within 4s"),
+        "the start-up timeout decided: {result}"
+    );
+    assert!(!result.contains("no alive line"), "{result}");
+    assert!(result.contains("AGENT_ALIVE"), "its last line: {result}");
+    // Not before the start-up timeout (a lower bound: it cannot be reached early by load).
+    assert!(enqueued.elapsed() >= Duration::from_secs(4));
+    assert_eq!(status(&redis.conn, &id).await.as_deref(), Some("error"));
+    stop(worker).await;
+}
+
+/// A ready agent that crashes on its own (exit 3): the record says so and is kept for the
+/// orchestrator with a TTL of at most `session.ended_ttl`, with its config, logs and health.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ready_agent_that_crashes_leaves_an_error_record_with_the_ended_ttl() {
+    const ENDED_TTL: i64 = 600;
+    let redis = TestRedis::start().await;
+    let worker = worker_command(
+        &redis.url(),
+        &["run"],
+        "crash-after-ready",
+        &[("AGENT_WORKER__SESSION__ENDED_TTL", "600s")],
+    )
+    .spawn()
+    .expect("start the worker");
+    let id = sid("crashed-call");
+    let keys = SessionKeys::new(&id);
+    // The config is the orchestrator's, with its own (longer) TTL.
+    write_config(&redis.conn, &id, "Craig", "u").await;
+    let task = enqueue(&redis.conn, &id, None).await;
+    wait_field(&redis.conn, &id, "endedAt").await;
+    // It was ready: the job is done, not retried.
+    wait_done(&redis.conn, &task, Duration::from_secs(10)).await;
+    // A stopped worker has drained its log shipper: the TTLs below are final.
+    stop(worker).await;
+
+    let record: HashMap<String, String> = redis.conn.clone().hgetall(keys.state()).await.unwrap();
+    assert_eq!(record["status"], "error", "{record:?}");
+    assert!(record["error"].contains("code 3"), "{record:?}");
+    assert_eq!(record["exitCode"], "3", "{record:?}");
+    assert!(record["endedAt"].parse::<u64>().is_ok(), "{record:?}");
+    assert!(
+        record.contains_key("startupTime"),
+        "it was ready: {record:?}"
+    );
+    let events = event_statuses(&redis.conn, &id).await;
+    let statuses: Vec<&str> = events.iter().map(|(s, _)| s.as_str()).collect();
+    assert_eq!(statuses, ["starting", "ready", "error"], "{events:?}");
+    for key in [
+        keys.state(),
+        keys.config(),
+        keys.agent_logs(),
+        keys.agent_health(),
+    ] {
+        let ttl = ttl_of(&redis.conn, &key).await;
+        assert!(
+            0 < ttl && ttl <= ENDED_TTL,
+            "{key}: TTL {ttl} within session.ended_ttl ({ENDED_TTL} s)"
+        );
+    }
+    let pid: Option<String> = redis.conn.clone().get(keys.agent_pid()).await.unwrap();
+    assert_eq!(pid, None, "agent:<id>:pid is gone");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

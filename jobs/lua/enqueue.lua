@@ -8,12 +8,14 @@
 --
 -- KEYS[1]: <queue>:data      (HASH task id -> payload)
 -- KEYS[2]: <queue>:active    (LIST of ready task ids)
--- ARGV[1]: meta key prefix   (<queue>:meta; the hash of a task is <prefix>:<task id>)
--- ARGV[2]: idempotency key prefix (<queue>:idempotency)
--- ARGV[3]: idempotency TTL in seconds (> 0)
--- ARGV[4]: max_attempts written into each task's meta
--- ARGV[5]: wake-up channel, published to once when anything was pushed
--- ARGV[6..]: triples of task id, payload, idempotency key ('' for none)
+-- KEYS[3..]: pairs per job, in the order of the triples: its meta hash
+--            (<queue>:meta:<task id>) and its idempotency key
+--            (<queue>:idempotency:<idempotency key>; any name, untouched, when it has none)
+-- ARGV[1]: idempotency TTL in seconds (> 0)
+-- ARGV[2]: max_attempts written into each task's meta
+-- ARGV[3]: wake-up channel, published to once when anything was pushed
+-- ARGV[4..]: triples of task id, payload, idempotency key ('' for none): job n (from 0) is
+--            ARGV[4 + 3n .. 6 + 3n] with KEYS[3 + 2n] and KEYS[4 + 2n]
 --
 -- Returns a flat array: for each job, 1 and its new task id, or 0 and the task id that already
 -- holds its idempotency key.
@@ -29,8 +31,8 @@
 -- a single job (the orchestrator's usual call) skips the batch tables altogether. Numbers are
 -- passed to redis.call as strings ('0', '1'): Redis formats a Lua number with snprintf.
 local call = redis.call
-local argv = ARGV
-local data_key, active_key = KEYS[1], KEYS[2]
+local argv, keys = ARGV, KEYS
+local data_key, active_key = keys[1], keys[2]
 
 -- The task id holding `idem_key`, or an error reply naming the key.
 local function holder_of(idem_key)
@@ -42,38 +44,38 @@ local function holder_of(idem_key)
         ' holds a ' .. call('TYPE', idem_key)['ok'] .. ', not a task id')
 end
 
-if #argv == 8 then
-    local task_id, idem = argv[6], argv[8]
+if #argv == 6 then
+    local task_id, idem = argv[4], argv[6]
     if idem ~= '' then
-        local idem_key = argv[2] .. ':' .. idem
-        if not call('SET', idem_key, task_id, 'NX', 'EX', argv[3]) then
+        local idem_key = keys[4]
+        if not call('SET', idem_key, task_id, 'NX', 'EX', argv[1]) then
             local holder, err = holder_of(idem_key)
             return err or {0, holder}
         end
     end
-    call('HSET', data_key, task_id, argv[7])
-    call('HSET', argv[1] .. ':' .. task_id,
-        'attempts', '0', 'max_attempts', argv[4], 'status', 'Pending',
+    call('HSET', data_key, task_id, argv[5])
+    call('HSET', keys[3],
+        'attempts', '0', 'max_attempts', argv[2], 'status', 'Pending',
         'idempotency_key', idem)
     call('RPUSH', active_key, task_id)
-    call('PUBLISH', argv[5], '1')
+    call('PUBLISH', argv[3], '1')
     return {1, task_id}
 end
 
-local meta_prefix = argv[1] .. ':'
-local idem_prefix = argv[2] .. ':'
-local idem_ttl = argv[3]
-local max_attempts = argv[4]
+local idem_ttl = argv[1]
+local max_attempts = argv[2]
 
 -- First every idempotency key: a failure here can still be undone.
 local out, n = {}, 0
 local claimed, c = {}, 0 -- idempotency keys set by this call
 local fresh, k = {}, 0 -- ARGV index of each job to push
-for i = 6, #argv, 3 do
+local metas = {} -- meta key of each job to push
+local key = 3 -- KEYS index of the current job's meta key
+for i = 4, #argv, 3 do
     local task_id, idem = argv[i], argv[i + 2]
     local holder = false
     if idem ~= '' then
-        local idem_key = idem_prefix .. idem
+        local idem_key = keys[key + 1]
         if call('SET', idem_key, task_id, 'NX', 'EX', idem_ttl) then
             c = c + 1
             claimed[c] = idem_key
@@ -96,8 +98,10 @@ for i = 6, #argv, 3 do
         out[n + 2] = task_id
         k = k + 1
         fresh[k] = i
+        metas[k] = keys[key]
     end
     n = n + 2
+    key = key + 2
 end
 
 -- Then the jobs to push.
@@ -106,7 +110,7 @@ local ready = {}
 for j = 1, k do
     local i = fresh[j]
     local task_id = argv[i]
-    call('HSET', meta_prefix .. task_id,
+    call('HSET', metas[j],
         'attempts', '0', 'max_attempts', max_attempts, 'status', 'Pending',
         'idempotency_key', argv[i + 2])
     fields[f + 1] = task_id
@@ -123,6 +127,6 @@ for first = 1, k, 1000 do
     call('RPUSH', active_key, unpack(ready, first, math.min(first + 999, k)))
 end
 if k > 0 then
-    call('PUBLISH', argv[5], k)
+    call('PUBLISH', argv[3], k)
 end
 return out

@@ -44,6 +44,33 @@ pub const WORKER_WARM: &str = "agent-worker:worker-warm";
 /// (e.g. `…:sweep:<tick>`); whoever sets it first runs that tick.
 pub const TICK_LEASE_PREFIX: &str = "agent-worker:tick-lease";
 
+/// STRING: the lease of `tick` of the scheduled job `job` (`sweep`, `retention`): the holder's
+/// worker id, set NX with a TTL ([`TICK_LEASE_PREFIX`]).
+pub fn tick_lease(job: &str, tick: u64) -> String {
+    format!("{TICK_LEASE_PREFIX}:{job}:{tick}")
+}
+
+/// The job meta key the session scripts get for a claim made outside a job (tests, tools): a
+/// key nothing writes, so the script's write of the job's claim record finds no job.
+pub const NO_JOB_META: &str = "agent-worker:no-job-meta";
+
+/// LIST apalis-redis 1.0's `register_worker.lua` writes (the registered queues) although it
+/// neither declares nor documents it; named here for the ACL diagnosis of a refused write
+/// (`deploy/redis/agent-worker.acl`).
+pub const APALIS_QUEUES_LIST: &str = "core:apalis:queues:list";
+
+/// `SCAN MATCH` pattern of the session records (`session:<id>`). It matches
+/// `session:<id>:config` too, which [`session_of_state_key`] leaves out, and the state sets,
+/// which a `SCAN … TYPE hash` leaves out.
+pub const SESSION_STATE_PATTERN: &str = "session:*";
+
+/// The session whose record ([`SessionKeys::state`]) `key` names, or `None` for a key that
+/// is not `session:<valid id>`: `session:<id>:config` and the like have a second `:`, which
+/// no session id has.
+pub fn session_of_state_key(key: &str) -> Option<SessionId> {
+    SessionId::parse(key.strip_prefix("session:")?).ok()
+}
+
 /// The original worker's agent metrics, which the orchestrator serves at `/api/metrics/agent`
 /// (contract §3). Written only with `compat.legacy_metrics`.
 pub mod legacy_metrics {
@@ -177,9 +204,15 @@ impl QueueKeys {
     }
 
     /// STRING: the task id of the job holding idempotency key `key` (for agent-start jobs,
-    /// [`crate::producer::idempotency_key`]: `session:<id>`).
+    /// [`SessionKeys::job_idempotency_key`]: `session:<id>`).
     pub fn idempotency(&self, key: &str) -> String {
         format!("{}:idempotency:{key}", self.queue)
+    }
+
+    /// STRING: the task id of the agent-start job of session `id` (its idempotency key,
+    /// [`SessionKeys::job_idempotency_key`], on this queue).
+    pub fn session_idempotency(&self, id: &SessionId) -> String {
+        self.idempotency(&SessionKeys::new(id).job_idempotency_key())
     }
 
     /// Pub/sub channel a producer publishes to after pushing ready jobs, so idle workers fetch
@@ -236,6 +269,13 @@ impl SessionKeys {
         format!("agent:{}:logfile", self.id)
     }
 
+    /// The idempotency key of the session's agent-start job, `session:<id>`: one agent per
+    /// session, whoever enqueues it. Not a key itself: the suffix of
+    /// [`QueueKeys::idempotency`], and the `idempotency_key` field of the job's meta.
+    pub fn job_idempotency_key(&self) -> String {
+        format!("session:{}", self.id)
+    }
+
     /// Every key of the session that its record is made of, in the order the session scripts
     /// take them: state, config, pid, logs, health, logfile.
     pub fn all(&self) -> [String; 6] {
@@ -285,5 +325,30 @@ mod tests {
         assert_eq!(k.agent_health(), "agent:s-1:health");
         assert_eq!(k.agent_logfile(), "agent:s-1:logfile");
         assert_eq!(k.all()[0], "session:s-1");
+        assert_eq!(k.job_idempotency_key(), "session:s-1");
+        assert_eq!(
+            QueueKeys::new("q").unwrap().session_idempotency(k.id()),
+            "q:idempotency:session:s-1"
+        );
+    }
+
+    #[test]
+    fn tick_leases() {
+        assert_eq!(tick_lease("sweep", 7), "agent-worker:tick-lease:sweep:7");
+    }
+
+    #[test]
+    fn only_session_records_name_a_session() {
+        let id = |key| session_of_state_key(key).map(|id| id.to_string());
+        assert_eq!(id("session:s-1").as_deref(), Some("s-1"));
+        for other in [
+            "session:s-1:config",
+            "session:",
+            "session:a b",
+            "agent:s-1:pid",
+            "sessions:s-1",
+        ] {
+            assert_eq!(id(other), None, "{other}");
+        }
     }
 }

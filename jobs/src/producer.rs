@@ -9,7 +9,7 @@ use std::{sync::LazyLock, time::Duration};
 
 use redis::{Script, aio::ConnectionLike};
 
-use crate::{AgentStart, QueueKeys};
+use crate::{AgentStart, QueueKeys, SessionKeys};
 
 static ENQUEUE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("../lua/enqueue.lua")));
@@ -97,16 +97,18 @@ where
         invocation
             .key(self.keys.data())
             .key(self.keys.active())
-            .arg(self.keys.meta_prefix())
-            .arg(self.keys.idempotency_prefix())
             .arg(self.idempotency_ttl.as_secs().max(1))
             .arg(MAX_ATTEMPTS)
             .arg(self.keys.wake_channel());
         for job in jobs {
+            let task_id = ulid::Ulid::generate().to_string();
+            let idempotency = idempotency_key(job);
             invocation
-                .arg(ulid::Ulid::generate().to_string())
+                .key(self.keys.meta(&task_id))
+                .key(self.keys.idempotency(&idempotency))
+                .arg(task_id)
                 .arg(job.to_wire())
-                .arg(idempotency_key(job));
+                .arg(idempotency);
         }
         let mut conn = self.conn.clone();
         let reply: Vec<redis::Value> = invocation.invoke_async(&mut conn).await?;
@@ -114,9 +116,10 @@ where
     }
 }
 
-/// The idempotency key of a job: one agent per session, whoever enqueues it.
+/// The idempotency key of a job: one agent per session, whoever enqueues it
+/// ([`SessionKeys::job_idempotency_key`]).
 pub fn idempotency_key(job: &AgentStart) -> String {
-    format!("session:{}", job.session_id)
+    SessionKeys::new(&job.session_id).job_idempotency_key()
 }
 
 fn parse_reply(reply: Vec<redis::Value>, expected: usize) -> Result<Vec<Enqueued>, ProduceError> {

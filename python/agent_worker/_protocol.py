@@ -172,22 +172,18 @@ def enqueue(
     the KEYS and ARGV of ``Producer::enqueue_many``). Everything is validated before anything
     is written. Returns one :class:`Enqueued` per job, in order."""
     queue_keys = k.QueueKeys.of(queue)
+    job_keys: list[str] = []
     triples: list[Any] = []
     for session_id, user_id in jobs:
-        triples += [new_task_id(), payload_bytes(session_id, user_id), k.idempotency_key(session_id)]
+        task_id, idempotency = new_task_id(), k.idempotency_key(session_id)
+        job_keys += [queue_keys.meta(task_id), queue_keys.idempotency(idempotency)]
+        triples += [task_id, payload_bytes(session_id, user_id), idempotency]
     if not triples:
         return []
     reply = yield Eval(
         "enqueue.lua",
-        [queue_keys.data, queue_keys.active],
-        [
-            queue_keys.meta_prefix,
-            queue_keys.idempotency_prefix,
-            _ttl_seconds(idempotency_ttl),
-            MAX_ATTEMPTS,
-            queue_keys.wake_channel,
-            *triples,
-        ],
+        [queue_keys.data, queue_keys.active, *job_keys],
+        [_ttl_seconds(idempotency_ttl), MAX_ATTEMPTS, queue_keys.wake_channel, *triples],
     )
     return [
         Enqueued(task_id=text(task), duplicate=int(flag) == 0)
@@ -271,10 +267,17 @@ def retry_dead(queue: str, task_ids: Iterable[str] | None) -> Steps[list[str]]:
         ids = [str(i) for i in task_ids]
     requeued: list[str] = []
     for first in range(0, len(ids), RETRY_CHUNK):
+        chunk = ids[first : first + RETRY_CHUNK]
         reply = yield Eval(
             "retry_dead.lua",
-            [queue_keys.dead, queue_keys.dead_at, queue_keys.active, queue_keys.data],
-            [queue_keys.meta_prefix, queue_keys.wake_channel, *ids[first : first + RETRY_CHUNK]],
+            [
+                queue_keys.dead,
+                queue_keys.dead_at,
+                queue_keys.active,
+                queue_keys.data,
+                *(queue_keys.meta(i) for i in chunk),
+            ],
+            [queue_keys.wake_channel, *chunk],
         )
         requeued += [text(i) for i in reply]
     return requeued

@@ -222,10 +222,9 @@ impl Retention {
             .key(index)
             .key(set)
             .key(self.keys.data())
-            .arg(self.keys.meta_prefix())
             .arg(kind);
         for id in ids {
-            invocation.arg(id);
+            invocation.key(self.keys.meta(id)).arg(id);
         }
         invocation.invoke_async(&mut self.conn.clone()).await
     }

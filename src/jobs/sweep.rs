@@ -20,7 +20,11 @@
 
 use std::time::{Duration, Instant};
 
-use agent_jobs::{SessionId, SessionKeys, keys::SESSION_HEARTBEATS, session_state::fields};
+use agent_jobs::{
+    SessionId, SessionKeys,
+    keys::{SESSION_HEARTBEATS, SESSION_STATE_PATTERN, session_of_state_key},
+    session_state::fields,
+};
 use redis::aio::ConnectionManager;
 
 use crate::{
@@ -177,18 +181,17 @@ impl StaleSessionSweep {
             let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
                 .arg(cursor)
                 .arg("MATCH")
-                .arg("session:*")
+                .arg(SESSION_STATE_PATTERN)
                 .arg("COUNT")
                 .arg(1000)
                 .arg("TYPE")
                 .arg("hash")
                 .query_async(&mut conn)
                 .await?;
-            // `session:<id>` only: `session:<id>:config` and friends have a second colon.
+            // `session:<id>` only, not `session:<id>:config` and friends.
             let ids: Vec<SessionId> = keys
                 .iter()
-                .filter_map(|key| key.strip_prefix("session:"))
-                .filter_map(|id| SessionId::parse(id).ok())
+                .filter_map(|key| session_of_state_key(key))
                 .collect();
             report.examined += ids.len();
             for batch in ids.chunks(self.batch_size) {

@@ -8,16 +8,16 @@
 -- KEYS[1]: the index ZSET (<queue>:done-at or <queue>:dead-at)
 -- KEYS[2]: the SET the ids also live in (<queue>:dead), or the same index for done jobs
 -- KEYS[3]: <queue>:data
--- ARGV[1]: meta key prefix
--- ARGV[2]: `done` or `dead`
--- ARGV[3..]: task ids
+-- KEYS[4..]: the meta hash of each task (<queue>:meta:<task id>), in the order of the ids
+-- ARGV[1]: `done` or `dead`
+-- ARGV[2..]: task ids (ARGV[1 + n] is the task of KEYS[3 + n])
 -- Returns the number deleted.
 local deleted = 0
-for i = 3, #ARGV do
+for i = 2, #ARGV do
     local id = ARGV[i]
-    local meta = ARGV[1] .. ':' .. id
+    local meta = KEYS[i + 2]
     local finished
-    if ARGV[2] == 'dead' then
+    if ARGV[1] == 'dead' then
         finished = redis.call('SISMEMBER', KEYS[2], id) == 1
     else
         local status = redis.call('HGET', meta, 'status')

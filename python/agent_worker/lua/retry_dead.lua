@@ -2,14 +2,15 @@
 --
 -- KEYS[1]: <queue>:dead   KEYS[2]: <queue>:dead-at   KEYS[3]: <queue>:active
 -- KEYS[4]: <queue>:data
--- ARGV[1]: meta key prefix   ARGV[2]: wake channel
--- ARGV[3..]: task ids
+-- KEYS[5..]: the meta hash of each task (<queue>:meta:<task id>), in the order of the ids
+-- ARGV[1]: wake channel
+-- ARGV[2..]: task ids (ARGV[1 + n] is the task of KEYS[4 + n])
 -- Returns the ids re-queued (ids not in the dead set, or without data, are skipped).
 local requeued = {}
-for i = 3, #ARGV do
+for i = 2, #ARGV do
     local id = ARGV[i]
     if redis.call('SISMEMBER', KEYS[1], id) == 1 and redis.call('HEXISTS', KEYS[4], id) == 1 then
-        local meta = ARGV[1] .. ':' .. id
+        local meta = KEYS[i + 3]
         redis.call('SREM', KEYS[1], id)
         redis.call('ZREM', KEYS[2], id)
         redis.call('HSET', meta, 'status', 'Pending', 'attempts', 0)
@@ -19,6 +20,6 @@ for i = 3, #ARGV do
     end
 end
 if #requeued > 0 then
-    redis.call('PUBLISH', ARGV[2], #requeued)
+    redis.call('PUBLISH', ARGV[1], #requeued)
 end
 return requeued
