@@ -984,17 +984,28 @@ async fn config_values_are_shown_only_with_console_show_config() {
     worker.stop().await;
 }
 
-/// Headless Chromium, or a failure that says how to get it.
+/// Headless Chromium, or a failure that says how to get it: `AGENT_WORKER_TEST_CHROMIUM`
+/// (which `cargo xtask test` sets, to the system's or to one it unpacked without root), else
+/// Debian's `chromium`.
 fn chromium() -> String {
+    const HOW: &str = "run the tests with `cargo xtask test --test console`, which installs it \
+         (as root with apt-get, otherwise unpacked under target/xtask/ without root), or \
+         `sudo apt-get install -y chromium`";
+    if let Some(given) = std::env::var_os("AGENT_WORKER_TEST_CHROMIUM") {
+        let given = std::path::PathBuf::from(given);
+        assert!(
+            given.is_file(),
+            "AGENT_WORKER_TEST_CHROMIUM={} does not exist; {HOW}",
+            given.display()
+        );
+        return given.display().to_string();
+    }
     for candidate in ["/usr/bin/chromium", "/usr/bin/chromium-browser"] {
         if std::path::Path::new(candidate).exists() {
             return candidate.to_owned();
         }
     }
-    panic!(
-        "chromium is not installed: run `cargo xtask test --test console` (as root it installs \
-         it) or `sudo apt-get install -y chromium`"
-    );
+    panic!("chromium is not installed: {HOW}");
 }
 
 /// Runs headless Chromium on `url` with `args`; its stdout.
