@@ -153,6 +153,89 @@ fn assert_clean(path: &str, page: &str) {
     );
 }
 
+/// The text of an HTML fragment: tags dropped, the entities the console writes decoded.
+fn text_of(html: &str) -> String {
+    let mut text = String::new();
+    let mut in_tag = false;
+    for c in html.chars() {
+        match c {
+            '<' => in_tag = true,
+            '>' if in_tag => in_tag = false,
+            c if !in_tag => text.push(c),
+            _ => {}
+        }
+    }
+    text.replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&quot;", "\"")
+        .replace("&#39;", "'")
+        .replace("&amp;", "&")
+        .trim()
+        .to_owned()
+}
+
+/// The rows of a page's (or a rendered DOM's) first table, each as column header → cell
+/// text. Works on the console's markup and on Chromium's serialization of it.
+fn table_rows(page: &str) -> Vec<HashMap<String, String>> {
+    let section = |open: &str, close: &str| -> &str {
+        let start = page
+            .find(open)
+            .unwrap_or_else(|| panic!("no {open} in {page}"));
+        let rest = &page[start + open.len()..];
+        &rest[..rest.find(close).unwrap_or_else(|| panic!("no {close}"))]
+    };
+    let headers: Vec<String> = section("<thead>", "</thead>")
+        .split("<th")
+        .skip(1)
+        .map(|cell| text_of(&format!("<th{cell}")))
+        .collect();
+    section("<tbody>", "</tbody>")
+        .split("<tr")
+        .skip(1)
+        .map(|row| {
+            let cells: Vec<String> = row
+                .split("<td")
+                .skip(1)
+                .map(|cell| text_of(&format!("<td{cell}")))
+                .collect();
+            assert_eq!(cells.len(), headers.len(), "a row of {headers:?}: {row}");
+            headers.iter().cloned().zip(cells).collect()
+        })
+        .collect()
+}
+
+/// The sessions table of a page: session id → (status, voice, user, worker), one entry per
+/// row (a session listed twice fails).
+fn session_rows(page: &str) -> HashMap<String, (String, String, String, String)> {
+    let rows = table_rows(page);
+    let by_id: HashMap<String, (String, String, String, String)> = rows
+        .iter()
+        .map(|row| {
+            let cell = |name: &str| {
+                row.get(name)
+                    .unwrap_or_else(|| panic!("no {name} column"))
+                    .clone()
+            };
+            (
+                cell("Session"),
+                (cell("Status"), cell("Voice"), cell("User"), cell("Worker")),
+            )
+        })
+        .collect();
+    assert_eq!(by_id.len(), rows.len(), "each session once: {page}");
+    by_id
+}
+
+/// The row a ready session of `voice` on `worker` has, user `test_user` ([`start_session`]).
+fn ready_row(voice: &str, worker: &str) -> (String, String, String, String) {
+    (
+        "ready".into(),
+        voice.into(),
+        "test_user".into(),
+        worker.into(),
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pages_show_live_sessions_and_failures_but_never_prompts_and_have_no_write_routes() {
     let redis = TestRedis::start().await;
@@ -177,30 +260,30 @@ async fn pages_show_live_sessions_and_failures_but_never_prompts_and_have_no_wri
     let (code, sessions) = get(addr, "/sessions").await;
     assert_eq!(code, 200, "{sessions}");
     assert_clean("/sessions", &sessions);
-    for expected in [
-        "console-craig",
-        "console-hostile",
-        "Craig",
-        "&lt;script&gt;alert(&#39;voice&#39;)&lt;/script&gt;",
-        worker_id.as_str(),
-        "test_user",
-    ] {
-        assert!(
-            sessions.contains(expected),
-            "/sessions lacks {expected}: {sessions}"
-        );
-    }
+    // Row by row: each live session with its own voice, user and worker (and no dead one).
+    let both = HashMap::from([
+        ("console-craig".to_owned(), ready_row("Craig", &worker_id)),
+        (
+            "console-hostile".to_owned(),
+            ready_row(HOSTILE_VOICE, &worker_id),
+        ),
+    ]);
+    assert_eq!(session_rows(&sessions), both, "{sessions}");
+    // The hostile voice is text, escaped, not markup.
     assert!(
-        !sessions.contains("console-broken"),
-        "a dead session is not live"
+        sessions.contains("&lt;script&gt;alert(&#39;voice&#39;)&lt;/script&gt;"),
+        "{sessions}"
     );
     // Filters: by status and by worker.
     let (_, starting) = get(addr, "/sessions?status=starting").await;
+    assert_clean("/sessions?status=starting", &starting);
     assert!(!starting.contains("console-craig"), "{starting}");
     let (_, other) = get(addr, "/sessions?worker=another-worker").await;
+    assert_clean("/sessions?worker=another-worker", &other);
     assert!(!other.contains("console-craig"), "{other}");
     let (_, mine) = get(addr, &format!("/sessions?status=ready&worker={worker_id}")).await;
-    assert!(mine.contains("console-craig"), "{mine}");
+    assert_clean("/sessions?status=ready&worker=...", &mine);
+    assert_eq!(session_rows(&mine), both, "{mine}");
     // Pages reload themselves; "Pause" keeps the filters, and a paused page stays still.
     assert!(mine.contains("http-equiv=\"refresh\""), "{mine}");
     let pause = format!("/sessions?status=ready&amp;worker={worker_id}&amp;refresh=0");
@@ -210,6 +293,7 @@ async fn pages_show_live_sessions_and_failures_but_never_prompts_and_have_no_wri
         paused.contains("console-craig") && !paused.contains("http-equiv"),
         "{paused}"
     );
+    assert_clean("a paused /sessions", &paused);
 
     let (code, one) = get(addr, "/sessions/console-hostile").await;
     assert_eq!(code, 200, "{one}");
@@ -230,6 +314,10 @@ async fn pages_show_live_sessions_and_failures_but_never_prompts_and_have_no_wri
     }
     let (code, gone) = get(addr, "/sessions/no-such-session").await;
     assert_eq!(code, 404, "{gone}");
+    assert_clean("/sessions/no-such-session", &gone);
+    let (code, unknown) = get(addr, "/no-such-page").await;
+    assert_eq!(code, 404, "{unknown}");
+    assert_clean("/no-such-page", &unknown);
     let (code, bad) = get(addr, "/sessions/%3Cscript%3E").await;
     assert_eq!(code, 404);
     assert_clean("/sessions/<script>", &bad);
@@ -248,6 +336,7 @@ async fn pages_show_live_sessions_and_failures_but_never_prompts_and_have_no_wri
     );
     let (code, dead_page) = get(addr, "/dead").await;
     assert_eq!(code, 200);
+    assert_clean("/dead", &dead_page);
     assert!(
         dead_page.contains(&dead) && dead_page.contains("console-broken"),
         "{dead_page}"
@@ -261,6 +350,7 @@ async fn pages_show_live_sessions_and_failures_but_never_prompts_and_have_no_wri
     let indexed: Option<f64> = conn.clone().zscore(queue().dead_at(), &dead).await.unwrap();
     assert!(indexed.is_some());
     let (_, indexed_page) = get(addr, "/dead").await;
+    assert_clean("/dead (indexed)", &indexed_page);
     assert!(
         indexed_page.contains(&dead) && indexed_page.contains("1 dead job"),
         "{indexed_page}"
@@ -275,6 +365,7 @@ async fn pages_show_live_sessions_and_failures_but_never_prompts_and_have_no_wri
         },
     )
     .await;
+    assert_clean("/workers", &workers);
     assert!(workers.contains(&worker_id), "{workers}");
     assert!(workers.contains(env!("CARGO_PKG_VERSION")), "{workers}");
     assert!(
@@ -537,6 +628,66 @@ async fn a_page_over_ten_thousand_sessions_costs_a_bounded_number_of_commands() 
     server.stopped().await.unwrap();
 }
 
+/// `agent-worker run`, the real binary in its own process, serving HTTP on a port of our
+/// choice, with its stdout and stderr read as they come (a full pipe would block the worker)
+/// and kept: what it logged, checked at the end.
+struct WorkerProcess {
+    child: std::process::Child,
+    output: Vec<std::thread::JoinHandle<Vec<u8>>>,
+    _kill: KillOnDrop,
+}
+
+impl WorkerProcess {
+    fn start(redis: &TestRedis, env: &[(&str, &str)]) -> (Self, SocketAddr) {
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let addr_text = addr.to_string();
+        let mut all = vec![("AGENT_WORKER__HTTP__ADDR", addr_text.as_str())];
+        all.extend_from_slice(env);
+        let kill = KillOnDrop::default();
+        let mut child = kill.track(
+            worker_command(&redis.url(), &["run"], "ready", &all)
+                .spawn()
+                .expect("start agent-worker run"),
+        );
+        let drain = |mut pipe: Box<dyn std::io::Read + Send>| {
+            std::thread::spawn(move || {
+                let mut out = Vec::new();
+                let _ = pipe.read_to_end(&mut out);
+                out
+            })
+        };
+        let output = vec![
+            drain(Box::new(child.stdout.take().unwrap())),
+            drain(Box::new(child.stderr.take().unwrap())),
+        ];
+        let worker = Self {
+            child,
+            output,
+            _kill: kill,
+        };
+        (worker, addr)
+    }
+
+    /// Stops the worker (SIGTERM), which must exit cleanly; everything it wrote.
+    async fn stop(mut self) -> String {
+        signal(&self.child, nix::sys::signal::Signal::SIGTERM);
+        let mut child = self.child;
+        let status = tokio::time::timeout(
+            Duration::from_secs(30),
+            tokio::task::spawn_blocking(move || child.wait().expect("wait for the worker")),
+        )
+        .await
+        .expect("the worker stops within 30 s")
+        .unwrap();
+        let mut logged = String::new();
+        for reader in self.output.drain(..) {
+            logged.push_str(&String::from_utf8_lossy(&reader.join().unwrap()));
+        }
+        assert!(status.success(), "the worker stops cleanly: {logged}");
+        logged
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn actions_need_the_admin_token_and_the_csrf_token() {
     let redis = TestRedis::start().await;
@@ -544,9 +695,14 @@ async fn actions_need_the_admin_token_and_the_csrf_token() {
     let token_file = std::env::temp_dir().join(format!("console-token-{}", ulid::Ulid::generate()));
     std::fs::write(&token_file, format!("{ADMIN_TOKEN}\n")).unwrap();
     let token_path = token_file.display().to_string();
-    let (worker, addr) = start_worker(
+    // Its own process, so that everything it logs can be checked for the token; at debug
+    // level, the most it ever logs.
+    let (worker, addr) = WorkerProcess::start(
         &redis,
-        &[("AGENT_WORKER__HTTP__ADMIN_TOKEN_FILE", token_path.as_str())],
+        &[
+            ("AGENT_WORKER__HTTP__ADMIN_TOKEN_FILE", token_path.as_str()),
+            ("RUST_LOG", "debug"),
+        ],
     );
     wait_console(addr).await;
     start_session(conn, "console-stop-me", "Craig").await;
@@ -583,6 +739,34 @@ async fn actions_need_the_admin_token_and_the_csrf_token() {
         "{page}"
     );
     let csrf = csrf_of(&page);
+    // Logged in (by cookie or by the header), every page still hides the prompts.
+    for credential in [
+        ("Cookie", cookie.as_str()),
+        ("Authorization", bearer.as_str()),
+    ] {
+        for (path, expected) in [
+            ("/", 200),
+            ("/sessions", 200),
+            ("/sessions/console-stop-me", 200),
+            ("/workers", 200),
+            ("/dead", 200),
+            ("/sessions/no-such-session", 404),
+            ("/no-such-page", 404),
+        ] {
+            let (code, _, page) = request(addr, "GET", path, &[credential], "").await;
+            assert_eq!(code, expected, "{path} with the {}: {page}", credential.0);
+            assert_clean(&format!("{path} with the {}", credential.0), &page);
+            assert!(!page.contains(ADMIN_TOKEN), "{path}: {page}");
+            if expected == 200 {
+                assert!(
+                    page.contains("name=\"csrf\""),
+                    "{path} is logged in: {page}"
+                );
+            }
+        }
+    }
+    let (_, _, page) = request(addr, "GET", "/sessions", &[("Cookie", &cookie)], "").await;
+    assert!(page.contains("console-stop-me"), "{page}");
 
     // Retry: no token 401, a wrong or missing CSRF token 403, both: done.
     let retry = |csrf: &str| format!("task_id={dead}&csrf={csrf}");
@@ -706,21 +890,122 @@ async fn actions_need_the_admin_token_and_the_csrf_token() {
     .await;
     assert_eq!(code, 303);
     assert!(headers["set-cookie"].contains("Max-Age=0"));
-    worker.stop().await;
+
+    // The token, read from its file and checked on every request above, was never logged,
+    // nor were the wrong ones tried; the log does hold the actions and the refusals.
+    let logged = worker.stop().await;
     let _ = std::fs::remove_file(&token_file);
+    for secret in [
+        ADMIN_TOKEN,
+        "wrong-token-0123456789",
+        "not-the-admin-token-at-all",
+    ] {
+        assert!(
+            !logged.contains(secret),
+            "the log shows {secret:?}: {logged}"
+        );
+    }
+    for event in [
+        "console_login_failed",
+        "console_login",
+        "console_csrf_refused",
+        "console_dead_retried",
+        "console_session_stopped",
+    ] {
+        assert!(logged.contains(event), "the log lacks {event}: {logged}");
+    }
 }
 
-/// Headless Chromium, or a failure that says how to get it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_values_are_shown_only_with_console_show_config() {
+    let redis = TestRedis::start().await;
+    let conn = &redis.conn;
+    // The worker's console shows config values; a second console on the same Redis, with
+    // the default settings, does not.
+    let (worker, shown_addr) = start_worker(
+        &redis,
+        &[("AGENT_WORKER__HTTP__CONSOLE_SHOW_CONFIG", "true")],
+    );
+    let settings = redis.settings("ready", &[]);
+    assert!(!settings.http.console_show_config, "off by default");
+    let console = Console::new(&settings, metrics::install_recorder());
+    console.connected(conn.clone());
+    let stop = CancellationToken::new();
+    let server = http::serve_with(
+        "127.0.0.1:0".parse().unwrap(),
+        metrics::install_recorder(),
+        Health::new(),
+        console.router(),
+        stop.clone(),
+    )
+    .await
+    .unwrap();
+    let hidden_addr = server.local_addr();
+    wait_console(shown_addr).await;
+    start_session(conn, "console-shown", "Olivia").await;
+
+    let path = "/sessions/console-shown";
+    let (code, shown) = get(shown_addr, path).await;
+    assert_eq!(code, 200, "{shown}");
+    for value in [PROMPT, OPENING] {
+        assert!(
+            shown.contains(value),
+            "shown config lacks {value:?}: {shown}"
+        );
+    }
+    assert!(
+        !shown.contains("hidden") && !shown.contains("values are not shown"),
+        "{shown}"
+    );
+    // Only the session page shows them: the others are as without the setting.
+    for path in ["/", "/sessions", "/workers", "/dead"] {
+        let (code, page) = get(shown_addr, path).await;
+        assert_eq!(code, 200, "{path}: {page}");
+        assert_clean(path, &page);
+    }
+
+    let (code, hidden) = get(hidden_addr, path).await;
+    assert_eq!(code, 200, "{hidden}");
+    assert_clean(path, &hidden);
+    for expected in [
+        "[systemPrompt hidden]",
+        &format!("(hidden, {} bytes)", PROMPT.len()),
+        "values are not shown",
+        "systemPrompt",
+        "openingLine",
+    ] {
+        assert!(
+            hidden.contains(expected),
+            "{path} lacks {expected}: {hidden}"
+        );
+    }
+    stop.cancel();
+    server.stopped().await.unwrap();
+    worker.stop().await;
+}
+
+/// Headless Chromium, or a failure that says how to get it: `AGENT_WORKER_TEST_CHROMIUM`
+/// (which `cargo xtask test` sets, to the system's or to one it unpacked without root), else
+/// Debian's `chromium`.
 fn chromium() -> String {
+    const HOW: &str = "run the tests with `cargo xtask test --test console`, which installs it \
+         (as root with apt-get, otherwise unpacked under target/xtask/ without root), or \
+         `sudo apt-get install -y chromium`";
+    if let Some(given) = std::env::var_os("AGENT_WORKER_TEST_CHROMIUM") {
+        let given = std::path::PathBuf::from(given);
+        assert!(
+            given.is_file(),
+            "AGENT_WORKER_TEST_CHROMIUM={} does not exist; {HOW}",
+            given.display()
+        );
+        return given.display().to_string();
+    }
     for candidate in ["/usr/bin/chromium", "/usr/bin/chromium-browser"] {
         if std::path::Path::new(candidate).exists() {
             return candidate.to_owned();
         }
     }
-    panic!(
-        "chromium is not installed: run `cargo xtask test --test console` (as root it installs \
-         it) or `sudo apt-get install -y chromium`"
-    );
+    panic!("chromium is not installed: {HOW}");
 }
 
 /// Runs headless Chromium on `url` with `args`; its stdout.
@@ -763,30 +1048,26 @@ async fn a_headless_browser_renders_the_live_sessions() {
     let conn = &redis.conn;
     let (worker, addr) = start_worker(&redis, &[]);
     wait_console(addr).await;
+    let mut expected = HashMap::new();
     for (id, voice) in [
         ("call-7a41-craig", "Craig"),
         ("call-7a42-olivia", "Olivia"),
         ("call-7a43-ashley", "Ashley"),
     ] {
         start_session(conn, id, voice).await;
+        let worker_id = hget(conn, &format!("session:{id}"), "workerId")
+            .await
+            .expect("the record names its worker");
+        expected.insert(id.to_owned(), ready_row(voice, &worker_id));
     }
     let url = format!("http://{addr}/sessions");
     let dom = run_chromium(&url, vec!["--dump-dom".into()]).await;
-    for expected in [
-        "call-7a41-craig",
-        "call-7a42-olivia",
-        "call-7a43-ashley",
-        "Olivia",
-    ] {
-        assert!(
-            dom.contains(expected),
-            "the rendered DOM lacks {expected}: {dom}"
-        );
-    }
     assert!(
         dom.contains("<table>") && dom.contains("status-ready"),
         "{dom}"
     );
+    // The table as the browser built it, row by row.
+    assert_eq!(session_rows(&dom), expected, "the rendered DOM: {dom}");
     assert_clean("the DOM", &dom);
 
     let shot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("console.png");

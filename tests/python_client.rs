@@ -111,7 +111,7 @@ async fn end_session_stops_the_agent_of_a_worker_in_another_process() {
             .spawn()
             .expect("start agent-worker run"),
     );
-    unittest("test_end", 2, &redis_env(&redis)).await;
+    unittest("test_end", 4, &redis_env(&redis)).await;
     signal(&worker, nix::sys::signal::Signal::SIGTERM);
     let out = output_of(worker).await;
     assert!(out.status.success(), "the worker stops cleanly");

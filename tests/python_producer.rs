@@ -230,7 +230,13 @@ async fn dump(conn: &ConnectionManager, task_ids: &[String]) -> BTreeMap<String,
                 c.lrange::<_, Vec<String>>(&key, 0, -1).await.unwrap()
             ),
             "hash" => {
-                let mut hash: BTreeMap<String, String> = c.hgetall(&key).await.unwrap();
+                // Field names normalized before they are ordered: task ids made in the same
+                // millisecond (one bulk call) sort at random.
+                let raw: Vec<(String, String)> = c.hgetall(&key).await.unwrap();
+                let mut hash: BTreeMap<String, String> = raw
+                    .into_iter()
+                    .map(|(field, value)| (normalize(&field), value))
+                    .collect();
                 if let Some(at) = hash.get_mut("updatedAt") {
                     let secs: u64 = at.parse().expect("updatedAt is decimal unix seconds");
                     assert!(secs.abs_diff(now) < 60, "updatedAt {secs} is now ({now})");
@@ -445,6 +451,230 @@ async fn byte_identical_records(api: Api) {
         );
     }
     assert_eq!(command_calls(&py.conn, "publish").await, 3);
+}
+
+/// One job of a bulk enqueue: a session id alone (Python gets the bare string) or with a user.
+type BulkJob = (&'static str, Option<String>);
+
+/// Calls `enqueue_agent_starts` of the sync or async client once per batch, on one client.
+/// Per batch: `[[task id, duplicate], ...]`, or the `ValueError`'s message as a string.
+async fn python_bulk(api: Api, url: &str, batches: &[Vec<BulkJob>]) -> Vec<serde_json::Value> {
+    const DRIVER: &str = r#"
+import asyncio, json, sys
+import agent_worker
+a = json.load(sys.stdin)
+# A bare session id where there is no user id: both forms the method accepts.
+batches = [[j[0] if j[1] is None else (j[0], j[1]) for j in b] for b in a["batches"]]
+def shown(jobs):
+    return [[j.task_id, j.duplicate] for j in jobs]
+if sys.argv[1] == "Sync":
+    client = agent_worker.Client.from_url(a["url"])
+    results = []
+    for batch in batches:
+        try:
+            results.append(shown(client.enqueue_agent_starts(batch)))
+        except ValueError as e:
+            results.append(str(e))
+    client.close()
+else:
+    async def main():
+        client = agent_worker.AsyncClient.from_url(a["url"])
+        results = []
+        for batch in batches:
+            try:
+                results.append(shown(await client.enqueue_agent_starts(batch)))
+            except ValueError as e:
+                results.append(str(e))
+        await client.aclose()
+        return results
+    results = asyncio.run(main())
+print(json.dumps(results))
+"#;
+    let request = serde_json::json!({ "url": url, "batches": batches });
+    let out = run_python(
+        &["-c", DRIVER, &format!("{api:?}")],
+        &serde_json::to_vec(&request).unwrap(),
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("the driver prints one result per batch")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sync_bulk_form_and_enqueue_many_write_byte_identical_records() {
+    byte_identical_bulk(Api::Sync).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_async_bulk_form_and_enqueue_many_write_byte_identical_records() {
+    byte_identical_bulk(Api::Async).await
+}
+
+/// `enqueue_agent_starts` of `api` and `Producer::enqueue_many`, each on its own Redis, given
+/// the same batches: the same results (new or duplicate, and which task a duplicate names),
+/// keys, values, TTLs and commands. The batches hold a duplicate within one batch and one of
+/// an earlier batch, so both of the script's answers are compared.
+async fn byte_identical_bulk(api: Api) {
+    require_python(&["redis"]).await;
+    let (py, rs) = (TestRedis::start().await, TestRedis::start().await);
+    let tricky_user: String = "Zoë 🎧 \"q\" \\ / \u{2028} "
+        .chars()
+        .chain((0u8..0x20).map(char::from))
+        .chain(['\u{7f}'])
+        .collect();
+    let batches: Vec<Vec<BulkJob>> = vec![
+        vec![
+            ("bulk-1", Some(tricky_user)),
+            ("bulk-2", None),
+            ("bulk-3", Some(String::new())),
+            ("bulk-1", Some("someone else".into())),
+        ],
+        vec![
+            ("bulk-2", Some("again".into())),
+            ("bulk-4", Some("u4".into())),
+        ],
+    ];
+    let py_results = python_bulk(api, &py.url(), &batches).await;
+    let mut rs_results = Vec::new();
+    for batch in &batches {
+        let jobs: Vec<AgentStart> = batch
+            .iter()
+            .map(|(id, user)| AgentStart {
+                session_id: sid(id),
+                user_id: user.clone(),
+            })
+            .collect();
+        let enqueued = producer(&rs.conn).enqueue_many(&jobs).await.unwrap();
+        rs_results.push(
+            enqueued
+                .into_iter()
+                .map(|e| (e.task_id, e.duplicate))
+                .collect::<Vec<_>>(),
+        );
+    }
+    let py_results: Vec<Vec<(String, bool)>> = py_results
+        .into_iter()
+        .map(|batch| serde_json::from_value(batch).expect("no batch was refused"))
+        .collect();
+
+    // Task ids are random: compare each result as (duplicate, index of its task among the
+    // new ones), which also checks that a duplicate names the first job's task.
+    let shape = |results: &[Vec<(String, bool)>]| {
+        let fresh: Vec<String> = results
+            .iter()
+            .flatten()
+            .filter(|(_, duplicate)| !duplicate)
+            .map(|(task, _)| task.clone())
+            .collect();
+        let shaped: Vec<Vec<(bool, Option<usize>)>> = results
+            .iter()
+            .map(|batch| {
+                batch
+                    .iter()
+                    .map(|(task, duplicate)| (*duplicate, fresh.iter().position(|t| t == task)))
+                    .collect()
+            })
+            .collect();
+        (fresh, shaped)
+    };
+    let (py_tasks, py_shape) = shape(&py_results);
+    let (rs_tasks, rs_shape) = shape(&rs_results);
+    assert_eq!(py_shape, rs_shape, "Python and Rust bulk results differ");
+    assert_eq!(
+        rs_shape,
+        [
+            vec![
+                (false, Some(0)),
+                (false, Some(1)),
+                (false, Some(2)),
+                (true, Some(0))
+            ],
+            vec![(true, Some(1)), (false, Some(3))],
+        ],
+        "the duplicate of the same batch and the one of an earlier batch"
+    );
+    for task in &py_tasks {
+        ulid::Ulid::from_string(task).expect("the Python task id is a ULID");
+    }
+    let (py_dump, rs_dump) = (
+        dump(&py.conn, &py_tasks).await,
+        dump(&rs.conn, &rs_tasks).await,
+    );
+    assert_eq!(py_dump, rs_dump, "Python and Rust records differ");
+    // What was compared: data, active, and meta + idempotency key of the 4 jobs stored.
+    let keys = QueueKeys::new(QUEUE).unwrap();
+    assert_eq!(py_dump.len(), 2 + 2 * 4, "{py_dump:#?}");
+    assert_eq!(
+        py_dump[&keys.active()],
+        "list, no ttl: [\"<task 0>\", \"<task 1>\", \"<task 2>\", \"<task 3>\"]"
+    );
+    let stored: Vec<u8> = py
+        .conn
+        .clone()
+        .hget(keys.data(), &py_tasks[0])
+        .await
+        .unwrap();
+    let first = &batches[0][0];
+    let wire = AgentStart {
+        session_id: sid(first.0),
+        user_id: first.1.clone(),
+    }
+    .to_wire();
+    assert_eq!(stored, wire, "payload bytes are AgentStart::to_wire()");
+    for command in ["del", "hset", "expire", "set", "get", "rpush", "publish"] {
+        assert_eq!(
+            command_calls(&py.conn, command).await,
+            command_calls(&rs.conn, command).await,
+            "{command} calls"
+        );
+    }
+    // One wake-up per batch that pushed something.
+    assert_eq!(command_calls(&py.conn, "publish").await, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_enqueue_with_one_invalid_session_id_writes_nothing() {
+    require_python(&["redis"]).await;
+    let redis = TestRedis::start().await;
+    let valid = |id: &'static str| (id, Some("u".to_owned()));
+    let batches = vec![
+        // The invalid id last: everything before it must not have been sent either.
+        vec![valid("good-1"), valid("good-2"), ("bad:id", None)],
+        vec![("bad:id", Some("u".into())), valid("good-3")],
+        vec![valid("good-4"), ("good-5", Some("é".repeat(129)))],
+    ];
+    for api in [Api::Sync, Api::Async] {
+        let results = python_bulk(api, &redis.url(), &batches).await;
+        let expected = ["':'", "':'", "258 bytes"];
+        assert_eq!(results.len(), expected.len());
+        for (result, expected) in results.iter().zip(expected) {
+            let message = result
+                .as_str()
+                .unwrap_or_else(|| panic!("{api:?}: a ValueError, not {result}"));
+            assert!(message.contains(expected), "{api:?}: {message}");
+        }
+    }
+    // The Rust producer cannot even build such a job: the id is refused by SessionId.
+    assert!(SessionId::parse("bad:id").is_err());
+    let mut c = redis.conn.clone();
+    let size: u64 = redis::cmd("DBSIZE").query_async(&mut c).await.unwrap();
+    assert_eq!(size, 0, "nothing was written");
+    // Nor was any script sent, or loaded, or any write run.
+    for command in [
+        "eval",
+        "evalsha",
+        "script|load",
+        "hset",
+        "set",
+        "rpush",
+        "publish",
+    ] {
+        assert_eq!(command_calls(&redis.conn, command).await, 0, "{command}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,12 +1,15 @@
-"""end_session against a worker in another process: the agent stops, no key is left behind,
-and a second call changes nothing. Also the CLI (python -m agent_worker)."""
+"""end_session (sync and async) against a worker in another process: the agent stops, no key
+is left behind, and a second call changes nothing. Also the CLI (python -m agent_worker), its
+exit codes among it."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
 import sys
+import time
 import unittest
 import uuid
 
@@ -32,6 +35,57 @@ def keys_naming(r: redis.Redis, session_id: str) -> list[str]:
     return sorted(k.decode() for k in r.scan_iter(match=f"*{session_id}*", count=1000))
 
 
+def idempotency_key(session_id: str) -> str:
+    return f"{QUEUE}:idempotency:session:{session_id}"
+
+
+def check_ended(
+    test: unittest.TestCase,
+    raw: redis.Redis,
+    sid: str,
+    record: agent_worker.Session,
+    position: bytes,
+    removed: int,
+) -> None:
+    """What the first end_session of a ready session must have done: removed its keys and set
+    entries, and made the owning worker (another process) stop the agent and drop its index
+    entry. ``position`` is the event stream's last id before the end."""
+    # The record, config, pid, logs, health (no logfile: agent.log_dir is unset) and the
+    # entry in session:ready.
+    test.assertEqual(removed, 6)
+    pid = record.agent_pid
+    assert pid is not None
+
+    # The owning worker notices within a heartbeat and stops the agent.
+    def stopped() -> dict | None:
+        for _, entries in raw.xread({EVENTS: position}, block=200) or []:
+            for _, fields in entries:
+                event = {k.decode(): v.decode() for k, v in fields.items()}
+                if event["session_id"] == sid:
+                    return event
+        return None
+
+    event = wait_for("the worker's stop event", 20, stopped)
+    test.assertEqual((event["status"], event.get("reason")), ("stopped", "session_ended"))
+    test.assertEqual(event["worker_id"], record.worker_id)
+    wait_for("the agent to exit", 20, lambda: True if not alive(pid) else None)
+
+    # Nothing of the session is left but the queue's idempotency key, which keeps the same
+    # session id from starting again within the TTL (jobs/README.md).
+    wait_for(
+        "the session's keys to be gone",
+        20,
+        lambda: True if keys_naming(raw, sid) == [idempotency_key(sid)] else None,
+    )
+    test.assertFalse(raw.sismember(SESSIONS_STARTING, sid))
+    test.assertFalse(raw.sismember(SESSIONS_READY, sid))
+    wait_for(
+        "the worker to drop its index entry",
+        20,
+        lambda: True if raw.zscore(SESSION_HEARTBEATS, sid) is None else None,
+    )
+
+
 class EndSession(unittest.TestCase):
     def setUp(self) -> None:
         self.client = agent_worker.Client.from_url(REDIS_URL, queue=QUEUE)
@@ -46,49 +100,15 @@ class EndSession(unittest.TestCase):
         self.client.write_session_config(sid, "Craig", "alice", opening_line="Hello")
         self.client.enqueue_agent_start(sid, user_id="alice")
         record = self.client.wait_ready(sid, timeout=30)
-        pid = record.agent_pid
-        assert pid is not None
-        self.assertTrue(alive(pid), "the agent runs")
+        self.assertTrue(record.agent_pid is not None and alive(record.agent_pid), "the agent runs")
         position = self.raw.xrevrange(EVENTS, count=1)[0][0]
 
         removed = self.client.end_session(sid)
-        # The record, config, pid, logs, health (no logfile: agent.log_dir is unset) and the
-        # entry in session:ready.
-        self.assertEqual(removed, 6)
         self.assertIsNone(self.client.session(sid))
-
-        # The owning worker (another process) notices within a heartbeat and stops the agent.
-        def stopped() -> dict | None:
-            for _, entries in self.raw.xread({EVENTS: position}, block=200) or []:
-                for _, fields in entries:
-                    event = {k.decode(): v.decode() for k, v in fields.items()}
-                    if event["session_id"] == sid:
-                        return event
-            return None
-
-        event = wait_for("the worker's stop event", 20, stopped)
-        self.assertEqual((event["status"], event.get("reason")), ("stopped", "session_ended"))
-        self.assertEqual(event["worker_id"], record.worker_id)
-        wait_for("the agent to exit", 20, lambda: True if not alive(pid) else None)
-
-        # Nothing of the session is left but the queue's idempotency key, which keeps the same
-        # session id from starting again within the TTL (jobs/README.md).
-        idempotency = f"{QUEUE}:idempotency:session:{sid}"
-        wait_for(
-            "the session's keys to be gone",
-            20,
-            lambda: True if keys_naming(self.raw, sid) == [idempotency] else None,
-        )
-        self.assertFalse(self.raw.sismember(SESSIONS_STARTING, sid))
-        self.assertFalse(self.raw.sismember(SESSIONS_READY, sid))
-        wait_for(
-            "the worker to drop its index entry",
-            20,
-            lambda: True if self.raw.zscore(SESSION_HEARTBEATS, sid) is None else None,
-        )
+        check_ended(self, self.raw, sid, record, position, removed)
         # Idempotent.
         self.assertEqual(self.client.end_session(sid), 0)
-        self.assertEqual(keys_naming(self.raw, sid), [idempotency])
+        self.assertEqual(keys_naming(self.raw, sid), [idempotency_key(sid)])
 
     def test_the_cli_enqueues_waits_shows_and_ends(self) -> None:
         sid = f"{PREFIX}-cli-{uuid.uuid4().hex[:8]}"
@@ -118,6 +138,45 @@ class EndSession(unittest.TestCase):
         )
         self.assertEqual(bad.returncode, 2)
         self.assertIn("':'", bad.stderr)
+
+    def test_the_cli_wait_exits_3_when_it_times_out(self) -> None:
+        # A session nobody enqueued: it never becomes ready (nor fails).
+        sid = f"{PREFIX}-cli-never-{uuid.uuid4().hex[:8]}"
+        started = time.monotonic()
+        waited = subprocess.run(
+            [sys.executable, "-m", "agent_worker", "wait", "--redis-url", REDIS_URL,
+             "--queue", QUEUE, "--session-id", sid, "--timeout", "0.5"],
+            capture_output=True, text=True, timeout=60,
+        )
+        self.assertEqual(waited.returncode, 3, waited.stderr)
+        self.assertGreaterEqual(time.monotonic() - started, 0.5)
+        self.assertEqual(waited.stdout, "", "no record printed")
+        self.assertIn(f"session {sid} not ready after 0.5 s (status none)", waited.stderr)
+
+
+class AsyncEndSession(unittest.IsolatedAsyncioTestCase):
+    async def test_end_session_stops_the_agent_and_leaves_no_key_behind(self) -> None:
+        client = agent_worker.AsyncClient.from_url(REDIS_URL, queue=QUEUE)
+        raw = redis.Redis.from_url(REDIS_URL)
+        try:
+            sid = f"{PREFIX}-aend-{uuid.uuid4().hex[:8]}"
+            await client.write_session_config(sid, "Olivia", "bob", opening_line="Hi there")
+            await client.enqueue_agent_start(sid, user_id="bob")
+            record = await client.wait_ready(sid, timeout=30)
+            self.assertEqual(record.voice_id, "Olivia")
+            self.assertTrue(record.agent_pid is not None and alive(record.agent_pid))
+            position = raw.xrevrange(EVENTS, count=1)[0][0]
+
+            removed = await client.end_session(sid)
+            self.assertIsNone(await client.session(sid))
+            # The checks block (they wait on the worker): off the event loop.
+            await asyncio.to_thread(check_ended, self, raw, sid, record, position, removed)
+            # Idempotent.
+            self.assertEqual(await client.end_session(sid), 0)
+            self.assertEqual(keys_naming(raw, sid), [idempotency_key(sid)])
+        finally:
+            await client.aclose()
+            raw.close()
 
 
 if __name__ == "__main__":

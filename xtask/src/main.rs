@@ -11,13 +11,20 @@
 //! | `redis-server` on `PATH` | every integration test (each starts its own) | Debian's `redis-server` |
 //! | libfaketime | the skewed-clock test (`tests/lifecycle.rs`) | Debian's `libfaketime` |
 //! | `python3` with redis-py, jsonschema, FastAPI, uvicorn, httpx, setuptools, wheel | the Python client, producer, example and agent tests | pip |
+//! | headless Chromium | the console's browser test (`tests/console.rs`) | Debian's `chromium` and what it depends on |
 //!
 //! Where it can, it installs without root, under `target/xtask/`: Python packages with
 //! `pip install --target`, Debian packages with `apt-get download` and `dpkg-deb -x` (a
-//! `redis-server` wrapper there finds its libraries). As root it uses `apt-get install`
-//! instead. Nothing outside `target/` changes unless it runs as root. The tests learn where
-//! things are from the environment it passes on: `PATH`, `PYTHONPATH` and
-//! `AGENT_WORKER_TEST_LIBFAKETIME`.
+//! `redis-server` wrapper there finds its libraries; for Chromium, `apt-get -s install`
+//! first lists every package this system lacks, and a `chromium` wrapper points it at the
+//! unpacked libraries and fonts). As root it uses `apt-get install` instead
+//! (`AGENT_WORKER_XTASK_ROOTLESS=1` takes the rootless way even then). Nothing outside
+//! `target/` changes unless it runs as root. The tests learn where things are from the
+//! environment it passes on: `PATH`, `PYTHONPATH`, `AGENT_WORKER_TEST_LIBFAKETIME` and
+//! `AGENT_WORKER_TEST_CHROMIUM`.
+//!
+//! - `cargo xtask chromium`: only the Chromium step; prints the path to use as
+//!   `AGENT_WORKER_TEST_CHROMIUM`.
 
 use std::{
     env,
@@ -65,11 +72,24 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Some("chromium") => {
+            // Only the browser test's Chromium: prepares it and prints its path.
+            match chromium(&DepsDir::new(&workspace_root())) {
+                Some(path) => {
+                    println!("{}", path.display());
+                    ExitCode::SUCCESS
+                }
+                None => ExitCode::FAILURE,
+            }
+        }
         _ => {
             eprintln!(
                 "usage: cargo xtask test [CARGO TEST ARGS...]\n  \
                  installs what the tests need when it is missing, then runs\n  \
-                 cargo test --workspace --no-fail-fast [CARGO TEST ARGS...]"
+                 cargo test --workspace --no-fail-fast [CARGO TEST ARGS...]\n\
+                 \x20      cargo xtask chromium\n  \
+                 makes headless Chromium available for the console's browser test (rootless\n  \
+                 under target/xtask/ when not root) and prints its path"
             );
             ExitCode::from(2)
         }
@@ -115,7 +135,9 @@ fn test(cargo_args: Vec<OsString>) -> Result<ExitCode, String> {
         ),
     );
 
-    chromium();
+    if let Some(chromium) = chromium(&deps) {
+        env.push((CHROMIUM_VAR.into(), chromium.into_os_string()));
+    }
 
     if !path_dirs.is_empty() {
         env.push(("PATH".into(), joined(&path_dirs, env::var_os("PATH"))?));
@@ -148,41 +170,291 @@ fn test(cargo_args: Vec<OsString>) -> Result<ExitCode, String> {
     })
 }
 
-/// Where the console's browser test (`tests/console.rs`) looks for headless Chromium.
-const CHROMIUM: &str = "/usr/bin/chromium";
+/// Where Debian's `chromium` puts its launcher when installed system-wide.
+const SYSTEM_CHROMIUM: &str = "/usr/bin/chromium";
 
-/// Makes Debian's `chromium` available for the console's browser test: as root it is
-/// installed with `apt-get install -y chromium`; otherwise (it is too large and too entangled
-/// to unpack under `target/`) this says what to run, and that test fails saying the same.
-fn chromium() {
-    if Path::new(CHROMIUM).exists() {
-        say("chromium", &version_of(&[], "chromium"));
-        return;
-    }
-    let installed = is_root()
-        && on_path("apt-get")
-        && run(
-            "apt-get update",
-            Command::new("apt-get").args(["update", "-qq"]),
-        )
-        .and_then(|()| {
-            eprintln!("xtask: the console's browser test needs chromium: apt-get install chromium");
-            run(
-                "apt-get install",
-                Command::new("apt-get")
-                    .args(["install", "-y", "-qq", "chromium"])
-                    .env("DEBIAN_FRONTEND", "noninteractive"),
-            )
-        })
-        .map_err(|e| eprintln!("xtask: {e}"))
-        .is_ok();
-    if installed && Path::new(CHROMIUM).exists() {
-        say("chromium", &version_of(&[], "chromium"));
-    } else {
+/// The variable the console's browser test (`tests/console.rs`) reads headless Chromium's
+/// path from (it falls back to [`SYSTEM_CHROMIUM`]).
+const CHROMIUM_VAR: &str = "AGENT_WORKER_TEST_CHROMIUM";
+
+/// Set to `1`: install Chromium the rootless way even as root or when it is installed
+/// system-wide (to try that path; CI runs as root).
+const ROOTLESS_VAR: &str = "AGENT_WORKER_XTASK_ROOTLESS";
+
+/// The packages of Chromium itself: always unpacked by the rootless install, whatever of
+/// their dependencies the system already has.
+const CHROMIUM_DEBS: &[&str] = &["chromium", "chromium-common"];
+
+/// Makes headless Chromium available to the console's browser test and returns its path
+/// (for [`CHROMIUM_VAR`]), or None after saying what to install (that test then fails saying
+/// the same). As root: `apt-get install chromium`. Otherwise (or with [`ROOTLESS_VAR`]=1) it
+/// is unpacked under `target/xtask/chromium/` the way `redis-server` is, with every package
+/// it needs that the system lacks, and run through a wrapper that points it at the unpacked
+/// libraries.
+fn chromium(deps: &DepsDir) -> Option<PathBuf> {
+    let rootless = env::var_os(ROOTLESS_VAR).is_some_and(|v| v == "1");
+    if let Some(given) = env::var_os(CHROMIUM_VAR).map(PathBuf::from) {
+        if runs(&given) {
+            say("chromium", &format!("{} ({CHROMIUM_VAR})", given.display()));
+            return Some(given);
+        }
         eprintln!(
-            "xtask: chromium is missing ({CHROMIUM}); the console's browser test will fail. \
-             Install it with: sudo apt-get install -y chromium"
+            "xtask: {CHROMIUM_VAR}={} does not run; looking for chromium elsewhere",
+            given.display()
         );
+    }
+    let system = Path::new(SYSTEM_CHROMIUM);
+    if !rootless && system.exists() {
+        match chromium_renders(system) {
+            Ok(()) => {
+                say("chromium", &version_of(&[], SYSTEM_CHROMIUM));
+                return Some(system.to_path_buf());
+            }
+            // Installed but broken (a library missing): the unpacked one may still work.
+            Err(error) => eprintln!("xtask: {error}"),
+        }
+    }
+    let wrapper = deps.bin().join("chromium");
+    if wrapper.exists() && chromium_renders(&wrapper).is_ok() {
+        // Unpacked by an earlier run.
+        say("chromium", &format!("{} (unpacked)", wrapper.display()));
+        return Some(wrapper);
+    }
+    let installed = if is_root() && !rootless {
+        install_debs(
+            deps,
+            &["chromium"],
+            "the console's browser test needs chromium",
+        )
+        .map(|_| system.to_path_buf())
+    } else {
+        install_chromium_rootless(deps, &wrapper).map(|()| wrapper)
+    };
+    match installed.and_then(|path| chromium_renders(&path).map(|()| path)) {
+        Ok(path) => {
+            say(
+                "chromium",
+                &format!(
+                    "{} ({})",
+                    path.display(),
+                    version_of(&[], &path.display().to_string())
+                ),
+            );
+            Some(path)
+        }
+        Err(error) => {
+            eprintln!(
+                "xtask: {error}\nxtask: chromium is missing; the console's browser test will \
+                 fail. Install it with: sudo apt-get install -y chromium"
+            );
+            None
+        }
+    }
+}
+
+/// Unpacks `chromium`, `chromium-common` and every package `apt-get install chromium` would
+/// add to this system under `target/xtask/chromium/root`, and writes `wrapper`, which runs
+/// the unpacked binary with the unpacked libraries and fonts. No root needed: apt-get only
+/// simulates the install (to resolve the dependencies against what is installed) and
+/// downloads.
+fn install_chromium_rootless(deps: &DepsDir, wrapper: &Path) -> Result<(), String> {
+    if !on_path("apt-get") {
+        return Err("chromium is missing, and this system has no apt-get".into());
+    }
+    let home = deps.0.join("chromium");
+    let (downloads, tree) = (home.join("downloads"), home.join("root"));
+    // A fresh tree: a half-unpacked one from an interrupted run must not be reused.
+    for dir in [&downloads, &tree] {
+        let _ = fs::remove_dir_all(dir);
+        fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    }
+    let mut packages: Vec<String> = CHROMIUM_DEBS.iter().map(|p| (*p).to_owned()).collect();
+    for package in missing_dependencies("chromium")? {
+        if !packages.contains(&package) {
+            packages.push(package);
+        }
+    }
+    eprintln!(
+        "xtask: the console's browser test needs chromium: unpacking {} packages under {} (no \
+         root needed)",
+        packages.len(),
+        tree.display()
+    );
+    run(
+        "apt-get download",
+        Command::new("apt-get")
+            .arg("download")
+            .args(&packages)
+            .current_dir(&downloads)
+            .stdout(Stdio::null()),
+    )?;
+    for entry in fs::read_dir(&downloads).map_err(|e| e.to_string())? {
+        let path = entry.map_err(|e| e.to_string())?.path();
+        if path.extension().is_some_and(|e| e == "deb") {
+            run(
+                "dpkg-deb -x",
+                Command::new("dpkg-deb").arg("-x").arg(&path).arg(&tree),
+            )?;
+        }
+    }
+    let _ = fs::remove_dir_all(&downloads);
+    let binary = tree.join("usr/lib/chromium/chromium");
+    if !binary.exists() {
+        return Err(format!(
+            "{} is not in the unpacked chromium",
+            binary.display()
+        ));
+    }
+    // The library path: Chromium's own directory, the multiarch ones, then every other
+    // unpacked directory holding shared libraries. Those are otherwise reached through an
+    // absolute RUNPATH (libpulse's pulseaudio/ directory) that a fresh system lacks.
+    let mut libs: Vec<PathBuf> = [
+        "usr/lib/chromium",
+        "usr/lib/x86_64-linux-gnu",
+        "lib/x86_64-linux-gnu",
+        "usr/lib/aarch64-linux-gnu",
+        "lib/aarch64-linux-gnu",
+        "usr/lib",
+    ]
+    .iter()
+    .map(|d| tree.join(d))
+    .collect();
+    for dir in library_dirs(&tree) {
+        if !libs.contains(&dir) {
+            libs.push(dir);
+        }
+    }
+    let library_path = env::join_paths(&libs)
+        .map_err(|e| e.to_string())?
+        .to_string_lossy()
+        .into_owned();
+    // Every library the binary links to must resolve, in the tree or the system.
+    let ldd = Command::new("ldd")
+        .arg(&binary)
+        .env("LD_LIBRARY_PATH", &library_path)
+        .output()
+        .map_err(|e| format!("could not run ldd: {e}"))?;
+    let listing = String::from_utf8_lossy(&ldd.stdout);
+    let missing: Vec<&str> = listing
+        .lines()
+        .filter(|l| l.contains("not found"))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    if !ldd.status.success() || !missing.is_empty() {
+        return Err(format!(
+            "the unpacked chromium lacks libraries: {} {}; as root, `apt-get install chromium` \
+             installs them",
+            missing.join(", "),
+            String::from_utf8_lossy(&ldd.stderr).trim()
+        ));
+    }
+    // Fonts: the unpacked ones and the system's (a page needs some to render); the system's
+    // fontconfig rules when it has them.
+    let fonts = home.join("fonts.conf");
+    let fonts_conf = format!(
+        "<?xml version=\"1.0\"?>\n<!DOCTYPE fontconfig SYSTEM \"urn:fontconfig:fonts.dtd\">\n\
+         <fontconfig>\n  <include ignore_missing=\"yes\">/etc/fonts/fonts.conf</include>\n  \
+         <dir>{}</dir>\n  <dir>/usr/share/fonts</dir>\n  <cachedir>{}</cachedir>\n</fontconfig>\n",
+        tree.join("usr/share/fonts").display(),
+        home.join("fontconfig-cache").display()
+    );
+    fs::write(&fonts, fonts_conf).map_err(|e| e.to_string())?;
+    let bin = deps.bin();
+    fs::create_dir_all(&bin).map_err(|e| e.to_string())?;
+    // A wrapper, as for redis-server: the libraries are found without LD_LIBRARY_PATH
+    // leaking into the tests' other processes.
+    let script = format!(
+        "#!/bin/sh\nLD_LIBRARY_PATH='{library_path}'${{LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}} \
+         FONTCONFIG_FILE='{}' exec '{}' \"$@\"\n",
+        fonts.display(),
+        binary.display()
+    );
+    fs::write(wrapper, script).map_err(|e| e.to_string())?;
+    make_executable(wrapper)
+}
+
+/// The directories under `dir` that hold shared libraries (`*.so`, `*.so.N`), in a stable
+/// order.
+fn library_dirs(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let Ok(entries) = fs::read_dir(dir) else {
+        return found;
+    };
+    let mut entries: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+    entries.sort();
+    let mut here = false;
+    for path in entries {
+        // symlink_metadata: a symlinked directory is not walked twice.
+        let Ok(meta) = fs::symlink_metadata(&path) else {
+            continue;
+        };
+        if meta.is_dir() {
+            found.extend(library_dirs(&path));
+        } else if path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.ends_with(".so") || n.contains(".so."))
+        {
+            here = true;
+        }
+    }
+    if here {
+        found.insert(0, dir.to_path_buf());
+    }
+    found
+}
+
+/// The packages `apt-get install --no-install-recommends <package>` would install on this
+/// system besides those already installed: a simulation, which needs no root.
+fn missing_dependencies(package: &str) -> Result<Vec<String>, String> {
+    let out = Command::new("apt-get")
+        .args(["-s", "-qq", "install", "--no-install-recommends", package])
+        .env("LC_ALL", "C")
+        .output()
+        .map_err(|e| format!("could not run apt-get: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "apt-get -s install {package} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    // "Inst libfoo1 (1.2-3 Debian:12/stable [amd64])", or "Inst chromium [old] (new ...)".
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.strip_prefix("Inst "))
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_owned)
+        .collect())
+}
+
+/// Runs `chromium` headless on a blank page: proof it starts and renders, not only that the
+/// file exists.
+fn chromium_renders(chromium: &Path) -> Result<(), String> {
+    let profile = env::temp_dir().join(format!("xtask-chromium-{}", std::process::id()));
+    let out = Command::new(chromium)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--dump-dom",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .arg("data:text/html,<p>xtask-chromium-ok</p>")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("could not run {}: {e}", chromium.display()));
+    let _ = fs::remove_dir_all(&profile);
+    let out = out?;
+    if out.status.success() && String::from_utf8_lossy(&out.stdout).contains("xtask-chromium-ok") {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} does not render a page ({}): {}",
+            chromium.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
     }
 }
 
@@ -306,6 +578,8 @@ fn install_debs(deps: &DepsDir, packages: &[&str], why: &str) -> Result<PathBuf,
             Command::new("apt-get")
                 .args(["install", "-y", "-qq", "--no-install-recommends"])
                 .args(packages)
+                // No question may wait for an answer nobody gives.
+                .env("DEBIAN_FRONTEND", "noninteractive")
                 .stdout(Stdio::null()),
         )?;
         return Ok(PathBuf::from("/"));
