@@ -15,7 +15,8 @@
 //! - **Failures.** A warm-up that exits or prints no warm line within `agent.warm_timeout`,
 //!   and an idle process that dies, start a failure streak: the next warm-up waits 1 s,
 //!   doubling up to 1 min, one at a time, and the streak is logged once when it begins
-//!   (`warm_up_failed` or `warm_agent_died_idle`) and once when it ends (`warm_pool_recovered`).
+//!   (`warm_up_failed`, `warm_agent_died_idle` or `warm_agent_lost_at_handoff`, with
+//!   `; retrying with back-off…`) and once when it ends (`warm_pool_recovered`).
 //!   It ends when a warm process takes a session or has stayed idle for `HEALTHY_AFTER` (10 s), not
 //!   at its warm line: a process that dies right after it would otherwise restart the back-off
 //!   at 1 s every time. No respawn loop, and starts go on cold.
@@ -151,13 +152,23 @@ impl PooledLauncher {
                 }
                 Err(HandoffError::Lost(reason)) => {
                     metrics::warm_up_failed();
-                    tracing::warn!(
-                        session_id = %spec.session_id,
-                        reason,
-                        "warm_agent_lost_at_handoff"
-                    );
+                    // A loss can begin a streak too: then it says so, as the other failures do
+                    // (the streak is logged once whichever failure began it).
+                    if pool.failed() {
+                        tracing::warn!(
+                            session_id = %spec.session_id,
+                            reason,
+                            "warm_agent_lost_at_handoff; retrying with back-off, sessions start \
+                             cold meanwhile"
+                        );
+                    } else {
+                        tracing::warn!(
+                            session_id = %spec.session_id,
+                            reason,
+                            "warm_agent_lost_at_handoff"
+                        );
+                    }
                     // Another idle one, if any; else cold, at once.
-                    let _ = pool.failed();
                 }
             }
         }

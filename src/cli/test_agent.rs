@@ -38,8 +38,9 @@
 //! line reports `"warm": true`). `--warm-behaviour=crash` exits 4 before the warm line;
 //! `--warm-behaviour=exit-on-handoff` exits 0 right after reading its line, printing nothing;
 //! `--warm-behaviour=die-after-warm` exits 7 right after its warm line;
-//! `--warm-delay-ms=N` waits that long before the warm line. A ledger gets `warm <pid>` when a
-//! warm process starts (`warm <pid> <unix ms>`).
+//! `--warm-delay-ms=N` waits that long before the warm line; `--warm-wait-file=PATH` waits
+//! until `PATH` exists (so a test decides when a warm-up ends). A ledger gets
+//! `warm <pid> <unix ms>` when a warm process starts.
 //!
 //! With `--long-line-bytes N` it first prints one line of `N` times `x` (no newline until the
 //! end). With `--ledger <file>` (or `TEST_AGENT_LEDGER=<file>` in its environment) it also
@@ -237,6 +238,12 @@ fn warm_up(argv: &[String]) -> Result<(Vec<String>, BTreeMap<String, String>), i
     record(&options, &format!("warm {} {now_ms}", std::process::id()));
     if let Some(ms) = options.get("warm-delay-ms").and_then(|ms| ms.parse().ok()) {
         std::thread::sleep(Duration::from_millis(ms));
+    }
+    if let Some(path) = options.get("warm-wait-file") {
+        // Polled: the test agent has no other way to be told, and a warm-up may wait long.
+        while !std::path::Path::new(path).exists() {
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
     let behaviour = options.get("warm-behaviour").map(String::as_str);
     if behaviour == Some("crash") {
