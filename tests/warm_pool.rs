@@ -787,6 +787,57 @@ async fn a_warm_process_lost_at_the_handoff_makes_that_start_cold_at_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_process_that_does_not_read_its_handoff_is_lost_and_that_start_goes_cold() {
+    let redis = TestRedis::start().await;
+    let ledger = Ledger::new();
+    let settings = pooled(
+        &redis,
+        &ledger,
+        "ready",
+        1,
+        "--warm-behaviour=ignore-handoff",
+        &[("AGENT_WORKER__AGENT__MAX_LINE_BYTES", "1048576")],
+    );
+    let worker = TestWorker::start(settings);
+    wait_warm_idle(&redis.conn, 1).await;
+    let (taken, _) = ledger.warm_starts()[0];
+    // More than its stdin's pipe holds: the write waits for a reader that never comes.
+    let id = sid("warm-not-reading");
+    let prompt = "a prompt longer than a pipe holds ".repeat(100 * 1024 / 34);
+    write_full_config(&redis.conn, &id, "Craig", "user", None, Some(&prompt)).await;
+    let task = enqueue(&redis.conn, &id, Some("user")).await;
+    wait_status(&redis.conn, &id, "ready", Duration::from_secs(30)).await;
+    let got = wait_received(&redis.conn, &id).await;
+    assert_eq!(got["warm"], false, "the session's agent started cold");
+    assert_eq!(got["contract"]["system_prompt"], prompt.as_str());
+    wait_for(
+        "the process that did not read to be killed",
+        Duration::from_secs(10),
+        || async { (!alive(taken)).then_some(()) },
+    )
+    .await;
+    // Cold at once after that loss: no other warm process was tried (and lost) for it. Its
+    // replacement, started at the take, is still there, idle.
+    let others: Vec<u32> = ledger
+        .warm_starts()
+        .into_iter()
+        .map(|(pid, _)| pid)
+        .filter(|pid| *pid != taken)
+        .collect();
+    assert!(
+        others.iter().all(|pid| alive(*pid)),
+        "warm processes {others:?}: none taken after the first loss"
+    );
+    // One attempt, no error: the pool's loss is not the session's failure.
+    assert_eq!(
+        hget(&redis.conn, &SessionKeys::new(&id).state(), "lastError").await,
+        None
+    );
+    wait_done(&redis.conn, &task, Duration::from_secs(10)).await;
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_of_the_worker_takes_its_warm_processes_and_sigterm_stops_idle_ones_at_once() {
     let redis = TestRedis::start().await;
     for ending in [Signal::SIGKILL, Signal::SIGTERM] {

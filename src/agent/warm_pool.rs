@@ -139,7 +139,7 @@ impl PooledLauncher {
 
     async fn launch_pooled(&self, spec: LaunchSpec) -> Result<RunningAgent, LaunchError> {
         let pool = &self.pool;
-        while let Some(warm) = pool.take() {
+        if let Some(warm) = pool.take() {
             match pool.cold.hand_off(warm, &spec).await {
                 Ok(agent) => {
                     metrics::warm_take(true);
@@ -168,7 +168,9 @@ impl PooledLauncher {
                             "warm_agent_lost_at_handoff"
                         );
                     }
-                    // Another idle one, if any; else cold, at once.
+                    // Cold, at once, not another idle one: it may be as broken, and this
+                    // loss may have cost the whole handoff write timeout already (a session
+                    // must not pay it once per idle process).
                 }
             }
         }

@@ -38,6 +38,7 @@
 //! line reports `"warm": true`). `--warm-behaviour=crash` exits 4 before the warm line;
 //! `--warm-behaviour=exit-on-handoff` exits 0 right after reading its line, printing nothing;
 //! `--warm-behaviour=die-after-warm` exits 7 right after its warm line;
+//! `--warm-behaviour=ignore-handoff` never reads its stdin and runs until killed;
 //! `--warm-delay-ms=N` waits that long before the warm line; `--warm-wait-file=PATH` waits
 //! until `PATH` exists (so a test decides when a warm-up ends). A ledger gets
 //! `warm <pid> <unix ms>` when a warm process starts.
@@ -253,6 +254,10 @@ fn warm_up(argv: &[String]) -> Result<(Vec<String>, BTreeMap<String, String>), i
     say("AGENT_WORKER_WARM");
     if behaviour == Some("die-after-warm") {
         return Err(7);
+    }
+    if behaviour == Some("ignore-handoff") {
+        // Never reads its stdin: a long handoff line fills the pipe and the write waits.
+        park_forever()
     }
     let mut line = String::new();
     if std::io::stdin().read_line(&mut line).is_err() || line.is_empty() {
