@@ -8,7 +8,14 @@
 
 mod common;
 
-use std::{collections::HashMap, collections::HashSet, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    process::Stdio,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use agent_jobs::{SessionKeys, keys::WORKER_WARM};
 use common::*;
@@ -28,6 +35,161 @@ async fn wait_warm_idle(conn: &redis::aio::ConnectionManager, want: u64) {
         || async { (warm_idle(conn).await == [want]).then_some(()) },
     )
     .await
+}
+
+/// Waits for a presence beat from at least a second after `after_ms` (unix ms; scores are unix
+/// seconds) that reports `want` idle warm processes: the pool as it is since then, not a count
+/// from before.
+async fn wait_idle_after(conn: &redis::aio::ConnectionManager, after_ms: u64, want: u64) {
+    let after = after_ms / 1000 + 2;
+    wait_for(
+        &format!("a presence beat reporting {want} idle warm processes"),
+        Duration::from_secs(20),
+        || async {
+            let seen: Vec<(String, u64)> = conn
+                .clone()
+                .zrange_withscores(agent_jobs::keys::WORKERS, 0, -1)
+                .await
+                .unwrap();
+            let beat_after = seen.iter().any(|(_, at)| *at >= after);
+            (beat_after && warm_idle(conn).await == [want]).then_some(())
+        },
+    )
+    .await
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// A file whose creation lets warm-ups started with [`Gate::warm_arg`] print their warm line:
+/// the test decides when a warm-up ends.
+struct Gate(std::path::PathBuf);
+
+impl Gate {
+    fn new() -> Self {
+        Self(std::env::temp_dir().join(format!("warm-gate-{}", ulid::Ulid::generate())))
+    }
+
+    /// The test agent's option that waits for this gate.
+    fn warm_arg(&self) -> String {
+        format!("--warm-wait-file={}", self.0.display())
+    }
+
+    fn open(&self) {
+        std::fs::write(&self.0, b"").expect("open the gate");
+    }
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// The value of the sample `series` (name with labels, exactly as exposed) in a scrape.
+fn sample(page: &str, series: &str) -> Option<f64> {
+    page.lines().find_map(|line| {
+        let value = line.strip_prefix(series)?.strip_prefix(' ')?;
+        value.trim().parse().ok()
+    })
+}
+
+/// `agent-worker run` in its own process (its own metrics, its log on stderr), stopped with
+/// the test even if the test fails.
+struct BinWorker {
+    child: Option<std::process::Child>,
+    events: Arc<Mutex<Vec<serde_json::Value>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+    _kill: KillOnDrop,
+}
+
+impl BinWorker {
+    fn start(redis: &TestRedis, env: &[(&str, &str)]) -> Self {
+        let kill = KillOnDrop::default();
+        let mut child = kill.track(
+            worker_command(&redis.url(), &["run"], "ready", env)
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("start the worker"),
+        );
+        let stderr = child.stderr.take().expect("piped stderr");
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let collected = events.clone();
+        // Read as it comes, so the worker never blocks on a full pipe.
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Ok(event) = serde_json::from_str(&line) {
+                    collected.lock().unwrap().push(event);
+                }
+            }
+        });
+        Self {
+            child: Some(child),
+            events,
+            reader: Some(reader),
+            _kill: kill,
+        }
+    }
+
+    /// Where it serves HTTP (it logs `http_listening`: port 0 was asked for).
+    async fn addr(&self) -> SocketAddr {
+        wait_for(
+            "the worker's http_listening",
+            Duration::from_secs(20),
+            || async {
+                self.events
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .find(|e| e["message"] == "http_listening")
+                    .and_then(|e| e["addr"].as_str()?.parse().ok())
+            },
+        )
+        .await
+    }
+
+    async fn metrics(&self) -> String {
+        let (status, page) = get(self.addr().await, "/metrics").await;
+        assert_eq!(status, 200);
+        page
+    }
+
+    /// Waits until a scrape satisfies `check`.
+    async fn wait_metrics(&self, check: impl Fn(&str) -> bool) {
+        let mut last = String::new();
+        let found = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                last = self.metrics().await;
+                if check(&last) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        if found.is_err() {
+            let pool: Vec<&str> = last.lines().filter(|l| l.contains("warm")).collect();
+            panic!("timed out waiting for the metrics; the pool's: {pool:#?}");
+        }
+    }
+
+    /// SIGTERMs it, waits for it, and returns its log's events.
+    async fn stop(mut self) -> Vec<serde_json::Value> {
+        let child = self.child.take().expect("running");
+        signal(&child, Signal::SIGTERM);
+        let _ = output_of(child).await;
+        // Its log is whole once the reader reached the end of the pipe.
+        let reader = self.reader.take().expect("reading");
+        tokio::task::spawn_blocking(move || reader.join())
+            .await
+            .unwrap()
+            .expect("the log reader");
+        std::mem::take(&mut *self.events.lock().unwrap())
+    }
 }
 
 /// Settings of a worker with a pool of `size` warm test agents started with `warm_args`.
@@ -149,15 +311,26 @@ async fn the_handoff_carries_every_value_verbatim() {
     let opening =
         "-r oops; $(rm -rf /) `id` | \"quoted\" 'single' \\ back\nsecond line\tTAB Grüße 你好 🎙️";
     let prompt = format!("-u nice {}", "prompt ✓ ".repeat(100 * 1024 / 10));
+    // SESSION_CONFIG carries the config's other fields: odd ones there too, and a field the
+    // worker does not know, which it passes on all the same.
+    let user = "-u $(id) `x` \"q\"\nline two\ttab Grüße 🎙️";
+    let extra = "{\"not\": \"json of ours\"} \\ ; rm -rf / \u{7f} 你好";
     write_full_config(
         &redis.conn,
         &id,
         "-Voice=odd",
-        "user",
+        user,
         Some(opening),
         Some(&prompt),
     )
     .await;
+    let config_key = SessionKeys::new(&id).config();
+    let _: () = redis
+        .conn
+        .clone()
+        .hset(&config_key, "x-extra", extra)
+        .await
+        .unwrap();
     enqueue(&redis.conn, &id, Some("user")).await;
     wait_status(&redis.conn, &id, "ready", Duration::from_secs(20)).await;
     let got = wait_received(&redis.conn, &id).await;
@@ -168,10 +341,19 @@ async fn the_handoff_carries_every_value_verbatim() {
     assert_eq!(got["contract"]["system_prompt"], prompt.as_str());
     assert_eq!(got["env"]["SESSION_ID"], id.as_str());
     assert_eq!(got["env"]["VOICE_ID"], "-Voice=odd");
-    // SESSION_CONFIG is the session's config as the cold path sends it.
-    let config: serde_json::Value =
+    // SESSION_CONFIG is the config hash as JSON, but for the opening line and the prompt
+    // (they travel once, as options).
+    let config: HashMap<String, String> =
         serde_json::from_str(got["env"]["SESSION_CONFIG"].as_str().unwrap()).unwrap();
+    let mut stored: HashMap<String, String> =
+        redis.conn.clone().hgetall(&config_key).await.unwrap();
+    assert!(stored.remove("openingLine").is_some());
+    assert!(stored.remove("systemPrompt").is_some());
+    assert_eq!(config, stored);
     assert_eq!(config["voiceId"], "-Voice=odd");
+    assert_eq!(config["userName"], user);
+    assert_eq!(config["x-extra"], extra);
+    assert!(config.contains_key("updatedAt"), "{config:?}");
     // The argv is the warm command's, then exactly the session's options.
     let argv: Vec<&str> = got["argv"]
         .as_array()
@@ -198,21 +380,29 @@ async fn the_handoff_carries_every_value_verbatim() {
     worker.stop().await;
 }
 
-/// A warm command that fails every time, as `warm_behaviour` says: sessions start cold, and
-/// the warm-ups are retried one at a time after 1 s, 2 s, 4 s: never a respawn loop.
-async fn failing_warm_ups_back_off(warm_behaviour: &str) {
+/// A warm command that fails every time, as `warm_behaviour` says, through the worker's
+/// binary (for its log): sessions start cold, and the warm-ups are retried one at a time after
+/// back-offs of 1 s, 2 s, 4 s: growing, never a respawn loop, and logged once for the streak.
+async fn failing_warm_ups_back_off(warm_behaviour: &str, pool: usize) {
     let redis = TestRedis::start().await;
     let ledger = Ledger::new();
-    // One warm-up at a time from the start, so every gap is a back-off.
-    let settings = pooled(
-        &redis,
-        &ledger,
-        "ready",
-        2,
-        &format!("--warm-behaviour={warm_behaviour}"),
-        &[("AGENT_WORKER__AGENT__WARM_CONCURRENCY", "1")],
+    let (command, warm) = (
+        ledger.command("ready"),
+        ledger.warm_command(&format!(
+            "--behaviour,ready,--warm-behaviour={warm_behaviour}"
+        )),
     );
-    let worker = TestWorker::start(settings);
+    let pool = pool.to_string();
+    // One warm-up at a time from the start, so every gap is a back-off.
+    let worker = BinWorker::start(
+        &redis,
+        &[
+            ("AGENT_WORKER__AGENT__COMMAND", command.as_str()),
+            ("AGENT_WORKER__AGENT__WARM_COMMAND", warm.as_str()),
+            ("AGENT_WORKER__AGENT__WARM_POOL", pool.as_str()),
+            ("AGENT_WORKER__AGENT__WARM_CONCURRENCY", "1"),
+        ],
+    );
     let id = sid(&format!("warm-failing-{warm_behaviour}"));
     write_config(&redis.conn, &id, "Craig", "user").await;
     enqueue(&redis.conn, &id, Some("user")).await;
@@ -226,46 +416,299 @@ async fn failing_warm_ups_back_off(warm_behaviour: &str) {
             .as_deref(),
         Some("0")
     );
-    // Spawns at 0 s (and at once a second one to fill the pool, when the first looked warm),
-    // then after back-offs of 1 s, 2 s, 4 s...: wait for one 7 s or more after the first and
-    // count those before it. A respawn loop at the first back-off would make 7 or more.
-    let starts = wait_for(
-        "a warm-up 7 s after the first",
-        Duration::from_secs(40),
-        || async {
-            let starts = ledger.warm_starts();
-            let first = starts.first()?.1;
-            starts
-                .iter()
-                .any(|(_, at)| at - first >= 7000)
-                .then_some(starts)
-        },
-    )
+    // Spawns at 0 s, then after back-offs of 1 s, 2 s, 4 s (each after the failure, which comes
+    // within milliseconds of the spawn). A constant back-off would make equal gaps, a respawn
+    // loop tiny ones.
+    let starts = wait_for("four warm-ups", Duration::from_secs(40), || async {
+        let starts = ledger.warm_starts();
+        (starts.len() >= 4).then_some(starts)
+    })
     .await;
-    let first = starts[0].1;
-    let early: Vec<u64> = starts
-        .iter()
-        .map(|(_, at)| at - first)
-        .filter(|ms| *ms < 7000)
+    let gaps: Vec<u64> = starts
+        .windows(2)
+        .take(3)
+        .map(|pair| pair[1].1 - pair[0].1)
         .collect();
+    eprintln!("{warm_behaviour}: gaps between warm-ups {gaps:?} ms");
+    assert!(gaps[0] >= 800, "a first back-off of 1 s: gaps {gaps:?} ms");
+    for pair in gaps.windows(2) {
+        // Doubling, with room for scheduling delays: at least 1.6 times the gap before.
+        assert!(
+            pair[1] * 10 >= pair[0] * 16,
+            "each gap at least 1.6 times the one before: {gaps:?} ms"
+        );
+    }
+    let page = worker.metrics().await;
+    let timed = sample(&page, "agent_worker_warm_up_seconds_count");
+    if warm_behaviour == "crash" {
+        // Never warm, never idle, never timed.
+        assert_eq!(warm_idle(&redis.conn).await, [0]);
+        assert_eq!(sample(&page, "agent_worker_warm_idle"), Some(0.0));
+        assert_eq!(timed, None, "{page}");
+    } else {
+        // Each warm for a moment (so idle may be seen at 1 now).
+        assert!(timed >= Some(3.0), "{page}");
+    }
+    // The first three at least have failed by the fourth spawn.
     assert!(
-        early.len() <= 5,
-        "{} warm-ups in the first 7 s (ms after the first: {early:?})",
-        early.len()
+        sample(&page, "agent_worker_warm_up_failures_total") >= Some(3.0),
+        "{page}"
+    );
+    assert_eq!(
+        sample(&page, r#"agent_worker_warm_takes_total{result="cold"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&page, r#"agent_worker_warm_takes_total{result="warm"}"#),
+        Some(0.0)
+    );
+    // Several failures, one streak: one warning saying so.
+    let events = worker.stop().await;
+    let streaks: Vec<&str> = events
+        .iter()
+        .filter_map(|e| e["message"].as_str())
+        .filter(|m| m.ends_with("; retrying with back-off, sessions start cold meanwhile"))
+        .collect();
+    assert_eq!(streaks.len(), 1, "{streaks:?}");
+    assert!(
+        !events
+            .iter()
+            .any(|e| e["message"].as_str() == Some("warm_pool_recovered")),
+        "the streak never ended"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_up_that_always_crashes_backs_off_and_sessions_start_cold() {
+    // A pool of two that never fills: still one warm-up at a time.
+    failing_warm_ups_back_off("crash", 2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_process_that_dies_right_after_its_warm_line_backs_off_too() {
+    // Its warm-ups "succeed": only staying up (or taking a session) ends the streak. A pool of
+    // one, as a second slot would be filled at once while the first still looks warm.
+    failing_warm_ups_back_off("die-after-warm", 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_up_past_warm_timeout_is_killed_and_retried_after_a_back_off() {
+    let redis = TestRedis::start().await;
+    let ledger = Ledger::new();
+    // Its warm line would come after 5 s; 1 s is allowed.
+    let settings = pooled(
+        &redis,
+        &ledger,
+        "ready",
+        1,
+        "--warm-delay-ms=5000",
+        &[("AGENT_WORKER__AGENT__WARM_TIMEOUT", "1s")],
+    );
+    let worker = TestWorker::start(settings);
+    let (first, first_ms) = wait_for("a warm-up", Duration::from_secs(20), || async {
+        ledger.warm_starts().first().copied()
+    })
+    .await;
+    // Meanwhile sessions start cold.
+    let id = sid("warm-timeout");
+    write_config(&redis.conn, &id, "Craig", "user").await;
+    enqueue(&redis.conn, &id, Some("user")).await;
+    wait_status(&redis.conn, &id, "ready", Duration::from_secs(20)).await;
+    let got = wait_received(&redis.conn, &id).await;
+    assert_eq!(got["warm"], false);
+    assert_ne!(got["pid"].as_u64(), Some(u64::from(first)));
+    let (second, second_ms) = wait_for("a second warm-up", Duration::from_secs(20), || async {
+        ledger.warm_starts().get(1).copied()
+    })
+    .await;
+    assert_ne!(second, first);
+    // The first was killed at its timeout, before the retry: left alone it would still be
+    // sleeping now (about 2 s after its spawn, 3 s before its warm line).
+    assert!(!alive(first), "the timed-out warm process {first} is gone");
+    // The retry came after the timeout (1 s) and a back-off (1 s), not right at the timeout.
+    assert!(
+        second_ms - first_ms >= 1500,
+        "the second warm-up {} ms after the first",
+        second_ms - first_ms
     );
     assert_eq!(warm_idle(&redis.conn).await, [0]);
     worker.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_warm_up_that_always_crashes_backs_off_and_sessions_start_cold() {
-    failing_warm_ups_back_off("crash").await;
+async fn an_idle_warm_process_older_than_warm_max_idle_is_recycled() {
+    let redis = TestRedis::start().await;
+    let ledger = Ledger::new();
+    let settings = pooled(
+        &redis,
+        &ledger,
+        "ready",
+        1,
+        "",
+        &[("AGENT_WORKER__AGENT__WARM_MAX_IDLE", "3s")],
+    );
+    let worker = TestWorker::start(settings);
+    wait_warm_idle(&redis.conn, 1).await;
+    let (first, _) = ledger.warm_starts()[0];
+    wait_for(
+        "the old warm process to be recycled",
+        Duration::from_secs(20),
+        || async { (!alive(first)).then_some(()) },
+    )
+    .await;
+    let (second, spawned_ms) = wait_for("its replacement", Duration::from_secs(20), || async {
+        ledger.warm_starts().get(1).copied()
+    })
+    .await;
+    assert_ne!(second, first);
+    wait_idle_after(&redis.conn, spawned_ms, 1).await;
+    // The fresh one (or, if it grew old meanwhile, its own replacement) serves a session warm:
+    // a recycle is no failure, so no back-off leaves the pool empty.
+    let id = sid("warm-recycled");
+    write_config(&redis.conn, &id, "Olivia", "user").await;
+    enqueue(&redis.conn, &id, Some("user")).await;
+    wait_status(&redis.conn, &id, "ready", Duration::from_secs(20)).await;
+    let got = wait_received(&redis.conn, &id).await;
+    assert_eq!(got["warm"], true);
+    let pid = got["pid"].as_u64().unwrap() as u32;
+    assert_ne!(pid, first, "the recycled process took no session");
+    assert!(
+        ledger.warm_starts().iter().any(|(p, _)| *p == pid),
+        "{pid} is a warm process"
+    );
+    worker.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_warm_process_that_dies_right_after_its_warm_line_backs_off_too() {
-    // Its warm-ups "succeed": only staying up (or taking a session) ends the streak.
-    failing_warm_ups_back_off("die-after-warm").await;
+async fn a_full_replica_keeps_no_idle_warm_process_and_the_pool_grows_back() {
+    let redis = TestRedis::start().await;
+    let ledger = Ledger::new();
+    let gate = Gate::new();
+    // Room for one agent, a pool of two: the target is min(2, 1 − running − starting).
+    let settings = pooled(
+        &redis,
+        &ledger,
+        "ready",
+        2,
+        &gate.warm_arg(),
+        &[("AGENT_WORKER__AGENT__MAX_AGENTS", "1")],
+    );
+    let worker = TestWorker::start(settings);
+    // With no session, min(2, 1) = 1: one warm-up, held at the gate.
+    let (held, _) = wait_for("a warm-up", Duration::from_secs(20), || async {
+        ledger.warm_starts().first().copied()
+    })
+    .await;
+    // Nothing idle: the session starts cold and fills the replica.
+    let id = sid("warm-full");
+    write_config(&redis.conn, &id, "Craig", "user").await;
+    enqueue(&redis.conn, &id, Some("user")).await;
+    wait_status(&redis.conn, &id, "ready", Duration::from_secs(20)).await;
+    let got = wait_received(&redis.conn, &id).await;
+    assert_eq!(got["warm"], false);
+    let agent = got["pid"].as_u64().unwrap() as u32;
+    // The held warm-up ends with no room left: the pool stops it instead of keeping it.
+    gate.open();
+    wait_for(
+        "the warm process beyond the room left to be stopped",
+        Duration::from_secs(20),
+        || async { (!alive(held)).then_some(()) },
+    )
+    .await;
+    let stopped_ms = unix_ms();
+    wait_idle_after(&redis.conn, stopped_ms, 0).await;
+    assert_eq!(
+        ledger.warm_starts().len(),
+        1,
+        "no warm-up while the replica is full"
+    );
+    // The session ends: room for one again, so one idle warm process again.
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(agent as i32), Signal::SIGTERM).unwrap();
+    wait_status(&redis.conn, &id, "completed", Duration::from_secs(20)).await;
+    let (grown, spawned_ms) = wait_for("a new warm-up", Duration::from_secs(20), || async {
+        ledger.warm_starts().get(1).copied()
+    })
+    .await;
+    wait_idle_after(&redis.conn, spawned_ms, 1).await;
+    // And it serves the next session.
+    let next = sid("warm-full-next");
+    write_config(&redis.conn, &next, "Olivia", "user").await;
+    enqueue(&redis.conn, &next, Some("user")).await;
+    wait_status(&redis.conn, &next, "ready", Duration::from_secs(20)).await;
+    let got = wait_received(&redis.conn, &next).await;
+    assert_eq!(got["warm"], true);
+    assert_eq!(got["pid"].as_u64(), Some(u64::from(grown)));
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_show_the_pools_takes_warm_ups_and_failures() {
+    let redis = TestRedis::start().await;
+    let ledger = Ledger::new();
+    let gate = Gate::new();
+    let (command, warm) = (
+        ledger.command("ready"),
+        ledger.warm_command(&format!("--behaviour,ready,{}", gate.warm_arg())),
+    );
+    // Its own process: the metrics recorder is process-wide, and other tests of this binary
+    // run pools at the same time.
+    let worker = BinWorker::start(
+        &redis,
+        &[
+            ("AGENT_WORKER__AGENT__COMMAND", command.as_str()),
+            ("AGENT_WORKER__AGENT__WARM_COMMAND", warm.as_str()),
+            ("AGENT_WORKER__AGENT__WARM_POOL", "1"),
+        ],
+    );
+    let (held, _) = wait_for("a warm-up", Duration::from_secs(20), || async {
+        ledger.warm_starts().first().copied()
+    })
+    .await;
+    let expect = |idle: f64, warm: f64, cold: f64, warmed: f64, failed: f64| {
+        move |page: &str| {
+            // A histogram is exposed from its first sample on; the rest from the start.
+            let timed = sample(page, "agent_worker_warm_up_seconds_count");
+            timed.or((warmed == 0.0).then_some(0.0)) == Some(warmed)
+                && [
+                    ("agent_worker_warm_idle", idle),
+                    (r#"agent_worker_warm_takes_total{result="warm"}"#, warm),
+                    (r#"agent_worker_warm_takes_total{result="cold"}"#, cold),
+                    ("agent_worker_warm_up_failures_total", failed),
+                ]
+                .iter()
+                .all(|(series, want)| sample(page, series) == Some(*want))
+        }
+    };
+    // Held at the gate: nothing yet, every series at zero.
+    worker.wait_metrics(expect(0.0, 0.0, 0.0, 0.0, 0.0)).await;
+    // Nothing idle: a cold take.
+    let cold = sid("warm-metrics-cold");
+    write_config(&redis.conn, &cold, "Craig", "user").await;
+    enqueue(&redis.conn, &cold, Some("user")).await;
+    wait_status(&redis.conn, &cold, "ready", Duration::from_secs(20)).await;
+    worker.wait_metrics(expect(0.0, 0.0, 1.0, 0.0, 0.0)).await;
+    // The warm-up ends: one idle, one warm-up timed.
+    gate.open();
+    worker.wait_metrics(expect(1.0, 0.0, 1.0, 1.0, 0.0)).await;
+    // A warm take; its replacement warms at once (the gate is open).
+    let warm = sid("warm-metrics-warm");
+    write_config(&redis.conn, &warm, "Olivia", "user").await;
+    enqueue(&redis.conn, &warm, Some("user")).await;
+    wait_status(&redis.conn, &warm, "ready", Duration::from_secs(20)).await;
+    assert_eq!(
+        wait_received(&redis.conn, &warm).await["pid"].as_u64(),
+        Some(u64::from(held))
+    );
+    worker.wait_metrics(expect(1.0, 1.0, 1.0, 2.0, 0.0)).await;
+    // The replacement killed while idle: a failure, and after a back-off a third warm-up.
+    let (replacement, _) = ledger.warm_starts()[1];
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(replacement as i32),
+        Signal::SIGKILL,
+    )
+    .unwrap();
+    worker.wait_metrics(expect(1.0, 1.0, 1.0, 3.0, 1.0)).await;
+    worker.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -340,6 +783,57 @@ async fn a_warm_process_lost_at_the_handoff_makes_that_start_cold_at_once() {
     wait_done(&redis.conn, &task, Duration::from_secs(10)).await;
     // The lost process never took a room.
     assert!(ledger.sessions().iter().all(|(_, pid)| *pid != taken));
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_process_that_does_not_read_its_handoff_is_lost_and_that_start_goes_cold() {
+    let redis = TestRedis::start().await;
+    let ledger = Ledger::new();
+    let settings = pooled(
+        &redis,
+        &ledger,
+        "ready",
+        1,
+        "--warm-behaviour=ignore-handoff",
+        &[("AGENT_WORKER__AGENT__MAX_LINE_BYTES", "1048576")],
+    );
+    let worker = TestWorker::start(settings);
+    wait_warm_idle(&redis.conn, 1).await;
+    let (taken, _) = ledger.warm_starts()[0];
+    // More than its stdin's pipe holds: the write waits for a reader that never comes.
+    let id = sid("warm-not-reading");
+    let prompt = "a prompt longer than a pipe holds ".repeat(100 * 1024 / 34);
+    write_full_config(&redis.conn, &id, "Craig", "user", None, Some(&prompt)).await;
+    let task = enqueue(&redis.conn, &id, Some("user")).await;
+    wait_status(&redis.conn, &id, "ready", Duration::from_secs(30)).await;
+    let got = wait_received(&redis.conn, &id).await;
+    assert_eq!(got["warm"], false, "the session's agent started cold");
+    assert_eq!(got["contract"]["system_prompt"], prompt.as_str());
+    wait_for(
+        "the process that did not read to be killed",
+        Duration::from_secs(10),
+        || async { (!alive(taken)).then_some(()) },
+    )
+    .await;
+    // Cold at once after that loss: no other warm process was tried (and lost) for it. Its
+    // replacement, started at the take, is still there, idle.
+    let others: Vec<u32> = ledger
+        .warm_starts()
+        .into_iter()
+        .map(|(pid, _)| pid)
+        .filter(|pid| *pid != taken)
+        .collect();
+    assert!(
+        others.iter().all(|pid| alive(*pid)),
+        "warm processes {others:?}: none taken after the first loss"
+    );
+    // One attempt, no error: the pool's loss is not the session's failure.
+    assert_eq!(
+        hget(&redis.conn, &SessionKeys::new(&id).state(), "lastError").await,
+        None
+    );
+    wait_done(&redis.conn, &task, Duration::from_secs(10)).await;
     worker.stop().await;
 }
 

@@ -211,12 +211,10 @@ impl ProcessLauncher {
         match written {
             Ok(Ok(())) => {}
             Ok(Err(error)) => {
-                return Err(HandoffError::Lost(format!(
-                    "writing its session failed: {error}"
-                )));
+                return Err(lost(format!("writing its session failed: {error}")));
             }
             Err(_elapsed) => {
-                return Err(HandoffError::Lost(format!(
+                return Err(lost(format!(
                     "it did not read its session within {HANDOFF_WRITE_TIMEOUT:?}"
                 )));
             }

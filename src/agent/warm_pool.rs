@@ -15,7 +15,8 @@
 //! - **Failures.** A warm-up that exits or prints no warm line within `agent.warm_timeout`,
 //!   and an idle process that dies, start a failure streak: the next warm-up waits 1 s,
 //!   doubling up to 1 min, one at a time, and the streak is logged once when it begins
-//!   (`warm_up_failed` or `warm_agent_died_idle`) and once when it ends (`warm_pool_recovered`).
+//!   (`warm_up_failed`, `warm_agent_died_idle` or `warm_agent_lost_at_handoff`, with
+//!   `; retrying with back-off…`) and once when it ends (`warm_pool_recovered`).
 //!   It ends when a warm process takes a session or has stayed idle for `HEALTHY_AFTER` (10 s), not
 //!   at its warm line: a process that dies right after it would otherwise restart the back-off
 //!   at 1 s every time. No respawn loop, and starts go on cold.
@@ -138,7 +139,7 @@ impl PooledLauncher {
 
     async fn launch_pooled(&self, spec: LaunchSpec) -> Result<RunningAgent, LaunchError> {
         let pool = &self.pool;
-        while let Some(warm) = pool.take() {
+        if let Some(warm) = pool.take() {
             match pool.cold.hand_off(warm, &spec).await {
                 Ok(agent) => {
                     metrics::warm_take(true);
@@ -151,13 +152,25 @@ impl PooledLauncher {
                 }
                 Err(HandoffError::Lost(reason)) => {
                     metrics::warm_up_failed();
-                    tracing::warn!(
-                        session_id = %spec.session_id,
-                        reason,
-                        "warm_agent_lost_at_handoff"
-                    );
-                    // Another idle one, if any; else cold, at once.
-                    let _ = pool.failed();
+                    // A loss can begin a streak too: then it says so, as the other failures do
+                    // (the streak is logged once whichever failure began it).
+                    if pool.failed() {
+                        tracing::warn!(
+                            session_id = %spec.session_id,
+                            reason,
+                            "warm_agent_lost_at_handoff; retrying with back-off, sessions start \
+                             cold meanwhile"
+                        );
+                    } else {
+                        tracing::warn!(
+                            session_id = %spec.session_id,
+                            reason,
+                            "warm_agent_lost_at_handoff"
+                        );
+                    }
+                    // Cold, at once, not another idle one: it may be as broken, and this
+                    // loss may have cost the whole handoff write timeout already (a session
+                    // must not pay it once per idle process).
                 }
             }
         }

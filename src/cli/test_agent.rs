@@ -38,8 +38,10 @@
 //! line reports `"warm": true`). `--warm-behaviour=crash` exits 4 before the warm line;
 //! `--warm-behaviour=exit-on-handoff` exits 0 right after reading its line, printing nothing;
 //! `--warm-behaviour=die-after-warm` exits 7 right after its warm line;
-//! `--warm-delay-ms=N` waits that long before the warm line. A ledger gets `warm <pid>` when a
-//! warm process starts (`warm <pid> <unix ms>`).
+//! `--warm-behaviour=ignore-handoff` never reads its stdin and runs until killed;
+//! `--warm-delay-ms=N` waits that long before the warm line; `--warm-wait-file=PATH` waits
+//! until `PATH` exists (so a test decides when a warm-up ends). A ledger gets
+//! `warm <pid> <unix ms>` when a warm process starts.
 //!
 //! With `--long-line-bytes N` it first prints one line of `N` times `x` (no newline until the
 //! end). With `--ledger <file>` (or `TEST_AGENT_LEDGER=<file>` in its environment) it also
@@ -238,6 +240,12 @@ fn warm_up(argv: &[String]) -> Result<(Vec<String>, BTreeMap<String, String>), i
     if let Some(ms) = options.get("warm-delay-ms").and_then(|ms| ms.parse().ok()) {
         std::thread::sleep(Duration::from_millis(ms));
     }
+    if let Some(path) = options.get("warm-wait-file") {
+        // Polled: the test agent has no other way to be told, and a warm-up may wait long.
+        while !std::path::Path::new(path).exists() {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
     let behaviour = options.get("warm-behaviour").map(String::as_str);
     if behaviour == Some("crash") {
         eprintln!("warm-up crashing on purpose");
@@ -246,6 +254,10 @@ fn warm_up(argv: &[String]) -> Result<(Vec<String>, BTreeMap<String, String>), i
     say("AGENT_WORKER_WARM");
     if behaviour == Some("die-after-warm") {
         return Err(7);
+    }
+    if behaviour == Some("ignore-handoff") {
+        // Never reads its stdin: a long handoff line fills the pipe and the write waits.
+        park_forever()
     }
     let mut line = String::new();
     if std::io::stdin().read_line(&mut line).is_err() || line.is_empty() {
