@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use agent_jobs::{SessionId, SessionKeys, keys::SESSION_HEARTBEATS};
 use common::*;
@@ -56,10 +56,67 @@ async fn record_is_back(conn: &ConnectionManager, id: &SessionId, pid: u32) -> O
         .then_some(())
 }
 
+/// `session.heartbeat_interval` of [`worker`] (set by `worker_command`).
+const HEARTBEAT: Duration = Duration::from_secs(1);
+
+/// Time for the worker's connection to notice the old one broke and connect again (its first
+/// heartbeat after the loss may be the one that fails).
+const RECONNECT_MARGIN: Duration = Duration::from_secs(2);
+
+/// Waits until every record of `ids` is back, at most one heartbeat (plus
+/// [`RECONNECT_MARGIN`]) after `since`, with its agent still running.
+async fn within_one_heartbeat(
+    conn: &ConnectionManager,
+    ids: &[SessionId],
+    pids: &[u32],
+    since: Instant,
+) {
+    let deadline = (since + HEARTBEAT + RECONNECT_MARGIN).saturating_duration_since(Instant::now());
+    wait_for(
+        "every record back within one heartbeat",
+        deadline,
+        || async {
+            for (id, pid) in ids.iter().zip(pids) {
+                record_is_back(conn, id, *pid).await?;
+            }
+            Some(())
+        },
+    )
+    .await;
+    for (id, pid) in ids.iter().zip(pids) {
+        assert!(alive(*pid), "the agent of {id} is still running");
+    }
+}
+
+/// `/metrics` counts the loss (it is counted right after the records are written: a moment
+/// may pass).
+async fn assert_dataset_loss_counted(http: std::net::SocketAddr) {
+    let lost = |body: &str| -> Option<f64> {
+        body.lines()
+            .find_map(|l| l.strip_prefix("agent_worker_redis_dataset_lost_total "))?
+            .trim()
+            .parse()
+            .ok()
+    };
+    wait_for(
+        "agent_worker_redis_dataset_lost_total >= 1 on /metrics",
+        Duration::from_secs(5),
+        || async {
+            let (code, body) = http_get(http, "/metrics").await?;
+            (code == 200 && lost(&body)? >= 1.0).then_some(())
+        },
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_agents_survive_an_empty_redis_restart_and_their_records_come_back() {
     let mut redis = TestRedis::start().await;
-    let worker = worker(&redis.url(), &[]);
+    let http = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let worker = worker(
+        &redis.url(),
+        &[("AGENT_WORKER__HTTP__ADDR", &http.to_string())],
+    );
     let ids: Vec<SessionId> = (0..3).map(|i| sid(&format!("kept-{i}"))).collect();
     let mut pids = Vec::new();
     for id in &ids {
@@ -71,17 +128,11 @@ async fn live_agents_survive_an_empty_redis_restart_and_their_records_come_back(
     // Persistence is off: the server comes back empty.
     redis.redis.stop();
     redis.redis.restart().await.unwrap();
+    let back = Instant::now();
     let keys: Vec<String> = redis.conn.clone().keys("*").await.unwrap_or_default();
     assert!(keys.is_empty() || !keys.iter().any(|k| k.starts_with("session:")));
-    for (id, pid) in ids.iter().zip(&pids) {
-        wait_for(
-            &format!("the record of {id} to be back"),
-            Duration::from_secs(15),
-            || record_is_back(&redis.conn, id, *pid),
-        )
-        .await;
-        assert!(alive(*pid), "the agent of {id} is still running");
-    }
+    within_one_heartbeat(&redis.conn, &ids, &pids, back).await;
+    assert_dataset_loss_counted(http).await;
     signal(&worker, Signal::SIGTERM);
     let out = output_of(worker).await;
     let events = events(&out.stderr);
@@ -152,9 +203,13 @@ async fn an_evicting_redis_is_refused_unless_allowed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_evicted_under_memory_pressure_are_written_again_not_ended() {
     let redis = TestRedis::start().await;
+    let http = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
     let worker = worker(
         &redis.url(),
-        &[("AGENT_WORKER__REDIS__ALLOW_EVICTION", "true")],
+        &[
+            ("AGENT_WORKER__REDIS__ALLOW_EVICTION", "true"),
+            ("AGENT_WORKER__HTTP__ADDR", &http.to_string()),
+        ],
     );
     let ids: Vec<SessionId> = (0..5).map(|i| sid(&format!("evicted-{i}"))).collect();
     let mut pids = Vec::new();
@@ -221,15 +276,8 @@ async fn records_evicted_under_memory_pressure_are_written_again_not_ended() {
         .query_async(&mut conn)
         .await
         .unwrap();
-    for (id, pid) in ids.iter().zip(&pids) {
-        wait_for(
-            &format!("the record of {id} to be back"),
-            Duration::from_secs(15),
-            || record_is_back(&redis.conn, id, *pid),
-        )
-        .await;
-        assert!(alive(*pid), "the agent of {id} is still running");
-    }
+    within_one_heartbeat(&redis.conn, &ids, &pids, Instant::now()).await;
+    assert_dataset_loss_counted(http).await;
     signal(&worker, Signal::SIGTERM);
     let out = output_of(worker).await;
     let events = events(&out.stderr);
