@@ -294,3 +294,113 @@ async fn records_evicted_under_memory_pressure_are_written_again_not_ended() {
         .count();
     assert_eq!(ended, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_still_starting_when_redis_loses_its_data_gets_its_record_back() {
+    let redis = TestRedis::start().await;
+    // The agent takes 2 s to be ready: time to lose the dataset while its session is starting.
+    let command = format!("{TEST_AGENT},--behaviour,ready,--ready-delay-ms,2000");
+    let worker = worker(
+        &redis.url(),
+        &[("AGENT_WORKER__AGENT__COMMAND", command.as_str())],
+    );
+    let id = sid("starting-lost-1");
+    write_config(&redis.conn, &id, "Craig", "u").await;
+    let task_id = enqueue(&redis.conn, &id, Some("u")).await;
+    wait_status(&redis.conn, &id, "starting", Duration::from_secs(20)).await;
+    let _: () = redis::cmd("FLUSHALL")
+        .query_async(&mut redis.conn.clone())
+        .await
+        .unwrap();
+    // Ready, with the record the claim wrote: not stopped as if the orchestrator had ended it.
+    let pid = wait_for("the agent's pid", Duration::from_secs(10), || async {
+        let pid: Option<String> = redis
+            .conn
+            .clone()
+            .get(SessionKeys::new(&id).agent_pid())
+            .await
+            .unwrap();
+        pid?.parse::<u32>().ok()
+    })
+    .await;
+    wait_for(
+        &format!("the record of {id} to be back"),
+        Duration::from_secs(10),
+        || record_is_back(&redis.conn, &id, pid),
+    )
+    .await;
+    let state = SessionKeys::new(&id).state();
+    assert_eq!(hget(&redis.conn, &state, "taskId").await, Some(task_id));
+    assert_eq!(
+        hget(&redis.conn, &state, "voiceId").await.as_deref(),
+        Some("Craig")
+    );
+    assert_eq!(
+        hget(&redis.conn, &state, "userId").await.as_deref(),
+        Some("u")
+    );
+    assert!(hget(&redis.conn, &state, "createdAt").await.is_some());
+    let ttl: i64 = redis.conn.clone().ttl(&state).await.unwrap();
+    assert!(ttl > 0, "the record written again expires: TTL {ttl}");
+    assert!(alive(pid), "the agent still runs");
+    signal(&worker, Signal::SIGTERM);
+    let out = output_of(worker).await;
+    let events = events(&out.stderr);
+    assert!(
+        events
+            .iter()
+            .any(|e| e["message"] == "redis_dataset_lost" && e["session_id"] == id.as_str()),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ended = events
+        .iter()
+        .filter(|e| e["message"] == "agent_stopped" && e["reason"] != "worker_shutdown")
+        .count();
+    assert_eq!(ended, 0, "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_the_orchestrator_ends_while_it_is_starting_is_still_stopped() {
+    let redis = TestRedis::start().await;
+    let command = format!("{TEST_AGENT},--behaviour,ready,--ready-delay-ms,2000");
+    let worker = worker(
+        &redis.url(),
+        &[("AGENT_WORKER__AGENT__COMMAND", command.as_str())],
+    );
+    let id = sid("starting-ended-1");
+    enqueue(&redis.conn, &id, None).await;
+    wait_status(&redis.conn, &id, "starting", Duration::from_secs(20)).await;
+    let pid = wait_for("the agent to run", Duration::from_secs(10), || async {
+        live_agents(&[worker.id()])
+            .get(id.as_str())?
+            .first()
+            .copied()
+    })
+    .await;
+    // The orchestrator's end: the session's keys go; our heartbeat index is not its to touch.
+    let keys = SessionKeys::new(&id);
+    let _: () = redis
+        .conn
+        .clone()
+        .del(&[keys.state(), keys.config()])
+        .await
+        .unwrap();
+    wait_for(
+        "the agent to be stopped",
+        Duration::from_secs(20),
+        || async { (!alive(pid)).then_some(()) },
+    )
+    .await;
+    signal(&worker, Signal::SIGTERM);
+    let out = output_of(worker).await;
+    let events = events(&out.stderr);
+    assert!(
+        events
+            .iter()
+            .any(|e| e["message"] == "agent_stopped" && e["reason"] == "session_ended"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!events.iter().any(|e| e["message"] == "redis_dataset_lost"));
+}
