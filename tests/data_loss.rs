@@ -404,3 +404,69 @@ async fn a_session_the_orchestrator_ends_while_it_is_starting_is_still_stopped()
     );
     assert!(!events.iter().any(|e| e["message"] == "redis_dataset_lost"));
 }
+
+/// Whether any worker's inflight set holds `task_id`.
+async fn inflight_anywhere(conn: &ConnectionManager, task_id: &str) -> bool {
+    let keys = agent_jobs::QueueKeys::new(QUEUE).unwrap();
+    let sets: Vec<String> = conn
+        .clone()
+        .keys(format!("{}:*", keys.inflight_prefix()))
+        .await
+        .unwrap();
+    for set in sets {
+        if is_member(conn, &set, task_id).await {
+            return true;
+        }
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_jobs_whose_data_vanished_go_dead_with_the_reason_and_the_rest_run() {
+    let redis = TestRedis::start().await;
+    let keys = agent_jobs::QueueKeys::new(QUEUE).unwrap();
+    let mut lost = Vec::new();
+    for i in 0..10 {
+        lost.push(enqueue(&redis.conn, &sid(&format!("data-lost-{i}")), None).await);
+    }
+    // The whole hash evicted, or lost in a failover, while they waited: their meta and their
+    // places in the queue are there, their arguments are not.
+    let _: () = redis.conn.clone().del(keys.data()).await.unwrap();
+    let kept = sid("data-kept-1");
+    enqueue(&redis.conn, &kept, None).await;
+    let worker = worker(&redis.url(), &[]);
+    for task in &lost {
+        let result = wait_dead(&redis.conn, task).await;
+        assert!(result.contains("job data is missing"), "{result}");
+        assert!(!inflight_anywhere(&redis.conn, task).await);
+    }
+    wait_status(&redis.conn, &kept, "ready", Duration::from_secs(20)).await;
+    for i in 0..10 {
+        let id = sid(&format!("data-lost-{i}"));
+        assert_eq!(status(&redis.conn, &id).await, None, "no agent for {id}");
+    }
+    signal(&worker, Signal::SIGTERM);
+    output_of(worker).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_job_whose_data_vanished_still_ends() {
+    let redis = TestRedis::start().await;
+    let keys = agent_jobs::QueueKeys::new(QUEUE).unwrap();
+    let command = format!("{TEST_AGENT},--behaviour,ready,--ready-delay-ms,1500");
+    let worker = worker(
+        &redis.url(),
+        &[("AGENT_WORKER__AGENT__COMMAND", command.as_str())],
+    );
+    let id = sid("data-lost-running-1");
+    let task = enqueue(&redis.conn, &id, None).await;
+    wait_status(&redis.conn, &id, "starting", Duration::from_secs(20)).await;
+    assert!(inflight_anywhere(&redis.conn, &task).await);
+    let _: () = redis.conn.clone().hdel(keys.data(), &task).await.unwrap();
+    wait_status(&redis.conn, &id, "ready", Duration::from_secs(20)).await;
+    // Acknowledged like any other: done, not left inflight.
+    wait_done(&redis.conn, &task, Duration::from_secs(20)).await;
+    assert!(!inflight_anywhere(&redis.conn, &task).await);
+    signal(&worker, Signal::SIGTERM);
+    output_of(worker).await;
+}
