@@ -153,18 +153,27 @@ async fn a_log_file_stops_at_its_size_limit_with_a_last_line_saying_so() {
     )
     .await;
     // The agent went on printing (to Redis) after the file stopped.
-    wait_for("the flood to end", Duration::from_secs(30), || async {
-        let logs: Vec<String> = redis
-            .conn
-            .clone()
-            .lrange(SessionKeys::new(&id).agent_logs(), -5, -1)
-            .await
-            .unwrap();
-        logs.iter()
-            .any(|l| l.starts_with("flood done "))
-            .then_some(())
-    })
+    let number = |line: &str| -> Option<u64> { line.split(' ').nth(2)?.parse().ok() };
+    let last_in_file = text.lines().rev().find_map(number).unwrap();
+    wait_for(
+        "lines past the file's last",
+        Duration::from_secs(30),
+        || async {
+            let logs: Vec<String> = redis
+                .conn
+                .clone()
+                .lrange(SessionKeys::new(&id).agent_logs(), -5, -1)
+                .await
+                .unwrap();
+            logs.iter()
+                .any(|l| {
+                    l.starts_with("flood done ") || number(l).is_some_and(|n| n > last_in_file)
+                })
+                .then_some(())
+        },
+    )
     .await;
+    worker.stop().await;
     let after = std::fs::read_to_string(&path).unwrap();
     assert_eq!(after.len(), text.len(), "nothing written after the marker");
     assert!(
@@ -181,7 +190,6 @@ async fn a_log_file_stops_at_its_size_limit_with_a_last_line_saying_so() {
             "{line:?}"
         );
     }
-    worker.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -206,12 +214,12 @@ struct Flood {
     log: String,
 }
 
-/// Runs a flooding agent under a worker whose stderr is `stderr`, showing up to
+/// Runs an agent flooding for `secs` under a worker whose stderr is `stderr`, showing up to
 /// `lines_per_second` of its lines in the worker's log (`None`: the default budget).
-async fn flood(stderr: WorkerStderr, lines_per_second: Option<&str>) -> Flood {
+async fn flood(stderr: WorkerStderr, lines_per_second: Option<&str>, secs: u32) -> Flood {
     use std::io::Read;
     let redis = TestRedis::start().await;
-    let command = format!("{TEST_AGENT},--behaviour,flood,--flood-secs,2");
+    let command = format!("{TEST_AGENT},--behaviour,flood,--flood-secs,{secs}");
     let mut env = vec![("AGENT_WORKER__AGENT__COMMAND", command.as_str())];
     if let Some(rate) = lines_per_second {
         env.push(("AGENT_WORKER__AGENT__LOG_LINES_PER_SECOND", rate));
@@ -278,8 +286,10 @@ async fn flood(stderr: WorkerStderr, lines_per_second: Option<&str>) -> Flood {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flooding_agent_is_not_slowed_by_a_slow_worker_log_and_the_log_stays_small() {
-    // At the default budget, a file for a log.
-    let fast = flood(WorkerStderr::File, None).await;
+    // At the default budget, a file for a log. One second: at the fastest rates seen here
+    // (700k lines/s) two would pass the 32 MiB queue for Redis, which could drop the agent's
+    // `flood done` line this waits for.
+    let fast = flood(WorkerStderr::File, None, 1).await;
     // It used to write ~900 MB of log in 10 s.
     assert!(
         fast.logged < 1024 * 1024,
@@ -306,8 +316,8 @@ async fn a_flooding_agent_is_not_slowed_by_a_slow_worker_log_and_the_log_stays_s
     // used to be blocked behind it. (Both runs show every line, so both pay for formatting
     // them: only the stderr differs.)
     let every_line = Some("100000000");
-    let unhindered = flood(WorkerStderr::Null, every_line).await;
-    let slow = flood(WorkerStderr::Slow, every_line).await;
+    let unhindered = flood(WorkerStderr::Null, every_line, 2).await;
+    let slow = flood(WorkerStderr::Slow, every_line, 2).await;
     assert!(
         slow.rate * 2.0 >= unhindered.rate,
         "agent output rate: {} lines/s with a slow stderr, {} with a fast one",
