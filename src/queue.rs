@@ -4,8 +4,9 @@
 //!   bounded chunks, before apalis-redis's fetch tries to move them all at once and crashes
 //!   (`lua/promote_due.lua`).
 //! - [`QueueOps::recover_inflight`]: re-queue the jobs of one of our workers that just died,
-//!   without waiting for the orphan timeout, quarantining unreadable ones
-//!   (`lua/recover_inflight.lua`).
+//!   without waiting for the orphan timeout, quarantining unreadable ones, and those at the
+//!   head of the ready list (`lua/recover_inflight.lua`): jobs whose data Redis lost go to the
+//!   dead set with the reason, never kill one run after another, never stay inflight.
 //! - [`QueueDepth::read`]: the queue's depth by state, in one consistent snapshot
 //!   (`lua/queue_depth.lua`), for the `agent_worker_queue_depth` gauges.
 
@@ -25,12 +26,17 @@ static RECOVER_INFLIGHT: LazyLock<Script> =
 /// small enough to keep one script call short.
 pub const PROMOTE_CHUNK: usize = 1000;
 
+/// Ids at the head of the ready list that [`QueueOps::recover_inflight`] checks: what the next
+/// fetches take (`worker.batch_size` each), in one short script call.
+pub const RECOVER_HEAD_CHECK: usize = 1000;
+
 /// What [`QueueOps::recover_inflight`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Recovered {
     /// Jobs put back at the head of the ready list.
     pub requeued: u64,
-    /// Unreadable jobs moved to the dead set.
+    /// Unreadable jobs (the dead worker's, and at the head of the ready list) moved to the dead
+    /// set.
     pub quarantined: u64,
 }
 
@@ -74,7 +80,9 @@ impl QueueOps {
         }
     }
 
-    /// Re-queues the jobs fetched by the dead worker `worker` and deregisters it.
+    /// Re-queues the jobs fetched by the dead worker `worker` and deregisters it; moves the
+    /// unreadable ones among them and among the first [`RECOVER_HEAD_CHECK`] ready jobs to the
+    /// dead set.
     pub async fn recover_inflight(&self, worker: &str) -> redis::RedisResult<Recovered> {
         let (requeued, quarantined): (u64, u64) = RECOVER_INFLIGHT
             .key(self.keys.inflight(worker))
@@ -86,6 +94,7 @@ impl QueueOps {
             .arg(self.keys.meta_prefix())
             .arg(worker)
             .arg(unix_now())
+            .arg(RECOVER_HEAD_CHECK)
             .invoke_async(&mut self.conn.clone())
             .await?;
         Ok(Recovered {

@@ -200,6 +200,10 @@ pub struct ClaimAttempt<'a> {
 pub enum ReadyRecord {
     /// `ready` was recorded.
     Recorded,
+    /// `ready` was recorded in a record written again: Redis lost the session's record during
+    /// the start (its heartbeat index entry went with it, which the orchestrator never
+    /// deletes), and the agent stays.
+    Restored,
     /// Another worker owns the session now: our agent must go.
     TakenOver,
     /// The record is gone: the orchestrator ended the session during the start.
@@ -508,11 +512,13 @@ impl SessionStore {
 
     /// Status `ready`, with the agent's pid and start-up time; writes `agent:<id>:pid` and
     /// `agent:<id>:health` (and the legacy start-up histogram). Only if `worker_id` still owns
-    /// the session and it has not ended meanwhile (`lua/mark_ready.lua`).
+    /// the session and it has not ended meanwhile (`lua/mark_ready.lua`). A record Redis lost
+    /// during the start is written again from `record` ([`ReadyRecord::Restored`]).
     pub async fn mark_ready(
         &self,
         id: &SessionId,
         worker_id: &str,
+        record: &AgentRecord,
         ready: Ready,
     ) -> Result<ReadyRecord, SessionError> {
         let keys = SessionKeys::new(id);
@@ -536,6 +542,11 @@ impl SessionStore {
             .arg(format!("{:.3}", ready.startup.as_secs_f64()))
             .arg(flag(ready.warm))
             .arg(flag(self.legacy_metrics));
+        let fields = record.fields();
+        invocation.arg(fields.len());
+        for (name, value) in fields {
+            invocation.arg(name).arg(value);
+        }
         if self.legacy_metrics {
             for bucket in legacy_metrics::BUCKETS {
                 invocation.arg(bucket);
@@ -548,6 +559,7 @@ impl SessionStore {
             .map_err(|source| SessionError::Redis { key: state, source })?;
         Ok(match reply {
             Value::Int(1) => ReadyRecord::Recorded,
+            Value::Int(2) => ReadyRecord::Restored,
             Value::Int(-1) => ReadyRecord::Gone,
             Value::Int(_) => ReadyRecord::TakenOver,
             other => ReadyRecord::Ended(SessionStatus::parse(

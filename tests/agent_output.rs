@@ -1,5 +1,6 @@
-//! What happens to an agent's output: per-session log files (`agent.log_dir`) and the cut of
-//! over-long lines, in the file and in `agent:<id>:logs` alike.
+//! What happens to an agent's output: per-session log files (`agent.log_dir`) and their size
+//! limit, the cut of over-long lines, in the file and in `agent:<id>:logs` alike, and a flood:
+//! rate-limited in the worker's own log, never slowed by it.
 
 mod common;
 
@@ -120,25 +121,123 @@ async fn an_over_long_line_is_cut_with_a_marker_in_the_file_and_in_redis() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Runs a flooding agent under a worker whose stderr goes to a file, or to a pipe drained at
-/// about 200 KB/s; returns the agent's own output rate (lines/s) and the bytes the worker
-/// logged.
-async fn flood(slow_stderr: bool) -> (f64, u64) {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_file_stops_at_its_size_limit_with_a_last_line_saying_so() {
+    let redis = TestRedis::start().await;
+    let dir = temp_dir("agent-logs-full");
+    let dir_s = dir.display().to_string();
+    let max: u64 = 1024 * 1024;
+    let max_s = max.to_string();
+    let command = format!("{TEST_AGENT},--behaviour,flood,--flood-secs,2");
+    let worker = TestWorker::start(redis.settings(
+        "flood",
+        &[
+            ("AGENT_WORKER__AGENT__COMMAND", command.as_str()),
+            ("AGENT_WORKER__AGENT__LOG_DIR", dir_s.as_str()),
+            // The smallest limit allowed; the flood prints tens of MB.
+            ("AGENT_WORKER__AGENT__LOG_FILE_MAX_BYTES", max_s.as_str()),
+        ],
+    ));
+    let id = sid("full-log-1");
+    enqueue(&redis.conn, &id, None).await;
+    let path = dir.join(format!("{id}.log"));
+    let marker = "[agent-worker: this file reached agent.log_file_max_bytes; the rest of the \
+                  output is only in agent:<id>:logs and the worker's log]";
+    let text = wait_for(
+        "the file to end at its limit",
+        Duration::from_secs(30),
+        || {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            async move { (text.lines().last() == Some(marker)).then_some(text) }
+        },
+    )
+    .await;
+    // The agent went on printing (to Redis) after the file stopped.
+    let number = |line: &str| -> Option<u64> { line.split(' ').nth(2)?.parse().ok() };
+    let last_in_file = text.lines().rev().find_map(number).unwrap();
+    wait_for(
+        "lines past the file's last",
+        Duration::from_secs(30),
+        || async {
+            let logs: Vec<String> = redis
+                .conn
+                .clone()
+                .lrange(SessionKeys::new(&id).agent_logs(), -5, -1)
+                .await
+                .unwrap();
+            logs.iter()
+                .any(|l| {
+                    l.starts_with("flood done ") || number(l).is_some_and(|n| n > last_in_file)
+                })
+                .then_some(())
+        },
+    )
+    .await;
+    worker.stop().await;
+    let after = std::fs::read_to_string(&path).unwrap();
+    assert_eq!(after.len(), text.len(), "nothing written after the marker");
+    assert!(
+        text.len() as u64 <= max + marker.len() as u64 + 1,
+        "{} bytes",
+        text.len()
+    );
+    assert!(text.len() as u64 > max / 2, "{} bytes", text.len());
+    assert_eq!(text.matches(marker).count(), 1);
+    // Whole lines up to the marker, none cut.
+    for line in text.lines().skip(2) {
+        assert!(
+            line == marker || line.starts_with("flood line ") && line.ends_with(" too much"),
+            "{line:?}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Where a flooding agent's worker writes its own log.
+#[derive(Clone, Copy, PartialEq)]
+enum WorkerStderr {
+    /// A file: as fast as the disk takes it.
+    File,
+    /// `/dev/null`: takes everything at once.
+    Null,
+    /// A pipe drained at about 200 KB/s (4 KiB every 20 ms), as a slow log shipper would.
+    Slow,
+}
+
+/// What one flood run showed.
+struct Flood {
+    /// The agent's own output rate, lines/s, as it measured it.
+    rate: f64,
+    /// Bytes the worker wrote to its stderr.
+    logged: u64,
+    /// The worker's log, when it went to a file.
+    log: String,
+}
+
+/// Runs an agent flooding for `secs` under a worker whose stderr is `stderr`, showing up to
+/// `lines_per_second` of its lines in the worker's log (`None`: the default budget).
+async fn flood(stderr: WorkerStderr, lines_per_second: Option<&str>, secs: u32) -> Flood {
     use std::io::Read;
     let redis = TestRedis::start().await;
-    let command = format!("{TEST_AGENT},--behaviour,flood,--flood-secs,2");
-    let mut worker = worker_command(
-        &redis.url(),
-        &["run"],
-        "flood",
-        &[("AGENT_WORKER__AGENT__COMMAND", command.as_str())],
-    );
-    let log = std::env::temp_dir().join(format!("flood-{}.log", ulid::Ulid::generate()));
-    if !slow_stderr {
-        worker.stderr(std::fs::File::create(&log).unwrap());
+    let command = format!("{TEST_AGENT},--behaviour,flood,--flood-secs,{secs}");
+    let mut env = vec![("AGENT_WORKER__AGENT__COMMAND", command.as_str())];
+    if let Some(rate) = lines_per_second {
+        env.push(("AGENT_WORKER__AGENT__LOG_LINES_PER_SECOND", rate));
     }
-    let mut worker = worker.spawn().unwrap();
-    let drained = slow_stderr.then(|| {
+    let mut worker = worker_command(&redis.url(), &["run"], "flood", &env);
+    let log = std::env::temp_dir().join(format!("flood-{}.log", ulid::Ulid::generate()));
+    match stderr {
+        WorkerStderr::File => {
+            worker.stderr(std::fs::File::create(&log).unwrap());
+        }
+        WorkerStderr::Null => {
+            worker.stderr(std::process::Stdio::null());
+        }
+        WorkerStderr::Slow => {}
+    }
+    let guard = KillOnDrop::default();
+    let mut worker = guard.track(worker.spawn().unwrap());
+    let drained = (stderr == WorkerStderr::Slow).then(|| {
         let mut pipe = worker.stderr.take().unwrap();
         std::thread::spawn(move || {
             let (mut total, mut buf) = (0u64, [0u8; 4096]);
@@ -169,28 +268,66 @@ async fn flood(slow_stderr: bool) -> (f64, u64) {
         .await
         .unwrap();
     assert!(status.success());
-    let logged = match drained {
-        Some(reader) => reader.join().unwrap(),
-        None => std::fs::metadata(&log).unwrap().len(),
+    let (logged, text) = match (drained, stderr) {
+        (Some(reader), _) => (reader.join().unwrap(), String::new()),
+        (None, WorkerStderr::File) => {
+            let text = std::fs::read_to_string(&log).unwrap();
+            (text.len() as u64, text)
+        }
+        (None, _) => (0, String::new()),
     };
     let _ = std::fs::remove_file(&log);
-    (rate, logged)
+    Flood {
+        rate,
+        logged,
+        log: text,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flooding_agent_is_not_slowed_by_a_slow_worker_log_and_the_log_stays_small() {
-    let (fast_rate, fast_logged) = flood(false).await;
-    let (slow_rate, slow_logged) = flood(true).await;
-    // It used to write ~900 MB of log in 10 s, and be blocked behind a slow stderr.
-    for logged in [fast_logged, slow_logged] {
-        assert!(logged < 1024 * 1024, "the worker logged {logged} bytes");
-    }
+    // At the default budget, a file for a log. One second: at the fastest rates seen here
+    // (700k lines/s) two would pass the 32 MiB queue for Redis, which could drop the agent's
+    // `flood done` line this waits for.
+    let fast = flood(WorkerStderr::File, None, 1).await;
+    // It used to write ~900 MB of log in 10 s.
     assert!(
-        slow_rate * 2.0 >= fast_rate,
-        "agent output rate: {slow_rate} lines/s with a slow stderr, {fast_rate} with a fast one"
+        fast.logged < 1024 * 1024,
+        "the worker logged {} bytes",
+        fast.logged
+    );
+    let suppressed: u64 = events(fast.log.as_bytes())
+        .iter()
+        .filter(|e| e["message"] == "agent_output_suppressed")
+        .map(|e| e["suppressed"].as_u64().unwrap())
+        .sum();
+    assert!(
+        suppressed > 10_000,
+        "agent_output_suppressed says what was left out of the worker's log: {suppressed}"
     );
     assert!(
-        fast_rate > 10_000.0,
-        "the flood flooded: {fast_rate} lines/s"
+        fast.rate > 10_000.0,
+        "the flood flooded: {} lines/s",
+        fast.rate
+    );
+    // Every line shown (about 200 bytes each in the worker's log, tens of MB/s), to a stderr
+    // that takes it all and to one drained at 200 KB/s: a log writer that waited for stderr
+    // would hold the agent's output to about a thousand lines a second in the second run. It
+    // used to be blocked behind it. (Both runs show every line, so both pay for formatting
+    // them: only the stderr differs.)
+    let every_line = Some("100000000");
+    let unhindered = flood(WorkerStderr::Null, every_line, 2).await;
+    let slow = flood(WorkerStderr::Slow, every_line, 2).await;
+    assert!(
+        slow.rate * 2.0 >= unhindered.rate,
+        "agent output rate: {} lines/s with a slow stderr, {} with a fast one",
+        slow.rate,
+        unhindered.rate
+    );
+    // The log is bounded by what stderr takes, not by what the agent prints.
+    assert!(
+        slow.logged < 4 * 1024 * 1024,
+        "the worker logged {} bytes",
+        slow.logged
     );
 }

@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use agent_jobs::{SessionId, SessionKeys, keys::SESSION_HEARTBEATS};
 use common::*;
@@ -56,10 +56,67 @@ async fn record_is_back(conn: &ConnectionManager, id: &SessionId, pid: u32) -> O
         .then_some(())
 }
 
+/// `session.heartbeat_interval` of [`worker`] (set by `worker_command`).
+const HEARTBEAT: Duration = Duration::from_secs(1);
+
+/// Time for the worker's connection to notice the old one broke and connect again (its first
+/// heartbeat after the loss may be the one that fails).
+const RECONNECT_MARGIN: Duration = Duration::from_secs(2);
+
+/// Waits until every record of `ids` is back, at most one heartbeat (plus
+/// [`RECONNECT_MARGIN`]) after `since`, with its agent still running.
+async fn within_one_heartbeat(
+    conn: &ConnectionManager,
+    ids: &[SessionId],
+    pids: &[u32],
+    since: Instant,
+) {
+    let deadline = (since + HEARTBEAT + RECONNECT_MARGIN).saturating_duration_since(Instant::now());
+    wait_for(
+        "every record back within one heartbeat",
+        deadline,
+        || async {
+            for (id, pid) in ids.iter().zip(pids) {
+                record_is_back(conn, id, *pid).await?;
+            }
+            Some(())
+        },
+    )
+    .await;
+    for (id, pid) in ids.iter().zip(pids) {
+        assert!(alive(*pid), "the agent of {id} is still running");
+    }
+}
+
+/// `/metrics` counts the loss (it is counted right after the records are written: a moment
+/// may pass).
+async fn assert_dataset_loss_counted(http: std::net::SocketAddr) {
+    let lost = |body: &str| -> Option<f64> {
+        body.lines()
+            .find_map(|l| l.strip_prefix("agent_worker_redis_dataset_lost_total "))?
+            .trim()
+            .parse()
+            .ok()
+    };
+    wait_for(
+        "agent_worker_redis_dataset_lost_total >= 1 on /metrics",
+        Duration::from_secs(5),
+        || async {
+            let (code, body) = http_get(http, "/metrics").await?;
+            (code == 200 && lost(&body)? >= 1.0).then_some(())
+        },
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_agents_survive_an_empty_redis_restart_and_their_records_come_back() {
     let mut redis = TestRedis::start().await;
-    let worker = worker(&redis.url(), &[]);
+    let http = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let worker = worker(
+        &redis.url(),
+        &[("AGENT_WORKER__HTTP__ADDR", &http.to_string())],
+    );
     let ids: Vec<SessionId> = (0..3).map(|i| sid(&format!("kept-{i}"))).collect();
     let mut pids = Vec::new();
     for id in &ids {
@@ -71,17 +128,11 @@ async fn live_agents_survive_an_empty_redis_restart_and_their_records_come_back(
     // Persistence is off: the server comes back empty.
     redis.redis.stop();
     redis.redis.restart().await.unwrap();
+    let back = Instant::now();
     let keys: Vec<String> = redis.conn.clone().keys("*").await.unwrap_or_default();
     assert!(keys.is_empty() || !keys.iter().any(|k| k.starts_with("session:")));
-    for (id, pid) in ids.iter().zip(&pids) {
-        wait_for(
-            &format!("the record of {id} to be back"),
-            Duration::from_secs(15),
-            || record_is_back(&redis.conn, id, *pid),
-        )
-        .await;
-        assert!(alive(*pid), "the agent of {id} is still running");
-    }
+    within_one_heartbeat(&redis.conn, &ids, &pids, back).await;
+    assert_dataset_loss_counted(http).await;
     signal(&worker, Signal::SIGTERM);
     let out = output_of(worker).await;
     let events = events(&out.stderr);
@@ -152,9 +203,13 @@ async fn an_evicting_redis_is_refused_unless_allowed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_evicted_under_memory_pressure_are_written_again_not_ended() {
     let redis = TestRedis::start().await;
+    let http = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
     let worker = worker(
         &redis.url(),
-        &[("AGENT_WORKER__REDIS__ALLOW_EVICTION", "true")],
+        &[
+            ("AGENT_WORKER__REDIS__ALLOW_EVICTION", "true"),
+            ("AGENT_WORKER__HTTP__ADDR", &http.to_string()),
+        ],
     );
     let ids: Vec<SessionId> = (0..5).map(|i| sid(&format!("evicted-{i}"))).collect();
     let mut pids = Vec::new();
@@ -221,15 +276,8 @@ async fn records_evicted_under_memory_pressure_are_written_again_not_ended() {
         .query_async(&mut conn)
         .await
         .unwrap();
-    for (id, pid) in ids.iter().zip(&pids) {
-        wait_for(
-            &format!("the record of {id} to be back"),
-            Duration::from_secs(15),
-            || record_is_back(&redis.conn, id, *pid),
-        )
-        .await;
-        assert!(alive(*pid), "the agent of {id} is still running");
-    }
+    within_one_heartbeat(&redis.conn, &ids, &pids, Instant::now()).await;
+    assert_dataset_loss_counted(http).await;
     signal(&worker, Signal::SIGTERM);
     let out = output_of(worker).await;
     let events = events(&out.stderr);
@@ -245,4 +293,192 @@ async fn records_evicted_under_memory_pressure_are_written_again_not_ended() {
         .filter(|e| e["message"] == "agent_stopped" && e["reason"] != "worker_shutdown")
         .count();
     assert_eq!(ended, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_still_starting_when_redis_loses_its_data_gets_its_record_back() {
+    let redis = TestRedis::start().await;
+    // The agent takes 2 s to be ready: time to lose the dataset while its session is starting.
+    let command = format!("{TEST_AGENT},--behaviour,ready,--ready-delay-ms,2000");
+    let worker = worker(
+        &redis.url(),
+        &[("AGENT_WORKER__AGENT__COMMAND", command.as_str())],
+    );
+    let id = sid("starting-lost-1");
+    write_config(&redis.conn, &id, "Craig", "u").await;
+    let task_id = enqueue(&redis.conn, &id, Some("u")).await;
+    wait_status(&redis.conn, &id, "starting", Duration::from_secs(20)).await;
+    let _: () = redis::cmd("FLUSHALL")
+        .query_async(&mut redis.conn.clone())
+        .await
+        .unwrap();
+    // Ready, with the record the claim wrote: not stopped as if the orchestrator had ended it.
+    let pid = wait_for("the agent's pid", Duration::from_secs(10), || async {
+        let pid: Option<String> = redis
+            .conn
+            .clone()
+            .get(SessionKeys::new(&id).agent_pid())
+            .await
+            .unwrap();
+        pid?.parse::<u32>().ok()
+    })
+    .await;
+    wait_for(
+        &format!("the record of {id} to be back"),
+        Duration::from_secs(10),
+        || record_is_back(&redis.conn, &id, pid),
+    )
+    .await;
+    let state = SessionKeys::new(&id).state();
+    assert_eq!(hget(&redis.conn, &state, "taskId").await, Some(task_id));
+    assert_eq!(
+        hget(&redis.conn, &state, "voiceId").await.as_deref(),
+        Some("Craig")
+    );
+    assert_eq!(
+        hget(&redis.conn, &state, "userId").await.as_deref(),
+        Some("u")
+    );
+    assert!(hget(&redis.conn, &state, "createdAt").await.is_some());
+    let ttl: i64 = redis.conn.clone().ttl(&state).await.unwrap();
+    assert!(ttl > 0, "the record written again expires: TTL {ttl}");
+    assert!(alive(pid), "the agent still runs");
+    signal(&worker, Signal::SIGTERM);
+    let out = output_of(worker).await;
+    let events = events(&out.stderr);
+    assert!(
+        events
+            .iter()
+            .any(|e| e["message"] == "redis_dataset_lost" && e["session_id"] == id.as_str()),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ended = events
+        .iter()
+        .filter(|e| e["message"] == "agent_stopped" && e["reason"] != "worker_shutdown")
+        .count();
+    assert_eq!(ended, 0, "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_the_orchestrator_ends_while_it_is_starting_is_still_stopped() {
+    let redis = TestRedis::start().await;
+    let command = format!("{TEST_AGENT},--behaviour,ready,--ready-delay-ms,2000");
+    let worker = worker(
+        &redis.url(),
+        &[("AGENT_WORKER__AGENT__COMMAND", command.as_str())],
+    );
+    let id = sid("starting-ended-1");
+    enqueue(&redis.conn, &id, None).await;
+    wait_status(&redis.conn, &id, "starting", Duration::from_secs(20)).await;
+    let pid = wait_for("the agent to run", Duration::from_secs(10), || async {
+        live_agents(&[worker.id()])
+            .get(id.as_str())?
+            .first()
+            .copied()
+    })
+    .await;
+    // The orchestrator's end: the session's keys go; our heartbeat index is not its to touch.
+    let keys = SessionKeys::new(&id);
+    let _: () = redis
+        .conn
+        .clone()
+        .del(&[keys.state(), keys.config()])
+        .await
+        .unwrap();
+    wait_for(
+        "the agent to be stopped",
+        Duration::from_secs(20),
+        || async { (!alive(pid)).then_some(()) },
+    )
+    .await;
+    signal(&worker, Signal::SIGTERM);
+    let out = output_of(worker).await;
+    let events = events(&out.stderr);
+    assert!(
+        events
+            .iter()
+            .any(|e| e["message"] == "agent_stopped" && e["reason"] == "session_ended"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!events.iter().any(|e| e["message"] == "redis_dataset_lost"));
+}
+
+/// Whether any worker's inflight set holds `task_id`.
+async fn inflight_anywhere(conn: &ConnectionManager, task_id: &str) -> bool {
+    let keys = agent_jobs::QueueKeys::new(QUEUE).unwrap();
+    let sets: Vec<String> = conn
+        .clone()
+        .keys(format!("{}:*", keys.inflight_prefix()))
+        .await
+        .unwrap();
+    for set in sets {
+        if is_member(conn, &set, task_id).await {
+            return true;
+        }
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_jobs_whose_data_vanished_go_dead_with_the_reason_and_the_rest_run() {
+    let redis = TestRedis::start().await;
+    let keys = agent_jobs::QueueKeys::new(QUEUE).unwrap();
+    let mut lost = Vec::new();
+    for i in 0..10 {
+        lost.push(enqueue(&redis.conn, &sid(&format!("data-lost-{i}")), None).await);
+    }
+    // The whole hash evicted, or lost in a failover, while they waited: their meta and their
+    // places in the queue are there, their arguments are not.
+    let _: () = redis.conn.clone().del(keys.data()).await.unwrap();
+    let kept = sid("data-kept-1");
+    enqueue(&redis.conn, &kept, None).await;
+    let worker = worker(&redis.url(), &[]);
+    for task in &lost {
+        let result = wait_dead(&redis.conn, task).await;
+        assert!(result.contains("job data is missing"), "{result}");
+        assert!(!inflight_anywhere(&redis.conn, task).await);
+    }
+    wait_status(&redis.conn, &kept, "ready", Duration::from_secs(20)).await;
+    for i in 0..10 {
+        let id = sid(&format!("data-lost-{i}"));
+        assert_eq!(status(&redis.conn, &id).await, None, "no agent for {id}");
+    }
+    signal(&worker, Signal::SIGTERM);
+    let out = output_of(worker).await;
+    // The first one fetched ends a run of the job worker; the recovery takes the others out
+    // of the ready list with it, rather than each ending one more run (with a longer back-off
+    // each time, the good job waiting behind them).
+    let restarts = events(&out.stderr)
+        .iter()
+        .filter(|e| e["message"] == "worker_restarted")
+        .count();
+    assert!(
+        restarts <= 2,
+        "{restarts} restarts:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_job_whose_data_vanished_still_ends() {
+    let redis = TestRedis::start().await;
+    let keys = agent_jobs::QueueKeys::new(QUEUE).unwrap();
+    let command = format!("{TEST_AGENT},--behaviour,ready,--ready-delay-ms,1500");
+    let worker = worker(
+        &redis.url(),
+        &[("AGENT_WORKER__AGENT__COMMAND", command.as_str())],
+    );
+    let id = sid("data-lost-running-1");
+    let task = enqueue(&redis.conn, &id, None).await;
+    wait_status(&redis.conn, &id, "starting", Duration::from_secs(20)).await;
+    assert!(inflight_anywhere(&redis.conn, &task).await);
+    let _: () = redis.conn.clone().hdel(keys.data(), &task).await.unwrap();
+    wait_status(&redis.conn, &id, "ready", Duration::from_secs(20)).await;
+    // Acknowledged like any other: done, not left inflight.
+    wait_done(&redis.conn, &task, Duration::from_secs(20)).await;
+    assert!(!inflight_anywhere(&redis.conn, &task).await);
+    signal(&worker, Signal::SIGTERM);
+    output_of(worker).await;
 }

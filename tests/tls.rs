@@ -1,6 +1,7 @@
-//! `rediss://`: a worker, the CLI and our own client against a TLS-only redis-server with
-//! certificates made here; an untrusted certificate is refused at once, with a clear error;
-//! client certificates for a server that requires them.
+//! `rediss://`: a worker, the CLI, our own client and the Python client
+//! (`python/tests/test_tls.py`) against a TLS-only redis-server with certificates made here; an
+//! untrusted certificate is refused at once, with a clear error; client certificates for a
+//! server that requires them.
 
 mod common;
 
@@ -412,4 +413,56 @@ fn settings_errors_show_paths_not_contents() {
     assert!(text.contains("redis.tls_ca_file"), "{text}");
     assert!(text.contains(&key), "{text}");
     assert!(!text.contains(&body), "{text}");
+}
+
+/// `python/`, whose `tests` package holds the Python client's tests.
+const PYTHON_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/python");
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_client_over_rediss_enqueues_what_the_worker_starts() {
+    let pki = Pki::generate();
+    let redis = TlsRedis::start(&pki, "no").await;
+    let ca = pki.file("ca.pem");
+    let kill = KillOnDrop::default();
+    let worker = kill.track(
+        cli(&redis.url("127.0.0.1"), &["run"], &[(CA_FILE, &ca)])
+            .spawn()
+            .unwrap(),
+    );
+    let channel = QueueKeys::new(QUEUE).unwrap().wake_channel();
+    wait_for(
+        "the worker's wake-up listener to subscribe",
+        Duration::from_secs(20),
+        || async { (subscribers(&redis.conn, &channel).await == 1).then_some(()) },
+    )
+    .await;
+    // As tests/python_client.rs runs the package's tests: `python/` and what `cargo xtask
+    // test` installed on PYTHONPATH; no trust store of the environment's choosing.
+    let path = std::env::var("PYTHONPATH").unwrap_or_default();
+    let out = tokio::time::timeout(
+        Duration::from_secs(120),
+        tokio::process::Command::new("python3")
+            .args(["-m", "unittest", "-v", "tests.test_tls"])
+            .current_dir(PYTHON_DIR)
+            .env("PYTHONPATH", format!("{PYTHON_DIR}:{path}"))
+            .env("PYTHONDONTWRITEBYTECODE", "1")
+            .env_remove("SSL_CERT_FILE")
+            .env_remove("SSL_CERT_DIR")
+            .env("AGENT_WORKER_TEST_REDIS_URL", redis.url("localhost"))
+            .env("AGENT_WORKER_TEST_QUEUE", QUEUE)
+            .env("AGENT_WORKER_TEST_TLS_CA", &ca)
+            .env("AGENT_WORKER_TEST_TLS_OTHER_CA", pki.file("other-ca.pem"))
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the Python tests finish within 2 minutes")
+    .expect("these tests need python3 with redis-py (cargo xtask test installs it)");
+    let report = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "tests.test_tls failed:\n{report}");
+    assert!(report.contains("Ran 2 tests"), "{report}");
+    let last = report.lines().rev().find(|l| !l.trim().is_empty());
+    assert_eq!(last, Some("OK"), "no failures and no skips:\n{report}");
+    signal(&worker, Signal::SIGTERM);
+    assert!(output_of(worker).await.status.success());
 }

@@ -734,6 +734,7 @@ impl Inner {
             .mark_ready(
                 &id,
                 &self.worker_id,
+                &record,
                 Ready {
                     pid: agent.pid,
                     pgid: agent.pgid,
@@ -745,6 +746,18 @@ impl Inner {
         // The session changed hands or ended while we were starting: our agent goes.
         let stop = match &ready {
             Ok(ReadyRecord::Recorded) | Err(_) => None,
+            // Redis lost the record, not the orchestrator: data loss is never an end signal.
+            Ok(ReadyRecord::Restored) => {
+                observability::dataset_lost(1);
+                tracing::warn!(
+                    session_id = %id,
+                    missing = 1,
+                    restored = 1,
+                    cause = "record and index entry gone during the start",
+                    "redis_dataset_lost"
+                );
+                None
+            }
             Ok(ReadyRecord::TakenOver) => Some("session_taken_over"),
             Ok(ReadyRecord::Gone) => Some("session_ended"),
             Ok(ReadyRecord::Ended(SessionStatus::Terminated)) => Some("terminated"),

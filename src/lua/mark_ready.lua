@@ -6,10 +6,18 @@
 -- `terminated`): then nothing is recreated or overwritten and our agent must go too. The
 -- orchestrator's own `status=starting`, written right after it enqueued, is ours to replace.
 -- The checks and the writes are one step. (The session hash got its TTL at the claim,
--- moments ago, and heartbeats renew it: no EXPIRE of it here.)
+-- moments ago, and heartbeats renew it: no EXPIRE of it here, but of a record written again.)
 --
 -- With the legacy metrics on, the original worker's start-up histogram is updated here too:
 -- every cumulative bucket the start-up time fits in, `le_inf`, the sum and the count.
+--
+-- Redis may also have lost the record during the start (a restart without persistence, a
+-- failover, a FLUSHALL): that is not an end. Who deleted it tells them apart, as in
+-- heartbeat.lua: the orchestrator deletes the session's keys and knows nothing of our
+-- heartbeat index, whose entry the claim wrote. Record gone, index entry still there: the
+-- orchestrator ended the session. Both gone: the dataset was lost, and the record is written
+-- again from what the worker holds (the claim's fields), with `ready`, instead of the agent
+-- being stopped; fields others wrote since stay, and a status not ours means it ended.
 --
 -- KEYS[1]: session:<id>   KEYS[2]: session:starting   KEYS[3]: session:ready
 -- KEYS[4]: agent:<id>:pid KEYS[5]: agent:<id>:health  KEYS[6]: the heartbeat index
@@ -17,21 +25,37 @@
 -- ARGV[1]: this worker's id   ARGV[2]: now   ARGV[3]: TTL   ARGV[4]: session id
 -- ARGV[5]: pid   ARGV[6]: pgid   ARGV[7]: start-up time (s)   ARGV[8]: 1 when a warm process
 -- took the session, else 0   ARGV[9]: 1 for legacy metrics
--- ARGV[10..]: the legacy histogram's finite bucket bounds (s), ascending
+-- ARGV[10]: n, then ARGV[11..10+2n]: the record's field/value pairs (without status and
+-- workerId), written when the record was lost
+-- ARGV[11+2n..]: the legacy histogram's finite bucket bounds (s), ascending
 -- Last KEY and ARGV: the event stream and its bound (session_events.lua): `ready` is appended.
--- Returns 1 when recorded, 0 when another worker owns the session, -1 when its record is
--- gone, or the status of a session that ended meanwhile.
+-- Returns 1 when recorded, 2 when recorded after Redis lost the record, 0 when another worker
+-- owns the session, -1 when its record is gone, or the status of a session that ended
+-- meanwhile.
+local pairs_n = tonumber(ARGV[10])
+local buckets = 11 + 2 * pairs_n
 local current = redis.call('HMGET', KEYS[1], 'workerId', 'status')
--- Every record of ours has a workerId: without one, ours was deleted (what is there, if
--- anything, was written after the orchestrator's cleanup).
-if not current[1] then
-    return -1
-end
-if current[1] ~= ARGV[1] then
-    return 0
-end
 local status = current[2]
-if status and status ~= 'starting' and status ~= 'ready' then
+local restored = false
+-- Every record of ours has a workerId: without one, ours was deleted (what is there, if
+-- anything, was written after that).
+if not current[1] then
+    if redis.call('ZSCORE', KEYS[6], ARGV[4]) then
+        return -1
+    end
+    if status and status ~= 'starting' and status ~= 'ready' then
+        return status
+    end
+    local fields = { 'workerId', ARGV[1] }
+    for i = 11, buckets - 1 do
+        fields[#fields + 1] = ARGV[i]
+    end
+    redis.call('HSET', KEYS[1], unpack(fields))
+    redis.call('EXPIRE', KEYS[1], ARGV[3])
+    restored = true
+elseif current[1] ~= ARGV[1] then
+    return 0
+elseif status and status ~= 'starting' and status ~= 'ready' then
     return status
 end
 redis.call('HSET', KEYS[1], 'status', 'ready', 'agentPid', ARGV[5], 'agentPgid', ARGV[6],
@@ -44,7 +68,7 @@ redis.call('EXPIRE', KEYS[5], ARGV[3])
 redis.call('ZADD', KEYS[6], ARGV[2], ARGV[4])
 if ARGV[9] == '1' then
     local seconds = tonumber(ARGV[7])
-    for i = 10, OWN_ARGS do
+    for i = buckets, OWN_ARGS do
         if seconds <= tonumber(ARGV[i]) then
             redis.call('HINCRBY', KEYS[7], 'le_' .. ARGV[i], 1)
         end
@@ -55,5 +79,8 @@ if ARGV[9] == '1' then
 end
 if status ~= 'ready' then
     session_event(ARGV[4], 'ready', ARGV[1])
+end
+if restored then
+    return 2
 end
 return 1
