@@ -16,7 +16,10 @@
 //! offset to Redis would be wrong: if Redis's own clock is off, every replica would refuse.
 
 use std::{
-    sync::atomic::{AtomicI64, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicI64, Ordering},
+    },
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -73,6 +76,41 @@ pub async fn sync(conn: &mut impl ConnectionLike) -> redis::RedisResult<i64> {
         tracing::warn!(offset_ms = offset, "clock_offset_from_redis");
     }
     Ok(offset)
+}
+
+/// The clock a store writes its timestamps with: Redis's ([`Clock::redis`], what the worker
+/// uses), or one a test sets ([`Clock::from_fn`]). Handed to the stores when they are built,
+/// so what they write does not depend on a process-wide setting the caller cannot see.
+#[derive(Clone)]
+pub struct Clock(Arc<dyn Fn() -> u64 + Send + Sync>);
+
+impl Clock {
+    /// Redis's clock: [`unix_now`].
+    pub fn redis() -> Self {
+        Self(Arc::new(unix_now))
+    }
+
+    /// A clock that reads `now` for the time (unix seconds).
+    pub fn from_fn(now: impl Fn() -> u64 + Send + Sync + 'static) -> Self {
+        Self(Arc::new(now))
+    }
+
+    /// Unix seconds now, on this clock.
+    pub fn unix_now(&self) -> u64 {
+        (self.0)()
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Self::redis()
+    }
+}
+
+impl std::fmt::Debug for Clock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Clock({})", self.unix_now())
+    }
 }
 
 fn local_ms() -> i64 {

@@ -15,7 +15,7 @@ use std::sync::LazyLock;
 use agent_jobs::QueueKeys;
 use redis::{Script, aio::ConnectionManager};
 
-use crate::clock::unix_now;
+use crate::clock::Clock;
 
 static PROMOTE_DUE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/promote_due.lua")));
@@ -45,6 +45,7 @@ pub struct Recovered {
 pub struct QueueOps {
     conn: ConnectionManager,
     keys: QueueKeys,
+    clock: Clock,
 }
 
 impl std::fmt::Debug for QueueOps {
@@ -58,7 +59,18 @@ impl std::fmt::Debug for QueueOps {
 impl QueueOps {
     /// Commands on the queue `keys`.
     pub fn new(conn: ConnectionManager, keys: QueueKeys) -> Self {
-        Self { conn, keys }
+        Self {
+            conn,
+            keys,
+            clock: Clock::redis(),
+        }
+    }
+
+    /// The clock that decides which scheduled jobs are due and stamps recoveries; Redis's
+    /// unless set.
+    pub fn clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
     }
 
     /// Moves every due scheduled job to the ready list, [`PROMOTE_CHUNK`] per call. Returns
@@ -69,7 +81,7 @@ impl QueueOps {
             let moved: u64 = PROMOTE_DUE
                 .key(self.keys.scheduled())
                 .key(self.keys.active())
-                .arg(unix_now())
+                .arg(self.clock.unix_now())
                 .arg(PROMOTE_CHUNK)
                 .invoke_async(&mut self.conn.clone())
                 .await?;
@@ -93,7 +105,7 @@ impl QueueOps {
             .key(self.keys.worker_metadata(worker))
             .arg(self.keys.meta_prefix())
             .arg(worker)
-            .arg(unix_now())
+            .arg(self.clock.unix_now())
             .arg(RECOVER_HEAD_CHECK)
             .invoke_async(&mut self.conn.clone())
             .await?;

@@ -29,7 +29,7 @@ pub mod config;
 use config::{ConfigSource, SessionConfig};
 use config::{config_from_pairs, validate};
 
-use crate::{agent::launcher::AgentExit, clock::unix_now, connection::RedisHealth};
+use crate::{agent::launcher::AgentExit, clock::Clock, connection::RedisHealth};
 
 /// A script that changes a session's status: `lua/session_events.lua` (the event stream's
 /// prologue) followed by the script, so every status change and its event are one atomic call.
@@ -300,6 +300,7 @@ pub struct SessionStore {
     redis_health: RedisHealth,
     legacy_metrics: bool,
     events_max_len: u64,
+    clock: Clock,
 }
 
 impl std::fmt::Debug for SessionStore {
@@ -329,6 +330,7 @@ impl SessionStore {
             ended_ttl: Duration::from_secs(3600),
             legacy_metrics: false,
             events_max_len: DEFAULT_EVENTS_MAX_LEN,
+            clock: Clock::redis(),
         }
     }
 
@@ -381,6 +383,13 @@ impl SessionStore {
         self
     }
 
+    /// The clock of the timestamps it writes (`createdAt`, `lastActive`, `endedAt`, the
+    /// heartbeat index); Redis's unless set.
+    pub fn clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
     /// How long a worker may be silent before its sessions can be taken over
     /// (`worker.orphan_timeout`; 15 s unless set).
     pub fn worker_timeout(mut self, timeout: Duration) -> Self {
@@ -409,7 +418,7 @@ impl SessionStore {
     ) -> Result<Claim, SessionError> {
         let keys = SessionKeys::new(id);
         let (state, config_key) = (keys.state(), keys.config());
-        let now = unix_now();
+        let now = self.clock.unix_now();
         let reply: Vec<Value> = CLAIM
             .key(&state)
             .key(&config_key)
@@ -534,7 +543,7 @@ impl SessionStore {
             .key(legacy_metrics::STARTUP_HISTOGRAM)
             .key(legacy_metrics::STARTUP_DURATION)
             .arg(worker_id)
-            .arg(unix_now())
+            .arg(self.clock.unix_now())
             .arg(self.ttl_secs())
             .arg(id.as_str())
             .arg(ready.pid)
@@ -621,7 +630,7 @@ impl SessionStore {
             .key(SESSION_HEARTBEATS)
             .key(legacy_metrics::STARTUP_TIMEOUTS)
             .arg(worker_id)
-            .arg(unix_now())
+            .arg(self.clock.unix_now())
             .arg(self.ended_ttl.as_secs().max(1))
             .arg(id.as_str())
             .arg(exit_field)
