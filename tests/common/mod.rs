@@ -2,6 +2,15 @@
 //! process launcher and the test agent, and helpers that wait for a condition with a deadline.
 #![allow(dead_code)]
 
+mod commandstats;
+mod worker_process;
+
+// Not every test binary uses every helper.
+#[allow(unused_imports)]
+pub use commandstats::{command_calls, parse_commandstats};
+#[allow(unused_imports)]
+pub use worker_process::WorkerProcess;
+
 use std::{
     collections::HashMap,
     future::Future,
@@ -229,13 +238,28 @@ pub async fn wait_status(conn: &ConnectionManager, id: &SessionId, want: &str, d
     .await
 }
 
-/// What the test agent of a session reported receiving (`test-agent received {json}`).
-pub async fn received(conn: &ConnectionManager, id: &SessionId) -> Option<serde_json::Value> {
-    let lines: Vec<String> = conn
-        .clone()
+/// The output lines of a session's agent shipped to Redis so far (shipped asynchronously:
+/// the latest may not have arrived yet).
+pub async fn agent_logs(conn: &ConnectionManager, id: &SessionId) -> Vec<String> {
+    conn.clone()
         .lrange(SessionKeys::new(id).agent_logs(), 0, -1)
         .await
-        .expect("LRANGE");
+        .expect("LRANGE the agent's logs")
+}
+
+/// The pid of a session's agent, recorded once it was spawned; panics if there is none.
+pub async fn agent_pid(conn: &ConnectionManager, id: &SessionId) -> u32 {
+    let pid: Option<u32> = conn
+        .clone()
+        .get(SessionKeys::new(id).agent_pid())
+        .await
+        .expect("GET the agent's pid");
+    pid.unwrap_or_else(|| panic!("no agent pid recorded for {id}"))
+}
+
+/// What the test agent of a session reported receiving (`test-agent received {json}`).
+pub async fn received(conn: &ConnectionManager, id: &SessionId) -> Option<serde_json::Value> {
+    let lines = agent_logs(conn, id).await;
     lines.iter().find_map(|line| {
         line.strip_prefix("test-agent received ")
             .and_then(|json| serde_json::from_str(json).ok())
