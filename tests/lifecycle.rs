@@ -68,8 +68,7 @@ async fn a_sigkilled_workers_session_is_swept_by_another_worker_process() {
     write_config(&redis.conn, &id, "Craig", "u").await;
     // Worker A runs the agent; its sweep is far away so it cannot be the one sweeping.
     let mut a = run_worker(&redis.url(), &[("AGENT_WORKER__SWEEP__INTERVAL", "1h")]);
-    enqueue(&redis.conn, &id, None).await;
-    wait_status(&redis.conn, &id, "ready", Duration::from_secs(20)).await;
+    start_ready(&redis.conn, &id).await;
     let pid = agent_pid(&redis.conn, &id).await;
     a.kill();
     wait_for(
@@ -159,8 +158,7 @@ async fn a_replica_whose_clock_runs_behind_keeps_its_sessions() {
         &redis.url(),
         &skewed("-20s", &[("AGENT_WORKER__SWEEP__INTERVAL", "1h"), orphan]),
     );
-    enqueue(&redis.conn, &id, None).await;
-    wait_status(&redis.conn, &id, "ready", Duration::from_secs(20)).await;
+    start_ready(&redis.conn, &id).await;
     // Its heartbeats are stamped with Redis's clock, not its own.
     let (redis_now, _): (u64, u64) = redis::cmd("TIME")
         .query_async(&mut redis.conn.clone())
@@ -644,8 +642,7 @@ async fn heartbeats_write_ready_only_over_starting_and_keep_everyone_elses_statu
         &[("AGENT_WORKER__SESSION__HEARTBEAT_INTERVAL", "1s")],
     ));
     let id = sid("statuses-1");
-    enqueue(&redis.conn, &id, None).await;
-    wait_status(&redis.conn, &id, "ready", Duration::from_secs(20)).await;
+    start_ready(&redis.conn, &id).await;
     let state = SessionKeys::new(&id).state();
     let set_status = |value: &'static str| {
         let conn = redis.conn.clone();

@@ -45,8 +45,7 @@ async fn sigterm_stops_the_agents_ends_their_sessions_and_exits_zero() {
         &[("AGENT_WORKER__TELEMETRY__FORMAT", "json")],
     );
     let id = sid("sigterm-1");
-    enqueue(&redis.conn, &id, None).await;
-    wait_status(&redis.conn, &id, "ready", Duration::from_secs(20)).await;
+    start_ready(&redis.conn, &id).await;
     let pid = agent_pid(&redis.conn, &id).await;
     let output = worker.stop().await;
     assert!(output.status.success(), "exit status {:?}", output.status);
@@ -105,8 +104,7 @@ async fn an_agent_ignoring_sigterm_is_killed_after_the_grace_period() {
         ],
     );
     let id = sid("stubborn-1");
-    enqueue(&redis.conn, &id, None).await;
-    wait_status(&redis.conn, &id, "ready", Duration::from_secs(20)).await;
+    start_ready(&redis.conn, &id).await;
     let output = worker.stop().await;
     assert!(output.status.success());
     assert_eq!(exits(&output.stderr), ["signal 9"]);

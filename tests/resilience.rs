@@ -109,22 +109,7 @@ async fn an_idle_worker_is_woken_by_a_push_not_by_its_heartbeat_or_poll() {
             ("AGENT_WORKER__WORKER__POLL_INTERVAL", "1h"),
         ],
     ));
-    // Idle: registered, subscribed to the wake channel, and its first (empty) fetch done: the
-    // fetch script is the only caller of LRANGE here.
-    wait_for("the worker to be idle", Duration::from_secs(10), || async {
-        let subscribed: Vec<(String, u64)> = redis::cmd("PUBSUB")
-            .arg("NUMSUB")
-            .arg(keys().wake_channel())
-            .query_async(&mut redis.conn.clone())
-            .await
-            .unwrap();
-        let fetched = command_calls(&redis.conn)
-            .await
-            .get("lrange")
-            .is_some_and(|calls| *calls >= 1);
-        (subscribed[0].1 == 1 && fetched && workers(&redis.conn).await.len() == 1).then_some(())
-    })
-    .await;
+    wait_idle(&redis.conn).await;
     let id = sid("wake-1");
     let task = enqueue(&redis.conn, &id, None).await;
     wait_done(&redis.conn, &task, Duration::from_secs(10)).await;

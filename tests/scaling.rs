@@ -280,8 +280,7 @@ async fn a_second_sigterm_stops_the_agents_at_once() {
         &[("AGENT_WORKER__SHUTDOWN__DRAIN_TIMEOUT", "1h")],
     );
     let id = sid("hurried-1");
-    enqueue(&redis.conn, &id, None).await;
-    wait_status(&redis.conn, &id, "ready", Duration::from_secs(20)).await;
+    start_ready(&redis.conn, &id).await;
     worker.signal(Signal::SIGTERM);
     worker
         .wait_event("worker_draining", Duration::from_secs(20))

@@ -242,8 +242,7 @@ async fn shell_metacharacters_reach_the_agent_verbatim_and_nothing_is_executed()
     )
     .await;
     let worker = TestWorker::start(redis.settings("ready", &[]));
-    enqueue(&redis.conn, &id, None).await;
-    wait_status(&redis.conn, &id, "ready", Duration::from_secs(20)).await;
+    start_ready(&redis.conn, &id).await;
     let got = wait_received(&redis.conn, &id).await;
     assert_eq!(got["contract"]["voice_id"], voice.as_str());
     assert_eq!(got["contract"]["opening_line"], opening.as_str());
@@ -281,8 +280,7 @@ async fn a_120_kb_prompt_of_quote_characters_starts_and_arrives_whole() {
         "ready",
         &[("AGENT_WORKER__AGENT__MAX_LINE_BYTES", "1048576")],
     ));
-    enqueue(&redis.conn, &id, None).await;
-    wait_status(&redis.conn, &id, "ready", Duration::from_secs(20)).await;
+    start_ready(&redis.conn, &id).await;
     let got = wait_received(&redis.conn, &id).await;
     assert_eq!(got["contract"]["system_prompt"], prompt.as_str());
     worker.stop().await;

@@ -257,6 +257,13 @@ pub async fn agent_pid(conn: &ConnectionManager, id: &SessionId) -> u32 {
     pid.unwrap_or_else(|| panic!("no agent pid recorded for {id}"))
 }
 
+/// Enqueues a job for `id` and waits (up to 20 s) until its agent is ready; the task id.
+pub async fn start_ready(conn: &ConnectionManager, id: &SessionId) -> String {
+    let task = enqueue(conn, id, None).await;
+    wait_status(conn, id, "ready", Duration::from_secs(20)).await;
+    task
+}
+
 /// What the test agent of a session reported receiving (`test-agent received {json}`).
 pub async fn received(conn: &ConnectionManager, id: &SessionId) -> Option<serde_json::Value> {
     let lines = agent_logs(conn, id).await;
@@ -370,6 +377,27 @@ pub async fn worker_runs(conn: &ConnectionManager) -> Vec<String> {
         .zrange(QueueKeys::new(QUEUE).unwrap().workers(), 0, -1)
         .await
         .expect("ZRANGE")
+}
+
+/// Waits (up to 10 s) until the one worker on this Redis is idle: registered, subscribed to
+/// the wake channel, and its first (empty) fetch done (the fetch script is the only caller of
+/// LRANGE).
+pub async fn wait_idle(conn: &ConnectionManager) {
+    let keys = QueueKeys::new(QUEUE).unwrap();
+    wait_for("the worker to be idle", Duration::from_secs(10), || async {
+        let subscribed: Vec<(String, u64)> = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg(keys.wake_channel())
+            .query_async(&mut conn.clone())
+            .await
+            .expect("PUBSUB NUMSUB");
+        let fetched = command_calls(conn)
+            .await
+            .get("lrange")
+            .is_some_and(|calls| *calls >= 1);
+        (subscribed[0].1 == 1 && fetched && worker_runs(conn).await.len() == 1).then_some(())
+    })
+    .await
 }
 
 /// Asserts that the job worker is still in its first run: nothing made it crash and restart.
