@@ -434,3 +434,22 @@ async fn a_launch_dropped_before_its_agent_is_ready_kills_the_agent() {
     .await;
     let _ = std::fs::remove_file(ledger);
 }
+
+/// The test support itself: a worker left behind by a failing test is killed and reaped, and
+/// its agents die with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_worker_process_is_killed_and_reaped_with_its_agents() {
+    let redis = TestRedis::start().await;
+    let worker = WorkerProcess::run(&redis.url(), "ready", &[]);
+    let id = sid("dropped-worker-1");
+    start_ready(&redis.conn, &id).await;
+    let (pid, agent) = (worker.pid(), agent_pid(&redis.conn, &id).await);
+    drop(worker);
+    assert!(proc_state(pid).is_none(), "the worker is gone, not a zombie");
+    wait_for(
+        "the agent to die with its worker",
+        Duration::from_secs(5),
+        || async { (!alive(agent)).then_some(()) },
+    )
+    .await;
+}
