@@ -114,7 +114,11 @@ async fn launch_fails(behaviour: &str, command: Option<&str>, expected: &str) {
     assert!(!starting, "a failed session leaves session:starting");
     if command.is_none() {
         let attempts = ledger.sessions();
-        assert_eq!(attempts.len(), 3, "{behaviour}: three launches: {attempts:?}");
+        assert_eq!(
+            attempts.len(),
+            3,
+            "{behaviour}: three launches: {attempts:?}"
+        );
         assert!(attempts.iter().all(|(room, _)| *room == id.as_str()));
     }
     assert_first_run(&redis.conn, behaviour).await;

@@ -237,7 +237,11 @@ async fn three_replicas_with_one_killed_ten_times_start_every_session_exactly_on
 }
 
 fn worker_pids(steady: &[WorkerProcess], victim: &WorkerProcess) -> Vec<u32> {
-    steady.iter().chain([victim]).map(WorkerProcess::pid).collect()
+    steady
+        .iter()
+        .chain([victim])
+        .map(WorkerProcess::pid)
+        .collect()
 }
 
 /// The value of the first sample of `series` (with its labels) in a Prometheus text page.

@@ -445,7 +445,10 @@ async fn a_dropped_worker_process_is_killed_and_reaped_with_its_agents() {
     start_ready(&redis.conn, &id).await;
     let (pid, agent) = (worker.pid(), agent_pid(&redis.conn, &id).await);
     drop(worker);
-    assert!(proc_state(pid).is_none(), "the worker is gone, not a zombie");
+    assert!(
+        proc_state(pid).is_none(),
+        "the worker is gone, not a zombie"
+    );
     wait_for(
         "the agent to die with its worker",
         Duration::from_secs(5),

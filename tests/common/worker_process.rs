@@ -257,7 +257,9 @@ impl Log {
                 let mut state = self.state.lock().unwrap();
                 state.raw.extend_from_slice(&line);
                 let text = String::from_utf8_lossy(&line);
-                state.lines.push(text.trim_end_matches(['\n', '\r']).to_owned());
+                state
+                    .lines
+                    .push(text.trim_end_matches(['\n', '\r']).to_owned());
             }
             line.clear();
             self.changed.send_replace(());
