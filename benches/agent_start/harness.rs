@@ -29,6 +29,16 @@ use crate::{procfs::CpuTimes, stats::thousands};
 #[allow(dead_code)] // `command_calls` is for the tests (it panics where a part returns errors).
 mod commandstats;
 use commandstats::parse_commandstats;
+
+/// The tests' HTTP/1.1 client.
+#[path = "../../tests/common/http.rs"]
+#[allow(dead_code)] // Only `http_get_within` serves a part.
+pub mod http_client;
+
+/// The tests' polling with a deadline.
+#[path = "../../tests/common/wait.rs"]
+#[allow(dead_code)] // `wait_for` is for the tests (it panics where a part returns errors).
+mod wait;
 use futures::{StreamExt, future::BoxFuture};
 use redis::aio::ConnectionManager;
 use tokio::{
@@ -289,24 +299,14 @@ pub fn ids(prefix: &str, n: usize) -> Vec<SessionId> {
 }
 
 /// Polls `check` every 5 ms until it gives `Some`, or fails after `deadline`.
-pub async fn wait_until<T, F, Fut>(
-    what: &str,
-    deadline: Duration,
-    mut check: F,
-) -> anyhow::Result<T>
+pub async fn wait_until<T, F, Fut>(what: &str, deadline: Duration, check: F) -> anyhow::Result<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
 {
-    let until = Instant::now() + deadline;
-    loop {
-        if let Some(value) = check().await {
-            return Ok(value);
-        }
-        if Instant::now() > until {
-            bail!("timed out after {deadline:?} waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+    match wait::poll(deadline, Duration::from_millis(5), check).await {
+        Some(value) => Ok(value),
+        None => bail!("timed out after {deadline:?} waiting for {what}"),
     }
 }
 

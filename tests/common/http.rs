@@ -1,4 +1,5 @@
-//! A minimal HTTP/1.1 client for the worker's listener, and free ports.
+//! A minimal HTTP/1.1 client for the worker's listener, and free ports. Shared with
+//! `benches/agent_start/harness.rs` by path, so it uses nothing else of `tests/common`.
 
 use std::time::Duration;
 
@@ -13,6 +14,15 @@ pub fn free_port() -> u16 {
 /// `GET path` over HTTP/1.1 (within 5 s): the status code and the body, or `None` when
 /// nothing answers.
 pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<(u16, String)> {
+    http_get_within(addr, path, Duration::from_secs(5)).await
+}
+
+/// [`http_get`] with its own time limit.
+pub async fn http_get_within(
+    addr: std::net::SocketAddr,
+    path: &str,
+    within: Duration,
+) -> Option<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let exchange = async {
         let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
@@ -22,9 +32,7 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<(u16, St
         stream.read_to_string(&mut response).await.ok()?;
         Some(response)
     };
-    let response = tokio::time::timeout(Duration::from_secs(5), exchange)
-        .await
-        .ok()??;
+    let response = tokio::time::timeout(within, exchange).await.ok()??;
     let code = response.split_whitespace().nth(1)?.parse().ok()?;
     let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
     Some((code, body))

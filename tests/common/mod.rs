@@ -12,6 +12,7 @@ mod queue;
 mod session;
 mod test_redis;
 mod test_worker;
+mod wait;
 mod worker_command;
 mod worker_process;
 
@@ -19,7 +20,7 @@ mod worker_process;
 #[allow(unused_imports)]
 pub use self::{
     commandstats::{command_calls, parse_commandstats},
-    http::{free_port, get, http_get},
+    http::{free_port, get, http_get, http_get_within},
     ledger::Ledger,
     procfs::{alive, live_agents, proc_state, room_of, zombie_children},
     queue::{
@@ -32,13 +33,9 @@ pub use self::{
     },
     test_redis::{TestRedis, hget, is_member, settings},
     test_worker::TestWorker,
+    wait::{poll, wait_for},
     worker_command::{KillOnDrop, events, output_of, signal, worker_bin, worker_command},
     worker_process::WorkerProcess,
-};
-
-use std::{
-    future::Future,
-    time::{Duration, Instant},
 };
 
 use agent_jobs::SessionId;
@@ -50,24 +47,6 @@ pub const WORKER_BIN: &str = env!("CARGO_BIN_EXE_agent-worker");
 /// `agent.command` (comma-separated) of the stand-in agent built into the worker's binary;
 /// append `,--behaviour,<b>` and other options.
 pub const TEST_AGENT: &str = concat!(env!("CARGO_BIN_EXE_agent-worker"), ",test-agent");
-
-/// Polls `check` every 20 ms until it returns `Some`, or panics after `deadline` with `what`.
-pub async fn wait_for<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let until = Instant::now() + deadline;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        if Instant::now() > until {
-            panic!("timed out after {deadline:?} waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 /// A session id the test knows to be valid.
 pub fn sid(s: &str) -> SessionId {
