@@ -202,15 +202,9 @@ async fn deleting_a_sessions_keys_stops_its_agent_within_a_heartbeat() {
     ));
     let (ended, kept) = (sid("ended-by-orchestrator"), sid("kept-running"));
     for id in [&ended, &kept] {
-        enqueue(&redis.conn, id, None).await;
-        wait_status(&redis.conn, id, "ready", Duration::from_secs(20)).await;
+        start_ready(&redis.conn, id).await;
     }
-    let pid: u32 = redis
-        .conn
-        .clone()
-        .get(SessionKeys::new(&ended).agent_pid())
-        .await
-        .unwrap();
+    let pid = agent_pid(&redis.conn, &ended).await;
     // What the orchestrator does to end a session.
     let _: () = redis.conn.clone().del(all_keys(&ended)).await.unwrap();
     wait_for(

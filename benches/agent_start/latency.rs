@@ -209,12 +209,13 @@ async fn measure(
             .await?,
         );
     }
-    let mut hog = std::process::Command::new("yes")
+    // Killed (and reaped) however the round ends, a panic included.
+    let mut hog = tokio::process::Command::new("yes")
         .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
         .spawn()?;
     let loaded = self::round(ctx, probe, &producer, "latbusy", per_round, false).await;
-    let _ = hog.kill();
-    let _ = hog.wait();
+    let _ = hog.kill().await;
     Ok((rounds, loaded?))
 }
 

@@ -17,6 +17,8 @@ use tokio::sync::watch;
 /// How long [`WorkerProcess::stop`] and [`WorkerProcess::output`] wait for the exit: beyond
 /// any drain or stop grace the tests configure.
 const EXIT_DEADLINE: Duration = Duration::from_secs(60);
+/// How long the worker's stdout and stderr may stay open after it exited.
+const PIPES_DEADLINE: Duration = Duration::from_secs(10);
 
 /// A running `agent-worker` child process (see the module docs).
 pub struct WorkerProcess {
@@ -140,16 +142,23 @@ impl WorkerProcess {
     /// wrote.
     pub async fn output(mut self) -> Output {
         let status = self.wait_exit(EXIT_DEADLINE).await;
-        // The pipes end with the worker (its agents' output is piped to it, not inherited).
+        // The pipes end with the worker (its agents' output is piped to it, not inherited);
+        // one still open after that means some process inherited it.
         let (stdout, stderr) = (self.stdout.take(), self.stderr.take());
-        let stdout = tokio::task::spawn_blocking(move || {
+        let readers = tokio::task::spawn_blocking(move || {
             if let Some(reader) = stderr {
                 let _ = reader.join();
             }
             stdout.map_or_else(Vec::new, |reader| reader.join().unwrap_or_default())
-        })
-        .await
-        .expect("the reader threads");
+        });
+        let stdout = tokio::time::timeout(PIPES_DEADLINE, readers)
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "the worker exited ({status}) but its output stayed open for {PIPES_DEADLINE:?}"
+                )
+            })
+            .expect("the reader threads");
         Output {
             status,
             stdout,
