@@ -83,10 +83,13 @@ async fn a_bad_payload_fetched_in_one_batch_with_good_ones_does_not_hold_them_ba
 /// dead, and leaves no zombie.
 async fn launch_fails(behaviour: &str, command: Option<&str>, expected: &str) {
     let redis = TestRedis::start().await;
-    let mut overrides = vec![("AGENT_WORKER__AGENT__STARTUP_TIMEOUT", "1s")];
-    if let Some(command) = command {
-        overrides.push(("AGENT_WORKER__AGENT__COMMAND", command));
-    }
+    // Each test agent writes the ledger as it starts, before the worker can see it fail.
+    let ledger = Ledger::new();
+    let agent = ledger.command(behaviour);
+    let overrides = [
+        ("AGENT_WORKER__AGENT__STARTUP_TIMEOUT", "1s"),
+        ("AGENT_WORKER__AGENT__COMMAND", command.unwrap_or(&agent)),
+    ];
     let worker = TestWorker::start(redis.settings(behaviour, &overrides));
     let id = sid(&format!("fails-{behaviour}"));
     let task = enqueue(&redis.conn, &id, None).await;
@@ -109,18 +112,14 @@ async fn launch_fails(behaviour: &str, command: Option<&str>, expected: &str) {
         .await
         .unwrap();
     assert!(!starting, "a failed session leaves session:starting");
-    let logs: Vec<String> = redis
-        .conn
-        .clone()
-        .lrange(SessionKeys::new(&id).agent_logs(), 0, -1)
-        .await
-        .unwrap();
     if command.is_none() {
-        let attempts = logs
-            .iter()
-            .filter(|l| l.starts_with("test-agent received"))
-            .count();
-        assert_eq!(attempts, 3, "{behaviour}: three launches: {logs:?}");
+        let attempts = ledger.sessions();
+        assert_eq!(
+            attempts.len(),
+            3,
+            "{behaviour}: three launches: {attempts:?}"
+        );
+        assert!(attempts.iter().all(|(room, _)| *room == id.as_str()));
     }
     assert_first_run(&redis.conn, behaviour).await;
     // The dead job released the session's idempotency key: it can be started again at once.
@@ -217,9 +216,14 @@ async fn processes_left_by_an_agent_that_exited_are_killed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_during_a_failing_start_makes_no_further_attempts() {
     let redis = TestRedis::start().await;
+    // Each test agent writes the ledger as it starts: unlike its shipped output, it cannot
+    // lag behind a second attempt.
+    let ledger = Ledger::new();
+    let agent = ledger.command("never-ready");
     let worker = TestWorker::start(redis.settings(
         "never-ready",
         &[
+            ("AGENT_WORKER__AGENT__COMMAND", agent.as_str()),
             ("AGENT_WORKER__AGENT__STARTUP_TIMEOUT", "2s"),
             ("AGENT_WORKER__AGENT__START_ATTEMPTS", "3"),
         ],
@@ -229,19 +233,11 @@ async fn shutdown_during_a_failing_start_makes_no_further_attempts() {
     // The first attempt is under way once the agent reported its arguments.
     wait_received(&redis.conn, &id).await;
     worker.stop().await;
-    let logs: Vec<String> = redis
-        .conn
-        .clone()
-        .lrange(SessionKeys::new(&id).agent_logs(), 0, -1)
-        .await
-        .unwrap();
-    let attempts = logs
-        .iter()
-        .filter(|l| l.starts_with("test-agent received"))
-        .count();
+    let attempts = ledger.sessions();
     assert_eq!(
-        attempts, 1,
-        "no retry here after the shutdown began: {logs:?}"
+        attempts.len(),
+        1,
+        "no retry here after the shutdown began: {attempts:?}"
     );
     // The attempts left are another replica's: the session stays `starting` and the job is
     // retryable, not dead.
@@ -255,20 +251,24 @@ async fn shutdown_during_a_failing_start_makes_no_further_attempts() {
     assert_eq!(dead, 0);
 }
 
-/// A pid the agent printed as `<prefix><pid>` (the shell agents of these tests report theirs).
+/// A pid the agent printed as `<prefix><pid>` (the shell agents of these tests report theirs),
+/// once its output has been shipped.
 async fn logged_pid(
     conn: &redis::aio::ConnectionManager,
     id: &agent_jobs::SessionId,
     prefix: &str,
 ) -> u32 {
-    let logs: Vec<String> = conn
-        .clone()
-        .lrange(SessionKeys::new(id).agent_logs(), 0, -1)
-        .await
-        .unwrap();
-    logs.iter()
-        .find_map(|l| l.strip_prefix(prefix).and_then(|p| p.parse().ok()))
-        .unwrap_or_else(|| panic!("the agent printed no {prefix}: {logs:?}"))
+    wait_for(
+        &format!("the agent's {prefix} line"),
+        Duration::from_secs(10),
+        || async {
+            agent_logs(conn, id)
+                .await
+                .iter()
+                .find_map(|l| l.strip_prefix(prefix).and_then(|p| p.parse().ok()))
+        },
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -43,7 +43,7 @@ fn rows(stdout: &str) -> Vec<(String, String, String, String)> {
 
 #[tokio::test]
 async fn the_demo_alone_prints_both_voices_quietly_with_a_private_redis() {
-    let out = output_of(demo(&[]).spawn().expect("run the demo")).await;
+    let out = WorkerProcess::spawn(demo(&[])).output().await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "demo failed:\n{stdout}\n{stderr}");
@@ -74,13 +74,9 @@ async fn the_demo_alone_prints_both_voices_quietly_with_a_private_redis() {
 
 #[tokio::test]
 async fn the_verbose_demo_logs_each_agent_stop_once() {
-    let out = output_of(
-        demo(&["--verbose"])
-            .env("AGENT_WORKER__TELEMETRY__FORMAT", "json")
-            .spawn()
-            .expect("run the demo"),
-    )
-    .await;
+    let mut command = demo(&["--verbose"]);
+    command.env("AGENT_WORKER__TELEMETRY__FORMAT", "json");
+    let out = WorkerProcess::spawn(command).output().await;
     assert!(
         out.status.success(),
         "{}",

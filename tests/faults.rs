@@ -3,11 +3,10 @@
 
 mod common;
 
-use std::{collections::HashSet, io::BufRead, net::SocketAddr, time::Duration};
+use std::{collections::HashSet, net::SocketAddr, time::Duration};
 
 use agent_jobs::{AgentStart, QueueKeys, SessionId};
 use common::*;
-use nix::sys::signal::Signal;
 use redis::{AsyncCommands, aio::ConnectionManager};
 
 fn keys() -> QueueKeys {
@@ -80,27 +79,24 @@ async fn three_replicas_with_one_killed_ten_times_start_every_session_exactly_on
     let redis = TestRedis::start().await;
     let url = redis.url();
     let ledger = std::env::temp_dir().join(format!("agent-ledger-{}", ulid::Ulid::generate()));
-    let guard = KillOnDrop::default();
     let spawn = || {
-        guard.track(
-            worker_command(
-                &url,
-                &["run"],
-                "ready",
-                &[
-                    ("AGENT_WORKER__AGENT__MAX_AGENTS", "400"),
-                    ("AGENT_WORKER__WORKER__CONCURRENCY", "32"),
-                    ("AGENT_WORKER__SWEEP__INTERVAL", "2s"),
-                    // The logs of three workers over the run are not read: do not pipe them.
-                    ("RUST_LOG", "warn"),
-                ],
-            )
+        let mut command = worker_command(
+            &url,
+            &["run"],
+            "ready",
+            &[
+                ("AGENT_WORKER__AGENT__MAX_AGENTS", "400"),
+                ("AGENT_WORKER__WORKER__CONCURRENCY", "32"),
+                ("AGENT_WORKER__SWEEP__INTERVAL", "2s"),
+                // The logs of three workers over the run are not read: do not pipe them.
+                ("RUST_LOG", "warn"),
+            ],
+        );
+        command
             .env("TEST_AGENT_LEDGER", &ledger)
             .stderr(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-        )
+            .stdout(std::process::Stdio::null());
+        WorkerProcess::spawn(command)
     };
     let steady = [spawn(), spawn()];
     let mut victim = spawn();
@@ -116,8 +112,7 @@ async fn three_replicas_with_one_killed_ten_times_start_every_session_exactly_on
         // Every other chunk, at a moment that depends on how far the burst got: kill the
         // victim replica (its agents die with it) and start it again.
         if n % 2 == 1 && kills < 10 {
-            signal(&victim, Signal::SIGKILL);
-            victim.wait().unwrap();
+            victim.kill();
             victim = spawn();
             kills += 1;
         }
@@ -236,14 +231,17 @@ async fn three_replicas_with_one_killed_ten_times_start_every_session_exactly_on
     }
     assert_eq!(left, 0, "jobs stranded in a dead worker's in-flight set");
 
-    for mut worker in steady.into_iter().chain([victim]) {
-        signal(&worker, Signal::SIGTERM);
-        let _ = tokio::task::spawn_blocking(move || worker.wait()).await;
+    for worker in steady.into_iter().chain([victim]) {
+        let _ = worker.stop().await;
     }
 }
 
-fn worker_pids(steady: &[std::process::Child], victim: &std::process::Child) -> Vec<u32> {
-    steady.iter().chain([victim]).map(|c| c.id()).collect()
+fn worker_pids(steady: &[WorkerProcess], victim: &WorkerProcess) -> Vec<u32> {
+    steady
+        .iter()
+        .chain([victim])
+        .map(WorkerProcess::pid)
+        .collect()
 }
 
 /// The value of the first sample of `series` (with its labels) in a Prometheus text page.
@@ -257,29 +255,14 @@ fn sample(page: &str, series: &str) -> Option<f64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_running_worker_serves_metrics_that_move_with_jobs_and_readiness() {
     let mut redis = TestRedis::start().await;
-    let mut worker = worker_command(&redis.url(), &["run"], "ready", &[])
-        .spawn()
-        .unwrap();
+    let worker = WorkerProcess::run(&redis.url(), "ready", &[]);
     // The worker logs where it listens (port 0 was asked for).
-    let stderr = worker.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(line);
-        }
-    });
-    let addr: SocketAddr = tokio::task::spawn_blocking(move || {
-        rx.iter()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(&l).ok())
-            .find(|e| e["message"] == "http_listening")
-            .and_then(|e| e["addr"].as_str().and_then(|a| a.parse().ok()))
-            .expect("the worker logs http_listening")
-    })
-    .await
-    .unwrap();
+    let addr: SocketAddr = worker
+        .wait_event("http_listening", Duration::from_secs(20))
+        .await["addr"]
+        .as_str()
+        .and_then(|a| a.parse().ok())
+        .expect("http_listening names the address");
 
     wait_for("/readyz 200", Duration::from_secs(10), || async {
         (get(addr, "/readyz").await.0 == 200).then_some(())
@@ -340,6 +323,6 @@ async fn a_running_worker_serves_metrics_that_move_with_jobs_and_readiness() {
         "{page}"
     );
     assert_eq!(sample(&page, "agent_worker_redis_up"), Some(1.0));
-    signal(&worker, Signal::SIGTERM);
-    let _ = output_of(worker).await;
+    let output = worker.stop().await;
+    assert!(output.status.success(), "{:?}", output.status);
 }

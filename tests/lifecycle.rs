@@ -19,7 +19,6 @@ use agent_worker::{
     session::{ClaimAttempt, EndRecord, SessionEnd, SessionStore},
 };
 use common::*;
-use nix::{sys::signal::Signal, unistd::Pid};
 use redis::{AsyncCommands, aio::ConnectionManager};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
@@ -57,29 +56,21 @@ fn worker_command(url: &str, args: &[&str], env: &[(&str, &str)]) -> std::proces
     common::worker_command(url, args, "ready", env)
 }
 
+/// `agent-worker run` with the test agent ready at once, and `env`.
+fn run_worker(url: &str, env: &[(&str, &str)]) -> WorkerProcess {
+    WorkerProcess::run(url, "ready", env)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sigkilled_workers_session_is_swept_by_another_worker_process() {
     let redis = TestRedis::start().await;
     let id = sid("orphaned-1");
     write_config(&redis.conn, &id, "Craig", "u").await;
     // Worker A runs the agent; its sweep is far away so it cannot be the one sweeping.
-    let mut a = worker_command(
-        &redis.url(),
-        &["run"],
-        &[("AGENT_WORKER__SWEEP__INTERVAL", "1h")],
-    )
-    .spawn()
-    .unwrap();
-    enqueue(&redis.conn, &id, None).await;
-    wait_status(&redis.conn, &id, "ready", Duration::from_secs(20)).await;
-    let pid: u32 = redis
-        .conn
-        .clone()
-        .get(SessionKeys::new(&id).agent_pid())
-        .await
-        .unwrap();
-    nix::sys::signal::kill(Pid::from_raw(a.id() as i32), Signal::SIGKILL).unwrap();
-    a.wait().unwrap();
+    let mut a = run_worker(&redis.url(), &[("AGENT_WORKER__SWEEP__INTERVAL", "1h")]);
+    start_ready(&redis.conn, &id).await;
+    let pid = agent_pid(&redis.conn, &id).await;
+    a.kill();
     wait_for(
         "the agent to die with its worker",
         Duration::from_secs(5),
@@ -100,13 +91,7 @@ async fn a_sigkilled_workers_session_is_swept_by_another_worker_process() {
     assert_eq!(state_and_pid, 2);
     backdate(&redis.conn, &id, 60).await;
 
-    let b = worker_command(
-        &redis.url(),
-        &["run"],
-        &[("AGENT_WORKER__SWEEP__INTERVAL", "1s")],
-    )
-    .spawn()
-    .unwrap();
+    let b = run_worker(&redis.url(), &[("AGENT_WORKER__SWEEP__INTERVAL", "1s")]);
     wait_for(
         "worker B to sweep the session",
         Duration::from_secs(15),
@@ -115,17 +100,14 @@ async fn a_sigkilled_workers_session_is_swept_by_another_worker_process() {
     .await;
     assert_eq!(indexed(&redis.conn, &id).await, None);
     assert!(!is_member(&redis.conn, "session:ready", id.as_str()).await);
-    nix::sys::signal::kill(Pid::from_raw(b.id() as i32), Signal::SIGTERM).unwrap();
-    let output = output_of(b).await;
+    let output = b.stop().await;
+    assert!(output.status.success(), "{:?}", output.status);
     let stderr = String::from_utf8_lossy(&output.stderr);
-    let swept = stderr
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .any(|e| {
-            e["message"] == "session_swept"
-                && e["session_id"] == "orphaned-1"
-                && e["reason"] == "heartbeat_stale"
-        });
+    let swept = events(&output.stderr).iter().any(|e| {
+        e["message"] == "session_swept"
+            && e["session_id"] == "orphaned-1"
+            && e["reason"] == "heartbeat_stale"
+    });
     assert!(swept, "worker B logged session_swept: {stderr}");
 }
 
@@ -164,30 +146,19 @@ fn skewed<'a>(skew: &'a str, extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a 
     env
 }
 
-fn json_events(log: &std::path::Path, message: &str) -> usize {
-    std::fs::read_to_string(log)
-        .unwrap_or_default()
-        .matches(&format!("\"message\":\"{message}\""))
-        .count()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_whose_clock_runs_behind_keeps_its_sessions() {
     let redis = TestRedis::start().await;
-    let guard = KillOnDrop::default();
     let id = sid("skewed-1");
     write_config(&redis.conn, &id, "Craig", "u").await;
     // A wide orphan window, so that a clock 20 s off is still allowed to run jobs.
     let orphan = ("AGENT_WORKER__WORKER__ORPHAN_TIMEOUT", "60s");
     // Worker A's clock runs 20 s behind; it never sweeps.
-    let a = worker_command(
+    let a = run_worker(
         &redis.url(),
-        &["run"],
         &skewed("-20s", &[("AGENT_WORKER__SWEEP__INTERVAL", "1h"), orphan]),
     );
-    let a = guard.track(with_log(a, "skew-a").0);
-    enqueue(&redis.conn, &id, None).await;
-    wait_status(&redis.conn, &id, "ready", Duration::from_secs(20)).await;
+    start_ready(&redis.conn, &id).await;
     // Its heartbeats are stamped with Redis's clock, not its own.
     let (redis_now, _): (u64, u64) = redis::cmd("TIME")
         .query_async(&mut redis.conn.clone())
@@ -201,52 +172,25 @@ async fn a_replica_whose_clock_runs_behind_keeps_its_sessions() {
 
     // Worker B, whose clock is right, sweeps every second with stale_after 6 s: to it, a
     // heartbeat on A's own clock would be 20 s old.
-    let b = worker_command(
+    let b = run_worker(
         &redis.url(),
-        &["run"],
         &[("AGENT_WORKER__SWEEP__INTERVAL", "1s"), orphan],
     );
-    let (b, log) = with_log(b, "skew-b");
-    let b = guard.track(b);
-    wait_for(
-        "three sweeps by worker B",
-        Duration::from_secs(20),
-        || async { (json_events(&log, "sweep_complete") >= 3).then_some(()) },
-    )
-    .await;
+    b.wait_events("sweep_complete", 3, Duration::from_secs(20))
+        .await;
     assert_eq!(status(&redis.conn, &id).await.as_deref(), Some("ready"));
     assert!(indexed(&redis.conn, &id).await.is_some());
-    assert_eq!(json_events(&log, "session_swept"), 0);
+    assert!(b.events_named("session_swept").is_empty());
     for worker in [a, b] {
         stop_worker(worker).await;
     }
-    for name in ["skew-a", "skew-b"] {
-        let _ = std::fs::remove_file(log_path(name));
-    }
 }
 
-fn log_path(name: &str) -> std::path::PathBuf {
-    std::env::temp_dir().join(format!("{name}-{}.log", std::process::id()))
-}
-
-/// The worker with its stderr (JSON logs) in a file, and that file.
-fn with_log(
-    mut command: std::process::Command,
-    name: &str,
-) -> (std::process::Child, std::path::PathBuf) {
-    let log = log_path(name);
-    let child = command
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    (child, log)
-}
-
-/// SIGTERM, and the worker exits 0.
-async fn stop_worker(worker: std::process::Child) {
-    nix::sys::signal::kill(Pid::from_raw(worker.id() as i32), Signal::SIGTERM).unwrap();
-    let output = output_of(worker).await;
+/// SIGTERM, and the worker exits 0; its output.
+async fn stop_worker(worker: WorkerProcess) -> std::process::Output {
+    let output = worker.stop().await;
     assert!(output.status.success(), "{:?}", output.status);
+    output
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -258,15 +202,9 @@ async fn deleting_a_sessions_keys_stops_its_agent_within_a_heartbeat() {
     ));
     let (ended, kept) = (sid("ended-by-orchestrator"), sid("kept-running"));
     for id in [&ended, &kept] {
-        enqueue(&redis.conn, id, None).await;
-        wait_status(&redis.conn, id, "ready", Duration::from_secs(20)).await;
+        start_ready(&redis.conn, id).await;
     }
-    let pid: u32 = redis
-        .conn
-        .clone()
-        .get(SessionKeys::new(&ended).agent_pid())
-        .await
-        .unwrap();
+    let pid = agent_pid(&redis.conn, &ended).await;
     // What the orchestrator does to end a session.
     let _: () = redis.conn.clone().del(all_keys(&ended)).await.unwrap();
     wait_for(
@@ -541,39 +479,31 @@ async fn racing_heartbeats_and_sweeps_never_remove_a_fresh_session() {
 async fn three_workers_sweep_exactly_once_per_tick() {
     let redis = TestRedis::start().await;
     let workers: Vec<_> = (0..3)
-        .map(|i| {
-            with_log(
-                worker_command(
-                    &redis.url(),
-                    &["run"],
-                    &[("AGENT_WORKER__SWEEP__INTERVAL", "1s")],
-                ),
-                &format!("three-sweepers-{i}"),
-            )
-        })
+        .map(|_| run_worker(&redis.url(), &[("AGENT_WORKER__SWEEP__INTERVAL", "1s")]))
         .collect();
-    // The sweep ticks each worker logged so far.
-    let ticks_of = |log: &std::path::Path| -> Vec<u64> {
-        std::fs::read_to_string(log)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|e| e["message"] == "sweep_complete")
-            .filter_map(|e| e["tick"].as_u64())
-            .collect()
+    // The sweep ticks a worker logged so far.
+    let ticks_of = |events: Vec<serde_json::Value>| -> Vec<u64> {
+        events.iter().filter_map(|e| e["tick"].as_u64()).collect()
     };
     // The three run side by side until they have swept ten ticks between them.
     wait_for("ten sweeps", Duration::from_secs(30), || async {
-        let swept: usize = workers.iter().map(|(_, log)| ticks_of(log).len()).sum();
+        let swept: usize = workers
+            .iter()
+            .map(|w| w.events_named("sweep_complete").len())
+            .sum();
         (swept >= 10).then_some(())
     })
     .await;
     let mut ticks = Vec::new();
     let mut sweepers = 0;
-    for (worker, log) in workers {
-        stop_worker(worker).await;
-        let mine = ticks_of(&log);
-        let _ = std::fs::remove_file(&log);
+    for worker in workers {
+        let output = stop_worker(worker).await;
+        let mine = ticks_of(
+            events(&output.stderr)
+                .into_iter()
+                .filter(|e| e["message"] == "sweep_complete")
+                .collect(),
+        );
         sweepers += usize::from(!mine.is_empty());
         ticks.extend(mine);
     }
@@ -706,8 +636,7 @@ async fn heartbeats_write_ready_only_over_starting_and_keep_everyone_elses_statu
         &[("AGENT_WORKER__SESSION__HEARTBEAT_INTERVAL", "1s")],
     ));
     let id = sid("statuses-1");
-    enqueue(&redis.conn, &id, None).await;
-    wait_status(&redis.conn, &id, "ready", Duration::from_secs(20)).await;
+    start_ready(&redis.conn, &id).await;
     let state = SessionKeys::new(&id).state();
     let set_status = |value: &'static str| {
         let conn = redis.conn.clone();

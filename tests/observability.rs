@@ -5,6 +5,7 @@ mod common;
 
 use std::{
     net::SocketAddr,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -32,6 +33,22 @@ fn sample(scrape: &str, series: &str) -> Option<f64> {
 
 fn depth_series(queue: &str, state: &str) -> String {
     format!(r#"agent_worker_queue_depth{{queue="{queue}",state="{state}"}}"#)
+}
+
+/// The process-wide metrics recorder, served with a fresh `Health` on a free loopback port
+/// until the token is cancelled.
+async fn serve_metrics() -> (http::HttpServer, Arc<Health>, CancellationToken) {
+    let health = Health::new();
+    let shutdown = CancellationToken::new();
+    let server = http::serve(
+        "127.0.0.1:0".parse().unwrap(),
+        metrics::install_recorder(),
+        health.clone(),
+        shutdown.clone(),
+    )
+    .await
+    .expect("bind 127.0.0.1:0");
+    (server, health, shutdown)
 }
 
 async fn connect(redis: &LocalRedis) -> ConnectionManager {
@@ -63,17 +80,7 @@ async fn metrics_health_and_readiness_follow_redis() {
     let queue = "obs-test-queue";
     let keys = QueueKeys::new(queue).unwrap();
 
-    let handle = metrics::install_recorder();
-    let health = Health::new();
-    let shutdown = CancellationToken::new();
-    let server = http::serve(
-        "127.0.0.1:0".parse().unwrap(),
-        handle,
-        health.clone(),
-        shutdown.clone(),
-    )
-    .await
-    .expect("bind 127.0.0.1:0");
+    let (server, health, shutdown) = serve_metrics().await;
     let addr = server.local_addr();
     let probe = tokio::spawn(health::probe_loop(
         conn.clone(),
@@ -199,17 +206,7 @@ async fn metrics_health_and_readiness_follow_redis() {
 
 #[tokio::test]
 async fn every_listed_series_is_exposed() {
-    let handle = metrics::install_recorder();
-    let health = Health::new();
-    let shutdown = CancellationToken::new();
-    let server = http::serve(
-        "127.0.0.1:0".parse().unwrap(),
-        handle,
-        health,
-        shutdown.clone(),
-    )
-    .await
-    .expect("bind 127.0.0.1:0");
+    let (server, _health, shutdown) = serve_metrics().await;
 
     metrics::job_finished(JobOutcome::Done, Duration::from_millis(800));
     metrics::job_finished(JobOutcome::Dead, Duration::from_millis(3));

@@ -11,21 +11,10 @@ use common::*;
 use nix::sys::signal::Signal;
 use redis::AsyncCommands;
 
-fn worker_process(url: &str, behaviour: &str, extra: &[(&str, &str)]) -> Command {
-    common::worker_command(url, &["run"], behaviour, extra)
-}
-
-async fn agent_pid(conn: &redis::aio::ConnectionManager, id: &agent_jobs::SessionId) -> u32 {
-    conn.clone()
-        .get(SessionKeys::new(id).agent_pid())
-        .await
-        .expect("the agent's pid is recorded")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agents_die_with_a_sigkilled_worker() {
     let redis = TestRedis::start().await;
-    let mut worker = worker_process(&redis.url(), "ready", &[]).spawn().unwrap();
+    let mut worker = WorkerProcess::run(&redis.url(), "ready", &[]);
     let ids = [sid("pdeath-1"), sid("pdeath-2")];
     for id in &ids {
         enqueue(&redis.conn, id, None).await;
@@ -36,8 +25,7 @@ async fn agents_die_with_a_sigkilled_worker() {
         pids.push(agent_pid(&redis.conn, id).await);
     }
     assert!(pids.iter().all(|pid| alive(*pid)));
-    signal(&worker, Signal::SIGKILL);
-    worker.wait().unwrap();
+    worker.kill();
     for pid in pids {
         wait_for(
             &format!("agent {pid} to die with its worker"),
@@ -51,19 +39,15 @@ async fn agents_die_with_a_sigkilled_worker() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_stops_the_agents_ends_their_sessions_and_exits_zero() {
     let redis = TestRedis::start().await;
-    let worker = worker_process(
+    let worker = WorkerProcess::run(
         &redis.url(),
         "ready",
         &[("AGENT_WORKER__TELEMETRY__FORMAT", "json")],
-    )
-    .spawn()
-    .unwrap();
+    );
     let id = sid("sigterm-1");
-    enqueue(&redis.conn, &id, None).await;
-    wait_status(&redis.conn, &id, "ready", Duration::from_secs(20)).await;
+    start_ready(&redis.conn, &id).await;
     let pid = agent_pid(&redis.conn, &id).await;
-    signal(&worker, Signal::SIGTERM);
-    let output = output_of(worker).await;
+    let output = worker.stop().await;
     assert!(output.status.success(), "exit status {:?}", output.status);
     assert_eq!(
         exits(&output.stderr),
@@ -111,21 +95,17 @@ fn exits(stderr: &[u8]) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_ignoring_sigterm_is_killed_after_the_grace_period() {
     let redis = TestRedis::start().await;
-    let worker = worker_process(
+    let worker = WorkerProcess::run(
         &redis.url(),
         "ignore-term",
         &[
             ("AGENT_WORKER__AGENT__STOP_GRACE", "500ms"),
             ("AGENT_WORKER__TELEMETRY__FORMAT", "json"),
         ],
-    )
-    .spawn()
-    .unwrap();
+    );
     let id = sid("stubborn-1");
-    enqueue(&redis.conn, &id, None).await;
-    wait_status(&redis.conn, &id, "ready", Duration::from_secs(20)).await;
-    signal(&worker, Signal::SIGTERM);
-    let output = output_of(worker).await;
+    start_ready(&redis.conn, &id).await;
+    let output = worker.stop().await;
     assert!(output.status.success());
     assert_eq!(exits(&output.stderr), ["signal 9"]);
 }
@@ -141,14 +121,14 @@ async fn json_logs_carry_the_events_and_never_the_redis_password() {
     let conn = connection::connect(&settings.redis).await.unwrap();
     let id = sid("json-logs-1");
     write_config(&conn, &id, "Craig", "u").await;
-    let worker = worker_process(
+    let mut command = worker_command(
         &url,
+        &["run"],
         "ready",
         &[("AGENT_WORKER__TELEMETRY__FORMAT", "json")],
-    )
-    .env("REDIS_URL", &url)
-    .spawn()
-    .unwrap();
+    );
+    command.env("REDIS_URL", &url);
+    let worker = WorkerProcess::spawn(command);
     enqueue(&conn, &id, Some("u")).await;
     wait_status(&conn, &id, "ready", Duration::from_secs(20)).await;
     // The worker's settings variables (here the URL with the password) stay out of the
@@ -159,8 +139,7 @@ async fn json_logs_carry_the_events_and_never_the_redis_password() {
         serde_json::json!([]),
         "{received}"
     );
-    signal(&worker, Signal::SIGTERM);
-    let output = output_of(worker).await;
+    let output = worker.stop().await;
     assert!(output.status.success());
     let stderr = String::from_utf8(output.stderr).unwrap();
     let stdout = String::from_utf8(output.stdout).unwrap();
@@ -252,40 +231,69 @@ async fn the_enqueue_command_writes_the_config_and_prints_the_task_id() {
     );
 }
 
+/// A listener on a stopped Redis's port that hangs up on every connection, counting them: a
+/// Redis that is still unreachable, but where each connection attempt can be seen.
+struct HangUp {
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl HangUp {
+    async fn on(port: u16) -> Self {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .expect("bind the stopped Redis's port");
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = accepted.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                drop(stream);
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        });
+        Self { accepted, task }
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Closes the listener, freeing the port.
+    async fn close(self) {
+        self.task.abort();
+        let _ = self.task.await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_started_before_redis_waits_for_it_then_works() {
     let mut redis = TestRedis::start().await;
     redis.redis.stop();
-    let mut worker = worker_process(&redis.url(), "ready", &[]).spawn().unwrap();
-    // Follow the log until the worker has found Redis missing at least once.
-    let stderr = worker.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(line);
-        }
-    });
-    let rx = tokio::task::spawn_blocking(move || {
-        let first = rx
+    let mut worker = WorkerProcess::run(&redis.url(), "ready", &[]);
+    let unreachable = |lines: &[String]| {
+        lines
             .iter()
-            .find(|l| l.contains("redis_unreachable"))
-            .expect("the worker reports Redis unreachable");
-        (first, rx)
-    });
-    let (_, rx) = tokio::time::timeout(Duration::from_secs(10), rx)
-        .await
-        .expect("the worker tried to connect")
-        .unwrap();
-    // It keeps retrying with back-off (several attempts fit in this window) without exiting.
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    assert!(
-        worker.try_wait().unwrap().is_none(),
-        "the worker must not exit"
-    );
+            .filter(|l| l.contains("redis_unreachable"))
+            .count()
+    };
+    // The worker finds Redis missing (its first attempt is refused) and says so.
+    worker
+        .wait_log("redis_unreachable", Duration::from_secs(30), |lines| {
+            (unreachable(lines) >= 1).then_some(())
+        })
+        .await;
+    // It keeps retrying with back-off without exiting. Each attempt is one probe connection
+    // and the connection manager's 1 + 6 tries (connection.rs): nine connections mean a
+    // second attempt failed in full and a third began.
+    let hang_up = HangUp::on(redis.redis.port()).await;
+    wait_for(
+        "the worker to try again twice",
+        Duration::from_secs(60),
+        || async { (hang_up.accepted() >= 9).then_some(()) },
+    )
+    .await;
+    hang_up.close().await;
+    assert!(worker.try_wait().is_none(), "the worker must not exit");
     redis.redis.restart().await.unwrap();
     let id = sid("after-late-redis");
     wait_for(
@@ -298,77 +306,64 @@ async fn a_worker_started_before_redis_waits_for_it_then_works() {
     )
     .await;
     wait_status(&redis.conn, &id, "ready", Duration::from_secs(20)).await;
-    signal(&worker, Signal::SIGTERM);
-    let status = tokio::task::spawn_blocking(move || worker.wait().unwrap())
-        .await
-        .unwrap();
-    assert!(status.success());
-    // The reader thread ends at EOF, after the worker exited: collect everything it read.
-    let rest: Vec<String> = tokio::task::spawn_blocking(move || rx.iter().collect())
-        .await
-        .unwrap();
-    let again = rest
-        .iter()
-        .filter(|l| l.contains("redis_unreachable"))
-        .count();
+    let output = worker.stop().await;
+    assert!(output.status.success());
+    let lines: Vec<String> = String::from_utf8_lossy(&output.stderr)
+        .lines()
+        .map(str::to_owned)
+        .collect();
     assert_eq!(
-        again, 0,
-        "one log line per outage, not one per attempt: {rest:?}"
+        unreachable(&lines),
+        1,
+        "one log line per outage, not one per attempt: {lines:?}"
     );
-    assert!(rest.iter().any(|l| l.contains("redis_reachable")));
+    let reachable = events(&output.stderr)
+        .into_iter()
+        .find(|e| e["message"] == "redis_reachable")
+        .unwrap_or_else(|| panic!("no redis_reachable event: {lines:?}"));
+    assert!(
+        reachable["failures"].as_u64().is_some_and(|n| n >= 2),
+        "the outage spanned several failed attempts: {reachable}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_signal_abandons_a_start_in_progress_and_exits() {
     let redis = TestRedis::start().await;
-    let guard = KillOnDrop::default();
-    let dir = std::env::temp_dir().join(format!("second-signal-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let (ledger, log) = (dir.join("ledger"), dir.join("worker.log"));
+    let ledger = Ledger::new();
     // An agent that never gets ready, with a start-up timeout far beyond the waits below.
-    let mut worker = worker_process(
+    let command = ledger.command("never-ready");
+    let mut worker = WorkerProcess::run(
         &redis.url(),
         "never-ready",
         &[
+            ("AGENT_WORKER__AGENT__COMMAND", command.as_str()),
             ("AGENT_WORKER__AGENT__STARTUP_TIMEOUT", "120s"),
             ("AGENT_WORKER__SESSION__STALE_AFTER", "300s"),
             ("AGENT_WORKER__SHUTDOWN__DRAIN_TIMEOUT", "120s"),
-            ("TEST_AGENT_LEDGER", ledger.to_str().unwrap()),
         ],
     );
-    worker.stderr(std::fs::File::create(&log).unwrap());
-    let worker = guard.track(worker.spawn().unwrap());
     let id = sid("abandoned-1");
     enqueue(&redis.conn, &id, None).await;
     let agent: u32 = wait_for("the agent to start", Duration::from_secs(20), || async {
-        let line = std::fs::read_to_string(&ledger).ok()?;
-        line.split_whitespace().nth(1)?.parse().ok()
+        ledger
+            .sessions()
+            .into_iter()
+            .find_map(|(room, pid)| (room == id.as_str()).then_some(pid))
     })
     .await;
-    let logged = |event: &str| {
-        std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .contains(&format!("\"message\":\"{event}\""))
-    };
-    signal(&worker, Signal::SIGTERM);
+    worker.signal(Signal::SIGTERM);
     // Signals of one kind do not queue: the second must come after the first was handled.
-    wait_for(
-        "the first signal to be handled",
-        Duration::from_secs(10),
-        || async { logged("shutdown_requested").then_some(()) },
-    )
-    .await;
-    signal(&worker, Signal::SIGTERM);
-    let worker = std::sync::Mutex::new(worker);
-    let status = wait_for("the worker to exit", Duration::from_secs(30), || {
-        let exited = worker.lock().unwrap().try_wait().unwrap();
-        async move { exited }
-    })
-    .await;
+    worker
+        .wait_event("shutdown_requested", Duration::from_secs(10))
+        .await;
+    worker.signal(Signal::SIGTERM);
+    let status = worker.wait_exit(Duration::from_secs(30)).await;
     assert!(status.success(), "{status:?}");
     assert!(!alive(agent), "the starting agent was killed");
-    assert!(logged("agent_start_abandoned"));
+    worker
+        .wait_event("agent_start_abandoned", Duration::from_secs(10))
+        .await;
     // Left for another replica: still `starting` with the reason, the job retryable (waiting
     // in the scheduled set, its idempotency key kept), our claim gone with our presence.
     assert_eq!(
@@ -388,7 +383,6 @@ async fn a_second_signal_abandons_a_start_in_progress_and_exits() {
     let key = format!("{}:session:{}", keys.idempotency_prefix(), id.as_str());
     let kept: bool = redis.conn.clone().exists(key).await.unwrap();
     assert!(kept, "the idempotency key is kept for the retry");
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -439,4 +433,26 @@ async fn a_launch_dropped_before_its_agent_is_ready_kills_the_agent() {
     )
     .await;
     let _ = std::fs::remove_file(ledger);
+}
+
+/// The test support itself: a worker left behind by a failing test is killed and reaped, and
+/// its agents die with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_worker_process_is_killed_and_reaped_with_its_agents() {
+    let redis = TestRedis::start().await;
+    let worker = WorkerProcess::run(&redis.url(), "ready", &[]);
+    let id = sid("dropped-worker-1");
+    start_ready(&redis.conn, &id).await;
+    let (pid, agent) = (worker.pid(), agent_pid(&redis.conn, &id).await);
+    drop(worker);
+    assert!(
+        proc_state(pid).is_none(),
+        "the worker is gone, not a zombie"
+    );
+    wait_for(
+        "the agent to die with its worker",
+        Duration::from_secs(5),
+        || async { (!alive(agent)).then_some(()) },
+    )
+    .await;
 }

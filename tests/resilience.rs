@@ -96,20 +96,6 @@ async fn redis_down_for_three_seconds_the_same_worker_carries_on() {
     worker.stop().await;
 }
 
-/// Calls of a Redis command so far, from INFO commandstats (script-internal calls included).
-async fn command_calls(conn: &redis::aio::ConnectionManager, command: &str) -> u64 {
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(&mut conn.clone())
-        .await
-        .unwrap();
-    info.lines()
-        .find_map(|line| line.strip_prefix(&format!("cmdstat_{command}:calls=")))
-        .and_then(|rest| rest.split(',').next())
-        .and_then(|calls| calls.parse().ok())
-        .unwrap_or(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_worker_is_woken_by_a_push_not_by_its_heartbeat_or_poll() {
     let redis = TestRedis::start().await;
@@ -123,19 +109,7 @@ async fn an_idle_worker_is_woken_by_a_push_not_by_its_heartbeat_or_poll() {
             ("AGENT_WORKER__WORKER__POLL_INTERVAL", "1h"),
         ],
     ));
-    // Idle: registered, subscribed to the wake channel, and its first (empty) fetch done: the
-    // fetch script is the only caller of LRANGE here.
-    wait_for("the worker to be idle", Duration::from_secs(10), || async {
-        let subscribed: Vec<(String, u64)> = redis::cmd("PUBSUB")
-            .arg("NUMSUB")
-            .arg(keys().wake_channel())
-            .query_async(&mut redis.conn.clone())
-            .await
-            .unwrap();
-        let fetched = command_calls(&redis.conn, "lrange").await >= 1;
-        (subscribed[0].1 == 1 && fetched && workers(&redis.conn).await.len() == 1).then_some(())
-    })
-    .await;
+    wait_idle(&redis.conn).await;
     let id = sid("wake-1");
     let task = enqueue(&redis.conn, &id, None).await;
     wait_done(&redis.conn, &task, Duration::from_secs(10)).await;

@@ -200,25 +200,21 @@ async fn a_start_on_a_sigkilled_replica_runs_again_on_another_within_the_orphan_
     let redis = TestRedis::start().await;
     let url = redis.url();
     // Replica A's agent takes 3 s to get ready: A is killed in the middle of the start.
-    let mut a = worker_command(&url, &["run"], "ready", &[])
-        .env(
-            "AGENT_WORKER__AGENT__COMMAND",
-            format!("{TEST_AGENT},--behaviour,ready,--ready-delay-ms,3000"),
-        )
-        .spawn()
-        .unwrap();
+    let slow = format!("{TEST_AGENT},--behaviour,ready,--ready-delay-ms,3000");
+    let mut a = WorkerProcess::run(
+        &url,
+        "ready",
+        &[("AGENT_WORKER__AGENT__COMMAND", slow.as_str())],
+    );
     let id = sid("killed-mid-start");
     let task = enqueue(&redis.conn, &id, None).await;
     wait_status(&redis.conn, &id, "starting", Duration::from_secs(20)).await;
     let a_id = hget(&redis.conn, &SessionKeys::new(&id).state(), "workerId")
         .await
         .unwrap();
-    signal(&a, Signal::SIGKILL);
-    a.wait().unwrap();
+    a.kill();
     // Replica B comes up afterwards and finds the job in A's in-flight set.
-    let b = worker_command(&url, &["run"], "ready", &[])
-        .spawn()
-        .unwrap();
+    let b = WorkerProcess::run(&url, "ready", &[]);
     wait_status(&redis.conn, &id, "ready", Duration::from_secs(20)).await;
     wait_done(&redis.conn, &task, Duration::from_secs(20)).await;
     let owner = hget(&redis.conn, &SessionKeys::new(&id).state(), "workerId").await;
@@ -232,31 +228,26 @@ async fn a_start_on_a_sigkilled_replica_runs_again_on_another_within_the_orphan_
         0,
         "nothing left in flight"
     );
-    signal(&b, Signal::SIGTERM);
-    assert!(output_of(b).await.status.success());
+    assert!(b.stop().await.status.success());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_the_start_in_progress_drains_agents_then_stops_them() {
     let redis = TestRedis::start().await;
-    let worker = worker_command(
+    let slow = format!("{TEST_AGENT},--behaviour,ready,--ready-delay-ms,3000");
+    let worker = WorkerProcess::run(
         &redis.url(),
-        &["run"],
         "ready",
-        &[("AGENT_WORKER__SHUTDOWN__DRAIN_TIMEOUT", "3s")],
-    )
-    .env(
-        "AGENT_WORKER__AGENT__COMMAND",
-        format!("{TEST_AGENT},--behaviour,ready,--ready-delay-ms,3000"),
-    )
-    .spawn()
-    .unwrap();
+        &[
+            ("AGENT_WORKER__SHUTDOWN__DRAIN_TIMEOUT", "3s"),
+            ("AGENT_WORKER__AGENT__COMMAND", slow.as_str()),
+        ],
+    );
     let id = sid("drained-1");
     enqueue(&redis.conn, &id, None).await;
     // The start is in progress (the agent has reported its arguments, not its ready line).
     wait_received(&redis.conn, &id).await;
-    signal(&worker, Signal::SIGTERM);
-    let output = output_of(worker).await;
+    let output = worker.stop().await;
     assert!(output.status.success(), "exit status {:?}", output.status);
     let events = events(&output.stderr);
     let at = |name: &str| -> chrono::DateTime<chrono::Utc> {
@@ -283,55 +274,29 @@ async fn sigterm_finishes_the_start_in_progress_drains_agents_then_stops_them() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_sigterm_stops_the_agents_at_once() {
     let redis = TestRedis::start().await;
-    let mut worker = worker_command(
+    let worker = WorkerProcess::run(
         &redis.url(),
-        &["run"],
         "ready",
         &[("AGENT_WORKER__SHUTDOWN__DRAIN_TIMEOUT", "1h")],
-    )
-    .spawn()
-    .unwrap();
+    );
     let id = sid("hurried-1");
-    enqueue(&redis.conn, &id, None).await;
-    wait_status(&redis.conn, &id, "ready", Duration::from_secs(20)).await;
-    // Follow the worker's log as it is written.
-    let stderr = worker.stderr.take().unwrap();
-    let (tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(line);
-        }
-    });
-    let mut seen = Vec::new();
-    let mut wait_event = async |name: &str, seen: &mut Vec<serde_json::Value>| {
-        let found = tokio::time::timeout(Duration::from_secs(20), async {
-            while let Some(line) = lines.recv().await {
-                let event: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-                let hit = event["message"] == name;
-                seen.push(event);
-                if hit {
-                    return true;
-                }
-            }
-            false
-        })
+    start_ready(&redis.conn, &id).await;
+    worker.signal(Signal::SIGTERM);
+    worker
+        .wait_event("worker_draining", Duration::from_secs(20))
         .await;
-        assert_eq!(found, Ok(true), "no {name} event");
-    };
-    signal(&worker, Signal::SIGTERM);
-    wait_event("worker_draining", &mut seen).await;
     // Draining for up to an hour: the agent runs on until the second signal.
     assert_eq!(status(&redis.conn, &id).await.as_deref(), Some("ready"));
-    signal(&worker, Signal::SIGTERM);
-    wait_event("agent_exited", &mut seen).await;
-    let output = output_of(worker).await;
+    assert!(worker.events_named("agent_exited").is_empty());
+    worker.signal(Signal::SIGTERM);
+    worker
+        .wait_event("agent_exited", Duration::from_secs(20))
+        .await;
+    let output = worker.output().await;
     assert!(output.status.success());
     assert!(
-        seen.iter()
+        events(&output.stderr)
+            .iter()
             .any(|e| e["message"] == "immediate_shutdown_requested")
     );
 }

@@ -205,7 +205,7 @@ async fn the_logs_list_keeps_the_last_hundred_output_lines_with_the_session_ttl(
         "the last output line in the logs list",
         Duration::from_secs(20),
         || async {
-            let logs: Vec<String> = redis.conn.clone().lrange(&key, 0, -1).await.unwrap();
+            let logs = agent_logs(&redis.conn, &id).await;
             (logs.last().map(String::as_str) == Some("chatty line 249")).then_some(logs)
         },
     )
@@ -242,8 +242,7 @@ async fn shell_metacharacters_reach_the_agent_verbatim_and_nothing_is_executed()
     )
     .await;
     let worker = TestWorker::start(redis.settings("ready", &[]));
-    enqueue(&redis.conn, &id, None).await;
-    wait_status(&redis.conn, &id, "ready", Duration::from_secs(20)).await;
+    start_ready(&redis.conn, &id).await;
     let got = wait_received(&redis.conn, &id).await;
     assert_eq!(got["contract"]["voice_id"], voice.as_str());
     assert_eq!(got["contract"]["opening_line"], opening.as_str());
@@ -281,8 +280,7 @@ async fn a_120_kb_prompt_of_quote_characters_starts_and_arrives_whole() {
         "ready",
         &[("AGENT_WORKER__AGENT__MAX_LINE_BYTES", "1048576")],
     ));
-    enqueue(&redis.conn, &id, None).await;
-    wait_status(&redis.conn, &id, "ready", Duration::from_secs(20)).await;
+    start_ready(&redis.conn, &id).await;
     let got = wait_received(&redis.conn, &id).await;
     assert_eq!(got["contract"]["system_prompt"], prompt.as_str());
     worker.stop().await;
@@ -303,14 +301,16 @@ async fn the_same_session_enqueued_twice_starts_one_agent() {
     let queued: usize = redis.conn.clone().llen(keys.active()).await.unwrap();
     assert_eq!(queued, 1);
 
-    let worker = TestWorker::start(redis.settings("ready", &[]));
+    // The ledger is written by each agent as it starts: unlike the shipped logs, it cannot
+    // lag behind a second agent.
+    let ledger = Ledger::new();
+    let command = ledger.command("ready");
+    let worker = TestWorker::start(redis.settings(
+        "ready",
+        &[("AGENT_WORKER__AGENT__COMMAND", command.as_str())],
+    ));
     wait_done(&redis.conn, &first, Duration::from_secs(20)).await;
-    let pid: u32 = redis
-        .conn
-        .clone()
-        .get(SessionKeys::new(&id).agent_pid())
-        .await
-        .unwrap();
+    let pid = agent_pid(&redis.conn, &id).await;
     // A second delivery of the same job (as after a crash) finds the running agent.
     let again = push_raw(
         &redis.conn,
@@ -318,23 +318,12 @@ async fn the_same_session_enqueued_twice_starts_one_agent() {
     )
     .await;
     wait_done(&redis.conn, &again, Duration::from_secs(20)).await;
-    let pid_after: u32 = redis
-        .conn
-        .clone()
-        .get(SessionKeys::new(&id).agent_pid())
-        .await
-        .unwrap();
+    let pid_after = agent_pid(&redis.conn, &id).await;
     assert_eq!(pid, pid_after, "no second agent was started");
-    let logs: Vec<String> = redis
-        .conn
-        .clone()
-        .lrange(SessionKeys::new(&id).agent_logs(), 0, -1)
-        .await
-        .unwrap();
-    let spawned = logs
-        .iter()
-        .filter(|l| l.starts_with("test-agent received"))
-        .count();
-    assert_eq!(spawned, 1, "one agent process for the session: {logs:?}");
     worker.stop().await;
+    assert_eq!(
+        ledger.sessions(),
+        [(id.to_string(), pid)],
+        "one agent process for the session"
+    );
 }

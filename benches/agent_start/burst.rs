@@ -60,12 +60,13 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Row>> {
         let ids = ids(&format!("burst{rep}"), n);
         ctx.write_configs(&ids).await?;
         let probe = Probe::new();
+        let before = ctx.commandstats().await?;
         let worker = InProcessWorker::start(
             settings.clone(),
             RecordingLauncher::factory(&settings, probe.clone(), None),
         );
         let result = async {
-            ctx.wait_worker_idle().await?;
+            ctx.wait_worker_idle(&before).await?;
             let t0 = Instant::now();
             let ((), cpu) = with_cpu(ctx, async {
                 ctx.enqueue_all(&ids).await?;
@@ -335,10 +336,11 @@ async fn binary_burst(
     ctx.flush().await?;
     let ids = ids(&format!("binary{rep}"), n);
     ctx.write_configs(&ids).await?;
+    let before = ctx.commandstats().await?;
     let worker = WorkerProcess::start_with(ctx, "exit-after-ready", env)?;
     let pid = worker.pid().to_string();
     let result = async {
-        ctx.wait_worker_idle().await?;
+        ctx.wait_worker_idle(&before).await?;
         let (cpu0, t0) = (CpuTimes::of(&pid), Instant::now());
         ctx.enqueue_all(&ids).await?;
         wait_until("every session to end", Duration::from_secs(600), || async {

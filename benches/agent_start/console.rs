@@ -16,11 +16,10 @@ use std::{
 
 use agent_jobs::{SessionKeys, keys::SESSIONS_READY};
 use agent_worker::{console::Console, health::Health, http, metrics};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    harness::{Ctx, ids},
+    harness::{Ctx, http_client::http_get_within, ids},
     report::Row,
     stats::{Dist, thousands},
 };
@@ -161,43 +160,16 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Row>> {
 
 /// Calls of every command so far (`INFO commandstats`), the `INFO` itself included.
 async fn calls(ctx: &Ctx) -> anyhow::Result<u64> {
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(&mut ctx.conn.clone())
-        .await?;
-    Ok(info
-        .lines()
-        .filter_map(|l| {
-            l.split("calls=")
-                .nth(1)?
-                .split(',')
-                .next()?
-                .parse::<u64>()
-                .ok()
-        })
-        .sum())
+    Ok(ctx.commandstats().await?.values().sum())
 }
 
-/// `GET path`: the body of a 200 answer.
+/// `GET path` (within 10 s): the body of a 200 answer.
 async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
-    let exchange = async {
-        let mut stream = tokio::net::TcpStream::connect(addr).await?;
-        let request = format!("GET {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n");
-        stream.write_all(request.as_bytes()).await?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).await?;
-        anyhow::Ok(response)
-    };
-    let response = tokio::time::timeout(Duration::from_secs(10), exchange).await??;
-    anyhow::ensure!(
-        response.starts_with("HTTP/1.1 200"),
-        "GET {path}: {}",
-        response.lines().next().unwrap_or_default()
-    );
-    Ok(response
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_owned())
-        .unwrap_or_default())
+    match http_get_within(addr, path, Duration::from_secs(10)).await {
+        Some((200, body)) => Ok(body),
+        Some((code, _)) => anyhow::bail!("GET {path}: {code}"),
+        None => anyhow::bail!("GET {path}: no answer from {addr}"),
+    }
 }
 
 /// The `Next page` link of a sessions page.

@@ -21,20 +21,26 @@ const AGENTS: usize = 200;
 
 pub async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Row>> {
     ctx.flush().await?;
+    let before = ctx.commandstats().await?;
     let worker = WorkerProcess::start(ctx, "ready")?;
-    let result = measure(ctx, worker.pid()).await;
+    let result = measure(ctx, worker.pid(), &before).await;
     worker.stop(result.is_ok()).await;
     result
 }
 
-async fn measure(ctx: &Ctx, pid: u32) -> anyhow::Result<Vec<Row>> {
+/// `before`: the commandstats from before the worker started.
+async fn measure(
+    ctx: &Ctx,
+    pid: u32,
+    before: &std::collections::HashMap<String, u64>,
+) -> anyhow::Result<Vec<Row>> {
     // Quick mode shortens the windows; the idle CPU is then measured over 2 s, not 10.
     let (window, settle) = if ctx.quick {
         (Duration::from_secs(2), Duration::from_millis(500))
     } else {
         (Duration::from_secs(10), Duration::from_secs(2))
     };
-    ctx.wait_worker_idle().await?;
+    ctx.wait_worker_idle(before).await?;
     tokio::time::sleep(settle).await;
     let rss = |field| status_kb(pid, field).unwrap_or(0) as f64;
     let idle_rss = rss("VmRSS");

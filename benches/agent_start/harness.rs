@@ -23,6 +23,22 @@ use agent_worker::{
 use anyhow::{Context as _, bail};
 
 use crate::{procfs::CpuTimes, stats::thousands};
+
+/// The tests' reading of `INFO commandstats`, shared so the two cannot disagree.
+#[path = "../../tests/common/commandstats.rs"]
+#[allow(dead_code)] // `command_calls` is for the tests (it panics where a part returns errors).
+mod commandstats;
+use commandstats::parse_commandstats;
+
+/// The tests' HTTP/1.1 client.
+#[path = "../../tests/common/http.rs"]
+#[allow(dead_code)] // Only `http_get_within` serves a part.
+pub mod http_client;
+
+/// The tests' polling with a deadline.
+#[path = "../../tests/common/wait.rs"]
+#[allow(dead_code)] // `wait_for` is for the tests (it panics where a part returns errors).
+mod wait;
 use futures::{StreamExt, future::BoxFuture};
 use redis::aio::ConnectionManager;
 use tokio::{
@@ -191,11 +207,17 @@ impl Ctx {
         Ok(())
     }
 
-    /// Waits until a worker is registered with apalis-redis and subscribed to the wake channel:
-    /// from then on a push is picked up at once.
-    pub async fn wait_worker_idle(&self) -> anyhow::Result<()> {
+    /// Waits until a worker started after `before` (this Redis's [`Ctx::commandstats`] then)
+    /// is idle: registered with apalis-redis, subscribed to the wake channel, its first
+    /// (empty) fetch and its start-up promotion done, so that nothing of its start-up is timed
+    /// and from then on a push is picked up at once.
+    pub async fn wait_worker_idle(&self, before: &HashMap<String, u64>) -> anyhow::Result<()> {
         let keys = QueueKeys::new(QUEUE).expect("valid queue name");
-        wait_until("the worker to register", Duration::from_secs(30), || {
+        let since = |now: &HashMap<String, u64>, command: &str| {
+            let count = |stats: &HashMap<String, u64>| stats.get(command).copied().unwrap_or(0);
+            count(now).saturating_sub(count(before))
+        };
+        wait_until("the worker to be idle", Duration::from_secs(30), || {
             let mut conn = self.conn.clone();
             let keys = keys.clone();
             async move {
@@ -210,13 +232,15 @@ impl Ctx {
                     .query_async(&mut conn)
                     .await
                     .ok()?;
-                (workers > 0 && subscribers > 0).then_some(())
+                let now = self.commandstats().await.ok()?;
+                // apalis-redis's fetch script is the only caller of LRANGE; it and the
+                // promotion script (`promote_due.lua`) each call ZRANGEBYSCORE once.
+                let fetched = since(&now, "lrange") >= 1;
+                let promoted = since(&now, "zrangebyscore") >= 2;
+                (workers > 0 && subscribers > 0 && fetched && promoted).then_some(())
             }
         })
-        .await?;
-        // Let the first (empty) fetch and the start-up promotion finish before anything is timed.
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        Ok(())
+        .await
     }
 
     /// Jobs acknowledged as done: in the done set, or already moved from it to the `done-at`
@@ -267,17 +291,6 @@ impl Ctx {
     }
 }
 
-pub fn parse_commandstats(info: &str) -> HashMap<String, u64> {
-    info.lines()
-        .filter_map(|line| {
-            let rest = line.strip_prefix("cmdstat_")?;
-            let (name, fields) = rest.split_once(':')?;
-            let calls = fields.split(',').find_map(|f| f.strip_prefix("calls="))?;
-            Some((name.to_owned(), calls.parse().ok()?))
-        })
-        .collect()
-}
-
 /// Session ids `<prefix>-<n>`, zero-padded so they sort.
 pub fn ids(prefix: &str, n: usize) -> Vec<SessionId> {
     (0..n)
@@ -286,24 +299,14 @@ pub fn ids(prefix: &str, n: usize) -> Vec<SessionId> {
 }
 
 /// Polls `check` every 5 ms until it gives `Some`, or fails after `deadline`.
-pub async fn wait_until<T, F, Fut>(
-    what: &str,
-    deadline: Duration,
-    mut check: F,
-) -> anyhow::Result<T>
+pub async fn wait_until<T, F, Fut>(what: &str, deadline: Duration, check: F) -> anyhow::Result<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
 {
-    let until = Instant::now() + deadline;
-    loop {
-        if let Some(value) = check().await {
-            return Ok(value);
-        }
-        if Instant::now() > until {
-            bail!("timed out after {deadline:?} waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+    match wait::poll(deadline, Duration::from_millis(5), check).await {
+        Some(value) => Ok(value),
+        None => bail!("timed out after {deadline:?} waiting for {what}"),
     }
 }
 
@@ -372,6 +375,11 @@ impl WorkerProcess {
         self.child.id()
     }
 
+    /// Whether the worker is still running (not exited, or exited and not yet reaped).
+    fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// SIGTERM, then up to 30 s for the drain and the agents' stop, then SIGKILL. The log is
     /// kept (and its path printed) unless `ok`.
     pub async fn stop(mut self, ok: bool) {
@@ -380,21 +388,27 @@ impl WorkerProcess {
             libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
         }
         let deadline = Instant::now() + Duration::from_secs(30);
-        let mut stopped = false;
-        while !stopped && Instant::now() < deadline {
-            stopped = matches!(self.child.try_wait(), Ok(Some(_)));
+        while self.running() && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        if !stopped {
+        if self.running() {
             eprintln!("  the worker did not stop within 30 s of SIGTERM; killing it");
-            let _ = self.child.kill();
-            let _ = self.child.wait();
         }
         if ok {
             let _ = std::fs::remove_file(&self.log);
         } else {
             eprintln!("  the worker's log is in {}", self.log.display());
         }
+    }
+}
+
+/// A part that fails or panics half-way leaves no worker running (its agents die with it).
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        if self.running() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
     }
 }
 

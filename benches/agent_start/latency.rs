@@ -36,11 +36,12 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Row>> {
     ctx.flush().await?;
     let settings = ctx.settings("ready", &[]);
     let probe = Probe::new();
+    let before = ctx.commandstats().await?;
     let worker = InProcessWorker::start(
         settings.clone(),
         RecordingLauncher::factory(&settings, probe.clone(), Some(KEEP_RUNNING)),
     );
-    let measured = measure(ctx, &probe).await;
+    let measured = measure(ctx, &probe, &before).await;
     worker.stop().await?;
     let (rounds, loaded) = measured?;
     eprintln!(
@@ -170,8 +171,13 @@ const SPANS: [Span; 5] = [
 
 /// Enqueues the sessions of each round at the gentle rate and returns each quiet round's
 /// stamps, then those of the round with one core busy.
-async fn measure(ctx: &Ctx, probe: &Probe) -> anyhow::Result<(Vec<Vec<Stamps>>, Vec<Stamps>)> {
-    ctx.wait_worker_idle().await?;
+/// `before`: the commandstats from before the worker started.
+async fn measure(
+    ctx: &Ctx,
+    probe: &Probe,
+    before: &std::collections::HashMap<String, u64>,
+) -> anyhow::Result<(Vec<Vec<Stamps>>, Vec<Stamps>)> {
+    ctx.wait_worker_idle(before).await?;
     // The producer has its own connection, as the orchestrator would.
     let producer = ctx.producer(ctx.connect().await?);
 
@@ -203,12 +209,13 @@ async fn measure(ctx: &Ctx, probe: &Probe) -> anyhow::Result<(Vec<Vec<Stamps>>, 
             .await?,
         );
     }
-    let mut hog = std::process::Command::new("yes")
+    // Killed (and reaped) however the round ends, a panic included.
+    let mut hog = tokio::process::Command::new("yes")
         .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
         .spawn()?;
     let loaded = self::round(ctx, probe, &producer, "latbusy", per_round, false).await;
-    let _ = hog.kill();
-    let _ = hog.wait();
+    let _ = hog.kill().await;
     Ok((rounds, loaded?))
 }
 

@@ -190,12 +190,13 @@ async fn sessions(
     ctx.flush().await?;
     let probe = Probe::new();
     let pooled = settings.agent.warm_pool > 0;
+    let before = ctx.commandstats().await?;
     let worker = InProcessWorker::start(
         settings.clone(),
         RecordingLauncher::factory(&settings, probe.clone(), Some(n + POOL)),
     );
     let result = async {
-        ctx.wait_worker_idle().await?;
+        ctx.wait_worker_idle(&before).await?;
         let mut rss_kb = 0.0;
         if pooled {
             wait_until("a full warm pool", Duration::from_secs(120), || {
