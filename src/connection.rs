@@ -298,7 +298,13 @@ pub async fn connect_with_retry(
     let mut failures = 0u32;
     let mut last_kind = None;
     loop {
-        match connect(settings).await {
+        // A connect attempt against a Redis that is down can take seconds (the connection
+        // manager's own retries): a SIGTERM meanwhile must not wait for it.
+        let attempt = tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            attempt = connect(settings) => attempt,
+        };
+        match attempt {
             Ok(conn) => {
                 if failures > 0 {
                     tracing::info!(redis = %settings.url, failures, "redis_reachable");
