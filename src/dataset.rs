@@ -6,7 +6,7 @@
 //! - **Eviction.** With a `maxmemory-policy` other than `noeviction`, Redis deletes keys under
 //!   memory pressure, session records among them. So the worker refuses to start on such a
 //!   Redis unless `redis.allow_eviction` says the operator accepts it (then it warns, and the
-//!   `agent_worker_redis_eviction_allowed` gauge says so), and it re-reads the policy on every
+//!   `agent_worker_redis_evicting` gauge says so), and it re-reads the policy on every
 //!   presence tick (a managed service's parameter group can change under it). The policy is
 //!   read from `INFO memory`: managed services often disable `CONFIG`. A policy that cannot be
 //!   read is warned about, not refused: that must not stop the fleet.
