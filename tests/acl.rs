@@ -9,7 +9,6 @@ use std::{collections::HashMap, path::PathBuf, time::Duration};
 
 use agent_jobs::SessionKeys;
 use common::*;
-use nix::sys::signal::Signal;
 use redis::{AsyncCommands, aio::ConnectionManager};
 
 /// The shipped rule, as operators load it.
@@ -59,7 +58,9 @@ async fn redis_with(rule: &str) -> (TestRedis, String, PathBuf) {
 
 /// Runs an `agent-worker` command under the restricted user: (success, stdout, stderr).
 async fn cli(url: &str, args: &[&str]) -> (bool, String, String) {
-    let out = output_of(worker_command(url, args, "ready", &[]).spawn().unwrap()).await;
+    let out = WorkerProcess::spawn(worker_command(url, args, "ready", &[]))
+        .output()
+        .await;
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -144,7 +145,6 @@ fn the_shipped_rule_is_least_privilege() {
 async fn the_worker_runs_end_to_end_under_the_shipped_rule() {
     let (redis, url, file) = redis_with(&shipped_rule()).await;
     let admin = &redis.conn;
-    let procs = KillOnDrop::default();
 
     // The rule is in force: the user cannot list keys, read another application's keys or
     // wipe the server.
@@ -190,36 +190,26 @@ async fn the_worker_runs_end_to_end_under_the_shipped_rule() {
 
     let log_dir =
         std::env::temp_dir().join(format!("agent-worker-acl-logs-{}", std::process::id()));
-    let worker = procs.track(
-        worker_command(
-            &url,
-            &["run"],
-            "ready",
-            &[
-                // Pick-up relies on the wake channel (SUBSCRIBE), not on polling.
-                ("AGENT_WORKER__WORKER__POLL_INTERVAL", "1h"),
-                ("AGENT_WORKER__SWEEP__INTERVAL", "1s"),
-                ("AGENT_WORKER__RETENTION__INTERVAL", "1s"),
-                ("AGENT_WORKER__RETENTION__DONE", "1s"),
-                ("AGENT_WORKER__AGENT__LOG_DIR", log_dir.to_str().unwrap()),
-            ],
-        )
-        .spawn()
-        .unwrap(),
-    );
+    let worker = WorkerProcess::spawn(worker_command(
+        &url,
+        &["run"],
+        "ready",
+        &[
+            // Pick-up relies on the wake channel (SUBSCRIBE), not on polling.
+            ("AGENT_WORKER__WORKER__POLL_INTERVAL", "1h"),
+            ("AGENT_WORKER__SWEEP__INTERVAL", "1s"),
+            ("AGENT_WORKER__RETENTION__INTERVAL", "1s"),
+            ("AGENT_WORKER__RETENTION__DONE", "1s"),
+            ("AGENT_WORKER__AGENT__LOG_DIR", log_dir.to_str().unwrap()),
+        ],
+    ));
     wait_status(admin, &id, "ready", Duration::from_secs(20)).await;
     assert_eq!(
         wait_received(admin, &id).await["contract"]["voice_id"],
         "Craig"
     );
     let keys = SessionKeys::new(&id);
-    let pid: u32 = admin
-        .clone()
-        .get::<_, String>(keys.agent_pid())
-        .await
-        .unwrap()
-        .parse()
-        .unwrap();
+    let pid = agent_pid(admin, &id).await;
     assert!(alive(pid), "the agent runs");
 
     // The same session enqueued again is stored once (the producer reads the holder of its
@@ -299,8 +289,8 @@ async fn the_worker_runs_end_to_end_under_the_shipped_rule() {
     let python = |args: &'static [&'static str]| {
         let (url, third) = (url.clone(), third.clone());
         async move {
-            let out = tokio::process::Command::new("python3")
-                .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/python"))
+            let out = common::python()
+                .current_dir(PYTHON_DIR)
                 .args(["-m", "agent_worker", args[0]])
                 .args(["--redis-url", url.as_str(), "--session-id", third.as_str()])
                 .args(&args[1..])
@@ -349,8 +339,7 @@ async fn the_worker_runs_end_to_end_under_the_shipped_rule() {
     )
     .await;
 
-    signal(&worker, Signal::SIGTERM);
-    let out = output_of(worker).await;
+    let out = worker.stop().await;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     let events = events(&out.stderr);
@@ -391,7 +380,6 @@ async fn a_rule_without_the_apalis_key_fails_with_an_error_naming_it() {
     assert_ne!(narrower, rule);
     let (redis, url, file) = redis_with(&narrower).await;
     let admin = &redis.conn;
-    let procs = KillOnDrop::default();
 
     let id = sid("narrow-1");
     let (ok, _, err) = cli(
@@ -406,16 +394,12 @@ async fn a_rule_without_the_apalis_key_fails_with_an_error_naming_it() {
     )
     .await;
     assert!(ok, "the producer needs no apalis key: {err}");
-    let worker = procs.track(
-        worker_command(
-            &url,
-            &["run"],
-            "ready",
-            &[("AGENT_WORKER__WORKER__RESTART_BACKOFF_MAX", "200ms")],
-        )
-        .spawn()
-        .unwrap(),
-    );
+    let worker = WorkerProcess::spawn(worker_command(
+        &url,
+        &["run"],
+        "ready",
+        &[("AGENT_WORKER__WORKER__RESTART_BACKOFF_MAX", "200ms")],
+    ));
     // Each run of the job worker fails its registration: Redis counts the refusals.
     wait_for(
         "three refused registrations",
@@ -443,8 +427,7 @@ async fn a_rule_without_the_apalis_key_fails_with_an_error_naming_it() {
         .unwrap();
     wait_status(admin, &id, "ready", Duration::from_secs(20)).await;
 
-    signal(&worker, Signal::SIGTERM);
-    let out = output_of(worker).await;
+    let out = worker.stop().await;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     let events = events(&out.stderr);

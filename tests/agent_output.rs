@@ -235,10 +235,13 @@ async fn flood(stderr: WorkerStderr, lines_per_second: Option<&str>, secs: u32) 
         }
         WorkerStderr::Slow => {}
     }
-    let guard = KillOnDrop::default();
-    let mut worker = guard.track(worker.spawn().unwrap());
-    let drained = (stderr == WorkerStderr::Slow).then(|| {
-        let mut pipe = worker.stderr.take().unwrap();
+    let (mut worker, drained) = if stderr == WorkerStderr::Slow {
+        let (worker, pipe) = WorkerProcess::spawn_reading_stderr(worker);
+        (worker, Some(pipe))
+    } else {
+        (WorkerProcess::spawn(worker), None)
+    };
+    let drained = drained.map(|mut pipe| {
         std::thread::spawn(move || {
             let (mut total, mut buf) = (0u64, [0u8; 4096]);
             loop {
@@ -263,10 +266,8 @@ async fn flood(stderr: WorkerStderr, lines_per_second: Option<&str>, secs: u32) 
     })
     .await;
     let rate: f64 = done.rsplit(' ').next().unwrap().parse().unwrap();
-    signal(&worker, nix::sys::signal::Signal::SIGTERM);
-    let status = tokio::task::spawn_blocking(move || worker.wait().unwrap())
-        .await
-        .unwrap();
+    worker.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = worker.wait_exit(Duration::from_secs(60)).await;
     assert!(status.success());
     let (logged, text) = match (drained, stderr) {
         (Some(reader), _) => (reader.join().unwrap(), String::new()),

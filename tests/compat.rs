@@ -11,7 +11,6 @@ mod common;
 use std::{
     collections::HashMap,
     net::SocketAddr,
-    process::Child,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -37,7 +36,7 @@ fn now() -> u64 {
 
 /// `agent-worker run` with the Python agent, as a deployment runs it: the agent's Redis comes
 /// from the worker's own `REDIS_URL`.
-fn worker(redis: &TestRedis, extra: &[(&str, &str)]) -> Child {
+fn worker(redis: &TestRedis, extra: &[(&str, &str)]) -> WorkerProcess {
     let command = format!("python3,{AGENT}");
     let mut env = vec![
         ("AGENT_WORKER__AGENT__COMMAND", command.as_str()),
@@ -48,7 +47,7 @@ fn worker(redis: &TestRedis, extra: &[(&str, &str)]) -> Child {
     env.extend_from_slice(extra);
     let mut command = worker_command(&redis.url(), &["run"], "ready", &env);
     command.env("REDIS_URL", redis.url());
-    command.spawn().expect("start the worker")
+    WorkerProcess::spawn(command)
 }
 
 /// The orchestrator's `POST /session/start`, after its credit check: the config hash (TTL
@@ -163,15 +162,6 @@ async fn wait_report(conn: &ConnectionManager, id: &SessionId) -> serde_json::Va
     .await
 }
 
-async fn agent_pid_of(conn: &ConnectionManager, id: &SessionId) -> u32 {
-    let pid: String = conn
-        .clone()
-        .get(SessionKeys::new(id).agent_pid())
-        .await
-        .unwrap();
-    pid.parse().unwrap()
-}
-
 async fn wait_field(conn: &ConnectionManager, id: &SessionId, field: &str) -> String {
     let state = SessionKeys::new(id).state();
     wait_for(
@@ -230,9 +220,8 @@ async fn nothing_left(conn: &ConnectionManager, id: &SessionId) -> Result<(), St
     }
 }
 
-async fn stop(worker: Child) -> String {
-    signal(&worker, Signal::SIGTERM);
-    let out = output_of(worker).await;
+async fn stop(worker: WorkerProcess) -> String {
+    let out = worker.stop().await;
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
@@ -346,7 +335,7 @@ async fn a_normal_end_leaves_the_billing_record_for_the_orchestrator_then_nothin
     let id = sid("billed-1");
     orchestrator_start(&redis.conn, &id, "u", "Craig", None, &[]).await;
     wait_status(&redis.conn, &id, "ready", Duration::from_secs(30)).await;
-    let pid = agent_pid_of(&redis.conn, &id).await;
+    let pid = agent_pid(&redis.conn, &id).await;
     wait_field(&redis.conn, &id, "conversationStartTime").await;
     // The participant hangs up: the agent writes its billing fields and exits 0.
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGUSR1).unwrap();
@@ -367,12 +356,9 @@ async fn a_normal_end_leaves_the_billing_record_for_the_orchestrator_then_nothin
     assert!(!record.contains_key("error"), "{record:?}");
 
     // After the next sweep nothing of the session is left, our indexes included.
-    let out = output_of(
-        worker_command(&redis.url(), &["sweep"], "ready", &[])
-            .spawn()
-            .unwrap(),
-    )
-    .await;
+    let out = WorkerProcess::spawn(worker_command(&redis.url(), &["sweep"], "ready", &[]))
+        .output()
+        .await;
     assert!(
         out.status.success(),
         "{}",
@@ -405,7 +391,7 @@ async fn a_credit_stop_stops_the_agent_on_another_process_and_keeps_terminated()
     let id = sid("out-of-credit");
     orchestrator_start(&redis.conn, &id, "u", "Olivia", None, &[]).await;
     wait_status(&redis.conn, &id, "ready", Duration::from_secs(30)).await;
-    let pid = agent_pid_of(&redis.conn, &id).await;
+    let pid = agent_pid(&redis.conn, &id).await;
     // The orchestrator's terminate_session_insufficient_credits, from this (another) process.
     let state = SessionKeys::new(&id).state();
     let written = Instant::now();
@@ -477,7 +463,7 @@ async fn an_orchestrator_first_end_stops_the_agent_and_recreates_nothing() {
     for session in [&id, &running] {
         wait_status(&redis.conn, session, "ready", Duration::from_secs(30)).await;
     }
-    let pid = agent_pid_of(&redis.conn, &id).await;
+    let pid = agent_pid(&redis.conn, &id).await;
     assert!(orchestrator_end(&redis.conn, &id).await.is_some());
     wait_for(
         "the agent to be stopped",
@@ -657,7 +643,7 @@ async fn with_the_alive_phase_on_agents_with_and_without_an_alive_line_become_re
     let python_worker = worker(&python, &alive_phase);
     // The test agent's default behaviour: a ready line only (alive implied).
     let plain = TestRedis::start().await;
-    let plain_worker = worker_command(
+    let plain_worker = WorkerProcess::spawn(worker_command(
         &plain.url(),
         &["run"],
         "ready",
@@ -667,9 +653,7 @@ async fn with_the_alive_phase_on_agents_with_and_without_an_alive_line_become_re
             // Longer than the start-up timeout, as `worker` has it.
             ("AGENT_WORKER__SESSION__STALE_AFTER", "30s"),
         ],
-    )
-    .spawn()
-    .expect("start the worker");
+    ));
     let (alive_first, implied) = (sid("alive-then-connected"), sid("alive-implied"));
     orchestrator_start(&python.conn, &alive_first, "u", "Craig", None, &[]).await;
     write_config(&plain.conn, &implied, "Craig", "u").await;
@@ -712,7 +696,7 @@ async fn with_the_alive_phase_on_agents_with_and_without_an_alive_line_become_re
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_alive_agent_that_never_gets_ready_fails_after_the_startup_timeout() {
     let redis = TestRedis::start().await;
-    let worker = worker_command(
+    let worker = WorkerProcess::spawn(worker_command(
         &redis.url(),
         &["run"],
         "alive-never-ready",
@@ -721,9 +705,7 @@ async fn an_alive_agent_that_never_gets_ready_fails_after_the_startup_timeout() 
             ("AGENT_WORKER__AGENT__STARTUP_TIMEOUT", "4s"),
             ("AGENT_WORKER__AGENT__START_ATTEMPTS", "1"),
         ],
-    )
-    .spawn()
-    .expect("start the worker");
+    ));
     let id = sid("alive-never-ready");
     write_config(&redis.conn, &id, "Craig", "u").await;
     let enqueued = Instant::now();
@@ -747,14 +729,12 @@ async fn an_alive_agent_that_never_gets_ready_fails_after_the_startup_timeout() 
 async fn a_ready_agent_that_crashes_leaves_an_error_record_with_the_ended_ttl() {
     const ENDED_TTL: i64 = 600;
     let redis = TestRedis::start().await;
-    let worker = worker_command(
+    let worker = WorkerProcess::spawn(worker_command(
         &redis.url(),
         &["run"],
         "crash-after-ready",
         &[("AGENT_WORKER__SESSION__ENDED_TTL", "600s")],
-    )
-    .spawn()
-    .expect("start the worker");
+    ));
     let id = sid("crashed-call");
     let keys = SessionKeys::new(&id);
     // The config is the orchestrator's, with its own (longer) TTL.

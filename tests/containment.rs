@@ -12,15 +12,13 @@ use common::*;
 use nix::sys::signal::Signal;
 use redis::AsyncCommands;
 
-fn worker(url: &str, containment: &str) -> std::process::Child {
-    worker_command(
+fn worker(url: &str, containment: &str) -> WorkerProcess {
+    WorkerProcess::spawn(worker_command(
         url,
         &["run"],
         "escape",
         &[("AGENT_WORKER__AGENT__CONTAINMENT", containment)],
-    )
-    .spawn()
-    .expect("start the worker")
+    ))
 }
 
 /// The pid of the process the agent of `id` started outside its group.
@@ -59,9 +57,8 @@ async fn end_session(redis: &TestRedis, id: &SessionId) {
 }
 
 /// Stops the worker; the mechanism it said it used (in `worker_started`).
-async fn mechanism(worker: std::process::Child) -> String {
-    signal(&worker, Signal::SIGTERM);
-    let out = output_of(worker).await;
+async fn mechanism(worker: WorkerProcess) -> String {
+    let out = worker.stop().await;
     events(&out.stderr)
         .into_iter()
         .find(|e| e["message"] == "worker_started")
@@ -91,8 +88,8 @@ async fn an_escaped_process_ends_with_its_session_in_a_cgroup_and_under_the_subr
 }
 
 /// The cgroup guard `agent-worker run` started (a child of `worker` running `cgroup-guard`).
-async fn guard_of(worker: &std::process::Child) -> u32 {
-    let parent = worker.id().to_string();
+async fn guard_of(worker: &WorkerProcess) -> u32 {
+    let parent = worker.pid().to_string();
     wait_for(
         "the worker's cgroup guard",
         Duration::from_secs(10),
@@ -115,7 +112,7 @@ async fn guard_of(worker: &std::process::Child) -> u32 {
 
 /// A worker in a cgroup with one ready session whose agent left an escaped process; returns
 /// the worker, its agent's pid and the escapee's.
-async fn worker_with_an_escapee(redis: &TestRedis, name: &str) -> (std::process::Child, u32, u32) {
+async fn worker_with_an_escapee(redis: &TestRedis, name: &str) -> (WorkerProcess, u32, u32) {
     let worker = worker(&redis.url(), "cgroup");
     let id = sid(name);
     enqueue(&redis.conn, &id, None).await;
@@ -134,10 +131,9 @@ async fn a_sigkilled_workers_escaped_processes_die_with_it_and_without_its_guard
  {
     let redis = TestRedis::start().await;
     // The guard sees the worker go and removes its cgroups: the escapee dies at once.
-    let (first, agent, escaped) = worker_with_an_escapee(&redis, "orphaned-escapee").await;
+    let (mut first, agent, escaped) = worker_with_an_escapee(&redis, "orphaned-escapee").await;
     let guard = guard_of(&first).await;
-    signal(&first, Signal::SIGKILL);
-    output_of(first).await;
+    first.kill();
     wait_for(
         "the agent to die with its worker",
         Duration::from_secs(5),
@@ -156,11 +152,10 @@ async fn a_sigkilled_workers_escaped_processes_die_with_it_and_without_its_guard
     .await;
 
     // Guard and worker both killed: out of the group, no one's child, the escapee lives on...
-    let (second, agent, escaped) = worker_with_an_escapee(&redis, "orphaned-twice").await;
+    let (mut second, agent, escaped) = worker_with_an_escapee(&redis, "orphaned-twice").await;
     let guard = guard_of(&second).await;
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(guard as i32), Signal::SIGKILL).unwrap();
-    signal(&second, Signal::SIGKILL);
-    output_of(second).await;
+    second.kill();
     wait_for(
         "the agent to die with its worker",
         Duration::from_secs(5),

@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::{process::Command, time::Duration};
+use std::time::Duration;
 
 use agent_jobs::{QueueKeys, SessionKeys};
 use agent_worker::{cli::local_redis::LocalRedis, connection};
@@ -182,7 +182,7 @@ async fn json_logs_carry_the_events_and_never_the_redis_password() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_enqueue_command_writes_the_config_and_prints_the_task_id() {
     let redis = TestRedis::start().await;
-    let output = Command::new(WORKER_BIN)
+    let output = worker_bin()
         .args(["enqueue", "--session-id", "cli-1", "--user-id", "carol"])
         .args(["--voice-id", "Olivia", "--opening-line", "Hello $(whoami)"])
         .env("AGENT_WORKER__REDIS__URL", redis.url())
@@ -218,7 +218,7 @@ async fn the_enqueue_command_writes_the_config_and_prints_the_task_id() {
         .unwrap();
     assert_eq!(queued, [task_id]);
 
-    let bad = Command::new(WORKER_BIN)
+    let bad = worker_bin()
         .args(["enqueue", "--session-id", "a:b"])
         .env("AGENT_WORKER__REDIS__URL", redis.url())
         .output()

@@ -20,8 +20,6 @@ use common::*;
 use redis::{AsyncCommands, aio::ConnectionManager};
 use tokio::{io::AsyncWriteExt, process::Command};
 
-/// The package's root (what `pip install ./python` installs from).
-const PYTHON_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/python");
 /// The compatibility module of the old one-file producer.
 const COMPAT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/jobs/python/agent_jobs.py");
 const SCHEMA: &str = concat!(
@@ -30,30 +28,6 @@ const SCHEMA: &str = concat!(
 );
 /// The session TTL both producers use by default (4 h).
 const TTL: u64 = 4 * 3600;
-
-/// Fails the test, with what to install, unless `python3` can import `modules`.
-async fn require_python(modules: &[&str]) {
-    let code = format!("import {}", modules.join(", "));
-    let help = "install Python 3.11+ and `python3 -m pip install redis jsonschema`";
-    match python().args(["-c", &code]).output().await {
-        Err(e) => panic!("these tests need python3, which could not be run ({e}); {help}"),
-        Ok(out) if !out.status.success() => panic!(
-            "these tests need python3 with {modules:?}; {help}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        ),
-        Ok(_) => {}
-    }
-}
-
-fn python() -> Command {
-    let mut cmd = Command::new("python3");
-    // Importing the module must not leave __pycache__ in the source tree.
-    cmd.env("PYTHONDONTWRITEBYTECODE", "1");
-    // The package from the source tree, ahead of whatever `cargo xtask` installed.
-    let path = std::env::var("PYTHONPATH").unwrap_or_default();
-    cmd.env("PYTHONPATH", format!("{PYTHON_DIR}:{path}"));
-    cmd
-}
 
 /// Runs python3 with `args`, feeding `stdin`.
 async fn run_python(args: &[&str], stdin: &[u8]) -> Output {
@@ -175,20 +149,6 @@ async fn rust_api(conn: &ConnectionManager, input: &Input) -> String {
     enqueued.task_id
 }
 
-/// Calls of a Redis command so far, from INFO commandstats (script-internal calls included).
-async fn command_calls(conn: &ConnectionManager, command: &str) -> u64 {
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(&mut conn.clone())
-        .await
-        .unwrap();
-    info.lines()
-        .find_map(|line| line.strip_prefix(&format!("cmdstat_{command}:calls=")))
-        .and_then(|rest| rest.split(',').next())
-        .and_then(|calls| calls.parse().ok())
-        .unwrap_or(0)
-}
-
 /// Every key of a (private, test-only) Redis: name → (type, TTL class, value), with the task
 /// ids replaced by `<task N>` (ids are random) and `updatedAt` by `<now>` once checked.
 async fn dump(conn: &ConnectionManager, task_ids: &[String]) -> BTreeMap<String, String> {
@@ -252,24 +212,6 @@ async fn dump(conn: &ConnectionManager, task_ids: &[String]) -> BTreeMap<String,
         );
     }
     out
-}
-
-/// Waits until the worker is registered, subscribed to the wake channel and done with its
-/// first (empty) fetch, so that only a wake-up can make it fetch again soon.
-async fn wait_idle(conn: &ConnectionManager) {
-    let keys = QueueKeys::new(QUEUE).unwrap();
-    wait_for("the worker to be idle", Duration::from_secs(10), || async {
-        let subscribed: Vec<(String, u64)> = redis::cmd("PUBSUB")
-            .arg("NUMSUB")
-            .arg(keys.wake_channel())
-            .query_async(&mut conn.clone())
-            .await
-            .unwrap();
-        let workers: Vec<String> = conn.clone().zrange(keys.workers(), 0, -1).await.unwrap();
-        let fetched = command_calls(conn, "lrange").await >= 1;
-        (subscribed[0].1 == 1 && fetched && workers.len() == 1).then_some(())
-    })
-    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -445,12 +387,12 @@ async fn byte_identical_records(api: Api) {
     // per enqueue.
     for command in ["del", "hset", "expire", "set", "get", "rpush", "publish"] {
         assert_eq!(
-            command_calls(&py.conn, command).await,
-            command_calls(&rs.conn, command).await,
+            command_count(&py.conn, command).await,
+            command_count(&rs.conn, command).await,
             "{command} calls"
         );
     }
-    assert_eq!(command_calls(&py.conn, "publish").await, 3);
+    assert_eq!(command_count(&py.conn, "publish").await, 3);
 }
 
 /// One job of a bulk enqueue: a session id alone (Python gets the bare string) or with a user.
@@ -627,13 +569,13 @@ async fn byte_identical_bulk(api: Api) {
     assert_eq!(stored, wire, "payload bytes are AgentStart::to_wire()");
     for command in ["del", "hset", "expire", "set", "get", "rpush", "publish"] {
         assert_eq!(
-            command_calls(&py.conn, command).await,
-            command_calls(&rs.conn, command).await,
+            command_count(&py.conn, command).await,
+            command_count(&rs.conn, command).await,
             "{command} calls"
         );
     }
     // One wake-up per batch that pushed something.
-    assert_eq!(command_calls(&py.conn, "publish").await, 2);
+    assert_eq!(command_count(&py.conn, "publish").await, 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -673,7 +615,7 @@ async fn a_bulk_enqueue_with_one_invalid_session_id_writes_nothing() {
         "rpush",
         "publish",
     ] {
-        assert_eq!(command_calls(&redis.conn, command).await, 0, "{command}");
+        assert_eq!(command_count(&redis.conn, command).await, 0, "{command}");
     }
 }
 
@@ -702,7 +644,7 @@ async fn python_enqueue_of_the_same_session_twice_returns_the_first_task_and_pus
     let data: BTreeMap<String, String> = c.hgetall(keys.data()).await.unwrap();
     assert_eq!(data.keys().collect::<Vec<_>>(), [&first]);
     assert_eq!(active, [first]);
-    assert_eq!(command_calls(&redis.conn, "publish").await, 1);
+    assert_eq!(command_count(&redis.conn, "publish").await, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,10 +10,8 @@ mod common;
 
 use std::{
     collections::{HashMap, HashSet},
-    io::{BufRead, BufReader},
     net::SocketAddr,
     process::Stdio,
-    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -100,56 +98,25 @@ fn sample(page: &str, series: &str) -> Option<f64> {
 
 /// `agent-worker run` in its own process (its own metrics, its log on stderr), stopped with
 /// the test even if the test fails.
-struct BinWorker {
-    child: Option<std::process::Child>,
-    events: Arc<Mutex<Vec<serde_json::Value>>>,
-    reader: Option<std::thread::JoinHandle<()>>,
-    _kill: KillOnDrop,
-}
+struct BinWorker(WorkerProcess);
 
 impl BinWorker {
     fn start(redis: &TestRedis, env: &[(&str, &str)]) -> Self {
-        let kill = KillOnDrop::default();
-        let mut child = kill.track(
-            worker_command(&redis.url(), &["run"], "ready", env)
-                .stdout(Stdio::null())
-                .spawn()
-                .expect("start the worker"),
-        );
-        let stderr = child.stderr.take().expect("piped stderr");
-        let events = Arc::new(Mutex::new(Vec::new()));
-        let collected = events.clone();
-        // Read as it comes, so the worker never blocks on a full pipe.
-        let reader = std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Ok(event) = serde_json::from_str(&line) {
-                    collected.lock().unwrap().push(event);
-                }
-            }
-        });
-        Self {
-            child: Some(child),
-            events,
-            reader: Some(reader),
-            _kill: kill,
-        }
+        let mut command = worker_command(&redis.url(), &["run"], "ready", env);
+        command.stdout(Stdio::null());
+        Self(WorkerProcess::spawn(command))
     }
 
     /// Where it serves HTTP (it logs `http_listening`: port 0 was asked for).
     async fn addr(&self) -> SocketAddr {
-        wait_for(
-            "the worker's http_listening",
-            Duration::from_secs(20),
-            || async {
-                self.events
-                    .lock()
-                    .unwrap()
-                    .iter()
-                    .find(|e| e["message"] == "http_listening")
-                    .and_then(|e| e["addr"].as_str()?.parse().ok())
-            },
-        )
-        .await
+        let listening = self
+            .0
+            .wait_event("http_listening", Duration::from_secs(20))
+            .await;
+        listening["addr"]
+            .as_str()
+            .and_then(|addr| addr.parse().ok())
+            .unwrap_or_else(|| panic!("an address in {listening}"))
     }
 
     async fn metrics(&self) -> String {
@@ -177,18 +144,10 @@ impl BinWorker {
         }
     }
 
-    /// SIGTERMs it, waits for it, and returns its log's events.
-    async fn stop(mut self) -> Vec<serde_json::Value> {
-        let child = self.child.take().expect("running");
-        signal(&child, Signal::SIGTERM);
-        let _ = output_of(child).await;
-        // Its log is whole once the reader reached the end of the pipe.
-        let reader = self.reader.take().expect("reading");
-        tokio::task::spawn_blocking(move || reader.join())
-            .await
-            .unwrap()
-            .expect("the log reader");
-        std::mem::take(&mut *self.events.lock().unwrap())
+    /// SIGTERMs it, waits for it, and returns its log's events (whole: read to the end of
+    /// the pipe).
+    async fn stop(self) -> Vec<serde_json::Value> {
+        events(&self.0.stop().await.stderr)
     }
 }
 
@@ -845,7 +804,7 @@ async fn sigkill_of_the_worker_takes_its_warm_processes_and_sigterm_stops_idle_o
         let _: () = redis.conn.clone().del(WORKER_WARM).await.unwrap();
         let ledger = Ledger::new();
         let (command, warm) = (ledger.command("ready"), ledger.warm_command(""));
-        let child = worker_command(
+        let worker = WorkerProcess::spawn(worker_command(
             &redis.url(),
             &["run"],
             "ready",
@@ -857,9 +816,7 @@ async fn sigkill_of_the_worker_takes_its_warm_processes_and_sigterm_stops_idle_o
                 // A drain long enough that "at once" cannot be the drain ending.
                 ("AGENT_WORKER__SHUTDOWN__DRAIN_TIMEOUT", "60s"),
             ],
-        )
-        .spawn()
-        .expect("start the worker");
+        ));
         // One live session, so a SIGTERM has something to drain.
         let id = sid(&format!("warm-ending-{}", ending as i32));
         write_config(&redis.conn, &id, "Craig", "user").await;
@@ -884,13 +841,14 @@ async fn sigkill_of_the_worker_takes_its_warm_processes_and_sigterm_stops_idle_o
         .await;
         if ending == Signal::SIGKILL {
             // What an operator sees: `status` lists the worker's idle warm processes.
-            let status = worker_command(&redis.url(), &["status"], "ready", &[])
-                .output()
-                .expect("agent-worker status");
+            let status =
+                WorkerProcess::spawn(worker_command(&redis.url(), &["status"], "ready", &[]))
+                    .output()
+                    .await;
             let shown = String::from_utf8_lossy(&status.stdout);
             assert!(shown.contains("warm idle 2"), "{shown}");
         }
-        signal(&child, ending);
+        worker.signal(ending);
         wait_for(
             "the idle warm processes to be gone",
             Duration::from_secs(10),
@@ -903,9 +861,9 @@ async fn sigkill_of_the_worker_takes_its_warm_processes_and_sigterm_stops_idle_o
                 alive(agent),
                 "the session's agent outlives the idle warm processes"
             );
-            signal(&child, Signal::SIGTERM);
+            worker.signal(Signal::SIGTERM);
         }
-        let _ = output_of(child).await;
+        let _ = worker.output().await;
         wait_for(
             "the session's agent to be gone",
             Duration::from_secs(10),
