@@ -7,7 +7,7 @@ mod common;
 
 use std::{collections::HashMap, path::PathBuf, time::Duration};
 
-use agent_jobs::SessionKeys;
+use agent_jobs::{SessionId, SessionKeys};
 use common::*;
 use redis::{AsyncCommands, aio::ConnectionManager};
 
@@ -66,6 +66,22 @@ async fn cli(url: &str, args: &[&str]) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// `agent-worker enqueue` of `id` with the voice Craig under the restricted user, as the
+/// orchestrator runs it: (success, stdout, stderr).
+async fn enqueue_craig(url: &str, id: &SessionId) -> (bool, String, String) {
+    cli(
+        url,
+        &[
+            "enqueue",
+            "--session-id",
+            id.as_str(),
+            "--voice-id",
+            "Craig",
+        ],
+    )
+    .await
 }
 
 /// The server's ACL LOG as (reason, object, count) per entry.
@@ -174,17 +190,7 @@ async fn the_worker_runs_end_to_end_under_the_shipped_rule() {
 
     // The producer side (as the orchestrator's `agent-worker enqueue` does), before any worker.
     let id = sid("acl-1");
-    let (ok, task_id, stderr) = cli(
-        &url,
-        &[
-            "enqueue",
-            "--session-id",
-            id.as_str(),
-            "--voice-id",
-            "Craig",
-        ],
-    )
-    .await;
+    let (ok, task_id, stderr) = enqueue_craig(&url, &id).await;
     assert!(ok, "enqueue: {stderr}");
     assert!(!task_id.trim().is_empty());
 
@@ -382,17 +388,7 @@ async fn a_rule_without_the_apalis_key_fails_with_an_error_naming_it() {
     let admin = &redis.conn;
 
     let id = sid("narrow-1");
-    let (ok, _, err) = cli(
-        &url,
-        &[
-            "enqueue",
-            "--session-id",
-            id.as_str(),
-            "--voice-id",
-            "Craig",
-        ],
-    )
-    .await;
+    let (ok, _, err) = enqueue_craig(&url, &id).await;
     assert!(ok, "the producer needs no apalis key: {err}");
     let worker = WorkerProcess::spawn(worker_command(
         &url,

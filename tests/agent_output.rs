@@ -104,12 +104,7 @@ async fn an_over_long_line_is_cut_with_a_marker_in_the_file_and_in_redis() {
     let marker = "[agent-worker: 295904 more bytes of this line cut at agent.max_line_bytes]";
     let expected = format!("{} {marker}", "x".repeat(4096));
     let logs: Vec<String> = wait_for("the cut line in Redis", Duration::from_secs(10), || async {
-        let logs: Vec<String> = redis
-            .conn
-            .clone()
-            .lrange(SessionKeys::new(&id).agent_logs(), 0, -1)
-            .await
-            .unwrap();
+        let logs = agent_logs(&redis.conn, &id).await;
         (logs.len() >= 3).then_some(logs)
     })
     .await;

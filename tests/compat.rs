@@ -16,7 +16,7 @@ use std::{
 
 use agent_jobs::{
     AgentStart, SessionId, SessionKeys,
-    keys::{EVENTS, SESSION_HEARTBEATS, legacy_metrics},
+    keys::{EVENTS, legacy_metrics},
 };
 use common::*;
 use nix::sys::signal::Signal;
@@ -142,11 +142,7 @@ async fn orchestrator_end(
 
 /// What the Python agent reported receiving (`voice-agent received {json}`).
 async fn agent_report(conn: &ConnectionManager, id: &SessionId) -> Option<serde_json::Value> {
-    let lines: Vec<String> = conn
-        .clone()
-        .lrange(SessionKeys::new(id).agent_logs(), 0, -1)
-        .await
-        .unwrap();
+    let lines = agent_logs(conn, id).await;
     lines.iter().find_map(|l| {
         l.strip_prefix("voice-agent received ")
             .and_then(|json| serde_json::from_str(json).ok())
@@ -204,11 +200,7 @@ async fn nothing_left(conn: &ConnectionManager, id: &SessionId) -> Result<(), St
         .into_iter()
         .filter(|k| *k != idempotency)
         .collect();
-    let indexed: Option<f64> = conn
-        .clone()
-        .zscore(SESSION_HEARTBEATS, id.as_str())
-        .await
-        .unwrap();
+    let indexed = heartbeat_score(conn, id).await;
     let in_sets = is_member(conn, "session:starting", id.as_str()).await
         || is_member(conn, "session:ready", id.as_str()).await;
     if keys.is_empty() && indexed.is_none() && !in_sets {
@@ -252,23 +244,15 @@ async fn event_statuses(conn: &ConnectionManager, id: &SessionId) -> Vec<(String
         .collect()
 }
 
-/// The score of `id` in the heartbeat index: the time of its owner's last heartbeat of it.
-async fn heartbeat_of(conn: &ConnectionManager, id: &SessionId) -> Option<u64> {
-    conn.clone()
-        .zscore(SESSION_HEARTBEATS, id.as_str())
-        .await
-        .unwrap()
-}
-
 /// Waits until the owner of the live session `id` has heartbeated it `n` more times (its score
 /// in the heartbeat index, unix seconds, advanced `n` times).
 async fn wait_heartbeats(conn: &ConnectionManager, id: &SessionId, n: usize) {
-    let mut last = heartbeat_of(conn, id).await.expect("a live session");
+    let mut last = heartbeat_score(conn, id).await.expect("a live session");
     for _ in 0..n {
         last = wait_for(
             &format!("a heartbeat of {id} after {last}"),
             Duration::from_secs(10),
-            || async { heartbeat_of(conn, id).await.filter(|t| *t > last) },
+            || async { heartbeat_score(conn, id).await.filter(|t| *t > last) },
         )
         .await;
     }
@@ -660,12 +644,7 @@ async fn with_the_alive_phase_on_agents_with_and_without_an_alive_line_become_re
     let plain_task = enqueue(&plain.conn, &implied, None).await;
 
     wait_status(&python.conn, &alive_first, "ready", Duration::from_secs(30)).await;
-    let lines: Vec<String> = python
-        .conn
-        .clone()
-        .lrange(SessionKeys::new(&alive_first).agent_logs(), 0, -1)
-        .await
-        .unwrap();
+    let lines = agent_logs(&python.conn, &alive_first).await;
     let position = |prefix: &str| lines.iter().position(|l| l.starts_with(prefix));
     let (alive, connected) = (position("AGENT_ALIVE"), position("Connected to"));
     assert!(
@@ -677,12 +656,7 @@ async fn with_the_alive_phase_on_agents_with_and_without_an_alive_line_become_re
     wait_done(&plain.conn, &plain_task, Duration::from_secs(10)).await;
     let report = wait_received(&plain.conn, &implied).await;
     assert_eq!(report["contract"]["room"], implied.as_str(), "{report}");
-    let lines: Vec<String> = plain
-        .conn
-        .clone()
-        .lrange(SessionKeys::new(&implied).agent_logs(), 0, -1)
-        .await
-        .unwrap();
+    let lines = agent_logs(&plain.conn, &implied).await;
     assert!(
         !lines.iter().any(|l| l.contains("AGENT_ALIVE")),
         "no alive line was printed: {lines:?}"

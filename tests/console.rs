@@ -12,7 +12,9 @@ use std::{
 };
 
 use agent_jobs::{QueueKeys, SessionKeys, keys};
-use agent_worker::{console::Console, health::Health, http, jobs::retention::Retention, metrics};
+use agent_worker::{
+    console::Console, health::Health, http, jobs::retention::Retention, metrics, settings::Settings,
+};
 use common::*;
 use redis::{AsyncCommands, aio::ConnectionManager};
 use tokio_util::sync::CancellationToken;
@@ -41,6 +43,40 @@ fn start_worker(redis: &TestRedis, overrides: &[(&str, &str)]) -> (TestWorker, S
     all.extend_from_slice(overrides);
     let worker = TestWorker::start(redis.settings("ready", &all));
     (worker, addr)
+}
+
+/// The console alone (no worker) on `conn`, served on a free port.
+struct ConsoleAlone {
+    server: http::HttpServer,
+    stop: CancellationToken,
+}
+
+impl ConsoleAlone {
+    async fn start(settings: &Settings, conn: ConnectionManager) -> Self {
+        let console = Console::new(settings, metrics::install_recorder());
+        console.connected(conn);
+        let stop = CancellationToken::new();
+        let server = http::serve_with(
+            "127.0.0.1:0".parse().unwrap(),
+            metrics::install_recorder(),
+            Health::new(),
+            console.router(),
+            stop.clone(),
+        )
+        .await
+        .unwrap();
+        Self { server, stop }
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.server.local_addr()
+    }
+
+    /// Stops serving and waits until the listener is gone.
+    async fn stop(self) {
+        self.stop.cancel();
+        self.server.stopped().await.unwrap();
+    }
 }
 
 /// Waits until the console answers with its overview (Redis connected).
@@ -456,19 +492,8 @@ async fn a_page_over_ten_thousand_sessions_costs_a_bounded_number_of_commands() 
     write_sessions(conn, SESSIONS).await;
     // The console alone (no worker): then every command Redis counts is the page's.
     let settings = redis.settings("ready", &[]);
-    let console = Console::new(&settings, metrics::install_recorder());
-    console.connected(conn.clone());
-    let stop = CancellationToken::new();
-    let server = http::serve_with(
-        "127.0.0.1:0".parse().unwrap(),
-        metrics::install_recorder(),
-        Health::new(),
-        console.router(),
-        stop.clone(),
-    )
-    .await
-    .unwrap();
-    let addr = server.local_addr();
+    let server = ConsoleAlone::start(&settings, conn.clone()).await;
+    let addr = server.addr();
 
     // Page by page through all of them: each page is bounded, and every session shows up.
     let page_limit = (agent_worker::console::queries::PAGE_SIZE
@@ -560,8 +585,7 @@ async fn a_page_over_ten_thousand_sessions_costs_a_bounded_number_of_commands() 
         "{page}"
     );
     assert!(!page.contains("dead-0949"), "only the newest 50: {page}");
-    stop.cancel();
-    server.stopped().await.unwrap();
+    server.stop().await;
 }
 
 /// `agent-worker run`, the real binary in its own process, serving HTTP on a port of our
@@ -830,19 +854,8 @@ async fn config_values_are_shown_only_with_console_show_config() {
     );
     let settings = redis.settings("ready", &[]);
     assert!(!settings.http.console_show_config, "off by default");
-    let console = Console::new(&settings, metrics::install_recorder());
-    console.connected(conn.clone());
-    let stop = CancellationToken::new();
-    let server = http::serve_with(
-        "127.0.0.1:0".parse().unwrap(),
-        metrics::install_recorder(),
-        Health::new(),
-        console.router(),
-        stop.clone(),
-    )
-    .await
-    .unwrap();
-    let hidden_addr = server.local_addr();
+    let server = ConsoleAlone::start(&settings, conn.clone()).await;
+    let hidden_addr = server.addr();
     wait_console(shown_addr).await;
     start_session(conn, "console-shown", "Olivia").await;
 
@@ -881,8 +894,7 @@ async fn config_values_are_shown_only_with_console_show_config() {
             "{path} lacks {expected}: {hidden}"
         );
     }
-    stop.cancel();
-    server.stopped().await.unwrap();
+    server.stop().await;
     worker.stop().await;
 }
 
@@ -1036,19 +1048,8 @@ async fn the_shipped_acl_rule_allows_every_page_and_action_of_the_console() {
     let restricted = agent_worker::connection::connect(&settings.redis)
         .await
         .expect("the restricted user connects");
-    let console = Console::new(&settings, metrics::install_recorder());
-    console.connected(restricted);
-    let stop = CancellationToken::new();
-    let server = http::serve_with(
-        "127.0.0.1:0".parse().unwrap(),
-        metrics::install_recorder(),
-        Health::new(),
-        console.router(),
-        stop.clone(),
-    )
-    .await
-    .unwrap();
-    let addr = server.local_addr();
+    let server = ConsoleAlone::start(&settings, restricted).await;
+    let addr = server.addr();
     let bearer = format!("Bearer {ADMIN_TOKEN}");
     let mut csrf = String::new();
     for path in [
@@ -1092,7 +1093,6 @@ async fn the_shipped_acl_rule_allows_every_page_and_action_of_the_console() {
         .await
         .unwrap();
     assert!(refused.is_empty(), "{refused:?}");
-    stop.cancel();
-    server.stopped().await.unwrap();
+    server.stop().await;
     let _ = std::fs::remove_file(&file);
 }

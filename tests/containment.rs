@@ -24,12 +24,7 @@ fn worker(url: &str, containment: &str) -> WorkerProcess {
 /// The pid of the process the agent of `id` started outside its group.
 async fn escapee(redis: &TestRedis, id: &SessionId) -> u32 {
     wait_for("the escapee's pid", Duration::from_secs(10), || async {
-        let lines: Vec<String> = redis
-            .conn
-            .clone()
-            .lrange(SessionKeys::new(id).agent_logs(), 0, -1)
-            .await
-            .unwrap();
+        let lines = agent_logs(&redis.conn, id).await;
         lines
             .iter()
             .find_map(|l| l.strip_prefix("escapee ")?.parse().ok())

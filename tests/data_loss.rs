@@ -15,6 +15,16 @@ fn worker(url: &str, extra: &[(&str, &str)]) -> WorkerProcess {
     WorkerProcess::spawn(worker_command(url, &["run"], "ready", &env))
 }
 
+/// The worker of `out` stopped its agents only at its own shutdown, never as "ended by the
+/// orchestrator".
+fn assert_only_stopped_by_the_shutdown(out: &std::process::Output) {
+    let ended = events(&out.stderr)
+        .into_iter()
+        .filter(|e| e["message"] == "agent_stopped" && e["reason"] != "worker_shutdown")
+        .count();
+    assert_eq!(ended, 0, "{}", String::from_utf8_lossy(&out.stderr));
+}
+
 /// The record of a live agent, as a fresh worker would have written it.
 async fn record_is_back(conn: &ConnectionManager, id: &SessionId, pid: u32) -> Option<()> {
     let keys = SessionKeys::new(id);
@@ -130,12 +140,7 @@ async fn live_agents_survive_an_empty_redis_restart_and_their_records_come_back(
     assert!(!lost.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
     let restored: u64 = lost.iter().map(|e| e["restored"].as_u64().unwrap()).sum();
     assert_eq!(restored, 3);
-    // Stopped only by the shutdown at the end, never as "ended by the orchestrator".
-    let ended = events
-        .iter()
-        .filter(|e| e["message"] == "agent_stopped" && e["reason"] != "worker_shutdown")
-        .count();
-    assert_eq!(ended, 0);
+    assert_only_stopped_by_the_shutdown(&out);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -270,11 +275,7 @@ async fn records_evicted_under_memory_pressure_are_written_again_not_ended() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let ended = events
-        .iter()
-        .filter(|e| e["message"] == "agent_stopped" && e["reason"] != "worker_shutdown")
-        .count();
-    assert_eq!(ended, 0);
+    assert_only_stopped_by_the_shutdown(&out);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -334,11 +335,7 @@ async fn a_session_still_starting_when_redis_loses_its_data_gets_its_record_back
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let ended = events
-        .iter()
-        .filter(|e| e["message"] == "agent_stopped" && e["reason"] != "worker_shutdown")
-        .count();
-    assert_eq!(ended, 0, "{}", String::from_utf8_lossy(&out.stderr));
+    assert_only_stopped_by_the_shutdown(&out);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -276,6 +276,26 @@ async fn the_compatibility_module_and_the_rust_producer_write_byte_identical_rec
     byte_identical_records(Api::Compat).await
 }
 
+/// `text` followed by every control character and DEL.
+fn tricky(text: &str) -> String {
+    text.chars()
+        .chain((0u8..0x20).map(char::from))
+        .chain(['\u{7f}'])
+        .collect()
+}
+
+/// Both producers' Redis ran the same writes and reads inside the scripts (one PUBLISH on the
+/// wake channel per enqueue that pushed something included).
+async fn assert_same_writes(py: &ConnectionManager, rs: &ConnectionManager) {
+    for command in ["del", "hset", "expire", "set", "get", "rpush", "publish"] {
+        assert_eq!(
+            command_count(py, command).await,
+            command_count(rs, command).await,
+            "{command} calls"
+        );
+    }
+}
+
 /// `api` and the Rust crate, each on its own Redis, given the same inputs (plus one through
 /// the CLI), leave the same keys, values and TTLs and ran the same commands.
 async fn byte_identical_records(api: Api) {
@@ -283,11 +303,7 @@ async fn byte_identical_records(api: Api) {
     let (py, rs) = (TestRedis::start().await, TestRedis::start().await);
     // Every control character, quotes, backslash, '/', DEL, U+2028 and non-ASCII: the JSON
     // escaping of json.dumps and serde_json must agree on all of them.
-    let tricky_user: String = "Zoë ✓ 🎧 \"q\" \\ / \u{2028} "
-        .chars()
-        .chain((0u8..0x20).map(char::from))
-        .chain(['\u{7f}'])
-        .collect();
+    let tricky_user = tricky("Zoë ✓ 🎧 \"q\" \\ / \u{2028} ");
     let prompt = "You are \"Ava\".\nNever run $(rm -rf /) or `id`; 'single' \\ back\r\n\ttab";
     let inputs = [
         Input {
@@ -385,13 +401,7 @@ async fn byte_identical_records(api: Api) {
     );
     // The same commands ran inside the scripts, including one PUBLISH on the wake channel
     // per enqueue.
-    for command in ["del", "hset", "expire", "set", "get", "rpush", "publish"] {
-        assert_eq!(
-            command_count(&py.conn, command).await,
-            command_count(&rs.conn, command).await,
-            "{command} calls"
-        );
-    }
+    assert_same_writes(&py.conn, &rs.conn).await;
     assert_eq!(command_count(&py.conn, "publish").await, 3);
 }
 
@@ -463,11 +473,7 @@ async fn the_async_bulk_form_and_enqueue_many_write_byte_identical_records() {
 async fn byte_identical_bulk(api: Api) {
     require_python(&["redis"]).await;
     let (py, rs) = (TestRedis::start().await, TestRedis::start().await);
-    let tricky_user: String = "Zoë 🎧 \"q\" \\ / \u{2028} "
-        .chars()
-        .chain((0u8..0x20).map(char::from))
-        .chain(['\u{7f}'])
-        .collect();
+    let tricky_user = tricky("Zoë 🎧 \"q\" \\ / \u{2028} ");
     let batches: Vec<Vec<BulkJob>> = vec![
         vec![
             ("bulk-1", Some(tricky_user)),
@@ -567,13 +573,7 @@ async fn byte_identical_bulk(api: Api) {
     }
     .to_wire();
     assert_eq!(stored, wire, "payload bytes are AgentStart::to_wire()");
-    for command in ["del", "hset", "expire", "set", "get", "rpush", "publish"] {
-        assert_eq!(
-            command_count(&py.conn, command).await,
-            command_count(&rs.conn, command).await,
-            "{command} calls"
-        );
-    }
+    assert_same_writes(&py.conn, &rs.conn).await;
     // One wake-up per batch that pushed something.
     assert_eq!(command_count(&py.conn, "publish").await, 2);
 }

@@ -206,14 +206,23 @@ async fn run(command: Command) -> (bool, Duration, String) {
     (out.status.success(), started.elapsed(), text)
 }
 
-async fn subscribers(conn: &ConnectionManager, channel: &str) -> u64 {
-    let (_, count): (String, u64) = redis::cmd("PUBSUB")
-        .arg("NUMSUB")
-        .arg(channel)
-        .query_async(&mut conn.clone())
-        .await
-        .expect("PUBSUB NUMSUB");
-    count
+/// Waits until the worker's wake-up listener has subscribed to the queue's wake channel.
+async fn wait_subscribed(conn: &ConnectionManager) {
+    let channel = QueueKeys::new(QUEUE).unwrap().wake_channel();
+    wait_for(
+        "the worker's wake-up listener to subscribe",
+        Duration::from_secs(20),
+        || async {
+            let (_, count): (String, u64) = redis::cmd("PUBSUB")
+                .arg("NUMSUB")
+                .arg(&channel)
+                .query_async(&mut conn.clone())
+                .await
+                .expect("PUBSUB NUMSUB");
+            (count == 1).then_some(())
+        },
+    )
+    .await;
 }
 
 fn assert_untrusted(what: &str, ok: bool, took: Duration, text: &str) {
@@ -241,13 +250,7 @@ async fn a_rediss_worker_starts_a_session_and_refuses_an_untrusted_certificate()
         ],
     );
     let worker = WorkerProcess::spawn(worker);
-    let channel = QueueKeys::new(QUEUE).unwrap().wake_channel();
-    wait_for(
-        "the worker's wake-up listener to subscribe",
-        Duration::from_secs(20),
-        || async { (subscribers(&redis.conn, &channel).await == 1).then_some(()) },
-    )
-    .await;
+    wait_subscribed(&redis.conn).await;
     // The CLI over TLS, by host name this time.
     let (ok, _, text) = run(cli(
         &redis.url("localhost"),
@@ -413,13 +416,7 @@ async fn the_python_client_over_rediss_enqueues_what_the_worker_starts() {
     let redis = TlsRedis::start(&pki, "no").await;
     let ca = pki.file("ca.pem");
     let worker = WorkerProcess::spawn(cli(&redis.url("127.0.0.1"), &["run"], &[(CA_FILE, &ca)]));
-    let channel = QueueKeys::new(QUEUE).unwrap().wake_channel();
-    wait_for(
-        "the worker's wake-up listener to subscribe",
-        Duration::from_secs(20),
-        || async { (subscribers(&redis.conn, &channel).await == 1).then_some(()) },
-    )
-    .await;
+    wait_subscribed(&redis.conn).await;
     // As tests/python_client.rs runs the package's tests, with no trust store of the
     // environment's choosing.
     let env = [

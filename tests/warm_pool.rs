@@ -151,6 +151,20 @@ impl BinWorker {
     }
 }
 
+/// An in-process worker with [`pooled`] settings, once its `size` warm processes are idle.
+async fn start_pooled(
+    redis: &TestRedis,
+    ledger: &Ledger,
+    behaviour: &str,
+    size: usize,
+    warm_args: &str,
+    extra: &[(&str, &str)],
+) -> TestWorker {
+    let worker = TestWorker::start(pooled(redis, ledger, behaviour, size, warm_args, extra));
+    wait_warm_idle(&redis.conn, size as u64).await;
+    worker
+}
+
 /// Settings of a worker with a pool of `size` warm test agents started with `warm_args`.
 fn pooled(
     redis: &TestRedis,
@@ -255,7 +269,7 @@ async fn a_hundred_sessions_through_a_pool_of_four_each_get_their_own_agent_and_
 async fn the_handoff_carries_every_value_verbatim() {
     let redis = TestRedis::start().await;
     let ledger = Ledger::new();
-    let settings = pooled(
+    let worker = start_pooled(
         &redis,
         &ledger,
         "ready",
@@ -263,9 +277,8 @@ async fn the_handoff_carries_every_value_verbatim() {
         "",
         // The test agent's report quotes a 100 KB prompt: keep its line whole.
         &[("AGENT_WORKER__AGENT__MAX_LINE_BYTES", "1048576")],
-    );
-    let worker = TestWorker::start(settings);
-    wait_warm_idle(&redis.conn, 1).await;
+    )
+    .await;
     let id = sid("warm-verbatim");
     let opening =
         "-r oops; $(rm -rf /) `id` | \"quoted\" 'single' \\ back\nsecond line\tTAB Grüße 你好 🎙️";
@@ -498,16 +511,15 @@ async fn a_warm_up_past_warm_timeout_is_killed_and_retried_after_a_back_off() {
 async fn an_idle_warm_process_older_than_warm_max_idle_is_recycled() {
     let redis = TestRedis::start().await;
     let ledger = Ledger::new();
-    let settings = pooled(
+    let worker = start_pooled(
         &redis,
         &ledger,
         "ready",
         1,
         "",
         &[("AGENT_WORKER__AGENT__WARM_MAX_IDLE", "3s")],
-    );
-    let worker = TestWorker::start(settings);
-    wait_warm_idle(&redis.conn, 1).await;
+    )
+    .await;
     let (first, _) = ledger.warm_starts()[0];
     wait_for(
         "the old warm process to be recycled",
@@ -674,8 +686,7 @@ async fn metrics_show_the_pools_takes_warm_ups_and_failures() {
 async fn a_warm_process_killed_while_idle_is_replaced() {
     let redis = TestRedis::start().await;
     let ledger = Ledger::new();
-    let worker = TestWorker::start(pooled(&redis, &ledger, "ready", 1, "", &[]));
-    wait_warm_idle(&redis.conn, 1).await;
+    let worker = start_pooled(&redis, &ledger, "ready", 1, "", &[]).await;
     let (first, _) = ledger.warm_starts()[0];
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(first as i32), Signal::SIGKILL).unwrap();
     let (second, spawned_ms) = wait_for(
@@ -718,16 +729,15 @@ async fn a_warm_process_killed_while_idle_is_replaced() {
 async fn a_warm_process_lost_at_the_handoff_makes_that_start_cold_at_once() {
     let redis = TestRedis::start().await;
     let ledger = Ledger::new();
-    let settings = pooled(
+    let worker = start_pooled(
         &redis,
         &ledger,
         "ready",
         1,
         "--warm-behaviour=exit-on-handoff",
         &[],
-    );
-    let worker = TestWorker::start(settings);
-    wait_warm_idle(&redis.conn, 1).await;
+    )
+    .await;
     let (taken, _) = ledger.warm_starts()[0];
     let id = sid("warm-lost");
     write_config(&redis.conn, &id, "Craig", "user").await;
@@ -749,16 +759,15 @@ async fn a_warm_process_lost_at_the_handoff_makes_that_start_cold_at_once() {
 async fn a_warm_process_that_does_not_read_its_handoff_is_lost_and_that_start_goes_cold() {
     let redis = TestRedis::start().await;
     let ledger = Ledger::new();
-    let settings = pooled(
+    let worker = start_pooled(
         &redis,
         &ledger,
         "ready",
         1,
         "--warm-behaviour=ignore-handoff",
         &[("AGENT_WORKER__AGENT__MAX_LINE_BYTES", "1048576")],
-    );
-    let worker = TestWorker::start(settings);
-    wait_warm_idle(&redis.conn, 1).await;
+    )
+    .await;
     let (taken, _) = ledger.warm_starts()[0];
     // More than its stdin's pipe holds: the write waits for a reader that never comes.
     let id = sid("warm-not-reading");

@@ -283,12 +283,7 @@ async fn a_python_agent_starts_warm_through_the_pool_with_its_sessions_values() 
         Some("1")
     );
     let got = wait_for("the probe's report", Duration::from_secs(10), || async {
-        let logs: Vec<String> = redis
-            .conn
-            .clone()
-            .lrange(SessionKeys::new(&id).agent_logs(), 0, -1)
-            .await
-            .unwrap();
+        let logs = agent_logs(&redis.conn, &id).await;
         logs.iter()
             .find_map(|l| l.strip_prefix("probe report "))
             .map(|json| serde_json::from_str::<Value>(json).unwrap())
