@@ -266,10 +266,10 @@ async fn the_worker_runs_end_to_end_under_the_shipped_rule() {
 
     // The orchestrator ends the session by deleting its keys: the agent stops.
     let _: () = admin.clone().del(&keys.all()).await.unwrap();
-    wait_for(
+    wait_gone(
         "the agent to stop after its keys were deleted",
         Duration::from_secs(15),
-        || async { (!alive(pid)).then_some(()) },
+        pid,
     )
     .await;
 
@@ -318,10 +318,10 @@ async fn the_worker_runs_end_to_end_under_the_shipped_rule() {
     assert_eq!(received["contract"]["voice_id"], "Ashley");
     let python_agent = received["pid"].as_u64().unwrap() as u32;
     python(&["end"]).await;
-    wait_for(
+    wait_gone(
         "the agent to stop after the Python client ended its session",
         Duration::from_secs(15),
-        || async { (!alive(python_agent)).then_some(()) },
+        python_agent,
     )
     .await;
 

@@ -449,12 +449,7 @@ async fn an_orchestrator_first_end_stops_the_agent_and_recreates_nothing() {
     }
     let pid = agent_pid(&redis.conn, &id).await;
     assert!(orchestrator_end(&redis.conn, &id).await.is_some());
-    wait_for(
-        "the agent to be stopped",
-        Duration::from_secs(5),
-        || async { (!alive(pid)).then_some(()) },
-    )
-    .await;
+    wait_gone("the agent to be stopped", Duration::from_secs(5), pid).await;
     // The worker recorded that it stopped the agent because the session ended...
     wait_for(
         &format!("the stopped event of {id}"),

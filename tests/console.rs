@@ -779,12 +779,7 @@ async fn actions_need_the_admin_token_and_the_csrf_token() {
     )
     .await;
     assert_eq!(code, 200, "{page}");
-    wait_for(
-        "the stopped agent to exit",
-        Duration::from_secs(15),
-        || async { (!alive(pid)).then_some(()) },
-    )
-    .await;
+    wait_gone("the stopped agent to exit", Duration::from_secs(15), pid).await;
     let keys = SessionKeys::new(&sid("console-stop-me"));
     wait_for(
         "the stopped session's keys to be gone",

@@ -45,10 +45,7 @@ async fn end_session(redis: &TestRedis, id: &SessionId) {
         .del(&SessionKeys::new(id).all())
         .await
         .unwrap();
-    wait_for("the agent to stop", Duration::from_secs(10), || async {
-        (!alive(agent)).then_some(())
-    })
-    .await;
+    wait_gone("the agent to stop", Duration::from_secs(10), agent).await;
 }
 
 /// Stops the worker; the mechanism it said it used (in `worker_started`).
@@ -129,41 +126,38 @@ async fn a_sigkilled_workers_escaped_processes_die_with_it_and_without_its_guard
     let (mut first, agent, escaped) = worker_with_an_escapee(&redis, "orphaned-escapee").await;
     let guard = guard_of(&first).await;
     first.kill();
-    wait_for(
+    wait_gone(
         "the agent to die with its worker",
         Duration::from_secs(5),
-        || async { (!alive(agent)).then_some(()) },
+        agent,
     )
     .await;
-    wait_for(
+    wait_gone(
         "the escaped process to be killed by the guard",
         Duration::from_secs(10),
-        || async { (!alive(escaped)).then_some(()) },
+        escaped,
     )
     .await;
-    wait_for("the guard to exit", Duration::from_secs(10), || async {
-        (!alive(guard)).then_some(())
-    })
-    .await;
+    wait_gone("the guard to exit", Duration::from_secs(10), guard).await;
 
     // Guard and worker both killed: out of the group, no one's child, the escapee lives on...
     let (mut second, agent, escaped) = worker_with_an_escapee(&redis, "orphaned-twice").await;
     let guard = guard_of(&second).await;
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(guard as i32), Signal::SIGKILL).unwrap();
     second.kill();
-    wait_for(
+    wait_gone(
         "the agent to die with its worker",
         Duration::from_secs(5),
-        || async { (!alive(agent)).then_some(()) },
+        agent,
     )
     .await;
     assert!(alive(escaped));
     // ...until a worker starts in the same cgroup and kills what dead workers left.
     let third = worker(&redis.url(), "cgroup");
-    wait_for(
+    wait_gone(
         "the escaped process to be gone",
         Duration::from_secs(10),
-        || async { (!alive(escaped)).then_some(()) },
+        escaped,
     )
     .await;
     assert_eq!(mechanism(third).await, "cgroup");

@@ -364,12 +364,7 @@ async fn a_session_the_orchestrator_ends_while_it_is_starting_is_still_stopped()
         .del(&[keys.state(), keys.config()])
         .await
         .unwrap();
-    wait_for(
-        "the agent to be stopped",
-        Duration::from_secs(20),
-        || async { (!alive(pid)).then_some(()) },
-    )
-    .await;
+    wait_gone("the agent to be stopped", Duration::from_secs(20), pid).await;
     let out = worker.stop().await;
     let events = events(&out.stderr);
     assert!(

@@ -64,10 +64,10 @@ async fn a_sigkilled_workers_session_is_swept_by_another_worker_process() {
     start_ready(&redis.conn, &id).await;
     let pid = agent_pid(&redis.conn, &id).await;
     a.kill();
-    wait_for(
+    wait_gone(
         "the agent to die with its worker",
         Duration::from_secs(5),
-        || async { (!alive(pid)).then_some(()) },
+        pid,
     )
     .await;
     // Nobody heartbeats the session any more; make it as old as stale_after would. (Its log
@@ -200,12 +200,7 @@ async fn deleting_a_sessions_keys_stops_its_agent_within_a_heartbeat() {
     let pid = agent_pid(&redis.conn, &ended).await;
     // What the orchestrator does to end a session.
     let _: () = redis.conn.clone().del(all_keys(&ended)).await.unwrap();
-    wait_for(
-        "the agent to be stopped",
-        Duration::from_secs(5),
-        || async { (!alive(pid)).then_some(()) },
-    )
-    .await;
+    wait_gone("the agent to be stopped", Duration::from_secs(5), pid).await;
     wait_for(
         "the session to stay removed",
         Duration::from_secs(5),

@@ -27,10 +27,10 @@ async fn agents_die_with_a_sigkilled_worker() {
     assert!(pids.iter().all(|pid| alive(*pid)));
     worker.kill();
     for pid in pids {
-        wait_for(
+        wait_gone(
             &format!("agent {pid} to die with its worker"),
             Duration::from_secs(5),
-            || async { (!alive(pid)).then_some(()) },
+            pid,
         )
         .await;
     }
@@ -426,12 +426,7 @@ async fn a_launch_dropped_before_its_agent_is_ready_kills_the_agent() {
         agent = started => agent,
     };
     // This process lives on, so no death signal: only the launcher can have stopped it.
-    wait_for(
-        "the agent to be killed",
-        Duration::from_secs(10),
-        || async { (!alive(agent)).then_some(()) },
-    )
-    .await;
+    wait_gone("the agent to be killed", Duration::from_secs(10), agent).await;
     let _ = std::fs::remove_file(ledger);
 }
 
@@ -449,10 +444,10 @@ async fn a_dropped_worker_process_is_killed_and_reaped_with_its_agents() {
         proc_state(pid).is_none(),
         "the worker is gone, not a zombie"
     );
-    wait_for(
+    wait_gone(
         "the agent to die with its worker",
         Duration::from_secs(5),
-        || async { (!alive(agent)).then_some(()) },
+        agent,
     )
     .await;
 }

@@ -44,6 +44,25 @@ async fn run_python(args: &[&str], stdin: &[u8]) -> Output {
     child.wait_with_output().await.unwrap()
 }
 
+/// Runs the Python `script` of `args` (`python3 -c script arg...`) with `input` as JSON on
+/// stdin; it must succeed, and print JSON, which is returned.
+async fn run_driver<T: serde::de::DeserializeOwned>(args: &[&str], input: &serde_json::Value) -> T {
+    let mut all = vec!["-c"];
+    all.extend_from_slice(args);
+    let out = run_python(&all, &serde_json::to_vec(input).unwrap()).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "the driver prints JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
 /// `python -m agent_worker enqueue --redis-url <url> <args>`.
 async fn cli(url: &str, args: &[&str]) -> Output {
     let mut all = vec!["-m", "agent_worker", "enqueue", "--redis-url", url];
@@ -117,17 +136,7 @@ print(json.dumps([job.task_id, job.duplicate]))
     let mut request = serde_json::to_value(input).unwrap();
     request["url"] = url.into();
     let compat_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/jobs/python");
-    let out = run_python(
-        &["-c", DRIVER, &format!("{api:?}"), compat_dir],
-        &serde_json::to_vec(&request).unwrap(),
-    )
-    .await;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("driver prints [task_id, duplicate]")
+    run_driver(&[DRIVER, &format!("{api:?}"), compat_dir], &request).await
 }
 
 /// The same through the Rust crate: `write_session_config`, then `Producer::enqueue`.
@@ -220,15 +229,7 @@ async fn python_enqueued_seed_scenario_starts_both_agents_with_their_own_voices(
     let redis = TestRedis::start().await;
     // No poll and no heartbeat fetch within the deadlines below: the agents can only start if
     // the Python producer pushed to the ready list and published the wake-up.
-    let worker = TestWorker::start(redis.settings(
-        "ready",
-        &[
-            ("AGENT_WORKER__WORKER__HEARTBEAT_INTERVAL", "60s"),
-            ("AGENT_WORKER__WORKER__ORPHAN_TIMEOUT", "180s"),
-            ("AGENT_WORKER__WORKER__POLL_INTERVAL", "1h"),
-        ],
-    ));
-    wait_idle(&redis.conn).await;
+    let worker = TestWorker::start_woken_only(&redis).await;
     let user = "test_concurrent_user";
     let sessions = [
         (sid("py-seed-craig"), "Craig"),
@@ -443,17 +444,7 @@ else:
 print(json.dumps(results))
 "#;
     let request = serde_json::json!({ "url": url, "batches": batches });
-    let out = run_python(
-        &["-c", DRIVER, &format!("{api:?}")],
-        &serde_json::to_vec(&request).unwrap(),
-    )
-    .await;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("the driver prints one result per batch")
+    run_driver(&[DRIVER, &format!("{api:?}")], &request).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

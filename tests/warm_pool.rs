@@ -521,10 +521,10 @@ async fn an_idle_warm_process_older_than_warm_max_idle_is_recycled() {
     )
     .await;
     let (first, _) = ledger.warm_starts()[0];
-    wait_for(
+    wait_gone(
         "the old warm process to be recycled",
         Duration::from_secs(20),
-        || async { (!alive(first)).then_some(()) },
+        first,
     )
     .await;
     let (second, spawned_ms) = wait_for("its replacement", Duration::from_secs(20), || async {
@@ -580,10 +580,10 @@ async fn a_full_replica_keeps_no_idle_warm_process_and_the_pool_grows_back() {
     let agent = got["pid"].as_u64().unwrap() as u32;
     // The held warm-up ends with no room left: the pool stops it instead of keeping it.
     gate.open();
-    wait_for(
+    wait_gone(
         "the warm process beyond the room left to be stopped",
         Duration::from_secs(20),
-        || async { (!alive(held)).then_some(()) },
+        held,
     )
     .await;
     let stopped_ms = unix_ms();
@@ -778,10 +778,10 @@ async fn a_warm_process_that_does_not_read_its_handoff_is_lost_and_that_start_go
     let got = wait_received(&redis.conn, &id).await;
     assert_eq!(got["warm"], false, "the session's agent started cold");
     assert_eq!(got["contract"]["system_prompt"], prompt.as_str());
-    wait_for(
+    wait_gone(
         "the process that did not read to be killed",
         Duration::from_secs(10),
-        || async { (!alive(taken)).then_some(()) },
+        taken,
     )
     .await;
     // Cold at once after that loss: no other warm process was tried (and lost) for it. Its
@@ -873,10 +873,10 @@ async fn sigkill_of_the_worker_takes_its_warm_processes_and_sigterm_stops_idle_o
             worker.signal(Signal::SIGTERM);
         }
         let _ = worker.output().await;
-        wait_for(
+        wait_gone(
             "the session's agent to be gone",
             Duration::from_secs(10),
-            || async { (!alive(agent)).then_some(()) },
+            agent,
         )
         .await;
     }
