@@ -127,18 +127,20 @@ impl BinWorker {
 
     /// Waits until a scrape satisfies `check`.
     async fn wait_metrics(&self, check: impl Fn(&str) -> bool) {
-        let mut last = String::new();
-        let found = tokio::time::timeout(Duration::from_secs(20), async {
-            loop {
-                last = self.metrics().await;
-                if check(&last) {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
+        let last = std::cell::RefCell::new(String::new());
+        let found = poll(
+            Duration::from_secs(20),
+            Duration::from_millis(50),
+            || async {
+                let page = self.metrics().await;
+                let ok = check(&page);
+                *last.borrow_mut() = page;
+                ok.then_some(())
+            },
+        )
         .await;
-        if found.is_err() {
+        if found.is_none() {
+            let last = last.into_inner();
             let pool: Vec<&str> = last.lines().filter(|l| l.contains("warm")).collect();
             panic!("timed out waiting for the metrics; the pool's: {pool:#?}");
         }
