@@ -24,15 +24,6 @@ fn probe() -> PathBuf {
     repo().join("tests/agents/warm_probe/probe.py")
 }
 
-/// `PYTHONPATH` with the project's Python package first.
-fn python_path() -> String {
-    let ours = repo().join("python").display().to_string();
-    match std::env::var("PYTHONPATH") {
-        Ok(rest) if !rest.is_empty() => format!("{ours}:{rest}"),
-        _ => ours,
-    }
-}
-
 /// The probe's report (`probe report {json}`) among `lines`.
 fn report(lines: &[String]) -> Value {
     let line = lines
