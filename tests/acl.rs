@@ -7,9 +7,8 @@ mod common;
 
 use std::{collections::HashMap, path::PathBuf, time::Duration};
 
-use agent_jobs::SessionKeys;
+use agent_jobs::{SessionId, SessionKeys};
 use common::*;
-use nix::sys::signal::Signal;
 use redis::{AsyncCommands, aio::ConnectionManager};
 
 /// The shipped rule, as operators load it.
@@ -59,12 +58,30 @@ async fn redis_with(rule: &str) -> (TestRedis, String, PathBuf) {
 
 /// Runs an `agent-worker` command under the restricted user: (success, stdout, stderr).
 async fn cli(url: &str, args: &[&str]) -> (bool, String, String) {
-    let out = output_of(worker_command(url, args, "ready", &[]).spawn().unwrap()).await;
+    let out = WorkerProcess::spawn(worker_command(url, args, "ready", &[]))
+        .output()
+        .await;
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// `agent-worker enqueue` of `id` with the voice Craig under the restricted user, as the
+/// orchestrator runs it: (success, stdout, stderr).
+async fn enqueue_craig(url: &str, id: &SessionId) -> (bool, String, String) {
+    cli(
+        url,
+        &[
+            "enqueue",
+            "--session-id",
+            id.as_str(),
+            "--voice-id",
+            "Craig",
+        ],
+    )
+    .await
 }
 
 /// The server's ACL LOG as (reason, object, count) per entry.
@@ -144,7 +161,6 @@ fn the_shipped_rule_is_least_privilege() {
 async fn the_worker_runs_end_to_end_under_the_shipped_rule() {
     let (redis, url, file) = redis_with(&shipped_rule()).await;
     let admin = &redis.conn;
-    let procs = KillOnDrop::default();
 
     // The rule is in force: the user cannot list keys, read another application's keys or
     // wipe the server.
@@ -174,52 +190,32 @@ async fn the_worker_runs_end_to_end_under_the_shipped_rule() {
 
     // The producer side (as the orchestrator's `agent-worker enqueue` does), before any worker.
     let id = sid("acl-1");
-    let (ok, task_id, stderr) = cli(
-        &url,
-        &[
-            "enqueue",
-            "--session-id",
-            id.as_str(),
-            "--voice-id",
-            "Craig",
-        ],
-    )
-    .await;
+    let (ok, task_id, stderr) = enqueue_craig(&url, &id).await;
     assert!(ok, "enqueue: {stderr}");
     assert!(!task_id.trim().is_empty());
 
     let log_dir =
         std::env::temp_dir().join(format!("agent-worker-acl-logs-{}", std::process::id()));
-    let worker = procs.track(
-        worker_command(
-            &url,
-            &["run"],
-            "ready",
-            &[
-                // Pick-up relies on the wake channel (SUBSCRIBE), not on polling.
-                ("AGENT_WORKER__WORKER__POLL_INTERVAL", "1h"),
-                ("AGENT_WORKER__SWEEP__INTERVAL", "1s"),
-                ("AGENT_WORKER__RETENTION__INTERVAL", "1s"),
-                ("AGENT_WORKER__RETENTION__DONE", "1s"),
-                ("AGENT_WORKER__AGENT__LOG_DIR", log_dir.to_str().unwrap()),
-            ],
-        )
-        .spawn()
-        .unwrap(),
-    );
+    let worker = WorkerProcess::spawn(worker_command(
+        &url,
+        &["run"],
+        "ready",
+        &[
+            // Pick-up relies on the wake channel (SUBSCRIBE), not on polling.
+            ("AGENT_WORKER__WORKER__POLL_INTERVAL", "1h"),
+            ("AGENT_WORKER__SWEEP__INTERVAL", "1s"),
+            ("AGENT_WORKER__RETENTION__INTERVAL", "1s"),
+            ("AGENT_WORKER__RETENTION__DONE", "1s"),
+            ("AGENT_WORKER__AGENT__LOG_DIR", log_dir.to_str().unwrap()),
+        ],
+    ));
     wait_status(admin, &id, "ready", Duration::from_secs(20)).await;
     assert_eq!(
         wait_received(admin, &id).await["contract"]["voice_id"],
         "Craig"
     );
     let keys = SessionKeys::new(&id);
-    let pid: u32 = admin
-        .clone()
-        .get::<_, String>(keys.agent_pid())
-        .await
-        .unwrap()
-        .parse()
-        .unwrap();
+    let pid = agent_pid(admin, &id).await;
     assert!(alive(pid), "the agent runs");
 
     // The same session enqueued again is stored once (the producer reads the holder of its
@@ -270,10 +266,10 @@ async fn the_worker_runs_end_to_end_under_the_shipped_rule() {
 
     // The orchestrator ends the session by deleting its keys: the agent stops.
     let _: () = admin.clone().del(&keys.all()).await.unwrap();
-    wait_for(
+    wait_gone(
         "the agent to stop after its keys were deleted",
         Duration::from_secs(15),
-        || async { (!alive(pid)).then_some(()) },
+        pid,
     )
     .await;
 
@@ -299,8 +295,8 @@ async fn the_worker_runs_end_to_end_under_the_shipped_rule() {
     let python = |args: &'static [&'static str]| {
         let (url, third) = (url.clone(), third.clone());
         async move {
-            let out = tokio::process::Command::new("python3")
-                .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/python"))
+            let out = common::python()
+                .current_dir(PYTHON_DIR)
                 .args(["-m", "agent_worker", args[0]])
                 .args(["--redis-url", url.as_str(), "--session-id", third.as_str()])
                 .args(&args[1..])
@@ -322,10 +318,10 @@ async fn the_worker_runs_end_to_end_under_the_shipped_rule() {
     assert_eq!(received["contract"]["voice_id"], "Ashley");
     let python_agent = received["pid"].as_u64().unwrap() as u32;
     python(&["end"]).await;
-    wait_for(
+    wait_gone(
         "the agent to stop after the Python client ended its session",
         Duration::from_secs(15),
-        || async { (!alive(python_agent)).then_some(()) },
+        python_agent,
     )
     .await;
 
@@ -349,8 +345,7 @@ async fn the_worker_runs_end_to_end_under_the_shipped_rule() {
     )
     .await;
 
-    signal(&worker, Signal::SIGTERM);
-    let out = output_of(worker).await;
+    let out = worker.stop().await;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     let events = events(&out.stderr);
@@ -391,31 +386,16 @@ async fn a_rule_without_the_apalis_key_fails_with_an_error_naming_it() {
     assert_ne!(narrower, rule);
     let (redis, url, file) = redis_with(&narrower).await;
     let admin = &redis.conn;
-    let procs = KillOnDrop::default();
 
     let id = sid("narrow-1");
-    let (ok, _, err) = cli(
-        &url,
-        &[
-            "enqueue",
-            "--session-id",
-            id.as_str(),
-            "--voice-id",
-            "Craig",
-        ],
-    )
-    .await;
+    let (ok, _, err) = enqueue_craig(&url, &id).await;
     assert!(ok, "the producer needs no apalis key: {err}");
-    let worker = procs.track(
-        worker_command(
-            &url,
-            &["run"],
-            "ready",
-            &[("AGENT_WORKER__WORKER__RESTART_BACKOFF_MAX", "200ms")],
-        )
-        .spawn()
-        .unwrap(),
-    );
+    let worker = WorkerProcess::spawn(worker_command(
+        &url,
+        &["run"],
+        "ready",
+        &[("AGENT_WORKER__WORKER__RESTART_BACKOFF_MAX", "200ms")],
+    ));
     // Each run of the job worker fails its registration: Redis counts the refusals.
     wait_for(
         "three refused registrations",
@@ -443,8 +423,7 @@ async fn a_rule_without_the_apalis_key_fails_with_an_error_naming_it() {
         .unwrap();
     wait_status(admin, &id, "ready", Duration::from_secs(20)).await;
 
-    signal(&worker, Signal::SIGTERM);
-    let out = output_of(worker).await;
+    let out = worker.stop().await;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     let events = events(&out.stderr);

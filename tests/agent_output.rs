@@ -104,12 +104,7 @@ async fn an_over_long_line_is_cut_with_a_marker_in_the_file_and_in_redis() {
     let marker = "[agent-worker: 295904 more bytes of this line cut at agent.max_line_bytes]";
     let expected = format!("{} {marker}", "x".repeat(4096));
     let logs: Vec<String> = wait_for("the cut line in Redis", Duration::from_secs(10), || async {
-        let logs: Vec<String> = redis
-            .conn
-            .clone()
-            .lrange(SessionKeys::new(&id).agent_logs(), 0, -1)
-            .await
-            .unwrap();
+        let logs = agent_logs(&redis.conn, &id).await;
         (logs.len() >= 3).then_some(logs)
     })
     .await;
@@ -235,10 +230,13 @@ async fn flood(stderr: WorkerStderr, lines_per_second: Option<&str>, secs: u32) 
         }
         WorkerStderr::Slow => {}
     }
-    let guard = KillOnDrop::default();
-    let mut worker = guard.track(worker.spawn().unwrap());
-    let drained = (stderr == WorkerStderr::Slow).then(|| {
-        let mut pipe = worker.stderr.take().unwrap();
+    let (mut worker, drained) = if stderr == WorkerStderr::Slow {
+        let (worker, pipe) = WorkerProcess::spawn_reading_stderr(worker);
+        (worker, Some(pipe))
+    } else {
+        (WorkerProcess::spawn(worker), None)
+    };
+    let drained = drained.map(|mut pipe| {
         std::thread::spawn(move || {
             let (mut total, mut buf) = (0u64, [0u8; 4096]);
             loop {
@@ -263,10 +261,8 @@ async fn flood(stderr: WorkerStderr, lines_per_second: Option<&str>, secs: u32) 
     })
     .await;
     let rate: f64 = done.rsplit(' ').next().unwrap().parse().unwrap();
-    signal(&worker, nix::sys::signal::Signal::SIGTERM);
-    let status = tokio::task::spawn_blocking(move || worker.wait().unwrap())
-        .await
-        .unwrap();
+    worker.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = worker.wait_exit(Duration::from_secs(60)).await;
     assert!(status.success());
     let (logged, text) = match (drained, stderr) {
         (Some(reader), _) => (reader.join().unwrap(), String::new()),

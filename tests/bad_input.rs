@@ -175,10 +175,10 @@ async fn failed_start_leaves_nothing(id: &str, script: &str, marker: &str) -> St
     let task = enqueue(&redis.conn, &id, None).await;
     let result = wait_dead(&redis.conn, &task).await;
     let pid = logged_pid(&redis.conn, &id, marker).await;
-    wait_for(
+    wait_gone(
         &format!("the process after {marker} to be killed"),
         Duration::from_secs(5),
-        || async { (!alive(pid)).then_some(()) },
+        pid,
     )
     .await;
     worker.stop().await;

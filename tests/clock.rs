@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use agent_jobs::{QueueKeys, SessionKeys, keys::SESSION_HEARTBEATS};
+use agent_jobs::{QueueKeys, SessionKeys};
 use agent_worker::{
     clock::Clock,
     queue::QueueOps,
@@ -45,13 +45,8 @@ async fn a_claim_and_a_heartbeat_are_stamped_with_the_stores_clock() {
         hget(&redis.conn, &state, "createdAt").await.as_deref(),
         Some("1000000000")
     );
-    let indexed: Option<u64> = redis
-        .conn
-        .clone()
-        .zscore(SESSION_HEARTBEATS, id.as_str())
-        .await
-        .unwrap();
-    assert_eq!(indexed, Some(1_000_000_000));
+    let indexed = heartbeat_score(&redis.conn, &id).await;
+    assert_eq!(indexed, Some(1_000_000_000.0));
     // The heartbeat's time is the caller's (it passes `now`), as it always was.
     now.store(1_000_000_060, Ordering::Relaxed);
     store

@@ -11,13 +11,12 @@ mod common;
 use std::{
     collections::HashMap,
     net::SocketAddr,
-    process::Child,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use agent_jobs::{
     AgentStart, SessionId, SessionKeys,
-    keys::{EVENTS, SESSION_HEARTBEATS, legacy_metrics},
+    keys::{EVENTS, legacy_metrics},
 };
 use common::*;
 use nix::sys::signal::Signal;
@@ -37,7 +36,7 @@ fn now() -> u64 {
 
 /// `agent-worker run` with the Python agent, as a deployment runs it: the agent's Redis comes
 /// from the worker's own `REDIS_URL`.
-fn worker(redis: &TestRedis, extra: &[(&str, &str)]) -> Child {
+fn worker(redis: &TestRedis, extra: &[(&str, &str)]) -> WorkerProcess {
     let command = format!("python3,{AGENT}");
     let mut env = vec![
         ("AGENT_WORKER__AGENT__COMMAND", command.as_str()),
@@ -48,7 +47,7 @@ fn worker(redis: &TestRedis, extra: &[(&str, &str)]) -> Child {
     env.extend_from_slice(extra);
     let mut command = worker_command(&redis.url(), &["run"], "ready", &env);
     command.env("REDIS_URL", redis.url());
-    command.spawn().expect("start the worker")
+    WorkerProcess::spawn(command)
 }
 
 /// The orchestrator's `POST /session/start`, after its credit check: the config hash (TTL
@@ -143,11 +142,7 @@ async fn orchestrator_end(
 
 /// What the Python agent reported receiving (`voice-agent received {json}`).
 async fn agent_report(conn: &ConnectionManager, id: &SessionId) -> Option<serde_json::Value> {
-    let lines: Vec<String> = conn
-        .clone()
-        .lrange(SessionKeys::new(id).agent_logs(), 0, -1)
-        .await
-        .unwrap();
+    let lines = agent_logs(conn, id).await;
     lines.iter().find_map(|l| {
         l.strip_prefix("voice-agent received ")
             .and_then(|json| serde_json::from_str(json).ok())
@@ -161,15 +156,6 @@ async fn wait_report(conn: &ConnectionManager, id: &SessionId) -> serde_json::Va
         || agent_report(conn, id),
     )
     .await
-}
-
-async fn agent_pid_of(conn: &ConnectionManager, id: &SessionId) -> u32 {
-    let pid: String = conn
-        .clone()
-        .get(SessionKeys::new(id).agent_pid())
-        .await
-        .unwrap();
-    pid.parse().unwrap()
 }
 
 async fn wait_field(conn: &ConnectionManager, id: &SessionId, field: &str) -> String {
@@ -214,11 +200,7 @@ async fn nothing_left(conn: &ConnectionManager, id: &SessionId) -> Result<(), St
         .into_iter()
         .filter(|k| *k != idempotency)
         .collect();
-    let indexed: Option<f64> = conn
-        .clone()
-        .zscore(SESSION_HEARTBEATS, id.as_str())
-        .await
-        .unwrap();
+    let indexed = heartbeat_score(conn, id).await;
     let in_sets = is_member(conn, "session:starting", id.as_str()).await
         || is_member(conn, "session:ready", id.as_str()).await;
     if keys.is_empty() && indexed.is_none() && !in_sets {
@@ -230,9 +212,8 @@ async fn nothing_left(conn: &ConnectionManager, id: &SessionId) -> Result<(), St
     }
 }
 
-async fn stop(worker: Child) -> String {
-    signal(&worker, Signal::SIGTERM);
-    let out = output_of(worker).await;
+async fn stop(worker: WorkerProcess) -> String {
+    let out = worker.stop().await;
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
@@ -263,23 +244,15 @@ async fn event_statuses(conn: &ConnectionManager, id: &SessionId) -> Vec<(String
         .collect()
 }
 
-/// The score of `id` in the heartbeat index: the time of its owner's last heartbeat of it.
-async fn heartbeat_of(conn: &ConnectionManager, id: &SessionId) -> Option<u64> {
-    conn.clone()
-        .zscore(SESSION_HEARTBEATS, id.as_str())
-        .await
-        .unwrap()
-}
-
 /// Waits until the owner of the live session `id` has heartbeated it `n` more times (its score
 /// in the heartbeat index, unix seconds, advanced `n` times).
 async fn wait_heartbeats(conn: &ConnectionManager, id: &SessionId, n: usize) {
-    let mut last = heartbeat_of(conn, id).await.expect("a live session");
+    let mut last = heartbeat_score(conn, id).await.expect("a live session");
     for _ in 0..n {
         last = wait_for(
             &format!("a heartbeat of {id} after {last}"),
             Duration::from_secs(10),
-            || async { heartbeat_of(conn, id).await.filter(|t| *t > last) },
+            || async { heartbeat_score(conn, id).await.filter(|t| *t > last) },
         )
         .await;
     }
@@ -346,7 +319,7 @@ async fn a_normal_end_leaves_the_billing_record_for_the_orchestrator_then_nothin
     let id = sid("billed-1");
     orchestrator_start(&redis.conn, &id, "u", "Craig", None, &[]).await;
     wait_status(&redis.conn, &id, "ready", Duration::from_secs(30)).await;
-    let pid = agent_pid_of(&redis.conn, &id).await;
+    let pid = agent_pid(&redis.conn, &id).await;
     wait_field(&redis.conn, &id, "conversationStartTime").await;
     // The participant hangs up: the agent writes its billing fields and exits 0.
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGUSR1).unwrap();
@@ -367,12 +340,9 @@ async fn a_normal_end_leaves_the_billing_record_for_the_orchestrator_then_nothin
     assert!(!record.contains_key("error"), "{record:?}");
 
     // After the next sweep nothing of the session is left, our indexes included.
-    let out = output_of(
-        worker_command(&redis.url(), &["sweep"], "ready", &[])
-            .spawn()
-            .unwrap(),
-    )
-    .await;
+    let out = WorkerProcess::spawn(worker_command(&redis.url(), &["sweep"], "ready", &[]))
+        .output()
+        .await;
     assert!(
         out.status.success(),
         "{}",
@@ -405,7 +375,7 @@ async fn a_credit_stop_stops_the_agent_on_another_process_and_keeps_terminated()
     let id = sid("out-of-credit");
     orchestrator_start(&redis.conn, &id, "u", "Olivia", None, &[]).await;
     wait_status(&redis.conn, &id, "ready", Duration::from_secs(30)).await;
-    let pid = agent_pid_of(&redis.conn, &id).await;
+    let pid = agent_pid(&redis.conn, &id).await;
     // The orchestrator's terminate_session_insufficient_credits, from this (another) process.
     let state = SessionKeys::new(&id).state();
     let written = Instant::now();
@@ -477,14 +447,9 @@ async fn an_orchestrator_first_end_stops_the_agent_and_recreates_nothing() {
     for session in [&id, &running] {
         wait_status(&redis.conn, session, "ready", Duration::from_secs(30)).await;
     }
-    let pid = agent_pid_of(&redis.conn, &id).await;
+    let pid = agent_pid(&redis.conn, &id).await;
     assert!(orchestrator_end(&redis.conn, &id).await.is_some());
-    wait_for(
-        "the agent to be stopped",
-        Duration::from_secs(5),
-        || async { (!alive(pid)).then_some(()) },
-    )
-    .await;
+    wait_gone("the agent to be stopped", Duration::from_secs(5), pid).await;
     // The worker recorded that it stopped the agent because the session ended...
     wait_for(
         &format!("the stopped event of {id}"),
@@ -657,7 +622,7 @@ async fn with_the_alive_phase_on_agents_with_and_without_an_alive_line_become_re
     let python_worker = worker(&python, &alive_phase);
     // The test agent's default behaviour: a ready line only (alive implied).
     let plain = TestRedis::start().await;
-    let plain_worker = worker_command(
+    let plain_worker = WorkerProcess::spawn(worker_command(
         &plain.url(),
         &["run"],
         "ready",
@@ -667,21 +632,14 @@ async fn with_the_alive_phase_on_agents_with_and_without_an_alive_line_become_re
             // Longer than the start-up timeout, as `worker` has it.
             ("AGENT_WORKER__SESSION__STALE_AFTER", "30s"),
         ],
-    )
-    .spawn()
-    .expect("start the worker");
+    ));
     let (alive_first, implied) = (sid("alive-then-connected"), sid("alive-implied"));
     orchestrator_start(&python.conn, &alive_first, "u", "Craig", None, &[]).await;
     write_config(&plain.conn, &implied, "Craig", "u").await;
     let plain_task = enqueue(&plain.conn, &implied, None).await;
 
     wait_status(&python.conn, &alive_first, "ready", Duration::from_secs(30)).await;
-    let lines: Vec<String> = python
-        .conn
-        .clone()
-        .lrange(SessionKeys::new(&alive_first).agent_logs(), 0, -1)
-        .await
-        .unwrap();
+    let lines = agent_logs(&python.conn, &alive_first).await;
     let position = |prefix: &str| lines.iter().position(|l| l.starts_with(prefix));
     let (alive, connected) = (position("AGENT_ALIVE"), position("Connected to"));
     assert!(
@@ -693,12 +651,7 @@ async fn with_the_alive_phase_on_agents_with_and_without_an_alive_line_become_re
     wait_done(&plain.conn, &plain_task, Duration::from_secs(10)).await;
     let report = wait_received(&plain.conn, &implied).await;
     assert_eq!(report["contract"]["room"], implied.as_str(), "{report}");
-    let lines: Vec<String> = plain
-        .conn
-        .clone()
-        .lrange(SessionKeys::new(&implied).agent_logs(), 0, -1)
-        .await
-        .unwrap();
+    let lines = agent_logs(&plain.conn, &implied).await;
     assert!(
         !lines.iter().any(|l| l.contains("AGENT_ALIVE")),
         "no alive line was printed: {lines:?}"
@@ -712,7 +665,7 @@ async fn with_the_alive_phase_on_agents_with_and_without_an_alive_line_become_re
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_alive_agent_that_never_gets_ready_fails_after_the_startup_timeout() {
     let redis = TestRedis::start().await;
-    let worker = worker_command(
+    let worker = WorkerProcess::spawn(worker_command(
         &redis.url(),
         &["run"],
         "alive-never-ready",
@@ -721,9 +674,7 @@ async fn an_alive_agent_that_never_gets_ready_fails_after_the_startup_timeout() 
             ("AGENT_WORKER__AGENT__STARTUP_TIMEOUT", "4s"),
             ("AGENT_WORKER__AGENT__START_ATTEMPTS", "1"),
         ],
-    )
-    .spawn()
-    .expect("start the worker");
+    ));
     let id = sid("alive-never-ready");
     write_config(&redis.conn, &id, "Craig", "u").await;
     let enqueued = Instant::now();
@@ -747,14 +698,12 @@ async fn an_alive_agent_that_never_gets_ready_fails_after_the_startup_timeout() 
 async fn a_ready_agent_that_crashes_leaves_an_error_record_with_the_ended_ttl() {
     const ENDED_TTL: i64 = 600;
     let redis = TestRedis::start().await;
-    let worker = worker_command(
+    let worker = WorkerProcess::spawn(worker_command(
         &redis.url(),
         &["run"],
         "crash-after-ready",
         &[("AGENT_WORKER__SESSION__ENDED_TTL", "600s")],
-    )
-    .spawn()
-    .expect("start the worker");
+    ));
     let id = sid("crashed-call");
     let keys = SessionKeys::new(&id);
     // The config is the orchestrator's, with its own (longer) TTL.

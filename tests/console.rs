@@ -12,7 +12,9 @@ use std::{
 };
 
 use agent_jobs::{QueueKeys, SessionKeys, keys};
-use agent_worker::{console::Console, health::Health, http, jobs::retention::Retention, metrics};
+use agent_worker::{
+    console::Console, health::Health, http, jobs::retention::Retention, metrics, settings::Settings,
+};
 use common::*;
 use redis::{AsyncCommands, aio::ConnectionManager};
 use tokio_util::sync::CancellationToken;
@@ -41,6 +43,40 @@ fn start_worker(redis: &TestRedis, overrides: &[(&str, &str)]) -> (TestWorker, S
     all.extend_from_slice(overrides);
     let worker = TestWorker::start(redis.settings("ready", &all));
     (worker, addr)
+}
+
+/// The console alone (no worker) on `conn`, served on a free port.
+struct ConsoleAlone {
+    server: http::HttpServer,
+    stop: CancellationToken,
+}
+
+impl ConsoleAlone {
+    async fn start(settings: &Settings, conn: ConnectionManager) -> Self {
+        let console = Console::new(settings, metrics::install_recorder());
+        console.connected(conn);
+        let stop = CancellationToken::new();
+        let server = http::serve_with(
+            "127.0.0.1:0".parse().unwrap(),
+            metrics::install_recorder(),
+            Health::new(),
+            console.router(),
+            stop.clone(),
+        )
+        .await
+        .unwrap();
+        Self { server, stop }
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.server.local_addr()
+    }
+
+    /// Stops serving and waits until the listener is gone.
+    async fn stop(self) {
+        self.stop.cancel();
+        self.server.stopped().await.unwrap();
+    }
 }
 
 /// Waits until the console answers with its overview (Redis connected).
@@ -83,54 +119,6 @@ async fn dead_job(conn: &ConnectionManager, id: &str) -> String {
     let task = enqueue(conn, &id, None).await;
     wait_dead(conn, &task).await;
     task
-}
-
-/// One HTTP/1.1 exchange: status, headers (lower-case names), body.
-async fn request(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &str,
-) -> (u16, HashMap<String, String>, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let mut head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    if method == "POST" {
-        head.push_str("Content-Type: application/x-www-form-urlencoded\r\n");
-    }
-    for (name, value) in headers {
-        head.push_str(&format!("{name}: {value}\r\n"));
-    }
-    head.push_str("\r\n");
-    stream.write_all(head.as_bytes()).await.unwrap();
-    stream.write_all(body.as_bytes()).await.unwrap();
-    let mut response = String::new();
-    tokio::time::timeout(
-        Duration::from_secs(10),
-        stream.read_to_string(&mut response),
-    )
-    .await
-    .expect("an answer within 10 s")
-    .expect("read");
-    let (head, body) = response.split_once("\r\n\r\n").expect("a header block");
-    let mut lines = head.lines();
-    let code = lines
-        .next()
-        .unwrap()
-        .split(' ')
-        .nth(1)
-        .unwrap()
-        .parse()
-        .unwrap();
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
-        .collect();
-    (code, headers, body.to_owned())
 }
 
 /// The value of the first `name="csrf" value="..."` field of a page.
@@ -460,22 +448,6 @@ async fn write_sessions(conn: &ConnectionManager, n: usize) {
     }
 }
 
-/// `INFO commandstats` as command → calls.
-async fn command_calls(conn: &ConnectionManager) -> HashMap<String, u64> {
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(&mut conn.clone())
-        .await
-        .unwrap();
-    info.lines()
-        .filter_map(|line| {
-            let (name, stats) = line.strip_prefix("cmdstat_")?.split_once(':')?;
-            let calls = stats.split(',').find_map(|kv| kv.strip_prefix("calls="))?;
-            Some((name.to_owned(), calls.parse().ok()?))
-        })
-        .collect()
-}
-
 /// The commands `GET path` cost, by command (the `INFO` and `CONFIG` of the measurement
 /// itself left out), and the page.
 async fn measured(
@@ -520,19 +492,8 @@ async fn a_page_over_ten_thousand_sessions_costs_a_bounded_number_of_commands() 
     write_sessions(conn, SESSIONS).await;
     // The console alone (no worker): then every command Redis counts is the page's.
     let settings = redis.settings("ready", &[]);
-    let console = Console::new(&settings, metrics::install_recorder());
-    console.connected(conn.clone());
-    let stop = CancellationToken::new();
-    let server = http::serve_with(
-        "127.0.0.1:0".parse().unwrap(),
-        metrics::install_recorder(),
-        Health::new(),
-        console.router(),
-        stop.clone(),
-    )
-    .await
-    .unwrap();
-    let addr = server.local_addr();
+    let server = ConsoleAlone::start(&settings, conn.clone()).await;
+    let addr = server.addr();
 
     // Page by page through all of them: each page is bounded, and every session shows up.
     let page_limit = (agent_worker::console::queries::PAGE_SIZE
@@ -624,68 +585,33 @@ async fn a_page_over_ten_thousand_sessions_costs_a_bounded_number_of_commands() 
         "{page}"
     );
     assert!(!page.contains("dead-0949"), "only the newest 50: {page}");
-    stop.cancel();
-    server.stopped().await.unwrap();
+    server.stop().await;
 }
 
 /// `agent-worker run`, the real binary in its own process, serving HTTP on a port of our
-/// choice, with its stdout and stderr read as they come (a full pipe would block the worker)
-/// and kept: what it logged, checked at the end.
-struct WorkerProcess {
-    child: std::process::Child,
-    output: Vec<std::thread::JoinHandle<Vec<u8>>>,
-    _kill: KillOnDrop,
+/// choice; what it writes is read as it comes (a full pipe would block the worker) and kept,
+/// to be checked at the end ([`stop_process`]).
+fn start_process(redis: &TestRedis, env: &[(&str, &str)]) -> (WorkerProcess, SocketAddr) {
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let addr_text = addr.to_string();
+    let mut all = vec![("AGENT_WORKER__HTTP__ADDR", addr_text.as_str())];
+    all.extend_from_slice(env);
+    let worker = WorkerProcess::spawn(worker_command(&redis.url(), &["run"], "ready", &all));
+    (worker, addr)
 }
 
-impl WorkerProcess {
-    fn start(redis: &TestRedis, env: &[(&str, &str)]) -> (Self, SocketAddr) {
-        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let addr_text = addr.to_string();
-        let mut all = vec![("AGENT_WORKER__HTTP__ADDR", addr_text.as_str())];
-        all.extend_from_slice(env);
-        let kill = KillOnDrop::default();
-        let mut child = kill.track(
-            worker_command(&redis.url(), &["run"], "ready", &all)
-                .spawn()
-                .expect("start agent-worker run"),
-        );
-        let drain = |mut pipe: Box<dyn std::io::Read + Send>| {
-            std::thread::spawn(move || {
-                let mut out = Vec::new();
-                let _ = pipe.read_to_end(&mut out);
-                out
-            })
-        };
-        let output = vec![
-            drain(Box::new(child.stdout.take().unwrap())),
-            drain(Box::new(child.stderr.take().unwrap())),
-        ];
-        let worker = Self {
-            child,
-            output,
-            _kill: kill,
-        };
-        (worker, addr)
-    }
-
-    /// Stops the worker (SIGTERM), which must exit cleanly; everything it wrote.
-    async fn stop(mut self) -> String {
-        signal(&self.child, nix::sys::signal::Signal::SIGTERM);
-        let mut child = self.child;
-        let status = tokio::time::timeout(
-            Duration::from_secs(30),
-            tokio::task::spawn_blocking(move || child.wait().expect("wait for the worker")),
-        )
-        .await
-        .expect("the worker stops within 30 s")
-        .unwrap();
-        let mut logged = String::new();
-        for reader in self.output.drain(..) {
-            logged.push_str(&String::from_utf8_lossy(&reader.join().unwrap()));
-        }
-        assert!(status.success(), "the worker stops cleanly: {logged}");
-        logged
-    }
+/// Stops the worker (SIGTERM), which must exit cleanly within 30 s; everything it wrote.
+async fn stop_process(mut worker: WorkerProcess) -> String {
+    worker.signal(nix::sys::signal::Signal::SIGTERM);
+    worker.wait_exit(Duration::from_secs(30)).await;
+    let out = worker.output().await;
+    let logged = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "the worker stops cleanly: {logged}");
+    logged
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -697,7 +623,7 @@ async fn actions_need_the_admin_token_and_the_csrf_token() {
     let token_path = token_file.display().to_string();
     // Its own process, so that everything it logs can be checked for the token; at debug
     // level, the most it ever logs.
-    let (worker, addr) = WorkerProcess::start(
+    let (worker, addr) = start_process(
         &redis,
         &[
             ("AGENT_WORKER__HTTP__ADMIN_TOKEN_FILE", token_path.as_str()),
@@ -853,12 +779,7 @@ async fn actions_need_the_admin_token_and_the_csrf_token() {
     )
     .await;
     assert_eq!(code, 200, "{page}");
-    wait_for(
-        "the stopped agent to exit",
-        Duration::from_secs(15),
-        || async { (!alive(pid)).then_some(()) },
-    )
-    .await;
+    wait_gone("the stopped agent to exit", Duration::from_secs(15), pid).await;
     let keys = SessionKeys::new(&sid("console-stop-me"));
     wait_for(
         "the stopped session's keys to be gone",
@@ -893,7 +814,7 @@ async fn actions_need_the_admin_token_and_the_csrf_token() {
 
     // The token, read from its file and checked on every request above, was never logged,
     // nor were the wrong ones tried; the log does hold the actions and the refusals.
-    let logged = worker.stop().await;
+    let logged = stop_process(worker).await;
     let _ = std::fs::remove_file(&token_file);
     for secret in [
         ADMIN_TOKEN,
@@ -928,19 +849,8 @@ async fn config_values_are_shown_only_with_console_show_config() {
     );
     let settings = redis.settings("ready", &[]);
     assert!(!settings.http.console_show_config, "off by default");
-    let console = Console::new(&settings, metrics::install_recorder());
-    console.connected(conn.clone());
-    let stop = CancellationToken::new();
-    let server = http::serve_with(
-        "127.0.0.1:0".parse().unwrap(),
-        metrics::install_recorder(),
-        Health::new(),
-        console.router(),
-        stop.clone(),
-    )
-    .await
-    .unwrap();
-    let hidden_addr = server.local_addr();
+    let server = ConsoleAlone::start(&settings, conn.clone()).await;
+    let hidden_addr = server.addr();
     wait_console(shown_addr).await;
     start_session(conn, "console-shown", "Olivia").await;
 
@@ -979,8 +889,7 @@ async fn config_values_are_shown_only_with_console_show_config() {
             "{path} lacks {expected}: {hidden}"
         );
     }
-    stop.cancel();
-    server.stopped().await.unwrap();
+    server.stop().await;
     worker.stop().await;
 }
 
@@ -1134,19 +1043,8 @@ async fn the_shipped_acl_rule_allows_every_page_and_action_of_the_console() {
     let restricted = agent_worker::connection::connect(&settings.redis)
         .await
         .expect("the restricted user connects");
-    let console = Console::new(&settings, metrics::install_recorder());
-    console.connected(restricted);
-    let stop = CancellationToken::new();
-    let server = http::serve_with(
-        "127.0.0.1:0".parse().unwrap(),
-        metrics::install_recorder(),
-        Health::new(),
-        console.router(),
-        stop.clone(),
-    )
-    .await
-    .unwrap();
-    let addr = server.local_addr();
+    let server = ConsoleAlone::start(&settings, restricted).await;
+    let addr = server.addr();
     let bearer = format!("Bearer {ADMIN_TOKEN}");
     let mut csrf = String::new();
     for path in [
@@ -1190,7 +1088,6 @@ async fn the_shipped_acl_rule_allows_every_page_and_action_of_the_console() {
         .await
         .unwrap();
     assert!(refused.is_empty(), "{refused:?}");
-    stop.cancel();
-    server.stopped().await.unwrap();
+    server.stop().await;
     let _ = std::fs::remove_file(&file);
 }

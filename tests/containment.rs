@@ -12,26 +12,19 @@ use common::*;
 use nix::sys::signal::Signal;
 use redis::AsyncCommands;
 
-fn worker(url: &str, containment: &str) -> std::process::Child {
-    worker_command(
+fn worker(url: &str, containment: &str) -> WorkerProcess {
+    WorkerProcess::spawn(worker_command(
         url,
         &["run"],
         "escape",
         &[("AGENT_WORKER__AGENT__CONTAINMENT", containment)],
-    )
-    .spawn()
-    .expect("start the worker")
+    ))
 }
 
 /// The pid of the process the agent of `id` started outside its group.
 async fn escapee(redis: &TestRedis, id: &SessionId) -> u32 {
     wait_for("the escapee's pid", Duration::from_secs(10), || async {
-        let lines: Vec<String> = redis
-            .conn
-            .clone()
-            .lrange(SessionKeys::new(id).agent_logs(), 0, -1)
-            .await
-            .unwrap();
+        let lines = agent_logs(&redis.conn, id).await;
         lines
             .iter()
             .find_map(|l| l.strip_prefix("escapee ")?.parse().ok())
@@ -52,16 +45,12 @@ async fn end_session(redis: &TestRedis, id: &SessionId) {
         .del(&SessionKeys::new(id).all())
         .await
         .unwrap();
-    wait_for("the agent to stop", Duration::from_secs(10), || async {
-        (!alive(agent)).then_some(())
-    })
-    .await;
+    wait_gone("the agent to stop", Duration::from_secs(10), agent).await;
 }
 
 /// Stops the worker; the mechanism it said it used (in `worker_started`).
-async fn mechanism(worker: std::process::Child) -> String {
-    signal(&worker, Signal::SIGTERM);
-    let out = output_of(worker).await;
+async fn mechanism(worker: WorkerProcess) -> String {
+    let out = worker.stop().await;
     events(&out.stderr)
         .into_iter()
         .find(|e| e["message"] == "worker_started")
@@ -91,8 +80,8 @@ async fn an_escaped_process_ends_with_its_session_in_a_cgroup_and_under_the_subr
 }
 
 /// The cgroup guard `agent-worker run` started (a child of `worker` running `cgroup-guard`).
-async fn guard_of(worker: &std::process::Child) -> u32 {
-    let parent = worker.id().to_string();
+async fn guard_of(worker: &WorkerProcess) -> u32 {
+    let parent = worker.pid().to_string();
     wait_for(
         "the worker's cgroup guard",
         Duration::from_secs(10),
@@ -115,7 +104,7 @@ async fn guard_of(worker: &std::process::Child) -> u32 {
 
 /// A worker in a cgroup with one ready session whose agent left an escaped process; returns
 /// the worker, its agent's pid and the escapee's.
-async fn worker_with_an_escapee(redis: &TestRedis, name: &str) -> (std::process::Child, u32, u32) {
+async fn worker_with_an_escapee(redis: &TestRedis, name: &str) -> (WorkerProcess, u32, u32) {
     let worker = worker(&redis.url(), "cgroup");
     let id = sid(name);
     enqueue(&redis.conn, &id, None).await;
@@ -134,46 +123,41 @@ async fn a_sigkilled_workers_escaped_processes_die_with_it_and_without_its_guard
  {
     let redis = TestRedis::start().await;
     // The guard sees the worker go and removes its cgroups: the escapee dies at once.
-    let (first, agent, escaped) = worker_with_an_escapee(&redis, "orphaned-escapee").await;
+    let (mut first, agent, escaped) = worker_with_an_escapee(&redis, "orphaned-escapee").await;
     let guard = guard_of(&first).await;
-    signal(&first, Signal::SIGKILL);
-    output_of(first).await;
-    wait_for(
+    first.kill();
+    wait_gone(
         "the agent to die with its worker",
         Duration::from_secs(5),
-        || async { (!alive(agent)).then_some(()) },
+        agent,
     )
     .await;
-    wait_for(
+    wait_gone(
         "the escaped process to be killed by the guard",
         Duration::from_secs(10),
-        || async { (!alive(escaped)).then_some(()) },
+        escaped,
     )
     .await;
-    wait_for("the guard to exit", Duration::from_secs(10), || async {
-        (!alive(guard)).then_some(())
-    })
-    .await;
+    wait_gone("the guard to exit", Duration::from_secs(10), guard).await;
 
     // Guard and worker both killed: out of the group, no one's child, the escapee lives on...
-    let (second, agent, escaped) = worker_with_an_escapee(&redis, "orphaned-twice").await;
+    let (mut second, agent, escaped) = worker_with_an_escapee(&redis, "orphaned-twice").await;
     let guard = guard_of(&second).await;
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(guard as i32), Signal::SIGKILL).unwrap();
-    signal(&second, Signal::SIGKILL);
-    output_of(second).await;
-    wait_for(
+    second.kill();
+    wait_gone(
         "the agent to die with its worker",
         Duration::from_secs(5),
-        || async { (!alive(agent)).then_some(()) },
+        agent,
     )
     .await;
     assert!(alive(escaped));
     // ...until a worker starts in the same cgroup and kills what dead workers left.
     let third = worker(&redis.url(), "cgroup");
-    wait_for(
+    wait_gone(
         "the escaped process to be gone",
         Duration::from_secs(10),
-        || async { (!alive(escaped)).then_some(()) },
+        escaped,
     )
     .await;
     assert_eq!(mechanism(third).await, "cgroup");

@@ -7,24 +7,22 @@ use std::time::{Duration, Instant};
 
 use agent_jobs::{SessionId, SessionKeys, keys::SESSION_HEARTBEATS};
 use common::*;
-use nix::sys::signal::Signal;
 use redis::{AsyncCommands, aio::ConnectionManager};
 
-fn worker(url: &str, extra: &[(&str, &str)]) -> std::process::Child {
+fn worker(url: &str, extra: &[(&str, &str)]) -> WorkerProcess {
     let mut env = vec![("AGENT_WORKER__SWEEP__INTERVAL", "1h")];
     env.extend_from_slice(extra);
-    worker_command(url, &["run"], "ready", &env)
-        .spawn()
-        .expect("start the worker")
+    WorkerProcess::spawn(worker_command(url, &["run"], "ready", &env))
 }
 
-async fn pid_of(conn: &ConnectionManager, id: &SessionId) -> u32 {
-    let pid: String = conn
-        .clone()
-        .get(SessionKeys::new(id).agent_pid())
-        .await
-        .unwrap();
-    pid.parse().unwrap()
+/// The worker of `out` stopped its agents only at its own shutdown, never as "ended by the
+/// orchestrator".
+fn assert_only_stopped_by_the_shutdown(out: &std::process::Output) {
+    let ended = events(&out.stderr)
+        .into_iter()
+        .filter(|e| e["message"] == "agent_stopped" && e["reason"] != "worker_shutdown")
+        .count();
+    assert_eq!(ended, 0, "{}", String::from_utf8_lossy(&out.stderr));
 }
 
 /// The record of a live agent, as a fresh worker would have written it.
@@ -123,7 +121,7 @@ async fn live_agents_survive_an_empty_redis_restart_and_their_records_come_back(
         write_config(&redis.conn, id, "Craig", "u").await;
         enqueue(&redis.conn, id, None).await;
         wait_status(&redis.conn, id, "ready", Duration::from_secs(20)).await;
-        pids.push(pid_of(&redis.conn, id).await);
+        pids.push(agent_pid(&redis.conn, id).await);
     }
     // Persistence is off: the server comes back empty.
     redis.redis.stop();
@@ -133,8 +131,7 @@ async fn live_agents_survive_an_empty_redis_restart_and_their_records_come_back(
     assert!(keys.is_empty() || !keys.iter().any(|k| k.starts_with("session:")));
     within_one_heartbeat(&redis.conn, &ids, &pids, back).await;
     assert_dataset_loss_counted(http).await;
-    signal(&worker, Signal::SIGTERM);
-    let out = output_of(worker).await;
+    let out = worker.stop().await;
     let events = events(&out.stderr);
     let lost: Vec<_> = events
         .iter()
@@ -143,18 +140,13 @@ async fn live_agents_survive_an_empty_redis_restart_and_their_records_come_back(
     assert!(!lost.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
     let restored: u64 = lost.iter().map(|e| e["restored"].as_u64().unwrap()).sum();
     assert_eq!(restored, 3);
-    // Stopped only by the shutdown at the end, never as "ended by the orchestrator".
-    let ended = events
-        .iter()
-        .filter(|e| e["message"] == "agent_stopped" && e["reason"] != "worker_shutdown")
-        .count();
-    assert_eq!(ended, 0);
+    assert_only_stopped_by_the_shutdown(&out);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_evicting_redis_is_refused_unless_allowed() {
     let redis = TestRedis::start_with(&["--maxmemory-policy", "allkeys-lru"]).await;
-    let refused = output_of(worker(&redis.url(), &[])).await;
+    let refused = worker(&redis.url(), &[]).output().await;
     assert!(!refused.status.success());
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("maxmemory-policy allkeys-lru"), "{stderr}");
@@ -175,19 +167,15 @@ async fn an_evicting_redis_is_refused_unless_allowed() {
     })
     .await;
     assert_eq!(metrics.0, 200);
-    let status = output_of(
-        worker_command(&redis.url(), &["status"], "ready", &[])
-            .spawn()
-            .unwrap(),
-    )
-    .await;
+    let status = WorkerProcess::spawn(worker_command(&redis.url(), &["status"], "ready", &[]))
+        .output()
+        .await;
     let text = String::from_utf8_lossy(&status.stdout);
     assert!(
         text.contains("maxmemory-policy allkeys-lru  (evicts keys"),
         "{text}"
     );
-    signal(&allowed, Signal::SIGTERM);
-    let out = output_of(allowed).await;
+    let out = allowed.stop().await;
     assert!(out.status.success());
     let warned = events(&out.stderr)
         .iter()
@@ -216,7 +204,7 @@ async fn records_evicted_under_memory_pressure_are_written_again_not_ended() {
     for id in &ids {
         enqueue(&redis.conn, id, None).await;
         wait_status(&redis.conn, id, "ready", Duration::from_secs(20)).await;
-        pids.push(pid_of(&redis.conn, id).await);
+        pids.push(agent_pid(&redis.conn, id).await);
     }
     // volatile-ttl evicts keys with the shortest TTL first: the session records (4 h), before
     // the filler (10 h); keys without a TTL (the queue, our index) stay.
@@ -278,8 +266,7 @@ async fn records_evicted_under_memory_pressure_are_written_again_not_ended() {
         .unwrap();
     within_one_heartbeat(&redis.conn, &ids, &pids, Instant::now()).await;
     assert_dataset_loss_counted(http).await;
-    signal(&worker, Signal::SIGTERM);
-    let out = output_of(worker).await;
+    let out = worker.stop().await;
     let events = events(&out.stderr);
     assert!(
         events
@@ -288,11 +275,7 @@ async fn records_evicted_under_memory_pressure_are_written_again_not_ended() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let ended = events
-        .iter()
-        .filter(|e| e["message"] == "agent_stopped" && e["reason"] != "worker_shutdown")
-        .count();
-    assert_eq!(ended, 0);
+    assert_only_stopped_by_the_shutdown(&out);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -343,8 +326,7 @@ async fn a_session_still_starting_when_redis_loses_its_data_gets_its_record_back
     let ttl: i64 = redis.conn.clone().ttl(&state).await.unwrap();
     assert!(ttl > 0, "the record written again expires: TTL {ttl}");
     assert!(alive(pid), "the agent still runs");
-    signal(&worker, Signal::SIGTERM);
-    let out = output_of(worker).await;
+    let out = worker.stop().await;
     let events = events(&out.stderr);
     assert!(
         events
@@ -353,11 +335,7 @@ async fn a_session_still_starting_when_redis_loses_its_data_gets_its_record_back
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let ended = events
-        .iter()
-        .filter(|e| e["message"] == "agent_stopped" && e["reason"] != "worker_shutdown")
-        .count();
-    assert_eq!(ended, 0, "{}", String::from_utf8_lossy(&out.stderr));
+    assert_only_stopped_by_the_shutdown(&out);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -372,7 +350,7 @@ async fn a_session_the_orchestrator_ends_while_it_is_starting_is_still_stopped()
     enqueue(&redis.conn, &id, None).await;
     wait_status(&redis.conn, &id, "starting", Duration::from_secs(20)).await;
     let pid = wait_for("the agent to run", Duration::from_secs(10), || async {
-        live_agents(&[worker.id()])
+        live_agents(&[worker.pid()])
             .get(id.as_str())?
             .first()
             .copied()
@@ -386,14 +364,8 @@ async fn a_session_the_orchestrator_ends_while_it_is_starting_is_still_stopped()
         .del(&[keys.state(), keys.config()])
         .await
         .unwrap();
-    wait_for(
-        "the agent to be stopped",
-        Duration::from_secs(20),
-        || async { (!alive(pid)).then_some(()) },
-    )
-    .await;
-    signal(&worker, Signal::SIGTERM);
-    let out = output_of(worker).await;
+    wait_gone("the agent to be stopped", Duration::from_secs(20), pid).await;
+    let out = worker.stop().await;
     let events = events(&out.stderr);
     assert!(
         events
@@ -445,8 +417,7 @@ async fn waiting_jobs_whose_data_vanished_go_dead_with_the_reason_and_the_rest_r
         let id = sid(&format!("data-lost-{i}"));
         assert_eq!(status(&redis.conn, &id).await, None, "no agent for {id}");
     }
-    signal(&worker, Signal::SIGTERM);
-    let out = output_of(worker).await;
+    let out = worker.stop().await;
     // The first one fetched ends a run of the job worker; the recovery takes the others out
     // of the ready list with it, rather than each ending one more run (with a longer back-off
     // each time, the good job waiting behind them).
@@ -479,6 +450,5 @@ async fn a_running_job_whose_data_vanished_still_ends() {
     // Acknowledged like any other: done, not left inflight.
     wait_done(&redis.conn, &task, Duration::from_secs(20)).await;
     assert!(!inflight_anywhere(&redis.conn, &task).await);
-    signal(&worker, Signal::SIGTERM);
-    output_of(worker).await;
+    worker.stop().await;
 }

@@ -11,7 +11,7 @@ use common::*;
 const NO_REDIS: &str = "redis://127.0.0.1:1";
 
 fn demo(args: &[&str]) -> Command {
-    let mut command = Command::new(WORKER_BIN);
+    let mut command = worker_bin();
     command
         .arg("demo")
         .args(args)

@@ -37,13 +37,6 @@ async fn keys_left(conn: &ConnectionManager, id: &SessionId) -> usize {
     conn.clone().exists(all_keys(id)).await.unwrap()
 }
 
-async fn indexed(conn: &ConnectionManager, id: &SessionId) -> Option<f64> {
-    conn.clone()
-        .zscore(SESSION_HEARTBEATS, id.as_str())
-        .await
-        .unwrap()
-}
-
 async fn backdate(conn: &ConnectionManager, id: &SessionId, secs: u64) {
     let _: () = conn
         .clone()
@@ -71,10 +64,10 @@ async fn a_sigkilled_workers_session_is_swept_by_another_worker_process() {
     start_ready(&redis.conn, &id).await;
     let pid = agent_pid(&redis.conn, &id).await;
     a.kill();
-    wait_for(
+    wait_gone(
         "the agent to die with its worker",
         Duration::from_secs(5),
-        || async { (!alive(pid)).then_some(()) },
+        pid,
     )
     .await;
     // Nobody heartbeats the session any more; make it as old as stale_after would. (Its log
@@ -98,7 +91,7 @@ async fn a_sigkilled_workers_session_is_swept_by_another_worker_process() {
         || async { (keys_left(&redis.conn, &id).await == 0).then_some(()) },
     )
     .await;
-    assert_eq!(indexed(&redis.conn, &id).await, None);
+    assert_eq!(heartbeat_score(&redis.conn, &id).await, None);
     assert!(!is_member(&redis.conn, "session:ready", id.as_str()).await);
     let output = b.stop().await;
     assert!(output.status.success(), "{:?}", output.status);
@@ -164,7 +157,7 @@ async fn a_replica_whose_clock_runs_behind_keeps_its_sessions() {
         .query_async(&mut redis.conn.clone())
         .await
         .unwrap();
-    let stamped = indexed(&redis.conn, &id).await.expect("indexed") as u64;
+    let stamped = heartbeat_score(&redis.conn, &id).await.expect("indexed") as u64;
     assert!(
         redis_now.abs_diff(stamped) < 5,
         "heartbeat stamped {stamped}, Redis says {redis_now}"
@@ -179,7 +172,7 @@ async fn a_replica_whose_clock_runs_behind_keeps_its_sessions() {
     b.wait_events("sweep_complete", 3, Duration::from_secs(20))
         .await;
     assert_eq!(status(&redis.conn, &id).await.as_deref(), Some("ready"));
-    assert!(indexed(&redis.conn, &id).await.is_some());
+    assert!(heartbeat_score(&redis.conn, &id).await.is_some());
     assert!(b.events_named("session_swept").is_empty());
     for worker in [a, b] {
         stop_worker(worker).await;
@@ -207,28 +200,23 @@ async fn deleting_a_sessions_keys_stops_its_agent_within_a_heartbeat() {
     let pid = agent_pid(&redis.conn, &ended).await;
     // What the orchestrator does to end a session.
     let _: () = redis.conn.clone().del(all_keys(&ended)).await.unwrap();
-    wait_for(
-        "the agent to be stopped",
-        Duration::from_secs(5),
-        || async { (!alive(pid)).then_some(()) },
-    )
-    .await;
+    wait_gone("the agent to be stopped", Duration::from_secs(5), pid).await;
     wait_for(
         "the session to stay removed",
         Duration::from_secs(5),
         || async {
             (keys_left(&redis.conn, &ended).await == 0
-                && indexed(&redis.conn, &ended).await.is_none())
+                && heartbeat_score(&redis.conn, &ended).await.is_none())
             .then_some(())
         },
     )
     .await;
     // The other session is untouched and keeps heartbeating.
-    let before = indexed(&redis.conn, &kept).await.unwrap();
+    let before = heartbeat_score(&redis.conn, &kept).await.unwrap();
     wait_for(
         "a heartbeat of the other session",
         Duration::from_secs(5),
-        || async { (indexed(&redis.conn, &kept).await.unwrap() > before).then_some(()) },
+        || async { (heartbeat_score(&redis.conn, &kept).await.unwrap() > before).then_some(()) },
     )
     .await;
     assert_eq!(status(&redis.conn, &kept).await.as_deref(), Some("ready"));
@@ -279,7 +267,7 @@ async fn stuck_starts_are_swept_and_ended_records_wait_out_their_window() {
         store.end(&failed, "w", &end).await.unwrap(),
         EndRecord::Kept(agent_jobs::SessionStatus::Error)
     );
-    assert_eq!(indexed(&redis.conn, &failed).await, None);
+    assert_eq!(heartbeat_score(&redis.conn, &failed).await, None);
     assert!(ttl_of(&redis.conn, &SessionKeys::new(&failed).state()).await <= 600);
     // Agents that wrote `completed` on workers that died before recording the end: one a
     // moment ago, one longer ago than the ended window.
@@ -310,7 +298,7 @@ async fn stuck_starts_are_swept_and_ended_records_wait_out_their_window() {
         2,
         "a dry run removes nothing"
     );
-    assert!(indexed(&redis.conn, &completed).await.is_some());
+    assert!(heartbeat_score(&redis.conn, &completed).await.is_some());
 
     let report = sweep.run(unix_now(), false).await.unwrap();
     let mut removed: Vec<_> = report
@@ -334,7 +322,7 @@ async fn stuck_starts_are_swept_and_ended_records_wait_out_their_window() {
         status(&redis.conn, &completed).await.as_deref(),
         Some("completed")
     );
-    assert_eq!(indexed(&redis.conn, &completed).await, None);
+    assert_eq!(heartbeat_score(&redis.conn, &completed).await, None);
     let left = ttl_of(&redis.conn, &SessionKeys::new(&completed).state()).await;
     assert!((1..=530).contains(&left), "TTL {left}");
     assert_eq!(status(&redis.conn, &failed).await.as_deref(), Some("error"));
@@ -651,9 +639,9 @@ async fn heartbeats_write_ready_only_over_starting_and_keep_everyone_elses_statu
     // Anything else stays, heartbeat after heartbeat, while the agent runs on.
     for other in ["completed", "error", "something-new"] {
         set_status(other).await;
-        let before = indexed(&redis.conn, &id).await.unwrap();
+        let before = heartbeat_score(&redis.conn, &id).await.unwrap();
         wait_for("two more heartbeats", Duration::from_secs(10), || async {
-            (indexed(&redis.conn, &id).await.unwrap() >= before + 2.0).then_some(())
+            (heartbeat_score(&redis.conn, &id).await.unwrap() >= before + 2.0).then_some(())
         })
         .await;
         assert_eq!(status(&redis.conn, &id).await.as_deref(), Some(other));
@@ -685,7 +673,7 @@ async fn a_job_for_a_terminated_or_completed_session_starts_no_agent() {
         wait_done(&redis.conn, &task, Duration::from_secs(20)).await;
         assert_eq!(status(&redis.conn, &id).await.as_deref(), Some(ended));
         assert!(received(&redis.conn, &id).await.is_none(), "no agent ran");
-        assert_eq!(indexed(&redis.conn, &id).await, None);
+        assert_eq!(heartbeat_score(&redis.conn, &id).await, None);
         let config: bool = redis
             .conn
             .clone()

@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::{process::Command, time::Duration};
+use std::time::Duration;
 
 use agent_jobs::{QueueKeys, SessionKeys};
 use agent_worker::{cli::local_redis::LocalRedis, connection};
@@ -27,10 +27,10 @@ async fn agents_die_with_a_sigkilled_worker() {
     assert!(pids.iter().all(|pid| alive(*pid)));
     worker.kill();
     for pid in pids {
-        wait_for(
+        wait_gone(
             &format!("agent {pid} to die with its worker"),
             Duration::from_secs(5),
-            || async { (!alive(pid)).then_some(()) },
+            pid,
         )
         .await;
     }
@@ -182,7 +182,7 @@ async fn json_logs_carry_the_events_and_never_the_redis_password() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_enqueue_command_writes_the_config_and_prints_the_task_id() {
     let redis = TestRedis::start().await;
-    let output = Command::new(WORKER_BIN)
+    let output = worker_bin()
         .args(["enqueue", "--session-id", "cli-1", "--user-id", "carol"])
         .args(["--voice-id", "Olivia", "--opening-line", "Hello $(whoami)"])
         .env("AGENT_WORKER__REDIS__URL", redis.url())
@@ -218,7 +218,7 @@ async fn the_enqueue_command_writes_the_config_and_prints_the_task_id() {
         .unwrap();
     assert_eq!(queued, [task_id]);
 
-    let bad = Command::new(WORKER_BIN)
+    let bad = worker_bin()
         .args(["enqueue", "--session-id", "a:b"])
         .env("AGENT_WORKER__REDIS__URL", redis.url())
         .output()
@@ -426,12 +426,7 @@ async fn a_launch_dropped_before_its_agent_is_ready_kills_the_agent() {
         agent = started => agent,
     };
     // This process lives on, so no death signal: only the launcher can have stopped it.
-    wait_for(
-        "the agent to be killed",
-        Duration::from_secs(10),
-        || async { (!alive(agent)).then_some(()) },
-    )
-    .await;
+    wait_gone("the agent to be killed", Duration::from_secs(10), agent).await;
     let _ = std::fs::remove_file(ledger);
 }
 
@@ -449,10 +444,10 @@ async fn a_dropped_worker_process_is_killed_and_reaped_with_its_agents() {
         proc_state(pid).is_none(),
         "the worker is gone, not a zombie"
     );
-    wait_for(
+    wait_gone(
         "the agent to die with its worker",
         Duration::from_secs(5),
-        || async { (!alive(agent)).then_some(()) },
+        agent,
     )
     .await;
 }

@@ -9,65 +9,13 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::*;
-use tokio::process::Command;
 
-const PYTHON_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/python");
 /// How long the test agent of the wait tests takes to print its ready line: long enough for
 /// the tests to act while a session is still starting.
 const READY_DELAY_MS: &str = "2000";
 /// The queue of a second worker whose agents always fail to start.
 const FAILING_QUEUE: &str = "agent-start-failing";
-
-/// Runs `python3 -m unittest -v tests.<module>` in `python/` with `env`; panics with its
-/// output unless exactly `tests` tests ran and all passed.
-async fn unittest(module: &str, tests: usize, env: &[(&str, String)]) {
-    let path = std::env::var("PYTHONPATH").unwrap_or_default();
-    let out = tokio::time::timeout(
-        Duration::from_secs(300),
-        Command::new("python3")
-            .args(["-m", "unittest", "-v", &format!("tests.{module}")])
-            .current_dir(PYTHON_DIR)
-            .env("PYTHONPATH", format!("{PYTHON_DIR}:{path}"))
-            .env("PYTHONDONTWRITEBYTECODE", "1")
-            .env("PYTHONUNBUFFERED", "1")
-            .envs(env.iter().map(|(k, v)| (k, v)))
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("the Python tests finish within 5 minutes")
-    .expect("run python3");
-    let report = String::from_utf8_lossy(&out.stderr);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    // Shown with --nocapture: the measured latencies are in it.
-    eprintln!("{report}{stdout}");
-    assert!(
-        out.status.success(),
-        "tests.{module} failed:\n{report}{stdout}"
-    );
-    let ran = format!("Ran {tests} test");
-    assert!(report.contains(&ran), "expected {ran}s:\n{report}");
-    let last = report.lines().rev().find(|l| !l.trim().is_empty());
-    assert_eq!(last, Some("OK"), "no failures and no skips:\n{report}");
-}
-
-/// Fails the test, with what to install, unless `python3` can import `modules`.
-async fn require_python(modules: &[&str]) {
-    let code = format!("import {}", modules.join(", "));
-    let out = Command::new("python3")
-        .args(["-c", &code])
-        .output()
-        .await
-        .expect("these tests need python3");
-    assert!(
-        out.status.success(),
-        "these tests need python3 with {modules:?} (cargo xtask test installs them):\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 fn redis_env(redis: &TestRedis) -> Vec<(&'static str, String)> {
     vec![
@@ -95,7 +43,7 @@ async fn wait_ready_sync_and_async_with_the_real_worker() {
         "AGENT_WORKER_TEST_READY_DELAY_MS",
         READY_DELAY_MS.to_owned(),
     ));
-    unittest("test_wait", 10, &env).await;
+    unittest("test_wait", 10, &env, &[]).await;
     failing.stop().await;
     ready.stop().await;
 }
@@ -104,17 +52,15 @@ async fn wait_ready_sync_and_async_with_the_real_worker() {
 async fn end_session_stops_the_agent_of_a_worker_in_another_process() {
     require_python(&["redis"]).await;
     let redis = TestRedis::start().await;
-    let procs = KillOnDrop::default();
     // The real binary, `agent-worker run`: its own process, heartbeating every second.
-    let worker = procs.track(
-        worker_command(&redis.url(), &["run"], "ready", &[])
-            .spawn()
-            .expect("start agent-worker run"),
+    let worker = WorkerProcess::run(&redis.url(), "ready", &[]);
+    unittest("test_end", 4, &redis_env(&redis), &[]).await;
+    let out = worker.stop().await;
+    assert!(
+        out.status.success(),
+        "the worker stops cleanly: {}",
+        String::from_utf8_lossy(&out.stderr)
     );
-    unittest("test_end", 4, &redis_env(&redis)).await;
-    signal(&worker, nix::sys::signal::Signal::SIGTERM);
-    let out = output_of(worker).await;
-    assert!(out.status.success(), "the worker stops cleanly");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -122,6 +68,6 @@ async fn the_fastapi_example_runs_the_seed_scenario() {
     require_python(&["redis", "fastapi", "uvicorn", "httpx"]).await;
     let redis = TestRedis::start().await;
     let worker = TestWorker::start(redis.settings("ready", &[]));
-    unittest("test_fastapi", 1, &redis_env(&redis)).await;
+    unittest("test_fastapi", 1, &redis_env(&redis), &[]).await;
     worker.stop().await;
 }

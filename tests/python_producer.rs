@@ -20,8 +20,6 @@ use common::*;
 use redis::{AsyncCommands, aio::ConnectionManager};
 use tokio::{io::AsyncWriteExt, process::Command};
 
-/// The package's root (what `pip install ./python` installs from).
-const PYTHON_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/python");
 /// The compatibility module of the old one-file producer.
 const COMPAT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/jobs/python/agent_jobs.py");
 const SCHEMA: &str = concat!(
@@ -30,30 +28,6 @@ const SCHEMA: &str = concat!(
 );
 /// The session TTL both producers use by default (4 h).
 const TTL: u64 = 4 * 3600;
-
-/// Fails the test, with what to install, unless `python3` can import `modules`.
-async fn require_python(modules: &[&str]) {
-    let code = format!("import {}", modules.join(", "));
-    let help = "install Python 3.11+ and `python3 -m pip install redis jsonschema`";
-    match python().args(["-c", &code]).output().await {
-        Err(e) => panic!("these tests need python3, which could not be run ({e}); {help}"),
-        Ok(out) if !out.status.success() => panic!(
-            "these tests need python3 with {modules:?}; {help}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        ),
-        Ok(_) => {}
-    }
-}
-
-fn python() -> Command {
-    let mut cmd = Command::new("python3");
-    // Importing the module must not leave __pycache__ in the source tree.
-    cmd.env("PYTHONDONTWRITEBYTECODE", "1");
-    // The package from the source tree, ahead of whatever `cargo xtask` installed.
-    let path = std::env::var("PYTHONPATH").unwrap_or_default();
-    cmd.env("PYTHONPATH", format!("{PYTHON_DIR}:{path}"));
-    cmd
-}
 
 /// Runs python3 with `args`, feeding `stdin`.
 async fn run_python(args: &[&str], stdin: &[u8]) -> Output {
@@ -68,6 +42,25 @@ async fn run_python(args: &[&str], stdin: &[u8]) -> Output {
     input.write_all(stdin).await.unwrap();
     drop(input);
     child.wait_with_output().await.unwrap()
+}
+
+/// Runs the Python `script` of `args` (`python3 -c script arg...`) with `input` as JSON on
+/// stdin; it must succeed, and print JSON, which is returned.
+async fn run_driver<T: serde::de::DeserializeOwned>(args: &[&str], input: &serde_json::Value) -> T {
+    let mut all = vec!["-c"];
+    all.extend_from_slice(args);
+    let out = run_python(&all, &serde_json::to_vec(input).unwrap()).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "the driver prints JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
 }
 
 /// `python -m agent_worker enqueue --redis-url <url> <args>`.
@@ -143,17 +136,7 @@ print(json.dumps([job.task_id, job.duplicate]))
     let mut request = serde_json::to_value(input).unwrap();
     request["url"] = url.into();
     let compat_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/jobs/python");
-    let out = run_python(
-        &["-c", DRIVER, &format!("{api:?}"), compat_dir],
-        &serde_json::to_vec(&request).unwrap(),
-    )
-    .await;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("driver prints [task_id, duplicate]")
+    run_driver(&[DRIVER, &format!("{api:?}"), compat_dir], &request).await
 }
 
 /// The same through the Rust crate: `write_session_config`, then `Producer::enqueue`.
@@ -173,20 +156,6 @@ async fn rust_api(conn: &ConnectionManager, input: &Input) -> String {
     let enqueued = producer(conn).enqueue(&job).await.unwrap();
     assert!(!enqueued.duplicate);
     enqueued.task_id
-}
-
-/// Calls of a Redis command so far, from INFO commandstats (script-internal calls included).
-async fn command_calls(conn: &ConnectionManager, command: &str) -> u64 {
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(&mut conn.clone())
-        .await
-        .unwrap();
-    info.lines()
-        .find_map(|line| line.strip_prefix(&format!("cmdstat_{command}:calls=")))
-        .and_then(|rest| rest.split(',').next())
-        .and_then(|calls| calls.parse().ok())
-        .unwrap_or(0)
 }
 
 /// Every key of a (private, test-only) Redis: name → (type, TTL class, value), with the task
@@ -254,39 +223,13 @@ async fn dump(conn: &ConnectionManager, task_ids: &[String]) -> BTreeMap<String,
     out
 }
 
-/// Waits until the worker is registered, subscribed to the wake channel and done with its
-/// first (empty) fetch, so that only a wake-up can make it fetch again soon.
-async fn wait_idle(conn: &ConnectionManager) {
-    let keys = QueueKeys::new(QUEUE).unwrap();
-    wait_for("the worker to be idle", Duration::from_secs(10), || async {
-        let subscribed: Vec<(String, u64)> = redis::cmd("PUBSUB")
-            .arg("NUMSUB")
-            .arg(keys.wake_channel())
-            .query_async(&mut conn.clone())
-            .await
-            .unwrap();
-        let workers: Vec<String> = conn.clone().zrange(keys.workers(), 0, -1).await.unwrap();
-        let fetched = command_calls(conn, "lrange").await >= 1;
-        (subscribed[0].1 == 1 && fetched && workers.len() == 1).then_some(())
-    })
-    .await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_enqueued_seed_scenario_starts_both_agents_with_their_own_voices() {
     require_python(&["redis"]).await;
     let redis = TestRedis::start().await;
     // No poll and no heartbeat fetch within the deadlines below: the agents can only start if
     // the Python producer pushed to the ready list and published the wake-up.
-    let worker = TestWorker::start(redis.settings(
-        "ready",
-        &[
-            ("AGENT_WORKER__WORKER__HEARTBEAT_INTERVAL", "60s"),
-            ("AGENT_WORKER__WORKER__ORPHAN_TIMEOUT", "180s"),
-            ("AGENT_WORKER__WORKER__POLL_INTERVAL", "1h"),
-        ],
-    ));
-    wait_idle(&redis.conn).await;
+    let worker = TestWorker::start_woken_only(&redis).await;
     let user = "test_concurrent_user";
     let sessions = [
         (sid("py-seed-craig"), "Craig"),
@@ -334,6 +277,26 @@ async fn the_compatibility_module_and_the_rust_producer_write_byte_identical_rec
     byte_identical_records(Api::Compat).await
 }
 
+/// `text` followed by every control character and DEL.
+fn tricky(text: &str) -> String {
+    text.chars()
+        .chain((0u8..0x20).map(char::from))
+        .chain(['\u{7f}'])
+        .collect()
+}
+
+/// Both producers' Redis ran the same writes and reads inside the scripts (one PUBLISH on the
+/// wake channel per enqueue that pushed something included).
+async fn assert_same_writes(py: &ConnectionManager, rs: &ConnectionManager) {
+    for command in ["del", "hset", "expire", "set", "get", "rpush", "publish"] {
+        assert_eq!(
+            command_count(py, command).await,
+            command_count(rs, command).await,
+            "{command} calls"
+        );
+    }
+}
+
 /// `api` and the Rust crate, each on its own Redis, given the same inputs (plus one through
 /// the CLI), leave the same keys, values and TTLs and ran the same commands.
 async fn byte_identical_records(api: Api) {
@@ -341,11 +304,7 @@ async fn byte_identical_records(api: Api) {
     let (py, rs) = (TestRedis::start().await, TestRedis::start().await);
     // Every control character, quotes, backslash, '/', DEL, U+2028 and non-ASCII: the JSON
     // escaping of json.dumps and serde_json must agree on all of them.
-    let tricky_user: String = "Zoë ✓ 🎧 \"q\" \\ / \u{2028} "
-        .chars()
-        .chain((0u8..0x20).map(char::from))
-        .chain(['\u{7f}'])
-        .collect();
+    let tricky_user = tricky("Zoë ✓ 🎧 \"q\" \\ / \u{2028} ");
     let prompt = "You are \"Ava\".\nNever run $(rm -rf /) or `id`; 'single' \\ back\r\n\ttab";
     let inputs = [
         Input {
@@ -443,14 +402,8 @@ async fn byte_identical_records(api: Api) {
     );
     // The same commands ran inside the scripts, including one PUBLISH on the wake channel
     // per enqueue.
-    for command in ["del", "hset", "expire", "set", "get", "rpush", "publish"] {
-        assert_eq!(
-            command_calls(&py.conn, command).await,
-            command_calls(&rs.conn, command).await,
-            "{command} calls"
-        );
-    }
-    assert_eq!(command_calls(&py.conn, "publish").await, 3);
+    assert_same_writes(&py.conn, &rs.conn).await;
+    assert_eq!(command_count(&py.conn, "publish").await, 3);
 }
 
 /// One job of a bulk enqueue: a session id alone (Python gets the bare string) or with a user.
@@ -491,17 +444,7 @@ else:
 print(json.dumps(results))
 "#;
     let request = serde_json::json!({ "url": url, "batches": batches });
-    let out = run_python(
-        &["-c", DRIVER, &format!("{api:?}")],
-        &serde_json::to_vec(&request).unwrap(),
-    )
-    .await;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("the driver prints one result per batch")
+    run_driver(&[DRIVER, &format!("{api:?}")], &request).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -521,11 +464,7 @@ async fn the_async_bulk_form_and_enqueue_many_write_byte_identical_records() {
 async fn byte_identical_bulk(api: Api) {
     require_python(&["redis"]).await;
     let (py, rs) = (TestRedis::start().await, TestRedis::start().await);
-    let tricky_user: String = "Zoë 🎧 \"q\" \\ / \u{2028} "
-        .chars()
-        .chain((0u8..0x20).map(char::from))
-        .chain(['\u{7f}'])
-        .collect();
+    let tricky_user = tricky("Zoë 🎧 \"q\" \\ / \u{2028} ");
     let batches: Vec<Vec<BulkJob>> = vec![
         vec![
             ("bulk-1", Some(tricky_user)),
@@ -625,15 +564,9 @@ async fn byte_identical_bulk(api: Api) {
     }
     .to_wire();
     assert_eq!(stored, wire, "payload bytes are AgentStart::to_wire()");
-    for command in ["del", "hset", "expire", "set", "get", "rpush", "publish"] {
-        assert_eq!(
-            command_calls(&py.conn, command).await,
-            command_calls(&rs.conn, command).await,
-            "{command} calls"
-        );
-    }
+    assert_same_writes(&py.conn, &rs.conn).await;
     // One wake-up per batch that pushed something.
-    assert_eq!(command_calls(&py.conn, "publish").await, 2);
+    assert_eq!(command_count(&py.conn, "publish").await, 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -673,7 +606,7 @@ async fn a_bulk_enqueue_with_one_invalid_session_id_writes_nothing() {
         "rpush",
         "publish",
     ] {
-        assert_eq!(command_calls(&redis.conn, command).await, 0, "{command}");
+        assert_eq!(command_count(&redis.conn, command).await, 0, "{command}");
     }
 }
 
@@ -702,7 +635,7 @@ async fn python_enqueue_of_the_same_session_twice_returns_the_first_task_and_pus
     let data: BTreeMap<String, String> = c.hgetall(keys.data()).await.unwrap();
     assert_eq!(data.keys().collect::<Vec<_>>(), [&first]);
     assert_eq!(active, [first]);
-    assert_eq!(command_calls(&redis.conn, "publish").await, 1);
+    assert_eq!(command_count(&redis.conn, "publish").await, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -101,15 +101,7 @@ async fn an_idle_worker_is_woken_by_a_push_not_by_its_heartbeat_or_poll() {
     let redis = TestRedis::start().await;
     // No fallback poll, and the next heartbeat (which also triggers a fetch) 60 s away: only
     // the wake-up can make this worker fetch within the deadline below.
-    let worker = TestWorker::start(redis.settings(
-        "ready",
-        &[
-            ("AGENT_WORKER__WORKER__HEARTBEAT_INTERVAL", "60s"),
-            ("AGENT_WORKER__WORKER__ORPHAN_TIMEOUT", "180s"),
-            ("AGENT_WORKER__WORKER__POLL_INTERVAL", "1h"),
-        ],
-    ));
-    wait_idle(&redis.conn).await;
+    let worker = TestWorker::start_woken_only(&redis).await;
     let id = sid("wake-1");
     let task = enqueue(&redis.conn, &id, None).await;
     wait_done(&redis.conn, &task, Duration::from_secs(10)).await;

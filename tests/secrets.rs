@@ -34,7 +34,7 @@ fn encoded(secret: &str) -> String {
 }
 
 fn cli(url: &str, args: &[&str]) -> Command {
-    let mut command = Command::new(WORKER_BIN);
+    let mut command = worker_bin();
     command
         .args(args)
         .env_remove("AGENT_WORKER__REDIS__URL")
@@ -48,8 +48,8 @@ fn cli(url: &str, args: &[&str]) -> Command {
 }
 
 /// stdout and stderr of a finished command, as text.
-async fn run(mut command: Command) -> (bool, String) {
-    run_output(command.spawn().unwrap()).await
+async fn run(command: Command) -> (bool, String) {
+    run_output(WorkerProcess::spawn(command)).await
 }
 
 fn assert_hidden(secret: &str, text: &str) {
@@ -70,13 +70,12 @@ async fn run_worker_once(url: &str) -> String {
             "AGENT_WORKER__AGENT__COMMAND",
             format!("{TEST_AGENT},--behaviour,ready"),
         );
-    let guard = KillOnDrop::default();
-    let mut worker = guard.track(command.spawn().unwrap());
+    let mut worker = WorkerProcess::spawn(command);
     let exited = wait_for(
         "the worker to refuse the URL or get an answer from Redis",
         Duration::from_secs(20),
         || {
-            let exited = worker.try_wait().unwrap().is_some();
+            let exited = worker.try_wait().is_some();
             async move {
                 if exited {
                     return Some(true);
@@ -91,15 +90,15 @@ async fn run_worker_once(url: &str) -> String {
     )
     .await;
     if !exited {
-        signal(&worker, Signal::SIGTERM);
+        worker.signal(Signal::SIGTERM);
     }
     let (_, text) = run_output(worker).await;
     text
 }
 
-/// stdout and stderr of a child that was started with both piped, once it exits.
-async fn run_output(child: std::process::Child) -> (bool, String) {
-    let out = output_of(child).await;
+/// stdout and stderr of a worker that was started with both piped, once it exits.
+async fn run_output(worker: WorkerProcess) -> (bool, String) {
+    let out = worker.output().await;
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -145,10 +144,9 @@ async fn passwords_with_url_reserved_characters_are_never_printed() {
                 "AGENT_WORKER__AGENT__COMMAND",
                 format!("{TEST_AGENT},--behaviour,ready"),
             );
-        let worker = worker.spawn().unwrap();
+        let worker = WorkerProcess::spawn(worker);
         wait_status(&redis.conn, &sid("s-1"), "ready", Duration::from_secs(20)).await;
-        signal(&worker, Signal::SIGTERM);
-        let out = output_of(worker).await;
+        let out = worker.stop().await;
         let text = String::from_utf8_lossy(&out.stderr);
         assert!(text.contains("worker_started"), "{text}");
         assert_hidden(secret, &text);
@@ -180,7 +178,7 @@ async fn refused_credentials_fail_a_command_at_once_and_keep_the_worker_unready(
     let http = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
     let mut worker = cli(&format!("redis://:wrong-one@127.0.0.1:{port}"), &["run"]);
     worker.env("AGENT_WORKER__HTTP__ADDR", http.to_string());
-    let worker = worker.spawn().unwrap();
+    let worker = WorkerProcess::spawn(worker);
     let (code, body) = wait_for("/readyz", Duration::from_secs(10), || async {
         http_get(http, "/readyz")
             .await
@@ -189,8 +187,7 @@ async fn refused_credentials_fail_a_command_at_once_and_keep_the_worker_unready(
     .await;
     assert_eq!(code, 503);
     assert_eq!(body, "not ready: redis authentication failed\n");
-    signal(&worker, Signal::SIGTERM);
-    let out = output_of(worker).await;
+    let out = worker.stop().await;
     assert!(out.status.success());
     let auth_failures = events(&out.stderr)
         .iter()

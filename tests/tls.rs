@@ -14,7 +14,6 @@ use std::{
 use agent_jobs::QueueKeys;
 use agent_worker::connection;
 use common::*;
-use nix::sys::signal::Signal;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,
@@ -196,9 +195,9 @@ fn cli(url: &str, args: &[&str], env: &[(&str, &str)]) -> Command {
 }
 
 /// Runs a command to its end: (success, how long it took, stdout and stderr).
-async fn run(mut command: Command) -> (bool, Duration, String) {
+async fn run(command: Command) -> (bool, Duration, String) {
     let started = Instant::now();
-    let out = output_of(command.spawn().unwrap()).await;
+    let out = WorkerProcess::spawn(command).output().await;
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -207,14 +206,23 @@ async fn run(mut command: Command) -> (bool, Duration, String) {
     (out.status.success(), started.elapsed(), text)
 }
 
-async fn subscribers(conn: &ConnectionManager, channel: &str) -> u64 {
-    let (_, count): (String, u64) = redis::cmd("PUBSUB")
-        .arg("NUMSUB")
-        .arg(channel)
-        .query_async(&mut conn.clone())
-        .await
-        .expect("PUBSUB NUMSUB");
-    count
+/// Waits until the worker's wake-up listener has subscribed to the queue's wake channel.
+async fn wait_subscribed(conn: &ConnectionManager) {
+    let channel = QueueKeys::new(QUEUE).unwrap().wake_channel();
+    wait_for(
+        "the worker's wake-up listener to subscribe",
+        Duration::from_secs(20),
+        || async {
+            let (_, count): (String, u64) = redis::cmd("PUBSUB")
+                .arg("NUMSUB")
+                .arg(&channel)
+                .query_async(&mut conn.clone())
+                .await
+                .expect("PUBSUB NUMSUB");
+            (count == 1).then_some(())
+        },
+    )
+    .await;
 }
 
 fn assert_untrusted(what: &str, ok: bool, took: Duration, text: &str) {
@@ -231,10 +239,9 @@ async fn a_rediss_worker_starts_a_session_and_refuses_an_untrusted_certificate()
     let pki = Pki::generate();
     let redis = TlsRedis::start(&pki, "no").await;
     let ca = pki.file("ca.pem");
-    let kill = KillOnDrop::default();
 
     // The worker over TLS, pick-up by wake-ups only: its pub/sub listener is on TLS too.
-    let mut worker = cli(
+    let worker = cli(
         &redis.url("127.0.0.1"),
         &["run"],
         &[
@@ -242,14 +249,8 @@ async fn a_rediss_worker_starts_a_session_and_refuses_an_untrusted_certificate()
             ("AGENT_WORKER__WORKER__POLL_INTERVAL", "1h"),
         ],
     );
-    let worker = kill.track(worker.spawn().unwrap());
-    let channel = QueueKeys::new(QUEUE).unwrap().wake_channel();
-    wait_for(
-        "the worker's wake-up listener to subscribe",
-        Duration::from_secs(20),
-        || async { (subscribers(&redis.conn, &channel).await == 1).then_some(()) },
-    )
-    .await;
+    let worker = WorkerProcess::spawn(worker);
+    wait_subscribed(&redis.conn).await;
     // The CLI over TLS, by host name this time.
     let (ok, _, text) = run(cli(
         &redis.url("localhost"),
@@ -263,8 +264,7 @@ async fn a_rediss_worker_starts_a_session_and_refuses_an_untrusted_certificate()
     assert_eq!(received["contract"]["voice_id"], "Craig", "{received}");
     let (ok, _, text) = run(cli(&redis.url("127.0.0.1"), &["status"], &[(CA_FILE, &ca)])).await;
     assert!(ok, "status over TLS: {text}");
-    signal(&worker, Signal::SIGTERM);
-    let out = output_of(worker).await;
+    let out = worker.stop().await;
     assert!(out.status.success());
     let started = events(&out.stderr)
         .into_iter()
@@ -295,15 +295,11 @@ async fn a_rediss_worker_starts_a_session_and_refuses_an_untrusted_certificate()
     let port = free_port();
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let http = addr.to_string();
-    let worker = kill.track(
-        cli(
-            &redis.url("127.0.0.1"),
-            &["run"],
-            &[("AGENT_WORKER__HTTP__ADDR", http.as_str())],
-        )
-        .spawn()
-        .unwrap(),
-    );
+    let worker = WorkerProcess::spawn(cli(
+        &redis.url("127.0.0.1"),
+        &["run"],
+        &[("AGENT_WORKER__HTTP__ADDR", http.as_str())],
+    ));
     wait_for(
         "/readyz to name the TLS failure",
         Duration::from_secs(20),
@@ -313,8 +309,7 @@ async fn a_rediss_worker_starts_a_session_and_refuses_an_untrusted_certificate()
         },
     )
     .await;
-    signal(&worker, Signal::SIGTERM);
-    let out = output_of(worker).await;
+    let out = worker.stop().await;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     let events = events(&out.stderr);
@@ -397,7 +392,7 @@ fn settings_errors_show_paths_not_contents() {
     let key = pki.file("client.key");
     let secret = std::fs::read_to_string(&key).unwrap();
     let body = secret.lines().nth(1).unwrap().to_owned();
-    let out = Command::new(WORKER_BIN)
+    let out = worker_bin()
         .args(["status"])
         .env("AGENT_WORKER__REDIS__URL", "rediss://127.0.0.1:1/")
         .env(CA_FILE, &key)
@@ -415,54 +410,21 @@ fn settings_errors_show_paths_not_contents() {
     assert!(!text.contains(&body), "{text}");
 }
 
-/// `python/`, whose `tests` package holds the Python client's tests.
-const PYTHON_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/python");
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_python_client_over_rediss_enqueues_what_the_worker_starts() {
     let pki = Pki::generate();
     let redis = TlsRedis::start(&pki, "no").await;
     let ca = pki.file("ca.pem");
-    let kill = KillOnDrop::default();
-    let worker = kill.track(
-        cli(&redis.url("127.0.0.1"), &["run"], &[(CA_FILE, &ca)])
-            .spawn()
-            .unwrap(),
-    );
-    let channel = QueueKeys::new(QUEUE).unwrap().wake_channel();
-    wait_for(
-        "the worker's wake-up listener to subscribe",
-        Duration::from_secs(20),
-        || async { (subscribers(&redis.conn, &channel).await == 1).then_some(()) },
-    )
-    .await;
-    // As tests/python_client.rs runs the package's tests: `python/` and what `cargo xtask
-    // test` installed on PYTHONPATH; no trust store of the environment's choosing.
-    let path = std::env::var("PYTHONPATH").unwrap_or_default();
-    let out = tokio::time::timeout(
-        Duration::from_secs(120),
-        tokio::process::Command::new("python3")
-            .args(["-m", "unittest", "-v", "tests.test_tls"])
-            .current_dir(PYTHON_DIR)
-            .env("PYTHONPATH", format!("{PYTHON_DIR}:{path}"))
-            .env("PYTHONDONTWRITEBYTECODE", "1")
-            .env_remove("SSL_CERT_FILE")
-            .env_remove("SSL_CERT_DIR")
-            .env("AGENT_WORKER_TEST_REDIS_URL", redis.url("localhost"))
-            .env("AGENT_WORKER_TEST_QUEUE", QUEUE)
-            .env("AGENT_WORKER_TEST_TLS_CA", &ca)
-            .env("AGENT_WORKER_TEST_TLS_OTHER_CA", pki.file("other-ca.pem"))
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("the Python tests finish within 2 minutes")
-    .expect("these tests need python3 with redis-py (cargo xtask test installs it)");
-    let report = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "tests.test_tls failed:\n{report}");
-    assert!(report.contains("Ran 2 tests"), "{report}");
-    let last = report.lines().rev().find(|l| !l.trim().is_empty());
-    assert_eq!(last, Some("OK"), "no failures and no skips:\n{report}");
-    signal(&worker, Signal::SIGTERM);
-    assert!(output_of(worker).await.status.success());
+    let worker = WorkerProcess::spawn(cli(&redis.url("127.0.0.1"), &["run"], &[(CA_FILE, &ca)]));
+    wait_subscribed(&redis.conn).await;
+    // As tests/python_client.rs runs the package's tests, with no trust store of the
+    // environment's choosing.
+    let env = [
+        ("AGENT_WORKER_TEST_REDIS_URL", redis.url("localhost")),
+        ("AGENT_WORKER_TEST_QUEUE", QUEUE.to_owned()),
+        ("AGENT_WORKER_TEST_TLS_CA", ca.clone()),
+        ("AGENT_WORKER_TEST_TLS_OTHER_CA", pki.file("other-ca.pem")),
+    ];
+    unittest("test_tls", 2, &env, &["SSL_CERT_FILE", "SSL_CERT_DIR"]).await;
+    assert!(worker.stop().await.status.success());
 }

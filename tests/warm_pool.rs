@@ -10,10 +10,8 @@ mod common;
 
 use std::{
     collections::{HashMap, HashSet},
-    io::{BufRead, BufReader},
     net::SocketAddr,
     process::Stdio,
-    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -100,56 +98,25 @@ fn sample(page: &str, series: &str) -> Option<f64> {
 
 /// `agent-worker run` in its own process (its own metrics, its log on stderr), stopped with
 /// the test even if the test fails.
-struct BinWorker {
-    child: Option<std::process::Child>,
-    events: Arc<Mutex<Vec<serde_json::Value>>>,
-    reader: Option<std::thread::JoinHandle<()>>,
-    _kill: KillOnDrop,
-}
+struct BinWorker(WorkerProcess);
 
 impl BinWorker {
     fn start(redis: &TestRedis, env: &[(&str, &str)]) -> Self {
-        let kill = KillOnDrop::default();
-        let mut child = kill.track(
-            worker_command(&redis.url(), &["run"], "ready", env)
-                .stdout(Stdio::null())
-                .spawn()
-                .expect("start the worker"),
-        );
-        let stderr = child.stderr.take().expect("piped stderr");
-        let events = Arc::new(Mutex::new(Vec::new()));
-        let collected = events.clone();
-        // Read as it comes, so the worker never blocks on a full pipe.
-        let reader = std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Ok(event) = serde_json::from_str(&line) {
-                    collected.lock().unwrap().push(event);
-                }
-            }
-        });
-        Self {
-            child: Some(child),
-            events,
-            reader: Some(reader),
-            _kill: kill,
-        }
+        let mut command = worker_command(&redis.url(), &["run"], "ready", env);
+        command.stdout(Stdio::null());
+        Self(WorkerProcess::spawn(command))
     }
 
     /// Where it serves HTTP (it logs `http_listening`: port 0 was asked for).
     async fn addr(&self) -> SocketAddr {
-        wait_for(
-            "the worker's http_listening",
-            Duration::from_secs(20),
-            || async {
-                self.events
-                    .lock()
-                    .unwrap()
-                    .iter()
-                    .find(|e| e["message"] == "http_listening")
-                    .and_then(|e| e["addr"].as_str()?.parse().ok())
-            },
-        )
-        .await
+        let listening = self
+            .0
+            .wait_event("http_listening", Duration::from_secs(20))
+            .await;
+        listening["addr"]
+            .as_str()
+            .and_then(|addr| addr.parse().ok())
+            .unwrap_or_else(|| panic!("an address in {listening}"))
     }
 
     async fn metrics(&self) -> String {
@@ -160,36 +127,44 @@ impl BinWorker {
 
     /// Waits until a scrape satisfies `check`.
     async fn wait_metrics(&self, check: impl Fn(&str) -> bool) {
-        let mut last = String::new();
-        let found = tokio::time::timeout(Duration::from_secs(20), async {
-            loop {
-                last = self.metrics().await;
-                if check(&last) {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
+        let last = std::cell::RefCell::new(String::new());
+        let found = poll(
+            Duration::from_secs(20),
+            Duration::from_millis(50),
+            || async {
+                let page = self.metrics().await;
+                let ok = check(&page);
+                *last.borrow_mut() = page;
+                ok.then_some(())
+            },
+        )
         .await;
-        if found.is_err() {
+        if found.is_none() {
+            let last = last.into_inner();
             let pool: Vec<&str> = last.lines().filter(|l| l.contains("warm")).collect();
             panic!("timed out waiting for the metrics; the pool's: {pool:#?}");
         }
     }
 
-    /// SIGTERMs it, waits for it, and returns its log's events.
-    async fn stop(mut self) -> Vec<serde_json::Value> {
-        let child = self.child.take().expect("running");
-        signal(&child, Signal::SIGTERM);
-        let _ = output_of(child).await;
-        // Its log is whole once the reader reached the end of the pipe.
-        let reader = self.reader.take().expect("reading");
-        tokio::task::spawn_blocking(move || reader.join())
-            .await
-            .unwrap()
-            .expect("the log reader");
-        std::mem::take(&mut *self.events.lock().unwrap())
+    /// SIGTERMs it, waits for it, and returns its log's events (whole: read to the end of
+    /// the pipe).
+    async fn stop(self) -> Vec<serde_json::Value> {
+        events(&self.0.stop().await.stderr)
     }
+}
+
+/// An in-process worker with [`pooled`] settings, once its `size` warm processes are idle.
+async fn start_pooled(
+    redis: &TestRedis,
+    ledger: &Ledger,
+    behaviour: &str,
+    size: usize,
+    warm_args: &str,
+    extra: &[(&str, &str)],
+) -> TestWorker {
+    let worker = TestWorker::start(pooled(redis, ledger, behaviour, size, warm_args, extra));
+    wait_warm_idle(&redis.conn, size as u64).await;
+    worker
 }
 
 /// Settings of a worker with a pool of `size` warm test agents started with `warm_args`.
@@ -296,7 +271,7 @@ async fn a_hundred_sessions_through_a_pool_of_four_each_get_their_own_agent_and_
 async fn the_handoff_carries_every_value_verbatim() {
     let redis = TestRedis::start().await;
     let ledger = Ledger::new();
-    let settings = pooled(
+    let worker = start_pooled(
         &redis,
         &ledger,
         "ready",
@@ -304,9 +279,8 @@ async fn the_handoff_carries_every_value_verbatim() {
         "",
         // The test agent's report quotes a 100 KB prompt: keep its line whole.
         &[("AGENT_WORKER__AGENT__MAX_LINE_BYTES", "1048576")],
-    );
-    let worker = TestWorker::start(settings);
-    wait_warm_idle(&redis.conn, 1).await;
+    )
+    .await;
     let id = sid("warm-verbatim");
     let opening =
         "-r oops; $(rm -rf /) `id` | \"quoted\" 'single' \\ back\nsecond line\tTAB Grüße 你好 🎙️";
@@ -539,21 +513,20 @@ async fn a_warm_up_past_warm_timeout_is_killed_and_retried_after_a_back_off() {
 async fn an_idle_warm_process_older_than_warm_max_idle_is_recycled() {
     let redis = TestRedis::start().await;
     let ledger = Ledger::new();
-    let settings = pooled(
+    let worker = start_pooled(
         &redis,
         &ledger,
         "ready",
         1,
         "",
         &[("AGENT_WORKER__AGENT__WARM_MAX_IDLE", "3s")],
-    );
-    let worker = TestWorker::start(settings);
-    wait_warm_idle(&redis.conn, 1).await;
+    )
+    .await;
     let (first, _) = ledger.warm_starts()[0];
-    wait_for(
+    wait_gone(
         "the old warm process to be recycled",
         Duration::from_secs(20),
-        || async { (!alive(first)).then_some(()) },
+        first,
     )
     .await;
     let (second, spawned_ms) = wait_for("its replacement", Duration::from_secs(20), || async {
@@ -609,10 +582,10 @@ async fn a_full_replica_keeps_no_idle_warm_process_and_the_pool_grows_back() {
     let agent = got["pid"].as_u64().unwrap() as u32;
     // The held warm-up ends with no room left: the pool stops it instead of keeping it.
     gate.open();
-    wait_for(
+    wait_gone(
         "the warm process beyond the room left to be stopped",
         Duration::from_secs(20),
-        || async { (!alive(held)).then_some(()) },
+        held,
     )
     .await;
     let stopped_ms = unix_ms();
@@ -715,8 +688,7 @@ async fn metrics_show_the_pools_takes_warm_ups_and_failures() {
 async fn a_warm_process_killed_while_idle_is_replaced() {
     let redis = TestRedis::start().await;
     let ledger = Ledger::new();
-    let worker = TestWorker::start(pooled(&redis, &ledger, "ready", 1, "", &[]));
-    wait_warm_idle(&redis.conn, 1).await;
+    let worker = start_pooled(&redis, &ledger, "ready", 1, "", &[]).await;
     let (first, _) = ledger.warm_starts()[0];
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(first as i32), Signal::SIGKILL).unwrap();
     let (second, spawned_ms) = wait_for(
@@ -759,16 +731,15 @@ async fn a_warm_process_killed_while_idle_is_replaced() {
 async fn a_warm_process_lost_at_the_handoff_makes_that_start_cold_at_once() {
     let redis = TestRedis::start().await;
     let ledger = Ledger::new();
-    let settings = pooled(
+    let worker = start_pooled(
         &redis,
         &ledger,
         "ready",
         1,
         "--warm-behaviour=exit-on-handoff",
         &[],
-    );
-    let worker = TestWorker::start(settings);
-    wait_warm_idle(&redis.conn, 1).await;
+    )
+    .await;
     let (taken, _) = ledger.warm_starts()[0];
     let id = sid("warm-lost");
     write_config(&redis.conn, &id, "Craig", "user").await;
@@ -790,16 +761,15 @@ async fn a_warm_process_lost_at_the_handoff_makes_that_start_cold_at_once() {
 async fn a_warm_process_that_does_not_read_its_handoff_is_lost_and_that_start_goes_cold() {
     let redis = TestRedis::start().await;
     let ledger = Ledger::new();
-    let settings = pooled(
+    let worker = start_pooled(
         &redis,
         &ledger,
         "ready",
         1,
         "--warm-behaviour=ignore-handoff",
         &[("AGENT_WORKER__AGENT__MAX_LINE_BYTES", "1048576")],
-    );
-    let worker = TestWorker::start(settings);
-    wait_warm_idle(&redis.conn, 1).await;
+    )
+    .await;
     let (taken, _) = ledger.warm_starts()[0];
     // More than its stdin's pipe holds: the write waits for a reader that never comes.
     let id = sid("warm-not-reading");
@@ -810,10 +780,10 @@ async fn a_warm_process_that_does_not_read_its_handoff_is_lost_and_that_start_go
     let got = wait_received(&redis.conn, &id).await;
     assert_eq!(got["warm"], false, "the session's agent started cold");
     assert_eq!(got["contract"]["system_prompt"], prompt.as_str());
-    wait_for(
+    wait_gone(
         "the process that did not read to be killed",
         Duration::from_secs(10),
-        || async { (!alive(taken)).then_some(()) },
+        taken,
     )
     .await;
     // Cold at once after that loss: no other warm process was tried (and lost) for it. Its
@@ -845,7 +815,7 @@ async fn sigkill_of_the_worker_takes_its_warm_processes_and_sigterm_stops_idle_o
         let _: () = redis.conn.clone().del(WORKER_WARM).await.unwrap();
         let ledger = Ledger::new();
         let (command, warm) = (ledger.command("ready"), ledger.warm_command(""));
-        let child = worker_command(
+        let worker = WorkerProcess::spawn(worker_command(
             &redis.url(),
             &["run"],
             "ready",
@@ -857,9 +827,7 @@ async fn sigkill_of_the_worker_takes_its_warm_processes_and_sigterm_stops_idle_o
                 // A drain long enough that "at once" cannot be the drain ending.
                 ("AGENT_WORKER__SHUTDOWN__DRAIN_TIMEOUT", "60s"),
             ],
-        )
-        .spawn()
-        .expect("start the worker");
+        ));
         // One live session, so a SIGTERM has something to drain.
         let id = sid(&format!("warm-ending-{}", ending as i32));
         write_config(&redis.conn, &id, "Craig", "user").await;
@@ -884,13 +852,14 @@ async fn sigkill_of_the_worker_takes_its_warm_processes_and_sigterm_stops_idle_o
         .await;
         if ending == Signal::SIGKILL {
             // What an operator sees: `status` lists the worker's idle warm processes.
-            let status = worker_command(&redis.url(), &["status"], "ready", &[])
-                .output()
-                .expect("agent-worker status");
+            let status =
+                WorkerProcess::spawn(worker_command(&redis.url(), &["status"], "ready", &[]))
+                    .output()
+                    .await;
             let shown = String::from_utf8_lossy(&status.stdout);
             assert!(shown.contains("warm idle 2"), "{shown}");
         }
-        signal(&child, ending);
+        worker.signal(ending);
         wait_for(
             "the idle warm processes to be gone",
             Duration::from_secs(10),
@@ -903,13 +872,13 @@ async fn sigkill_of_the_worker_takes_its_warm_processes_and_sigterm_stops_idle_o
                 alive(agent),
                 "the session's agent outlives the idle warm processes"
             );
-            signal(&child, Signal::SIGTERM);
+            worker.signal(Signal::SIGTERM);
         }
-        let _ = output_of(child).await;
-        wait_for(
+        let _ = worker.output().await;
+        wait_gone(
             "the session's agent to be gone",
             Duration::from_secs(10),
-            || async { (!alive(agent)).then_some(()) },
+            agent,
         )
         .await;
     }

@@ -24,15 +24,6 @@ fn probe() -> PathBuf {
     repo().join("tests/agents/warm_probe/probe.py")
 }
 
-/// `PYTHONPATH` with the project's Python package first.
-fn python_path() -> String {
-    let ours = repo().join("python").display().to_string();
-    match std::env::var("PYTHONPATH") {
-        Ok(rest) if !rest.is_empty() => format!("{ours}:{rest}"),
-        _ => ours,
-    }
-}
-
 /// The probe's report (`probe report {json}`) among `lines`.
 fn report(lines: &[String]) -> Value {
     let line = lines
@@ -283,12 +274,7 @@ async fn a_python_agent_starts_warm_through_the_pool_with_its_sessions_values() 
         Some("1")
     );
     let got = wait_for("the probe's report", Duration::from_secs(10), || async {
-        let logs: Vec<String> = redis
-            .conn
-            .clone()
-            .lrange(SessionKeys::new(&id).agent_logs(), 0, -1)
-            .await
-            .unwrap();
+        let logs = agent_logs(&redis.conn, &id).await;
         logs.iter()
             .find_map(|l| l.strip_prefix("probe report "))
             .map(|json| serde_json::from_str::<Value>(json).unwrap())

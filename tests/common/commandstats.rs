@@ -17,6 +17,12 @@ pub async fn command_calls(conn: &ConnectionManager) -> HashMap<String, u64> {
     parse_commandstats(&info)
 }
 
+/// Calls of one command so far (lower-case name), 0 if Redis has not run it; as
+/// [`command_calls`].
+pub async fn command_count(conn: &ConnectionManager, command: &str) -> u64 {
+    command_calls(conn).await.get(command).copied().unwrap_or(0)
+}
+
 /// The calls of each `cmdstat_<name>:calls=N,...` line of an `INFO commandstats` reply.
 pub fn parse_commandstats(info: &str) -> HashMap<String, u64> {
     info.lines()

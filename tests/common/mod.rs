@@ -8,6 +8,7 @@ mod commandstats;
 mod http;
 mod ledger;
 mod procfs;
+mod python;
 mod queue;
 mod session;
 mod test_redis;
@@ -19,22 +20,23 @@ mod worker_process;
 // Not every test binary uses every helper.
 #[allow(unused_imports)]
 pub use self::{
-    commandstats::{command_calls, parse_commandstats},
-    http::{free_port, get, http_get, http_get_within},
+    commandstats::{command_calls, command_count, parse_commandstats},
+    http::{free_port, get, http_get, http_get_within, request},
     ledger::Ledger,
-    procfs::{alive, live_agents, proc_state, room_of, zombie_children},
+    procfs::{alive, live_agents, proc_state, room_of, wait_gone, zombie_children},
+    python::{PYTHON_DIR, python, python_path, require_python, unittest},
     queue::{
         assert_first_run, done_count, enqueue, is_done, producer, push_raw, wait_dead, wait_done,
         wait_idle, worker_runs,
     },
     session::{
-        agent_logs, agent_pid, received, start_ready, status, wait_received, wait_status,
-        write_config, write_full_config,
+        agent_logs, agent_pid, heartbeat_score, received, start_ready, status, wait_received,
+        wait_status, write_config, write_full_config,
     },
     test_redis::{TestRedis, hget, is_member, settings},
     test_worker::TestWorker,
     wait::{poll, wait_for},
-    worker_command::{KillOnDrop, events, output_of, signal, worker_bin, worker_command},
+    worker_command::{events, worker_bin, worker_command},
     worker_process::WorkerProcess,
 };
 

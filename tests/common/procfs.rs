@@ -1,6 +1,8 @@
 //! Processes as `/proc` shows them: zombies, liveness, and the test agents a worker runs.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, time::Duration};
+
+use super::wait_for;
 
 /// Our child processes that are zombies (exited, not reaped).
 pub fn zombie_children() -> Vec<u32> {
@@ -37,6 +39,11 @@ pub fn proc_state(pid: u32) -> Option<(char, u32)> {
 /// True while `pid` exists and is not a zombie.
 pub fn alive(pid: u32) -> bool {
     proc_state(pid).is_some_and(|(state, _)| state != 'Z')
+}
+
+/// Waits (up to `deadline`) until `pid` has exited ([`alive`] no longer); panics with `what`.
+pub async fn wait_gone(what: &str, deadline: Duration, pid: u32) {
+    wait_for(what, deadline, || async { (!alive(pid)).then_some(()) }).await
 }
 
 /// Live `test-agent` processes per session whose parent is one of `parents`, read from /proc.

@@ -66,6 +66,15 @@ pub async fn agent_pid(conn: &ConnectionManager, id: &SessionId) -> u32 {
     pid.unwrap_or_else(|| panic!("no agent pid recorded for {id}"))
 }
 
+/// The score of `id` in the heartbeat index (unix seconds of its owner's last heartbeat of
+/// it), `None` while it is not indexed.
+pub async fn heartbeat_score(conn: &ConnectionManager, id: &SessionId) -> Option<f64> {
+    conn.clone()
+        .zscore(agent_jobs::keys::SESSION_HEARTBEATS, id.as_str())
+        .await
+        .expect("ZSCORE the heartbeat index")
+}
+
 /// Enqueues a job for `id` and waits (up to 20 s) until its agent is ready; the task id.
 pub async fn start_ready(conn: &ConnectionManager, id: &SessionId) -> String {
     let task = enqueue(conn, id, None).await;

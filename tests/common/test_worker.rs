@@ -5,6 +5,8 @@ use std::time::Duration;
 use agent_worker::{settings::Settings, shutdown::Shutdown, worker};
 use tokio::task::JoinHandle;
 
+use super::TestRedis;
+
 /// An in-process worker.
 pub struct TestWorker {
     shutdown: Shutdown,
@@ -21,6 +23,22 @@ impl TestWorker {
             shutdown,
             task: Some(task),
         }
+    }
+
+    /// Starts a worker with the test agent `ready` that only a wake-up can make fetch within a
+    /// test's deadlines (no fallback poll; its next heartbeat, which also fetches, a minute
+    /// away), and waits until it is idle ([`super::wait_idle`]).
+    pub async fn start_woken_only(redis: &TestRedis) -> Self {
+        let worker = Self::start(redis.settings(
+            "ready",
+            &[
+                ("AGENT_WORKER__WORKER__HEARTBEAT_INTERVAL", "60s"),
+                ("AGENT_WORKER__WORKER__ORPHAN_TIMEOUT", "180s"),
+                ("AGENT_WORKER__WORKER__POLL_INTERVAL", "1h"),
+            ],
+        ));
+        super::wait_idle(&redis.conn).await;
+        worker
     }
 
     /// Stops the worker and its agents (no drain) and waits for it.

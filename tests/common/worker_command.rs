@@ -1,5 +1,5 @@
-//! The `agent-worker` binary as a `Command`, and helpers for a bare `Child` of it (most tests
-//! use [`super::WorkerProcess`] instead).
+//! The `agent-worker` binary as a `Command` (started as a [`super::WorkerProcess`]), and the
+//! events of its log.
 
 use std::process::{Command, Stdio};
 
@@ -53,46 +53,10 @@ pub fn worker_command(url: &str, args: &[&str], behaviour: &str, env: &[(&str, &
     command
 }
 
-/// Sends `signal` to a child process.
-pub fn signal(child: &std::process::Child, signal: nix::sys::signal::Signal) {
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal)
-        .expect("signal the child");
-}
-
-/// Waits for a child to exit (off the async runtime) and returns its output.
-pub async fn output_of(child: std::process::Child) -> std::process::Output {
-    tokio::task::spawn_blocking(move || child.wait_with_output().expect("wait for the child"))
-        .await
-        .expect("the waiting task")
-}
-
 /// The JSON events of a worker's stderr.
 pub fn events(stderr: &[u8]) -> Vec<serde_json::Value> {
     String::from_utf8_lossy(stderr)
         .lines()
         .filter_map(|line| serde_json::from_str(line).ok())
         .collect()
-}
-
-/// Kills the processes it tracks when dropped, so a failing test leaves no worker behind.
-#[derive(Default)]
-pub struct KillOnDrop(std::sync::Mutex<Vec<u32>>);
-
-impl KillOnDrop {
-    /// Tracks `child` and returns it.
-    pub fn track(&self, child: std::process::Child) -> std::process::Child {
-        self.0.lock().unwrap().push(child.id());
-        child
-    }
-}
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        for pid in self.0.lock().unwrap().iter() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(*pid as i32),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-    }
 }

@@ -5,7 +5,7 @@
 
 use std::{
     io::{BufRead, BufReader, Read},
-    process::{Child, Command, ExitStatus, Output},
+    process::{Child, ChildStderr, Command, ExitStatus, Output},
     sync::{Arc, Mutex},
     thread::JoinHandle,
     time::{Duration, Instant},
@@ -54,8 +54,20 @@ impl WorkerProcess {
     /// Starts `command`, normally from [`super::worker_command`]. Piped stdout is collected,
     /// piped stderr followed; either may be redirected elsewhere instead (then there is nothing
     /// to follow or collect).
-    pub fn spawn(mut command: Command) -> Self {
+    pub fn spawn(command: Command) -> Self {
+        Self::start(command, true).0
+    }
+
+    /// [`Self::spawn`], but the worker's piped stderr is the caller's to read (at its own
+    /// pace), not followed: the events are then not available here.
+    pub fn spawn_reading_stderr(command: Command) -> (Self, ChildStderr) {
+        let (worker, stderr) = Self::start(command, false);
+        (worker, stderr.expect("the worker's stderr is piped"))
+    }
+
+    fn start(mut command: Command, follow: bool) -> (Self, Option<ChildStderr>) {
         let mut child = command.spawn().expect("start the agent-worker binary");
+        let unfollowed = if follow { None } else { child.stderr.take() };
         let log = Arc::new(Log {
             state: Mutex::new(LogState::default()),
             changed: watch::Sender::new(()),
@@ -74,13 +86,14 @@ impl WorkerProcess {
         if stderr.is_none() {
             log.close();
         }
-        Self {
+        let worker = Self {
             child: Some(child),
             status: None,
             log,
             stdout,
             stderr,
-        }
+        };
+        (worker, unfollowed)
     }
 
     /// The worker's pid.
