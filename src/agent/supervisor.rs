@@ -133,6 +133,12 @@ pub struct StartRequest {
 /// worker's `cold_start_count`).
 const COLD_AFTER: Duration = Duration::from_secs(300);
 
+/// Whether a start at `now` is cold: the process's first (`previous` is `None`), or its first
+/// after [`COLD_AFTER`] without one.
+fn is_cold(previous: Option<tokio::time::Instant>, now: tokio::time::Instant) -> bool {
+    previous.is_none_or(|at| now.saturating_duration_since(at) > COLD_AFTER)
+}
+
 /// Attempts to record a session's end before giving up (about 30 s with the back-off).
 const END_ATTEMPTS: u32 = 18;
 
@@ -695,8 +701,9 @@ impl Inner {
     /// process's first, or its first after [`COLD_AFTER`] without one.
     fn take_cold(&self) -> (bool, Option<tokio::time::Instant>) {
         let mut last = self.last_start.lock().expect("last_start lock");
-        let before = last.replace(tokio::time::Instant::now());
-        (before.is_none_or(|at| at.elapsed() > COLD_AFTER), before)
+        let now = tokio::time::Instant::now();
+        let before = last.replace(now);
+        (is_cold(before, now), before)
     }
 
     /// An abandoned start of a session we claimed: the reason goes to `lastError` and the
@@ -864,5 +871,19 @@ impl Inner {
             observability::redis_error("session_state");
             tracing::warn!(error = %error, "session_state_write_failed");
         }
+    }
+}
+
+#[cfg(test)]
+mod cold_start_tests {
+    use super::*;
+
+    #[test]
+    fn the_first_start_and_the_first_after_five_idle_minutes_are_cold() {
+        let now = tokio::time::Instant::now() + Duration::from_secs(3600);
+        assert!(is_cold(None, now));
+        assert!(!is_cold(Some(now - Duration::from_secs(299)), now));
+        assert!(!is_cold(Some(now - COLD_AFTER), now));
+        assert!(is_cold(Some(now - Duration::from_secs(301)), now));
     }
 }
