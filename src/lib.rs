@@ -37,8 +37,9 @@
 //!
 //! Agents:
 //! - [`agent`]: one agent process, from its command line to its reaped exit: launcher,
-//!   output, log list and files, containment, spawn, supervisor, capacity; and the warm pool
-//!   (`agent.warm_pool`) of processes that did their imports before their session came.
+//!   output, log list and files, containment and its cgroup guard, spawn, supervisor,
+//!   capacity; and the warm pool (`agent.warm_pool`) of processes that did their imports
+//!   before their session came.
 //!
 //! Observability:
 //! - [`metrics`]: every series and the helpers that record them.
