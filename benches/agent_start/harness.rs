@@ -135,6 +135,10 @@ impl Ctx {
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect();
+        // Settings in the bench's own environment apply to the in-process workers too, as they
+        // do to the `agent-worker run` children (which inherit them): one knob for an A/B run,
+        // e.g. `AGENT_WORKER__COMPAT__LEGACY_METRICS=false cargo bench ... -- --parts 4`.
+        env.extend(std::env::vars().filter(|(k, _)| k.starts_with("AGENT_WORKER__")));
         for (k, v) in overrides {
             env.insert((*k).to_owned(), (*v).to_owned());
         }
