@@ -380,7 +380,7 @@ async fn a_second_signal_abandons_a_start_in_progress_and_exits() {
         .await
         .unwrap();
     assert_eq!((scheduled, dead), (1, 0), "retryable, not dead");
-    let key = format!("{}:session:{}", keys.idempotency_prefix(), id.as_str());
+    let key = keys.session_idempotency(&id);
     let kept: bool = redis.conn.clone().exists(key).await.unwrap();
     assert!(kept, "the idempotency key is kept for the retry");
 }

@@ -54,7 +54,7 @@ pub fn tick_lease(job: &str, tick: u64) -> String {
 /// key nothing writes, so the script's write of the job's claim record finds no job.
 pub const NO_JOB_META: &str = "agent-worker:no-job-meta";
 
-/// LIST apalis-redis 1.0's `register_worker.lua` writes (the registered queues) although it
+/// ZSET apalis-redis 1.0's `register_worker.lua` writes (queue key → last registration) although it
 /// neither declares nor documents it; named here for the ACL diagnosis of a refused write
 /// (`deploy/redis/agent-worker.acl`).
 pub const APALIS_QUEUES_LIST: &str = "core:apalis:queues:list";
