@@ -393,8 +393,11 @@ def wait_ready_blocking(
 
 
 def block_ms_for(pool: Any) -> int:
-    """The longest XREAD BLOCK that the connections of redis-py ``pool`` survive: 80 % of
-    their socket timeout (redis-py 6+ defaults it to 5 s), 30 s without one."""
+    """The longest XREAD BLOCK that the connections of redis-py ``pool`` survive: their socket
+    timeout (redis-py 6+ defaults it to 5 s) less a margin for the reply to arrive, 30 s
+    without one. The margin is 20 % of the timeout, but at least half of it up to 1 s: a
+    fixed 20 % of a short timeout (100 ms of 0.5 s) is less than a loaded machine or Redis
+    may take to answer a BLOCK that just ended, and redis-py then fails the read."""
     kwargs = getattr(pool, "connection_kwargs", {})
     if "socket_timeout" in kwargs:
         socket_timeout = kwargs["socket_timeout"]
@@ -407,4 +410,6 @@ def block_ms_for(pool: Any) -> int:
         socket_timeout = 5.0 if default is inspect.Parameter.empty else default
     if not socket_timeout:
         return 30_000
-    return max(10, int(float(socket_timeout) * 1000 * 0.8))
+    timeout_ms = float(socket_timeout) * 1000
+    margin_ms = max(timeout_ms * 0.2, min(1000.0, timeout_ms * 0.5))
+    return max(10, int(timeout_ms - margin_ms))
