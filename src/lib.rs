@@ -11,7 +11,8 @@
 //! - [`worker`]: the worker process, wired once (what `run`, the demo and the tests run).
 //! - [`shutdown`]: the two-step stop request, and the signals that make it.
 //! - [`settings`]: typed settings from `config/default.toml`, `--config FILE` and
-//!   `AGENT_WORKER__*` variables, validated at start-up.
+//!   `AGENT_WORKER__*` variables, validated at start-up: one file per section, each checking
+//!   its own keys; the loader, secrets (redaction) and TLS in files of their own.
 //! - [`telemetry`]: the tracing subscriber (`json` or `pretty`), never blocking on stderr.
 //! - [`cli`]: the command line's commands (`status`, `dead`, `sweep`, `enqueue`, `demo`, the
 //!   stand-in agent).
