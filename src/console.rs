@@ -3,30 +3,42 @@
 //! which calls are live, on which worker, with which voice, since when; which starts failed
 //! and why; what did that agent print; is a replica full, silent or off-clock?
 //!
-//! - [`pages`]: the read-only pages: overview (`/`), live sessions (`/sessions`), one session
-//!   (`/sessions/{id}`), workers (`/workers`), dead jobs (`/dead`).
+//! One file per page, each in three steps: a `fetch` that reads through [`crate::inspect`]
+//! (the same queries as `status` and `dead list`, bounded per page), a view struct of plain
+//! data, and a pure `render(&View) -> Markup`:
+//! - [`overview`] (`/`), [`sessions`] (`/sessions`), [`session`] (`/sessions/{id}`),
+//!   [`workers`] (`/workers`), [`dead`] (`/dead`), [`login`] (`/login`).
+//! - [`layout`]: the chrome every page shares (head, navigation, style sheet, footer), the
+//!   security policy, and the fragments pages are built of; [`mod@format`]: durations, times, cut
+//!   texts; [`visit`]: one request (access, refresh, the "not connected" and "Redis failed"
+//!   pages); [`mask`]: what a session's page may show of its prompts.
 //! - [`actions`]: with `http.admin_token` only, the login form and the POST actions "retry
 //!   dead job" (as `agent-worker dead retry`) and "stop session" (as the orchestrator's end of
 //!   session). Without the setting those routes do not exist at all.
-//! - [`auth`]: the token, cookie and CSRF checks (constant time).
-//! - [`queries`]: the session reads (bounded per page); the queue, workers and dead jobs come
-//!   from [`crate::inspect`], the same queries as `status` and `dead list`.
-//! - [`html`]: escaping and layout; [`rates`]: starts and failures per minute.
+//! - [`auth`]: the token, cookie and CSRF checks (constant time); [`rates`]: starts and
+//!   failures per minute.
 //!
 //! Every page is plain HTML with inline styles, no script, no external asset (air-gapped
-//! clusters), reloading itself every few seconds with `<meta http-equiv="refresh">`. Every
-//! value from Redis or the request is escaped. Prompt texts (`systemPrompt`, `openingLine`)
-//! are never shown unless `http.console_show_config` (see docs/console.md).
+//! clusters), reloading itself every few seconds with `<meta http-equiv="refresh">`. It is
+//! written with `maud`, which escapes every value it splices in: a value from Redis or the
+//! request cannot become markup. Prompt texts (`systemPrompt`, `openingLine`) are never shown
+//! unless `http.console_show_config` (see docs/console.md).
 
 pub mod actions;
 pub mod auth;
-pub mod html;
-pub mod pages;
-pub mod queries;
+pub mod dead;
+pub mod format;
+pub mod layout;
+pub mod login;
+pub mod mask;
+pub mod overview;
 pub mod rates;
+pub mod session;
+pub mod sessions;
+pub mod visit;
+pub mod workers;
 
 use std::{
-    collections::HashMap,
     sync::{Arc, OnceLock},
     time::Duration,
 };
@@ -43,7 +55,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use redis::aio::ConnectionManager;
 use tokio_util::sync::CancellationToken;
 
-use self::{auth::AdminAuth, html::Access, rates::Rates};
+use self::{auth::AdminAuth, layout::Access, rates::Rates};
 use crate::settings::Settings;
 
 /// Largest form body accepted (a task or session id and a token fit many times over).
@@ -115,11 +127,11 @@ impl Console {
     /// The console's routes, to be merged into the listener's.
     pub fn router(&self) -> Router {
         let mut router = Router::new()
-            .route("/", get(pages::overview))
-            .route("/sessions", get(pages::sessions))
-            .route("/sessions/{id}", get(pages::session))
-            .route("/workers", get(pages::workers))
-            .route("/dead", get(pages::dead));
+            .route("/", get(overview::page))
+            .route("/sessions", get(sessions::page))
+            .route("/sessions/{id}", get(session::page))
+            .route("/workers", get(workers::page))
+            .route("/dead", get(dead::page));
         if self.has_actions() {
             router = router
                 .route("/login", get(actions::login_form).post(actions::login))
@@ -153,21 +165,14 @@ impl Console {
     }
 }
 
-/// The query string's parameters (the last value of a repeated one wins).
-fn params(raw: Option<&str>) -> HashMap<String, String> {
-    form_urlencoded::parse(raw.unwrap_or_default().as_bytes())
-        .into_owned()
-        .collect()
-}
-
-/// An HTML response with the console's security headers: the [`html::CSP`], no caching (the
+/// An HTML response with the console's security headers: the [`layout::CSP`], no caching (the
 /// pages are live and may be an admin's), no MIME sniffing, no referrer (ids in URLs).
 fn respond(status: StatusCode, body: String) -> Response {
     let mut response = (status, body).into_response();
     let headers = response.headers_mut();
     for (name, value) in [
         (header::CONTENT_TYPE, "text/html; charset=utf-8"),
-        (header::CONTENT_SECURITY_POLICY, html::CSP),
+        (header::CONTENT_SECURITY_POLICY, layout::CSP),
         (header::CACHE_CONTROL, "no-store"),
         (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
         (header::REFERRER_POLICY, "no-referrer"),

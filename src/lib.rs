@@ -46,8 +46,9 @@
 //! - [`metrics`]: every series and the helpers that record them.
 //! - [`health`]: readiness and the Redis probe.
 //! - [`http`]: the `/metrics`, `/healthz`, `/readyz` listener, which also serves the console.
-//! - [`console`]: the operator console at `/`: server-rendered pages of the queue, sessions,
-//!   workers and dead jobs; with an admin token, retry and stop actions.
+//! - [`console`]: the operator console at `/`: server-rendered pages (one file each, read
+//!   through `inspect`, written with maud) of the queue, sessions, workers and dead jobs; with
+//!   an admin token, retry and stop actions.
 //! - [`inspect`]: what an operator reads and does, shared by the CLI and the console.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]

@@ -257,9 +257,10 @@ async fn pages_show_live_sessions_and_failures_but_never_prompts_and_have_no_wri
         ),
     ]);
     assert_eq!(session_rows(&sessions), both, "{sessions}");
-    // The hostile voice is text, escaped, not markup.
+    // The hostile voice is text, escaped, not markup: its whole cell (maud escapes `& < > "`;
+    // a `'` is plain text in element content and in its double-quoted attributes).
     assert!(
-        sessions.contains("&lt;script&gt;alert(&#39;voice&#39;)&lt;/script&gt;"),
+        sessions.contains("<td>&lt;script&gt;alert('voice')&lt;/script&gt;</td>"),
         "{sessions}"
     );
     // Filters: by status and by worker.
@@ -496,8 +497,8 @@ async fn a_page_over_ten_thousand_sessions_costs_a_bounded_number_of_commands() 
     let addr = server.addr();
 
     // Page by page through all of them: each page is bounded, and every session shows up.
-    let page_limit = (agent_worker::console::queries::PAGE_SIZE
-        + agent_worker::console::queries::MAX_SCANS) as u64;
+    let page_limit = (agent_worker::inspect::sessions::PAGE_SIZE
+        + agent_worker::inspect::sessions::MAX_SCANS) as u64;
     let mut seen = HashSet::new();
     let mut path = "/sessions".to_owned();
     let mut pages = 0;
@@ -516,7 +517,7 @@ async fn a_page_over_ten_thousand_sessions_costs_a_bounded_number_of_commands() 
         most = most.max(total);
         let ids = ids_on(&page);
         assert!(
-            ids.len() <= agent_worker::console::queries::PAGE_SIZE,
+            ids.len() <= agent_worker::inspect::sessions::PAGE_SIZE,
             "{}",
             ids.len()
         );

@@ -22,14 +22,15 @@ use axum::{
     response::Response,
 };
 
+use maud::html;
+
 use super::{
     Console,
     auth::AdminAuth,
-    html::{self, Access, esc},
-    queries::is_task_id,
-    respond,
+    layout::{self, Access, Frame},
+    login, respond,
 };
-use crate::inspect;
+use crate::inspect::{self, dead::is_task_id};
 
 fn form(body: &Bytes) -> HashMap<String, String> {
     form_urlencoded::parse(body).into_owned().collect()
@@ -42,9 +43,19 @@ fn message(
     title: &str,
     text: &str,
 ) -> Response {
-    let csrf = console.csrf_for(access);
-    let body = format!("<p>{}</p>", esc(text));
-    respond(status, html::page(title, "", access, None, csrf, &body))
+    respond(status, page(console, access, title, html! { p { (text) } }))
+}
+
+/// A page without navigation highlight or refresh: an action's outcome, the login form.
+fn page(console: &Console, access: Access, title: &str, body: maud::Markup) -> String {
+    let frame = Frame {
+        title,
+        active: "",
+        access,
+        pause: None,
+        csrf: console.csrf_for(access),
+    };
+    layout::page(&frame, body).into_string()
 }
 
 /// `GET /login`: the token form.
@@ -54,19 +65,7 @@ pub async fn login_form(State(console): State<Console>, headers: HeaderMap) -> R
 }
 
 fn login_page(console: &Console, access: Access, error: Option<&str>) -> String {
-    let mut body = String::new();
-    if let Some(error) = error {
-        body.push_str(&format!("<p class=\"bad\">{}</p>", esc(error)));
-    }
-    body.push_str(
-        "<form method=\"post\" action=\"/login\"><label>Admin token \
-         <input type=\"password\" name=\"token\" autocomplete=\"current-password\" size=\"48\" \
-         autofocus></label> <button>Log in</button></form>\
-         <p>The token is <code>http.admin_token</code> (or the file of \
-         <code>http.admin_token_file</code>). The browser keeps a cookie derived from it \
-         (HttpOnly, SameSite=Strict) for 12 h, not the token itself.</p>",
-    );
-    html::page("Log in", "", access, None, console.csrf_for(access), &body)
+    page(console, access, "Log in", login::render(error))
 }
 
 /// `POST /login` (`token`): sets the login cookie and goes to the overview, or 401.

@@ -1,5 +1,4 @@
-//! What the console reads from Redis beyond [`crate::inspect`] (the queue, workers and dead
-//! jobs it shares with the CLI): a page of live sessions and one session in full.
+//! A page of live sessions, as the console's `/sessions` lists them.
 //!
 //! The cost of a page is bounded by its size, never by the number of sessions or keys: live
 //! sessions are read from the indexes the worker keeps (`session:starting`, `session:ready`)
@@ -10,8 +9,8 @@
 use std::collections::HashSet;
 
 use agent_jobs::{
-    QueueKeys, SessionId, SessionKeys,
-    keys::{SESSION_HEARTBEATS, SESSIONS_READY, SESSIONS_STARTING},
+    SessionId, SessionKeys,
+    keys::{SESSIONS_READY, SESSIONS_STARTING},
     session_state::fields,
 };
 use redis::aio::ConnectionManager;
@@ -268,92 +267,6 @@ fn row_of(id: String, values: Vec<Option<String>>) -> SessionRow {
     }
 }
 
-/// Config fields whose values may hold customer data: shown as a size only, and masked in
-/// every text of the session page, unless `http.console_show_config`.
-pub const PRIVATE_FIELDS: [&str; 2] = ["systemPrompt", "openingLine"];
-
-/// One session in full.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct SessionDetail {
-    /// `session:<id>`, field by field, sorted by name.
-    pub record: Vec<(String, String)>,
-    /// `session:<id>:config`, sorted by name (values of [`PRIVATE_FIELDS`] are included:
-    /// the page decides what to show).
-    pub config: Vec<(String, String)>,
-    /// The agent's last output lines, oldest first (`agent:<id>:logs`).
-    pub logs: Vec<String>,
-    /// The score of the session in the heartbeat index (its last heartbeat).
-    pub heartbeat: Option<u64>,
-    /// The session's job (`taskId` of the record): its id and meta hash, sorted by name.
-    pub job: Option<(String, Vec<(String, String)>)>,
-}
-
-impl SessionDetail {
-    /// True when nothing of the session is left in Redis.
-    pub fn is_empty(&self) -> bool {
-        self.record.is_empty() && self.config.is_empty() && self.logs.is_empty()
-    }
-}
-
-/// Everything about session `id`, in two round trips (the record, config, logs and heartbeat
-/// in one pipeline; then its job's meta).
-pub async fn session_detail(
-    conn: &ConnectionManager,
-    queue: &QueueKeys,
-    id: &SessionId,
-) -> redis::RedisResult<SessionDetail> {
-    let mut conn = conn.clone();
-    let keys = SessionKeys::new(id);
-    type Reply = (
-        Vec<(String, String)>,
-        Vec<(String, String)>,
-        Vec<String>,
-        Option<f64>,
-    );
-    let (mut record, mut config, logs, heartbeat): Reply = redis::pipe()
-        .hgetall(keys.state())
-        .hgetall(keys.config())
-        .lrange(keys.agent_logs(), 0, -1)
-        .zscore(SESSION_HEARTBEATS, id.as_str())
-        .query_async(&mut conn)
-        .await?;
-    record.sort();
-    config.sort();
-    let task = record
-        .iter()
-        .find(|(name, _)| name == fields::TASK_ID)
-        .map(|(_, task)| task.clone())
-        // The task id comes from Redis: only a plain one is spliced into a key name.
-        .filter(|task| is_task_id(task));
-    let job = match task {
-        Some(task) => {
-            let mut meta: Vec<(String, String)> = redis::cmd("HGETALL")
-                .arg(queue.meta(&task))
-                .query_async(&mut conn)
-                .await?;
-            meta.sort();
-            Some((task, meta))
-        }
-        None => None,
-    };
-    Ok(SessionDetail {
-        record,
-        config,
-        logs,
-        heartbeat: heartbeat.map(|t| t as u64),
-        job,
-    })
-}
-
-/// A task id as producers make them (ULIDs, UUIDs): 1-64 of `[A-Za-z0-9_-]`.
-pub fn is_task_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 64
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -371,7 +284,5 @@ mod tests {
         }
         assert_eq!(StatusFilter::parse("ready"), StatusFilter::Ready);
         assert_eq!(StatusFilter::parse("<x>"), StatusFilter::Live);
-        assert!(is_task_id("01JABCDEF"));
-        assert!(!is_task_id("a:b") && !is_task_id("") && !is_task_id("*"));
     }
 }
