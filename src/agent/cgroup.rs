@@ -5,7 +5,7 @@
 //! A leaf: plain file-system operations on cgroupfs, with nothing of the agent's. Containment
 //! ([`crate::agent::containment`]) uses it while the worker lives, and the cgroup guard
 //! ([`crate::agent::cgroup_guard`]) once it is gone. Per-agent resource limits (`memory.max`,
-//! `pids.max`) are files of an [`AgentCgroup`]'s directory, written before its agent starts.
+//! `pids.max`) are files of an `AgentCgroup`'s directory, written before its agent starts.
 
 use std::{
     fs, io,

@@ -17,7 +17,7 @@
 //! agent's `Phase` to `Alive`, the first with a ready pattern to `Ready` (the rules are
 //! [`crate::agent::phase`]'s), which the launch awaits (event-driven, no polling).
 //!
-//! The readers take pipe ends, whoever made them: [`OutputReader::read_both`] is all a start
+//! The readers take pipe ends, whoever made them: `OutputReader::read_both` is all a start
 //! mode calls, for a child of [`crate::agent::spawn`] as for one whose pipes the worker made
 //! itself (a zygote's). So [`OutputStream`] and [`OutputLimits`] are this module's own types:
 //! nothing above it needs them but to build a reader. Below it are only the phase rules and

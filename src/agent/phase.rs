@@ -1,4 +1,4 @@
-//! An agent's start-up phases ([`Phase`]) and what they are judged by ([`Readiness`]), as
+//! An agent's start-up phases (`Phase`) and what they are judged by ([`Readiness`]), as
 //! contract §4 has them: *alive* when a line contains an alive pattern (imports done), *ready*
 //! when a line contains a ready pattern (connected), each within its own deadline from the
 //! spawn. A ready line implies alive.

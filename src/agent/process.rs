@@ -1,7 +1,7 @@
 //! The per-agent process owner: every agent process of this worker, from its spawn (or its
 //! adoption) to its reaped exit, whatever start mode launched it.
 //!
-//! [`AgentProcesses::spawn`] starts one:
+//! `AgentProcesses::spawn` starts one:
 //! - No shell: program and arguments go to `execve` as separate strings, verbatim. (As with
 //!   `execvp`, an executable file without `#!` is run by `/bin/sh` as a script, with the same
 //!   argv; no value is ever parsed by a shell.)
@@ -13,7 +13,7 @@
 //! - It runs in a containment scope of its own ([`crate::agent::containment`]): its cgroup, or
 //!   its marker, so what escapes its group ends with it too.
 //!
-//! [`AgentProcesses::own`] is where every child ends up, spawned here or not:
+//! `AgentProcesses::own` is where every child ends up, spawned here or not:
 //! - stdout and stderr are read continuously, line by line ([`crate::agent::output`]), so a
 //!   chatty agent never blocks on a full pipe;
 //! - one owner task per agent waits on the child, so it is always reaped (no zombies), serves
@@ -25,7 +25,7 @@
 //! subreaper) an already-forked agent: the worker prepares the scope
 //! ([`Containment::prepare`]), makes the stdio pipes and passes the child's ends over, builds
 //! the [`Child`] from the pid, a pidfd and its own pipe ends ([`Child::from_fds`]) and calls
-//! `own`; the readiness wait ([`crate::agent::startup`]) takes the [`Started`] it returns. Per
+//! `own`; the readiness wait ([`crate::agent::startup`]) takes the `Started` it returns. Per
 //! agent resource limits belong to the same two places: written into the scope's cgroup before
 //! the start, or sampled by the owner task where there is no cgroup.
 

@@ -1,7 +1,7 @@
 //! The readiness wait: a started process goes through its start-up phases
 //! ([`crate::agent::phase`]) within their deadlines, or is stopped.
 //!
-//! [`await_start`] takes a [`Started`], which any start mode can produce: the cold launcher's
+//! `await_start` takes a `Started`, which any start mode can produce: the cold launcher's
 //! and a warm-up's from the process owner ([`crate::agent::process`]), a warm process's
 //! handoff from the process it already owns, with the deadlines counted from the handoff. It
 //! needs only the process's phase (moved forward by its output readers), its exit (from its
@@ -9,7 +9,7 @@
 //!
 //! The wait is event-driven: the reader that sees a ready line flips the phase watch this
 //! awaits, raced against the exit and the deadline. Dropping the wait (an immediate shutdown)
-//! kills the process ([`StopOnDrop`]).
+//! kills the process (`StopOnDrop`).
 
 use std::{
     sync::{Arc, Mutex},

@@ -3,7 +3,7 @@
 //! init. Each agent's environment carries [`SCOPE_VAR`] (`<worker id>/<session id>`), which
 //! its descendants inherit; when its session ends, the worker kills its re-parented children
 //! carrying that marker, round after round as their own children are re-parented in turn
-//! ([`kill_marked`]), and reaps them. Orphans that exit on their own are reaped by
+//! (`kill_marked`), and reaps them. Orphans that exit on their own are reaped by
 //! [`reap_adopted`]; never an agent, which its owner task reaps (the registry of
 //! [`agent_started`] / [`agent_reaped`] tells them apart).
 //!

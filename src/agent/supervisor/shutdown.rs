@@ -19,7 +19,7 @@ impl Supervisor {
 
     /// Immediate shutdown: launches in progress stop waiting for their agents, which are
     /// killed; their sessions stay `starting` with the reason in `lastError` and their jobs
-    /// fail as retryable ([`StartError::Abandoned`]).
+    /// fail as retryable ([`super::StartError::Abandoned`]).
     pub fn abandon_starts(&self) {
         self.close();
         self.inner.abandon.cancel();
