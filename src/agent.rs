@@ -1,9 +1,11 @@
 //! Everything about one agent process, from its command line to its reaped exit.
 //!
-//! Listed bottom-up: each module uses only those above it in this list (and `session` for the
-//! config and the store), so the graph has no cycle and can be read from the top.
+//! Listed bottom-up: each module uses only those above it in this list (and, outside it, the
+//! session store and config, settings and metrics), so the graph has no cycle and can be read
+//! from the top. The leaves hold the types several modules share, each named for what it is,
+//! so that no two modules above them need each other for a type.
 //!
-//! Leaves, the types several modules share:
+//! Leaves:
 //! - [`exit`]: how an agent process ended ([`exit::AgentExit`]).
 //! - [`phase`]: the start-up phases and what they are judged by ([`phase::Readiness`]).
 //! - [`spawn`]: starting a process without forking the worker, waited for on a pidfd.
@@ -19,7 +21,9 @@
 //!   gone, however it died.
 //! - [`containment`]: its whole process tree ends with its session (cgroup v2, or a subreaper).
 //!
-//! Launching, in three layers a start mode is built from:
+//! Launching: the three layers every start mode is built from, then the modes. A new mode (a
+//! zygote's fork server) is one more module beside `cold` and `warm` that hands [`process`] its
+//! child and [`startup`] what that returns, touching neither mode (see [`process`]).
 //! - [`launcher`]: the [`launcher::Launcher`] interface the supervisor sees.
 //! - [`startup`]: the readiness wait, two phases with their deadlines, for any start mode.
 //! - [`process`]: the per-agent process owner: spawn or adopt a child, read its output, reap

@@ -285,8 +285,7 @@ impl Pool {
     /// Recycles old idle processes, stops those beyond the room left, starts warm-ups up to
     /// the target. Returns when to look again at the latest.
     fn step(self: Arc<Self>) -> tokio::time::Instant {
-        let now = tokio::time::Instant::now();
-        let mut wake_at = now + RECHECK;
+        let mut next = NextLook::new(tokio::time::Instant::now());
         let (max, running, starting) = (
             self.capacity.max(),
             self.capacity.agents(),
@@ -300,10 +299,10 @@ impl Pool {
         let (stop, labels) = {
             let mut state = self.state.lock().expect("pool lock");
             if state.closed {
-                return wake_at;
+                return next.at;
             }
-            let stop = self.retire(&mut state, keep, now, &mut wake_at);
-            let labels = self.plan_warm_ups(&mut state, target, now, &mut wake_at);
+            let stop = self.retire(&mut state, keep, &mut next);
+            let labels = self.plan_warm_ups(&mut state, target, &mut next);
             (stop, labels)
         };
         for warm in stop {
@@ -313,26 +312,19 @@ impl Pool {
         for label in labels {
             tokio::spawn(self.clone().warm_one(label));
         }
-        wake_at
+        next.at
     }
 
     /// Takes out of the pool the idle processes to stop: those older than
     /// `agent.warm_max_idle` (recycled), then the newest beyond `keep`. Ends a failure streak
-    /// once an idle process has stayed up [`HEALTHY_AFTER`]. `wake_at` moves to when the next
-    /// of these is due, if sooner.
-    fn retire(
-        &self,
-        state: &mut State,
-        keep: usize,
-        now: tokio::time::Instant,
-        wake_at: &mut tokio::time::Instant,
-    ) -> Vec<WarmProcess> {
+    /// once an idle process has stayed up [`HEALTHY_AFTER`]. `next` learns when the next of
+    /// these is due.
+    fn retire(&self, state: &mut State, keep: usize, next: &mut NextLook) -> Vec<WarmProcess> {
         let mut stop = Vec::new();
         while let Some(oldest) = state.idle.front() {
             if oldest.warm_at.elapsed() < self.settings.max_idle {
                 let expires = oldest.warm_at + self.settings.max_idle;
-                let left = expires.saturating_duration_since(Instant::now());
-                *wake_at = (*wake_at).min(now + left);
+                next.due_in(expires.saturating_duration_since(Instant::now()));
                 break;
             }
             let old = state.idle.pop_front().expect("just seen");
@@ -344,10 +336,7 @@ impl Pool {
                 Some(oldest) if oldest.elapsed() >= HEALTHY_AFTER => {
                     end_streak(state, "a warm process stayed up");
                 }
-                Some(oldest) => {
-                    let left = HEALTHY_AFTER.saturating_sub(oldest.elapsed());
-                    *wake_at = (*wake_at).min(now + left);
-                }
+                Some(oldest) => next.due_in(HEALTHY_AFTER.saturating_sub(oldest.elapsed())),
                 None => {}
             }
         }
@@ -359,18 +348,17 @@ impl Pool {
     }
 
     /// Counts the warm-ups to start now towards `target` (none while backing off, one at a
-    /// time during a failure streak) and returns their labels. `wake_at` moves to the end of
-    /// a back-off, if sooner.
+    /// time during a failure streak) and returns their labels. `next` learns when a back-off
+    /// ends.
     fn plan_warm_ups(
         &self,
         state: &mut State,
         target: usize,
-        now: tokio::time::Instant,
-        wake_at: &mut tokio::time::Instant,
+        next: &mut NextLook,
     ) -> Vec<SessionId> {
-        let backing_off = state.retry_at.is_some_and(|at| at > now);
+        let backing_off = state.retry_at.is_some_and(|at| at > next.now);
         if backing_off {
-            *wake_at = (*wake_at).min(state.retry_at.expect("backing off"));
+            next.due_at(state.retry_at.expect("backing off"));
         }
         let have = state.idle.len() + state.warming;
         let mut start = 0;
@@ -481,6 +469,32 @@ impl Pool {
         } else {
             tracing::debug!(warm_label = %label, exit, "warm_agent_died_idle");
         }
+    }
+}
+
+/// When the refill task looks at the pool again: [`RECHECK`] after `now` at the latest, sooner
+/// when something falls due.
+struct NextLook {
+    now: tokio::time::Instant,
+    at: tokio::time::Instant,
+}
+
+impl NextLook {
+    fn new(now: tokio::time::Instant) -> Self {
+        Self {
+            now,
+            at: now + RECHECK,
+        }
+    }
+
+    /// Something falls due `after` from now.
+    fn due_in(&mut self, after: Duration) {
+        self.due_at(self.now + after);
+    }
+
+    /// Something falls due at `at`.
+    fn due_at(&mut self, at: tokio::time::Instant) {
+        self.at = self.at.min(at);
     }
 }
 

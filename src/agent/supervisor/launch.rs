@@ -292,7 +292,7 @@ impl Inner {
 }
 
 #[cfg(test)]
-mod cold_start_tests {
+mod tests {
     use super::*;
 
     #[test]
