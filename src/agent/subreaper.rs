@@ -29,8 +29,8 @@ pub const SCOPE_VAR: &str = "AGENT_WORKER_SCOPE";
 /// Rounds of killing re-parented descendants (each round reaches one more generation).
 const SUBREAPER_ROUNDS: usize = 20;
 
-/// Pids of the agents the worker started itself: reaped by their own owner tasks, never by
-/// [`reap_adopted`].
+/// Pids of the agents the worker owns (spawned or adopted): reaped by their own owner tasks,
+/// never by [`reap_adopted`].
 static AGENTS: LazyLock<Mutex<HashSet<u32>>> = LazyLock::new(|| Mutex::new(HashSet::new()));
 
 /// Makes this process the subreaper of everything it starts (for `agent-worker run`; a
@@ -45,7 +45,7 @@ pub fn is_subreaper() -> bool {
     nix::sys::prctl::get_child_subreaper().unwrap_or(false)
 }
 
-/// Registers the pid of an agent the worker started (its owner task reaps it).
+/// Registers the pid of an agent the worker owns (its owner task reaps it).
 pub fn agent_started(pid: u32) {
     AGENTS.lock().expect("agents lock").insert(pid);
 }
