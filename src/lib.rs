@@ -37,10 +37,11 @@
 //! - [`schedule`]: scheduled jobs on exactly one replica per tick.
 //!
 //! Agents:
-//! - [`agent`]: one agent process, from its command line to its reaped exit: launcher,
-//!   output, log list and files, containment and its cgroup guard, spawn, supervisor,
-//!   capacity; and the warm pool (`agent.warm_pool`) of processes that did their imports
-//!   before their session came.
+//! - [`agent`]: one agent process, from its command line to its reaped exit, in modules that
+//!   read bottom-up: shared leaves (exit, phase, spawn, cgroup, subreaper), command, output,
+//!   log list and files, containment and its cgroup guard; the launcher interface, the
+//!   readiness wait and the process owner that every start mode is built from; the cold and
+//!   warm modes with the warm pool (`agent.warm_pool`); capacity; the supervisor.
 //!
 //! Observability:
 //! - [`metrics`]: every series and the helpers that record them.

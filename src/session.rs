@@ -29,7 +29,7 @@ pub mod config;
 use config::{ConfigSource, SessionConfig};
 use config::{config_from_pairs, validate};
 
-use crate::{agent::launcher::AgentExit, clock::Clock, connection::RedisHealth};
+use crate::{agent::exit::AgentExit, clock::Clock, connection::RedisHealth};
 
 /// A script that changes a session's status: `lua/session_events.lua` (the event stream's
 /// prologue) followed by the script, so every status change and its event are one atomic call.

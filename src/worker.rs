@@ -29,10 +29,13 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     agent::{
         capacity::Capacity,
+        cold::ProcessLauncher,
         command::AgentCommand,
         containment::{self, Containment},
-        launcher::{Launcher, OutputLimits, ProcessLauncher, Readiness},
+        launcher::Launcher,
         log_list::{self, OutputSink},
+        output::OutputLimits,
+        phase::Readiness,
         supervisor::{RetryPolicy, Supervisor},
         warm_pool::{PooledLauncher, WarmSettings},
     },

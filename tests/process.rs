@@ -388,8 +388,8 @@ async fn a_second_signal_abandons_a_start_in_progress_and_exits() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_launch_dropped_before_its_agent_is_ready_kills_the_agent() {
     use agent_worker::agent::{
-        command::LaunchSpec,
-        launcher::{Launcher, OutputLimits, ProcessLauncher, Readiness},
+        cold::ProcessLauncher, command::LaunchSpec, launcher::Launcher, output::OutputLimits,
+        phase::Readiness,
     };
     let ledger = std::env::temp_dir().join(format!("dropped-launch-{}", std::process::id()));
     let _ = std::fs::remove_file(&ledger);

@@ -620,7 +620,7 @@ pub struct SpawnLayer;
 impl SpawnLayer {
     fn wanted(meta: &tracing::Metadata<'_>) -> bool {
         meta.is_event()
-            && meta.target() == "agent_worker::agent::launcher"
+            && meta.target() == "agent_worker::agent::process"
             && meta.fields().field("pgid").is_some()
             && meta.fields().field("session_id").is_some()
     }

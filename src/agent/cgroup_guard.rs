@@ -82,7 +82,7 @@ pub fn main(args: Vec<String>) -> i32 {
             break;
         }
     }
-    let killed = super::containment::remove_worker_cgroup(Path::new(dir));
+    let killed = super::cgroup::remove_worker_cgroup(Path::new(dir));
     if killed > 0 {
         // Only after a worker died with agents' processes left: one line on the worker's
         // stderr, in the shape of its JSON log events.

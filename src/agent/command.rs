@@ -7,20 +7,12 @@
 
 use std::path::PathBuf;
 
-use agent_jobs::{SessionId, session_config::fields};
+use agent_jobs::SessionId;
 
 use crate::{
-    session::config::SessionConfig,
+    session::config::{SESSION_OPTIONS, SessionConfig},
     settings::{AgentSettings, ArgStyle},
 };
-
-/// The session's config fields that become options of the agent's command line, with their
-/// option names (contract §4), in command-line order after `--room`.
-pub const SESSION_OPTIONS: [(&str, &str); 3] = [
-    (fields::VOICE_ID, "--voice-id"),
-    (fields::OPENING_LINE, "--opening-line"),
-    (fields::SYSTEM_PROMPT, "--system-prompt"),
-];
 
 /// How the agent of a session is launched: `agent.command`, `agent.arg_style` and
 /// `agent.log_dir`. Built once from settings.

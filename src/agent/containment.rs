@@ -22,36 +22,24 @@
 //!   container (in a container with tini as PID 1, when the worker dies, tini exits and the
 //!   container with it).
 //! - **process-group**: only the process group (what the worker did before).
+//!
+//! This module chooses the mechanism and holds each agent's scope; the mechanisms themselves
+//! are [`crate::agent::cgroup`] and [`crate::agent::subreaper`] (whose public functions are
+//! re-exported here, so the rest of the worker has one door to containment).
 
-use std::{
-    collections::HashSet,
-    fs, io,
-    os::fd::{AsRawFd, OwnedFd},
-    path::{Path, PathBuf},
-    sync::{LazyLock, Mutex},
-    time::Duration,
-};
+use std::{io, path::PathBuf};
 
 use agent_jobs::SessionId;
-use nix::{
-    sys::{
-        signal::Signal,
-        wait::{WaitPidFlag, waitpid},
-    },
-    unistd::Pid,
-};
 use serde::Deserialize;
 
-use super::cgroup_guard::Guard;
-
-/// The environment variable that marks an agent's descendants as its own.
-pub const SCOPE_VAR: &str = "AGENT_WORKER_SCOPE";
-
-/// How long an ended agent's cgroup may take to empty after `cgroup.kill`.
-const CGROUP_EMPTY_WAIT: Duration = Duration::from_secs(2);
-
-/// Rounds of killing re-parented descendants (each round reaches one more generation).
-const SUBREAPER_ROUNDS: usize = 20;
+pub use super::subreaper::{
+    SCOPE_VAR, agent_reaped, agent_started, become_subreaper, is_subreaper, reap_adopted,
+};
+use super::{
+    cgroup::{AgentCgroup, worker_cgroup},
+    cgroup_guard::Guard,
+    subreaper::kill_marked,
+};
 
 /// `agent.containment`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -93,22 +81,6 @@ pub enum Containment {
      cgroup namespace) or use \"auto\""
 )]
 pub struct NoCgroup(String);
-
-/// Pids of the agents the worker started itself: reaped by their own owner tasks, never by
-/// [`reap_adopted`].
-static AGENTS: LazyLock<Mutex<HashSet<u32>>> = LazyLock::new(|| Mutex::new(HashSet::new()));
-
-/// Makes this process the subreaper of everything it starts (for `agent-worker run`; a
-/// process that also has children of its own to wait for, like a test runner, must not).
-pub fn become_subreaper() -> io::Result<()> {
-    nix::sys::prctl::set_child_subreaper(true).map_err(io::Error::from)
-}
-
-/// True when this process is the subreaper of what it starts: then it must reap the orphans
-/// re-parented to it ([`reap_adopted`]).
-pub fn is_subreaper() -> bool {
-    nix::sys::prctl::get_child_subreaper().unwrap_or(false)
-}
 
 impl Containment {
     /// Chooses the mechanism for `setting`; `worker_id` names the worker's own cgroup. Kills the
@@ -184,7 +156,7 @@ impl Containment {
     /// Removes the worker's own (empty) cgroup at a clean exit.
     pub fn close(&self) {
         if let Self::Cgroup { dir, .. } = self {
-            let _ = fs::remove_dir(dir);
+            let _ = std::fs::remove_dir(dir);
         }
     }
 }
@@ -204,7 +176,7 @@ impl AgentScope {
 
     /// `cgroup.procs` of its cgroup, for the child to move itself into.
     pub fn cgroup_procs(&self) -> Option<std::os::fd::RawFd> {
-        self.cgroup.as_ref().map(|c| c.procs.as_raw_fd())
+        self.cgroup.as_ref().map(AgentCgroup::procs)
     }
 
     /// The child could not move into the cgroup: what is left of its tree is found by marker.
@@ -214,231 +186,4 @@ impl AgentScope {
             cgroup.kill_and_remove();
         }
     }
-}
-
-#[derive(Debug)]
-struct AgentCgroup {
-    dir: PathBuf,
-    procs: OwnedFd,
-}
-
-impl AgentCgroup {
-    fn create(root: &Path, name: &str) -> io::Result<Self> {
-        let dir = root.join(name);
-        match fs::create_dir(&dir) {
-            Ok(()) => {}
-            // A previous agent of the session on this worker (a retry) left it: reuse it.
-            Err(error) if error.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(error) => return Err(error),
-        }
-        let procs = fs::OpenOptions::new()
-            .write(true)
-            .open(dir.join("cgroup.procs"))?;
-        Ok(Self {
-            dir,
-            procs: procs.into(),
-        })
-    }
-
-    /// Kills what is in it; dropping it then removes it.
-    fn kill_and_remove(self) {
-        kill_cgroup(&self.dir);
-    }
-}
-
-impl Drop for AgentCgroup {
-    fn drop(&mut self) {
-        // Only an empty cgroup can be removed: after `kill_and_remove`, or when its agent never
-        // started.
-        let _ = fs::remove_dir(&self.dir);
-    }
-}
-
-/// Kills every process in the cgroup at `dir` and waits (briefly) until it is empty.
-fn kill_cgroup(dir: &Path) {
-    // cgroup.kill (Linux 5.14) kills the whole subtree at once; before that, one by one.
-    if fs::write(dir.join("cgroup.kill"), "1").is_err() {
-        for pid in cgroup_pids(dir) {
-            let _ = nix::sys::signal::kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
-        }
-    }
-    let deadline = std::time::Instant::now() + CGROUP_EMPTY_WAIT;
-    while !cgroup_pids(dir).is_empty() && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-fn cgroup_pids(dir: &Path) -> Vec<u32> {
-    fs::read_to_string(dir.join("cgroup.procs"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.trim().parse().ok())
-        .collect()
-}
-
-/// Creates this worker's cgroup below the process's own, after killing the leftovers of
-/// workers that are gone (`aw-<pid>-<rand>` whose pid is no longer alive).
-fn worker_cgroup(worker_id: &str) -> io::Result<PathBuf> {
-    let own = own_cgroup_dir()?;
-    for entry in fs::read_dir(&own)?.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name
-            .strip_prefix("aw-")
-            .and_then(|rest| rest.split('-').next())
-            .and_then(|pid| pid.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let gone = nix::sys::signal::kill(Pid::from_raw(pid), None).is_err();
-        if gone && entry.path().is_dir() {
-            let killed = remove_worker_cgroup(&entry.path());
-            tracing::info!(cgroup = %name, processes = killed, "stale_agent_cgroups_removed");
-        }
-    }
-    let suffix = worker_id.rsplit('-').next().unwrap_or("0");
-    let dir = own.join(format!("aw-{}-{suffix}", std::process::id()));
-    fs::create_dir(&dir)?;
-    // A child cgroup we may create but not move processes into is no use: check it can hold one.
-    let probe = dir.join("cgroup.procs");
-    fs::OpenOptions::new()
-        .write(true)
-        .open(&probe)
-        .inspect_err(|_| {
-            let _ = fs::remove_dir(&dir);
-        })?;
-    Ok(dir)
-}
-
-/// Kills the agents' cgroups below a worker's cgroup `dir` and removes them and `dir`;
-/// returns how many processes were in them. Used for the cgroups of workers that are gone:
-/// by the next worker, and by a worker's guard.
-pub(crate) fn remove_worker_cgroup(dir: &Path) -> usize {
-    let mut killed = 0;
-    for agent in fs::read_dir(dir).into_iter().flatten().flatten() {
-        if agent.path().is_dir() {
-            killed += cgroup_pids(&agent.path()).len();
-            kill_cgroup(&agent.path());
-            let _ = fs::remove_dir(agent.path());
-        }
-    }
-    let _ = fs::remove_dir(dir);
-    killed
-}
-
-/// The directory of this process's cgroup v2 (from `/proc/self/cgroup` and the cgroup2 mount).
-fn own_cgroup_dir() -> io::Result<PathBuf> {
-    let cgroups = fs::read_to_string("/proc/self/cgroup")?;
-    let path = cgroups
-        .lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .ok_or_else(|| io::Error::other("no cgroup v2 membership in /proc/self/cgroup"))?;
-    let mounts = fs::read_to_string("/proc/self/mountinfo")?;
-    // mountinfo: id parent major:minor root mount-point options... - fstype source options
-    let mount = mounts
-        .lines()
-        .find_map(|line| {
-            let (left, right) = line.split_once(" - ")?;
-            (right.split_whitespace().next()? == "cgroup2")
-                .then(|| left.split_whitespace().nth(4).map(str::to_owned))?
-        })
-        .ok_or_else(|| io::Error::other("no cgroup2 file system is mounted"))?;
-    let dir = Path::new(&mount).join(path.trim_start_matches('/'));
-    if !dir.is_dir() {
-        return Err(io::Error::other(format!(
-            "{} is not a directory",
-            dir.display()
-        )));
-    }
-    Ok(dir)
-}
-
-/// Registers the pid of an agent the worker started (its owner task reaps it).
-pub fn agent_started(pid: u32) {
-    AGENTS.lock().expect("agents lock").insert(pid);
-}
-
-/// The agent `pid` was reaped by its owner task.
-pub fn agent_reaped(pid: u32) {
-    AGENTS.lock().expect("agents lock").remove(&pid);
-}
-
-/// Children of this process (re-parented to it, as its subreaper) other than its agents,
-/// with whether each is a zombie.
-fn adopted() -> Vec<(u32, bool)> {
-    let me = std::process::id();
-    let agents = AGENTS.lock().expect("agents lock").clone();
-    let mut found = Vec::new();
-    let Ok(entries) = fs::read_dir("/proc") else {
-        return found;
-    };
-    for entry in entries.flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        if agents.contains(&pid) {
-            continue;
-        }
-        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        // The command name is in parentheses and may contain anything: parse after the last ')'.
-        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
-            continue;
-        };
-        let mut fields = rest.split_whitespace();
-        let (Some(state), Some(ppid)) = (fields.next(), fields.next()) else {
-            continue;
-        };
-        if ppid.parse::<u32>().ok() == Some(me) {
-            found.push((pid, state == "Z"));
-        }
-    }
-    found
-}
-
-/// Kills the re-parented descendants carrying `marker`, generation after generation, and
-/// reaps them.
-fn kill_marked(marker: &str) {
-    let needle = format!("{SCOPE_VAR}={marker}\0");
-    for _ in 0..SUBREAPER_ROUNDS {
-        let marked: Vec<u32> = adopted()
-            .into_iter()
-            .filter(|(pid, zombie)| {
-                !zombie
-                    && fs::read(format!("/proc/{pid}/environ"))
-                        .is_ok_and(|env| contains(&env, needle.as_bytes()))
-            })
-            .map(|(pid, _)| pid)
-            .collect();
-        if marked.is_empty() {
-            return;
-        }
-        for pid in &marked {
-            let _ = nix::sys::signal::kill(Pid::from_raw(*pid as i32), Signal::SIGKILL);
-        }
-        for pid in marked {
-            // A child of ours (re-parented to us) that we just killed.
-            let _ = waitpid(Pid::from_raw(pid as i32), None);
-        }
-        tracing::info!(marker, "escaped_agent_processes_killed");
-    }
-}
-
-/// Reaps adopted children that exited on their own (as a subreaper, their parent is now this
-/// process, and nobody else will). Never an agent: each is reaped by its owner task.
-pub fn reap_adopted() {
-    for (pid, zombie) in adopted() {
-        if zombie {
-            // A zombie child of ours that is not one of our agents.
-            let _ = waitpid(Pid::from_raw(pid as i32), Some(WaitPidFlag::WNOHANG));
-        }
-    }
-}
-
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    // The environment starts with a variable, or follows a NUL.
-    haystack.starts_with(needle)
-        || haystack
-            .windows(needle.len() + 1)
-            .any(|w| w[0] == 0 && &w[1..] == needle)
 }

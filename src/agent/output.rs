@@ -14,8 +14,14 @@
 //!   and the rest is dropped as it arrives, so a line without a newline never grows memory.
 //!
 //! The readers also judge start-up: the first line containing an alive pattern moves the
-//! agent's `Phase` to `Alive`, the first with a ready pattern to `Ready`, which the launch
-//! awaits (event-driven, no polling).
+//! agent's `Phase` to `Alive`, the first with a ready pattern to `Ready` (the rules are
+//! [`crate::agent::phase`]'s), which the launch awaits (event-driven, no polling).
+//!
+//! The readers take pipe ends, whoever made them: `OutputReader::read_both` is all a start
+//! mode calls, for a child of [`crate::agent::spawn`] as for one whose pipes the worker made
+//! itself (a zygote's). So [`OutputStream`] and [`OutputLimits`] are this module's own types:
+//! nothing above it needs them but to build a reader. Below it are only the phase rules and
+//! where lines go (the log list, the log files).
 
 use std::{
     sync::{Arc, Mutex},
@@ -25,25 +31,61 @@ use std::{
 use agent_jobs::SessionId;
 use tokio::{
     io::{AsyncBufReadExt, AsyncRead, BufReader},
+    net::unix::pipe,
     sync::watch,
 };
 
 use super::{
-    launcher::{OutputStream, Readiness},
     log_files::{LogFile, LogFiles},
     log_list::{AgentLine, OutputSink},
+    phase::{Phase, Readiness},
 };
+use crate::settings::AgentSettings;
 
 /// Bytes of one agent line shown in the worker's own log; the whole line (up to
 /// `agent.max_line_bytes`) goes to Redis and the log file.
 pub const LOG_EVENT_BYTES: usize = 2048;
 
-/// How far an agent's start-up got, as seen in its output. Ordered: ready implies alive.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub(crate) enum Phase {
-    Spawned,
-    Alive,
-    Ready,
+/// Where an output line came from (the `stream` field of its log event).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputStream {
+    /// The agent's stdout.
+    Stdout,
+    /// The agent's stderr.
+    Stderr,
+}
+
+/// How much of an agent's output is kept (from `[agent]`).
+#[derive(Debug, Clone, Copy)]
+pub struct OutputLimits {
+    /// Longest output line kept; the rest of a longer line is cut, with a marker.
+    pub max_line_bytes: usize,
+    /// A log file stops growing at this size.
+    pub log_file_max_bytes: u64,
+    /// Lines per second (burst: twice that) of each agent shown in the worker's own log.
+    pub log_lines_per_second: u32,
+}
+
+impl OutputLimits {
+    /// From `[agent]` settings.
+    pub fn from_settings(agent: &AgentSettings) -> Self {
+        Self {
+            max_line_bytes: agent.max_line_bytes,
+            log_file_max_bytes: agent.log_file_max_bytes,
+            log_lines_per_second: agent.log_lines_per_second,
+        }
+    }
+}
+
+impl Default for OutputLimits {
+    /// The defaults of `config/default.toml`.
+    fn default() -> Self {
+        Self {
+            max_line_bytes: 64 * 1024,
+            log_file_max_bytes: 64 * 1024 * 1024,
+            log_lines_per_second: 50,
+        }
+    }
 }
 
 /// The worker-log budget of one agent: a token bucket refilled at `rate` lines per second,
@@ -119,6 +161,29 @@ pub(crate) struct Binding {
     pub(crate) last_line: Arc<Mutex<Option<String>>>,
 }
 
+impl Binding {
+    /// The output of the process labelled `label`, judged by `readiness` from the start
+    /// (`Spawned`), going to the session's logs if `to_session` and to `log_file` if any; with
+    /// the receiving end of its phase, which the readiness wait awaits.
+    pub(crate) fn new(
+        label: SessionId,
+        to_session: bool,
+        readiness: Readiness,
+        log_file: Option<(LogFiles, Arc<LogFile>)>,
+    ) -> (Self, watch::Receiver<Phase>) {
+        let (phase, phase_rx) = watch::channel(Phase::Spawned);
+        let binding = Self {
+            label,
+            to_session,
+            readiness,
+            phase,
+            log_file,
+            last_line: Arc::new(Mutex::new(None)),
+        };
+        (binding, phase_rx)
+    }
+}
+
 /// Reads one agent's output (both streams share one, cloned).
 #[derive(Clone)]
 pub(crate) struct OutputReader {
@@ -129,18 +194,27 @@ pub(crate) struct OutputReader {
 }
 
 impl OutputReader {
-    /// A reader for the output of `binding`'s process.
-    pub(crate) fn new(
-        binding: Binding,
-        max_line_bytes: usize,
-        log_lines_per_second: u32,
-        sink: OutputSink,
-    ) -> Self {
+    /// A reader for the output of `binding`'s process, keeping it within `limits`, sending its
+    /// lines for Redis to `sink`.
+    pub(crate) fn new(binding: Binding, limits: &OutputLimits, sink: OutputSink) -> Self {
         Self {
             binding: Arc::new(Mutex::new(Arc::new(binding))),
-            max_line_bytes,
+            max_line_bytes: limits.max_line_bytes,
             sink,
-            budget: Arc::new(Mutex::new(LogBudget::new(log_lines_per_second))),
+            budget: Arc::new(Mutex::new(LogBudget::new(limits.log_lines_per_second))),
+        }
+    }
+
+    /// Reads the process's stdout and stderr (those it has) to their ends, each on a task of
+    /// its own. The tasks hold clones of this reader: once both reached end-of-file and every
+    /// other clone is gone, the phase channel closes, which is how the readiness wait learns
+    /// the output ended.
+    pub(crate) fn read_both(&self, stdout: Option<pipe::Receiver>, stderr: Option<pipe::Receiver>) {
+        if let Some(stdout) = stdout {
+            tokio::spawn(self.clone().read(stdout, OutputStream::Stdout));
+        }
+        if let Some(stderr) = stderr {
+            tokio::spawn(self.clone().read(stderr, OutputStream::Stderr));
         }
     }
 
@@ -153,7 +227,7 @@ impl OutputReader {
 
     /// Reads `pipe` to its end (or a read error, which ends it like EOF: the agent's exit is
     /// reported by its owner task).
-    pub(crate) async fn read(self, pipe: impl AsyncRead + Unpin, stream: OutputStream) {
+    async fn read(self, pipe: impl AsyncRead + Unpin, stream: OutputStream) {
         let max = self.max_line_bytes;
         let mut reader = BufReader::with_capacity(8 * 1024, pipe);
         let mut line = Vec::with_capacity(256);
@@ -239,17 +313,8 @@ impl OutputReader {
 
 /// Moves `binding`'s phase forward when `text` matches a pattern of a later one.
 fn advance(binding: &Binding, text: &str) {
-    let readiness = &binding.readiness;
     let phase = *binding.phase.borrow();
-    let matches = |patterns: &[String]| patterns.iter().any(|p| text.contains(p.as_str()));
-    let reached = if phase < Phase::Ready && matches(&readiness.ready_patterns) {
-        Some(Phase::Ready)
-    } else if phase < Phase::Alive && matches(&readiness.alive_patterns) {
-        Some(Phase::Alive)
-    } else {
-        None
-    };
-    if let Some(reached) = reached {
+    if let Some(reached) = binding.readiness.reached(phase, text) {
         // Only forward: stdout's reader must not undo a phase stderr's reader just set.
         binding.phase.send_if_modified(|current| {
             let forward = reached > *current;

@@ -21,14 +21,18 @@
 //!
 //! Linux only (it already was: the death signal is Linux's), kernel 5.4 or later for
 //! `CLONE_PIDFD` and `waitid(P_PIDFD)`.
+//!
+//! This file is the worker side (what is prepared, the [`Child`] that is waited for); the
+//! clone and what the child runs before `execve` are `spawn/child.rs`. A [`Child`] need not
+//! come from here: [`Child::from_fds`] takes one started elsewhere, which is all the process
+//! owner ([`crate::agent::process`]) needs to own it.
 
-// The one module that needs unsafe code: a vfork-style clone and what the child does before
-// it execs (raw system calls on memory it shares with the worker). Every block says why it is
-// sound.
+// The one module that needs unsafe code (with its child side): a vfork-style clone and what
+// the child does before it execs (raw system calls on memory it shares with the worker), and
+// the pidfd and fds that come back. Every block says why it is sound.
 #![allow(unsafe_code)]
 
 use std::{
-    cell::RefCell,
     ffi::{CString, OsStr, OsString},
     io,
     os::{
@@ -41,26 +45,16 @@ use std::{
     path::Path,
     process::ExitStatus,
     ptr,
-    sync::{
-        LazyLock, OnceLock,
-        atomic::{AtomicI32, Ordering},
-    },
+    sync::{LazyLock, OnceLock},
 };
+
+mod child;
 
 use nix::sys::signal::Signal;
 use tokio::{
     io::{Interest, unix::AsyncFd},
     net::unix::pipe,
 };
-
-/// The child's stack. It only runs a handful of system call wrappers before `execve`.
-const CHILD_STACK_BYTES: usize = 64 * 1024;
-
-/// The shell of execvp's fallback.
-const SH: &std::ffi::CStr = c"/bin/sh";
-
-/// Size of the kernel's signal set (64 signals) for raw `rt_sigprocmask`/`rt_sigaction`.
-const KERNEL_SIGSET_BYTES: usize = 8;
 
 /// `PATH` when the worker has none: glibc's default for `execvp`.
 const DEFAULT_PATH: &str = "/bin:/usr/bin";
@@ -86,6 +80,36 @@ pub struct Child {
 }
 
 impl Child {
+    /// A child from its parts, however it was started: its pid, a pidfd for it, and the
+    /// worker's ends of its stdio pipes (stdin only if it reads a pipe). [`spawn_into`] builds
+    /// one from what its clone returned; a child this process did not clone itself (one a
+    /// zygote forked and handed over, re-parented to this subreaper) is built from a pidfd of
+    /// `pidfd_open(2)` and pipes the worker made. It must be a child of this process, leading
+    /// its own process group: [`Child::wait`] reaps it with `waitid`. Inside a tokio runtime
+    /// (the pipes and the pidfd register with its reactor).
+    pub fn from_fds(
+        pid: u32,
+        pidfd: OwnedFd,
+        stdin: Option<OwnedFd>,
+        stdout: OwnedFd,
+        stderr: OwnedFd,
+    ) -> io::Result<Self> {
+        let stdout = pipe::Receiver::from_owned_fd(stdout)?;
+        let stderr = pipe::Receiver::from_owned_fd(stderr)?;
+        let stdin = stdin.map(pipe::Sender::from_owned_fd).transpose()?;
+        // SAFETY: an OwnedFd keeps its one fd open until the AsyncFd drops it.
+        let pidfd = unsafe { AsyncFd::register_with_interest(pidfd, Interest::READABLE) }
+            .map_err(|e| e.into_parts().1)?;
+        Ok(Self {
+            pid,
+            pidfd,
+            cgroup_error: None,
+            stdin,
+            stdout: Some(stdout),
+            stderr: Some(stderr),
+        })
+    }
+
     /// The child's process id.
     pub fn id(&self) -> u32 {
         self.pid
@@ -137,14 +161,7 @@ pub fn spawn_into(
     cgroup_procs: Option<RawFd>,
     stdin: Stdin,
 ) -> io::Result<Child> {
-    let path = resolve(program, std::env::var_os("PATH").as_deref())?;
-    let argv: Vec<CString> = std::iter::once(program)
-        .chain(args.iter().map(String::as_str))
-        .map(c_string)
-        .collect::<io::Result<_>>()?;
-    let envp = environment(env)?;
-    let argv_ptrs = null_terminated(&argv);
-    let envp_ptrs = null_terminated(&envp);
+    let strings = ExecStrings::new(program, args, env)?;
     let dev_null = dev_null()?;
     let stdin_pipe = match stdin {
         Stdin::Null => None,
@@ -152,62 +169,20 @@ pub fn spawn_into(
     };
     let (stdout_read, stdout_write) = pipe_cloexec()?;
     let (stderr_read, stderr_write) = pipe_cloexec()?;
-    // execvp's fallback for a file the kernel cannot execute (a script without `#!`): the
-    // same arguments through /bin/sh.
-    let sh_argv: Vec<*const libc::c_char> = [SH.as_ptr(), path.as_ptr()]
-        .into_iter()
-        .chain(argv_ptrs[1..].iter().copied())
-        .collect();
-
-    let plan = ChildPlan {
-        path: path.as_ptr(),
-        argv: argv_ptrs.as_ptr(),
-        envp: envp_ptrs.as_ptr(),
+    let cloned = child::start(&child::Exec {
+        path: strings.path.as_ptr(),
+        argv: strings.argv_ptrs.as_ptr(),
+        envp: strings.envp_ptrs.as_ptr(),
+        sh_argv: strings.sh_argv.as_ptr(),
         stdin: stdin_pipe
             .as_ref()
             .map_or(dev_null.as_raw_fd(), |(read, _)| read.as_raw_fd()),
         stdout: stdout_write.as_raw_fd(),
         stderr: stderr_write.as_raw_fd(),
-        worker_pid: std::process::id() as libc::pid_t,
-        sh_argv: sh_argv.as_ptr(),
         cgroup_procs: cgroup_procs.unwrap_or(-1),
-        failure: AtomicI32::new(0),
-        cgroup_failure: AtomicI32::new(0),
-    };
-    let mut pidfd: RawFd = -1;
-    let pid = CHILD_STACK.with(|stack| -> io::Result<libc::pid_t> {
-        let mut stack = stack.borrow_mut();
-        let top = match stack.as_ref() {
-            Some(stack) => stack.top(),
-            None => stack.insert(ChildStack::new()?).top(),
-        };
-        // All signals stay blocked from before the clone until the child has reset their
-        // handlers: a handler of ours running in the child would run in the worker's memory.
-        let previous = set_signal_mask(!0);
-        // SAFETY: `child_main` only reads `plan` and the memory it points to, all of which
-        // outlives the call: with CLONE_VFORK this thread sleeps until the child has exec'd
-        // or exited, and only then is the stack free again. The child makes only
-        // async-signal-safe system calls (see `child_main`).
-        let pid = unsafe {
-            libc::clone(
-                child_main,
-                top,
-                libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PIDFD | libc::SIGCHLD,
-                ptr::from_ref(&plan).cast_mut().cast(),
-                &mut pidfd as *mut RawFd,
-            )
-        };
-        let clone_error = io::Error::last_os_error();
-        set_signal_mask(previous);
-        if pid == -1 {
-            return Err(io::Error::new(
-                clone_error.kind(),
-                format!("clone: {clone_error}"),
-            ));
-        }
-        Ok(pid)
     })?;
-    if pidfd < 0 {
+    let pid = cloned.pid;
+    if cloned.pidfd < 0 {
         // A kernel older than 5.2 ignores CLONE_PIDFD: nothing could wait for this child.
         // (5.2 and 5.3 return one but lack waitid(P_PIDFD): Linux 5.4 is the stated minimum.)
         kill_and_reap(pid);
@@ -217,7 +192,7 @@ pub fn spawn_into(
         ));
     }
     // SAFETY: with CLONE_PIDFD the kernel stored a new pidfd (close-on-exec) here, ours alone.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+    let pidfd = unsafe { OwnedFd::from_raw_fd(cloned.pidfd) };
     // The child holds its own copies (or is gone): ours must close, or the readers would
     // never see end-of-file.
     let stdin_write = stdin_pipe.map(|(read, write)| {
@@ -226,31 +201,56 @@ pub fn spawn_into(
     });
     drop((stdout_write, stderr_write));
 
-    let failure = plan.failure.load(Ordering::Acquire);
-    if failure != 0 {
+    if let Some(failure) = cloned.failure {
         // The child has exited (with 127): reap it, then say which step failed.
         let _ = try_reap(pidfd.as_raw_fd(), 0);
-        return Err(ChildStep::describe(failure));
+        return Err(failure);
     }
-    let cgroup_errno = plan.cgroup_failure.load(Ordering::Acquire);
-    let child = (|| {
-        let stdout = pipe::Receiver::from_owned_fd(stdout_read)?;
-        let stderr = pipe::Receiver::from_owned_fd(stderr_read)?;
-        let stdin = stdin_write.map(pipe::Sender::from_owned_fd).transpose()?;
-        // SAFETY: an OwnedFd keeps its one fd open until the AsyncFd drops it.
-        let pidfd = unsafe { AsyncFd::register_with_interest(pidfd, Interest::READABLE) }
-            .map_err(|e| e.into_parts().1)?;
-        Ok(Child {
-            pid: pid as u32,
-            pidfd,
-            cgroup_error: (cgroup_errno != 0).then(|| io::Error::from_raw_os_error(cgroup_errno)),
-            stdin,
-            stdout: Some(stdout),
-            stderr: Some(stderr),
-        })
-    })();
+    let child = Child::from_fds(pid as u32, pidfd, stdin_write, stdout_read, stderr_read);
     // Nobody could wait for it: leave neither a running process nor a zombie.
-    child.inspect_err(|_| kill_and_reap(pid))
+    let mut child = child.inspect_err(|_| kill_and_reap(pid))?;
+    child.cgroup_error = cloned.cgroup_error;
+    Ok(child)
+}
+
+/// What `execve` gets, all allocated in the worker before the clone (the child may not
+/// allocate): the program's resolved path, `argv` and `envp` as C strings with the
+/// null-terminated pointer arrays into them, and execvp's `/bin/sh` fallback argv. The
+/// pointers point into the strings' heap buffers, which stay put as long as this lives.
+struct ExecStrings {
+    path: CString,
+    _argv: Vec<CString>,
+    _envp: Vec<CString>,
+    argv_ptrs: Vec<*const libc::c_char>,
+    envp_ptrs: Vec<*const libc::c_char>,
+    sh_argv: Vec<*const libc::c_char>,
+}
+
+impl ExecStrings {
+    fn new(program: &str, args: &[String], env: &[(&str, &str)]) -> io::Result<Self> {
+        let path = resolve(program, std::env::var_os("PATH").as_deref())?;
+        let argv: Vec<CString> = std::iter::once(program)
+            .chain(args.iter().map(String::as_str))
+            .map(c_string)
+            .collect::<io::Result<_>>()?;
+        let envp = environment(env)?;
+        let argv_ptrs = null_terminated(&argv);
+        let envp_ptrs = null_terminated(&envp);
+        // execvp's fallback for a file the kernel cannot execute (a script without `#!`): the
+        // same arguments through /bin/sh.
+        let sh_argv: Vec<*const libc::c_char> = [child::SH.as_ptr(), path.as_ptr()]
+            .into_iter()
+            .chain(argv_ptrs[1..].iter().copied())
+            .collect();
+        Ok(Self {
+            path,
+            _argv: argv,
+            _envp: envp,
+            argv_ptrs,
+            envp_ptrs,
+            sh_argv,
+        })
+    }
 }
 
 /// SIGKILL and reap, by pid, a child we cannot wait for through a pidfd.
@@ -259,24 +259,6 @@ fn kill_and_reap(pid: libc::pid_t) {
     let mut status = 0;
     // SAFETY: reaping our own child by pid; nothing else waits for it.
     unsafe { libc::waitpid(pid, &mut status, 0) };
-}
-
-/// Sets this thread's signal mask (bit n-1 for signal n) and returns the previous one. The raw
-/// system call, because glibc's sigfillset/pthread_sigmask leave out its own signals (32 and
-/// 33). Async-signal-safe: also used by the child.
-fn set_signal_mask(mask: u64) -> u64 {
-    let mut previous: u64 = 0;
-    // SAFETY: rt_sigprocmask on 64-bit kernel sigsets we own.
-    unsafe {
-        libc::syscall(
-            libc::SYS_rt_sigprocmask,
-            libc::SIG_SETMASK,
-            &mask as *const u64,
-            &mut previous as *mut u64,
-            KERNEL_SIGSET_BYTES,
-        );
-    }
-    previous
 }
 
 /// Reaps the child behind `pidfd` if it has exited (`WNOHANG`), or waits for it (`0`).
@@ -414,192 +396,6 @@ fn dev_null() -> io::Result<&'static OwnedFd> {
     // Two threads may race here; the loser's fd is closed.
     let _ = DEV_NULL.set(fd);
     Ok(DEV_NULL.get().expect("just set"))
-}
-
-thread_local! {
-    /// One child stack per thread, reused: a thread starts one child at a time and its stack
-    /// is free again once `clone` returns.
-    static CHILD_STACK: RefCell<Option<ChildStack>> = const { RefCell::new(None) };
-}
-
-/// An anonymous mapping with a guard page below it, so an overflow faults instead of
-/// overwriting the worker's memory.
-struct ChildStack {
-    base: *mut libc::c_void,
-    len: usize,
-}
-
-impl ChildStack {
-    fn new() -> io::Result<Self> {
-        // SAFETY: sysconf has no preconditions.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
-        let len = CHILD_STACK_BYTES + page;
-        // SAFETY: a new private anonymous mapping; nothing else refers to it.
-        let base = unsafe {
-            libc::mmap(
-                ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
-                -1,
-                0,
-            )
-        };
-        if base == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let stack = Self { base, len };
-        // SAFETY: the lowest page of our own mapping.
-        if unsafe { libc::mprotect(base, page, libc::PROT_NONE) } == -1 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(stack)
-    }
-
-    /// The stack grows down from here (16-byte aligned: the mapping is page aligned).
-    fn top(&self) -> *mut libc::c_void {
-        // SAFETY: one past the end of our own mapping.
-        unsafe { self.base.cast::<u8>().add(self.len).cast() }
-    }
-}
-
-impl Drop for ChildStack {
-    fn drop(&mut self) {
-        // SAFETY: our own mapping, not in use (no clone is running on this thread).
-        unsafe { libc::munmap(self.base, self.len) };
-    }
-}
-
-/// What the child needs, prepared by the worker. Pointers stay valid while the worker's thread
-/// sleeps in `clone`.
-struct ChildPlan {
-    path: *const libc::c_char,
-    argv: *const *const libc::c_char,
-    envp: *const *const libc::c_char,
-    stdin: RawFd,
-    stdout: RawFd,
-    stderr: RawFd,
-    worker_pid: libc::pid_t,
-    /// `/bin/sh`, the program's path, then its arguments: for a program without `#!`.
-    sh_argv: *const *const libc::c_char,
-    /// `cgroup.procs` of the agent's cgroup, open for writing, or -1.
-    cgroup_procs: RawFd,
-    /// The errno of a failed move into that cgroup (not fatal), or 0.
-    cgroup_failure: AtomicI32,
-    /// `ChildStep::encode(step, errno)` if a step failed; 0 if the child reached `execve`
-    /// successfully.
-    failure: AtomicI32,
-}
-
-/// The child's steps that can fail, for the error message.
-#[derive(Clone, Copy)]
-enum ChildStep {
-    ProcessGroup = 1,
-    DeathSignal,
-    WorkerGone,
-    Redirect,
-    Exec,
-}
-
-impl ChildStep {
-    const fn encode(self, errno: i32) -> i32 {
-        ((self as i32) << 16) | (errno & 0xffff)
-    }
-
-    fn describe(failure: i32) -> io::Error {
-        let os = io::Error::from_raw_os_error(failure & 0xffff);
-        let step = match failure >> 16 {
-            1 => "leading a new process group",
-            2 => "arming the death signal",
-            3 => return io::Error::other("the worker exited while starting the agent"),
-            4 => "redirecting stdin/stdout/stderr",
-            // The message operators know from execve itself, e.g. "No such file or directory".
-            _ => return os,
-        };
-        io::Error::new(os.kind(), format!("{step}: {os}"))
-    }
-}
-
-/// Runs in the child, on the child stack, sharing the worker's memory until `execve`.
-///
-/// Only system calls from here on: no allocation, no locks, no panics (another worker thread
-/// may hold the allocator's lock forever, as far as this process is concerned).
-extern "C" fn child_main(plan: *mut libc::c_void) -> libc::c_int {
-    // SAFETY: `plan` points to the ChildPlan the worker's sleeping thread keeps alive.
-    let plan = unsafe { &*plan.cast::<ChildPlan>() };
-    let fail = |step: ChildStep| -> libc::c_int {
-        // SAFETY: errno of this thread (the child shares the worker thread's TLS, which is
-        // asleep in clone).
-        let errno = unsafe { *libc::__errno_location() };
-        plan.failure.store(step.encode(errno), Ordering::Release);
-        // SAFETY: leaving the child without running anything of the worker's.
-        unsafe { libc::_exit(127) }
-    };
-    // SAFETY (whole block): async-signal-safe system calls on values prepared by the worker.
-    unsafe {
-        // Handlers installed by the worker (tokio's, for instance) would run worker code in
-        // the worker's memory: back to the default before signals are unblocked. Ignored
-        // signals stay ignored across exec, except SIGPIPE, which Rust programs ignore and
-        // agents expect at its default, as std's Command does.
-        for signal in 1..=libc::SIGRTMAX() {
-            let mut action: libc::sigaction = std::mem::zeroed();
-            if libc::sigaction(signal, ptr::null(), &mut action) == 0
-                && action.sa_sigaction != libc::SIG_DFL
-                && (action.sa_sigaction != libc::SIG_IGN || signal == libc::SIGPIPE)
-            {
-                libc::signal(signal, libc::SIG_DFL);
-            }
-        }
-        // glibc keeps its own signals (32 and 33, below SIGRTMIN) out of sigaction's reach,
-        // and its posix_spawn leaves them ignored in every child: whoever started the worker
-        // may have passed that on. An all-zero kernel sigaction is SIG_DFL.
-        const KERNEL_SIGRTMIN: libc::c_int = 32;
-        for signal in KERNEL_SIGRTMIN..libc::SIGRTMIN() {
-            let default = [0u64; 4];
-            libc::syscall(
-                libc::SYS_rt_sigaction,
-                signal,
-                default.as_ptr(),
-                ptr::null_mut::<u64>(),
-                KERNEL_SIGSET_BYTES,
-            );
-        }
-        if libc::setpgid(0, 0) == -1 {
-            return fail(ChildStep::ProcessGroup);
-        }
-        if plan.cgroup_procs >= 0 && libc::write(plan.cgroup_procs, b"0".as_ptr().cast(), 1) != 1 {
-            plan.cgroup_failure
-                .store(*libc::__errno_location(), Ordering::Release);
-        }
-        // The death signal follows the thread that cloned us (see `spawn`).
-        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) == -1 {
-            return fail(ChildStep::DeathSignal);
-        }
-        // The worker may have died before prctl: then we were re-parented and no signal will
-        // ever come.
-        if libc::getppid() != plan.worker_pid {
-            return fail(ChildStep::WorkerGone);
-        }
-        for (from, to) in [(plan.stdin, 0), (plan.stdout, 1), (plan.stderr, 2)] {
-            // dup2 clears close-on-exec on the copy; onto itself it would not, so clear it.
-            let result = if from == to {
-                libc::fcntl(to, libc::F_SETFD, 0)
-            } else {
-                libc::dup2(from, to)
-            };
-            if result == -1 {
-                return fail(ChildStep::Redirect);
-            }
-        }
-        set_signal_mask(0);
-        libc::execve(plan.path, plan.argv, plan.envp);
-        if *libc::__errno_location() == libc::ENOEXEC {
-            libc::execve(SH.as_ptr(), plan.sh_argv, plan.envp);
-            // Report why the program itself could not run, not why the shell could not.
-            *libc::__errno_location() = libc::ENOEXEC;
-        }
-        fail(ChildStep::Exec)
-    }
 }
 
 #[cfg(test)]

@@ -22,30 +22,24 @@
 //! falls back to a cold launch at once, and the job never fails because of the pool. One
 //! that printed output and then failed is the session's agent failing, as a cold one can.
 
-use std::{
-    sync::{Arc, Mutex},
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use agent_jobs::SessionId;
 use futures::{
     FutureExt,
     future::{BoxFuture, Shared},
 };
-use tokio::{
-    io::AsyncWriteExt,
-    net::unix::pipe,
-    sync::{oneshot, watch},
-};
+use tokio::{io::AsyncWriteExt, net::unix::pipe, sync::oneshot};
 
 use super::{
     command::LaunchSpec,
-    launcher::{
-        AgentExit, AgentHandle, LaunchError, ProcessLauncher, Program, Readiness, RunningAgent,
-        Started, StopOnDrop,
-    },
-    output::{Binding, OutputReader, Phase},
+    exit::AgentExit,
+    launcher::{AgentHandle, LaunchError, RunningAgent},
+    output::{Binding, OutputReader},
+    phase::Readiness,
+    process::{AgentProcesses, Program, Spawned},
     spawn::Stdin,
+    startup::{Started, StopOnDrop, await_start},
 };
 
 /// The version of the handoff line (`"v"`).
@@ -80,23 +74,6 @@ pub(crate) struct WarmProcess {
     stdin: pipe::Sender,
 }
 
-impl WarmProcess {
-    /// Resolves when the process has exited (with how, if known).
-    pub(crate) fn exited(&self) -> impl Future<Output = Option<AgentExit>> + Send + 'static {
-        self.exit.clone()
-    }
-
-    /// Whether it has exited already.
-    pub(crate) fn has_exited(&self) -> bool {
-        self.exit.peek().is_some()
-    }
-
-    /// Kills it (and everything it started) at once.
-    pub(crate) fn stop(&self) {
-        self.handle.stop(Duration::ZERO);
-    }
-}
-
 /// Why a handoff gave no ready agent.
 #[derive(Debug)]
 pub(crate) enum HandoffError {
@@ -124,19 +101,23 @@ pub fn handoff_line(spec: &LaunchSpec) -> String {
     line
 }
 
-impl ProcessLauncher {
-    /// Starts a warm process labelled `label` and waits for its warm line.
-    pub(crate) async fn warm_up(
-        &self,
+impl WarmProcess {
+    /// Starts a warm process labelled `label` through `processes` and waits for its warm line.
+    pub(crate) async fn start(
+        processes: &AgentProcesses,
         label: SessionId,
         warm: &WarmCommand,
-    ) -> Result<WarmProcess, LaunchError> {
+    ) -> Result<Self, LaunchError> {
         let (program, args) = warm
             .command
             .split_first()
             .expect("agent.warm_command is validated non-empty");
         let readiness = Readiness::ready_only(vec![warm.pattern.clone()], warm.timeout);
-        let mut started = self.start_process(
+        let Spawned {
+            started,
+            reader,
+            stdin,
+        } = processes.spawn(
             Program {
                 label: label.clone(),
                 // `~` is outside the session ids' alphabet: no session's cgroup or marker can
@@ -151,11 +132,10 @@ impl ProcessLauncher {
             false,
             None,
         )?;
-        let stdin = started.stdin.take().expect("a piped stdin");
-        let reader = started.reader.clone();
-        let agent = self.await_start(started, &readiness).await?;
+        let stdin = stdin.expect("a piped stdin");
+        let agent = await_start(started, &readiness).await?;
         let exited = agent.exited;
-        Ok(WarmProcess {
+        Ok(Self {
             label,
             pid: agent.pid,
             warm_at: Instant::now(),
@@ -166,86 +146,74 @@ impl ProcessLauncher {
         })
     }
 
-    /// Hands `warm` its session and waits for it to be ready, as [`ProcessLauncher`] waits for
-    /// a cold agent. Dropping the future kills the process.
+    /// Resolves when the process has exited (with how, if known).
+    pub(crate) fn exited(&self) -> impl Future<Output = Option<AgentExit>> + Send + 'static {
+        self.exit.clone()
+    }
+
+    /// Whether it has exited already.
+    pub(crate) fn has_exited(&self) -> bool {
+        self.exit.peek().is_some()
+    }
+
+    /// Kills it (and everything it started) at once.
+    pub(crate) fn stop(&self) {
+        self.handle.stop(Duration::ZERO);
+    }
+
+    /// Hands it its session and waits for it to be ready as `readiness` judges it, as a cold
+    /// agent is waited for (its log file opened through `processes`). Dropping the future
+    /// kills the process.
     pub(crate) async fn hand_off(
-        &self,
-        warm: WarmProcess,
+        self,
+        processes: &AgentProcesses,
+        readiness: &Readiness,
         spec: &LaunchSpec,
     ) -> Result<RunningAgent, HandoffError> {
-        let mut guard = StopOnDrop(Some(warm.handle.clone()));
-        if warm.has_exited() {
+        let mut guard = StopOnDrop(Some(self.handle.clone()));
+        if self.has_exited() {
             return Err(HandoffError::Lost("it exited while idle".into()));
         }
-        let log_file = self.open_log_file(spec).await;
-        let (phase_tx, phase_rx) = watch::channel(Phase::Spawned);
-        let last_line = Arc::new(Mutex::new(None));
+        let log_file = processes.open_log_file(spec).await;
+        let (binding, phase) =
+            Binding::new(spec.session_id.clone(), true, readiness.clone(), log_file);
+        let last_line = binding.last_line.clone();
         // Before the line is written: whatever the process prints from now on is the session's.
-        warm.reader.rebind(Binding {
-            label: spec.session_id.clone(),
-            to_session: true,
-            readiness: self.readiness().clone(),
-            phase: phase_tx,
-            log_file,
-            last_line: last_line.clone(),
-        });
-        // What a process lost at the handoff prints as it dies is not the session's.
+        self.reader.rebind(binding);
+        let handed_at = tokio::time::Instant::now();
+        let Self {
+            label,
+            pid,
+            handle,
+            exit,
+            reader,
+            stdin,
+            ..
+        } = self;
         let lost = |reason: String| {
-            warm.reader.rebind(Binding {
-                label: warm.label.clone(),
-                to_session: false,
-                readiness: Readiness::ready_only(Vec::new(), Duration::ZERO),
-                phase: watch::channel(Phase::Spawned).0,
-                log_file: None,
-                last_line: Arc::new(Mutex::new(None)),
-            });
+            // What a process lost at the handoff prints as it dies is not the session's.
+            let idle = Readiness::ready_only(Vec::new(), Duration::ZERO);
+            reader.rebind(Binding::new(label.clone(), false, idle, None).0);
             HandoffError::Lost(reason)
         };
-        let handed_at = tokio::time::Instant::now();
-        let mut stdin = warm.stdin;
-        let line = handoff_line(spec);
-        let written =
-            tokio::time::timeout(HANDOFF_WRITE_TIMEOUT, stdin.write_all(line.as_bytes())).await;
-        // End-of-file from here on, as a cold agent's /dev/null gives.
-        drop(stdin);
-        match written {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => {
-                return Err(lost(format!("writing its session failed: {error}")));
-            }
-            Err(_elapsed) => {
-                return Err(lost(format!(
-                    "it did not read its session within {HANDOFF_WRITE_TIMEOUT:?}"
-                )));
-            }
-        }
+        write_session(stdin, spec).await.map_err(&lost)?;
         tracing::info!(
             session_id = %spec.session_id,
-            pid = warm.pid,
-            warm_label = %warm.label,
+            pid,
+            warm_label = %label,
             "warm_agent_handed_session"
         );
-        // The launch's wait takes the exit as a oneshot, as for a cold agent.
-        let (exit_tx, exit_rx) = oneshot::channel();
-        let exit = warm.exit.clone();
-        tokio::spawn(async move {
-            if let Some(exit) = exit.await {
-                let _ = exit_tx.send(exit);
-            }
-        });
         let started = Started {
-            pid: warm.pid,
+            pid,
             spawned_at: handed_at,
-            phase: phase_rx,
-            exited: exit_rx,
-            handle: warm.handle.clone(),
+            phase,
+            exited: exit_receiver(exit),
+            handle,
             last_line,
-            reader: warm.reader.clone(),
-            stdin: None,
         };
         // The launch's own guard takes over.
         guard.0 = None;
-        match self.await_start(started, self.readiness()).await {
+        match await_start(started, readiness).await {
             Ok(mut agent) => {
                 agent.warm = true;
                 Ok(agent)
@@ -261,6 +229,36 @@ impl ProcessLauncher {
             Err(error) => Err(HandoffError::Failed(error)),
         }
     }
+}
+
+/// Writes the handoff line of `spec` to a warm process's `stdin`, then closes it; the reason
+/// the process is lost if that fails.
+async fn write_session(mut stdin: pipe::Sender, spec: &LaunchSpec) -> Result<(), String> {
+    let line = handoff_line(spec);
+    let written =
+        tokio::time::timeout(HANDOFF_WRITE_TIMEOUT, stdin.write_all(line.as_bytes())).await;
+    // End-of-file from here on, as a cold agent's /dev/null gives.
+    drop(stdin);
+    match written {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(error)) => Err(format!("writing its session failed: {error}")),
+        Err(_elapsed) => Err(format!(
+            "it did not read its session within {HANDOFF_WRITE_TIMEOUT:?}"
+        )),
+    }
+}
+
+/// The exit of a warm process as the readiness wait takes it, a oneshot, as for a cold agent.
+fn exit_receiver(
+    exit: Shared<BoxFuture<'static, Option<AgentExit>>>,
+) -> oneshot::Receiver<AgentExit> {
+    let (exit_tx, exit_rx) = oneshot::channel();
+    tokio::spawn(async move {
+        if let Some(exit) = exit.await {
+            let _ = exit_tx.send(exit);
+        }
+    });
+    exit_rx
 }
 
 #[cfg(test)]

@@ -37,8 +37,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     capacity::Capacity,
+    cold::ProcessLauncher,
     command::LaunchSpec,
-    launcher::{LaunchError, Launcher, ProcessLauncher, RunningAgent},
+    exit::AgentExit,
+    launcher::{LaunchError, Launcher, RunningAgent},
     warm::{HandoffError, WarmCommand, WarmProcess},
 };
 use crate::metrics;
@@ -140,7 +142,8 @@ impl PooledLauncher {
     async fn launch_pooled(&self, spec: LaunchSpec) -> Result<RunningAgent, LaunchError> {
         let pool = &self.pool;
         if let Some(warm) = pool.take() {
-            match pool.cold.hand_off(warm, &spec).await {
+            let handed = warm.hand_off(pool.cold.processes(), pool.cold.readiness(), &spec);
+            match handed.await {
                 Ok(agent) => {
                     metrics::warm_take(true);
                     pool.recovered("a warm process took a session");
@@ -282,8 +285,7 @@ impl Pool {
     /// Recycles old idle processes, stops those beyond the room left, starts warm-ups up to
     /// the target. Returns when to look again at the latest.
     fn step(self: Arc<Self>) -> tokio::time::Instant {
-        let now = tokio::time::Instant::now();
-        let mut wake_at = now + RECHECK;
+        let mut next = NextLook::new(tokio::time::Instant::now());
         let (max, running, starting) = (
             self.capacity.max(),
             self.capacity.agents(),
@@ -294,72 +296,15 @@ impl Pool {
             .size
             .min(max.saturating_sub(running + starting));
         let keep = self.settings.size.min(max.saturating_sub(running));
-        let mut stop = Vec::new();
-        let mut start = 0;
-        let mut labels = Vec::new();
-        {
+        let (stop, labels) = {
             let mut state = self.state.lock().expect("pool lock");
             if state.closed {
-                return wake_at;
+                return next.at;
             }
-            while let Some(oldest) = state.idle.front() {
-                if oldest.warm_at.elapsed() < self.settings.max_idle {
-                    let expires = oldest.warm_at + self.settings.max_idle;
-                    let left = expires.saturating_duration_since(Instant::now());
-                    wake_at = wake_at.min(now + left);
-                    break;
-                }
-                let old = state.idle.pop_front().expect("just seen");
-                tracing::info!(warm_label = %old.label, pid = old.pid, "warm_agent_recycled");
-                stop.push(old);
-            }
-            if state.failures > 0 {
-                match state.idle.iter().map(|w| w.warm_at).min() {
-                    Some(oldest) if oldest.elapsed() >= HEALTHY_AFTER => {
-                        end_streak(&mut state, "a warm process stayed up");
-                    }
-                    Some(oldest) => {
-                        let left = HEALTHY_AFTER.saturating_sub(oldest.elapsed());
-                        wake_at = wake_at.min(now + left);
-                    }
-                    None => {}
-                }
-            }
-            while state.idle.len() > keep {
-                // The newest go first: the oldest are taken first and would be recycled first.
-                stop.push(state.idle.pop_back().expect("len > keep"));
-            }
-            let backing_off = state.retry_at.is_some_and(|at| at > now);
-            if backing_off {
-                wake_at = wake_at.min(state.retry_at.expect("backing off"));
-            }
-            let have = state.idle.len() + state.warming;
-            if !backing_off && have < target && state.warming < self.settings.concurrency {
-                start = (target - have).min(self.settings.concurrency - state.warming);
-                // During a failure streak, one at a time, and none while an idle one has not
-                // proven healthy yet (it may be about to die like the ones before).
-                if state.failures > 0 {
-                    let unproven = state
-                        .idle
-                        .iter()
-                        .any(|w| w.warm_at.elapsed() < HEALTHY_AFTER);
-                    start = if state.warming > 0 || unproven {
-                        0
-                    } else {
-                        start.min(1)
-                    };
-                }
-                state.warming += start;
-            }
-            for _ in 0..start {
-                // Each its own: the label names the process's cgroup, too.
-                state.next_label += 1;
-                labels.push(
-                    SessionId::parse(format!("warm-{}", state.next_label))
-                        .expect("warm-<n> is a valid session id"),
-                );
-            }
-        }
+            let stop = self.retire(&mut state, keep, &mut next);
+            let labels = self.plan_warm_ups(&mut state, target, &mut next);
+            (stop, labels)
+        };
         for warm in stop {
             warm.stop();
         }
@@ -367,14 +312,88 @@ impl Pool {
         for label in labels {
             tokio::spawn(self.clone().warm_one(label));
         }
-        wake_at
+        next.at
+    }
+
+    /// Takes out of the pool the idle processes to stop: those older than
+    /// `agent.warm_max_idle` (recycled), then the newest beyond `keep`. Ends a failure streak
+    /// once an idle process has stayed up [`HEALTHY_AFTER`]. `next` learns when the next of
+    /// these is due.
+    fn retire(&self, state: &mut State, keep: usize, next: &mut NextLook) -> Vec<WarmProcess> {
+        let mut stop = Vec::new();
+        while let Some(oldest) = state.idle.front() {
+            if oldest.warm_at.elapsed() < self.settings.max_idle {
+                let expires = oldest.warm_at + self.settings.max_idle;
+                next.due_in(expires.saturating_duration_since(Instant::now()));
+                break;
+            }
+            let old = state.idle.pop_front().expect("just seen");
+            tracing::info!(warm_label = %old.label, pid = old.pid, "warm_agent_recycled");
+            stop.push(old);
+        }
+        if state.failures > 0 {
+            match state.idle.iter().map(|w| w.warm_at).min() {
+                Some(oldest) if oldest.elapsed() >= HEALTHY_AFTER => {
+                    end_streak(state, "a warm process stayed up");
+                }
+                Some(oldest) => next.due_in(HEALTHY_AFTER.saturating_sub(oldest.elapsed())),
+                None => {}
+            }
+        }
+        while state.idle.len() > keep {
+            // The newest go first: the oldest are taken first and would be recycled first.
+            stop.push(state.idle.pop_back().expect("len > keep"));
+        }
+        stop
+    }
+
+    /// Counts the warm-ups to start now towards `target` (none while backing off, one at a
+    /// time during a failure streak) and returns their labels. `next` learns when a back-off
+    /// ends.
+    fn plan_warm_ups(
+        &self,
+        state: &mut State,
+        target: usize,
+        next: &mut NextLook,
+    ) -> Vec<SessionId> {
+        let backing_off = state.retry_at.is_some_and(|at| at > next.now);
+        if backing_off {
+            next.due_at(state.retry_at.expect("backing off"));
+        }
+        let have = state.idle.len() + state.warming;
+        let mut start = 0;
+        if !backing_off && have < target && state.warming < self.settings.concurrency {
+            start = (target - have).min(self.settings.concurrency - state.warming);
+            // During a failure streak, one at a time, and none while an idle one has not
+            // proven healthy yet (it may be about to die like the ones before).
+            if state.failures > 0 {
+                let unproven = state
+                    .idle
+                    .iter()
+                    .any(|w| w.warm_at.elapsed() < HEALTHY_AFTER);
+                start = if state.warming > 0 || unproven {
+                    0
+                } else {
+                    start.min(1)
+                };
+            }
+            state.warming += start;
+        }
+        (0..start)
+            .map(|_| {
+                // Each its own: the label names the process's cgroup, too.
+                state.next_label += 1;
+                SessionId::parse(format!("warm-{}", state.next_label))
+                    .expect("warm-<n> is a valid session id")
+            })
+            .collect()
     }
 
     /// One warm-up, into the pool or counted as a failure.
     async fn warm_one(self: Arc<Self>, label: SessionId) {
         let started = tokio::time::Instant::now();
         let warmed = tokio::select! {
-            warmed = self.cold.warm_up(label.clone(), &self.settings.command) => warmed,
+            warmed = WarmProcess::start(self.cold.processes(), label.clone(), &self.settings.command) => warmed,
             // Dropping the warm-up kills its process.
             _ = self.closed.cancelled() => {
                 self.state.lock().expect("pool lock").warming -= 1;
@@ -422,7 +441,7 @@ impl Pool {
     }
 
     /// A warm process exited: if it was still idle, it died there (a failure).
-    fn died_idle(&self, label: &SessionId, exit: Option<super::launcher::AgentExit>) {
+    fn died_idle(&self, label: &SessionId, exit: Option<AgentExit>) {
         let removed = {
             let mut state = self.state.lock().expect("pool lock");
             let before = state.idle.len();
@@ -450,6 +469,32 @@ impl Pool {
         } else {
             tracing::debug!(warm_label = %label, exit, "warm_agent_died_idle");
         }
+    }
+}
+
+/// When the refill task looks at the pool again: [`RECHECK`] after `now` at the latest, sooner
+/// when something falls due.
+struct NextLook {
+    now: tokio::time::Instant,
+    at: tokio::time::Instant,
+}
+
+impl NextLook {
+    fn new(now: tokio::time::Instant) -> Self {
+        Self {
+            now,
+            at: now + RECHECK,
+        }
+    }
+
+    /// Something falls due `after` from now.
+    fn due_in(&mut self, after: Duration) {
+        self.due_at(self.now + after);
+    }
+
+    /// Something falls due at `at`.
+    fn due_at(&mut self, at: tokio::time::Instant) {
+        self.at = self.at.min(at);
     }
 }
 

@@ -13,6 +13,16 @@ use redis::Value;
 
 use super::SessionError;
 
+/// The session's config fields that become options of the agent's command line, with their
+/// option names (contract §4), in command-line order after `--room`. Validation owns them: it
+/// checks each value against what its `--name=value` element can carry, and
+/// [`crate::agent::command`] builds the command line from the same list.
+pub const SESSION_OPTIONS: [(&str, &str); 3] = [
+    (fields::VOICE_ID, "--voice-id"),
+    (fields::OPENING_LINE, "--opening-line"),
+    (fields::SYSTEM_PROMPT, "--system-prompt"),
+];
+
 /// Linux refuses a single argv or environment string of 128 KiB or more (`MAX_ARG_STRLEN`).
 /// A config value that would not fit is a permanent error, caught before any spawn.
 pub const MAX_ARG_BYTES: usize = 128 * 1024 - 1;
@@ -156,7 +166,7 @@ pub(crate) fn validate(
         }
         Some(_) => {}
     }
-    for (field, option) in crate::agent::command::SESSION_OPTIONS {
+    for (field, option) in SESSION_OPTIONS {
         if let Some(value) = fields_map.get(field) {
             if value.contains('\0') {
                 return Err(unusable(

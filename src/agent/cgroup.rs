@@ -1,0 +1,165 @@
+//! cgroup v2 directories, as containment uses them: the worker's own cgroup below the
+//! process's (`aw-<pid>-<rand>`), one cgroup per agent below that, and killing and removing
+//! them (`cgroup.kill`, or one process at a time before Linux 5.14).
+//!
+//! A leaf: plain file-system operations on cgroupfs, with nothing of the agent's. Containment
+//! ([`crate::agent::containment`]) uses it while the worker lives, and the cgroup guard
+//! ([`crate::agent::cgroup_guard`]) once it is gone. Per-agent resource limits (`memory.max`,
+//! `pids.max`) are files of an `AgentCgroup`'s directory, written before its agent starts.
+
+use std::{
+    fs, io,
+    os::fd::{AsRawFd, OwnedFd, RawFd},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use nix::{sys::signal::Signal, unistd::Pid};
+
+/// How long an ended agent's cgroup may take to empty after `cgroup.kill`.
+const CGROUP_EMPTY_WAIT: Duration = Duration::from_secs(2);
+
+/// One agent's cgroup, from before its spawn to after its exit. Dropping it removes the
+/// directory, which only works once it is empty.
+#[derive(Debug)]
+pub(crate) struct AgentCgroup {
+    dir: PathBuf,
+    procs: OwnedFd,
+}
+
+impl AgentCgroup {
+    /// Creates (or reuses) the cgroup `name` below the worker's cgroup `root`, and opens its
+    /// `cgroup.procs` for the child to move itself in.
+    pub(crate) fn create(root: &Path, name: &str) -> io::Result<Self> {
+        let dir = root.join(name);
+        match fs::create_dir(&dir) {
+            Ok(()) => {}
+            // A previous agent of the session on this worker (a retry) left it: reuse it.
+            Err(error) if error.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(error) => return Err(error),
+        }
+        let procs = fs::OpenOptions::new()
+            .write(true)
+            .open(dir.join("cgroup.procs"))?;
+        Ok(Self {
+            dir,
+            procs: procs.into(),
+        })
+    }
+
+    /// `cgroup.procs`, open for writing: writing `0` there moves the writer in.
+    pub(crate) fn procs(&self) -> RawFd {
+        self.procs.as_raw_fd()
+    }
+
+    /// Kills what is in it; dropping it then removes it.
+    pub(crate) fn kill_and_remove(self) {
+        kill_cgroup(&self.dir);
+    }
+}
+
+impl Drop for AgentCgroup {
+    fn drop(&mut self) {
+        // Only an empty cgroup can be removed: after `kill_and_remove`, or when its agent never
+        // started.
+        let _ = fs::remove_dir(&self.dir);
+    }
+}
+
+/// Kills every process in the cgroup at `dir` and waits (briefly) until it is empty.
+fn kill_cgroup(dir: &Path) {
+    // cgroup.kill (Linux 5.14) kills the whole subtree at once; before that, one by one.
+    if fs::write(dir.join("cgroup.kill"), "1").is_err() {
+        for pid in cgroup_pids(dir) {
+            let _ = nix::sys::signal::kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
+    }
+    let deadline = std::time::Instant::now() + CGROUP_EMPTY_WAIT;
+    while !cgroup_pids(dir).is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn cgroup_pids(dir: &Path) -> Vec<u32> {
+    fs::read_to_string(dir.join("cgroup.procs"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+/// Creates this worker's cgroup below the process's own, after killing the leftovers of
+/// workers that are gone (`aw-<pid>-<rand>` whose pid is no longer alive).
+pub(crate) fn worker_cgroup(worker_id: &str) -> io::Result<PathBuf> {
+    let own = own_cgroup_dir()?;
+    for entry in fs::read_dir(&own)?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix("aw-")
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let gone = nix::sys::signal::kill(Pid::from_raw(pid), None).is_err();
+        if gone && entry.path().is_dir() {
+            let killed = remove_worker_cgroup(&entry.path());
+            tracing::info!(cgroup = %name, processes = killed, "stale_agent_cgroups_removed");
+        }
+    }
+    let suffix = worker_id.rsplit('-').next().unwrap_or("0");
+    let dir = own.join(format!("aw-{}-{suffix}", std::process::id()));
+    fs::create_dir(&dir)?;
+    // A child cgroup we may create but not move processes into is no use: check it can hold one.
+    let probe = dir.join("cgroup.procs");
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&probe)
+        .inspect_err(|_| {
+            let _ = fs::remove_dir(&dir);
+        })?;
+    Ok(dir)
+}
+
+/// Kills the agents' cgroups below a worker's cgroup `dir` and removes them and `dir`;
+/// returns how many processes were in them. Used for the cgroups of workers that are gone:
+/// by the next worker, and by a worker's guard.
+pub(crate) fn remove_worker_cgroup(dir: &Path) -> usize {
+    let mut killed = 0;
+    for agent in fs::read_dir(dir).into_iter().flatten().flatten() {
+        if agent.path().is_dir() {
+            killed += cgroup_pids(&agent.path()).len();
+            kill_cgroup(&agent.path());
+            let _ = fs::remove_dir(agent.path());
+        }
+    }
+    let _ = fs::remove_dir(dir);
+    killed
+}
+
+/// The directory of this process's cgroup v2 (from `/proc/self/cgroup` and the cgroup2 mount).
+fn own_cgroup_dir() -> io::Result<PathBuf> {
+    let cgroups = fs::read_to_string("/proc/self/cgroup")?;
+    let path = cgroups
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .ok_or_else(|| io::Error::other("no cgroup v2 membership in /proc/self/cgroup"))?;
+    let mounts = fs::read_to_string("/proc/self/mountinfo")?;
+    // mountinfo: id parent major:minor root mount-point options... - fstype source options
+    let mount = mounts
+        .lines()
+        .find_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            (right.split_whitespace().next()? == "cgroup2")
+                .then(|| left.split_whitespace().nth(4).map(str::to_owned))?
+        })
+        .ok_or_else(|| io::Error::other("no cgroup2 file system is mounted"))?;
+    let dir = Path::new(&mount).join(path.trim_start_matches('/'));
+    if !dir.is_dir() {
+        return Err(io::Error::other(format!(
+            "{} is not a directory",
+            dir.display()
+        )));
+    }
+    Ok(dir)
+}

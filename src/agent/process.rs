@@ -1,0 +1,289 @@
+//! The per-agent process owner: every agent process of this worker, from its spawn (or its
+//! adoption) to its reaped exit, whatever start mode launched it.
+//!
+//! `AgentProcesses::spawn` starts one:
+//! - No shell: program and arguments go to `execve` as separate strings, verbatim. (As with
+//!   `execvp`, an executable file without `#!` is run by `/bin/sh` as a script, with the same
+//!   argv; no value is ever parsed by a shell.)
+//! - The agent leads its own process group, so stopping it reaches everything it started:
+//!   SIGTERM to the group, a grace period, then SIGKILL.
+//! - It cannot outlive the worker: `PR_SET_PDEATHSIG` asks the kernel to SIGKILL it when the
+//!   worker dies, even by SIGKILL, and a check right after closes the race where the worker
+//!   died during the spawn. The worker is not forked for this: see [`crate::agent::spawn`].
+//! - It runs in a containment scope of its own ([`crate::agent::containment`]): its cgroup, or
+//!   its marker, so what escapes its group ends with it too.
+//!
+//! `AgentProcesses::own` is where every child ends up, spawned here or not:
+//! - stdout and stderr are read continuously, line by line ([`crate::agent::output`]), so a
+//!   chatty agent never blocks on a full pipe;
+//! - one owner task per agent waits on the child, so it is always reaped (no zombies), serves
+//!   stop requests ([`AgentHandle`]), kills the group once the agent is gone and ends its
+//!   containment scope.
+//!
+//! `own` takes a [`Child`], not a spawn: a child started elsewhere is owned the same way once
+//! it is one. That is the seam for a zygote start mode, whose fork server hands the worker (a
+//! subreaper) an already-forked agent: the worker prepares the scope
+//! ([`Containment::prepare`]), makes the stdio pipes and passes the child's ends over, builds
+//! the [`Child`] from the pid, a pidfd and its own pipe ends ([`Child::from_fds`]) and calls
+//! `own`; the readiness wait ([`crate::agent::startup`]) takes the `Started` it returns. Per
+//! agent resource limits belong to the same two places: written into the scope's cgroup before
+//! the start, or sampled by the owner task where there is no cgroup.
+
+use std::{sync::Arc, time::Duration};
+
+use agent_jobs::SessionId;
+use nix::{sys::signal::Signal, unistd::Pid};
+use tokio::{
+    net::unix::pipe,
+    sync::{mpsc, oneshot, watch},
+};
+use tokio_util::task::TaskTracker;
+
+use super::{
+    command::LaunchSpec,
+    containment::{self, AgentScope, Containment},
+    exit::AgentExit,
+    launcher::{AgentHandle, LaunchError},
+    log_files::{LogFile, LogFiles},
+    log_list::OutputSink,
+    output::{Binding, OutputLimits, OutputReader},
+    phase::{Phase, Readiness},
+    spawn::{Child, Stdin},
+    startup::Started,
+};
+
+/// What [`AgentProcesses::spawn`] starts.
+pub(crate) struct Program<'a> {
+    /// The session id in logs (a warm process's own label).
+    pub(crate) label: SessionId,
+    /// The name of its containment scope (cgroup, marker): the session id, or for a warm
+    /// process a name outside the session ids' alphabet, so no session can share its cgroup.
+    pub(crate) scope: String,
+    /// The program to execute.
+    pub(crate) program: &'a str,
+    /// Its arguments.
+    pub(crate) args: &'a [String],
+    /// Environment additions.
+    pub(crate) env: &'a [(String, String)],
+    /// What it reads.
+    pub(crate) stdin: Stdin,
+}
+
+/// A process now owned: what the readiness wait needs, and what only its start mode keeps.
+pub(crate) struct Spawned {
+    /// For [`crate::agent::startup::await_start`].
+    pub(crate) started: Started,
+    /// Its output readers (to rebind a warm process's output to its session).
+    pub(crate) reader: OutputReader,
+    /// Its stdin, when piped.
+    pub(crate) stdin: Option<pipe::Sender>,
+}
+
+impl Spawned {
+    /// What the readiness wait needs, the rest dropped: only the output tasks may keep the
+    /// readers, so the phase channel closes when they reach end-of-file, which is how an exit
+    /// before the ready line is told without waiting out the reader drain.
+    pub(crate) fn into_started(self) -> Started {
+        let Self {
+            started,
+            reader,
+            stdin,
+        } = self;
+        drop((reader, stdin));
+        started
+    }
+}
+
+/// The agent processes of this worker: how they are contained, where their output goes, and
+/// the owner task of each. Cheap to clone.
+#[derive(Debug, Clone)]
+pub(crate) struct AgentProcesses {
+    limits: OutputLimits,
+    output: OutputSink,
+    log_files: LogFiles,
+    containment: Arc<Containment>,
+    worker_id: String,
+    /// The owner task of every agent (see [`own`]).
+    owners: TaskTracker,
+}
+
+impl AgentProcesses {
+    /// Processes kept within `limits`, their lines for Redis going to `output`; contained
+    /// by their process group alone until [`Self::contain`].
+    pub(crate) fn new(limits: OutputLimits, output: OutputSink) -> Self {
+        Self {
+            limits,
+            output,
+            log_files: LogFiles::start(limits.log_file_max_bytes),
+            containment: Arc::new(Containment::ProcessGroup),
+            worker_id: "worker".into(),
+            owners: TaskTracker::new(),
+        }
+    }
+
+    /// Contains each process's whole tree with `containment`, marking its processes as the
+    /// agents of `worker_id`.
+    pub(crate) fn contain(&mut self, containment: Arc<Containment>, worker_id: String) {
+        self.containment = containment;
+        self.worker_id = worker_id;
+    }
+
+    /// Opens the session's log file, when `spec` names one.
+    pub(crate) async fn open_log_file(
+        &self,
+        spec: &LaunchSpec,
+    ) -> Option<(LogFiles, Arc<LogFile>)> {
+        let path = spec.log_file.as_ref()?;
+        let file = self.log_files.open(&spec.session_id, path).await?;
+        Some((self.log_files.clone(), file))
+    }
+
+    /// Spawns `program` in a containment scope of its own (see the module docs for how), and
+    /// owns it: its output judged by `readiness`, bound to its session as `to_session` says,
+    /// also written to `log_file`.
+    pub(crate) fn spawn(
+        &self,
+        program: Program<'_>,
+        readiness: Readiness,
+        to_session: bool,
+        log_file: Option<(LogFiles, Arc<LogFile>)>,
+    ) -> Result<Spawned, LaunchError> {
+        let spawned_at = tokio::time::Instant::now();
+        let label = program.label.clone();
+        let mut scope = self.containment.prepare(&self.worker_id, &program.scope);
+        let mut child = spawn(&program, &scope).map_err(|e| LaunchError::Spawn {
+            program: program.program.to_owned(),
+            reason: e.to_string(),
+        })?;
+        if let Some(error) = child.cgroup_error.take() {
+            scope.cgroup_refused(&error, &label);
+        }
+        // The agent leads a new group named after its pid (see `spawn`).
+        let (pid, pgid) = (child.id(), child.id());
+        tracing::info!(session_id = %label, pid, pgid, "agent_process_spawned");
+        let (binding, phase) = Binding::new(label, to_session, readiness, log_file);
+        Ok(self.own(child, scope, binding, phase, spawned_at))
+    }
+
+    /// Takes `child` over, however it was started: reads its output as `binding` says and
+    /// hands it to an owner task of its own, which reaps it, serves stop requests and, once it
+    /// is gone, kills its group and ends `scope`. `phase` is `binding`'s receiving end;
+    /// `spawned_at` is where its start-up deadlines count from. The child must lead its own
+    /// process group.
+    pub(crate) fn own(
+        &self,
+        mut child: Child,
+        scope: AgentScope,
+        binding: Binding,
+        phase: watch::Receiver<Phase>,
+        spawned_at: tokio::time::Instant,
+    ) -> Spawned {
+        let pid = child.id();
+        // Its owner task reaps it: the subreaper's reaping of orphans must leave it alone.
+        containment::agent_started(pid);
+        let last_line = binding.last_line.clone();
+        let reader = OutputReader::new(binding, &self.limits, self.output.clone());
+        reader.read_both(child.stdout.take(), child.stderr.take());
+        let stdin = child.stdin.take();
+
+        let (stop_tx, stop_rx) = mpsc::unbounded_channel();
+        let (exit_tx, exit_rx) = oneshot::channel();
+        self.owners.spawn(own(
+            child,
+            stop_rx,
+            exit_tx,
+            (self.containment.clone(), scope),
+        ));
+        Spawned {
+            started: Started {
+                pid,
+                spawned_at,
+                phase,
+                exited: exit_rx,
+                handle: AgentHandle::new(stop_tx),
+                last_line,
+            },
+            reader,
+            stdin,
+        }
+    }
+
+    /// Resolves once every process owned so far has exited and its group was killed; owners
+    /// started after this call (not after the first poll) are not waited for.
+    pub(crate) fn wait_for_exits(&self) -> impl Future<Output = ()> + Send + '_ {
+        // An abandoned launch's agent has no supervisor watching it; its owner task is what
+        // kills the rest of its group, which the death signal does not reach.
+        self.owners.close();
+        self.owners.wait()
+    }
+}
+
+/// The spawn itself: the environment every agent gets, its scope's marker and cgroup.
+fn spawn(spec: &Program<'_>, scope: &AgentScope) -> std::io::Result<Child> {
+    let mut env: Vec<(&str, &str)> = spec
+        .env
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    // Python writes stdout to a pipe in 8 KiB blocks; its ready line would sit in the buffer
+    // until the start-up timeout. Agents in other languages ignore this.
+    env.push(("PYTHONUNBUFFERED", "1"));
+    // Inherited by everything the agent starts: how escaped descendants are found.
+    env.push((containment::SCOPE_VAR, scope.marker()));
+    // Agents are launched from the runtime's worker threads, which live as long as the
+    // process: the death signal, which follows the spawning thread, fires only with the worker.
+    crate::agent::spawn::spawn_into(
+        spec.program,
+        spec.args,
+        &env,
+        scope.cgroup_procs(),
+        spec.stdin,
+    )
+}
+
+/// Waits on the child (reaping it) and serves stop requests: SIGTERM to the group at once,
+/// SIGKILL when the shortest requested grace runs out.
+async fn own(
+    child: Child,
+    mut stop_rx: mpsc::UnboundedReceiver<Duration>,
+    exit_tx: oneshot::Sender<AgentExit>,
+    (containment, scope): (Arc<Containment>, AgentScope),
+) {
+    // It leads its own group: the group id is its pid.
+    let group = Pid::from_raw(child.id() as i32);
+    let mut kill_at: Option<tokio::time::Instant> = None;
+    let status = loop {
+        let deadline = kill_at;
+        tokio::select! {
+            status = child.wait() => break status,
+            Some(grace) = stop_rx.recv() => {
+                signal_group(group, Signal::SIGTERM);
+                let at = tokio::time::Instant::now() + grace;
+                kill_at = Some(kill_at.map_or(at, |current| current.min(at)));
+            }
+            _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => {
+                signal_group(group, Signal::SIGKILL);
+                kill_at = None;
+            }
+        }
+    };
+    // Processes the agent started live on in its group after it exits (the death signal is not
+    // inherited by them). The group id cannot be reused while any of them exists, and a new
+    // group taking the same id in the microseconds since the reap would need the pid space to
+    // wrap around: killing the group now is safe, and leaves nothing behind.
+    signal_group(group, Signal::SIGKILL);
+    containment::agent_reaped(child.id());
+    // And what left the group (setsid): its cgroup, or its marked re-parented descendants.
+    let _ = tokio::task::spawn_blocking(move || containment.end(scope)).await;
+    let exit = match status {
+        Ok(status) => AgentExit::from(status),
+        // wait() only fails if the child was already reaped elsewhere, which we never do.
+        Err(_) => AgentExit::Code(-1),
+    };
+    let _ = exit_tx.send(exit);
+}
+
+fn signal_group(group: Pid, signal: Signal) {
+    // ESRCH means the group is already gone, which is what we wanted.
+    let _ = nix::sys::signal::killpg(group, signal);
+}
