@@ -17,7 +17,7 @@ use serde::Serialize;
 use crate::presence::WorkerInfo;
 
 static RETRY_DEAD: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("lua/retry_dead.lua")));
+    LazyLock::new(|| Script::new(include_str!("../jobs/lua/retry_dead.lua")));
 
 /// Job counts of the queue.
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
