@@ -34,7 +34,7 @@ pub use self::{
 };
 
 static RETRY_DEAD: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("lua/retry_dead.lua")));
+    LazyLock::new(|| Script::new(include_str!("../jobs/lua/retry_dead.lua")));
 
 /// Puts dead jobs back on the ready list as new; `None` means every dead job. Returns the ids
 /// re-queued (ids that are not dead are skipped).

@@ -25,6 +25,13 @@ fn redis_env(redis: &TestRedis) -> Vec<(&'static str, String)> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sync_and_async_clients_offer_the_same_operations() {
+    require_python(&["redis"]).await;
+    // No Redis: the twins' method sets and signatures (python/tests/test_api.py).
+    unittest("test_api", 2, &[], &[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wait_ready_sync_and_async_with_the_real_worker() {
     require_python(&["redis"]).await;
     let redis = TestRedis::start().await;

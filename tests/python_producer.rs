@@ -1,8 +1,9 @@
 //! The Python producer (the `agent_worker` package in `python/`, its sync and async clients, its
-//! CLI, and the `jobs/python/agent_jobs.py` compatibility module) and the JSON Schema
+//! CLI, and `jobs/python/agent_jobs.py`, a re-export of it) and the JSON Schema
 //! (`jobs/schema/agent-start.schema.json`) against the Rust contract: a real worker runs what
-//! Python enqueues, both producers write the same bytes, the package's scripts and key names
-//! are the repository's, and the schema agrees with the decoder.
+//! Python enqueues, both producers write the same bytes, and the schema agrees with the
+//! decoder. That the package is built from the repository's scripts and key names:
+//! `tests/python_package.rs`.
 //!
 //! These tests need `python3` with the `redis` and `jsonschema` packages; when they are missing
 //! the tests fail (CI installs them) rather than skip.
@@ -20,7 +21,7 @@ use common::*;
 use redis::{AsyncCommands, aio::ConnectionManager};
 use tokio::{io::AsyncWriteExt, process::Command};
 
-/// The compatibility module of the old one-file producer.
+/// The old one-file producer's module, now a re-export of `agent_worker.agent_jobs`.
 const COMPAT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/jobs/python/agent_jobs.py");
 const SCHEMA: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -50,17 +51,7 @@ async fn run_driver<T: serde::de::DeserializeOwned>(args: &[&str], input: &serde
     let mut all = vec!["-c"];
     all.extend_from_slice(args);
     let out = run_python(&all, &serde_json::to_vec(input).unwrap()).await;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "the driver prints JSON ({e}): {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })
+    printed_json("the driver", &out)
 }
 
 /// `python -m agent_worker enqueue --redis-url <url> <args>`.
@@ -92,7 +83,7 @@ struct Input {
 }
 
 /// Which Python API writes: the package's sync `Client`, its `AsyncClient`, or the old
-/// functions of the compatibility module.
+/// one-file producer's functions (`redis.Redis` first) through `jobs/python/agent_jobs.py`.
 #[derive(Clone, Copy, Debug)]
 enum Api {
     Sync,
@@ -110,6 +101,11 @@ user_name = a["user_id"] or ""
 if sys.argv[1] == "Compat":
     sys.path.insert(0, sys.argv[2])
     import agent_jobs, redis
+    import agent_worker.agent_jobs as package
+    # A re-export: every name is the package's own object, nothing is implemented twice.
+    exported = [n for n in vars(agent_jobs) if not n.startswith("_") and n not in ("sys", "Path", "agent_worker")]
+    assert sorted(exported) == sorted(package.__all__), exported
+    assert all(getattr(agent_jobs, n) is getattr(package, n) for n in package.__all__)
     r = redis.Redis.from_url(a["url"])
     agent_jobs.write_session_config(r, a["session_id"], a["voice_id"], user_name,
                                     a["opening_line"], a["system_prompt"])
@@ -668,169 +664,12 @@ async fn python_rejects_invalid_input_before_writing_anything() {
     assert_eq!(size, 0, "nothing was written");
 }
 
-#[test]
-fn the_package_ships_the_repositorys_scripts_byte_for_byte() {
-    // pip installs the package without the rest of the repository: it carries copies.
-    let shipped = |name: &str| {
-        std::fs::read_to_string(format!("{PYTHON_DIR}/agent_worker/lua/{name}"))
-            .unwrap_or_else(|e| panic!("python/agent_worker/lua/{name}: {e}"))
-    };
-    for (name, original) in [
-        ("enqueue.lua", include_str!("../jobs/lua/enqueue.lua")),
-        (
-            "write_session_config.lua",
-            include_str!("../jobs/lua/write_session_config.lua"),
-        ),
-        (
-            "delete_session.lua",
-            include_str!("../jobs/lua/delete_session.lua"),
-        ),
-        ("retry_dead.lua", include_str!("../src/lua/retry_dead.lua")),
-    ] {
-        assert_eq!(
-            shipped(name),
-            original,
-            "python/agent_worker/lua/{name} is a stale copy"
-        );
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_packages_key_names_are_those_of_keys_rs() {
-    require_python(&["redis"]).await;
-    const PRINT: &str = r#"
-import json, sys
-from agent_worker import keys as k
-s, q = k.SessionKeys.of(sys.argv[1]), k.QueueKeys.of(sys.argv[2])
-print(json.dumps({
-    "session": s.all(), "starting": k.SESSIONS_STARTING, "ready": k.SESSIONS_READY,
-    "heartbeats": k.SESSION_HEARTBEATS, "events": k.EVENTS,
-    "queue": [q.data, q.meta_prefix, q.meta("T1"), q.active, q.dead, q.dead_at,
-              q.idempotency_prefix, q.idempotency(k.idempotency_key(sys.argv[1])),
-              q.wake_channel],
-}))
-"#;
-    let out = run_python(&["-c", PRINT, "s-1.x_Y", "agent-start"], b"").await;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let id = sid("s-1.x_Y");
-    let q = QueueKeys::new("agent-start").unwrap();
-    let expected = serde_json::json!({
-        "session": SessionKeys::new(&id).all(),
-        "starting": agent_jobs::keys::SESSIONS_STARTING,
-        "ready": agent_jobs::keys::SESSIONS_READY,
-        "heartbeats": agent_jobs::keys::SESSION_HEARTBEATS,
-        "events": agent_jobs::keys::EVENTS,
-        "queue": [q.data(), q.meta_prefix(), q.meta("T1"), q.active(), q.dead(), q.dead_at(),
-                  q.idempotency_prefix(),
-                  q.idempotency(&agent_jobs::producer::idempotency_key(&agent_jobs::AgentStart::new(id.clone()))),
-                  q.wake_channel()],
-    });
-    assert_eq!(got, expected);
-}
-
-/// Copies the files of `from` to `to`, leaving out the top-level entries named in `skip` and
-/// Python's caches.
-fn copy_tree(from: &std::path::Path, to: &std::path::Path, skip: &[&str]) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let name = entry.file_name();
-        if skip.iter().any(|s| name == *s) || name == "__pycache__" {
-            continue;
-        }
-        if entry.file_type().unwrap().is_dir() {
-            copy_tree(&entry.path(), &to.join(&name), &[]);
-        } else {
-            std::fs::copy(entry.path(), to.join(&name)).unwrap();
-        }
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pip_installs_the_package_with_its_scripts_and_type_marker() {
-    require_python(&["redis"]).await;
-    let scratch = std::env::temp_dir().join(format!("agent-worker-pip-{}", ulid::Ulid::generate()));
-    let (source, target) = (scratch.join("src"), scratch.join("site"));
-    // A copy of what `pip install ./python` reads: setuptools builds in the source tree
-    // (build/, *.egg-info), which must not be the checkout.
-    copy_tree(std::path::Path::new(PYTHON_DIR), &source, &["tests"]);
-    // Offline and without build isolation: the build backend already installed is used.
-    let out = python()
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-        ])
-        .args([
-            "--no-deps",
-            "--no-build-isolation",
-            "--no-index",
-            "--target",
-        ])
-        .arg(&target)
-        .arg(&source)
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "pip install ./python: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let package = target.join("agent_worker");
-    for file in [
-        "py.typed",
-        "lua/enqueue.lua",
-        "lua/delete_session.lua",
-        "client.py",
-        "aio.py",
-    ] {
-        assert!(package.join(file).is_file(), "{file} installed");
-    }
-    // The installed copy is the one imported, and it finds its scripts there.
-    let check = "import agent_worker._protocol as p, sys; \
-                 assert p.__file__.startswith(sys.argv[1]), p.__file__; \
-                 print(len(p.lua('enqueue.lua')))";
-    let mut cmd = Command::new("python3");
-    cmd.env("PYTHONDONTWRITEBYTECODE", "1").env(
-        "PYTHONPATH",
-        format!(
-            "{}:{}",
-            target.display(),
-            std::env::var("PYTHONPATH").unwrap_or_default()
-        ),
-    );
-    let out = cmd
-        .args(["-c", check, target.to_str().unwrap()])
-        .output()
-        .await
-        .unwrap();
-    std::fs::remove_dir_all(&scratch).unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let size: usize = String::from_utf8(out.stdout)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    assert_eq!(size, include_str!("../jobs/lua/enqueue.lua").len());
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_compatibility_modules_cli_still_enqueues_without_the_package_installed() {
     require_python(&["redis"]).await;
     let redis = TestRedis::start().await;
-    // Without the package on PYTHONPATH: the module finds the repository's python/ itself.
+    // Without the package on PYTHONPATH: the module finds the repository's python/ itself
+    // (and the package, run from there, the repository's jobs/lua/).
     let mut cmd = Command::new("python3");
     cmd.env("PYTHONDONTWRITEBYTECODE", "1");
     let args = [

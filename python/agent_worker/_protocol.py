@@ -4,9 +4,8 @@ Each operation is a generator that yields what it needs from Redis (a script cal
 a pipeline) and receives the reply, without doing any I/O itself ("sans-I/O"). ``Client``
 drives these generators with blocking calls, ``AsyncClient`` with awaited ones; validation,
 keys, arguments, reply parsing and the readiness protocol exist once, here. The Lua scripts
-are the files shipped in ``agent_worker/lua/``, byte-identical copies of the repository's
-``jobs/lua/*.lua`` and ``src/lua/retry_dead.lua`` (a test keeps them equal), so the records
-written are the Rust producer's, byte for byte.
+are the repository's ``jobs/lua/*.lua``, the ones the Rust side runs (see :mod:`._scripts`),
+so the records written are the Rust producer's, byte for byte.
 """
 
 from __future__ import annotations
@@ -15,10 +14,8 @@ import inspect
 import json
 import os
 import time
-from collections.abc import Callable, Generator, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
-from functools import cache
-from importlib import resources
 from typing import Any, TypeVar, Union
 
 from . import keys as k
@@ -57,7 +54,7 @@ RETRY_CHUNK = 1000
 
 @dataclass(frozen=True)
 class Eval:
-    """Run the shipped Lua script ``script`` (a file name in ``lua/``)."""
+    """Run the Lua script ``script`` (a file name in ``jobs/lua/``, see :mod:`._scripts`)."""
 
     script: str
     keys: list[str]
@@ -83,12 +80,6 @@ T = TypeVar("T")
 Steps = Generator[Op, Any, T]
 """An operation: yields what it needs from Redis, receives each reply, returns a ``T``."""
 Operation = Steps[Any]
-
-
-@cache
-def lua(name: str) -> str:
-    """The text of a shipped script."""
-    return resources.files(__package__).joinpath("lua").joinpath(name).read_text(encoding="utf-8")
 
 
 def _utf8(name: str, value: str) -> bytes:
@@ -165,16 +156,19 @@ def write_session_config(
     yield Eval("write_session_config.lua", [session_keys.config], args)
 
 
-def enqueue(
-    jobs: Sequence[tuple[str, str | None]], queue: str, idempotency_ttl: float
-) -> Steps[list[Enqueued]]:
-    """Enqueues agent-start jobs ``(session id, user id)`` in one atomic call (``enqueue.lua``,
-    the KEYS and ARGV of ``Producer::enqueue_many``). Everything is validated before anything
-    is written. Returns one :class:`Enqueued` per job, in order."""
+Job = Union[str, tuple[str, Union[str, None]]]
+"""One job of a bulk enqueue: a session id, or a ``(session id, user id)`` pair."""
+
+
+def enqueue(jobs: Iterable[Job], queue: str, idempotency_ttl: float) -> Steps[list[Enqueued]]:
+    """Enqueues agent-start jobs (session ids or ``(session id, user id)`` pairs) in one atomic
+    call (``enqueue.lua``, the KEYS and ARGV of ``Producer::enqueue_many``). Everything is
+    validated before anything is written. Returns one :class:`Enqueued` per job, in order."""
     queue_keys = k.QueueKeys.of(queue)
     job_keys: list[str] = []
     triples: list[Any] = []
-    for session_id, user_id in jobs:
+    with_users = ((job, None) if isinstance(job, str) else (job[0], job[1]) for job in jobs)
+    for session_id, user_id in with_users:
         task_id, idempotency = new_task_id(), k.idempotency_key(session_id)
         job_keys += [queue_keys.meta(task_id), queue_keys.idempotency(idempotency)]
         triples += [task_id, payload_bytes(session_id, user_id), idempotency]

@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Callable, Iterable
-from typing import Any, cast
+from collections.abc import Iterable
+from contextlib import closing
+from typing import cast
 
 import redis.asyncio
 
 from . import _protocol as p
-from .client import _jobs
-from .keys import DEFAULT_QUEUE, EVENTS, validate_queue, validate_session_id
+from ._client_base import ClientBase
+from .keys import EVENTS, validate_session_id
 from .records import (
     AgentWorkerError,
     DeadJob,
@@ -130,70 +131,25 @@ class _EventReader:
                 waiter.events.put_nowait(AgentWorkerError("the client was closed"))
 
 
-class AsyncClient(redis.asyncio.Redis):
+class AsyncClient(ClientBase, redis.asyncio.Redis):
     """A ``redis.asyncio.Redis`` that also speaks agent-worker's contract; the async twin of
     :class:`agent_worker.Client`, with the same methods (awaited) and options (``queue``,
     ``session_ttl``). Use one client per event loop; close it with ``await client.aclose()``.
     """
 
-    def __init__(
-        self,
-        *args: Any,
-        queue: str = DEFAULT_QUEUE,
-        session_ttl: float = p.DEFAULT_TTL,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        self._configure(queue, session_ttl)
-
-    @classmethod
-    def from_url(  # type: ignore[override]
-        cls,
-        url: str,
-        *,
-        queue: str = DEFAULT_QUEUE,
-        session_ttl: float = p.DEFAULT_TTL,
-        **kwargs: Any,
-    ) -> AsyncClient:
-        """A client for ``url``; other keyword arguments go to redis-py."""
-        client = cast(AsyncClient, super().from_url(url, **kwargs))
-        client._configure(queue, session_ttl)
-        return client
-
     def _configure(self, queue: str, session_ttl: float) -> None:
-        self.queue = validate_queue(queue)
-        self.session_ttl = session_ttl
-        self._agent_scripts: dict[str, Any] = {}
+        super()._configure(queue, session_ttl)
         self._reader = _EventReader(self)
-        # Test hook: called (and awaited if it returns an awaitable) between the record read
-        # and the first event a wait takes from the reader.
-        self._after_status_read: Callable[[], Any] | None = None
 
     async def _drive(self, operation: p.Steps[p.T]) -> p.T:
-        reply: Any = None
-        while True:
+        # Client._drive, awaited: feeds each step's reply back until the operation returns.
+        with closing(operation):
             try:
-                op = operation.send(reply)
+                op = next(operation)
+                while True:
+                    op = operation.send(await self._send(op))
             except StopIteration as done:
                 return cast(p.T, done.value)
-            try:
-                reply = await self._do(op)
-            except BaseException:
-                operation.close()
-                raise
-
-    async def _do(self, op: p.Op) -> Any:
-        if isinstance(op, p.Eval):
-            script = self._agent_scripts.get(op.script)
-            if script is None:
-                script = self._agent_scripts[op.script] = self.register_script(p.lua(op.script))
-            return await script(keys=op.keys, args=op.args)
-        if isinstance(op, p.Command):
-            return await self.execute_command(*op.args)
-        pipe = self.pipeline(transaction=False)
-        for command in op.commands:
-            pipe.execute_command(*command)
-        return await pipe.execute()
 
     async def aclose(self, close_connection_pool: bool | None = None) -> None:
         """Ends the shared event reader, then closes the client as redis-py does."""
@@ -227,11 +183,9 @@ class AsyncClient(redis.asyncio.Redis):
         jobs = await self._drive(p.enqueue([(session_id, user_id)], self.queue, self.session_ttl))
         return jobs[0]
 
-    async def enqueue_agent_starts(
-        self, jobs: Iterable[str | tuple[str, str | None]]
-    ) -> list[Enqueued]:
+    async def enqueue_agent_starts(self, jobs: Iterable[p.Job]) -> list[Enqueued]:
         """See :meth:`agent_worker.Client.enqueue_agent_starts`."""
-        return await self._drive(p.enqueue(_jobs(jobs), self.queue, self.session_ttl))
+        return await self._drive(p.enqueue(jobs, self.queue, self.session_ttl))
 
     async def session(self, session_id: str) -> Session | None:
         """See :meth:`agent_worker.Client.session`."""

@@ -1,26 +1,23 @@
 """``Client``: the blocking client, a ``redis.Redis`` with agent-worker's operations.
 
 Every operation is implemented once in :mod:`agent_worker._protocol`; this class only runs
-those steps with blocking redis-py calls.
+those steps with blocking redis-py calls (options and sending: :mod:`._client_base`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import Any, cast
+from collections.abc import Iterable
+from contextlib import closing
+from typing import cast
 
 import redis
 
 from . import _protocol as p
-from .keys import DEFAULT_QUEUE, validate_queue
+from ._client_base import ClientBase
 from .records import DeadJob, Enqueued, Session
 
 
-def _jobs(jobs: Iterable[str | tuple[str, str | None]]) -> list[tuple[str, str | None]]:
-    return [(job, None) if isinstance(job, str) else (job[0], job[1]) for job in jobs]
-
-
-class Client(redis.Redis):
+class Client(ClientBase, redis.Redis):
     """A ``redis.Redis`` that also speaks agent-worker's contract.
 
     Build it like ``redis.Redis`` (``Client.from_url("redis://...")``, ``Client(host=...)``)
@@ -33,63 +30,15 @@ class Client(redis.Redis):
     concurrent waits use :class:`agent_worker.AsyncClient`, which shares one reader.
     """
 
-    def __init__(
-        self,
-        *args: Any,
-        queue: str = DEFAULT_QUEUE,
-        session_ttl: float = p.DEFAULT_TTL,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        self._configure(queue, session_ttl)
-
-    @classmethod
-    def from_url(
-        cls,
-        url: str,
-        *,
-        queue: str = DEFAULT_QUEUE,
-        session_ttl: float = p.DEFAULT_TTL,
-        **kwargs: Any,
-    ) -> Client:
-        """A client for ``url`` (``redis://``, ``rediss://``, ``unix://``); other keyword
-        arguments go to redis-py (e.g. ``ssl_ca_certs``)."""
-        client = cast(Client, super().from_url(url, **kwargs))
-        client._configure(queue, session_ttl)
-        return client
-
-    def _configure(self, queue: str, session_ttl: float) -> None:
-        self.queue = validate_queue(queue)
-        self.session_ttl = session_ttl
-        self._agent_scripts: dict[str, Any] = {}
-        # Test hook: called between the record read and the first XREAD of wait_ready.
-        self._after_status_read: Callable[[], None] | None = None
-
     def _drive(self, operation: p.Steps[p.T]) -> p.T:
-        reply: Any = None
-        while True:
+        # Feeds each step's reply back until the operation returns; a failed step closes it.
+        with closing(operation):
             try:
-                op = operation.send(reply)
+                op = next(operation)
+                while True:
+                    op = operation.send(self._send(op))
             except StopIteration as done:
                 return cast(p.T, done.value)
-            try:
-                reply = self._do(op)
-            except BaseException:
-                operation.close()
-                raise
-
-    def _do(self, op: p.Op) -> Any:
-        if isinstance(op, p.Eval):
-            script = self._agent_scripts.get(op.script)
-            if script is None:
-                script = self._agent_scripts[op.script] = self.register_script(p.lua(op.script))
-            return script(keys=op.keys, args=op.args)
-        if isinstance(op, p.Command):
-            return self.execute_command(*op.args)
-        pipe = self.pipeline(transaction=False)
-        for command in op.commands:
-            pipe.execute_command(*command)
-        return pipe.execute()
 
     def write_session_config(
         self,
@@ -120,12 +69,10 @@ class Client(redis.Redis):
         first job's task id."""
         return self._drive(p.enqueue([(session_id, user_id)], self.queue, self.session_ttl))[0]
 
-    def enqueue_agent_starts(
-        self, jobs: Iterable[str | tuple[str, str | None]]
-    ) -> list[Enqueued]:
+    def enqueue_agent_starts(self, jobs: Iterable[p.Job]) -> list[Enqueued]:
         """The bulk form: session ids or ``(session id, user id)`` pairs, in one atomic call;
         all are validated before anything is written. One result per job, in order."""
-        return self._drive(p.enqueue(_jobs(jobs), self.queue, self.session_ttl))
+        return self._drive(p.enqueue(jobs, self.queue, self.session_ttl))
 
     def session(self, session_id: str) -> Session | None:
         """The session's record, or None when it has none."""

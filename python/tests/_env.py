@@ -5,10 +5,15 @@ from __future__ import annotations
 import json
 import os
 import time
+import unittest
+import uuid
 from collections.abc import Callable
 from typing import TypeVar
 
 import redis
+
+import agent_worker
+from agent_worker.keys import SessionKeys
 
 T = TypeVar("T")
 
@@ -18,6 +23,23 @@ QUEUE = os.environ.get("AGENT_WORKER_TEST_QUEUE", "agent-start")
 """The queue the harness's worker takes jobs from."""
 PREFIX = os.environ.get("AGENT_WORKER_TEST_PREFIX", "py")
 """Prefix of this run's session ids."""
+
+
+def new_id(name: str) -> str:
+    """A session id of this run, unique: ``<PREFIX>-<name>-<8 hex digits>``."""
+    return f"{PREFIX}-{name}-{uuid.uuid4().hex[:8]}"
+
+
+class ClientTest(unittest.TestCase):
+    """A test with ``self.client`` (a sync client on QUEUE) and ``self.raw`` (plain redis-py)."""
+
+    def setUp(self) -> None:
+        self.client = agent_worker.Client.from_url(REDIS_URL, queue=QUEUE)
+        self.raw = redis.Redis.from_url(REDIS_URL)
+
+    def tearDown(self) -> None:
+        self.client.close()
+        self.raw.close()
 
 
 def wait_for(what: str, deadline: float, check: Callable[[], T | None]) -> T:
@@ -34,8 +56,7 @@ def wait_for(what: str, deadline: float, check: Callable[[], T | None]) -> T:
 
 def received(r: redis.Redis, session_id: str) -> dict | None:
     """What the test agent of the session reported receiving (its first log line)."""
-    for line in r.lrange(f"agent:{session_id}:logs", 0, -1):
-        text = line.decode()
+    for text in log_lines(r, session_id):
         if text.startswith("test-agent received "):
             return json.loads(text.removeprefix("test-agent received "))
     return None
@@ -43,4 +64,4 @@ def received(r: redis.Redis, session_id: str) -> dict | None:
 
 def log_lines(r: redis.Redis, session_id: str) -> list[str]:
     """The agent's shipped output lines."""
-    return [line.decode() for line in r.lrange(f"agent:{session_id}:logs", 0, -1)]
+    return [line.decode() for line in r.lrange(SessionKeys.of(session_id).agent_logs, 0, -1)]

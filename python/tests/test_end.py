@@ -11,14 +11,20 @@ import subprocess
 import sys
 import time
 import unittest
-import uuid
 
 import redis
 
 import agent_worker
-from agent_worker.keys import EVENTS, SESSION_HEARTBEATS, SESSIONS_READY, SESSIONS_STARTING
+from agent_worker.keys import (
+    EVENTS,
+    SESSION_HEARTBEATS,
+    SESSIONS_READY,
+    SESSIONS_STARTING,
+    QueueKeys,
+    idempotency_key,
+)
 
-from ._env import PREFIX, QUEUE, REDIS_URL, wait_for
+from ._env import QUEUE, REDIS_URL, ClientTest, new_id, wait_for
 
 
 def alive(pid: int) -> bool:
@@ -35,8 +41,9 @@ def keys_naming(r: redis.Redis, session_id: str) -> list[str]:
     return sorted(k.decode() for k in r.scan_iter(match=f"*{session_id}*", count=1000))
 
 
-def idempotency_key(session_id: str) -> str:
-    return f"{QUEUE}:idempotency:session:{session_id}"
+def idempotency(session_id: str) -> str:
+    """The session's idempotency key on the harness's queue, which an end leaves in place."""
+    return QueueKeys.of(QUEUE).idempotency(idempotency_key(session_id))
 
 
 def check_ended(
@@ -75,7 +82,7 @@ def check_ended(
     wait_for(
         "the session's keys to be gone",
         20,
-        lambda: True if keys_naming(raw, sid) == [idempotency_key(sid)] else None,
+        lambda: True if keys_naming(raw, sid) == [idempotency(sid)] else None,
     )
     test.assertFalse(raw.sismember(SESSIONS_STARTING, sid))
     test.assertFalse(raw.sismember(SESSIONS_READY, sid))
@@ -86,17 +93,9 @@ def check_ended(
     )
 
 
-class EndSession(unittest.TestCase):
-    def setUp(self) -> None:
-        self.client = agent_worker.Client.from_url(REDIS_URL, queue=QUEUE)
-        self.raw = redis.Redis.from_url(REDIS_URL)
-
-    def tearDown(self) -> None:
-        self.client.close()
-        self.raw.close()
-
+class EndSession(ClientTest):
     def test_end_session_stops_the_agent_and_leaves_no_key_behind(self) -> None:
-        sid = f"{PREFIX}-end-{uuid.uuid4().hex[:8]}"
+        sid = new_id("end")
         self.client.write_session_config(sid, "Craig", "alice", opening_line="Hello")
         self.client.enqueue_agent_start(sid, user_id="alice")
         record = self.client.wait_ready(sid, timeout=30)
@@ -108,10 +107,10 @@ class EndSession(unittest.TestCase):
         check_ended(self, self.raw, sid, record, position, removed)
         # Idempotent.
         self.assertEqual(self.client.end_session(sid), 0)
-        self.assertEqual(keys_naming(self.raw, sid), [idempotency_key(sid)])
+        self.assertEqual(keys_naming(self.raw, sid), [idempotency(sid)])
 
     def test_the_cli_enqueues_waits_shows_and_ends(self) -> None:
-        sid = f"{PREFIX}-cli-{uuid.uuid4().hex[:8]}"
+        sid = new_id("cli")
         env = dict(os.environ, REDIS_URL=REDIS_URL)
 
         def cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -141,7 +140,7 @@ class EndSession(unittest.TestCase):
 
     def test_the_cli_wait_exits_3_when_it_times_out(self) -> None:
         # A session nobody enqueued: it never becomes ready (nor fails).
-        sid = f"{PREFIX}-cli-never-{uuid.uuid4().hex[:8]}"
+        sid = new_id("cli-never")
         started = time.monotonic()
         waited = subprocess.run(
             [sys.executable, "-m", "agent_worker", "wait", "--redis-url", REDIS_URL,
@@ -159,7 +158,7 @@ class AsyncEndSession(unittest.IsolatedAsyncioTestCase):
         client = agent_worker.AsyncClient.from_url(REDIS_URL, queue=QUEUE)
         raw = redis.Redis.from_url(REDIS_URL)
         try:
-            sid = f"{PREFIX}-aend-{uuid.uuid4().hex[:8]}"
+            sid = new_id("aend")
             await client.write_session_config(sid, "Olivia", "bob", opening_line="Hi there")
             await client.enqueue_agent_start(sid, user_id="bob")
             record = await client.wait_ready(sid, timeout=30)
@@ -173,7 +172,7 @@ class AsyncEndSession(unittest.IsolatedAsyncioTestCase):
             await asyncio.to_thread(check_ended, self, raw, sid, record, position, removed)
             # Idempotent.
             self.assertEqual(await client.end_session(sid), 0)
-            self.assertEqual(keys_naming(raw, sid), [idempotency_key(sid)])
+            self.assertEqual(keys_naming(raw, sid), [idempotency(sid)])
         finally:
             await client.aclose()
             raw.close()

@@ -11,21 +11,16 @@ from __future__ import annotations
 
 import os
 import unittest
-import uuid
 
 import redis
 
 import agent_worker
 
-from ._env import PREFIX, QUEUE, REDIS_URL, received, wait_for
+from ._env import QUEUE, REDIS_URL, new_id, received, wait_for
 
 CA = os.environ["AGENT_WORKER_TEST_TLS_CA"]
 OTHER_CA = os.environ["AGENT_WORKER_TEST_TLS_OTHER_CA"]
 TIMEOUT = 30.0
-
-
-def new_id(name: str) -> str:
-    return f"{PREFIX}-{name}-{uuid.uuid4().hex[:8]}"
 
 
 class OverTls(unittest.TestCase):

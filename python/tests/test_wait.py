@@ -14,23 +14,18 @@ import os
 import sys
 import time
 import unittest
-import uuid
 
 import redis
 import redis.asyncio
 
 import agent_worker
-from agent_worker.keys import EVENTS
+from agent_worker.keys import EVENTS, SessionKeys
 
-from ._env import PREFIX, QUEUE, REDIS_URL, log_lines, received, wait_for
+from ._env import QUEUE, REDIS_URL, ClientTest, log_lines, new_id, received, wait_for
 
 FAILING_QUEUE = os.environ["AGENT_WORKER_TEST_FAILING_QUEUE"]
 READY_DELAY_S = int(os.environ["AGENT_WORKER_TEST_READY_DELAY_MS"]) / 1000
 TIMEOUT = 30.0
-
-
-def new_id(name: str) -> str:
-    return f"{PREFIX}-{name}-{uuid.uuid4().hex[:8]}"
 
 
 def ready_event_ts(r: redis.Redis, session_id: str) -> int:
@@ -52,15 +47,7 @@ def report_latency(kind: str, r: redis.Redis, session_id: str, enqueued: float) 
     )
 
 
-class SyncWait(unittest.TestCase):
-    def setUp(self) -> None:
-        self.client = agent_worker.Client.from_url(REDIS_URL, queue=QUEUE)
-        self.raw = redis.Redis.from_url(REDIS_URL)
-
-    def tearDown(self) -> None:
-        self.client.close()
-        self.raw.close()
-
+class SyncWait(ClientTest):
     def test_returns_the_record_after_the_ready_line(self) -> None:
         sid = new_id("sync-ready")
         self.client.write_session_config(sid, "Craig", "alice")
@@ -84,6 +71,7 @@ class SyncWait(unittest.TestCase):
         self,
     ) -> None:
         sid = new_id("sync-race")
+        state = SessionKeys.of(sid).state
         self.client.enqueue_agent_start(sid)
         seen: list[str | None] = []
 
@@ -91,11 +79,11 @@ class SyncWait(unittest.TestCase):
             # Runs after wait_ready read the record (not ready yet) and before it reads the
             # stream: the worker records `ready` in between. A wait that read the stream from
             # "now" ($) would miss that event and time out.
-            seen.append(self.raw.hget(f"session:{sid}", "status"))
+            seen.append(self.raw.hget(state, "status"))
             wait_for(
                 "the worker to record ready",
                 TIMEOUT,
-                lambda: True if self.raw.hget(f"session:{sid}", "status") == b"ready" else None,
+                lambda: True if self.raw.hget(state, "status") == b"ready" else None,
             )
 
         self.client._after_status_read = ready_meanwhile
@@ -173,13 +161,14 @@ class AsyncWait(unittest.IsolatedAsyncioTestCase):
     ) -> None:
         client = agent_worker.AsyncClient.from_url(REDIS_URL, queue=QUEUE)
         sid = new_id("async-race")
+        state = SessionKeys.of(sid).state
         await client.enqueue_agent_start(sid)
         seen: list[bytes | None] = []
 
         async def ready_meanwhile() -> None:
-            seen.append(await client.hget(f"session:{sid}", "status"))
+            seen.append(await client.hget(state, "status"))
             deadline = time.monotonic() + TIMEOUT
-            while await client.hget(f"session:{sid}", "status") != b"ready":
+            while await client.hget(state, "status") != b"ready":
                 self.assertLess(time.monotonic(), deadline, "the worker records ready")
                 await asyncio.sleep(0.02)
 

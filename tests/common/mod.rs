@@ -24,7 +24,7 @@ pub use self::{
     http::{free_port, get, http_get, http_get_within, request},
     ledger::Ledger,
     procfs::{alive, live_agents, proc_state, room_of, wait_gone, zombie_children},
-    python::{PYTHON_DIR, python, python_path, require_python, unittest},
+    python::{PYTHON_DIR, printed_json, python, python_path, require_python, unittest},
     queue::{
         assert_first_run, done_count, enqueue, is_done, producer, push_raw, wait_dead, wait_done,
         wait_idle, worker_runs,

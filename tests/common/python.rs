@@ -1,7 +1,7 @@
 //! `python3` with the project's Python package (`python/`) ahead of whatever `cargo xtask test`
 //! installed, and the package's unittest modules (`python/tests/`) run as one test.
 
-use std::time::Duration;
+use std::{process::Output, time::Duration};
 
 use tokio::process::Command;
 
@@ -26,6 +26,22 @@ pub fn python() -> Command {
         .env("PYTHONDONTWRITEBYTECODE", "1")
         .kill_on_drop(true);
     command
+}
+
+/// What a `python3` run printed on stdout, as JSON; fails the test, naming `what` ran, unless
+/// it succeeded and printed JSON.
+pub fn printed_json<T: serde::de::DeserializeOwned>(what: &str, output: &Output) -> T {
+    assert!(
+        output.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{what} prints JSON ({e}): {}",
+            String::from_utf8_lossy(&output.stdout)
+        )
+    })
 }
 
 /// Fails the test, with what to install, unless `python3` can import `modules`.
