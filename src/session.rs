@@ -24,9 +24,10 @@ use agent_jobs::{
 };
 use redis::{FromRedisValue, Script, ScriptInvocation, Value, aio::ConnectionManager};
 
+mod claim_reply;
 pub mod config;
 
-use config::{ConfigSource, SessionConfig};
+use config::SessionConfig;
 use config::{config_from_pairs, validate};
 
 use crate::{agent::launcher::AgentExit, clock::Clock, connection::RedisHealth};
@@ -193,73 +194,6 @@ pub struct ClaimAttempt<'a> {
     pub cold: bool,
     /// The agent's log file, recorded as `logFile` and in `agent:<id>:logfile`.
     pub log_file: Option<&'a str>,
-}
-
-/// The claim script's reply (`lua/claim_session.lua`), decoded from its positional array:
-/// `[code, ...]`, the rest depending on the code.
-#[derive(Debug, Clone, PartialEq)]
-enum ClaimReply {
-    /// `[-1, type]`: the config key holds another Redis type.
-    WrongType {
-        /// The type found, when the script could name it.
-        found: Option<String>,
-    },
-    /// `[0, owner, status]`: another live worker owns the session.
-    HeldBy {
-        /// That worker's id.
-        owner: String,
-        /// Its status is `ready`.
-        ready: bool,
-    },
-    /// `[2, status]`: the session is over (`status` empty when its record is gone).
-    Ended {
-        /// Its status, if it has a record.
-        status: Option<SessionStatus>,
-    },
-    /// `[1, _, source, config pairs]`: claimed; the config as a flat field/value array.
-    Claimed {
-        /// `stored`, or `default` when the script wrote the defaults.
-        source: ConfigSource,
-        /// Field, value, field, value...
-        pairs: Vec<Value>,
-    },
-}
-
-impl ClaimReply {
-    /// Decodes `reply`; a shape the script never returns is an error naming the whole reply.
-    fn from_redis(mut reply: Vec<Value>) -> redis::RedisResult<Self> {
-        let text = |value: &Value| String::from_redis_value_ref(value).ok();
-        let status = |value: &Value| {
-            text(value)
-                .filter(|s| !s.is_empty())
-                .map(|s| SessionStatus::parse(&s))
-        };
-        let decoded = match reply.as_mut_slice() {
-            [Value::Int(-1), found, ..] => Some(Self::WrongType { found: text(found) }),
-            [Value::Int(0), owner, rest @ ..] => Some(Self::HeldBy {
-                owner: text(owner).unwrap_or_default(),
-                ready: rest.first().and_then(status) == Some(SessionStatus::Ready),
-            }),
-            [Value::Int(2), ended, ..] => Some(Self::Ended {
-                status: status(ended),
-            }),
-            [Value::Int(_), _, source, Value::Array(pairs), ..] => Some(Self::Claimed {
-                source: match text(source).as_deref() {
-                    Some("default") => ConfigSource::Default,
-                    _ => ConfigSource::Stored,
-                },
-                pairs: std::mem::take(pairs),
-            }),
-            _ => None,
-        };
-        decoded.ok_or_else(|| {
-            redis::RedisError::from((
-                redis::ErrorKind::UnexpectedReturnType,
-                "unexpected reply from the claim script",
-                format!("{reply:?}"),
-            ))
-        })
-    }
 }
 
 /// The outcome of [`SessionStore::mark_ready`].
@@ -511,19 +445,19 @@ impl SessionStore {
             .arg(self.events_max_len)
             .invoke_async(&mut self.conn.clone())
             .await
-            .and_then(ClaimReply::from_redis)
+            .and_then(claim_reply::ClaimReply::from_redis)
             .map_err(|source| SessionError::Redis {
                 key: state.clone(),
                 source,
             })?;
         match reply {
-            ClaimReply::WrongType { found } => Err(SessionError::WrongType {
+            claim_reply::ClaimReply::WrongType { found } => Err(SessionError::WrongType {
                 key: config_key,
                 found: found.unwrap_or_else(|| "value of another type".into()),
             }),
-            ClaimReply::HeldBy { owner, ready } => Ok(Claim::HeldBy { owner, ready }),
-            ClaimReply::Ended { status } => Ok(Claim::Ended { status }),
-            ClaimReply::Claimed { source, pairs } => {
+            claim_reply::ClaimReply::HeldBy { owner, ready } => Ok(Claim::HeldBy { owner, ready }),
+            claim_reply::ClaimReply::Ended { status } => Ok(Claim::Ended { status }),
+            claim_reply::ClaimReply::Claimed { source, pairs } => {
                 let config = config_from_pairs(&config_key, pairs)
                     .and_then(|map| validate(&config_key, map, source));
                 if let Err(error) = &config {
@@ -852,68 +786,4 @@ pub const DEFAULT_EVENTS_MAX_LEN: u64 = 10_000;
 /// A script flag.
 fn flag(on: bool) -> &'static str {
     if on { "1" } else { "0" }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn bulk(text: &str) -> Value {
-        Value::BulkString(text.as_bytes().to_vec())
-    }
-
-    #[test]
-    fn every_reply_of_the_claim_script_decodes_and_another_shape_is_an_error() {
-        assert_eq!(
-            ClaimReply::from_redis(vec![Value::Int(-1), bulk("string")]).unwrap(),
-            ClaimReply::WrongType {
-                found: Some("string".into())
-            }
-        );
-        assert_eq!(
-            ClaimReply::from_redis(vec![Value::Int(0), bulk("w-1"), bulk("ready")]).unwrap(),
-            ClaimReply::HeldBy {
-                owner: "w-1".into(),
-                ready: true
-            }
-        );
-        assert_eq!(
-            ClaimReply::from_redis(vec![Value::Int(0), bulk("w-1"), bulk("starting")]).unwrap(),
-            ClaimReply::HeldBy {
-                owner: "w-1".into(),
-                ready: false
-            }
-        );
-        assert_eq!(
-            ClaimReply::from_redis(vec![Value::Int(2), bulk("")]).unwrap(),
-            ClaimReply::Ended { status: None }
-        );
-        assert_eq!(
-            ClaimReply::from_redis(vec![Value::Int(2), bulk("terminated")]).unwrap(),
-            ClaimReply::Ended {
-                status: Some(SessionStatus::Terminated)
-            }
-        );
-        let pairs = vec![bulk("voiceId"), bulk("Craig")];
-        assert_eq!(
-            ClaimReply::from_redis(vec![
-                Value::Int(1),
-                bulk("w-1"),
-                bulk("default"),
-                Value::Array(pairs.clone())
-            ])
-            .unwrap(),
-            ClaimReply::Claimed {
-                source: ConfigSource::Default,
-                pairs
-            }
-        );
-
-        let error =
-            ClaimReply::from_redis(vec![Value::Int(1), bulk("w-1"), bulk("stored")]).unwrap_err();
-        assert_eq!(error.kind(), redis::ErrorKind::UnexpectedReturnType);
-        // The whole reply is named, not just the part that was decoded.
-        assert!(error.to_string().contains("stored"), "{error}");
-        assert!(ClaimReply::from_redis(Vec::new()).is_err());
-    }
 }
