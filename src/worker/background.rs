@@ -34,9 +34,8 @@ pub(super) struct Background {
 
 impl Background {
     /// Starts every task that runs beside the job worker until [`Background::stop`] (after
-    /// the agents are gone).
-    /// Each task clones what it needs from `c` (the build step's connection and choices),
-    /// `agents` and the handles it shares with the job worker.
+    /// the agents are gone). Each task clones what it needs from `c` (the build step's
+    /// connection and choices), `agents` and the handles it shares with the job worker.
     pub(super) fn start(
         settings: &Settings,
         c: &Connected,
@@ -102,7 +101,7 @@ impl Background {
     }
 
     /// None yet.
-    pub(super) fn new() -> Self {
+    fn new() -> Self {
         Self {
             token: CancellationToken::new(),
             tasks: Vec::new(),
@@ -110,7 +109,7 @@ impl Background {
     }
 
     /// Spawns the loop `run` makes of the tasks' token (a loop's `run(self, token)`).
-    pub(super) fn spawn<F>(&mut self, run: impl FnOnce(CancellationToken) -> F)
+    fn spawn<F>(&mut self, run: impl FnOnce(CancellationToken) -> F)
     where
         F: Future<Output = ()> + Send + 'static,
     {
