@@ -6,8 +6,9 @@
 //!   the very end, so probes and scrapes see the wait for Redis and the drain), connects to
 //!   Redis (waiting for it: refused credentials and failed TLS handshakes are waited out too,
 //!   `/readyz` naming them), refuses a Redis that may evict session records
-//!   ([`crate::dataset`]) and chooses the agents' containment. It starts no loop: a refusal
-//!   returns [`RefusedToStart`], a shutdown request while it waits for Redis returns `None`.
+//!   ([`crate::dataset`]) and chooses the agents' containment. Beside the listener it starts
+//!   nothing: a refusal returns [`RefusedToStart`], a shutdown request while it waits for
+//!   Redis returns `None`.
 //! - [`Worker::run`] (`running.rs`) starts the agents' supervisor
 //!   ([`crate::agent::supervisor`]) with its launcher (`launcher.rs`) and the shipper of their
 //!   output, the background tasks (`background.rs`: the Redis probe ([`crate::health`]),

@@ -109,8 +109,7 @@ async fn an_evicting_redis_is_refused_by_the_build_step_which_starts_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn refused_credentials_are_waited_out_until_a_stop_and_the_right_ones_build_a_worker_that_runs()
- {
+async fn refused_credentials_are_waited_out_and_the_right_ones_build_a_worker_that_runs() {
     let redis = TestRedis::start_requiring("right-one", "right-one").await;
     let port = redis.redis.port();
     let http = local(free_port());

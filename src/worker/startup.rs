@@ -5,8 +5,8 @@
 //! last two, and a shutdown request ends the wait with `None`); Redis's eviction policy
 //! (refused unless `redis.allow_eviction`); the wake-up listener's client; Redis's clock; the
 //! worker's id; the agents' containment (`agent.containment = "cgroup"` without cgroups is
-//! refused). Nothing here starts a loop, fetches a job or writes a key: the [`Worker`] it
-//! returns is inspected by tests, then run ([`Worker::run`]).
+//! refused). Beside the listener, nothing here starts a task, fetches a job or writes a key:
+//! the [`Worker`] it returns is inspected by tests, then run ([`Worker::run`]).
 
 use std::{net::SocketAddr, sync::Arc};
 
