@@ -2,7 +2,7 @@
 //!
 //! - [`Health`] holds the facts readiness depends on: Redis answers (and accepts our
 //!   credentials), the job worker runs, and no shutdown has begun.
-//! - [`probe_loop`] pings Redis every tick with a short timeout (so an outage flips readiness
+//! - [`RedisProbe`] pings Redis every tick with a short timeout (so an outage flips readiness
 //!   within about two ticks) and refreshes the queue depth gauges with one script call
 //!   ([`crate::queue::QueueDepth`]).
 
@@ -104,67 +104,99 @@ impl Health {
     }
 }
 
-/// Every `every` until `shutdown`: `PING` Redis with a [`PROBE_TIMEOUT`] (at most `every`)
-/// and record the answer in `health` and [`crate::metrics::REDIS_UP`]; when it answered, refresh the
-/// [`crate::metrics::QUEUE_DEPTH`] gauges of `keys` with one script call. With `every` = 1 s, a Redis that
-/// goes away flips readiness within about 2 s. A failure streak is logged once when it starts
-/// and once when it ends.
-pub async fn probe_loop(
+/// The Redis probe behind `/readyz`: every `every`, `PING` Redis with a [`PROBE_TIMEOUT`] (at
+/// most `every`) and record the answer in `health` and [`crate::metrics::REDIS_UP`]; when it
+/// answered, refresh the [`crate::metrics::QUEUE_DEPTH`] gauges of `keys` with one script call.
+/// With `every` = 1 s, a Redis that goes away flips readiness within about 2 s. A failure
+/// streak is logged once when it starts and once when it ends.
+pub struct RedisProbe {
     conn: ConnectionManager,
     keys: QueueKeys,
     health: Arc<Health>,
     every: Duration,
-    shutdown: CancellationToken,
-) {
-    let timeout = PROBE_TIMEOUT.min(every);
-    let mut ticker = tokio::time::interval(every);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut failures = 0u64;
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = ticker.tick() => {}
+}
+
+impl RedisProbe {
+    /// A probe of `conn` every `every`, recording into `health` and the gauges of `keys`.
+    pub fn new(
+        conn: ConnectionManager,
+        keys: QueueKeys,
+        health: Arc<Health>,
+        every: Duration,
+    ) -> Self {
+        Self {
+            conn,
+            keys,
+            health,
+            every,
         }
-        match ping(&conn, timeout).await {
-            Ok(()) => {
-                if failures > 0 {
-                    tracing::info!(failures, "redis_probe_recovered");
-                }
-                failures = 0;
-                health.set_redis(true);
-                health.set_redis_auth_failed(false);
-                health.set_redis_tls_failed(false);
-                redis_up(true);
+    }
+
+    /// Probes until `shutdown`.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let timeout = PROBE_TIMEOUT.min(self.every);
+        let mut ticker = tokio::time::interval(self.every);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut failures = 0u64;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = ticker.tick() => {}
             }
-            Err(error) => {
-                // A password rotated under a running worker: say so, not "unreachable".
-                let refused = error.as_ref().is_some_and(crate::connection::is_auth_error);
-                health.set_redis_auth_failed(refused);
-                health.set_redis_tls_failed(
-                    error
-                        .as_ref()
-                        .is_some_and(|e| crate::connection::tls_error(e).is_some()),
-                );
-                if failures == 0 {
-                    let error = error.map_or_else(
-                        || format!("no answer within {timeout:?}"),
-                        |e| e.to_string(),
-                    );
-                    if refused {
-                        tracing::error!(error = %error, "redis_auth_failed");
-                    } else {
-                        tracing::warn!(error = %error, "redis_probe_failed");
+            match ping(&self.conn, timeout).await {
+                Ok(()) => {
+                    if failures > 0 {
+                        tracing::info!(failures, "redis_probe_recovered");
                     }
+                    failures = 0;
+                    self.answered();
+                    self.refresh_depth(timeout).await;
                 }
-                failures += 1;
-                health.set_redis(false);
-                redis_up(false);
-                redis_error("ping");
-                continue;
+                Err(error) => {
+                    self.failed(error, failures == 0, timeout);
+                    failures += 1;
+                }
             }
         }
-        match tokio::time::timeout(timeout, QueueDepth::read(&conn, &keys)).await {
-            Ok(Ok(depth)) => depth.record(keys.queue()),
+    }
+
+    fn answered(&self) {
+        self.health.set_redis(true);
+        self.health.set_redis_auth_failed(false);
+        self.health.set_redis_tls_failed(false);
+        redis_up(true);
+    }
+
+    /// Records a failed probe (`error` is `None` when there was no answer in time); logs it
+    /// when it is the `first` of a streak.
+    fn failed(&self, error: Option<redis::RedisError>, first: bool, timeout: Duration) {
+        // A password rotated under a running worker: say so, not "unreachable".
+        let refused = error.as_ref().is_some_and(crate::connection::is_auth_error);
+        self.health.set_redis_auth_failed(refused);
+        self.health.set_redis_tls_failed(
+            error
+                .as_ref()
+                .is_some_and(|e| crate::connection::tls_error(e).is_some()),
+        );
+        if first {
+            let error = error.map_or_else(
+                || format!("no answer within {timeout:?}"),
+                |e| e.to_string(),
+            );
+            if refused {
+                tracing::error!(error = %error, "redis_auth_failed");
+            } else {
+                tracing::warn!(error = %error, "redis_probe_failed");
+            }
+        }
+        self.health.set_redis(false);
+        redis_up(false);
+        redis_error("ping");
+    }
+
+    async fn refresh_depth(&self, timeout: Duration) {
+        match tokio::time::timeout(timeout, QueueDepth::read(&self.conn, &self.keys)).await {
+            Ok(Ok(depth)) => depth.record(self.keys.queue()),
             Ok(Err(error)) => {
                 tracing::debug!(error = %error, "queue_depth_failed");
                 redis_error("queue_depth");

@@ -5,6 +5,8 @@
 //! were cut off too; records Redis lost are written again from memory, never taken for ended
 //! ([`crate::dataset`]).
 
+use std::time::Duration;
+
 use agent_jobs::SessionId;
 use redis::aio::ConnectionManager;
 use tokio_util::sync::CancellationToken;
@@ -22,77 +24,100 @@ use crate::{
 /// batched call, and stop those whose session was ended by the orchestrator (its keys deleted,
 /// or `terminated`) or is older than `session.max_age`. Records Redis lost are written again
 /// instead (see [`crate::dataset`]): data loss is never an end signal.
-pub async fn heartbeat_loop(
+pub struct SessionHeartbeat {
     supervisor: Supervisor,
     store: SessionStore,
     conn: ConnectionManager,
-    settings: Settings,
+    every: Duration,
+    max_age: Duration,
+    stop_grace: Duration,
+    allow_eviction: bool,
     redis_health: RedisHealth,
-    shutdown: CancellationToken,
-) {
-    let mut ticker = tokio::time::interval(settings.session.heartbeat_interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let grace = settings.agent.stop_grace;
-    let mut failing = false;
-    // The dataset as read after each of the last two heartbeats. A record found missing now was
-    // there at the previous heartbeat, which ran after the older of the two samples: a new
-    // run_id or more evicted keys since that one mean it was lost, not deleted.
-    let first = dataset::Sample::read(&conn).await.unwrap_or_default();
-    let mut warned_eviction = first.evicts();
-    let mut samples = [first.clone(), first];
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = ticker.tick() => {}
+}
+
+impl SessionHeartbeat {
+    /// The heartbeat of `supervisor`'s agents through `store`, as `settings` say
+    /// (`session.heartbeat_interval`, `session.max_age`, `agent.stop_grace`,
+    /// `redis.allow_eviction`); failures noted in `redis_health`.
+    pub fn from_settings(
+        supervisor: Supervisor,
+        store: SessionStore,
+        conn: ConnectionManager,
+        settings: &Settings,
+        redis_health: RedisHealth,
+    ) -> Self {
+        Self {
+            supervisor,
+            store,
+            conn,
+            every: settings.session.heartbeat_interval,
+            max_age: settings.session.max_age,
+            stop_grace: settings.agent.stop_grace,
+            allow_eviction: settings.redis.allow_eviction,
+            redis_health,
         }
-        let sessions = supervisor.running_sessions();
+    }
+
+    /// Beats until `shutdown`.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut ticker = tokio::time::interval(self.every);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut failing = false;
+        let first = dataset::Sample::read(&self.conn).await.unwrap_or_default();
+        let mut dataset = DatasetWatch::new(first, self.allow_eviction);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = ticker.tick() => {}
+            }
+            let mut report = self.beat(&mut failing).await;
+            // Read after the heartbeat, so it covers every eviction or restart up to the moment
+            // records were found missing.
+            let loss = dataset.observe(dataset::Sample::read(&self.conn).await.ok());
+            if loss.is_some() {
+                // Missing, and Redis restarted or evicted since the last look: lost, not ended.
+                report.vanished.append(&mut report.gone);
+            }
+            if !report.vanished.is_empty() {
+                restore(&self.supervisor, &self.store, &report.vanished, loss).await;
+            }
+            self.stop_ended(&report);
+        }
+    }
+
+    /// One heartbeat of every running agent, in chunks that bound the time of one script call
+    /// when a process owns many agents. `failing` makes a streak of failures logged once.
+    async fn beat(&self, failing: &mut bool) -> HeartbeatReport {
+        let sessions = self.supervisor.running_sessions();
         let now = unix_now();
-        let oldest = now.saturating_sub(settings.session.max_age.as_secs());
+        let oldest = now.saturating_sub(self.max_age.as_secs());
         let mut report = HeartbeatReport::default();
-        // Chunks bound the time of one script call when a process owns many agents.
         for chunk in sessions.chunks(1000) {
-            match store
-                .heartbeat(supervisor.worker_id(), chunk, now, oldest)
+            match self
+                .store
+                .heartbeat(self.supervisor.worker_id(), chunk, now, oldest)
                 .await
             {
                 Ok(part) => {
-                    failing = false;
+                    *failing = false;
                     report.extend(part);
                 }
                 Err(error) => {
-                    redis_health.failed();
+                    self.redis_health.failed();
                     metrics::redis_error("heartbeat");
-                    if !failing {
+                    if !*failing {
                         tracing::warn!(error = %error, sessions = chunk.len(), "heartbeat_failed");
                     }
-                    failing = true;
+                    *failing = true;
                 }
             }
         }
-        // Read after the heartbeat, so it covers every eviction or restart up to the moment
-        // records were found missing.
-        let sample = dataset::Sample::read(&conn).await.ok();
-        let loss = sample.as_ref().and_then(|s| s.loss_since(&samples[0]));
-        if let Some(sample) = sample {
-            // The policy can change under a running fleet (a managed service's parameter
-            // group): say so once, and keep running, which is safer than stopping every call.
-            metrics::redis_evicting(sample.evicts());
-            if sample.evicts() && !settings.redis.allow_eviction && !warned_eviction {
-                tracing::warn!(
-                    policy = sample.maxmemory_policy.as_deref().unwrap_or_default(),
-                    "redis_eviction_enabled: Redis now evicts keys; set maxmemory-policy noeviction"
-                );
-            }
-            warned_eviction = sample.evicts();
-            samples = [std::mem::take(&mut samples[1]), sample];
-        }
-        if loss.is_some() {
-            // Missing, and Redis restarted or evicted since the last look: lost, not ended.
-            report.vanished.append(&mut report.gone);
-        }
-        if !report.vanished.is_empty() {
-            restore(&supervisor, &store, &report.vanished, loss).await;
-        }
+        report
+    }
+
+    /// Stops the agents whose sessions ended, aged out or were taken over.
+    fn stop_ended(&self, report: &HeartbeatReport) {
+        let (supervisor, grace) = (&self.supervisor, self.stop_grace);
         for id in &report.gone {
             supervisor.stop(id, "session_ended", grace);
         }
@@ -108,6 +133,44 @@ pub async fn heartbeat_loop(
         for id in &report.terminated {
             supervisor.stop(id, "terminated", grace);
         }
+    }
+}
+
+/// The dataset as read after each of the last two heartbeats. A record found missing now was
+/// there at the previous heartbeat, which ran after the older of the two samples: a new run_id
+/// or more evicted keys since that one mean it was lost, not deleted.
+struct DatasetWatch {
+    samples: [dataset::Sample; 2],
+    allow_eviction: bool,
+    warned_eviction: bool,
+}
+
+impl DatasetWatch {
+    fn new(first: dataset::Sample, allow_eviction: bool) -> Self {
+        Self {
+            warned_eviction: first.evicts(),
+            samples: [first.clone(), first],
+            allow_eviction,
+        }
+    }
+
+    /// Takes the `sample` read after a heartbeat (`None`: it could not be read); the cause
+    /// when records were lost since the older sample.
+    fn observe(&mut self, sample: Option<dataset::Sample>) -> Option<&'static str> {
+        let sample = sample?;
+        let loss = sample.loss_since(&self.samples[0]);
+        // The policy can change under a running fleet (a managed service's parameter group):
+        // say so once, and keep running, which is safer than stopping every call.
+        metrics::redis_evicting(sample.evicts());
+        if sample.evicts() && !self.allow_eviction && !self.warned_eviction {
+            tracing::warn!(
+                policy = sample.maxmemory_policy.as_deref().unwrap_or_default(),
+                "redis_eviction_enabled: Redis now evicts keys; set maxmemory-policy noeviction"
+            );
+        }
+        self.warned_eviction = sample.evicts();
+        self.samples = [std::mem::take(&mut self.samples[1]), sample];
+        loss
     }
 }
 

@@ -39,7 +39,7 @@ use crate::{
     health::Health,
     jobs::agent_start::{self, AgentStartJob, RawCodec, RawJob},
     metrics,
-    queue::QueueOps,
+    queue::{QueueOps, Recovered},
     settings::Settings,
     wake::WakeHub,
 };
@@ -73,44 +73,32 @@ impl JobWorker {
     /// Runs the job worker until `shutdown`, restarting it after every backend error (see the
     /// module docs).
     pub async fn supervise(&self, shutdown: &CancellationToken) {
-        let (settings, conn, worker_id, ops, hub, job, capacity, health, redis_health) = (
-            &self.settings,
-            &self.conn,
-            &self.worker_id,
-            &self.ops,
-            &self.hub,
-            &self.job,
-            &self.capacity,
-            &self.health,
-            &self.redis_health,
-        );
-        let mut backoff = Duration::from_millis(100);
-        // The ACL refusal of the current streak of failed runs: logged once, not per restart.
-        let mut denied: Option<PermissionDenied> = None;
+        let max = self.settings.worker.restart_backoff_max;
+        let mut backoff = RestartBackoff::new(max);
         for run in 0u64.. {
-            let name = format!("{worker_id}-{run}");
-            if let Err(error) = ops.promote_due().await {
+            let name = format!("{}-{run}", self.worker_id);
+            if let Err(error) = self.ops.promote_due().await {
                 tracing::debug!(error = %error, "promote_due_failed");
             }
             let started = Instant::now();
-            health.set_job_worker(true);
-            let result =
-                run_job_worker(settings, conn, &name, hub, job.clone(), capacity, shutdown).await;
-            health.set_job_worker(false);
+            self.health.set_job_worker(true);
+            let result = run_job_worker(
+                &self.settings,
+                &self.conn,
+                &name,
+                &self.hub,
+                self.job.clone(),
+                &self.capacity,
+                shutdown,
+            )
+            .await;
+            self.health.set_job_worker(false);
             if shutdown.is_cancelled() {
                 // apalis-redis does not deregister a worker that stopped cleanly: its registration
                 // (and its metadata hash) would stay forever, one per process. Whatever it still
                 // held goes back to the head of the queue for the other replicas.
-                match ops.recover_inflight(&name).await {
-                    Ok(recovered) if recovered.requeued > 0 || recovered.quarantined > 0 => {
-                        tracing::info!(
-                            worker = %name,
-                            requeued = recovered.requeued,
-                            quarantined = recovered.quarantined,
-                            "inflight_jobs_recovered"
-                        );
-                    }
-                    Ok(_) => {}
+                match self.ops.recover_inflight(&name).await {
+                    Ok(recovered) => log_recovered(&name, recovered),
                     Err(error) => {
                         tracing::debug!(worker = %name, error = %error, "deregistration_failed")
                     }
@@ -121,42 +109,71 @@ impl JobWorker {
                 Ok(()) => "the worker stopped by itself".to_owned(),
                 Err(error) => error.to_string(),
             };
-            if started.elapsed() >= HEALTHY_RUN {
-                backoff = Duration::from_millis(100);
-            }
-            match PermissionDenied::parse(&reason) {
-                Some(refusal) => {
-                    if denied.as_ref() != Some(&refusal) {
-                        tracing::error!(
-                            denied = refusal.kind,
-                            key = refusal.key,
-                            command = refusal.command.as_deref(),
-                            script = refusal.script.as_deref(),
-                            error = %reason,
-                            "redis_permission_denied: {refusal}"
-                        );
-                    }
-                    denied = Some(refusal);
-                    // Nothing changes until someone changes the ACL: no fast retries meanwhile.
-                    backoff = settings.worker.restart_backoff_max;
-                }
-                None => denied = None,
-            }
+            let delay = backoff.after(&reason, started.elapsed());
             metrics::job_worker_restarted();
-            redis_health.failed();
+            self.redis_health.failed();
             tracing::warn!(
                 worker = %name,
                 error = %reason,
-                restart_in_ms = backoff.as_millis() as u64,
+                restart_in_ms = delay.as_millis() as u64,
                 "worker_restarted"
             );
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(backoff) => {}
+                _ = tokio::time::sleep(delay) => {}
             }
-            backoff = (backoff * 2).min(settings.worker.restart_backoff_max);
-            recover(ops, &name, shutdown, settings.worker.restart_backoff_max).await;
+            recover(&self.ops, &name, shutdown, max).await;
         }
+    }
+}
+
+/// The delay before the next run of the job worker: 100 ms doubling to
+/// `worker.restart_backoff_max`, reset after a healthy run; an ACL refusal waits the maximum
+/// at once and is logged once per streak.
+struct RestartBackoff {
+    next: Duration,
+    max: Duration,
+    /// The ACL refusal of the current streak of failed runs: logged once, not per restart.
+    denied: Option<PermissionDenied>,
+}
+
+impl RestartBackoff {
+    const FIRST: Duration = Duration::from_millis(100);
+
+    fn new(max: Duration) -> Self {
+        Self {
+            next: Self::FIRST,
+            max,
+            denied: None,
+        }
+    }
+
+    /// The delay after a run that ended with `reason` after `ran_for`.
+    fn after(&mut self, reason: &str, ran_for: Duration) -> Duration {
+        if ran_for >= HEALTHY_RUN {
+            self.next = Self::FIRST;
+        }
+        match PermissionDenied::parse(reason) {
+            Some(refusal) => {
+                if self.denied.as_ref() != Some(&refusal) {
+                    tracing::error!(
+                        denied = refusal.kind,
+                        key = refusal.key,
+                        command = refusal.command.as_deref(),
+                        script = refusal.script.as_deref(),
+                        error = %reason,
+                        "redis_permission_denied: {refusal}"
+                    );
+                }
+                self.denied = Some(refusal);
+                // Nothing changes until someone changes the ACL: no fast retries meanwhile.
+                self.next = self.max;
+            }
+            None => self.denied = None,
+        }
+        let delay = self.next;
+        self.next = (self.next * 2).min(self.max);
+        delay
     }
 }
 
@@ -252,14 +269,7 @@ async fn recover(ops: &QueueOps, name: &str, shutdown: &CancellationToken, max_d
     loop {
         match ops.recover_inflight(name).await {
             Ok(recovered) => {
-                if recovered.requeued > 0 || recovered.quarantined > 0 {
-                    tracing::info!(
-                        worker = %name,
-                        requeued = recovered.requeued,
-                        quarantined = recovered.quarantined,
-                        "inflight_jobs_recovered"
-                    );
-                }
+                log_recovered(name, recovered);
                 return;
             }
             Err(error) => {
@@ -271,6 +281,18 @@ async fn recover(ops: &QueueOps, name: &str, shutdown: &CancellationToken, max_d
             _ = tokio::time::sleep(delay) => {}
         }
         delay = (delay * 2).min(max_delay);
+    }
+}
+
+/// `inflight_jobs_recovered`, when `name`'s recovery moved any job.
+fn log_recovered(name: &str, recovered: Recovered) {
+    if recovered.requeued > 0 || recovered.quarantined > 0 {
+        tracing::info!(
+            worker = %name,
+            requeued = recovered.requeued,
+            quarantined = recovered.quarantined,
+            "inflight_jobs_recovered"
+        );
     }
 }
 
@@ -312,20 +334,33 @@ async fn run_job_worker(
 
 /// On every `worker.poll_interval`: due scheduled jobs are moved to the ready list in bounded
 /// chunks, so a burst in the scheduled set cannot crash apalis-redis's fetch.
-pub async fn promote_loop(ops: QueueOps, every: Duration, shutdown: CancellationToken) {
-    let mut interval = tokio::time::interval(every);
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = interval.tick() => {}
-        }
-        match ops.promote_due().await {
-            Ok(0) => {}
-            Ok(moved) => tracing::info!(moved, "scheduled_jobs_promoted"),
-            Err(error) => {
-                metrics::redis_error("promote_due");
-                tracing::debug!(error = %error, "promote_due_failed");
+pub struct DuePromotion {
+    ops: QueueOps,
+    every: Duration,
+}
+
+impl DuePromotion {
+    /// Promotion through `ops` every `every`.
+    pub fn new(ops: QueueOps, every: Duration) -> Self {
+        Self { ops, every }
+    }
+
+    /// Promotes until `shutdown`.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut interval = tokio::time::interval(self.every);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = interval.tick() => {}
+            }
+            match self.ops.promote_due().await {
+                Ok(0) => {}
+                Ok(moved) => tracing::info!(moved, "scheduled_jobs_promoted"),
+                Err(error) => {
+                    metrics::redis_error("promote_due");
+                    tracing::debug!(error = %error, "promote_due_failed");
+                }
             }
         }
     }

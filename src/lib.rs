@@ -8,7 +8,9 @@
 //!
 //! ## Layout
 //! The process:
-//! - [`worker`]: the worker process, wired once (what `run`, the demo and the tests run).
+//! - [`worker`]: the worker process, wired once (what `run`, the demo and the tests run): a
+//!   build step that binds, connects and refuses ([`worker::Worker::build`]), and a run step
+//!   that starts the loops and stops them in order ([`worker::Worker::run`]).
 //! - [`shutdown`]: the two-step stop request, and the signals that make it.
 //! - [`settings`]: typed settings from `config/default.toml`, `--config FILE` and
 //!   `AGENT_WORKER__*` variables, validated at start-up: one file per section, each checking

@@ -127,41 +127,59 @@ impl Presence {
 }
 
 /// Every `worker.heartbeat_interval`: tell other replicas this process is alive (claims of a
-/// silent worker can be taken over after `worker.orphan_timeout`) and how many agents it runs.
-pub async fn presence_loop(
-    supervisor: Supervisor,
+/// silent worker can be taken over after `worker.orphan_timeout`) and how many agents it runs;
+/// the clock's offset to Redis is measured on the same tick.
+pub struct PresenceHeartbeat {
     presence: Presence,
-    conn: ConnectionManager,
+    supervisor: Supervisor,
     every: Duration,
     redis_health: RedisHealth,
-    shutdown: CancellationToken,
-) {
-    let mut ticker = tokio::time::interval(every);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut clock_failing = false;
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = ticker.tick() => {}
+}
+
+impl PresenceHeartbeat {
+    /// `presence` written every `every` with what `supervisor` runs; failures noted in
+    /// `redis_health`.
+    pub fn new(
+        presence: Presence,
+        supervisor: Supervisor,
+        every: Duration,
+        redis_health: RedisHealth,
+    ) -> Self {
+        Self {
+            presence,
+            supervisor,
+            every,
+            redis_health,
         }
-        // Re-measured every tick: the host's clock may be stepped or drift. A failed
-        // measurement keeps the last offset; presence is written regardless.
-        match clock::sync(&mut conn.clone()).await {
-            Ok(_) => clock_failing = false,
-            Err(error) => {
-                if !clock_failing {
-                    tracing::warn!(error = %error, "clock_sync_failed");
-                }
-                clock_failing = true;
+    }
+
+    /// Writes presence until `shutdown`.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut ticker = tokio::time::interval(self.every);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut clock_failing = false;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = ticker.tick() => {}
             }
-        }
-        let result = presence
-            .beat(supervisor.agent_count(), supervisor.warm_idle(), unix_now())
-            .await;
-        if let Err(error) = result {
-            redis_health.failed();
-            metrics::redis_error("presence");
-            tracing::debug!(error = %error, "presence_failed");
+            // Re-measured every tick: the host's clock may be stepped or drift. A failed
+            // measurement keeps the last offset; presence is written regardless.
+            match clock::sync(&mut self.presence.conn.clone()).await {
+                Ok(_) => clock_failing = false,
+                Err(error) => {
+                    if !clock_failing {
+                        tracing::warn!(error = %error, "clock_sync_failed");
+                    }
+                    clock_failing = true;
+                }
+            }
+            let (agents, warm) = (self.supervisor.agent_count(), self.supervisor.warm_idle());
+            if let Err(error) = self.presence.beat(agents, warm, unix_now()).await {
+                self.redis_health.failed();
+                metrics::redis_error("presence");
+                tracing::debug!(error = %error, "presence_failed");
+            }
         }
     }
 }

@@ -62,37 +62,56 @@ pub fn tick_of(time: SystemTime, interval: Duration) -> u64 {
     (ms / interval.as_millis().max(1)) as u64
 }
 
-/// Runs `job` once per tick of `interval` on exactly one replica, until `shutdown`.
-/// Errors are logged and the loop goes on at the next tick.
-pub async fn every_tick<F, Fut>(
+/// A scheduled job: `job` runs once per tick of `interval` on exactly one replica. Errors are
+/// logged and the loop goes on at the next tick.
+pub struct EveryTick<F> {
     name: &'static str,
     lease: TickLease,
     interval: Duration,
-    shutdown: CancellationToken,
     job: F,
-) where
+}
+
+impl<F, Fut> EveryTick<F>
+where
     F: Fn(u64) -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
-    loop {
-        // Sleep to the next boundary of Redis's clock, so that all replicas wake together.
-        let now = crate::clock::now();
-        let tick = tick_of(now, interval);
-        let next_ms = (tick + 1) as u128 * interval.as_millis();
-        let now_ms = now
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_millis();
-        let wait = Duration::from_millis((next_ms - now_ms) as u64);
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(wait) => {}
+    /// The job `name` (the lease's name too), run as `job(tick)` by the replica that wins
+    /// `lease` for the tick.
+    pub fn new(name: &'static str, lease: TickLease, interval: Duration, job: F) -> Self {
+        Self {
+            name,
+            lease,
+            interval,
+            job,
         }
-        let tick = tick + 1;
-        match lease.claim(name, tick, interval * 2).await {
-            Ok(true) => job(tick).await,
-            Ok(false) => {}
-            Err(error) => tracing::warn!(job = name, tick, error = %error, "tick_lease_failed"),
+    }
+
+    /// Runs the job at every tick this replica wins, until `shutdown`.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let (name, interval) = (self.name, self.interval);
+        loop {
+            // Sleep to the next boundary of Redis's clock, so that all replicas wake together.
+            let now = crate::clock::now();
+            let tick = tick_of(now, interval);
+            let next_ms = (tick + 1) as u128 * interval.as_millis();
+            let now_ms = now
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_millis();
+            let wait = Duration::from_millis((next_ms - now_ms) as u64);
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+            let tick = tick + 1;
+            match self.lease.claim(name, tick, interval * 2).await {
+                Ok(true) => (self.job)(tick).await,
+                Ok(false) => {}
+                Err(error) => {
+                    tracing::warn!(job = name, tick, error = %error, "tick_lease_failed")
+                }
+            }
         }
     }
 }

@@ -24,9 +24,10 @@ use agent_jobs::{
 };
 use redis::{FromRedisValue, Script, ScriptInvocation, Value, aio::ConnectionManager};
 
+mod claim_reply;
 pub mod config;
 
-use config::{ConfigSource, SessionConfig};
+use config::SessionConfig;
 use config::{config_from_pairs, validate};
 
 use crate::{agent::exit::AgentExit, clock::Clock, connection::RedisHealth};
@@ -419,7 +420,7 @@ impl SessionStore {
         let keys = SessionKeys::new(id);
         let (state, config_key) = (keys.state(), keys.config());
         let now = self.clock.unix_now();
-        let reply: Vec<Value> = CLAIM
+        let reply = CLAIM
             .key(&state)
             .key(&config_key)
             .key(SESSIONS_STARTING)
@@ -444,67 +445,32 @@ impl SessionStore {
             .arg(self.events_max_len)
             .invoke_async(&mut self.conn.clone())
             .await
+            .and_then(claim_reply::ClaimReply::from_redis)
             .map_err(|source| SessionError::Redis {
                 key: state.clone(),
                 source,
             })?;
-        let unexpected = |reply: &[Value]| SessionError::Redis {
-            key: state.clone(),
-            source: redis::RedisError::from((
-                redis::ErrorKind::UnexpectedReturnType,
-                "unexpected reply from the claim script",
-                format!("{reply:?}"),
-            )),
-        };
-        let text = |value: &Value| String::from_redis_value_ref(value).ok();
-        let mut parts = reply.into_iter();
-        let (Some(Value::Int(code)), Some(second), third, fourth) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
-            return Err(unexpected(&[]));
-        };
-        match code {
-            -1 => Err(SessionError::WrongType {
+        match reply {
+            claim_reply::ClaimReply::WrongType { found } => Err(SessionError::WrongType {
                 key: config_key,
-                found: text(&second).unwrap_or_else(|| "value of another type".into()),
+                found: found.unwrap_or_else(|| "value of another type".into()),
             }),
-            0 => Ok(Claim::HeldBy {
-                owner: text(&second).unwrap_or_default(),
-                ready: third
-                    .as_ref()
-                    .and_then(text)
-                    .map(|s| SessionStatus::parse(&s))
-                    == Some(SessionStatus::Ready),
-            }),
-            2 => Ok(Claim::Ended {
-                status: text(&second)
-                    .filter(|s| !s.is_empty())
-                    .map(|s| SessionStatus::parse(&s)),
-            }),
-            _ => {
-                let source = match third.as_ref().and_then(text).as_deref() {
-                    Some("default") => ConfigSource::Default,
-                    _ => ConfigSource::Stored,
-                };
-                let Some(Value::Array(flat)) = fourth else {
-                    return Err(unexpected(&[second]));
-                };
-                let config = config_from_pairs(&config_key, flat)
+            claim_reply::ClaimReply::HeldBy { owner, ready } => Ok(Claim::HeldBy { owner, ready }),
+            claim_reply::ClaimReply::Ended { status } => Ok(Claim::Ended { status }),
+            claim_reply::ClaimReply::Claimed { source, pairs } => {
+                let config = config_from_pairs(&config_key, pairs)
                     .and_then(|map| validate(&config_key, map, source));
-                match config {
-                    Ok(config) => Ok(Claim::Claimed(config)),
-                    Err(error) => {
-                        // Ours now, and unusable: say why on the session, then give up on it.
-                        let end = SessionEnd {
-                            error: Some(&error.to_string()),
-                            ..SessionEnd::default()
-                        };
-                        if let Err(mark) = self.end(id, worker_id, &end).await {
-                            tracing::warn!(session_id = %id, error = %mark, "session_error_not_recorded");
-                        }
-                        Err(error)
+                if let Err(error) = &config {
+                    // Ours now, and unusable: say why on the session, then give up on it.
+                    let end = SessionEnd {
+                        error: Some(&error.to_string()),
+                        ..SessionEnd::default()
+                    };
+                    if let Err(mark) = self.end(id, worker_id, &end).await {
+                        tracing::warn!(session_id = %id, error = %mark, "session_error_not_recorded");
                     }
                 }
+                config.map(Claim::Claimed)
             }
         }
     }

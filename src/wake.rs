@@ -3,7 +3,7 @@
 //! apalis-redis only fetches again on its heartbeat (30 s by default) or on a poll interval;
 //! polling fast enough for voice sessions would cost a script call per worker every few
 //! milliseconds. Instead our producers `PUBLISH` on `<queue>:wake` after a push; one pub/sub
-//! connection per process ([`listen`]) relays that to every local worker through a
+//! connection per process ([`WakeListener`]) relays that to every local worker through a
 //! [`WakeHub`], and [`WakeStrategy`] turns it into a fetch. A slow fallback poll covers
 //! producers that do not publish and messages lost while the pub/sub connection reconnects;
 //! after a reconnect every worker is woken once, in case a push happened meanwhile.
@@ -103,57 +103,77 @@ impl PollStrategy for WakeStrategy {
     }
 }
 
-/// Relays messages on `channel` to `hub` until `shutdown`, reconnecting with back-off.
-pub async fn listen(
+/// The process's pub/sub connection: relays messages on `channel` to `hub`, reconnecting with
+/// back-off; after each (re)connect every worker is woken once.
+pub struct WakeListener {
     client: redis::Client,
     channel: String,
     hub: WakeHub,
-    shutdown: CancellationToken,
-) {
-    let mut delay = Duration::from_millis(100);
-    let mut failing = false;
-    loop {
-        let session = async {
-            let mut pubsub = client.get_async_pubsub().await?;
-            pubsub.subscribe(&channel).await?;
-            Ok::<_, redis::RedisError>(pubsub)
-        };
-        let pubsub = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            result = session => result,
-        };
-        match pubsub {
-            Ok(mut pubsub) => {
-                if failing {
-                    tracing::info!(channel = %channel, "wake_listener_reconnected");
-                }
-                delay = Duration::from_millis(100);
-                // Anything pushed while we were not subscribed has no message coming.
-                hub.wake_all();
-                let mut messages = pubsub.on_message();
-                loop {
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        message = messages.next() => match message {
-                            Some(_) => hub.wake_all(),
-                            None => break,
-                        },
+}
+
+impl WakeListener {
+    /// A listener on `channel` (the queue's wake channel) through its own connection of
+    /// `client`, relaying to `hub`.
+    pub fn new(client: redis::Client, channel: String, hub: WakeHub) -> Self {
+        Self {
+            client,
+            channel,
+            hub,
+        }
+    }
+
+    /// Relays until `shutdown`.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let Self {
+            client,
+            channel,
+            hub,
+        } = self;
+        let mut delay = Duration::from_millis(100);
+        let mut failing = false;
+        loop {
+            let session = async {
+                let mut pubsub = client.get_async_pubsub().await?;
+                pubsub.subscribe(&channel).await?;
+                Ok::<_, redis::RedisError>(pubsub)
+            };
+            let pubsub = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                result = session => result,
+            };
+            match pubsub {
+                Ok(mut pubsub) => {
+                    if failing {
+                        tracing::info!(channel = %channel, "wake_listener_reconnected");
                     }
-                }
-                tracing::warn!(channel = %channel, "wake_listener_disconnected");
-                failing = true;
-            }
-            Err(error) => {
-                if !failing {
-                    tracing::warn!(channel = %channel, error = %error, "wake_listener_disconnected");
+                    delay = Duration::from_millis(100);
+                    // Anything pushed while we were not subscribed has no message coming.
+                    hub.wake_all();
+                    let mut messages = pubsub.on_message();
+                    loop {
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return,
+                            message = messages.next() => match message {
+                                Some(_) => hub.wake_all(),
+                                None => break,
+                            },
+                        }
+                    }
+                    tracing::warn!(channel = %channel, "wake_listener_disconnected");
                     failing = true;
                 }
+                Err(error) => {
+                    if !failing {
+                        tracing::warn!(channel = %channel, error = %error, "wake_listener_disconnected");
+                        failing = true;
+                    }
+                }
             }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(Duration::from_secs(5));
         }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(delay) => {}
-        }
-        delay = (delay * 2).min(Duration::from_secs(5));
     }
 }

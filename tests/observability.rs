@@ -13,7 +13,7 @@ use agent_jobs::QueueKeys;
 use agent_worker::{
     cli::local_redis::LocalRedis,
     connection,
-    health::{self, Health},
+    health::{Health, RedisProbe},
     http,
     metrics::{self, JobOutcome},
     queue::QueueDepth,
@@ -82,13 +82,15 @@ async fn metrics_health_and_readiness_follow_redis() {
 
     let (server, health, shutdown) = serve_metrics().await;
     let addr = server.local_addr();
-    let probe = tokio::spawn(health::probe_loop(
-        conn.clone(),
-        keys.clone(),
-        health.clone(),
-        Duration::from_secs(1),
-        shutdown.clone(),
-    ));
+    let probe = tokio::spawn(
+        RedisProbe::new(
+            conn.clone(),
+            keys.clone(),
+            health.clone(),
+            Duration::from_secs(1),
+        )
+        .run(shutdown.clone()),
+    );
 
     assert_eq!(get(addr, "/healthz").await, (200, "ok\n".to_owned()));
     // Redis answers, but the job worker is not running yet.

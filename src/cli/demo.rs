@@ -52,15 +52,7 @@ pub async fn run(mut settings: Settings) -> anyhow::Result<()> {
     settings.shutdown.drain_timeout = Duration::ZERO;
 
     let mut conn = connection::connect(&settings.redis).await?;
-    let run_tag = ulid::Ulid::generate().to_string()[20..].to_lowercase();
-    let sessions: Vec<(SessionId, &str)> = DEMO_VOICES
-        .iter()
-        .map(|voice| {
-            let id = SessionId::parse(format!("demo-{run_tag}-{}", voice.to_lowercase()))
-                .expect("demo ids are valid");
-            (id, *voice)
-        })
-        .collect();
+    let sessions = demo_sessions();
     for (id, voice) in &sessions {
         let config = SessionConfigInput {
             voice_id: voice.to_string(),
@@ -70,7 +62,40 @@ pub async fn run(mut settings: Settings) -> anyhow::Result<()> {
         };
         agent_jobs::write_session_config(&mut conn, id, &config, settings.session.ttl).await?;
     }
+    let (rows, enqueued) = start_both(&settings, &mut conn, &sessions).await?;
+    end_sessions(&mut conn, &rows).await?;
+    forget_jobs(&mut conn, &enqueued, &sessions).await?;
+    if rows.iter().any(|r| r.requested != r.received) {
+        bail!("an agent received another session's voice");
+    }
+    println!(
+        "\nEach agent received its own session's voice.\n`after`: the status the worker left for the \
+         orchestrator; the demo then deleted the keys, as its end-of-session handler does.\n\
+         Worker logs: `agent-worker demo --verbose`."
+    );
+    Ok(())
+}
 
+/// The two sessions of this run (ids unique to it), with their voices.
+fn demo_sessions() -> Vec<(SessionId, &'static str)> {
+    let run_tag = ulid::Ulid::generate().to_string()[20..].to_lowercase();
+    DEMO_VOICES
+        .iter()
+        .map(|voice| {
+            let id = SessionId::parse(format!("demo-{run_tag}-{}", voice.to_lowercase()))
+                .expect("demo ids are valid");
+            (id, *voice)
+        })
+        .collect()
+}
+
+/// Runs an in-process worker, enqueues both sessions in one atomic call, waits until both
+/// agents are ready, then stops the worker gracefully (its agents get SIGTERM and exit).
+async fn start_both(
+    settings: &Settings,
+    conn: &mut ConnectionManager,
+    sessions: &[(SessionId, &str)],
+) -> anyhow::Result<(Vec<Row>, Vec<agent_jobs::Enqueued>)> {
     let shutdown = Shutdown::new();
     let mut worker = tokio::spawn(worker::run(
         settings.clone(),
@@ -91,7 +116,7 @@ pub async fn run(mut settings: Settings) -> anyhow::Result<()> {
 
     // A worker that ends before both agents are ready refused to start: say why.
     let outcome = tokio::select! {
-        outcome = report(&mut conn, &sessions) => outcome,
+        outcome = report(conn, sessions) => outcome,
         ended = &mut worker => {
             ended.context("the demo worker panicked")??;
             bail!("the demo worker stopped before the agents were ready");
@@ -106,16 +131,19 @@ pub async fn run(mut settings: Settings) -> anyhow::Result<()> {
     }
     shutdown.graceful.cancel();
     worker.await.context("the demo worker panicked")??;
-    let rows = outcome?;
+    Ok((outcome?, enqueued))
+}
 
+/// Prints the table, and for each session does what the orchestrator's end-of-session handler
+/// does: reads the record the agent left, then deletes the keys.
+async fn end_sessions(conn: &mut ConnectionManager, rows: &[Row]) -> anyhow::Result<()> {
     println!();
     println!(
         "{:<26} {:<10} {:<15} {:>8} {:>9}  after",
         "session", "requested", "agent received", "pid", "start-up"
     );
-    for row in &rows {
+    for row in rows {
         let keys = SessionKeys::new(&row.session);
-        // The orchestrator's end-of-session handler: the record the agent left, then the keys.
         let status: Option<String> = conn.hget(keys.state(), fields::STATUS).await?;
         redis::pipe()
             .del(&keys.all())
@@ -124,7 +152,7 @@ pub async fn run(mut settings: Settings) -> anyhow::Result<()> {
             .ignore()
             .srem(SESSIONS_READY, row.session.as_str())
             .ignore()
-            .query_async::<()>(&mut conn)
+            .query_async::<()>(conn)
             .await?;
         println!(
             "{:<26} {:<10} {:<15} {:>8} {:>9}  {}",
@@ -136,15 +164,6 @@ pub async fn run(mut settings: Settings) -> anyhow::Result<()> {
             status.unwrap_or_else(|| "gone".into())
         );
     }
-    forget_jobs(&mut conn, &enqueued, &sessions).await?;
-    if rows.iter().any(|r| r.requested != r.received) {
-        bail!("an agent received another session's voice");
-    }
-    println!(
-        "\nEach agent received its own session's voice.\n`after`: the status the worker left for the \
-         orchestrator; the demo then deleted the keys, as its end-of-session handler does.\n\
-         Worker logs: `agent-worker demo --verbose`."
-    );
     Ok(())
 }
 

@@ -77,22 +77,38 @@ pub fn main(mut argv: Vec<String>) -> i32 {
             Err(code) => return code,
         }
     }
+    let options = parse(&argv);
+    let room = say_received(&argv, &options, &handed_env, warm);
+    // Tests that must know every agent that ever started name a ledger file.
+    record(&options, &format!("{room} {}", std::process::id()));
+
+    if let Some(n) = options.get("long-line-bytes").and_then(|n| n.parse().ok()) {
+        say(&"x".repeat(n));
+    }
+    let ready_delay = options
+        .get("ready-delay-ms")
+        .and_then(|ms| ms.parse().ok())
+        .map_or(Duration::ZERO, Duration::from_millis);
+    std::thread::sleep(ready_delay);
+    let behaviour = options.get("behaviour").map_or("ready", String::as_str);
+    behave(behaviour, &options, &room, &term)
+}
+
+/// Prints the `test-agent received {json}` line: its argv, the contract options, the session
+/// environment (the handoff's, for a warm process, else its own) and the names of inherited
+/// `AGENT_WORKER__*` variables. Returns the room.
+fn say_received(
+    argv: &[String],
+    options: &BTreeMap<String, String>,
+    handed_env: &BTreeMap<String, String>,
+    warm: bool,
+) -> String {
     let env_var = |key: &str| {
         handed_env
             .get(key)
             .cloned()
             .or_else(|| std::env::var(key).ok())
     };
-
-    let options = parse(&argv);
-    let behaviour = options
-        .get("behaviour")
-        .cloned()
-        .unwrap_or_else(|| "ready".into());
-    let ready_delay = options
-        .get("ready-delay-ms")
-        .and_then(|ms| ms.parse().ok())
-        .map_or(Duration::ZERO, Duration::from_millis);
     let contract: BTreeMap<String, String> = CONTRACT_OPTIONS
         .iter()
         .filter_map(|name| Some((name.replace('-', "_"), options.get(*name)?.clone())))
@@ -116,16 +132,13 @@ pub fn main(mut argv: Vec<String>) -> i32 {
         "warm": warm,
     });
     say(&format!("test-agent received {received}"));
-    let room = contract.get("room").cloned().unwrap_or_default();
-    // Tests that must know every agent that ever started name a ledger file.
-    record(&options, &format!("{room} {}", std::process::id()));
+    contract.get("room").cloned().unwrap_or_default()
+}
 
-    if let Some(n) = options.get("long-line-bytes").and_then(|n| n.parse().ok()) {
-        say(&"x".repeat(n));
-    }
-    std::thread::sleep(ready_delay);
+/// Behaves as `behaviour` says (see the module docs); returns the exit code.
+fn behave(behaviour: &str, options: &BTreeMap<String, String>, room: &str, term: &SigSet) -> i32 {
     let ready = format!("Room joined {room}");
-    match behaviour.as_str() {
+    match behaviour {
         "exit-before-ready" => {
             eprintln!("failing on purpose");
             3
@@ -167,43 +180,12 @@ pub fn main(mut argv: Vec<String>) -> i32 {
             3
         }
         "escape" => {
-            // The middle process prints its child's pid and exits; the grandchild is then
-            // re-parented away from us, as a double-forked daemon is.
-            let middle = std::process::Command::new(own_exe())
-                .args([SUBCOMMAND, "--behaviour", "escape-middle"])
-                .arg(format!("--room={room}-escapee"))
-                .stdin(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .output();
-            match middle {
-                // Its last line is the pid (after its own `test-agent received` line).
-                Ok(out) => {
-                    let stdout = String::from_utf8_lossy(&out.stdout);
-                    let pid = stdout.lines().last().unwrap_or_default().trim();
-                    say(&format!("escapee {pid}"));
-                }
-                Err(error) => say(&format!("escapee failed: {error}")),
-            }
+            say_escapee(room);
             say(&ready);
             let _ = term.wait();
             0
         }
-        "escape-middle" => {
-            let grandchild = std::process::Command::new(own_exe())
-                .args([SUBCOMMAND, "--behaviour", "setsid-linger"])
-                .arg(format!("--room={room}"))
-                .stdin(std::process::Stdio::null())
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn();
-            match grandchild {
-                Ok(child) => {
-                    println!("{}", child.id());
-                    0
-                }
-                Err(_) => 1,
-            }
-        }
+        "escape-middle" => start_escapee(room),
         "setsid-linger" => {
             // A session (and process group) of its own, as a daemon makes itself.
             let _ = nix::unistd::setsid();
@@ -221,6 +203,44 @@ pub fn main(mut argv: Vec<String>) -> i32 {
             say("test-agent stopping on SIGTERM");
             0
         }
+    }
+}
+
+/// `escape`: runs the middle process, which prints its child's pid and exits; the grandchild is
+/// then re-parented away from us, as a double-forked daemon is. Prints `escapee <pid>`.
+fn say_escapee(room: &str) {
+    let middle = std::process::Command::new(own_exe())
+        .args([SUBCOMMAND, "--behaviour", "escape-middle"])
+        .arg(format!("--room={room}-escapee"))
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .output();
+    match middle {
+        // Its last line is the pid (after its own `test-agent received` line).
+        Ok(out) => {
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            let pid = stdout.lines().last().unwrap_or_default().trim();
+            say(&format!("escapee {pid}"));
+        }
+        Err(error) => say(&format!("escapee failed: {error}")),
+    }
+}
+
+/// `escape-middle`: starts the grandchild (`setsid-linger`), prints its pid; the exit code.
+fn start_escapee(room: &str) -> i32 {
+    let grandchild = std::process::Command::new(own_exe())
+        .args([SUBCOMMAND, "--behaviour", "setsid-linger"])
+        .arg(format!("--room={room}"))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn();
+    match grandchild {
+        Ok(child) => {
+            println!("{}", child.id());
+            0
+        }
+        Err(_) => 1,
     }
 }
 
