@@ -20,17 +20,23 @@
 //! TLS) is as permanent as a wrong password and reported the same way, as
 //! [`ConnectError::TlsFailed`] (`redis_tls_failed`).
 
+pub mod primary;
+pub mod sentinel;
+
 use std::{
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use redis::{
-    AsyncConnectionConfig, Client, ConnectionAddr, ErrorKind, IntoConnectionInfo, RedisError,
+    AsyncConnectionConfig, Client, ConnectionAddr, ConnectionInfo, ErrorKind, IntoConnectionInfo,
+    RedisConnectionInfo, RedisError,
     aio::{ConnectionManager, ConnectionManagerConfig},
 };
 use tokio_util::sync::CancellationToken;
 
+pub use self::primary::{Fault, Locator, RedisConn, Server};
+use self::sentinel::Sentinels;
 use crate::settings::{RedisSettings, TlsMode};
 
 /// When this process last saw Redis fail. Liveness in Redis is judged from heartbeats that
@@ -196,7 +202,36 @@ pub fn log_tls_mode(settings: &RedisSettings) {
 /// a client certificate and verification turned off as configured. The TLS files are read
 /// here, on each call.
 pub fn client(settings: &RedisSettings) -> redis::RedisResult<Client> {
-    let mut info = settings.url.expose().into_connection_info()?;
+    with_tls(settings, settings.url.expose().into_connection_info()?)
+}
+
+/// A client for `host:port` with the credentials, database and TLS settings of `redis.url`,
+/// adjusted by `adjust` (a sentinel's own password, say).
+pub fn client_at(
+    settings: &RedisSettings,
+    host: &str,
+    port: u16,
+    adjust: impl FnOnce(RedisConnectionInfo) -> RedisConnectionInfo,
+) -> redis::RedisResult<Client> {
+    let info = settings.url.expose().into_connection_info()?;
+    let addr = match info.addr() {
+        ConnectionAddr::TcpTls {
+            insecure,
+            tls_params,
+            ..
+        } => ConnectionAddr::TcpTls {
+            host: host.to_owned(),
+            port,
+            insecure: *insecure,
+            tls_params: tls_params.clone(),
+        },
+        _ => ConnectionAddr::Tcp(host.to_owned(), port),
+    };
+    let redis = adjust(info.redis_settings().clone());
+    with_tls(settings, info.set_addr(addr).set_redis_settings(redis))
+}
+
+fn with_tls(settings: &RedisSettings, mut info: ConnectionInfo) -> redis::RedisResult<Client> {
     if !settings.uses_tls() {
         return Client::open(info);
     }
@@ -229,9 +264,88 @@ pub fn client(settings: &RedisSettings) -> redis::RedisResult<Client> {
     }
 }
 
+impl Locator {
+    /// How `settings` say the primary is found.
+    pub fn from_settings(settings: &RedisSettings) -> Self {
+        if settings.sentinels.is_empty() {
+            Self::Endpoint
+        } else {
+            Self::Sentinel(Sentinels {
+                addrs: settings.sentinel_addrs(),
+                master: settings.sentinel_master.clone(),
+                password: settings
+                    .sentinel_password
+                    .is_set()
+                    .then(|| settings.sentinel_password.clone()),
+            })
+        }
+    }
+
+    /// A client for the primary: the configured URL, or the address the sentinels give now.
+    pub async fn client(&self, settings: &RedisSettings) -> redis::RedisResult<Client> {
+        match self {
+            Self::Endpoint => client(settings),
+            Self::Sentinel(sentinels) => {
+                let (host, port) = sentinels.primary(settings).await?;
+                client_at(settings, &host, port, |info| info)
+            }
+        }
+    }
+}
+
+/// `host:port` a client connects to, for logs (never with credentials).
+fn address(client: &Client) -> String {
+    match client.get_connection_info().addr() {
+        ConnectionAddr::Tcp(host, port) | ConnectionAddr::TcpTls { host, port, .. } => {
+            format!("{host}:{port}")
+        }
+        ConnectionAddr::Unix(path) => path.display().to_string(),
+        _ => "unknown".to_owned(),
+    }
+}
+
+/// The manager of every long-lived connection: the configured timeouts, and reconnect
+/// attempts per failure backing off up to 2 s (it keeps trying on the next command after that).
+fn manager_config(settings: &RedisSettings) -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
+        .set_response_timeout(Some(settings.response_timeout))
+        .set_connection_timeout(Some(settings.connection_timeout))
+        .set_number_of_retries(6)
+        .set_max_delay(Duration::from_secs(2))
+}
+
+/// Opens a managed connection to the primary `locator` finds, and reads what answers there.
+pub(crate) async fn open(
+    settings: &RedisSettings,
+    locator: &Locator,
+) -> redis::RedisResult<(Client, ConnectionManager, Server)> {
+    let client = locator.client(settings).await?;
+    open_with(settings, client).await
+}
+
+async fn open_with(
+    settings: &RedisSettings,
+    client: Client,
+) -> redis::RedisResult<(Client, ConnectionManager, Server)> {
+    let manager = client
+        .get_connection_manager_with_config(manager_config(settings))
+        .await?;
+    // A server that hides INFO (a managed service's restricted command set) is taken for a
+    // primary: what it answers to writes says otherwise soon enough.
+    let addr = address(&client);
+    let server = Server::read(&mut manager.clone(), addr.clone())
+        .await
+        .unwrap_or(Server {
+            addr,
+            ..Server::default()
+        });
+    Ok((client, manager, server))
+}
+
 /// Connects once, failing if Redis does not answer (after the manager's own reconnect
-/// attempts), or at once if it refuses the credentials.
-pub async fn connect(settings: &RedisSettings) -> Result<ConnectionManager, ConnectError> {
+/// attempts), or at once if it refuses the credentials. Under Sentinel, the sentinels are
+/// asked for the primary first.
+pub async fn connect(settings: &RedisSettings) -> Result<RedisConn, ConnectError> {
     let url = settings.url.redacted();
     let unreachable = |source: RedisError| ConnectError::Unreachable {
         url: url.clone(),
@@ -243,7 +357,8 @@ pub async fn connect(settings: &RedisSettings) -> Result<ConnectionManager, Conn
         },
         source,
     };
-    let client = client(settings).map_err(unreachable)?;
+    let locator = Locator::from_settings(settings);
+    let client = locator.client(settings).await.map_err(unreachable)?;
     // One plain connection first: the manager below retries every failure, a refused password
     // included, for seconds.
     let probe_config = AsyncConnectionConfig::new()
@@ -270,17 +385,8 @@ pub async fn connect(settings: &RedisSettings) -> Result<ConnectionManager, Conn
             });
         }
     }
-    let config = ConnectionManagerConfig::new()
-        .set_response_timeout(Some(settings.response_timeout))
-        .set_connection_timeout(Some(settings.connection_timeout))
-        // Reconnect attempts per failure, backing off up to 2 s; the manager keeps trying on
-        // the next command after that.
-        .set_number_of_retries(6)
-        .set_max_delay(Duration::from_secs(2));
-    client
-        .get_connection_manager_with_config(config)
-        .await
-        .map_err(unreachable)
+    let first = open_with(settings, client).await.map_err(unreachable)?;
+    Ok(RedisConn::new(settings.clone(), locator, first))
 }
 
 /// Connects, retrying with back-off until Redis answers or `shutdown` fires (then `None`).
@@ -293,7 +399,7 @@ pub async fn connect_with_retry(
     health: &RedisHealth,
     shutdown: &CancellationToken,
     mut on_failure: impl FnMut(&ConnectError),
-) -> Option<ConnectionManager> {
+) -> Option<RedisConn> {
     let mut delay = Duration::from_millis(100);
     let mut failures = 0u32;
     let mut last_kind = None;

@@ -43,6 +43,7 @@ use std::{
     time::Duration,
 };
 
+use crate::connection::RedisConn;
 use agent_jobs::QueueKeys;
 use axum::{
     Router,
@@ -52,7 +53,6 @@ use axum::{
     routing::{get, post},
 };
 use metrics_exporter_prometheus::PrometheusHandle;
-use redis::aio::ConnectionManager;
 use tokio_util::sync::CancellationToken;
 
 use self::{auth::AdminAuth, layout::Access, rates::Rates};
@@ -68,7 +68,7 @@ pub struct Console(Arc<Inner>);
 
 struct Inner {
     /// Set once the worker has connected (the listener answers before Redis does).
-    redis: OnceLock<ConnectionManager>,
+    redis: OnceLock<RedisConn>,
     keys: QueueKeys,
     orphan_timeout: Duration,
     show_config: bool,
@@ -110,7 +110,7 @@ impl Console {
     }
 
     /// Hands the console the worker's connection (pages say "not connected" until then).
-    pub fn connected(&self, conn: ConnectionManager) {
+    pub fn connected(&self, conn: RedisConn) {
         let _ = self.0.redis.set(conn);
     }
 
@@ -144,7 +144,7 @@ impl Console {
             .with_state(self.clone())
     }
 
-    fn conn(&self) -> Option<&ConnectionManager> {
+    fn conn(&self) -> Option<&RedisConn> {
         self.0.redis.get()
     }
 

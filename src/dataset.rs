@@ -17,7 +17,7 @@
 //!   agents are written again ([`crate::session::SessionStore::restore`]), never their agents
 //!   stopped.
 
-use redis::aio::ConnectionManager;
+use crate::connection::RedisConn;
 
 /// The policy under which Redis never deletes keys on its own.
 pub const NO_EVICTION: &str = "noeviction";
@@ -35,7 +35,7 @@ pub struct Sample {
 
 impl Sample {
     /// Reads `INFO` (the default sections: server, memory, stats, ...) in one round trip.
-    pub async fn read(conn: &ConnectionManager) -> redis::RedisResult<Self> {
+    pub async fn read(conn: &RedisConn) -> redis::RedisResult<Self> {
         let text: String = redis::cmd("INFO").query_async(&mut conn.clone()).await?;
         Ok(Self::parse(&text))
     }

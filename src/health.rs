@@ -14,8 +14,8 @@ use std::{
     time::Duration,
 };
 
+use crate::connection::RedisConn;
 use agent_jobs::QueueKeys;
-use redis::aio::ConnectionManager;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -110,7 +110,7 @@ impl Health {
 /// With `every` = 1 s, a Redis that goes away flips readiness within about 2 s. A failure
 /// streak is logged once when it starts and once when it ends.
 pub struct RedisProbe {
-    conn: ConnectionManager,
+    conn: RedisConn,
     keys: QueueKeys,
     health: Arc<Health>,
     every: Duration,
@@ -118,12 +118,7 @@ pub struct RedisProbe {
 
 impl RedisProbe {
     /// A probe of `conn` every `every`, recording into `health` and the gauges of `keys`.
-    pub fn new(
-        conn: ConnectionManager,
-        keys: QueueKeys,
-        health: Arc<Health>,
-        every: Duration,
-    ) -> Self {
+    pub fn new(conn: RedisConn, keys: QueueKeys, health: Arc<Health>, every: Duration) -> Self {
         Self {
             conn,
             keys,
@@ -210,10 +205,7 @@ impl RedisProbe {
 }
 
 /// `PING` within `timeout`: the error, or `None` when there was no answer in time.
-async fn ping(
-    conn: &ConnectionManager,
-    timeout: Duration,
-) -> Result<(), Option<redis::RedisError>> {
+async fn ping(conn: &RedisConn, timeout: Duration) -> Result<(), Option<redis::RedisError>> {
     let mut conn = conn.clone();
     let ping = redis::cmd("PING");
     match tokio::time::timeout(timeout, ping.query_async::<String>(&mut conn)).await {

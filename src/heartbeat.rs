@@ -7,8 +7,8 @@
 
 use std::time::Duration;
 
+use crate::connection::RedisConn;
 use agent_jobs::SessionId;
-use redis::aio::ConnectionManager;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -27,7 +27,7 @@ use crate::{
 pub struct SessionHeartbeat {
     supervisor: Supervisor,
     store: SessionStore,
-    conn: ConnectionManager,
+    conn: RedisConn,
     every: Duration,
     max_age: Duration,
     stop_grace: Duration,
@@ -42,7 +42,7 @@ impl SessionHeartbeat {
     pub fn from_settings(
         supervisor: Supervisor,
         store: SessionStore,
-        conn: ConnectionManager,
+        conn: RedisConn,
         settings: &Settings,
         redis_health: RedisHealth,
     ) -> Self {

@@ -20,13 +20,14 @@ pub mod fleet;
 pub mod session;
 pub mod sessions;
 
+use crate::connection::RedisConn;
 use std::sync::LazyLock;
 
 use agent_jobs::{
     QueueKeys, SessionId, SessionKeys,
     keys::{SESSIONS_READY, SESSIONS_STARTING},
 };
-use redis::{Script, aio::ConnectionManager};
+use redis::Script;
 
 pub use self::{
     dead::{DeadJob, DeadJobs, dead_jobs},
@@ -39,7 +40,7 @@ static RETRY_DEAD: LazyLock<Script> =
 /// Puts dead jobs back on the ready list as new; `None` means every dead job. Returns the ids
 /// re-queued (ids that are not dead are skipped).
 pub async fn retry_dead(
-    conn: &ConnectionManager,
+    conn: &RedisConn,
     keys: &QueueKeys,
     ids: Option<Vec<String>>,
 ) -> redis::RedisResult<Vec<String>> {
@@ -78,7 +79,7 @@ pub async fn retry_dead(
 /// heartbeat index is left alone on purpose: a record gone *with* that entry reads as Redis
 /// data loss, which makes the worker write the record again instead of stopping the agent.
 /// Returns whether there was a record to delete.
-pub async fn stop_session(conn: &ConnectionManager, id: &SessionId) -> redis::RedisResult<bool> {
+pub async fn stop_session(conn: &RedisConn, id: &SessionId) -> redis::RedisResult<bool> {
     let keys = SessionKeys::new(id);
     let (deleted, _, _): (u64, u64, u64) = redis::pipe()
         .atomic()

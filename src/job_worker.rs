@@ -24,13 +24,13 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::connection::RedisConn;
 use agent_jobs::keys::APALIS_QUEUES_LIST;
 use apalis::{
     layers::WorkerBuilderExt,
     prelude::{BackendExt, WorkerBuilder, WorkerError},
 };
 use apalis_redis::RedisStorage;
-use redis::aio::ConnectionManager;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -52,7 +52,7 @@ pub struct JobWorker {
     /// The worker's settings (queue, batch size, heartbeats, back-off).
     pub settings: Settings,
     /// The shared connection (apalis-redis's and ours).
-    pub conn: ConnectionManager,
+    pub conn: RedisConn,
     /// This process's worker id; each run is named `<worker id>-<run>`.
     pub worker_id: String,
     /// Our maintenance scripts on the queue.
@@ -299,7 +299,7 @@ fn log_recovered(name: &str, recovered: Recovered) {
 /// One run of the apalis worker, until shutdown (`Ok`) or a backend error (`Err`).
 async fn run_job_worker(
     settings: &Settings,
-    conn: &ConnectionManager,
+    conn: &RedisConn,
     name: &str,
     hub: &WakeHub,
     job: Arc<AgentStartJob>,
@@ -314,7 +314,7 @@ async fn run_job_worker(
         .lock_tasks(false)
         .emit_events(false)
         .idempotency_ttl(Some(settings.session.ttl));
-    let backend = RedisStorage::<RawJob>::new(conn.clone())
+    let backend = RedisStorage::<RawJob, RedisConn>::new(conn.clone())
         .with_config(config)
         .with_codec(RawCodec)
         .poll_with_strategy(hub.strategy(settings.worker.poll_interval));

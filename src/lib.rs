@@ -20,7 +20,7 @@
 //!   stand-in agent).
 //!
 //! Redis:
-//! - [`connection`]: the shared `ConnectionManager`, TLS, start-up retry, refused credentials.
+//! - [`connection`]: the shared `RedisConn`, TLS, start-up retry, refused credentials.
 //! - [`clock`]: Redis's clock, so replicas with skewed clocks agree on what is stale.
 //! - [`dataset`]: whether Redis may evict our keys or lost data, so that loss is never taken
 //!   for the end of a session.

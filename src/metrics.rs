@@ -28,6 +28,10 @@
 //! | `redis_dataset_lost_total` | counter | |
 //! | `sessions_restored_total` | counter | |
 //! | `redis_evicting` | gauge | |
+//! | `redis_failovers_total` | counter | `reason` = `readonly`, `loading`, `masterdown`, `reset`, `announced` |
+//! | `draining` | gauge | |
+//! | `drains_total` | counter | `outcome` = `ended`, `timeout`, `immediate` |
+//! | `drain_seconds` | histogram | |
 //! | `warm_idle` | gauge | |
 //! | `warm_takes_total` | counter | `result` = `warm`, `cold` |
 //! | `warm_up_seconds` | histogram | |
@@ -78,6 +82,15 @@ pub const REDIS_DATASET_LOST_TOTAL: &str = "agent_worker_redis_dataset_lost_tota
 pub const SESSIONS_RESTORED_TOTAL: &str = "agent_worker_sessions_restored_total";
 /// Gauge: 1 when Redis's `maxmemory-policy` lets it evict keys (with `redis.allow_eviction`).
 pub const REDIS_EVICTING: &str = "agent_worker_redis_evicting";
+/// Counter of moves of the worker's connection to a new primary (a failover), by `reason`
+/// (`readonly`, `loading`, `masterdown`, `reset`, `announced`: what revealed it).
+pub const REDIS_FAILOVERS_TOTAL: &str = "agent_worker_redis_failovers_total";
+/// Gauge: 1 while this replica drains (after the first shutdown request), else 0.
+pub const DRAINING: &str = "agent_worker_draining";
+/// Counter of drains that finished, by `outcome` (`ended`, `timeout`, `immediate`).
+pub const DRAINS_TOTAL: &str = "agent_worker_drains_total";
+/// Histogram of drains: the first shutdown request to the last agent's end.
+pub const DRAIN_SECONDS: &str = "agent_worker_drain_seconds";
 /// Gauge of idle warm processes of this replica (`agent.warm_pool`).
 pub const WARM_IDLE: &str = "agent_worker_warm_idle";
 /// Counter of launches with the pool on, by `result`: `warm` (a warm process took the
@@ -99,6 +112,11 @@ pub const STARTUP_BUCKETS: &[f64] = &[
 /// a slow start with back-off).
 pub const JOB_DURATION_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 90.0, 120.0,
+];
+
+/// Buckets of [`DRAIN_SECONDS`]: a second (an idle replica) to the 4 h a call may last.
+pub const DRAIN_BUCKETS: &[f64] = &[
+    1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 14400.0,
 ];
 
 /// How an agent-start job ended, as the `outcome` label of [`JOBS_TOTAL`].
@@ -221,6 +239,23 @@ pub fn warm_up_failed() {
     counter!(WARM_UP_FAILURES_TOTAL).increment(1);
 }
 
+/// The connection moved to a new primary; `reason` is [`crate::connection::Fault::as_str`].
+pub fn redis_failover(reason: &'static str) {
+    counter!(REDIS_FAILOVERS_TOTAL, "reason" => reason).increment(1);
+}
+
+/// The replica started draining (the first shutdown request).
+pub fn drain_started() {
+    gauge!(DRAINING).set(1.0);
+}
+
+/// The drain ended after `took`: every agent ended on its own (`ended`), the drain timeout
+/// cut the rest (`timeout`), or a second request did (`immediate`).
+pub fn drain_finished(outcome: &'static str, took: Duration) {
+    counter!(DRAINS_TOTAL, "outcome" => outcome).increment(1);
+    histogram!(DRAIN_SECONDS).record(took.as_secs_f64());
+}
+
 /// Whether Redis answered the last probe.
 pub fn redis_up(up: bool) {
     gauge!(REDIS_UP).set(if up { 1.0 } else { 0.0 });
@@ -257,6 +292,9 @@ pub fn install_recorder() -> PrometheusHandle {
                         STARTUP_BUCKETS,
                     )
                 })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(Matcher::Full(DRAIN_SECONDS.to_owned()), DRAIN_BUCKETS)
+                })
                 .expect("bucket lists are not empty")
                 .install_recorder()
                 .expect("no other metrics recorder is installed in this process");
@@ -267,103 +305,186 @@ pub fn install_recorder() -> PrometheusHandle {
         .clone()
 }
 
-fn describe() {
-    describe_counter!(
+/// What kind of series a name is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// Every series: name, kind, unit (`None`: a plain number or a 0/1 flag) and `# HELP` text.
+const SERIES: &[(&str, Kind, Option<Unit>, &str)] = &[
+    (
         JOBS_TOTAL,
-        Unit::Count,
-        "Agent-start jobs finished, by outcome."
-    );
-    describe_histogram!(
+        Kind::Counter,
+        Some(Unit::Count),
+        "Agent-start jobs finished, by outcome.",
+    ),
+    (
         JOB_DURATION_SECONDS,
-        Unit::Seconds,
-        "Time an agent-start job spent in the handler, by outcome."
-    );
-    describe_histogram!(
+        Kind::Histogram,
+        Some(Unit::Seconds),
+        "Time an agent-start job spent in the handler, by outcome.",
+    ),
+    (
         AGENT_STARTUP_SECONDS,
-        Unit::Seconds,
-        "Agent start-up latency: spawn to first ready line."
-    );
-    describe_counter!(
+        Kind::Histogram,
+        Some(Unit::Seconds),
+        "Agent start-up latency: spawn to first ready line.",
+    ),
+    (
         AGENT_SPAWN_FAILURES_TOTAL,
-        Unit::Count,
-        "Failed agent launch attempts."
-    );
-    describe_counter!(AGENT_EXITS_TOTAL, Unit::Count, "Ready agents that exited.");
-    describe_counter!(
+        Kind::Counter,
+        Some(Unit::Count),
+        "Failed agent launch attempts.",
+    ),
+    (
+        AGENT_EXITS_TOTAL,
+        Kind::Counter,
+        Some(Unit::Count),
+        "Ready agents that exited.",
+    ),
+    (
         AGENT_STOPS_TOTAL,
-        Unit::Count,
-        "Agents the worker stopped, by reason."
-    );
-    describe_gauge!(
+        Kind::Counter,
+        Some(Unit::Count),
+        "Agents the worker stopped, by reason.",
+    ),
+    (
         AGENTS_LIVE,
-        Unit::Count,
-        "Agents of this process, running plus starting."
-    );
-    describe_gauge!(AGENTS_MAX, Unit::Count, "Configured agent.max_agents.");
-    describe_gauge!(
+        Kind::Gauge,
+        Some(Unit::Count),
+        "Agents of this process, running plus starting.",
+    ),
+    (
+        AGENTS_MAX,
+        Kind::Gauge,
+        Some(Unit::Count),
+        "Configured agent.max_agents.",
+    ),
+    (
         QUEUE_DEPTH,
-        Unit::Count,
-        "Task ids in the job queue by state (same on every replica: aggregate with max)."
-    );
-    describe_counter!(
+        Kind::Gauge,
+        Some(Unit::Count),
+        "Task ids in the job queue by state (same on every replica: aggregate with max).",
+    ),
+    (
         SWEEP_RUNS_TOTAL,
-        Unit::Count,
-        "Stale-session sweeps run by this replica, by outcome."
-    );
-    describe_counter!(
+        Kind::Counter,
+        Some(Unit::Count),
+        "Stale-session sweeps run by this replica, by outcome.",
+    ),
+    (
         SWEEP_SESSIONS_REMOVED_TOTAL,
-        Unit::Count,
-        "Stale sessions removed by the sweep."
-    );
-    describe_counter!(
+        Kind::Counter,
+        Some(Unit::Count),
+        "Stale sessions removed by the sweep.",
+    ),
+    (
         RETENTION_JOBS_REMOVED_TOTAL,
-        Unit::Count,
-        "Finished jobs deleted by retention, by set."
-    );
-    describe_counter!(
+        Kind::Counter,
+        Some(Unit::Count),
+        "Finished jobs deleted by retention, by set.",
+    ),
+    (
         REDIS_ERRORS_TOTAL,
-        Unit::Count,
-        "Failed Redis operations, by operation."
-    );
-    describe_gauge!(
+        Kind::Counter,
+        Some(Unit::Count),
+        "Failed Redis operations, by operation.",
+    ),
+    (
         REDIS_UP,
-        "1 while Redis answered the last probe PING in time, else 0."
-    );
-    describe_counter!(
+        Kind::Gauge,
+        None,
+        "1 while Redis answered the last probe PING in time, else 0.",
+    ),
+    (
         REDIS_DATASET_LOST_TOTAL,
-        Unit::Count,
-        "Heartbeats that found session records of live agents lost by Redis."
-    );
-    describe_counter!(
+        Kind::Counter,
+        Some(Unit::Count),
+        "Heartbeats that found session records of live agents lost by Redis.",
+    ),
+    (
         SESSIONS_RESTORED_TOTAL,
-        Unit::Count,
-        "Session records written again after Redis lost them."
-    );
-    describe_gauge!(
+        Kind::Counter,
+        Some(Unit::Count),
+        "Session records written again after Redis lost them.",
+    ),
+    (
         REDIS_EVICTING,
-        "1 when Redis's maxmemory-policy lets it evict keys (redis.allow_eviction)."
-    );
-    describe_counter!(
+        Kind::Gauge,
+        None,
+        "1 when Redis's maxmemory-policy lets it evict keys (redis.allow_eviction).",
+    ),
+    (
+        REDIS_FAILOVERS_TOTAL,
+        Kind::Counter,
+        Some(Unit::Count),
+        "Moves of the worker's connection to a new primary, by what revealed the failover.",
+    ),
+    (
         JOB_WORKER_RESTARTS_TOTAL,
-        Unit::Count,
-        "Restarts of the job worker after backend errors."
-    );
-    describe_gauge!(WARM_IDLE, Unit::Count, "Idle warm agent processes.");
-    describe_counter!(
+        Kind::Counter,
+        Some(Unit::Count),
+        "Restarts of the job worker after backend errors.",
+    ),
+    (
+        DRAINING,
+        Kind::Gauge,
+        None,
+        "1 from the first shutdown request until the process exits: no new starts, live calls go on.",
+    ),
+    (
+        DRAINS_TOTAL,
+        Kind::Counter,
+        Some(Unit::Count),
+        "Drains finished, by outcome: ended (every call ended on its own), timeout (shutdown.drain_timeout cut the rest), immediate (a second request).",
+    ),
+    (
+        DRAIN_SECONDS,
+        Kind::Histogram,
+        Some(Unit::Seconds),
+        "From the first shutdown request to the last agent's end.",
+    ),
+    (
+        WARM_IDLE,
+        Kind::Gauge,
+        Some(Unit::Count),
+        "Idle warm agent processes.",
+    ),
+    (
         WARM_TAKES_TOTAL,
-        Unit::Count,
-        "Launches with the warm pool on, by result (warm or cold)."
-    );
-    describe_histogram!(
+        Kind::Counter,
+        Some(Unit::Count),
+        "Launches with the warm pool on, by result (warm or cold).",
+    ),
+    (
         WARM_UP_SECONDS,
-        Unit::Seconds,
-        "Warm-ups: a warm process's spawn to its warm line."
-    );
-    describe_counter!(
+        Kind::Histogram,
+        Some(Unit::Seconds),
+        "Warm-ups: a warm process's spawn to its warm line.",
+    ),
+    (
         WARM_UP_FAILURES_TOTAL,
-        Unit::Count,
-        "Failed warm-ups and idle warm processes that died."
-    );
+        Kind::Counter,
+        Some(Unit::Count),
+        "Failed warm-ups and idle warm processes that died.",
+    ),
+];
+
+/// `# HELP` and `# TYPE` of every series in [`SERIES`].
+fn describe() {
+    for &(name, kind, unit, help) in SERIES {
+        match (kind, unit) {
+            (Kind::Counter, Some(unit)) => describe_counter!(name, unit, help),
+            (Kind::Counter, None) => describe_counter!(name, help),
+            (Kind::Gauge, Some(unit)) => describe_gauge!(name, unit, help),
+            (Kind::Gauge, None) => describe_gauge!(name, help),
+            (Kind::Histogram, Some(unit)) => describe_histogram!(name, unit, help),
+            (Kind::Histogram, None) => describe_histogram!(name, help),
+        }
+    }
 }
 
 fn register_zeroes() {
@@ -389,6 +510,13 @@ fn register_zeroes() {
         counter!(AGENT_STOPS_TOTAL, "reason" => reason).increment(0);
     }
     counter!(JOB_WORKER_RESTARTS_TOTAL).increment(0);
+    for reason in ["readonly", "loading", "masterdown", "reset", "announced"] {
+        counter!(REDIS_FAILOVERS_TOTAL, "reason" => reason).increment(0);
+    }
+    for outcome in ["ended", "timeout", "immediate"] {
+        counter!(DRAINS_TOTAL, "outcome" => outcome).increment(0);
+    }
+    gauge!(DRAINING).set(0.0);
     counter!(REDIS_DATASET_LOST_TOTAL).increment(0);
     counter!(SESSIONS_RESTORED_TOTAL).increment(0);
     for result in ["warm", "cold"] {
@@ -412,30 +540,18 @@ mod tests {
 
     #[test]
     fn names_follow_prometheus_conventions() {
-        let counters = [
-            JOBS_TOTAL,
-            AGENT_SPAWN_FAILURES_TOTAL,
-            AGENT_EXITS_TOTAL,
-            AGENT_STOPS_TOTAL,
-            SWEEP_RUNS_TOTAL,
-            SWEEP_SESSIONS_REMOVED_TOTAL,
-            WARM_TAKES_TOTAL,
-            WARM_UP_FAILURES_TOTAL,
-            RETENTION_JOBS_REMOVED_TOTAL,
-            REDIS_ERRORS_TOTAL,
-            JOB_WORKER_RESTARTS_TOTAL,
-            REDIS_DATASET_LOST_TOTAL,
-            SESSIONS_RESTORED_TOTAL,
-        ];
-        let histograms = [JOB_DURATION_SECONDS, AGENT_STARTUP_SECONDS, WARM_UP_SECONDS];
-        let gauges = [
-            AGENTS_LIVE,
-            AGENTS_MAX,
-            QUEUE_DEPTH,
-            REDIS_UP,
-            REDIS_EVICTING,
-            WARM_IDLE,
-        ];
+        let of = |kind| -> Vec<&str> {
+            SERIES
+                .iter()
+                .filter(|series| series.1 == kind)
+                .map(|series| series.0)
+                .collect()
+        };
+        let (counters, histograms, gauges) =
+            (of(Kind::Counter), of(Kind::Histogram), of(Kind::Gauge));
+        let names: Vec<_> = SERIES.iter().map(|series| series.0).collect();
+        let unique: std::collections::HashSet<_> = names.iter().collect();
+        assert_eq!(unique.len(), names.len(), "each series described once");
         for name in counters.iter().chain(&histograms).chain(&gauges) {
             assert!(name.starts_with("agent_worker_"), "{name}");
             assert!(
@@ -447,7 +563,7 @@ mod tests {
         assert!(counters.iter().all(|n| n.ends_with("_total")));
         assert!(histograms.iter().all(|n| n.ends_with("_seconds")));
         assert!(gauges.iter().all(|n| !n.ends_with("_total")));
-        for buckets in [STARTUP_BUCKETS, JOB_DURATION_BUCKETS] {
+        for buckets in [STARTUP_BUCKETS, JOB_DURATION_BUCKETS, DRAIN_BUCKETS] {
             assert!(
                 buckets.windows(2).all(|w| w[0] < w[1]),
                 "sorted: {buckets:?}"

@@ -11,8 +11,8 @@
 
 use std::time::Duration;
 
+use crate::connection::RedisConn;
 use agent_jobs::keys::{WORKER_AGENTS, WORKER_INFO, WORKER_WARM, WORKERS};
-use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
@@ -62,7 +62,7 @@ pub fn host_name() -> String {
 /// This worker's presence records.
 #[derive(Clone)]
 pub struct Presence {
-    conn: ConnectionManager,
+    conn: RedisConn,
     worker_id: String,
     info: WorkerInfo,
 }
@@ -77,7 +77,7 @@ impl std::fmt::Debug for Presence {
 
 impl Presence {
     /// The presence of `worker_id`, described by `info`.
-    pub fn new(conn: ConnectionManager, worker_id: impl Into<String>, info: WorkerInfo) -> Self {
+    pub fn new(conn: RedisConn, worker_id: impl Into<String>, info: WorkerInfo) -> Self {
         Self {
             conn,
             worker_id: worker_id.into(),

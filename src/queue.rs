@@ -10,10 +10,11 @@
 //! - [`QueueDepth::read`]: the queue's depth by state, in one consistent snapshot
 //!   (`lua/queue_depth.lua`), for the `agent_worker_queue_depth` gauges.
 
+use crate::connection::RedisConn;
 use std::sync::LazyLock;
 
 use agent_jobs::QueueKeys;
-use redis::{Script, aio::ConnectionManager};
+use redis::Script;
 
 use crate::clock::Clock;
 
@@ -43,7 +44,7 @@ pub struct Recovered {
 /// Queue maintenance commands.
 #[derive(Clone)]
 pub struct QueueOps {
-    conn: ConnectionManager,
+    conn: RedisConn,
     keys: QueueKeys,
     clock: Clock,
 }
@@ -58,7 +59,7 @@ impl std::fmt::Debug for QueueOps {
 
 impl QueueOps {
     /// Commands on the queue `keys`.
-    pub fn new(conn: ConnectionManager, keys: QueueKeys) -> Self {
+    pub fn new(conn: RedisConn, keys: QueueKeys) -> Self {
         Self {
             conn,
             keys,
@@ -136,7 +137,7 @@ static QUEUE_DEPTH_SCRIPT: LazyLock<Script> =
 
 impl QueueDepth {
     /// Reads the depth of the queue `keys` in one round trip (`lua/queue_depth.lua`).
-    pub async fn read(conn: &ConnectionManager, keys: &QueueKeys) -> redis::RedisResult<Self> {
+    pub async fn read(conn: &RedisConn, keys: &QueueKeys) -> redis::RedisResult<Self> {
         let (ready, scheduled, inflight, dead, done): (u64, u64, u64, u64, u64) =
             QUEUE_DEPTH_SCRIPT
                 .key(keys.active())

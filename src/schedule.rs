@@ -11,14 +11,14 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::connection::RedisConn;
 use agent_jobs::keys::tick_lease;
-use redis::aio::ConnectionManager;
 use tokio_util::sync::CancellationToken;
 
 /// Claims ticks of scheduled jobs: one replica per tick (see the module docs).
 #[derive(Clone)]
 pub struct TickLease {
-    conn: ConnectionManager,
+    conn: RedisConn,
     holder: String,
 }
 
@@ -32,7 +32,7 @@ impl std::fmt::Debug for TickLease {
 
 impl TickLease {
     /// Leases taken in the name of `holder` (the worker id).
-    pub fn new(conn: ConnectionManager, holder: impl Into<String>) -> Self {
+    pub fn new(conn: RedisConn, holder: impl Into<String>) -> Self {
         Self {
             conn,
             holder: holder.into(),

@@ -13,6 +13,7 @@
 //! event stream `agent-worker:events` in that same call (`lua/session_events.lua`, the format
 //! in jobs/README.md), which is what lets a producer wait for readiness without polling.
 
+use crate::connection::RedisConn;
 use std::{sync::LazyLock, time::Duration};
 
 use agent_jobs::{
@@ -22,7 +23,7 @@ use agent_jobs::{
     },
     session_state::fields,
 };
-use redis::{FromRedisValue, Script, ScriptInvocation, Value, aio::ConnectionManager};
+use redis::{FromRedisValue, Script, ScriptInvocation, Value};
 
 mod claim_reply;
 pub mod config;
@@ -292,7 +293,7 @@ pub struct Ready {
 /// Reads session config and writes session state.
 #[derive(Clone)]
 pub struct SessionStore {
-    conn: ConnectionManager,
+    conn: RedisConn,
     ttl: Duration,
     ended_ttl: Duration,
     default_voice: String,
@@ -316,7 +317,7 @@ impl SessionStore {
     /// A store writing keys with `ttl`, defaulting the voice to `default_voice`, keeping
     /// `log_lines` output lines per agent.
     pub fn new(
-        conn: ConnectionManager,
+        conn: RedisConn,
         ttl: Duration,
         default_voice: impl Into<String>,
         log_lines: usize,
@@ -339,7 +340,7 @@ impl SessionStore {
     /// `agent.default_voice`, `agent.log_lines`, `worker.orphan_timeout` and
     /// `compat.legacy_metrics`. Every command that reads or writes sessions builds it here,
     /// so none of them runs on defaults of its own.
-    pub fn from_settings(conn: ConnectionManager, settings: &crate::settings::Settings) -> Self {
+    pub fn from_settings(conn: RedisConn, settings: &crate::settings::Settings) -> Self {
         Self::new(
             conn,
             settings.session.ttl,

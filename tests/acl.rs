@@ -5,11 +5,12 @@
 
 mod common;
 
+use agent_worker::connection::RedisConn;
 use std::{collections::HashMap, path::PathBuf, time::Duration};
 
 use agent_jobs::{SessionId, SessionKeys};
 use common::*;
-use redis::{AsyncCommands, aio::ConnectionManager};
+use redis::AsyncCommands;
 
 /// The shipped rule, as operators load it.
 const ACL_FILE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/redis/agent-worker.acl");
@@ -85,7 +86,7 @@ async fn enqueue_craig(url: &str, id: &SessionId) -> (bool, String, String) {
 }
 
 /// The server's ACL LOG as (reason, object, count) per entry.
-async fn acl_log(admin: &ConnectionManager) -> Vec<(String, String, u64)> {
+async fn acl_log(admin: &RedisConn) -> Vec<(String, String, u64)> {
     let entries: Vec<HashMap<String, redis::Value>> = redis::cmd("ACL")
         .arg("LOG")
         .arg(1000)

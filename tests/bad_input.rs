@@ -254,7 +254,7 @@ async fn shutdown_during_a_failing_start_makes_no_further_attempts() {
 /// A pid the agent printed as `<prefix><pid>` (the shell agents of these tests report theirs),
 /// once its output has been shipped.
 async fn logged_pid(
-    conn: &redis::aio::ConnectionManager,
+    conn: &agent_worker::connection::RedisConn,
     id: &agent_jobs::SessionId,
     prefix: &str,
 ) -> u32 {

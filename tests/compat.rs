@@ -8,6 +8,7 @@
 
 mod common;
 
+use agent_worker::connection::RedisConn;
 use std::{
     collections::HashMap,
     net::SocketAddr,
@@ -20,7 +21,7 @@ use agent_jobs::{
 };
 use common::*;
 use nix::sys::signal::Signal;
-use redis::{AsyncCommands, aio::ConnectionManager};
+use redis::AsyncCommands;
 
 const AGENT: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -53,7 +54,7 @@ fn worker(redis: &TestRedis, extra: &[(&str, &str)]) -> WorkerProcess {
 /// The orchestrator's `POST /session/start`, after its credit check: the config hash (TTL
 /// 4 h), the job, then its own write of `session:<id>` right after enqueueing.
 async fn orchestrator_start(
-    conn: &ConnectionManager,
+    conn: &RedisConn,
     id: &SessionId,
     user: &str,
     voice: &str,
@@ -112,10 +113,7 @@ async fn orchestrator_start(
 /// The orchestrator's end-of-session handler (`POST /session/end`, the LiveKit webhook):
 /// 404 (`None`) without `session:<id>`; otherwise the record it bills from, after deleting
 /// the session's keys and set entries itself.
-async fn orchestrator_end(
-    conn: &ConnectionManager,
-    id: &SessionId,
-) -> Option<HashMap<String, String>> {
+async fn orchestrator_end(conn: &RedisConn, id: &SessionId) -> Option<HashMap<String, String>> {
     let keys = SessionKeys::new(id);
     let record: HashMap<String, String> = conn.clone().hgetall(keys.state()).await.unwrap();
     if record.is_empty() {
@@ -141,7 +139,7 @@ async fn orchestrator_end(
 }
 
 /// What the Python agent reported receiving (`voice-agent received {json}`).
-async fn agent_report(conn: &ConnectionManager, id: &SessionId) -> Option<serde_json::Value> {
+async fn agent_report(conn: &RedisConn, id: &SessionId) -> Option<serde_json::Value> {
     let lines = agent_logs(conn, id).await;
     lines.iter().find_map(|l| {
         l.strip_prefix("voice-agent received ")
@@ -149,7 +147,7 @@ async fn agent_report(conn: &ConnectionManager, id: &SessionId) -> Option<serde_
     })
 }
 
-async fn wait_report(conn: &ConnectionManager, id: &SessionId) -> serde_json::Value {
+async fn wait_report(conn: &RedisConn, id: &SessionId) -> serde_json::Value {
     wait_for(
         &format!("the agent of {id} to report"),
         Duration::from_secs(20),
@@ -158,7 +156,7 @@ async fn wait_report(conn: &ConnectionManager, id: &SessionId) -> serde_json::Va
     .await
 }
 
-async fn wait_field(conn: &ConnectionManager, id: &SessionId, field: &str) -> String {
+async fn wait_field(conn: &RedisConn, id: &SessionId, field: &str) -> String {
     let state = SessionKeys::new(id).state();
     wait_for(
         &format!("{field} in session:{id}"),
@@ -169,7 +167,7 @@ async fn wait_field(conn: &ConnectionManager, id: &SessionId, field: &str) -> St
 }
 
 /// Every key of the keyspace that names the session, by SCAN (test Redis: small).
-async fn keys_naming(conn: &ConnectionManager, id: &SessionId) -> Vec<String> {
+async fn keys_naming(conn: &RedisConn, id: &SessionId) -> Vec<String> {
     let mut c = conn.clone();
     let mut cursor = 0u64;
     let mut found = Vec::new();
@@ -193,7 +191,7 @@ async fn keys_naming(conn: &ConnectionManager, id: &SessionId) -> Vec<String> {
 /// Except the queue's idempotency key of its job, which is the job's, not the session's: it
 /// keeps a duplicate enqueue from starting an agent for the ended session until it expires
 /// (`session.ttl`).
-async fn nothing_left(conn: &ConnectionManager, id: &SessionId) -> Result<(), String> {
+async fn nothing_left(conn: &RedisConn, id: &SessionId) -> Result<(), String> {
     let idempotency = format!("{QUEUE}:idempotency:session:{id}");
     let keys: Vec<String> = keys_naming(conn, id)
         .await
@@ -219,7 +217,7 @@ async fn stop(worker: WorkerProcess) -> String {
 
 /// The `status` (and `reason`) of every event of the session in `agent-worker:events`, oldest
 /// first.
-async fn event_statuses(conn: &ConnectionManager, id: &SessionId) -> Vec<(String, String)> {
+async fn event_statuses(conn: &RedisConn, id: &SessionId) -> Vec<(String, String)> {
     let entries: Vec<(String, Vec<String>)> = redis::cmd("XRANGE")
         .arg(EVENTS)
         .arg("-")
@@ -246,7 +244,7 @@ async fn event_statuses(conn: &ConnectionManager, id: &SessionId) -> Vec<(String
 
 /// Waits until the owner of the live session `id` has heartbeated it `n` more times (its score
 /// in the heartbeat index, unix seconds, advanced `n` times).
-async fn wait_heartbeats(conn: &ConnectionManager, id: &SessionId, n: usize) {
+async fn wait_heartbeats(conn: &RedisConn, id: &SessionId, n: usize) {
     let mut last = heartbeat_score(conn, id).await.expect("a live session");
     for _ in 0..n {
         last = wait_for(
@@ -259,7 +257,7 @@ async fn wait_heartbeats(conn: &ConnectionManager, id: &SessionId, n: usize) {
 }
 
 /// The TTL of `key` in seconds (`-2` when it does not exist, `-1` without a TTL).
-async fn ttl_of(conn: &ConnectionManager, key: &str) -> i64 {
+async fn ttl_of(conn: &RedisConn, key: &str) -> i64 {
     conn.clone().ttl(key).await.unwrap()
 }
 

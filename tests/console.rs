@@ -5,6 +5,7 @@
 
 mod common;
 
+use agent_worker::connection::RedisConn;
 use std::{
     collections::{HashMap, HashSet},
     net::SocketAddr,
@@ -16,7 +17,7 @@ use agent_worker::{
     console::Console, health::Health, http, jobs::retention::Retention, metrics, settings::Settings,
 };
 use common::*;
-use redis::{AsyncCommands, aio::ConnectionManager};
+use redis::AsyncCommands;
 use tokio_util::sync::CancellationToken;
 
 /// A prompt no page may show (it may hold customer data).
@@ -52,7 +53,7 @@ struct ConsoleAlone {
 }
 
 impl ConsoleAlone {
-    async fn start(settings: &Settings, conn: ConnectionManager) -> Self {
+    async fn start(settings: &Settings, conn: RedisConn) -> Self {
         let console = Console::new(settings, metrics::install_recorder());
         console.connected(conn);
         let stop = CancellationToken::new();
@@ -91,7 +92,7 @@ async fn wait_console(addr: SocketAddr) {
 }
 
 /// Starts a session through the queue and waits until its agent is ready.
-async fn start_session(conn: &ConnectionManager, id: &str, voice: &str) -> String {
+async fn start_session(conn: &RedisConn, id: &str, voice: &str) -> String {
     let id = sid(id);
     write_full_config(conn, &id, voice, "test_user", Some(OPENING), Some(PROMPT)).await;
     let task = enqueue(conn, &id, Some("test_user")).await;
@@ -109,7 +110,7 @@ async fn start_session(conn: &ConnectionManager, id: &str, voice: &str) -> Strin
 }
 
 /// A job that fails for good: its session's config key is a string, not a hash.
-async fn dead_job(conn: &ConnectionManager, id: &str) -> String {
+async fn dead_job(conn: &RedisConn, id: &str) -> String {
     let id = sid(id);
     let _: () = conn
         .clone()
@@ -419,7 +420,7 @@ async fn pages_show_live_sessions_and_failures_but_never_prompts_and_have_no_wri
 
 /// Writes `n` ready sessions straight into the indexes and records the worker keeps, spread
 /// over two workers, in pipelines of 1,000.
-async fn write_sessions(conn: &ConnectionManager, n: usize) {
+async fn write_sessions(conn: &RedisConn, n: usize) {
     for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
         let mut pipe = redis::pipe();
         for i in chunk {
@@ -452,7 +453,7 @@ async fn write_sessions(conn: &ConnectionManager, n: usize) {
 /// The commands `GET path` cost, by command (the `INFO` and `CONFIG` of the measurement
 /// itself left out), and the page.
 async fn measured(
-    conn: &ConnectionManager,
+    conn: &RedisConn,
     addr: SocketAddr,
     path: &str,
 ) -> (HashMap<String, u64>, String) {

@@ -3,11 +3,12 @@
 
 mod common;
 
+use agent_worker::connection::RedisConn;
 use std::time::{Duration, Instant};
 
 use agent_jobs::{SessionId, SessionKeys, keys::SESSION_HEARTBEATS};
 use common::*;
-use redis::{AsyncCommands, aio::ConnectionManager};
+use redis::AsyncCommands;
 
 fn worker(url: &str, extra: &[(&str, &str)]) -> WorkerProcess {
     let mut env = vec![("AGENT_WORKER__SWEEP__INTERVAL", "1h")];
@@ -26,7 +27,7 @@ fn assert_only_stopped_by_the_shutdown(out: &std::process::Output) {
 }
 
 /// The record of a live agent, as a fresh worker would have written it.
-async fn record_is_back(conn: &ConnectionManager, id: &SessionId, pid: u32) -> Option<()> {
+async fn record_is_back(conn: &RedisConn, id: &SessionId, pid: u32) -> Option<()> {
     let keys = SessionKeys::new(id);
     let mut conn = conn.clone();
     let (status, owner): (Option<String>, Option<String>) = redis::cmd("HMGET")
@@ -63,12 +64,7 @@ const RECONNECT_MARGIN: Duration = Duration::from_secs(2);
 
 /// Waits until every record of `ids` is back, at most one heartbeat (plus
 /// [`RECONNECT_MARGIN`]) after `since`, with its agent still running.
-async fn within_one_heartbeat(
-    conn: &ConnectionManager,
-    ids: &[SessionId],
-    pids: &[u32],
-    since: Instant,
-) {
+async fn within_one_heartbeat(conn: &RedisConn, ids: &[SessionId], pids: &[u32], since: Instant) {
     let deadline = (since + HEARTBEAT + RECONNECT_MARGIN).saturating_duration_since(Instant::now());
     wait_for(
         "every record back within one heartbeat",
@@ -378,7 +374,7 @@ async fn a_session_the_orchestrator_ends_while_it_is_starting_is_still_stopped()
 }
 
 /// Whether any worker's inflight set holds `task_id`.
-async fn inflight_anywhere(conn: &ConnectionManager, task_id: &str) -> bool {
+async fn inflight_anywhere(conn: &RedisConn, task_id: &str) -> bool {
     let keys = agent_jobs::QueueKeys::new(QUEUE).unwrap();
     let sets: Vec<String> = conn
         .clone()

@@ -4,6 +4,7 @@
 
 mod common;
 
+use agent_worker::connection::RedisConn;
 use std::{collections::HashMap, time::Duration};
 
 use agent_jobs::{SessionId, SessionKeys, keys::EVENTS, keys::SESSION_HEARTBEATS};
@@ -13,12 +14,12 @@ use agent_worker::{
 };
 use common::*;
 use futures::StreamExt;
-use redis::{AsyncCommands, aio::ConnectionManager};
+use redis::AsyncCommands;
 
 type Event = HashMap<String, String>;
 
 /// Entries of `XRANGE`/`XREVRANGE` (`args` after the key) as (id, fields).
-async fn range(conn: &ConnectionManager, command: &str, args: &[&str]) -> Vec<(String, Event)> {
+async fn range(conn: &RedisConn, command: &str, args: &[&str]) -> Vec<(String, Event)> {
     let entries: Vec<(String, Vec<String>)> = redis::cmd(command)
         .arg(EVENTS)
         .arg(args)
@@ -38,12 +39,12 @@ async fn range(conn: &ConnectionManager, command: &str, args: &[&str]) -> Vec<(S
 }
 
 /// Every event in the stream, oldest first.
-async fn all_events(conn: &ConnectionManager) -> Vec<(String, Event)> {
+async fn all_events(conn: &RedisConn) -> Vec<(String, Event)> {
     range(conn, "XRANGE", &["-", "+"]).await
 }
 
 /// The events of one session, oldest first.
-async fn events_of(conn: &ConnectionManager, id: &SessionId) -> Vec<Event> {
+async fn events_of(conn: &RedisConn, id: &SessionId) -> Vec<Event> {
     all_events(conn)
         .await
         .into_iter()
@@ -53,7 +54,7 @@ async fn events_of(conn: &ConnectionManager, id: &SessionId) -> Vec<Event> {
 }
 
 /// Waits until the session's events have the statuses `want`, and returns them.
-async fn wait_events(conn: &ConnectionManager, id: &SessionId, want: &[&str]) -> Vec<Event> {
+async fn wait_events(conn: &RedisConn, id: &SessionId, want: &[&str]) -> Vec<Event> {
     wait_for(
         &format!("events {want:?} of {id}"),
         Duration::from_secs(20),

@@ -3,18 +3,19 @@
 
 mod common;
 
+use agent_worker::connection::RedisConn;
 use std::{collections::HashSet, net::SocketAddr, time::Duration};
 
 use agent_jobs::{AgentStart, QueueKeys, SessionId};
 use common::*;
-use redis::{AsyncCommands, aio::ConnectionManager};
+use redis::AsyncCommands;
 
 fn keys() -> QueueKeys {
     QueueKeys::new(QUEUE).unwrap()
 }
 
 /// Whether each task finished: `Some("done")`, `Some("dead")`, or `None` while it is not.
-async fn outcome(conn: &ConnectionManager, task: &str) -> Option<&'static str> {
+async fn outcome(conn: &RedisConn, task: &str) -> Option<&'static str> {
     if is_done(conn, task).await {
         return Some("done");
     }

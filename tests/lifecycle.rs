@@ -3,6 +3,7 @@
 
 mod common;
 
+use agent_worker::connection::RedisConn;
 use std::{
     collections::HashMap,
     sync::{
@@ -19,7 +20,7 @@ use agent_worker::{
     session::{ClaimAttempt, EndRecord, SessionEnd, SessionStore},
 };
 use common::*;
-use redis::{AsyncCommands, aio::ConnectionManager};
+use redis::AsyncCommands;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 fn all_keys(id: &SessionId) -> Vec<String> {
@@ -33,11 +34,11 @@ fn all_keys(id: &SessionId) -> Vec<String> {
     ]
 }
 
-async fn keys_left(conn: &ConnectionManager, id: &SessionId) -> usize {
+async fn keys_left(conn: &RedisConn, id: &SessionId) -> usize {
     conn.clone().exists(all_keys(id)).await.unwrap()
 }
 
-async fn backdate(conn: &ConnectionManager, id: &SessionId, secs: u64) {
+async fn backdate(conn: &RedisConn, id: &SessionId, secs: u64) {
     let _: () = conn
         .clone()
         .zadd(SESSION_HEARTBEATS, id.as_str(), unix_now() - secs)
@@ -332,7 +333,7 @@ async fn stuck_starts_are_swept_and_ended_records_wait_out_their_window() {
     );
 }
 
-async fn ttl_of(conn: &ConnectionManager, key: &str) -> i64 {
+async fn ttl_of(conn: &RedisConn, key: &str) -> i64 {
     conn.clone().ttl(key).await.unwrap()
 }
 
@@ -355,7 +356,7 @@ async fn racing_heartbeats_and_sweeps_never_remove_a_fresh_session() {
     );
     let ids: Vec<SessionId> = (0..SESSIONS).map(|i| sid(&format!("race-{i}"))).collect();
     let base = 1_000_000u64;
-    async fn create(conn: &ConnectionManager, ids: &[SessionId], at: u64) {
+    async fn create(conn: &RedisConn, ids: &[SessionId], at: u64) {
         if ids.is_empty() {
             return;
         }

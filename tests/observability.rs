@@ -3,6 +3,7 @@
 
 mod common;
 
+use agent_worker::connection::RedisConn;
 use std::{
     net::SocketAddr,
     sync::Arc,
@@ -20,7 +21,7 @@ use agent_worker::{
     settings::Settings,
 };
 use common::{get, wait_for};
-use redis::{AsyncCommands, aio::ConnectionManager};
+use redis::AsyncCommands;
 use tokio_util::sync::CancellationToken;
 
 /// The value of the sample `series` (name with labels, exactly as exposed) in a scrape.
@@ -51,7 +52,7 @@ async fn serve_metrics() -> (http::HttpServer, Arc<Health>, CancellationToken) {
     (server, health, shutdown)
 }
 
-async fn connect(redis: &LocalRedis) -> ConnectionManager {
+async fn connect(redis: &LocalRedis) -> RedisConn {
     let env = [("AGENT_WORKER__REDIS__URL".to_owned(), redis.url())];
     let settings = Settings::load_from(None, env.into_iter().collect()).expect("settings");
     connection::connect(&settings.redis).await.expect("connect")

@@ -10,6 +10,7 @@
 
 mod common;
 
+use agent_worker::connection::RedisConn;
 use std::{
     collections::BTreeMap,
     process::{Output, Stdio},
@@ -18,7 +19,7 @@ use std::{
 
 use agent_jobs::{AgentStart, QueueKeys, SessionConfigInput, SessionId, SessionKeys};
 use common::*;
-use redis::{AsyncCommands, aio::ConnectionManager};
+use redis::AsyncCommands;
 use tokio::{io::AsyncWriteExt, process::Command};
 
 /// The old one-file producer's module, now a re-export of `agent_worker.agent_jobs`.
@@ -136,7 +137,7 @@ print(json.dumps([job.task_id, job.duplicate]))
 }
 
 /// The same through the Rust crate: `write_session_config`, then `Producer::enqueue`.
-async fn rust_api(conn: &ConnectionManager, input: &Input) -> String {
+async fn rust_api(conn: &RedisConn, input: &Input) -> String {
     let id = sid(input.session_id);
     let config = SessionConfigInput {
         voice_id: input.voice_id.to_owned(),
@@ -156,7 +157,7 @@ async fn rust_api(conn: &ConnectionManager, input: &Input) -> String {
 
 /// Every key of a (private, test-only) Redis: name → (type, TTL class, value), with the task
 /// ids replaced by `<task N>` (ids are random) and `updatedAt` by `<now>` once checked.
-async fn dump(conn: &ConnectionManager, task_ids: &[String]) -> BTreeMap<String, String> {
+async fn dump(conn: &RedisConn, task_ids: &[String]) -> BTreeMap<String, String> {
     let normalize = |text: &str| {
         task_ids
             .iter()
@@ -283,7 +284,7 @@ fn tricky(text: &str) -> String {
 
 /// Both producers' Redis ran the same writes and reads inside the scripts (one PUBLISH on the
 /// wake channel per enqueue that pushed something included).
-async fn assert_same_writes(py: &ConnectionManager, rs: &ConnectionManager) {
+async fn assert_same_writes(py: &RedisConn, rs: &RedisConn) {
     for command in ["del", "hset", "expire", "set", "get", "rpush", "publish"] {
         assert_eq!(
             command_count(py, command).await,

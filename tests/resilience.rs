@@ -3,6 +3,7 @@
 
 mod common;
 
+use agent_worker::connection::RedisConn;
 use std::time::Duration;
 
 use agent_jobs::{AgentStart, QueueKeys};
@@ -15,7 +16,7 @@ fn keys() -> QueueKeys {
 }
 
 /// The job worker is in its first or second run: never in a crash loop.
-async fn assert_no_crash_loop(conn: &redis::aio::ConnectionManager) {
+async fn assert_no_crash_loop(conn: &RedisConn) {
     let names = workers(conn).await;
     assert!(
         names.len() == 1 && (names[0].ends_with("-0") || names[0].ends_with("-1")),
@@ -23,7 +24,7 @@ async fn assert_no_crash_loop(conn: &redis::aio::ConnectionManager) {
     );
 }
 
-async fn workers(conn: &redis::aio::ConnectionManager) -> Vec<String> {
+async fn workers(conn: &RedisConn) -> Vec<String> {
     conn.clone().zrange(keys().workers(), 0, -1).await.unwrap()
 }
 

@@ -3,6 +3,7 @@
 
 mod common;
 
+use agent_worker::connection::RedisConn;
 use std::time::Duration;
 
 use agent_jobs::{
@@ -12,21 +13,21 @@ use agent_jobs::{
 use agent_worker::{clock::unix_now, jobs::retention::Retention};
 use common::*;
 use nix::sys::signal::Signal;
-use redis::{AsyncCommands, aio::ConnectionManager};
+use redis::AsyncCommands;
 
 fn keys() -> QueueKeys {
     QueueKeys::new(QUEUE).unwrap()
 }
 
-async fn ready_count(conn: &ConnectionManager) -> u64 {
+async fn ready_count(conn: &RedisConn) -> u64 {
     conn.clone().scard("session:ready").await.unwrap()
 }
 
-async fn queued(conn: &ConnectionManager) -> u64 {
+async fn queued(conn: &RedisConn) -> u64 {
     conn.clone().llen(keys().active()).await.unwrap()
 }
 
-async fn inflight_total(conn: &ConnectionManager) -> u64 {
+async fn inflight_total(conn: &RedisConn) -> u64 {
     let mut total = 0;
     for run in worker_runs(conn).await {
         let n: u64 = conn.clone().scard(keys().inflight(&run)).await.unwrap();
@@ -35,7 +36,7 @@ async fn inflight_total(conn: &ConnectionManager) -> u64 {
     total
 }
 
-async fn live_workers(conn: &ConnectionManager) -> usize {
+async fn live_workers(conn: &RedisConn) -> usize {
     conn.clone().zcard(WORKERS).await.unwrap()
 }
 
@@ -301,7 +302,7 @@ async fn a_second_sigterm_stops_the_agents_at_once() {
     );
 }
 
-async fn memory(conn: &ConnectionManager) -> u64 {
+async fn memory(conn: &RedisConn) -> u64 {
     let info: String = redis::cmd("INFO")
         .arg("memory")
         .query_async(&mut conn.clone())
@@ -314,12 +315,7 @@ async fn memory(conn: &ConnectionManager) -> u64 {
 }
 
 /// Writes `n` finished jobs the way apalis-redis records them (data, meta, done/dead set).
-async fn finished_jobs(
-    conn: &ConnectionManager,
-    n: usize,
-    dead: bool,
-    done_at: u64,
-) -> Vec<String> {
+async fn finished_jobs(conn: &RedisConn, n: usize, dead: bool, done_at: u64) -> Vec<String> {
     let mut pipe = redis::pipe();
     let mut ids = Vec::with_capacity(n);
     for i in 0..n {
@@ -351,7 +347,7 @@ async fn finished_jobs(
 }
 
 /// Done jobs kept an hour, dead ones a week or the newest 100.
-fn retention(conn: &redis::aio::ConnectionManager) -> Retention {
+fn retention(conn: &RedisConn) -> Retention {
     Retention::new(
         conn.clone(),
         keys(),

@@ -5,6 +5,7 @@
 
 mod common;
 
+use agent_worker::connection::RedisConn;
 use std::{net::SocketAddr, time::Duration};
 
 use agent_jobs::keys::WORKERS;
@@ -13,10 +14,10 @@ use agent_worker::{
     worker::{self, RefusedToStart, Worker},
 };
 use common::*;
-use redis::{AsyncCommands, aio::ConnectionManager};
+use redis::AsyncCommands;
 
 /// Keys in the test's Redis: a build step writes none.
-async fn dbsize(conn: &ConnectionManager) -> u64 {
+async fn dbsize(conn: &RedisConn) -> u64 {
     redis::cmd("DBSIZE")
         .query_async(&mut conn.clone())
         .await
@@ -172,7 +173,7 @@ async fn refused_credentials_are_waited_out_and_the_right_ones_build_a_worker_th
             .filter(|(code, _)| *code == 200)
     })
     .await;
-    let present = |conn: ConnectionManager, id: String| async move {
+    let present = |conn: RedisConn, id: String| async move {
         let workers: Vec<String> = conn.clone().zrange(WORKERS, 0, -1).await.expect("ZRANGE");
         workers.contains(&id)
     };

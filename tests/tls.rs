@@ -13,12 +13,12 @@ use std::{
 
 use agent_jobs::QueueKeys;
 use agent_worker::connection;
+use agent_worker::connection::RedisConn;
 use common::*;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,
 };
-use redis::aio::ConnectionManager;
 
 const CA_FILE: &str = "AGENT_WORKER__REDIS__TLS_CA_FILE";
 const CERT_FILE: &str = "AGENT_WORKER__REDIS__TLS_CERT_FILE";
@@ -117,7 +117,7 @@ struct TlsRedis {
     port: u16,
     child: Child,
     /// Our own TLS connection to it, trusting the test CA (and with the client certificate).
-    conn: ConnectionManager,
+    conn: RedisConn,
 }
 
 impl TlsRedis {
@@ -207,7 +207,7 @@ async fn run(command: Command) -> (bool, Duration, String) {
 }
 
 /// Waits until the worker's wake-up listener has subscribed to the queue's wake channel.
-async fn wait_subscribed(conn: &ConnectionManager) {
+async fn wait_subscribed(conn: &RedisConn) {
     let channel = QueueKeys::new(QUEUE).unwrap().wake_channel();
     wait_for(
         "the worker's wake-up listener to subscribe",

@@ -8,6 +8,7 @@
 
 mod common;
 
+use agent_worker::connection::RedisConn;
 use std::{
     collections::{HashMap, HashSet},
     net::SocketAddr,
@@ -21,12 +22,12 @@ use nix::sys::signal::Signal;
 use redis::AsyncCommands;
 
 /// The idle warm processes the worker last reported with its presence (every second here).
-async fn warm_idle(conn: &redis::aio::ConnectionManager) -> Vec<u64> {
+async fn warm_idle(conn: &RedisConn) -> Vec<u64> {
     let counts: HashMap<String, u64> = conn.clone().hgetall(WORKER_WARM).await.expect("HGETALL");
     counts.into_values().collect()
 }
 
-async fn wait_warm_idle(conn: &redis::aio::ConnectionManager, want: u64) {
+async fn wait_warm_idle(conn: &RedisConn, want: u64) {
     wait_for(
         &format!("{want} idle warm processes"),
         Duration::from_secs(30),
@@ -38,7 +39,7 @@ async fn wait_warm_idle(conn: &redis::aio::ConnectionManager, want: u64) {
 /// Waits for a presence beat from at least a second after `after_ms` (unix ms; scores are unix
 /// seconds) that reports `want` idle warm processes: the pool as it is since then, not a count
 /// from before.
-async fn wait_idle_after(conn: &redis::aio::ConnectionManager, after_ms: u64, want: u64) {
+async fn wait_idle_after(conn: &RedisConn, after_ms: u64, want: u64) {
     let after = after_ms / 1000 + 2;
     wait_for(
         &format!("a presence beat reporting {want} idle warm processes"),

@@ -2,7 +2,7 @@
 //!
 //! `PING` in a loop on one connection, one at a time (what a strictly sequential client such as
 //! the sequential enqueue can reach), and from 32 tasks sharing one multiplexed connection
-//! (what concurrent callers of one `ConnectionManager`, like the worker, can reach).
+//! (what concurrent callers of one `RedisConn`, like the worker, can reach).
 
 use std::time::{Duration, Instant};
 

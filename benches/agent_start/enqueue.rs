@@ -1,13 +1,13 @@
 //! Part 7: enqueue rate through our producer (`agent_jobs::Producer`), with no worker running.
 //!
 //! - sequential: one caller, each enqueue awaited before the next (one script call each);
-//! - concurrent: 32 tasks sharing one `ConnectionManager`, which pipelines their calls;
+//! - concurrent: 32 tasks sharing one `RedisConn`, which pipelines their calls;
 //! - bulk: `enqueue_many` with batches of 1,000 (one script call per batch).
 //!
 //! Every job is a distinct session, so none is deduplicated by its idempotency key.
 
 use agent_jobs::{AgentStart, Producer};
-use redis::aio::ConnectionManager;
+use agent_worker::connection::RedisConn;
 
 use crate::{
     baseline::Baseline,
@@ -99,7 +99,7 @@ async fn timed(ctx: &Ctx, n: usize, mode: Mode) -> anyhow::Result<(f64, CpuSplit
 }
 
 async fn enqueue(
-    producer: &Producer<ConnectionManager>,
+    producer: &Producer<RedisConn>,
     jobs: Vec<AgentStart>,
     mode: Mode,
 ) -> anyhow::Result<()> {

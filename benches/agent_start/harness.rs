@@ -39,8 +39,8 @@ pub mod http_client;
 #[path = "../../tests/common/wait.rs"]
 #[allow(dead_code)] // `wait_for` is for the tests (it panics where a part returns errors).
 mod wait;
+use agent_worker::connection::RedisConn;
 use futures::{StreamExt, future::BoxFuture};
-use redis::aio::ConnectionManager;
 use tokio::{
     sync::{mpsc, oneshot, watch},
     task::JoinHandle,
@@ -58,7 +58,7 @@ pub struct Ctx {
     /// Its port on 127.0.0.1.
     pub port: u16,
     /// The bench's own connection (never the worker's).
-    pub conn: ConnectionManager,
+    pub conn: RedisConn,
     /// `agent-worker`, built by cargo with this bench; also the test agent
     /// (`agent-worker test-agent`).
     pub worker_bin: PathBuf,
@@ -146,7 +146,7 @@ impl Ctx {
     }
 
     /// A new connection of our own (producers get their own, as an orchestrator would).
-    pub async fn connect(&self) -> anyhow::Result<ConnectionManager> {
+    pub async fn connect(&self) -> anyhow::Result<RedisConn> {
         let settings = self.settings("ready", &[]);
         Ok(connection::connect(&settings.redis).await?)
     }
@@ -160,7 +160,7 @@ impl Ctx {
         Ok(())
     }
 
-    pub fn producer(&self, conn: ConnectionManager) -> Producer<ConnectionManager> {
+    pub fn producer(&self, conn: RedisConn) -> Producer<RedisConn> {
         Producer::new(conn, QueueKeys::new(QUEUE).expect("valid queue name"))
     }
 

@@ -14,7 +14,7 @@
 use std::time::{Duration, Instant};
 
 use agent_jobs::{AgentStart, Producer};
-use redis::aio::ConnectionManager;
+use agent_worker::connection::RedisConn;
 
 use crate::{
     harness::{Ctx, InProcessWorker, Probe, RecordingLauncher, Stamps, ids},
@@ -223,7 +223,7 @@ async fn measure(
 async fn round(
     ctx: &Ctx,
     probe: &Probe,
-    producer: &Producer<ConnectionManager>,
+    producer: &Producer<RedisConn>,
     name: &str,
     n: usize,
     wait_for_quiet: bool,

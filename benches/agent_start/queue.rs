@@ -198,7 +198,11 @@ async fn bare_apalis_rate(
         .lock_tasks(false)
         .emit_events(false)
         .idempotency_ttl(Some(Duration::from_secs(4 * 3600)));
-    let backend = RedisStorage::<RawJob>::new(ctx.connect().await?)
+    // Bare: redis-rs's own manager, as an apalis-redis user without our connection would have.
+    let bare = redis::Client::open(format!("redis://127.0.0.1:{}/", ctx.port))?
+        .get_connection_manager()
+        .await?;
+    let backend = RedisStorage::<RawJob>::new(bare)
         .with_config(config)
         .with_codec(RawCodec)
         .poll_with_strategy(WakeHub::new().strategy(Duration::from_secs(1)));

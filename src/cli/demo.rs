@@ -13,6 +13,7 @@
 //! Its own output is a few lines and the table; the worker's logs are shown with `--verbose`
 //! or `RUST_LOG` (warnings always).
 
+use crate::connection::RedisConn;
 use std::time::Duration;
 
 use agent_jobs::{
@@ -21,7 +22,7 @@ use agent_jobs::{
     session_state::fields,
 };
 use anyhow::{Context, bail};
-use redis::{AsyncCommands, aio::ConnectionManager};
+use redis::AsyncCommands;
 use tokio::time::Instant;
 
 use super::{local_redis::LocalRedis, test_agent};
@@ -93,7 +94,7 @@ fn demo_sessions() -> Vec<(SessionId, &'static str)> {
 /// agents are ready, then stops the worker gracefully (its agents get SIGTERM and exit).
 async fn start_both(
     settings: &Settings,
-    conn: &mut ConnectionManager,
+    conn: &mut RedisConn,
     sessions: &[(SessionId, &str)],
 ) -> anyhow::Result<(Vec<Row>, Vec<agent_jobs::Enqueued>)> {
     let shutdown = Shutdown::new();
@@ -136,7 +137,7 @@ async fn start_both(
 
 /// Prints the table, and for each session does what the orchestrator's end-of-session handler
 /// does: reads the record the agent left, then deletes the keys.
-async fn end_sessions(conn: &mut ConnectionManager, rows: &[Row]) -> anyhow::Result<()> {
+async fn end_sessions(conn: &mut RedisConn, rows: &[Row]) -> anyhow::Result<()> {
     println!();
     println!(
         "{:<26} {:<10} {:<15} {:>8} {:>9}  after",
@@ -176,10 +177,7 @@ struct Row {
 }
 
 /// Waits for both agents to be ready and reads the voice each received from its output.
-async fn report(
-    conn: &mut ConnectionManager,
-    sessions: &[(SessionId, &str)],
-) -> anyhow::Result<Vec<Row>> {
+async fn report(conn: &mut RedisConn, sessions: &[(SessionId, &str)]) -> anyhow::Result<Vec<Row>> {
     let deadline = Instant::now() + READY_DEADLINE;
     let mut rows = Vec::new();
     for (id, voice) in sessions {
@@ -235,7 +233,7 @@ async fn report(
 /// Removes what the demo's two jobs left in its queue (a shared Redis keeps nothing of a
 /// demo run): their data, meta, finished-index entries and idempotency keys.
 async fn forget_jobs(
-    conn: &mut ConnectionManager,
+    conn: &mut RedisConn,
     enqueued: &[agent_jobs::Enqueued],
     sessions: &[(SessionId, &str)],
 ) -> anyhow::Result<()> {

@@ -2,10 +2,10 @@
 //! as `agent-worker dead list` ([`inspect::dead_jobs`]); [`table`] is also the overview's
 //! "recent failures".
 
+use crate::connection::RedisConn;
 use agent_jobs::QueueKeys;
 use axum::{extract::State, response::Response};
 use maud::{Markup, html};
-use redis::aio::ConnectionManager;
 
 use super::{
     Console,
@@ -41,7 +41,7 @@ pub async fn page(State(console): State<Console>, visit: Visit) -> Response {
 
 /// Reads the newest [`DEAD_PAGE`] dead jobs.
 pub async fn fetch(
-    conn: &ConnectionManager,
+    conn: &RedisConn,
     keys: &QueueKeys,
     csrf: Option<String>,
 ) -> Result<DeadView, QueryFailed> {

@@ -6,10 +6,10 @@
 //! newest dead jobs) and [`OverviewView::of`] sums them up: what [`render`] shows is already
 //! counted, so a new card is a field here and a line there.
 
+use crate::connection::RedisConn;
 use agent_jobs::QueueKeys;
 use axum::{extract::State, response::Response};
 use maud::{Markup, html};
-use redis::aio::ConnectionManager;
 
 use super::{
     Console, dead,
@@ -191,7 +191,7 @@ pub async fn page(State(console): State<Console>, visit: Visit) -> Response {
 
 /// Reads the overview through [`inspect`]; `rates` are this replica's, measured apart.
 pub async fn fetch(
-    conn: &ConnectionManager,
+    conn: &RedisConn,
     keys: &QueueKeys,
     orphan_timeout: std::time::Duration,
     rates: Option<PerMinute>,

@@ -5,6 +5,7 @@
 //! [`SessionView::of`] applies the [`Mask`] while building the view, so the view (and whatever
 //! renders it) never holds a prompt that may not be shown.
 
+use crate::connection::RedisConn;
 use agent_jobs::{QueueKeys, SessionId, session_state::fields};
 use axum::{
     extract::{Path, State},
@@ -12,7 +13,6 @@ use axum::{
     response::Response,
 };
 use maud::{Markup, html};
-use redis::aio::ConnectionManager;
 
 use super::{
     Console,
@@ -127,7 +127,7 @@ pub async fn page(
 
 /// Reads session `id`; `None` when nothing of it is left in Redis.
 pub async fn fetch(
-    conn: &ConnectionManager,
+    conn: &RedisConn,
     keys: &QueueKeys,
     id: &SessionId,
     show: bool,

@@ -1,9 +1,9 @@
 //! `GET /sessions?status=live|starting|ready&worker=<id>&cursor=<c>`: one page of live
 //! sessions (a bounded read, see [`crate::inspect::sessions`]), with "stop" for an admin.
 
+use crate::connection::RedisConn;
 use axum::response::Response;
 use maud::{Markup, html};
-use redis::aio::ConnectionManager;
 
 use super::{
     format::{ago, duration, query_value},
@@ -44,7 +44,7 @@ pub async fn page(visit: Visit) -> Response {
 
 /// Reads the page of sessions from `cursor`.
 pub async fn fetch(
-    conn: &ConnectionManager,
+    conn: &RedisConn,
     filter: StatusFilter,
     worker: Option<&str>,
     cursor: Cursor,

@@ -8,13 +8,13 @@
 
 use std::{collections::HashMap, convert::Infallible};
 
+use crate::connection::RedisConn;
 use axum::{
     extract::FromRequestParts,
     http::{HeaderMap, StatusCode, request::Parts},
     response::Response,
 };
 use maud::{Markup, html};
-use redis::aio::ConnectionManager;
 
 use super::{
     Console,
@@ -128,7 +128,7 @@ impl Visit {
     }
 
     /// The worker's connection, once it has connected (else [`Visit::not_connected`]).
-    pub fn conn(&self) -> Option<&ConnectionManager> {
+    pub fn conn(&self) -> Option<&RedisConn> {
         self.console.conn()
     }
 

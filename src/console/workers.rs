@@ -4,9 +4,9 @@
 
 use std::time::Duration;
 
+use crate::connection::RedisConn;
 use axum::{extract::State, response::Response};
 use maud::{Markup, html};
-use redis::aio::ConnectionManager;
 
 use super::{
     Console,
@@ -75,7 +75,7 @@ pub async fn page(State(console): State<Console>, visit: Visit) -> Response {
 
 /// Reads the workers (as `status` does).
 pub async fn fetch(
-    conn: &ConnectionManager,
+    conn: &RedisConn,
     keys: &agent_jobs::QueueKeys,
     orphan_timeout: Duration,
 ) -> Result<WorkersView, QueryFailed> {

@@ -11,8 +11,8 @@
 
 use std::collections::HashSet;
 
+use crate::connection::RedisConn;
 use agent_jobs::{AgentStart, QueueKeys};
-use redis::aio::ConnectionManager;
 use serde::Serialize;
 
 /// One dead job.
@@ -40,7 +40,7 @@ pub struct DeadJobs {
 /// The most recent `limit` dead jobs, newest first, and how many there are in all (see the
 /// module docs for what it reads).
 pub async fn dead_jobs(
-    conn: &ConnectionManager,
+    conn: &RedisConn,
     keys: &QueueKeys,
     limit: usize,
 ) -> redis::RedisResult<DeadJobs> {
@@ -65,7 +65,7 @@ pub async fn dead_jobs(
 /// How many jobs are dead, and the ids that may be among the newest `limit` (more than
 /// `limit` when some are not indexed yet).
 async fn candidates(
-    conn: &mut ConnectionManager,
+    conn: &mut RedisConn,
     keys: &QueueKeys,
     limit: usize,
 ) -> redis::RedisResult<(u64, Vec<String>)> {
@@ -111,7 +111,7 @@ async fn candidates(
 
 /// The meta (result, finish time) and payload of each of `ids`, in one pipeline.
 async fn read_jobs(
-    conn: &mut ConnectionManager,
+    conn: &mut RedisConn,
     keys: &QueueKeys,
     ids: Vec<String>,
 ) -> redis::RedisResult<Vec<DeadJob>> {

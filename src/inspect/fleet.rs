@@ -7,6 +7,7 @@
 
 use std::{collections::HashMap, time::Duration};
 
+use crate::connection::RedisConn;
 use agent_jobs::{
     QueueKeys,
     keys::{
@@ -14,7 +15,6 @@ use agent_jobs::{
         WORKER_WARM, WORKERS,
     },
 };
-use redis::aio::ConnectionManager;
 use serde::Serialize;
 
 use crate::{dataset, presence::WorkerInfo};
@@ -79,7 +79,7 @@ pub struct Status {
 /// Reads the status at `now` (unix seconds); workers silent for longer than `orphan_timeout`
 /// are shown as not alive.
 pub async fn status(
-    conn: &ConnectionManager,
+    conn: &RedisConn,
     keys: &QueueKeys,
     now: u64,
     orphan_timeout: Duration,
@@ -108,7 +108,7 @@ pub async fn status(
 
 /// Sessions in the workers' heartbeat index (`agent-worker:session-heartbeats`): those a
 /// worker runs an agent for, whatever their record says.
-pub async fn heartbeating(conn: &ConnectionManager) -> redis::RedisResult<u64> {
+pub async fn heartbeating(conn: &RedisConn) -> redis::RedisResult<u64> {
     redis::cmd("ZCARD")
         .arg(SESSION_HEARTBEATS)
         .query_async(&mut conn.clone())

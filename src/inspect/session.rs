@@ -6,10 +6,10 @@
 //! Two round trips: the record, config, logs and heartbeat in one pipeline; then its job's
 //! meta.
 
+use crate::connection::RedisConn;
 use agent_jobs::{
     QueueKeys, SessionId, SessionKeys, keys::SESSION_HEARTBEATS, session_state::fields,
 };
-use redis::aio::ConnectionManager;
 
 use super::dead::is_task_id;
 
@@ -45,7 +45,7 @@ impl SessionDetail {
 
 /// Everything about session `id`.
 pub async fn session_detail(
-    conn: &ConnectionManager,
+    conn: &RedisConn,
     queue: &QueueKeys,
     id: &SessionId,
 ) -> redis::RedisResult<SessionDetail> {

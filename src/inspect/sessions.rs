@@ -8,12 +8,12 @@
 
 use std::collections::HashSet;
 
+use crate::connection::RedisConn;
 use agent_jobs::{
     SessionId, SessionKeys,
     keys::{SESSIONS_READY, SESSIONS_STARTING},
     session_state::fields,
 };
-use redis::aio::ConnectionManager;
 
 /// Rows of one page of sessions.
 pub const PAGE_SIZE: usize = 50;
@@ -143,7 +143,7 @@ const ROW_FIELDS: [&str; 7] = [
 /// `workerId` is that worker (there is no per-worker index, so the filter applies to the rows
 /// read, and a page can hold fewer than `size`).
 pub async fn session_page(
-    conn: &ConnectionManager,
+    conn: &RedisConn,
     filter: StatusFilter,
     worker: Option<&str>,
     cursor: Cursor,
@@ -215,7 +215,7 @@ pub async fn session_page(
 
 /// The [`ROW_FIELDS`] of each of `ids`, in one pipeline of one `HMGET` per id.
 async fn read_rows(
-    conn: &mut ConnectionManager,
+    conn: &mut RedisConn,
     ids: &[String],
 ) -> redis::RedisResult<Vec<Vec<Option<String>>>> {
     // Ids come from Redis, not from us: only a valid one is spliced into a key name (an

@@ -6,6 +6,7 @@
 //! happens here, where a bad payload is just a failed job. [`JobError::disposition`] is the one
 //! place that decides between "dead now" (apalis `AbortError`) and "let the backend retry".
 
+use crate::connection::RedisConn;
 use std::{
     convert::Infallible,
     panic::AssertUnwindSafe,
@@ -15,7 +16,7 @@ use std::{
 use agent_jobs::{AgentStart, PayloadError, QueueKeys, SessionStatus};
 use apalis::prelude::{AbortError, Attempt, BoxDynError, Codec, Data, TaskId};
 use futures::FutureExt;
-use redis::{Script, aio::ConnectionManager};
+use redis::Script;
 use tracing::Instrument;
 
 use crate::{
@@ -121,7 +122,7 @@ pub struct AgentStartJob {
     /// The queue the jobs come from (for their idempotency keys).
     pub queue: QueueKeys,
     /// For the idempotency release.
-    pub conn: ConnectionManager,
+    pub conn: RedisConn,
 }
 
 impl std::fmt::Debug for AgentStartJob {

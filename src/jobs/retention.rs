@@ -16,6 +16,7 @@
 //! status `Failed`) is in neither index, and the delete script re-checks the status of each job,
 //! so it is never removed.
 
+use crate::connection::RedisConn;
 use std::{
     sync::LazyLock,
     time::{Duration, Instant},
@@ -25,7 +26,7 @@ use agent_jobs::{
     QueueKeys,
     keys::{WORKER_AGENTS, WORKER_INFO, WORKER_WARM, WORKERS},
 };
-use redis::{Script, aio::ConnectionManager};
+use redis::Script;
 
 static INDEX: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("../lua/index_finished.lua")));
@@ -60,7 +61,7 @@ pub struct RetentionReport {
 /// Trims finished jobs of one queue.
 #[derive(Clone)]
 pub struct Retention {
-    conn: ConnectionManager,
+    conn: RedisConn,
     keys: QueueKeys,
     done_after: Duration,
     dead_after: Duration,
@@ -81,7 +82,7 @@ impl std::fmt::Debug for Retention {
 impl Retention {
     /// Retention of `keys`' queue with the given limits.
     pub fn new(
-        conn: ConnectionManager,
+        conn: RedisConn,
         keys: QueueKeys,
         done_after: Duration,
         dead_after: Duration,
@@ -98,7 +99,7 @@ impl Retention {
 
     /// Retention as `[retention]` says.
     pub fn from_settings(
-        conn: ConnectionManager,
+        conn: RedisConn,
         keys: QueueKeys,
         settings: &crate::settings::Settings,
     ) -> Self {

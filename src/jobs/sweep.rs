@@ -20,12 +20,12 @@
 
 use std::time::{Duration, Instant};
 
+use crate::connection::RedisConn;
 use agent_jobs::{
     SessionId, SessionKeys,
     keys::{SESSION_HEARTBEATS, SESSION_STATE_PATTERN, session_of_state_key},
     session_state::fields,
 };
-use redis::aio::ConnectionManager;
 
 use crate::{
     metrics,
@@ -46,7 +46,7 @@ pub struct SweepReport {
 /// Removes stale sessions. Cheap to clone.
 #[derive(Clone)]
 pub struct StaleSessionSweep {
-    conn: ConnectionManager,
+    conn: RedisConn,
     store: SessionStore,
     batch_size: usize,
     stale_after: Duration,
@@ -67,7 +67,7 @@ impl std::fmt::Debug for StaleSessionSweep {
 impl StaleSessionSweep {
     /// A sweep over `store`'s Redis, `batch_size` sessions per script call.
     pub fn new(
-        conn: ConnectionManager,
+        conn: RedisConn,
         store: SessionStore,
         batch_size: usize,
         stale_after: Duration,
@@ -87,7 +87,7 @@ impl StaleSessionSweep {
     /// The sweep as the settings say (`sweep.batch_size`, `session.stale_after`,
     /// `session.max_age`, `session.ended_ttl`), for the worker and the `sweep` command alike.
     pub fn from_settings(
-        conn: ConnectionManager,
+        conn: RedisConn,
         store: SessionStore,
         settings: &crate::settings::Settings,
     ) -> Self {

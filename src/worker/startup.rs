@@ -10,8 +10,8 @@
 
 use std::{net::SocketAddr, sync::Arc};
 
+use crate::connection::RedisConn;
 use agent_jobs::QueueKeys;
-use redis::aio::ConnectionManager;
 
 use super::{launcher::LauncherFactory, listener::Listener};
 use crate::{
@@ -75,7 +75,7 @@ pub struct Worker {
 
 /// What the build step connected to and chose.
 pub(super) struct Connected {
-    pub(super) conn: ConnectionManager,
+    pub(super) conn: RedisConn,
     pub(super) redis_health: RedisHealth,
     /// For the wake-up listener's own (pub/sub) connection, with the same TLS settings.
     pub(super) wake_client: redis::Client,
@@ -203,10 +203,7 @@ impl Drop for ContainmentInUse {
 
 /// Refuses a Redis whose `maxmemory-policy` evicts keys, unless `redis.allow_eviction`; a
 /// policy that cannot be read is warned about (managed services may hide it), not refused.
-async fn check_eviction(
-    conn: &ConnectionManager,
-    settings: &Settings,
-) -> Result<(), RefusedToStart> {
+async fn check_eviction(conn: &RedisConn, settings: &Settings) -> Result<(), RefusedToStart> {
     match dataset::Sample::read(conn).await {
         Ok(sample) => {
             let policy = sample.maxmemory_policy.clone().unwrap_or_default();

@@ -4,11 +4,11 @@
 
 use std::collections::HashMap;
 
-use redis::aio::ConnectionManager;
+use agent_worker::connection::RedisConn;
 
 /// Calls per command so far (lower-case names, subcommands as `config|resetstat`), commands
 /// run inside scripts included.
-pub async fn command_calls(conn: &ConnectionManager) -> HashMap<String, u64> {
+pub async fn command_calls(conn: &RedisConn) -> HashMap<String, u64> {
     let info: String = redis::cmd("INFO")
         .arg("commandstats")
         .query_async(&mut conn.clone())
@@ -19,7 +19,7 @@ pub async fn command_calls(conn: &ConnectionManager) -> HashMap<String, u64> {
 
 /// Calls of one command so far (lower-case name), 0 if Redis has not run it; as
 /// [`command_calls`].
-pub async fn command_count(conn: &ConnectionManager, command: &str) -> u64 {
+pub async fn command_count(conn: &RedisConn, command: &str) -> u64 {
     command_calls(conn).await.get(command).copied().unwrap_or(0)
 }
 

@@ -1,27 +1,28 @@
 //! The job queue as a test drives and observes it: enqueueing (also raw payloads), the done
 //! and dead sets, and the registered job-worker runs.
 
+use agent_worker::connection::RedisConn;
 use std::time::Duration;
 
 use agent_jobs::{AgentStart, Producer, QueueKeys, SessionId};
-use redis::{AsyncCommands, aio::ConnectionManager};
+use redis::AsyncCommands;
 
 use super::{QUEUE, command_calls, hget, is_member, wait_for};
 
 /// A producer for [`QUEUE`] on `conn`.
-pub fn producer(conn: &ConnectionManager) -> Producer<ConnectionManager> {
+pub fn producer(conn: &RedisConn) -> Producer<RedisConn> {
     Producer::new(conn.clone(), QueueKeys::new(QUEUE).unwrap())
 }
 
 /// Enqueues an agent start for `id` (for `user`, if any); the task id.
-pub async fn enqueue(conn: &ConnectionManager, id: &SessionId, user: Option<&str>) -> String {
+pub async fn enqueue(conn: &RedisConn, id: &SessionId, user: Option<&str>) -> String {
     let mut job = AgentStart::new(id.clone());
     job.user_id = user.map(str::to_owned);
     producer(conn).enqueue(&job).await.expect("enqueue").task_id
 }
 
 /// Writes a job with arbitrary payload bytes in the wire format, as a foreign producer could.
-pub async fn push_raw(conn: &ConnectionManager, payload: &[u8]) -> String {
+pub async fn push_raw(conn: &RedisConn, payload: &[u8]) -> String {
     let keys = QueueKeys::new(QUEUE).unwrap();
     let id = ulid::Ulid::generate().to_string();
     let mut c = conn.clone();
@@ -48,7 +49,7 @@ pub async fn push_raw(conn: &ConnectionManager, payload: &[u8]) -> String {
 }
 
 /// Waits until task `task_id` is in the dead set and returns its stored result.
-pub async fn wait_dead(conn: &ConnectionManager, task_id: &str) -> String {
+pub async fn wait_dead(conn: &RedisConn, task_id: &str) -> String {
     let keys = QueueKeys::new(QUEUE).unwrap();
     wait_for(
         &format!("task {task_id} in the dead set"),
@@ -63,7 +64,7 @@ pub async fn wait_dead(conn: &ConnectionManager, task_id: &str) -> String {
 
 /// True once the task finished well: in the done set, or already moved from it into the
 /// retention index.
-pub async fn is_done(conn: &ConnectionManager, task_id: &str) -> bool {
+pub async fn is_done(conn: &RedisConn, task_id: &str) -> bool {
     let keys = QueueKeys::new(QUEUE).unwrap();
     let indexed: Option<f64> = conn
         .clone()
@@ -74,7 +75,7 @@ pub async fn is_done(conn: &ConnectionManager, task_id: &str) -> bool {
 }
 
 /// Finished-well jobs: the done set plus the retention index.
-pub async fn done_count(conn: &ConnectionManager) -> u64 {
+pub async fn done_count(conn: &RedisConn) -> u64 {
     let keys = QueueKeys::new(QUEUE).unwrap();
     let (inbox, indexed): (u64, u64) = redis::pipe()
         .scard(keys.done())
@@ -86,7 +87,7 @@ pub async fn done_count(conn: &ConnectionManager) -> u64 {
 }
 
 /// Waits (up to `deadline`) until task `task_id` is done ([`is_done`]).
-pub async fn wait_done(conn: &ConnectionManager, task_id: &str, deadline: Duration) {
+pub async fn wait_done(conn: &RedisConn, task_id: &str, deadline: Duration) {
     wait_for(&format!("task {task_id} to be done"), deadline, || async {
         is_done(conn, task_id).await.then_some(())
     })
@@ -94,7 +95,7 @@ pub async fn wait_done(conn: &ConnectionManager, task_id: &str, deadline: Durati
 }
 
 /// Names of the registered apalis worker runs (`<worker id>-<run>`).
-pub async fn worker_runs(conn: &ConnectionManager) -> Vec<String> {
+pub async fn worker_runs(conn: &RedisConn) -> Vec<String> {
     conn.clone()
         .zrange(QueueKeys::new(QUEUE).unwrap().workers(), 0, -1)
         .await
@@ -104,7 +105,7 @@ pub async fn worker_runs(conn: &ConnectionManager) -> Vec<String> {
 /// Waits (up to 10 s) until the one worker on this Redis is idle: registered, subscribed to
 /// the wake channel, and its first (empty) fetch done (the fetch script is the only caller of
 /// LRANGE).
-pub async fn wait_idle(conn: &ConnectionManager) {
+pub async fn wait_idle(conn: &RedisConn) {
     let keys = QueueKeys::new(QUEUE).unwrap();
     wait_for("the worker to be idle", Duration::from_secs(10), || async {
         let subscribed: Vec<(String, u64)> = redis::cmd("PUBSUB")
@@ -123,7 +124,7 @@ pub async fn wait_idle(conn: &ConnectionManager) {
 }
 
 /// Asserts that the job worker is still in its first run: nothing made it crash and restart.
-pub async fn assert_first_run(conn: &ConnectionManager, context: &str) {
+pub async fn assert_first_run(conn: &RedisConn, context: &str) {
     let runs = worker_runs(conn).await;
     assert!(
         runs.len() == 1 && runs[0].ends_with("-0"),

@@ -1,21 +1,22 @@
 //! A session's keys as a test writes and reads them: its config, status, agent pid and the
 //! agent's shipped output.
 
+use agent_worker::connection::RedisConn;
 use std::time::Duration;
 
 use agent_jobs::{SessionConfigInput, SessionId, SessionKeys};
-use redis::{AsyncCommands, aio::ConnectionManager};
+use redis::AsyncCommands;
 
 use super::{enqueue, hget, wait_for};
 
 /// Writes the session's config as the orchestrator does: voice and user name only.
-pub async fn write_config(conn: &ConnectionManager, id: &SessionId, voice: &str, user: &str) {
+pub async fn write_config(conn: &RedisConn, id: &SessionId, voice: &str, user: &str) {
     write_full_config(conn, id, voice, user, None, None).await
 }
 
 /// Writes the session's config with the optional fields too (an hour's TTL).
 pub async fn write_full_config(
-    conn: &ConnectionManager,
+    conn: &RedisConn,
     id: &SessionId,
     voice: &str,
     user: &str,
@@ -34,12 +35,12 @@ pub async fn write_full_config(
 }
 
 /// The session's `status` field, if its state record exists.
-pub async fn status(conn: &ConnectionManager, id: &SessionId) -> Option<String> {
+pub async fn status(conn: &RedisConn, id: &SessionId) -> Option<String> {
     hget(conn, &SessionKeys::new(id).state(), "status").await
 }
 
 /// Waits until the session's status is `want`.
-pub async fn wait_status(conn: &ConnectionManager, id: &SessionId, want: &str, deadline: Duration) {
+pub async fn wait_status(conn: &RedisConn, id: &SessionId, want: &str, deadline: Duration) {
     let what = format!("session {id} to be {want}");
     wait_for(&what, deadline, || async {
         (status(conn, id).await.as_deref() == Some(want)).then_some(())
@@ -49,7 +50,7 @@ pub async fn wait_status(conn: &ConnectionManager, id: &SessionId, want: &str, d
 
 /// The output lines of a session's agent shipped to Redis so far (shipped asynchronously:
 /// the latest may not have arrived yet).
-pub async fn agent_logs(conn: &ConnectionManager, id: &SessionId) -> Vec<String> {
+pub async fn agent_logs(conn: &RedisConn, id: &SessionId) -> Vec<String> {
     conn.clone()
         .lrange(SessionKeys::new(id).agent_logs(), 0, -1)
         .await
@@ -57,7 +58,7 @@ pub async fn agent_logs(conn: &ConnectionManager, id: &SessionId) -> Vec<String>
 }
 
 /// The pid of a session's agent, recorded once it was spawned; panics if there is none.
-pub async fn agent_pid(conn: &ConnectionManager, id: &SessionId) -> u32 {
+pub async fn agent_pid(conn: &RedisConn, id: &SessionId) -> u32 {
     let pid: Option<u32> = conn
         .clone()
         .get(SessionKeys::new(id).agent_pid())
@@ -68,7 +69,7 @@ pub async fn agent_pid(conn: &ConnectionManager, id: &SessionId) -> u32 {
 
 /// The score of `id` in the heartbeat index (unix seconds of its owner's last heartbeat of
 /// it), `None` while it is not indexed.
-pub async fn heartbeat_score(conn: &ConnectionManager, id: &SessionId) -> Option<f64> {
+pub async fn heartbeat_score(conn: &RedisConn, id: &SessionId) -> Option<f64> {
     conn.clone()
         .zscore(agent_jobs::keys::SESSION_HEARTBEATS, id.as_str())
         .await
@@ -76,14 +77,14 @@ pub async fn heartbeat_score(conn: &ConnectionManager, id: &SessionId) -> Option
 }
 
 /// Enqueues a job for `id` and waits (up to 20 s) until its agent is ready; the task id.
-pub async fn start_ready(conn: &ConnectionManager, id: &SessionId) -> String {
+pub async fn start_ready(conn: &RedisConn, id: &SessionId) -> String {
     let task = enqueue(conn, id, None).await;
     wait_status(conn, id, "ready", Duration::from_secs(20)).await;
     task
 }
 
 /// What the test agent of a session reported receiving (`test-agent received {json}`).
-pub async fn received(conn: &ConnectionManager, id: &SessionId) -> Option<serde_json::Value> {
+pub async fn received(conn: &RedisConn, id: &SessionId) -> Option<serde_json::Value> {
     let lines = agent_logs(conn, id).await;
     lines.iter().find_map(|line| {
         line.strip_prefix("test-agent received ")
@@ -92,7 +93,7 @@ pub async fn received(conn: &ConnectionManager, id: &SessionId) -> Option<serde_
 }
 
 /// Waits (up to 10 s) for [`received`].
-pub async fn wait_received(conn: &ConnectionManager, id: &SessionId) -> serde_json::Value {
+pub async fn wait_received(conn: &RedisConn, id: &SessionId) -> serde_json::Value {
     wait_for(
         &format!("the agent of {id} to report its arguments"),
         Duration::from_secs(10),

@@ -1,10 +1,11 @@
 //! A test's own `redis-server` with a connection to it, the worker settings that point at it,
 //! and reads of what it holds.
 
+use agent_worker::connection::RedisConn;
 use std::collections::HashMap;
 
 use agent_worker::{cli::local_redis::LocalRedis, connection, settings::Settings};
-use redis::{AsyncCommands, aio::ConnectionManager};
+use redis::AsyncCommands;
 
 use super::TEST_AGENT;
 
@@ -13,7 +14,7 @@ pub struct TestRedis {
     /// The server (stop and restart it to simulate an outage).
     pub redis: LocalRedis,
     /// The test's own connection (never the worker's).
-    pub conn: ConnectionManager,
+    pub conn: RedisConn,
 }
 
 impl TestRedis {
@@ -86,12 +87,12 @@ pub fn settings(url: &str, overrides: &[(&str, &str)]) -> Settings {
 }
 
 /// `HGET key field`.
-pub async fn hget(conn: &ConnectionManager, key: &str, field: &str) -> Option<String> {
+pub async fn hget(conn: &RedisConn, key: &str, field: &str) -> Option<String> {
     conn.clone().hget(key, field).await.expect("HGET")
 }
 
 /// `SISMEMBER set member`.
-pub async fn is_member(conn: &ConnectionManager, set: &str, member: &str) -> bool {
+pub async fn is_member(conn: &RedisConn, set: &str, member: &str) -> bool {
     conn.clone()
         .sismember(set, member)
         .await
