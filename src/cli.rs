@@ -262,12 +262,20 @@ async fn status(settings: Settings, json: bool) -> anyhow::Result<()> {
         let warm = w
             .warm_idle
             .map_or_else(String::new, |n| format!("  warm idle {n}"));
+        let draining = w.info.as_ref().and_then(|i| i.draining_since);
+        let state = match (w.alive, draining) {
+            (false, _) => "silent".to_owned(),
+            // The calls left are its agents: it exits when the last one ends.
+            (true, Some(since)) => format!(
+                "draining for {}s, {} calls left",
+                crate::clock::unix_now().saturating_sub(since),
+                w.agents
+            ),
+            (true, None) => "alive".to_owned(),
+        };
         println!(
-            "  {:<40} agents {:>4}  seen {:>4}s ago  {}{warm}",
-            w.id,
-            w.agents,
-            w.last_seen_secs,
-            if w.alive { "alive" } else { "silent" }
+            "  {:<40} agents {:>4}  seen {:>4}s ago  {state}{warm}",
+            w.id, w.agents, w.last_seen_secs,
         );
     }
     Ok(())

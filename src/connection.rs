@@ -6,6 +6,11 @@
 //! waits for Redis with back-off instead of exiting, so a worker that boots before Redis does
 //! not crash-loop.
 //!
+//! What callers hold is a [`RedisConn`] ([`primary`]): the manager of the current primary,
+//! replaced when a failover demotes it (`READONLY`) or the sentinels name another
+//! ([`sentinel`], with `redis.sentinels`). [`connect`] finds the primary the same way for the
+//! worker and for every CLI command.
+//!
 //! Credentials are the exception to retrying: a wrong password (or none where the server asks
 //! for one) is found by a first plain connection and a `PING`, and reported at once as
 //! [`ConnectError::AuthFailed`] (`redis_auth_failed`): a command-line call fails in
@@ -293,15 +298,35 @@ impl Locator {
     }
 }
 
-/// `host:port` a client connects to, for logs (never with credentials).
+/// `host:port` a client connects to, for logs (never with credentials); an IPv6 host in
+/// brackets.
 fn address(client: &Client) -> String {
     match client.get_connection_info().addr() {
+        ConnectionAddr::Tcp(host, port) | ConnectionAddr::TcpTls { host, port, .. }
+            if host.contains(':') =>
+        {
+            format!("[{host}]:{port}")
+        }
         ConnectionAddr::Tcp(host, port) | ConnectionAddr::TcpTls { host, port, .. } => {
             format!("{host}:{port}")
         }
         ConnectionAddr::Unix(path) => path.display().to_string(),
         _ => "unknown".to_owned(),
     }
+}
+
+/// `redis.url` with its host and port replaced by `addr` (`host:port`, as [`Server::addr`]):
+/// the credentials, database and scheme (TLS) stay. For agents under Sentinel; it carries the
+/// password, so it never goes to a log.
+pub fn url_at(settings: &RedisSettings, addr: &str) -> String {
+    let url = settings.url.expose();
+    let (scheme, rest) = url.split_once("://").unwrap_or(("redis", url));
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let userinfo = authority
+        .rsplit_once('@')
+        .map(|(user, _)| format!("{user}@"))
+        .unwrap_or_default();
+    format!("{scheme}://{userinfo}{addr}{path}")
 }
 
 /// The manager of every long-lived connection: the configured timeouts, and reconnect
@@ -461,6 +486,18 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         Settings::load_from(None, env).unwrap().redis
+    }
+
+    #[test]
+    fn a_url_at_another_address_keeps_credentials_db_and_scheme() {
+        let at =
+            |url: &str, addr: &str| url_at(&settings(&[("AGENT_WORKER__REDIS__URL", url)]), addr);
+        assert_eq!(
+            at("rediss://app:p%40ss@cache:6380/2", "10.0.0.7:6379"),
+            "rediss://app:p%40ss@10.0.0.7:6379/2"
+        );
+        assert_eq!(at("redis://cache", "[::1]:7000"), "redis://[::1]:7000");
+        assert_eq!(at("redis://:pw@cache:6379/", "h:1"), "redis://:pw@h:1/");
     }
 
     #[test]

@@ -37,6 +37,10 @@ pub struct WorkerInfo {
     pub clock_offset_ms: i64,
     /// When it started (unix seconds, Redis's clock).
     pub started_at: u64,
+    /// Since when it drains (unix seconds, Redis's clock): it was asked to stop (a deploy),
+    /// fetches no more jobs, and exits when its last call has ended. Absent while it serves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub draining_since: Option<u64>,
 }
 
 impl WorkerInfo {
@@ -48,6 +52,7 @@ impl WorkerInfo {
             max_agents: max_agents as u64,
             clock_offset_ms: clock::offset_ms(),
             started_at: unix_now(),
+            draining_since: None,
         }
     }
 }
@@ -65,6 +70,10 @@ pub struct Presence {
     conn: RedisConn,
     worker_id: String,
     info: WorkerInfo,
+    /// Fires at the first shutdown request: from then on the worker drains.
+    draining: CancellationToken,
+    /// When it began draining, once known.
+    draining_since: std::sync::Arc<std::sync::OnceLock<u64>>,
 }
 
 impl std::fmt::Debug for Presence {
@@ -76,12 +85,20 @@ impl std::fmt::Debug for Presence {
 }
 
 impl Presence {
-    /// The presence of `worker_id`, described by `info`.
-    pub fn new(conn: RedisConn, worker_id: impl Into<String>, info: WorkerInfo) -> Self {
+    /// The presence of `worker_id`, described by `info`; reported draining once `draining`
+    /// fires (the first shutdown request).
+    pub fn new(
+        conn: RedisConn,
+        worker_id: impl Into<String>,
+        info: WorkerInfo,
+        draining: CancellationToken,
+    ) -> Self {
         Self {
             conn,
             worker_id: worker_id.into(),
             info,
+            draining,
+            draining_since: Default::default(),
         }
     }
 
@@ -95,6 +112,7 @@ impl Presence {
     ) -> redis::RedisResult<()> {
         let info = WorkerInfo {
             clock_offset_ms: clock::offset_ms(),
+            draining_since: self.draining_since.get().copied(),
             ..self.info.clone()
         };
         let info = serde_json::to_string(&info).expect("WorkerInfo serializes");
@@ -138,7 +156,8 @@ pub struct PresenceHeartbeat {
 
 impl PresenceHeartbeat {
     /// `presence` written every `every` with what `supervisor` runs; failures noted in
-    /// `redis_health`.
+    /// `redis_health`. Once the presence drains, that is written at once, and at every tick
+    /// after.
     pub fn new(
         presence: Presence,
         supervisor: Supervisor,
@@ -158,10 +177,15 @@ impl PresenceHeartbeat {
         let mut ticker = tokio::time::interval(self.every);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut clock_failing = false;
+        let mut reported_draining = false;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = ticker.tick() => {}
+                _ = self.presence.draining.cancelled(), if !reported_draining => {
+                    let _ = self.presence.draining_since.set(unix_now());
+                    reported_draining = true;
+                }
             }
             // Re-measured every tick: the host's clock may be stepped or drift. A failed
             // measurement keeps the last offset; presence is written regardless.

@@ -7,6 +7,11 @@
 //! [`WakeHub`], and [`WakeStrategy`] turns it into a fetch. A slow fallback poll covers
 //! producers that do not publish and messages lost while the pub/sub connection reconnects;
 //! after a reconnect every worker is woken once, in case a push happened meanwhile.
+//!
+//! The listener follows the process's [`RedisConn`] through a failover: when the connection
+//! moves to a new primary, the subscription is made again there ([`RedisConn::moves`],
+//! [`RedisConn::client`]). A demoted primary may still relay the new primary's publishes (they
+//! replicate), but one that was killed or fenced does not.
 
 use std::{
     future::Future,
@@ -20,6 +25,8 @@ use apalis::prelude::{PollSnapshot, PollStrategy};
 use futures::StreamExt;
 use tokio::{sync::mpsc, time::MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
+
+use crate::connection::RedisConn;
 
 /// Fans wake-ups out to the workers of this process.
 #[derive(Debug, Clone, Default)]
@@ -104,34 +111,30 @@ impl PollStrategy for WakeStrategy {
 }
 
 /// The process's pub/sub connection: relays messages on `channel` to `hub`, reconnecting with
-/// back-off; after each (re)connect every worker is woken once.
+/// back-off, and again on the primary whenever `conn` moves; after each (re)connect every
+/// worker is woken once.
 pub struct WakeListener {
-    client: redis::Client,
+    conn: RedisConn,
     channel: String,
     hub: WakeHub,
 }
 
 impl WakeListener {
-    /// A listener on `channel` (the queue's wake channel) through its own connection of
-    /// `client`, relaying to `hub`.
-    pub fn new(client: redis::Client, channel: String, hub: WakeHub) -> Self {
-        Self {
-            client,
-            channel,
-            hub,
-        }
+    /// A listener on `channel` (the queue's wake channel) through its own connection to the
+    /// primary `conn` is on, relaying to `hub`.
+    pub fn new(conn: RedisConn, channel: String, hub: WakeHub) -> Self {
+        Self { conn, channel, hub }
     }
 
     /// Relays until `shutdown`.
     pub async fn run(self, shutdown: CancellationToken) {
-        let Self {
-            client,
-            channel,
-            hub,
-        } = self;
+        let Self { conn, channel, hub } = self;
+        let mut moves = conn.moves();
         let mut delay = Duration::from_millis(100);
         let mut failing = false;
         loop {
+            moves.mark_unchanged();
+            let client = conn.client();
             let session = async {
                 let mut pubsub = client.get_async_pubsub().await?;
                 pubsub.subscribe(&channel).await?;
@@ -150,14 +153,20 @@ impl WakeListener {
                     // Anything pushed while we were not subscribed has no message coming.
                     hub.wake_all();
                     let mut messages = pubsub.on_message();
-                    loop {
+                    let moved = loop {
                         tokio::select! {
                             _ = shutdown.cancelled() => return,
+                            _ = moves.changed() => break true,
                             message = messages.next() => match message {
                                 Some(_) => hub.wake_all(),
-                                None => break,
+                                None => break false,
                             },
                         }
+                    };
+                    if moved {
+                        // Subscribe on the new primary at once, no back-off.
+                        tracing::info!(channel = %channel, "wake_listener_moved");
+                        continue;
                     }
                     tracing::warn!(channel = %channel, "wake_listener_disconnected");
                     failing = true;

@@ -5,7 +5,7 @@
 //! read a value for an option), an option left out when its value is empty; `SESSION_ID`,
 //! `VOICE_ID` and `SESSION_CONFIG` added to the inherited environment. Never a shell.
 
-use std::path::PathBuf;
+use std::{path::PathBuf, sync::Arc};
 
 use agent_jobs::SessionId;
 
@@ -14,9 +14,13 @@ use crate::{
     settings::{AgentSettings, ArgStyle},
 };
 
+/// Variables whose values are only known at launch time (the current Redis primary under
+/// Sentinel), added after the session's own.
+pub type LaunchEnv = Arc<dyn Fn() -> Vec<(String, String)> + Send + Sync>;
+
 /// How the agent of a session is launched: `agent.command`, `agent.arg_style` and
 /// `agent.log_dir`. Built once from settings.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct AgentCommand {
     /// Program and leading arguments (validated non-empty).
     pub command: Vec<String>,
@@ -24,6 +28,19 @@ pub struct AgentCommand {
     pub arg_style: ArgStyle,
     /// Where per-session log files go, if anywhere.
     pub log_dir: Option<PathBuf>,
+    /// Variables computed at each launch, if any.
+    pub launch_env: Option<LaunchEnv>,
+}
+
+impl std::fmt::Debug for AgentCommand {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Not the launch variables: they may carry a Redis password.
+        f.debug_struct("AgentCommand")
+            .field("command", &self.command)
+            .field("arg_style", &self.arg_style)
+            .field("log_dir", &self.log_dir)
+            .finish_non_exhaustive()
+    }
 }
 
 impl AgentCommand {
@@ -33,7 +50,14 @@ impl AgentCommand {
             command: agent.command.clone(),
             arg_style: agent.arg_style,
             log_dir: agent.log_dir.clone(),
+            launch_env: None,
         }
+    }
+
+    /// Adds the variables `env` computes at each launch.
+    pub fn with_launch_env(mut self, env: LaunchEnv) -> Self {
+        self.launch_env = Some(env);
+        self
     }
 
     /// The session's options (contract §4): `--room=<id> --voice-id=<voice>
@@ -74,16 +98,20 @@ impl AgentCommand {
             .expect("agent.command is validated non-empty");
         let mut args = leading.to_vec();
         args.extend(self.session_args(id, config));
+        let mut env = vec![
+            ("SESSION_ID".to_owned(), id.to_string()),
+            ("VOICE_ID".to_owned(), config.voice_id().to_owned()),
+            ("SESSION_CONFIG".to_owned(), config.to_json()),
+        ];
+        if let Some(launch_env) = &self.launch_env {
+            env.extend(launch_env());
+        }
         LaunchSpec {
             session_id: id.clone(),
             program: program.clone(),
             args,
             leading_args: leading.len(),
-            env: vec![
-                ("SESSION_ID".to_owned(), id.to_string()),
-                ("VOICE_ID".to_owned(), config.voice_id().to_owned()),
-                ("SESSION_CONFIG".to_owned(), config.to_json()),
-            ],
+            env,
             log_file: self.log_file(id),
         }
     }
@@ -129,6 +157,7 @@ mod tests {
             command: vec!["python3".into(), "/app/voice_assistant.py".into()],
             arg_style: style,
             log_dir: Some(PathBuf::from("/var/log/voice-agents")),
+            launch_env: None,
         }
     }
 

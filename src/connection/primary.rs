@@ -63,13 +63,31 @@ pub enum Fault {
 }
 
 impl Fault {
+    /// The fault a server error code names, if it is one that moving may cure.
+    fn of_code(code: &str) -> Option<Self> {
+        match code {
+            "READONLY" => Some(Self::ReadOnly),
+            "LOADING" => Some(Self::Loading),
+            "MASTERDOWN" => Some(Self::MasterDown),
+            _ => None,
+        }
+    }
+
+    /// The fault in a reply: redis-rs hands error replies back as values
+    /// (`Value::ServerError`), turned into errors only when the caller converts them; in a
+    /// pipeline's (or a transaction's) replies, the first such.
+    fn in_reply(value: &Value) -> Option<Self> {
+        match value {
+            Value::ServerError(error) => Self::of_code(error.code()),
+            Value::Array(items) => items.iter().find_map(Self::in_reply),
+            _ => None,
+        }
+    }
+
     /// The fault `error` reports, if it is one that moving may cure.
     pub fn of(error: &RedisError) -> Option<Self> {
-        match error.code() {
-            Some("READONLY") => return Some(Self::ReadOnly),
-            Some("LOADING") => return Some(Self::Loading),
-            Some("MASTERDOWN") => return Some(Self::MasterDown),
-            _ => {}
+        if let Some(fault) = error.code().and_then(Self::of_code) {
+            return Some(fault);
         }
         if error.kind() == ErrorKind::Io
             && (error.is_connection_dropped() || error.is_connection_refusal())
@@ -256,17 +274,14 @@ impl RedisConn {
             return;
         }
         match super::open(&self.shared.settings, &self.shared.locator).await {
-            Ok((client, manager, server)) if server.is_primary() => {
-                let moved = server.run_id != old.server.run_id || server.addr != old.server.addr;
-                if moved {
-                    metrics::redis_failover(fault.as_str());
-                    tracing::warn!(
-                        from = %old.server,
-                        to = %server,
-                        reason = fault.as_str(),
-                        "redis_failover"
-                    );
-                }
+            Ok((client, manager, server)) if server.is_primary() && server != old.server => {
+                metrics::redis_failover(fault.as_str());
+                tracing::warn!(
+                    from = %old.server,
+                    to = %server,
+                    reason = fault.as_str(),
+                    "redis_failover"
+                );
                 let generation = old.generation + 1;
                 *self.shared.link.write().expect("link lock") = Arc::new(Link {
                     generation,
@@ -276,6 +291,9 @@ impl RedisConn {
                 });
                 self.shared.moves.send_replace(generation);
             }
+            // The same server (its connection broke and came back; an announcement we had
+            // followed already): the link stays, and the new connection is dropped.
+            Ok((_, _, server)) if server.is_primary() => {}
             Ok((_, _, server)) => tracing::debug!(
                 server = %server,
                 reason = fault.as_str(),
@@ -293,17 +311,18 @@ impl RedisConn {
     /// the server refused the request without running it, sends it once more.
     async fn send<R: Request>(&self, request: R) -> redis::RedisResult<R::Reply> {
         let link = self.link();
-        let error = match request.send(&mut link.manager.clone()).await {
-            Ok(reply) => return Ok(reply),
-            Err(error) => error,
+        let reply = request.send(&mut link.manager.clone()).await;
+        let fault = match &reply {
+            Ok(reply) => R::fault(reply),
+            Err(error) => Fault::of(error),
         };
-        let Some(fault) = Fault::of(&error) else {
-            return Err(error);
+        let Some(fault) = fault else {
+            return reply;
         };
         self.follow(link.generation, fault).await;
         let moved = self.link();
         if !fault.refused() || moved.generation == link.generation {
-            return Err(error);
+            return reply;
         }
         request.send(&mut moved.manager.clone()).await
     }
@@ -312,6 +331,8 @@ impl RedisConn {
 /// What a caller sends: one command ([`One`]) or a pipeline ([`Many`]).
 trait Request: Copy {
     type Reply;
+    /// A fault the server reported in a reply (not as an error).
+    fn fault(reply: &Self::Reply) -> Option<Fault>;
     fn send<'m>(self, manager: &'m mut ConnectionManager) -> RedisFuture<'m, Self::Reply>
     where
         Self: 'm;
@@ -322,6 +343,9 @@ struct One<'a>(&'a Cmd);
 
 impl Request for One<'_> {
     type Reply = Value;
+    fn fault(reply: &Value) -> Option<Fault> {
+        Fault::in_reply(reply)
+    }
     fn send<'m>(self, manager: &'m mut ConnectionManager) -> RedisFuture<'m, Value>
     where
         Self: 'm,
@@ -335,6 +359,9 @@ struct Many<'a>(&'a Pipeline, usize, usize);
 
 impl Request for Many<'_> {
     type Reply = Vec<Value>;
+    fn fault(replies: &Vec<Value>) -> Option<Fault> {
+        replies.iter().find_map(Fault::in_reply)
+    }
     fn send<'m>(self, manager: &'m mut ConnectionManager) -> RedisFuture<'m, Vec<Value>>
     where
         Self: 'm,
@@ -359,5 +386,47 @@ impl ConnectionLike for RedisConn {
 
     fn get_db(&self) -> i64 {
         self.link().manager.get_db()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reply(bytes: &[u8]) -> Value {
+        redis::parse_redis_value(bytes).expect("a RESP reply")
+    }
+
+    #[test]
+    fn replies_that_mean_another_server_is_the_primary_are_faults() {
+        for (resp, fault) in [
+            (
+                &b"-READONLY You can't write against a read only replica.\r\n"[..],
+                Fault::ReadOnly,
+            ),
+            (
+                b"-LOADING Redis is loading the dataset in memory\r\n",
+                Fault::Loading,
+            ),
+            (
+                b"-MASTERDOWN Link with MASTER is down\r\n",
+                Fault::MasterDown,
+            ),
+        ] {
+            assert_eq!(Fault::in_reply(&reply(resp)), Some(fault));
+            assert!(fault.refused(), "{fault:?}: not run, so sent again");
+        }
+        // In a pipeline's (or EXEC's) replies too.
+        let exec = reply(b"*2\r\n+OK\r\n-READONLY no\r\n");
+        assert_eq!(Fault::in_reply(&exec), Some(Fault::ReadOnly));
+        for other in [
+            &b"-ERR wrong\r\n"[..],
+            b"-NOSCRIPT x\r\n",
+            b"+OK\r\n",
+            b":1\r\n",
+        ] {
+            assert_eq!(Fault::in_reply(&reply(other)), None);
+        }
+        assert!(!Fault::Reset.refused(), "a reset command may have run");
     }
 }

@@ -91,6 +91,29 @@ impl Sentinels {
     }
 }
 
+/// What an agent gets under Sentinel, computed at each launch: `REDIS_URL` names the primary
+/// the worker is on at that moment (with `redis.url`'s credentials, database and scheme), and
+/// `REDIS_SENTINELS` (comma-separated `host:port`) and `REDIS_SENTINEL_MASTER` let an agent
+/// that can follow a failover itself do so.
+pub fn agent_env(
+    conn: RedisConn,
+    settings: RedisSettings,
+) -> impl Fn() -> Vec<(String, String)> + Send + Sync {
+    move || {
+        vec![
+            (
+                "REDIS_URL".to_owned(),
+                super::url_at(&settings, &conn.server().addr),
+            ),
+            ("REDIS_SENTINELS".to_owned(), settings.sentinels.join(",")),
+            (
+                "REDIS_SENTINEL_MASTER".to_owned(),
+                settings.sentinel_master.clone(),
+            ),
+        ]
+    }
+}
+
 /// Until `shutdown`: subscribed to `+switch-master` on one sentinel at a time, moves `conn` to
 /// the new primary as soon as the sentinels announce a failover of ours.
 pub async fn follow_announcements(

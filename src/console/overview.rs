@@ -49,8 +49,12 @@ pub struct OverviewView {
     pub listed: usize,
     /// Agents on the live workers.
     pub agents: u64,
-    /// The live workers' `agent.max_agents`, summed.
+    /// The `agent.max_agents` of the live workers that take new calls, summed.
     pub capacity: u64,
+    /// Live workers that drain (a deploy): they take no new calls.
+    pub draining: usize,
+    /// Calls still running on them.
+    pub draining_calls: u64,
     /// What is wrong with which worker.
     pub problems: Vec<Problem>,
     /// Redis's `maxmemory-policy` when it lets Redis evict keys.
@@ -132,7 +136,8 @@ impl Problem {
                 agents: worker.agents,
                 max,
             }),
-            WorkerState::Alive => {}
+            // Not a problem: a deploy. The workers card counts it.
+            WorkerState::Draining { .. } | WorkerState::Alive => {}
         }
         if let Some(offset_ms) = off_clock(worker) {
             out.push(Self::OffClock {
@@ -167,8 +172,11 @@ impl OverviewView {
             listed: status.workers.len(),
             agents: live().map(|w| w.agents).sum(),
             capacity: live()
+                .filter(|w| !is_draining(w))
                 .map(|w| w.info.as_ref().map_or(0, |i| i.max_agents))
                 .sum(),
+            draining: live().filter(|w| is_draining(w)).count(),
+            draining_calls: live().filter(|w| is_draining(w)).map(|w| w.agents).sum(),
             problems: status.workers.iter().flat_map(Problem::of).collect(),
             evicting: status.maxmemory_policy.filter(|p| p != NO_EVICTION),
             recent,
@@ -177,6 +185,11 @@ impl OverviewView {
             sessions: status.sessions,
         }
     }
+}
+
+/// Whether `worker` drains (asked to stop; it takes no new calls).
+fn is_draining(worker: &WorkerRow) -> bool {
+    matches!(WorkerState::of(worker), WorkerState::Draining { .. })
 }
 
 /// The handler.
@@ -233,6 +246,9 @@ pub fn render(view: &OverviewView) -> Markup {
         div class="cards" {
             (card("alive / listed", format!("{} / {}", view.alive, view.listed), Some("/workers")))
             (card("agents / capacity", format!("{} / {}", view.agents, view.capacity), Some("/workers")))
+            @if view.draining > 0 {
+                (card("draining / calls left", format!("{} / {}", view.draining, view.draining_calls), Some("/workers")))
+            }
         }
         @if !view.problems.is_empty() {
             ul class="warn" { @for problem in &view.problems { li { (problem) } } }
@@ -310,6 +326,7 @@ mod tests {
                 max_agents: max,
                 clock_offset_ms: offset,
                 started_at: 0,
+                draining_since: None,
             }),
             warm_idle: alive.then_some(agents % 2),
         }

@@ -17,6 +17,7 @@ use super::{
 use crate::{
     clock::unix_now,
     inspect::{self, WorkerRow},
+    presence::WorkerInfo,
 };
 
 /// A clock this far from Redis's is flagged (the same threshold as `clock_offset_from_redis`).
@@ -36,6 +37,11 @@ pub struct WorkersView {
 pub enum WorkerState {
     /// No presence within the orphan timeout.
     Silent,
+    /// Asked to stop (a deploy): fetches nothing, and exits when its last call ends.
+    Draining {
+        /// Since when (unix seconds).
+        since: u64,
+    },
     /// Alive with as many agents as its `agent.max_agents`.
     Full {
         /// Its `agent.max_agents`.
@@ -50,6 +56,13 @@ impl WorkerState {
     pub fn of(worker: &WorkerRow) -> Self {
         match (worker.alive, &worker.info) {
             (false, _) => Self::Silent,
+            (
+                true,
+                Some(WorkerInfo {
+                    draining_since: Some(since),
+                    ..
+                }),
+            ) => Self::Draining { since: *since },
             (true, Some(i)) if i.max_agents > 0 && worker.agents >= i.max_agents => {
                 Self::Full { max: i.max_agents }
             }
@@ -124,6 +137,9 @@ fn row(w: &WorkerRow, now: u64) -> Vec<Markup> {
         html! {
             @match WorkerState::of(w) {
                 WorkerState::Silent => span class="bad" { "silent" },
+                WorkerState::Draining { since } => span class="warn" {
+                    "draining, " (w.agents) " calls left (began " (ago(Some(since), now)) ")"
+                },
                 WorkerState::Full { .. } => span class="warn" { "full" },
                 WorkerState::Alive => "alive",
             }
@@ -166,6 +182,7 @@ mod tests {
             max_agents,
             clock_offset_ms,
             started_at: 900,
+            draining_since: None,
         }
     }
 

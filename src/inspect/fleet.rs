@@ -229,6 +229,7 @@ mod tests {
             max_agents: 4,
             clock_offset_ms: -3,
             started_at: 100,
+            draining_since: None,
         };
         let presence = Presence {
             seen: vec![("old".into(), 900.0), ("new".into(), 990.0)],

@@ -13,6 +13,7 @@ use crate::{
         log_list,
         supervisor::{RetryPolicy, Supervisor},
     },
+    metrics,
     session::SessionStore,
     settings::Settings,
     shutdown::Shutdown,
@@ -68,7 +69,10 @@ impl Agents {
         steps: ShutdownSteps,
     ) {
         let supervisor = &self.supervisor;
-        let _ = steps.closer.await;
+        let began = steps
+            .closer
+            .await
+            .unwrap_or_else(|_| tokio::time::Instant::now());
         let agents = supervisor.agent_count();
         tracing::info!(
             agents,
@@ -78,6 +82,17 @@ impl Agents {
         let left = supervisor
             .drain(settings.shutdown.drain_timeout, &shutdown.immediate)
             .await;
+        let outcome = match (shutdown.immediate.is_cancelled(), left) {
+            (true, _) => "immediate",
+            (false, 0) => "ended",
+            (false, _) => "timeout",
+        };
+        metrics::drain_finished(outcome, began.elapsed());
+        tracing::info!(
+            outcome,
+            drained_ms = began.elapsed().as_millis() as u64,
+            "worker_drained"
+        );
         let grace = if shutdown.immediate.is_cancelled() {
             Duration::ZERO
         } else {
@@ -121,7 +136,8 @@ impl Agents {
 
 /// The supervisor's side of the two shutdown requests, watched from the start.
 pub(super) struct ShutdownSteps {
-    closer: JoinHandle<()>,
+    /// Resolves to when the first request came.
+    closer: JoinHandle<tokio::time::Instant>,
     abandoner: JoinHandle<()>,
 }
 
@@ -134,7 +150,9 @@ impl ShutdownSteps {
             let (supervisor, graceful) = (supervisor.clone(), shutdown.graceful.clone());
             tokio::spawn(async move {
                 graceful.cancelled().await;
+                metrics::drain_started();
                 supervisor.close();
+                tokio::time::Instant::now()
             })
         };
         // At the second, they are abandoned: the drain must not wait out a start-up timeout.

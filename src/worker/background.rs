@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 use super::{agents::Agents, startup::Connected};
 use crate::{
     agent::containment,
+    connection::{Locator, sentinel},
     health::{Health, RedisProbe},
     heartbeat::SessionHeartbeat,
     job_worker::DuePromotion,
@@ -50,7 +51,7 @@ impl Background {
             RedisProbe::new(c.conn.clone(), c.keys.clone(), health.clone(), PROBE_EVERY).run(stop)
         });
         tasks.spawn(|stop| {
-            WakeListener::new(c.wake_client.clone(), c.keys.wake_channel(), hub.clone()).run(stop)
+            WakeListener::new(c.conn.clone(), c.keys.wake_channel(), hub.clone()).run(stop)
         });
         tasks.spawn(|stop| DuePromotion::new(ops.clone(), settings.worker.poll_interval).run(stop));
         tasks.spawn(|stop| {
@@ -94,6 +95,13 @@ impl Background {
             )
             .run(stop)
         });
+        // Under Sentinel, a failover moves the connection when the sentinels announce it, not
+        // only at the next error.
+        if let Locator::Sentinel(sentinels) = c.conn.locator() {
+            let (conn, redis, sentinels) =
+                (c.conn.clone(), settings.redis.clone(), sentinels.clone());
+            tasks.spawn(|stop| sentinel::follow_announcements(conn, redis, sentinels, stop));
+        }
         if let Some(reaper) = OrphanReaper::if_subreaper() {
             tasks.spawn(|stop| reaper.run(stop));
         }

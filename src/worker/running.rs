@@ -11,6 +11,7 @@ use super::{
 use crate::{
     agent::command::AgentCommand,
     clock,
+    connection::{Locator, RedisConn, sentinel},
     job_worker::JobWorker,
     jobs::agent_start::AgentStartJob,
     metrics,
@@ -50,6 +51,7 @@ impl Worker {
             c.conn.clone(),
             c.id.clone(),
             WorkerInfo::of_this_process(settings.agent.max_agents),
+            shutdown.graceful.clone(),
         );
         let (hub, ops) = (
             WakeHub::new(),
@@ -61,7 +63,7 @@ impl Worker {
             job: Arc::new(AgentStartJob {
                 supervisor: agents.supervisor.clone(),
                 store: agents.store.clone(),
-                command: Arc::new(AgentCommand::from_settings(&settings.agent)),
+                command: Arc::new(agent_command(&settings, &c.conn)),
                 queue: c.keys.clone(),
                 conn: c.conn.clone(),
             }),
@@ -140,5 +142,17 @@ impl Running {
         tracing::info!(worker_id = %id, "worker_stopped");
         // 6. Last the HTTP listener: probes and scrapes saw the whole drain.
         listener.stop().await;
+    }
+}
+
+/// How agents are launched; under Sentinel each agent also learns the current primary.
+fn agent_command(settings: &Settings, conn: &RedisConn) -> AgentCommand {
+    let command = AgentCommand::from_settings(&settings.agent);
+    match conn.locator() {
+        Locator::Endpoint => command,
+        Locator::Sentinel(_) => command.with_launch_env(Arc::new(sentinel::agent_env(
+            conn.clone(),
+            settings.redis.clone(),
+        ))),
     }
 }

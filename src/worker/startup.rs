@@ -55,10 +55,6 @@ pub enum RefusedToStart {
     /// `agent.containment = "cgroup"` and no cgroup can be created.
     #[error(transparent)]
     NoCgroup(#[from] containment::NoCgroup),
-    /// The client of the wake-up listener could not be made (its TLS files went unreadable
-    /// since the first connection).
-    #[error("cannot open the Redis client of the wake-up listener: {0}")]
-    WakeClient(redis::RedisError),
 }
 
 /// A worker that is connected and may run: built by [`Worker::build`], run by [`Worker::run`].
@@ -78,7 +74,6 @@ pub(super) struct Connected {
     pub(super) conn: RedisConn,
     pub(super) redis_health: RedisHealth,
     /// For the wake-up listener's own (pub/sub) connection, with the same TLS settings.
-    pub(super) wake_client: redis::Client,
     pub(super) keys: QueueKeys,
     pub(super) id: String,
     pub(super) containment: ContainmentInUse,
@@ -172,8 +167,6 @@ impl Connected {
         health.set_redis_tls_failed(false);
         listener.console().connected(conn.clone());
         check_eviction(&conn, settings).await?;
-        let wake_client =
-            connection::client(&settings.redis).map_err(RefusedToStart::WakeClient)?;
         if let Err(error) = clock::sync(&mut conn.clone()).await {
             tracing::warn!(error = %error, "clock_sync_failed");
         }
@@ -183,7 +176,6 @@ impl Connected {
         Ok(Some(Self {
             conn,
             redis_health,
-            wake_client,
             keys,
             id,
             containment: ContainmentInUse(Arc::new(containment)),

@@ -29,7 +29,16 @@ pub struct Endpoint {
     port: u16,
     target: Arc<Mutex<u16>>,
     /// Dropping it stops the forwarding runtime, which closes every forwarded connection.
-    _runtime: tokio::runtime::Runtime,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl Drop for Endpoint {
+    fn drop(&mut self) {
+        // Tests drop it inside their own runtime, where blocking on a shutdown is not allowed.
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
 }
 
 impl Endpoint {
@@ -59,7 +68,7 @@ impl Endpoint {
         Self {
             port,
             target,
-            _runtime: runtime,
+            runtime: Some(runtime),
         }
     }
 
@@ -136,22 +145,55 @@ impl ReplicatedRedis {
     /// (its open connections stay, and answer writes with READONLY), then the endpoint leads
     /// new connections to `b`.
     pub async fn fail_over_to_b(&self) {
-        let mut b = direct(&self.b).await;
-        let mut a = direct(&self.a).await;
+        self.promote_b().await;
+        self.demote_a().await;
+    }
+
+    /// The first half: `b` stops replicating and takes writes. Until [`Self::demote_a`],
+    /// whatever is written to `a` never reaches `b`: the few seconds an asynchronous replica
+    /// lags behind, made as long as a test needs.
+    pub async fn promote_b(&self) {
         let _: () = redis::cmd("REPLICAOF")
             .arg("NO")
             .arg("ONE")
-            .query_async(&mut b)
+            .query_async(&mut direct(&self.b).await)
             .await
             .expect("promote b");
+    }
+
+    /// The second half: `a` becomes `b`'s replica (its dataset replaced by `b`'s), and the
+    /// endpoint leads new connections to `b`.
+    pub async fn demote_a(&self) {
         let _: () = redis::cmd("REPLICAOF")
             .arg("127.0.0.1")
             .arg(self.b.port())
-            .query_async(&mut a)
+            .query_async(&mut direct(&self.a).await)
             .await
             .expect("demote a");
         self.endpoint.point_at(self.b.port());
     }
+}
+
+/// Connections of `kind` (`normal`, `pubsub`) to `redis`, other than the caller's own and the
+/// sentinels' (named `sentinel-…`).
+pub async fn clients(redis: &LocalRedis, kind: &str) -> usize {
+    let mut conn = direct(redis).await;
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .arg("TYPE")
+        .arg(kind)
+        .query_async(&mut conn)
+        .await
+        .expect("CLIENT LIST");
+    let me: i64 = redis::cmd("CLIENT")
+        .arg("ID")
+        .query_async(&mut conn)
+        .await
+        .expect("CLIENT ID");
+    list.lines()
+        .filter(|line| !line.starts_with(&format!("id={me} ")))
+        .filter(|line| !line.contains(" name=sentinel-"))
+        .count()
 }
 
 /// A `redis-server --sentinel` on a free port, killed when dropped.
@@ -202,7 +244,10 @@ impl Sentinel {
             async move {
                 let client = redis::Client::open(url).ok()?;
                 let mut conn = client.get_multiplexed_async_connection().await.ok()?;
-                redis::cmd("PING").query_async::<String>(&mut conn).await.ok()
+                redis::cmd("PING")
+                    .query_async::<String>(&mut conn)
+                    .await
+                    .ok()
             }
         })
         .await;
@@ -265,33 +310,38 @@ impl SentinelRedis {
         for sentinel in &sentinels {
             let conn = sentinel.conn().await;
             let master = master.clone();
-            wait_for("each sentinel knows the replica and the other two sentinels", WAIT, || {
-                let (mut conn, master) = (conn.clone(), master.clone());
-                async move {
-                    let info: Vec<(String, String)> = redis::cmd("SENTINEL")
-                        .arg("master")
-                        .arg(&master)
-                        .query_async::<redis::Value>(&mut conn)
-                        .await
-                        .ok()
-                        .and_then(|v| redis::FromRedisValue::from_redis_value(v).ok())
-                        .map(|pairs: Vec<String>| {
-                            pairs
-                                .chunks(2)
-                                .filter_map(|p| Some((p.first()?.clone(), p.get(1)?.clone())))
-                                .collect()
-                        })
-                        .unwrap_or_default();
-                    let get = |name: &str| {
-                        info.iter()
-                            .find(|(k, _)| k == name)
-                            .map(|(_, v)| v.as_str())
-                            .unwrap_or_default()
-                            .to_owned()
-                    };
-                    (get("num-slaves") == "1" && get("num-other-sentinels") == "2").then_some(())
-                }
-            })
+            wait_for(
+                "each sentinel knows the replica and the other two sentinels",
+                WAIT,
+                || {
+                    let (mut conn, master) = (conn.clone(), master.clone());
+                    async move {
+                        let info: Vec<(String, String)> = redis::cmd("SENTINEL")
+                            .arg("master")
+                            .arg(&master)
+                            .query_async::<redis::Value>(&mut conn)
+                            .await
+                            .ok()
+                            .and_then(|v| redis::FromRedisValue::from_redis_value(v).ok())
+                            .map(|pairs: Vec<String>| {
+                                pairs
+                                    .chunks(2)
+                                    .filter_map(|p| Some((p.first()?.clone(), p.get(1)?.clone())))
+                                    .collect()
+                            })
+                            .unwrap_or_default();
+                        let get = |name: &str| {
+                            info.iter()
+                                .find(|(k, _)| k == name)
+                                .map(|(_, v)| v.as_str())
+                                .unwrap_or_default()
+                                .to_owned()
+                        };
+                        (get("num-slaves") == "1" && get("num-other-sentinels") == "2")
+                            .then_some(())
+                    }
+                },
+            )
             .await;
         }
         Self {

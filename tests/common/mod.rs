@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 mod commandstats;
+mod failover;
 mod http;
 mod ledger;
 mod procfs;
@@ -21,6 +22,7 @@ mod worker_process;
 #[allow(unused_imports)]
 pub use self::{
     commandstats::{command_calls, command_count, parse_commandstats},
+    failover::{Endpoint, ReplicatedRedis, Sentinel, SentinelRedis, clients, direct},
     http::{free_port, get, http_get, http_get_within, request},
     ledger::Ledger,
     procfs::{alive, live_agents, proc_state, room_of, wait_gone, zombie_children},
