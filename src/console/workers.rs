@@ -215,6 +215,26 @@ mod tests {
     }
 
     #[test]
+    fn a_draining_worker_shows_its_calls_left_and_is_not_full() {
+        let draining = WorkerInfo {
+            draining_since: Some(940),
+            ..info(3, 0)
+        };
+        let view = WorkersView {
+            workers: vec![worker("old-replica", true, 3, Some(draining))],
+            now: 1000,
+        };
+        assert_has(
+            &render(&view).into_string(),
+            &["<span class=\"warn\">draining, 3 calls left (began 1 m 0 s ago)</span>"],
+        );
+        assert_eq!(
+            WorkerState::of(&view.workers[0]),
+            WorkerState::Draining { since: 940 }
+        );
+    }
+
+    #[test]
     fn no_worker_says_so() {
         let html = render(&WorkersView {
             workers: Vec::new(),
