@@ -24,7 +24,9 @@ mod redis;
 mod retention;
 mod secret;
 mod session;
+mod limits;
 mod shutdown;
+mod size;
 mod sweep;
 mod telemetry;
 mod tls;
@@ -45,6 +47,7 @@ pub use self::{
     secret::{RedisUrl, Secret, redact_url},
     session::SessionSettings,
     shutdown::ShutdownSettings,
+    size::ByteSize,
     sweep::SweepSettings,
     telemetry::{LogFormat, TelemetrySettings},
     tls::TlsMode,

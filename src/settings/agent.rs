@@ -5,7 +5,7 @@ use std::{path::PathBuf, time::Duration};
 
 use serde::Deserialize;
 
-use super::{SettingsError, empty_as_none, invalid};
+use super::{ByteSize, SettingsError, empty_as_none, invalid, size::optional_size};
 
 /// Bounds of `agent.max_line_bytes`: long enough for a log line with a stack frame, short
 /// enough that a line never costs much memory per agent.
@@ -69,6 +69,19 @@ pub struct AgentSettings {
     /// An idle warm process older than this is replaced by a fresh one.
     #[serde(with = "humantime_serde")]
     pub warm_max_idle: Duration,
+    /// Hard memory limit of each agent's whole process tree; none when unset (see
+    /// `limits.rs`).
+    #[serde(deserialize_with = "optional_size")]
+    pub memory_max: Option<ByteSize>,
+    /// Soft memory limit: reclaim pressure and a one-time warning; none when unset.
+    #[serde(deserialize_with = "optional_size")]
+    pub memory_high: Option<ByteSize>,
+    /// Processes (and threads) each agent's tree may have at once; 0: no limit.
+    pub pids_max: u64,
+    /// How often each running agent's memory and CPU time are read (and, where no cgroup
+    /// enforces `memory_max`, how soon it is enforced).
+    #[serde(with = "humantime_serde")]
+    pub limits_interval: Duration,
 }
 
 /// How the session's options reach the agent's command line (`agent.arg_style`).
@@ -99,6 +112,7 @@ impl AgentSettings {
         self.validate_launch()?;
         self.validate_phases()?;
         self.validate_warm_pool()?;
+        self.validate_limits()?;
         self.validate_output()
     }
 
