@@ -6,10 +6,14 @@
 //! so that no two modules above them need each other for a type.
 //!
 //! Leaves:
-//! - [`exit`]: how an agent process ended ([`exit::AgentExit`]).
+//! - [`limits`]: per-agent resource limits, what an agent uses, the tree read from `/proc`.
+//! - [`exit`]: how an agent process ended ([`exit::AgentExit`]), its memory limit included.
 //! - [`phase`]: the start-up phases and what they are judged by ([`phase::Readiness`]).
 //! - [`spawn`]: starting a process without forking the worker, waited for on a pidfd.
-//! - [`cgroup`]: cgroup v2 directories: the worker's, each agent's, killing and removing them.
+//! - [`cgroup`]: cgroup v2 directories: the worker's, each agent's, their controllers and
+//!   limits, killing and removing them.
+//! - [`cgroup_v1`]: the v1 memory and pids hierarchies, for limits on hosts that still mount
+//!   them.
 //! - [`subreaper`]: the marker scan of re-parented descendants, and reaping adopted orphans.
 //!
 //! What an agent needs before and around its process:
@@ -38,7 +42,9 @@
 //! - [`supervisor`]: the agents of this process: launch with retries, one per session, exit.
 
 pub mod cgroup;
+pub mod cgroup_v1;
 pub mod exit;
+pub mod limits;
 pub mod phase;
 pub mod spawn;
 pub mod subreaper;

@@ -32,6 +32,9 @@
 //! | `draining` | gauge | |
 //! | `drains_total` | counter | `outcome` = `ended`, `timeout`, `immediate` |
 //! | `drain_seconds` | histogram | |
+//! | `agent_helper_oom_kills_total` | counter | |
+//! | `agent_memory_high_total` | counter | |
+//! | `agent_memory_peak_bytes` | histogram | |
 //! | `warm_idle` | gauge | |
 //! | `warm_takes_total` | counter | `result` = `warm`, `cold` |
 //! | `warm_up_seconds` | histogram | |
@@ -55,7 +58,8 @@ pub const AGENT_SPAWN_FAILURES_TOTAL: &str = "agent_worker_agent_spawn_failures_
 /// Counter of agents that exited after having been ready.
 pub const AGENT_EXITS_TOTAL: &str = "agent_worker_agent_exits_total";
 /// Counter of agents the worker stopped, by `reason` (`session_ended`, `terminated`,
-/// `max_age`, `session_taken_over`, `worker_shutdown`).
+/// `max_age`, `session_taken_over`, `worker_shutdown`), and agents ended by their memory limit
+/// (`memory_limit`).
 pub const AGENT_STOPS_TOTAL: &str = "agent_worker_agent_stops_total";
 /// Gauge of this process's agents: running plus starting (what `agent.max_agents` bounds).
 pub const AGENTS_LIVE: &str = "agent_worker_agents_live";
@@ -91,6 +95,13 @@ pub const DRAINING: &str = "agent_worker_draining";
 pub const DRAINS_TOTAL: &str = "agent_worker_drains_total";
 /// Histogram of drains: the first shutdown request to the last agent's end.
 pub const DRAIN_SECONDS: &str = "agent_worker_drain_seconds";
+/// Counter of helper processes the kernel's OOM killer killed inside a running agent's cgroup
+/// (the agent itself went on).
+pub const AGENT_HELPER_OOM_KILLS_TOTAL: &str = "agent_worker_agent_helper_oom_kills_total";
+/// Counter of agents that went over `agent.memory_high` (counted once per agent).
+pub const AGENT_MEMORY_HIGH_TOTAL: &str = "agent_worker_agent_memory_high_total";
+/// Histogram of the peak memory of each ended agent's tree, to size `agent.memory_max` from.
+pub const AGENT_MEMORY_PEAK_BYTES: &str = "agent_worker_agent_memory_peak_bytes";
 /// Gauge of idle warm processes of this replica (`agent.warm_pool`).
 pub const WARM_IDLE: &str = "agent_worker_warm_idle";
 /// Counter of launches with the pool on, by `result`: `warm` (a warm process took the
@@ -117,6 +128,24 @@ pub const JOB_DURATION_BUCKETS: &[f64] = &[
 /// Buckets of [`DRAIN_SECONDS`]: a second (an idle replica) to the 4 h a call may last.
 pub const DRAIN_BUCKETS: &[f64] = &[
     1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 14400.0,
+];
+
+/// Buckets of [`AGENT_MEMORY_PEAK_BYTES`]: 32 MiB (a bare interpreter) to 8 GiB.
+pub const MEMORY_BUCKETS: &[f64] = &[
+    33554432.0,
+    67108864.0,
+    134217728.0,
+    268435456.0,
+    402653184.0,
+    536870912.0,
+    805306368.0,
+    1073741824.0,
+    1610612736.0,
+    2147483648.0,
+    3221225472.0,
+    4294967296.0,
+    6442450944.0,
+    8589934592.0,
 ];
 
 /// How an agent-start job ended, as the `outcome` label of [`JOBS_TOTAL`].
@@ -256,6 +285,21 @@ pub fn drain_finished(outcome: &'static str, took: Duration) {
     histogram!(DRAIN_SECONDS).record(took.as_secs_f64());
 }
 
+/// The OOM killer killed `n` helpers inside a running agent.
+pub fn helper_oom_killed(n: u64) {
+    counter!(AGENT_HELPER_OOM_KILLS_TOTAL).increment(n);
+}
+
+/// An agent went over `agent.memory_high`.
+pub fn memory_high() {
+    counter!(AGENT_MEMORY_HIGH_TOTAL).increment(1);
+}
+
+/// An agent ended; its tree used at most `bytes`.
+pub fn agent_memory_peak(bytes: u64) {
+    histogram!(AGENT_MEMORY_PEAK_BYTES).record(bytes as f64);
+}
+
 /// Whether Redis answered the last probe.
 pub fn redis_up(up: bool) {
     gauge!(REDIS_UP).set(if up { 1.0 } else { 0.0 });
@@ -294,6 +338,12 @@ pub fn install_recorder() -> PrometheusHandle {
                 })
                 .and_then(|b| {
                     b.set_buckets_for_metric(Matcher::Full(DRAIN_SECONDS.to_owned()), DRAIN_BUCKETS)
+                })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(AGENT_MEMORY_PEAK_BYTES.to_owned()),
+                        MEMORY_BUCKETS,
+                    )
                 })
                 .expect("bucket lists are not empty")
                 .install_recorder()
@@ -447,6 +497,9 @@ const SERIES: &[(&str, Kind, Option<Unit>, &str)] = &[
         Some(Unit::Seconds),
         "From the first shutdown request to the last agent's end.",
     ),
+    (AGENT_HELPER_OOM_KILLS_TOTAL, Kind::Counter, Some(Unit::Count), "Helper processes the OOM killer killed inside a running agent's cgroup (the agent went on)."),
+    (AGENT_MEMORY_HIGH_TOTAL, Kind::Counter, Some(Unit::Count), "Agents that went over agent.memory_high (once per agent)."),
+    (AGENT_MEMORY_PEAK_BYTES, Kind::Histogram, Some(Unit::Bytes), "Peak memory of each ended agent's whole process tree."),
     (
         WARM_IDLE,
         Kind::Gauge,
@@ -506,10 +559,13 @@ fn register_zeroes() {
         "max_age",
         "session_taken_over",
         "worker_shutdown",
+        "memory_limit",
     ] {
         counter!(AGENT_STOPS_TOTAL, "reason" => reason).increment(0);
     }
     counter!(JOB_WORKER_RESTARTS_TOTAL).increment(0);
+    counter!(AGENT_HELPER_OOM_KILLS_TOTAL).increment(0);
+    counter!(AGENT_MEMORY_HIGH_TOTAL).increment(0);
     for reason in ["readonly", "loading", "masterdown", "reset", "announced"] {
         counter!(REDIS_FAILOVERS_TOTAL, "reason" => reason).increment(0);
     }
@@ -561,9 +617,18 @@ mod tests {
             );
         }
         assert!(counters.iter().all(|n| n.ends_with("_total")));
-        assert!(histograms.iter().all(|n| n.ends_with("_seconds")));
+        assert!(
+            histograms
+                .iter()
+                .all(|n| n.ends_with("_seconds") || n.ends_with("_bytes"))
+        );
         assert!(gauges.iter().all(|n| !n.ends_with("_total")));
-        for buckets in [STARTUP_BUCKETS, JOB_DURATION_BUCKETS, DRAIN_BUCKETS] {
+        for buckets in [
+            STARTUP_BUCKETS,
+            JOB_DURATION_BUCKETS,
+            DRAIN_BUCKETS,
+            MEMORY_BUCKETS,
+        ] {
             assert!(
                 buckets.windows(2).all(|w| w[0] < w[1]),
                 "sorted: {buckets:?}"

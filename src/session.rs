@@ -583,9 +583,16 @@ impl SessionStore {
     ) -> Result<EndRecord, SessionError> {
         let keys = SessionKeys::new(id);
         let (exit_field, exit_value) = match end.exit {
-            Some(AgentExit::Code(code)) => (fields::EXIT_CODE, code),
-            Some(AgentExit::Signal(signal)) => (fields::EXIT_SIGNAL, signal),
-            None => ("", 0),
+            Some(AgentExit::Code(code))
+            | Some(AgentExit::MemoryLimit {
+                code: Some(code), ..
+            }) => (fields::EXIT_CODE, code),
+            Some(AgentExit::Signal(signal))
+            | Some(AgentExit::MemoryLimit {
+                signal: Some(signal),
+                ..
+            }) => (fields::EXIT_SIGNAL, signal),
+            Some(AgentExit::MemoryLimit { .. }) | None => ("", 0),
         };
         let mut invocation = END.prepare_invoke();
         for key in keys.all() {

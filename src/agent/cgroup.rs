@@ -5,7 +5,10 @@
 //! A leaf: plain file-system operations on cgroupfs, with nothing of the agent's. Containment
 //! ([`crate::agent::containment`]) uses it while the worker lives, and the cgroup guard
 //! ([`crate::agent::cgroup_guard`]) once it is gone. Per-agent resource limits (`memory.max`,
-//! `pids.max`) are files of an `AgentCgroup`'s directory, written before its agent starts.
+//! `memory.swap.max`, `memory.high`, `pids.max`) are files of an `AgentCgroup`'s directory,
+//! written before its agent starts, once the worker's cgroup passes the memory and pids
+//! controllers down ([`enable_controllers`]); the OOM kills and the usage are read from the
+//! same directory.
 
 use std::{
     fs, io,
@@ -16,6 +19,8 @@ use std::{
 
 use nix::{sys::signal::Signal, unistd::Pid};
 
+use super::limits::Limits;
+
 /// How long an ended agent's cgroup may take to empty after `cgroup.kill`.
 const CGROUP_EMPTY_WAIT: Duration = Duration::from_secs(2);
 
@@ -25,6 +30,8 @@ const CGROUP_EMPTY_WAIT: Duration = Duration::from_secs(2);
 pub(crate) struct AgentCgroup {
     dir: PathBuf,
     procs: OwnedFd,
+    /// The directory itself, for `clone3(CLONE_INTO_CGROUP)`.
+    dir_fd: OwnedFd,
 }
 
 impl AgentCgroup {
@@ -41,15 +48,61 @@ impl AgentCgroup {
         let procs = fs::OpenOptions::new()
             .write(true)
             .open(dir.join("cgroup.procs"))?;
+        let dir_fd = fs::File::open(&dir)?;
         Ok(Self {
             dir,
             procs: procs.into(),
+            dir_fd: dir_fd.into(),
         })
     }
 
     /// `cgroup.procs`, open for writing: writing `0` there moves the writer in.
     pub(crate) fn procs(&self) -> RawFd {
         self.procs.as_raw_fd()
+    }
+
+    /// The cgroup's directory, open: a child cloned with `CLONE_INTO_CGROUP` starts inside.
+    pub(crate) fn dir_fd(&self) -> RawFd {
+        self.dir_fd.as_raw_fd()
+    }
+
+    /// Writes `limits` (the controllers must be on: [`enable_controllers`]). Swap is turned
+    /// off with the memory limit, or the tree would dodge it into swap; a host without swap
+    /// accounting has no `memory.swap.max`, which is fine.
+    pub(crate) fn write_limits(&self, limits: &Limits) -> io::Result<()> {
+        if let Some(max) = limits.memory_max {
+            fs::write(self.dir.join("memory.max"), max.to_string())?;
+            match fs::write(self.dir.join("memory.swap.max"), "0") {
+                Err(error) if error.kind() != io::ErrorKind::NotFound => return Err(error),
+                _ => {}
+            }
+        }
+        if let Some(high) = limits.memory_high {
+            fs::write(self.dir.join("memory.high"), high.to_string())?;
+        }
+        if let Some(pids) = limits.pids_max {
+            fs::write(self.dir.join("pids.max"), pids.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// `oom_kill` and `high` of `memory.events`: processes the OOM killer killed in it, and
+    /// how often it went over `memory.high`.
+    pub(crate) fn memory_events(&self) -> (u64, u64) {
+        let events = fs::read_to_string(self.dir.join("memory.events")).unwrap_or_default();
+        (field(&events, "oom_kill"), field(&events, "high"))
+    }
+
+    /// Memory now and at its peak (`memory.peak`, Linux 5.19; else none), and CPU seconds
+    /// (`cpu.stat`'s `usage_usec`, there without the cpu controller), if readable.
+    pub(crate) fn usage(&self) -> Option<(u64, u64, f64)> {
+        let read = |file: &str| fs::read_to_string(self.dir.join(file)).ok();
+        let current = read("memory.current")?.trim().parse().ok()?;
+        let peak = read("memory.peak")
+            .and_then(|p| p.trim().parse().ok())
+            .unwrap_or(0);
+        let cpu = field(&read("cpu.stat").unwrap_or_default(), "usage_usec") as f64 / 1e6;
+        Some((current, peak, cpu))
     }
 
     /// Kills what is in it; dropping it then removes it.
@@ -78,6 +131,75 @@ fn kill_cgroup(dir: &Path) {
     while !cgroup_pids(dir).is_empty() && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+/// The value of `name` in a flat-keyed cgroup file (`name value` lines); 0 when absent.
+pub(crate) fn field(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// The controllers per-agent limits need.
+const LIMIT_CONTROLLERS: [&str; 2] = ["memory", "pids"];
+
+/// Turns the memory and pids controllers on for the agents' cgroups below the worker's
+/// cgroup `dir`, or says why that cannot be.
+///
+/// cgroup v2 passes a controller down only through every `cgroup.subtree_control` on the way,
+/// and a cgroup with processes in it cannot pass any down (the no-internal-process rule). The
+/// worker's cgroup has no processes of its own; the cgroup it was started in has the worker.
+/// When that one does not pass them down yet, and the worker is alone in it (a systemd unit
+/// with `Delegate=yes`), the worker moves itself into a leaf (`aw-self-<pid>`) and turns them
+/// on there, as systemd asks delegated services to do. With other processes beside it (a
+/// container's init), it does not move them: the caller falls back.
+pub(crate) fn enable_controllers(dir: &Path) -> Result<(), String> {
+    let wanted = || format!("+{}", LIMIT_CONTROLLERS.join(" +"));
+    let has = |dir: &Path, file: &str| {
+        let listed = fs::read_to_string(dir.join(file)).unwrap_or_default();
+        let listed: Vec<&str> = listed.split_whitespace().collect();
+        LIMIT_CONTROLLERS.iter().all(|c| listed.contains(c))
+    };
+    if !has(dir, "cgroup.controllers") {
+        let own = dir.parent().ok_or("the worker's cgroup has no parent")?;
+        if !has(own, "cgroup.controllers") {
+            return Err(format!(
+                "the cgroup {} has no memory and pids controllers (they are not delegated, or the \
+                 host mounts them as cgroup v1)",
+                own.display()
+            ));
+        }
+        if fs::write(own.join("cgroup.subtree_control"), wanted()).is_err() {
+            move_self_to_leaf(own)?;
+            fs::write(own.join("cgroup.subtree_control"), wanted())
+                .map_err(|e| format!("{}: cgroup.subtree_control: {e}", own.display()))?;
+        }
+    }
+    fs::write(dir.join("cgroup.subtree_control"), wanted())
+        .map_err(|e| format!("{}: cgroup.subtree_control: {e}", dir.display()))
+}
+
+/// Moves this process into a leaf below `own`, when it is the only process there.
+fn move_self_to_leaf(own: &Path) -> Result<(), String> {
+    let me = std::process::id();
+    let others: Vec<u32> = cgroup_pids(own).into_iter().filter(|pid| *pid != me).collect();
+    if !others.is_empty() {
+        return Err(format!(
+            "other processes share the worker's cgroup {} ({others:?}), so it cannot pass the \
+             memory and pids controllers down",
+            own.display()
+        ));
+    }
+    let leaf = own.join(format!("aw-self-{me}"));
+    match fs::create_dir(&leaf) {
+        Err(error) if error.kind() != io::ErrorKind::AlreadyExists => {
+            return Err(format!("{}: {error}", leaf.display()));
+        }
+        _ => {}
+    }
+    fs::write(leaf.join("cgroup.procs"), me.to_string())
+        .map_err(|e| format!("{}: {e}", leaf.display()))
 }
 
 fn cgroup_pids(dir: &Path) -> Vec<u32> {

@@ -15,12 +15,15 @@
 //! The interface also exists so benchmarks can measure the queue path with a launcher that
 //! returns at once; production code only uses the real ones.
 
-use std::time::Duration;
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use futures::future::BoxFuture;
 use tokio::sync::{mpsc, oneshot};
 
-use super::command::LaunchSpec;
+use super::{command::LaunchSpec, limits::Usage};
 pub use super::exit::AgentExit;
 
 /// Why a launch failed. All of these are worth another attempt: the agent or its host may
@@ -93,16 +96,30 @@ pub struct RunningAgent {
     pub warm: bool,
 }
 
-/// Asks an agent's owner task to stop it.
+/// Asks an agent's owner task to stop it, and reads what the agent uses.
 #[derive(Debug, Clone)]
 pub struct AgentHandle {
     stop: mpsc::UnboundedSender<Duration>,
+    usage: UsageCell,
 }
+
+/// The latest [`Usage`] of an agent, written by its owner task every `agent.limits_interval`.
+pub type UsageCell = Arc<Mutex<Option<Usage>>>;
 
 impl AgentHandle {
     /// A handle whose requests go to `stop`; for [`Launcher`] implementations.
     pub fn new(stop: mpsc::UnboundedSender<Duration>) -> Self {
-        Self { stop }
+        Self::with_usage(stop, UsageCell::default())
+    }
+
+    /// A handle whose requests go to `stop`, reading `usage`.
+    pub fn with_usage(stop: mpsc::UnboundedSender<Duration>, usage: UsageCell) -> Self {
+        Self { stop, usage }
+    }
+
+    /// What the agent's tree used at the last reading, if any.
+    pub fn usage(&self) -> Option<Usage> {
+        *self.usage.lock().expect("usage lock")
     }
 
     /// SIGTERM to the agent's group now, SIGKILL after `grace` if it is still there.

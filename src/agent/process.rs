@@ -39,11 +39,14 @@ use tokio::{
 };
 use tokio_util::task::TaskTracker;
 
+use crate::{metrics as observability, settings::ByteSize};
+
 use super::{
     command::LaunchSpec,
+    limits::{self, LimitedBy, Limits, MemoryLimitHit},
     containment::{self, AgentScope, Containment},
     exit::AgentExit,
-    launcher::{AgentHandle, LaunchError},
+    launcher::{AgentHandle, LaunchError, UsageCell},
     log_files::{LogFile, LogFiles},
     log_list::OutputSink,
     output::{Binding, OutputLimits, OutputReader},
@@ -115,7 +118,7 @@ impl AgentProcesses {
             limits,
             output,
             log_files: LogFiles::start(limits.log_file_max_bytes),
-            containment: Arc::new(Containment::ProcessGroup),
+            containment: Arc::new(Containment::process_group()),
             worker_id: "worker".into(),
             owners: TaskTracker::new(),
         }
@@ -179,6 +182,7 @@ impl AgentProcesses {
         spawned_at: tokio::time::Instant,
     ) -> Spawned {
         let pid = child.id();
+        let label = binding.label.clone();
         // Its owner task reaps it: the subreaper's reaping of orphans must leave it alone.
         containment::agent_started(pid);
         let last_line = binding.last_line.clone();
@@ -188,11 +192,14 @@ impl AgentProcesses {
 
         let (stop_tx, stop_rx) = mpsc::unbounded_channel();
         let (exit_tx, exit_rx) = oneshot::channel();
+        let usage = UsageCell::default();
+        let watch = LimitWatch::new(label, &self.containment, usage.clone());
         self.owners.spawn(own(
             child,
             stop_rx,
             exit_tx,
             (self.containment.clone(), scope),
+            watch,
         ));
         Spawned {
             started: Started {
@@ -200,7 +207,7 @@ impl AgentProcesses {
                 spawned_at,
                 phase,
                 exited: exit_rx,
-                handle: AgentHandle::new(stop_tx),
+                handle: AgentHandle::with_usage(stop_tx, usage),
                 last_line,
             },
             reader,
@@ -236,22 +243,31 @@ fn spawn(spec: &Program<'_>, scope: &AgentScope) -> std::io::Result<Child> {
         spec.program,
         spec.args,
         &env,
-        scope.cgroup_procs(),
+        &scope.placement(),
         spec.stdin,
     )
 }
 
 /// Waits on the child (reaping it) and serves stop requests: SIGTERM to the group at once,
-/// SIGKILL when the shortest requested grace runs out.
+/// SIGKILL when the shortest requested grace runs out. Every `agent.limits_interval` it reads
+/// what the tree uses and watches its limits (see [`LimitWatch`]).
 async fn own(
     child: Child,
     mut stop_rx: mpsc::UnboundedReceiver<Duration>,
     exit_tx: oneshot::Sender<AgentExit>,
     (containment, scope): (Arc<Containment>, AgentScope),
+    mut watch: LimitWatch,
 ) {
     // It leads its own group: the group id is its pid.
-    let group = Pid::from_raw(child.id() as i32);
+    let pid = child.id();
+    let group = Pid::from_raw(pid as i32);
+    let scope = Arc::new(scope);
     let mut kill_at: Option<tokio::time::Instant> = None;
+    let mut readings = tokio::time::interval_at(
+        tokio::time::Instant::now() + watch.every,
+        watch.every,
+    );
+    readings.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let status = loop {
         let deadline = kill_at;
         tokio::select! {
@@ -265,6 +281,7 @@ async fn own(
                 signal_group(group, Signal::SIGKILL);
                 kill_at = None;
             }
+            _ = readings.tick() => watch.read(&scope, pid).await,
         }
     };
     // Processes the agent started live on in its group after it exits (the death signal is not
@@ -272,15 +289,136 @@ async fn own(
     // group taking the same id in the microseconds since the reap would need the pid space to
     // wrap around: killing the group now is safe, and leaves nothing behind.
     signal_group(group, Signal::SIGKILL);
-    containment::agent_reaped(child.id());
-    // And what left the group (setsid): its cgroup, or its marked re-parented descendants.
-    let _ = tokio::task::spawn_blocking(move || containment.end(scope)).await;
+    containment::agent_reaped(pid);
     let exit = match status {
         Ok(status) => AgentExit::from(status),
         // wait() only fails if the child was already reaped elsewhere, which we never do.
         Err(_) => AgentExit::Code(-1),
     };
+    // Read before its cgroup goes.
+    let exit = watch.classify(exit, &scope);
+    // And what left the group (setsid): its cgroup, or its marked re-parented descendants.
+    // The readings are over, so the scope is the owner's alone again.
+    if let Ok(scope) = Arc::try_unwrap(scope) {
+        let _ = tokio::task::spawn_blocking(move || containment.end(scope)).await;
+    }
     let _ = exit_tx.send(exit);
+}
+
+/// What the owner task watches of its agent's resources: reads its usage for the heartbeat,
+/// notices OOM kills and `memory.high`, and, where no cgroup enforces `agent.memory_max`,
+/// enforces it by killing the tree.
+pub(crate) struct LimitWatch {
+    /// The session (or warm process) in logs.
+    label: SessionId,
+    limits: Limits,
+    every: Duration,
+    usage: UsageCell,
+    /// OOM kills seen so far.
+    oom_kills: u64,
+    warned_high: bool,
+    /// Set when the worker killed the tree over its limit.
+    killed: Option<MemoryLimitHit>,
+}
+
+impl LimitWatch {
+    fn new(label: SessionId, containment: &Containment, usage: UsageCell) -> Self {
+        let limits = *containment.limits();
+        Self {
+            label,
+            every: limits.interval,
+            limits,
+            usage,
+            oom_kills: 0,
+            warned_high: false,
+            killed: None,
+        }
+    }
+
+    /// One reading (blocking reads of cgroupfs and /proc, off the runtime's threads).
+    async fn read(&mut self, scope: &Arc<AgentScope>, pid: u32) {
+        let (scope_, previous) = (scope.clone(), *self.usage.lock().expect("usage lock"));
+        let reading = tokio::task::spawn_blocking(move || {
+            (scope_.usage(pid, previous), scope_.memory_events())
+        })
+        .await;
+        let Ok((usage, (oom_kills, high_events))) = reading else {
+            return;
+        };
+        *self.usage.lock().expect("usage lock") = Some(usage);
+        if oom_kills > self.oom_kills {
+            // The agent is alive: the kernel killed a helper of its. Its business whether the
+            // session goes on; ours to say so.
+            let killed = oom_kills - self.oom_kills;
+            observability::helper_oom_killed(killed);
+            tracing::warn!(
+                session_id = %self.label,
+                killed,
+                limit = %self.limits.memory_max.map_or("-".into(), |b| ByteSize(b).to_string()),
+                "agent_helper_oom_killed"
+            );
+            self.oom_kills = oom_kills;
+        }
+        let over_high = self
+            .limits
+            .memory_high
+            .is_some_and(|high| high_events > 0 || usage.memory_bytes >= high);
+        if over_high && !self.warned_high {
+            self.warned_high = true;
+            observability::memory_high();
+            tracing::warn!(
+                session_id = %self.label,
+                memory = %ByteSize(usage.memory_bytes),
+                high = %ByteSize(self.limits.memory_high.unwrap_or(0)),
+                "agent_memory_high"
+            );
+        }
+        if let Some(max) = self.limits.memory_max
+            && !scope.kernel_memory()
+            && usage.memory_bytes > max
+            && self.killed.is_none()
+        {
+            tracing::warn!(
+                session_id = %self.label,
+                memory = %ByteSize(usage.memory_bytes),
+                limit = %ByteSize(max),
+                "agent_memory_limit_killed"
+            );
+            self.killed = Some(MemoryLimitHit {
+                limit: max,
+                by: LimitedBy::Sampled,
+            });
+            let _ = tokio::task::spawn_blocking(move || kill_tree(pid)).await;
+        }
+    }
+
+    /// `exit`, marked as the memory limit's doing where it was: the worker killed the tree,
+    /// or the kernel's OOM killer killed in its cgroup and the agent did not end cleanly.
+    /// Records the peak memory of the ended agent.
+    fn classify(&self, exit: AgentExit, scope: &AgentScope) -> AgentExit {
+        if let Some(usage) = *self.usage.lock().expect("usage lock") {
+            observability::agent_memory_peak(usage.peak_bytes);
+        }
+        if let Some(hit) = self.killed {
+            return exit.limited_by(hit);
+        }
+        let (oom_kills, _) = scope.memory_events();
+        match self.limits.memory_max {
+            Some(limit) if oom_kills > 0 && !exit.is_clean() => exit.limited_by(MemoryLimitHit {
+                limit,
+                by: LimitedBy::OomKill,
+            }),
+            _ => exit,
+        }
+    }
+}
+
+/// SIGKILLs the agent `root` and its tree (its group, its descendants).
+fn kill_tree(root: u32) {
+    signal_group(Pid::from_raw(root as i32), Signal::SIGKILL);
+    for pid in limits::tree(root) {
+        let _ = nix::sys::signal::kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+    }
 }
 
 fn signal_group(group: Pid, signal: Signal) {

@@ -137,7 +137,24 @@ impl Child {
 /// lives as long as the child should (the death signal follows the thread), inside a tokio
 /// runtime (the pipes and pidfd register with its reactor).
 pub fn spawn(program: &str, args: &[String], env: &[(&str, &str)]) -> io::Result<Child> {
-    spawn_into(program, args, env, None, Stdin::Null)
+    spawn_into(program, args, env, &Placement::default(), Stdin::Null)
+}
+
+/// Where a child goes before it execs: its cgroups and its OOM score. Fds open in the worker,
+/// kept open until the spawn returns.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Placement {
+    /// A cgroup v2 directory, open: the child is cloned straight into it (`clone3` with
+    /// `CLONE_INTO_CGROUP`), or, where that is not available, moves itself with
+    /// `cgroup_procs`.
+    pub cgroup_dir: Option<RawFd>,
+    /// `cgroup.procs` of that cgroup, open for writing.
+    pub cgroup_procs: Option<RawFd>,
+    /// `cgroup.procs` of the agent's cgroups in the v1 hierarchies (memory, pids), which the
+    /// child writes itself into (v1 has no `CLONE_INTO_CGROUP`).
+    pub v1_procs: [Option<RawFd>; 2],
+    /// The child's `/proc/self/oom_score_adj`.
+    pub oom_score_adj: Option<i32>,
 }
 
 /// What the child's stdin is.
@@ -150,15 +167,15 @@ pub enum Stdin {
     Piped,
 }
 
-/// [`spawn`], the child first moving itself into the cgroup whose `cgroup.procs` is open as
-/// `cgroup_procs` (writing `0` there moves the writer), before it execs: so everything the agent
-/// ever starts is born inside that cgroup. Failing to move is not fatal: the child runs outside
-/// it and [`Child::cgroup_error`] says why. `stdin` says what the child reads.
+/// [`spawn`], the child placed as `placement` says before it execs (in its cgroups, with its
+/// OOM score): so everything the agent ever starts is born inside those cgroups. Failing to
+/// move into one is not fatal: the child runs outside it and [`Child::cgroup_error`] says why.
+/// `stdin` says what the child reads.
 pub fn spawn_into(
     program: &str,
     args: &[String],
     env: &[(&str, &str)],
-    cgroup_procs: Option<RawFd>,
+    placement: &Placement,
     stdin: Stdin,
 ) -> io::Result<Child> {
     let strings = ExecStrings::new(program, args, env)?;
@@ -179,7 +196,7 @@ pub fn spawn_into(
             .map_or(dev_null.as_raw_fd(), |(read, _)| read.as_raw_fd()),
         stdout: stdout_write.as_raw_fd(),
         stderr: stderr_write.as_raw_fd(),
-        cgroup_procs: cgroup_procs.unwrap_or(-1),
+        placement: *placement,
     })?;
     let pid = cloned.pid;
     if cloned.pidfd < 0 {

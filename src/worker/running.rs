@@ -43,6 +43,7 @@ impl Worker {
             tls = settings.redis.tls_mode().as_str(),
             max_agents = settings.agent.max_agents,
             containment = c.containment.0.name(),
+            limits = c.containment.0.enforcement().name(),
             clock_offset_ms = clock::offset_ms(),
             "worker_started"
         );

@@ -15,7 +15,10 @@ use agent_jobs::QueueKeys;
 
 use super::{launcher::LauncherFactory, listener::Listener};
 use crate::{
-    agent::containment::{self, Containment},
+    agent::{
+        containment::{self, Containment},
+        limits::Limits,
+    },
     clock,
     connection::{self, RedisHealth},
     dataset,
@@ -172,7 +175,8 @@ impl Connected {
         }
         let keys = QueueKeys::new(&settings.redis.queue).expect("redis.queue is validated");
         let id = worker_id();
-        let containment = Containment::start(settings.agent.containment, &id)?;
+        let limits = Limits::from_settings(&settings.agent);
+        let containment = Containment::start(settings.agent.containment, &id, limits)?;
         Ok(Some(Self {
             conn,
             redis_health,

@@ -43,8 +43,8 @@ pub(super) struct Exec {
     pub(super) stdout: RawFd,
     /// What becomes the child's stderr.
     pub(super) stderr: RawFd,
-    /// `cgroup.procs` of the agent's cgroup, open for writing, or -1.
-    pub(super) cgroup_procs: RawFd,
+    /// Where the child goes before it execs.
+    pub(super) placement: super::Placement,
 }
 
 /// What a clone gave.
@@ -61,7 +61,35 @@ pub(super) struct Cloned {
 
 /// Clones a child that runs `exec` (see [`child_main`]), and returns once it has exec'd or
 /// exited: the calling thread sleeps until then (`CLONE_VFORK`).
+///
+/// With a cgroup v2 directory to go to, the child is cloned straight into it
+/// (`clone3(CLONE_INTO_CGROUP)`, Linux 5.7): it never has to move itself, and moving (a write
+/// to `cgroup.procs`) takes a global lock whose writers wait for an RCU grace period, which
+/// was most of the tail of a start with containment. Where `clone3` is not there (an older
+/// kernel, another architecture than x86-64), the child moves itself as before.
 pub(super) fn start(exec: &Exec) -> io::Result<Cloned> {
+    let placement = &exec.placement;
+    let into_cgroup = placement.cgroup_dir.filter(|_| clone3::available());
+    // The v1 hierarchies' cgroups, and the v2 one unless cloned into it.
+    let mut procs = [-1; 3];
+    let v2_procs = if into_cgroup.is_some() {
+        None
+    } else {
+        placement.cgroup_procs
+    };
+    for (slot, fd) in procs
+        .iter_mut()
+        .zip([v2_procs, placement.v1_procs[0], placement.v1_procs[1]])
+    {
+        *slot = fd.unwrap_or(-1);
+    }
+    let mut oom_score_adj = [0u8; 12];
+    let oom_len = placement.oom_score_adj.map_or(0, |adj| {
+        use std::io::Write;
+        let mut cursor = std::io::Cursor::new(&mut oom_score_adj[..]);
+        let _ = write!(cursor, "{adj}");
+        cursor.position() as usize
+    });
     let plan = ChildPlan {
         path: exec.path,
         argv: exec.argv,
@@ -71,7 +99,9 @@ pub(super) fn start(exec: &Exec) -> io::Result<Cloned> {
         stderr: exec.stderr,
         worker_pid: std::process::id() as libc::pid_t,
         sh_argv: exec.sh_argv,
-        cgroup_procs: exec.cgroup_procs,
+        procs,
+        oom_score_adj,
+        oom_len,
         failure: AtomicI32::new(0),
         cgroup_failure: AtomicI32::new(0),
     };
@@ -85,18 +115,26 @@ pub(super) fn start(exec: &Exec) -> io::Result<Cloned> {
         // All signals stay blocked from before the clone until the child has reset their
         // handlers: a handler of ours running in the child would run in the worker's memory.
         let previous = set_signal_mask(!0);
+        let arg = ptr::from_ref(&plan).cast_mut().cast();
         // SAFETY: `child_main` only reads `plan` and the memory it points to, all of which
         // outlives the call: with CLONE_VFORK this thread sleeps until the child has exec'd
         // or exited, and only then is the stack free again. The child makes only
         // async-signal-safe system calls (see `child_main`).
-        let pid = unsafe {
-            libc::clone(
-                child_main,
-                top,
-                libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PIDFD | libc::SIGCHLD,
-                ptr::from_ref(&plan).cast_mut().cast(),
-                &mut pidfd as *mut RawFd,
-            )
+        let cloned = into_cgroup.and_then(|dir| unsafe {
+            clone3::vfork_into(dir, stack.as_ref().expect("made above"), &mut pidfd, arg)
+        });
+        let pid = match cloned {
+            Some(pid) => pid,
+            // SAFETY: as above.
+            None => unsafe {
+                libc::clone(
+                    child_main,
+                    top,
+                    libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PIDFD | libc::SIGCHLD,
+                    arg,
+                    &mut pidfd as *mut RawFd,
+                )
+            },
         };
         let clone_error = io::Error::last_os_error();
         set_signal_mask(previous);
@@ -181,6 +219,17 @@ impl ChildStack {
         // SAFETY: one past the end of our own mapping.
         unsafe { self.base.cast::<u8>().add(self.len).cast() }
     }
+
+    /// The lowest usable address (above the guard page), for `clone3`.
+    fn bottom(&self) -> *mut libc::c_void {
+        // SAFETY: within our own mapping.
+        unsafe { self.top().cast::<u8>().sub(CHILD_STACK_BYTES).cast() }
+    }
+
+    /// The usable size, for `clone3`.
+    fn size(&self) -> usize {
+        CHILD_STACK_BYTES
+    }
 }
 
 impl Drop for ChildStack {
@@ -202,9 +251,12 @@ struct ChildPlan {
     worker_pid: libc::pid_t,
     /// `/bin/sh`, the program's path, then its arguments: for a program without `#!`.
     sh_argv: *const *const libc::c_char,
-    /// `cgroup.procs` of the agent's cgroup, open for writing, or -1.
-    cgroup_procs: RawFd,
-    /// The errno of a failed move into that cgroup (not fatal), or 0.
+    /// `cgroup.procs` of each cgroup the child moves itself into, open for writing, or -1.
+    procs: [RawFd; 3],
+    /// The child's `oom_score_adj`, as text (`oom_len` bytes; none when 0).
+    oom_score_adj: [u8; 12],
+    oom_len: usize,
+    /// The errno of a failed move into a cgroup (not fatal), or 0.
     cgroup_failure: AtomicI32,
     /// `ChildStep::encode(step, errno)` if a step failed; 0 if the child reached `execve`
     /// successfully.
@@ -288,9 +340,23 @@ extern "C" fn child_main(plan: *mut libc::c_void) -> libc::c_int {
         if libc::setpgid(0, 0) == -1 {
             return fail(ChildStep::ProcessGroup);
         }
-        if plan.cgroup_procs >= 0 && libc::write(plan.cgroup_procs, b"0".as_ptr().cast(), 1) != 1 {
-            plan.cgroup_failure
-                .store(*libc::__errno_location(), Ordering::Release);
+        for fd in plan.procs {
+            if fd >= 0 && libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                plan.cgroup_failure
+                    .store(*libc::__errno_location(), Ordering::Release);
+            }
+        }
+        // Above the worker's, so that a host out of memory kills an agent before the
+        // replica. Raising one's own score needs no privilege; a failure is harmless.
+        if plan.oom_len > 0 {
+            let fd = libc::open(
+                c"/proc/self/oom_score_adj".as_ptr(),
+                libc::O_WRONLY | libc::O_CLOEXEC,
+            );
+            if fd >= 0 {
+                libc::write(fd, plan.oom_score_adj.as_ptr().cast(), plan.oom_len);
+                libc::close(fd);
+            }
         }
         // The death signal follows the thread that cloned us (see `spawn`).
         if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) == -1 {
@@ -320,5 +386,124 @@ extern "C" fn child_main(plan: *mut libc::c_void) -> libc::c_int {
             *libc::__errno_location() = libc::ENOEXEC;
         }
         fail(ChildStep::Exec)
+    }
+}
+
+/// `clone3` with `CLONE_INTO_CGROUP`, on the child stack (see [`start`]).
+mod clone3 {
+    use std::{
+        os::fd::RawFd,
+        sync::atomic::{AtomicBool, Ordering},
+    };
+
+    use super::{ChildStack, child_main};
+
+    /// `CLONE_INTO_CGROUP` (Linux 5.7).
+    const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+    /// Cleared at the first `clone3` that fails: the kernel lacks it (or the flag), and the
+    /// classic clone is used from then on.
+    static AVAILABLE: AtomicBool = AtomicBool::new(cfg!(target_arch = "x86_64"));
+
+    /// Whether to try it.
+    pub(super) fn available() -> bool {
+        AVAILABLE.load(Ordering::Relaxed)
+    }
+
+    /// The kernel's `struct clone_args`, as of Linux 5.7 (`cgroup` is its last field).
+    #[repr(C)]
+    struct CloneArgs {
+        flags: u64,
+        pidfd: u64,
+        child_tid: u64,
+        parent_tid: u64,
+        exit_signal: u64,
+        stack: u64,
+        stack_size: u64,
+        tls: u64,
+        set_tid: u64,
+        set_tid_size: u64,
+        cgroup: u64,
+    }
+
+    /// Clones a vfork-style child into the cgroup directory `dir` that runs
+    /// `child_main(arg)` on `stack`; its pidfd goes to `pidfd`. `None` if `clone3` failed
+    /// (nothing was started; it is not tried again).
+    ///
+    /// # Safety
+    ///
+    /// As for `libc::clone` with `child_main`: `arg` must stay valid until the child has
+    /// exec'd or exited (CLONE_VFORK makes the caller wait), and signals must be blocked.
+    pub(super) unsafe fn vfork_into(
+        dir: RawFd,
+        stack: &ChildStack,
+        pidfd: &mut RawFd,
+        arg: *mut libc::c_void,
+    ) -> Option<libc::pid_t> {
+        let args = CloneArgs {
+            flags: (libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PIDFD) as u64
+                | CLONE_INTO_CGROUP,
+            pidfd: std::ptr::from_mut(pidfd) as u64,
+            child_tid: 0,
+            parent_tid: 0,
+            exit_signal: libc::SIGCHLD as u64,
+            stack: stack.bottom() as u64,
+            stack_size: stack.size() as u64,
+            tls: 0,
+            set_tid: 0,
+            set_tid_size: 0,
+            cgroup: dir as u64,
+        };
+        // SAFETY: the caller's contract; `args` outlives the call (the child is done with it
+        // once the system call returned in it).
+        let pid = unsafe { raw(&args, arg) };
+        if pid < 0 {
+            AVAILABLE.store(false, Ordering::Relaxed);
+            tracing::debug!(errno = -pid, "clone3_unavailable");
+            return None;
+        }
+        Some(pid as libc::pid_t)
+    }
+
+    /// The system call. In the child it never returns: on its own stack (the kernel points the
+    /// stack pointer at `stack + stack_size`), it calls `child_main(arg)`, which execs or
+    /// exits, and exits with its value should it ever return. Returns the child's pid, or
+    /// `-errno`.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn raw(args: &CloneArgs, arg: *mut libc::c_void) -> i64 {
+        let ret: i64;
+        // SAFETY: the clone3 system call; the parent's path touches no memory and only the
+        // registers declared clobbered; the child's path switches to the child stack the
+        // kernel set up and never comes back here.
+        unsafe {
+            std::arch::asm!(
+                "syscall",
+                "test rax, rax",
+                "jnz 2f",
+                // The child: a fresh frame on the child stack (16-byte aligned: page aligned).
+                "xor ebp, ebp",
+                "mov rdi, r12",
+                "call r13",
+                "mov edi, eax",
+                "mov eax, 60", // exit
+                "syscall",
+                "ud2",
+                "2:",
+                inlateout("rax") libc::SYS_clone3 => ret,
+                in("rdi") std::ptr::from_ref(args),
+                in("rsi") std::mem::size_of::<CloneArgs>(),
+                in("r12") arg,
+                in("r13") child_main as extern "C" fn(*mut libc::c_void) -> libc::c_int,
+                lateout("rcx") _,
+                lateout("r11") _,
+            );
+        }
+        ret
+    }
+
+    /// Elsewhere the classic clone is used (see [`AVAILABLE`]).
+    #[cfg(not(target_arch = "x86_64"))]
+    unsafe fn raw(_: &CloneArgs, _: *mut libc::c_void) -> i64 {
+        -(libc::ENOSYS as i64)
     }
 }

@@ -134,12 +134,19 @@ impl Inner {
     /// would stay `ready` in the heartbeat index until the sweep removed it as stale, with
     /// the billing fields the agent wrote.
     async fn record_end(&self, id: &SessionId, exit: Option<AgentExit>) {
-        let stop_reason = match self.slots.lock().expect("slots lock").get(id) {
+        let mut stop_reason = match self.slots.lock().expect("slots lock").get(id) {
             Some(Slot::Running { stopping, .. }) => stopping.clone(),
             _ => None,
         };
         let error = match exit {
             Some(AgentExit::Code(0)) => None,
+            // Its own limit ended it: say which, as the reason a stop would give.
+            Some(AgentExit::MemoryLimit { hit, .. }) => {
+                tracing::warn!(session_id = %id, limit = %hit, "agent_memory_limit");
+                observability::agent_stopped("memory_limit");
+                stop_reason.get_or_insert_with(|| "memory_limit".to_owned());
+                Some(hit.to_string())
+            }
             Some(exit) => Some(format!("agent exited with {exit}")),
             None => Some("agent exited (status unknown)".to_owned()),
         };
