@@ -23,7 +23,7 @@ use std::{collections::HashMap, fs, time::Duration};
 use crate::settings::{AgentSettings, ByteSize};
 
 /// The limits of each agent, from `[agent]`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     /// Hard memory limit of the tree, in bytes.
     pub memory_max: Option<u64>,
@@ -33,6 +33,18 @@ pub struct Limits {
     pub pids_max: Option<u64>,
     /// How often the agent's usage is read (and, without a cgroup, the limit enforced).
     pub interval: Duration,
+}
+
+impl Default for Limits {
+    /// No limits; usage read every second (the default `agent.limits_interval`).
+    fn default() -> Self {
+        Self {
+            memory_max: None,
+            memory_high: None,
+            pids_max: None,
+            interval: Duration::from_secs(1),
+        }
+    }
 }
 
 impl Limits {
