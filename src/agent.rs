@@ -10,6 +10,7 @@
 //! - [`exit`]: how an agent process ended ([`exit::AgentExit`]), its memory limit included.
 //! - [`phase`]: the start-up phases and what they are judged by ([`phase::Readiness`]).
 //! - [`spawn`]: starting a process without forking the worker, waited for on a pidfd.
+//! - [`spawner`]: a thread placed in an agent's cgroup v1 hierarchies ahead of its start.
 //! - [`cgroup`]: cgroup v2 directories: the worker's, each agent's, their controllers and
 //!   limits, killing and removing them.
 //! - [`cgroup_v1`]: the v1 memory and pids hierarchies, for limits on hosts that still mount
@@ -47,6 +48,7 @@ pub mod exit;
 pub mod limits;
 pub mod phase;
 pub mod spawn;
+pub mod spawner;
 pub mod subreaper;
 
 pub mod cgroup_guard;

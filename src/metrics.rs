@@ -497,9 +497,24 @@ const SERIES: &[(&str, Kind, Option<Unit>, &str)] = &[
         Some(Unit::Seconds),
         "From the first shutdown request to the last agent's end.",
     ),
-    (AGENT_HELPER_OOM_KILLS_TOTAL, Kind::Counter, Some(Unit::Count), "Helper processes the OOM killer killed inside a running agent's cgroup (the agent went on)."),
-    (AGENT_MEMORY_HIGH_TOTAL, Kind::Counter, Some(Unit::Count), "Agents that went over agent.memory_high (once per agent)."),
-    (AGENT_MEMORY_PEAK_BYTES, Kind::Histogram, Some(Unit::Bytes), "Peak memory of each ended agent's whole process tree."),
+    (
+        AGENT_HELPER_OOM_KILLS_TOTAL,
+        Kind::Counter,
+        Some(Unit::Count),
+        "Helper processes the OOM killer killed inside a running agent's cgroup (the agent went on).",
+    ),
+    (
+        AGENT_MEMORY_HIGH_TOTAL,
+        Kind::Counter,
+        Some(Unit::Count),
+        "Agents that went over agent.memory_high (once per agent).",
+    ),
+    (
+        AGENT_MEMORY_PEAK_BYTES,
+        Kind::Histogram,
+        Some(Unit::Bytes),
+        "Peak memory of each ended agent's whole process tree.",
+    ),
     (
         WARM_IDLE,
         Kind::Gauge,

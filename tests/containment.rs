@@ -12,6 +12,11 @@ use common::*;
 use nix::sys::signal::Signal;
 use redis::AsyncCommands;
 
+/// The tests of this file one at a time: a worker starting in cgroup mode kills what dead
+/// workers left in the same cgroup, which is what the second test leaves on purpose for a
+/// moment.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn worker(url: &str, containment: &str) -> WorkerProcess {
     WorkerProcess::spawn(worker_command(
         url,
@@ -60,6 +65,7 @@ async fn mechanism(worker: WorkerProcess) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_escaped_process_ends_with_its_session_in_a_cgroup_and_under_the_subreaper() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     for containment in ["cgroup", "subreaper"] {
         let redis = TestRedis::start().await;
         let worker = worker(&redis.url(), containment);
@@ -121,6 +127,7 @@ async fn worker_with_an_escapee(redis: &TestRedis, name: &str) -> (WorkerProcess
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sigkilled_workers_escaped_processes_die_with_it_and_without_its_guard_by_the_next_worker()
  {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let redis = TestRedis::start().await;
     // The guard sees the worker go and removes its cgroups: the escapee dies at once.
     let (mut first, agent, escaped) = worker_with_an_escapee(&redis, "orphaned-escapee").await;

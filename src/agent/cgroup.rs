@@ -183,7 +183,10 @@ pub(crate) fn enable_controllers(dir: &Path) -> Result<(), String> {
 /// Moves this process into a leaf below `own`, when it is the only process there.
 fn move_self_to_leaf(own: &Path) -> Result<(), String> {
     let me = std::process::id();
-    let others: Vec<u32> = cgroup_pids(own).into_iter().filter(|pid| *pid != me).collect();
+    let others: Vec<u32> = cgroup_pids(own)
+        .into_iter()
+        .filter(|pid| *pid != me)
+        .collect();
     if !others.is_empty() {
         return Err(format!(
             "other processes share the worker's cgroup {} ({others:?}), so it cannot pass the \

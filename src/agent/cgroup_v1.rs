@@ -31,14 +31,30 @@ pub(crate) struct V1Roots {
 
 impl V1Roots {
     /// Creates the worker's directory `name` (`aw-<pid>-<rand>`) in the memory and pids
-    /// hierarchies where this process may (after removing those of workers that are gone);
-    /// `None` when neither can be had.
-    pub(crate) fn create(name: &str) -> Option<Self> {
+    /// hierarchies that `limits` need, where this process may (after removing those of workers
+    /// that are gone); `None` when none can be had.
+    pub(crate) fn create(name: &str, limits: &Limits) -> Option<Self> {
+        let memory = limits.memory_max.is_some() || limits.memory_high.is_some();
         let roots = Self {
-            memory: worker_dir("memory", name),
-            pids: worker_dir("pids", name),
+            memory: memory.then(|| worker_dir("memory", name)).flatten(),
+            pids: limits
+                .pids_max
+                .is_some()
+                .then(|| worker_dir("pids", name))
+                .flatten(),
         };
         (roots.memory.is_some() || roots.pids.is_some()).then_some(roots)
+    }
+
+    /// The `tasks` file of the worker's own memory cgroup (the parent of its directory),
+    /// where a spawner thread goes back to: a thread of the worker in an agent's memory cgroup
+    /// would make the worker a candidate of its OOM killer. (In an agent's pids cgroup it only
+    /// counts one of `pids.max`, and leaving would cost another write: it stays.)
+    pub(crate) fn home_tasks(&self) -> Vec<PathBuf> {
+        self.memory
+            .iter()
+            .filter_map(|dir| Some(dir.parent()?.join("tasks")))
+            .collect()
     }
 
     /// Which hierarchies are in use: (memory, pids).
@@ -55,7 +71,10 @@ impl V1Roots {
                     fs::write(cgroup.dir.join("memory.limit_in_bytes"), max.to_string())?;
                     // After the memory limit (memsw must not be below it); absent without
                     // swap accounting.
-                    match fs::write(cgroup.dir.join("memory.memsw.limit_in_bytes"), max.to_string()) {
+                    match fs::write(
+                        cgroup.dir.join("memory.memsw.limit_in_bytes"),
+                        max.to_string(),
+                    ) {
                         Err(error) if error.kind() != io::ErrorKind::NotFound => return Err(error),
                         _ => {}
                     }
@@ -96,6 +115,15 @@ impl V1Cgroups {
         [&self.memory, &self.pids].map(|c| c.as_ref().map(|c| c.procs.as_raw_fd()))
     }
 
+    /// The `tasks` file of each (a thread joins a v1 cgroup on its own through it).
+    pub(crate) fn tasks(&self) -> Vec<PathBuf> {
+        [&self.memory, &self.pids]
+            .into_iter()
+            .flatten()
+            .map(|c| c.dir.join("tasks"))
+            .collect()
+    }
+
     /// Processes the OOM killer killed in the memory cgroup.
     pub(crate) fn oom_kills(&self) -> u64 {
         self.memory.as_ref().map_or(0, |c| {
@@ -112,7 +140,10 @@ impl V1Cgroups {
         let read = |file: &str| -> Option<u64> {
             fs::read_to_string(dir.join(file)).ok()?.trim().parse().ok()
         };
-        Some((read("memory.usage_in_bytes")?, read("memory.max_usage_in_bytes").unwrap_or(0)))
+        Some((
+            read("memory.usage_in_bytes")?,
+            read("memory.max_usage_in_bytes").unwrap_or(0),
+        ))
     }
 
     /// Kills what is left in them and removes them (their processes are normally gone with
@@ -174,7 +205,10 @@ fn own_dir(controller: &str) -> Option<PathBuf> {
     let path = cgroups.lines().find_map(|line| {
         let mut parts = line.splitn(3, ':');
         let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
-        controllers.split(',').any(|c| c == controller).then_some(path)
+        controllers
+            .split(',')
+            .any(|c| c == controller)
+            .then_some(path)
     })?;
     let mounts = fs::read_to_string("/proc/self/mountinfo").ok()?;
     let (root, mount_point) = mounts.lines().find_map(|line| {
@@ -188,7 +222,9 @@ fn own_dir(controller: &str) -> Option<PathBuf> {
         let root = left.nth(3)?.to_owned();
         Some((root, left.next()?.to_owned()))
     })?;
-    let relative = path.strip_prefix(root.trim_end_matches('/')).unwrap_or(path);
+    let relative = path
+        .strip_prefix(root.trim_end_matches('/'))
+        .unwrap_or(path);
     let dir = Path::new(&mount_point).join(relative.trim_start_matches('/'));
     dir.is_dir().then_some(dir)
 }
@@ -216,10 +252,16 @@ fn remove_stale(own: &Path) {
     }
 }
 
-/// SIGKILLs every process in the cgroup at `dir`.
+/// SIGKILLs every process in the cgroup at `dir`, never the worker (whose spawner thread may
+/// still be there: `cgroup.procs` lists the process of every thread).
 fn kill_all(dir: &Path) {
+    let me = std::process::id() as i32;
     let pids = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
-    for pid in pids.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+    for pid in pids
+        .lines()
+        .filter_map(|l| l.trim().parse::<i32>().ok())
+        .filter(|pid| *pid != me)
+    {
         let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
     }
 }

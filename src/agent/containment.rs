@@ -57,6 +57,7 @@ use super::{
     cgroup_v1::{V1Cgroups, V1Roots},
     limits::{self, Enforcement, Limits, Usage},
     spawn::Placement,
+    spawner::PlacedSpawner,
     subreaper::kill_marked,
 };
 
@@ -254,7 +255,10 @@ fn controllers(dir: &Path, limits: &Limits) -> (Enforcement, Option<V1Roots>) {
         Err(reason) => reason,
     };
     let name = dir.file_name().map(|n| n.to_string_lossy().into_owned());
-    match name.as_deref().and_then(V1Roots::create) {
+    match name
+        .as_deref()
+        .and_then(|name| V1Roots::create(name, limits))
+    {
         Some(v1) => {
             let (memory, pids) = v1.in_use();
             tracing::info!(memory, pids, why_not_v2 = %v2, "agent_limits_cgroup_v1");
@@ -271,20 +275,24 @@ fn controllers(dir: &Path, limits: &Limits) -> (Enforcement, Option<V1Roots>) {
     }
 }
 
-/// One agent's cgroups: its v2 cgroup and, with v1 limits, its v1 ones.
+/// One agent's cgroups: its v2 cgroup and, with v1 limits, its v1 ones with the thread that
+/// will spawn it inside them ([`PlacedSpawner`]).
 #[derive(Debug)]
 struct Prepared {
     cgroup: AgentCgroup,
     v1: Option<V1Cgroups>,
+    spawner: Option<PlacedSpawner>,
 }
 
 impl Prepared {
     fn kill_and_remove(self) {
-        // The v2 cgroup holds the whole tree: once it is empty, so are the v1 ones.
+        // The v2 cgroup holds the whole tree: once it is empty, so are the v1 ones; and the
+        // agent is gone, so its spawner thread may end.
         self.cgroup.kill_and_remove();
         if let Some(v1) = self.v1 {
             v1.remove();
         }
+        drop(self.spawner);
     }
 }
 
@@ -307,7 +315,12 @@ struct PoolState {
 }
 
 impl Pool {
-    fn start(dir: PathBuf, v1: Option<V1Roots>, limits: Limits, enforcement: Enforcement) -> Arc<Self> {
+    fn start(
+        dir: PathBuf,
+        v1: Option<V1Roots>,
+        limits: Limits,
+        enforcement: Enforcement,
+    ) -> Arc<Self> {
         let pool = Arc::new(Self {
             dir,
             v1,
@@ -355,7 +368,20 @@ impl Pool {
             Some(roots) => Some(roots.agent(&name, &self.limits)?),
             None => None,
         };
-        Ok(Prepared { cgroup, v1 })
+        // Without one, the child writes itself into the v1 cgroups at its start.
+        let home = self
+            .v1
+            .as_ref()
+            .map(V1Roots::home_tasks)
+            .unwrap_or_default();
+        let spawner = v1
+            .as_ref()
+            .and_then(|v1| PlacedSpawner::start(v1.tasks(), home).ok());
+        Ok(Prepared {
+            cgroup,
+            v1,
+            spawner,
+        })
     }
 
     /// The filler thread: keeps [`POOL_TARGET`] ready until closed.
@@ -423,19 +449,38 @@ impl AgentScope {
         &self.marker
     }
 
-    /// Where its process goes before it execs: its cgroups, its OOM score.
+    /// Where its process goes before it execs: its cgroups, its OOM score. The v1 cgroups
+    /// are left out when its [`Self::spawner`] is in them already.
     pub fn placement(&self) -> Placement {
         let cgroup = self.cgroups.as_ref().map(|c| &c.cgroup);
+        let v1 = self
+            .cgroups
+            .as_ref()
+            .filter(|c| c.spawner.is_none())
+            .and_then(|c| c.v1.as_ref());
         Placement {
             cgroup_dir: cgroup.map(AgentCgroup::dir_fd),
             cgroup_procs: cgroup.map(AgentCgroup::procs),
-            v1_procs: self
-                .cgroups
-                .as_ref()
-                .and_then(|c| c.v1.as_ref())
-                .map_or([None; 2], V1Cgroups::procs),
+            v1_procs: v1.map_or([None; 2], V1Cgroups::procs),
             oom_score_adj: self.oom_score_adj,
         }
+    }
+
+    /// `cgroup.procs` of every cgroup of its (v2 and v1), for a process started elsewhere (a
+    /// zygote's child) to write itself into.
+    pub fn all_procs(&self) -> Vec<std::os::fd::RawFd> {
+        let Some(cgroups) = &self.cgroups else {
+            return Vec::new();
+        };
+        let v1 = cgroups.v1.as_ref().map_or([None; 2], V1Cgroups::procs);
+        std::iter::once(cgroups.cgroup.procs())
+            .chain(v1.into_iter().flatten())
+            .collect()
+    }
+
+    /// The thread that spawns it inside its v1 cgroups, if it has one.
+    pub(crate) fn spawner(&self) -> Option<&PlacedSpawner> {
+        self.cgroups.as_ref()?.spawner.as_ref()
     }
 
     /// The child could not move into the cgroup: what is left of its tree is found by marker.
@@ -466,17 +511,26 @@ impl AgentScope {
     pub fn usage(&self, pid: u32, previous: Option<Usage>) -> Usage {
         let cgroups = self.cgroups.as_ref();
         let v2 = cgroups.and_then(|c| c.cgroup.usage());
-        let v1 = cgroups.and_then(|c| c.v1.as_ref()).and_then(V1Cgroups::memory);
+        let v1 = cgroups
+            .and_then(|c| c.v1.as_ref())
+            .and_then(V1Cgroups::memory);
         let (memory, peak, cpu) = match (v2, v1) {
             // The v2 cgroup charges memory only with its controller on.
             (Some((memory, peak, cpu)), _) if memory > 0 => (memory, peak, cpu),
             (v2, Some((memory, peak))) => {
                 let cpu = v2.map(|(_, _, cpu)| cpu).filter(|cpu| *cpu > 0.0);
-                (memory, peak, cpu.unwrap_or_else(|| limits::tree_usage(&limits::tree(pid)).1))
+                (
+                    memory,
+                    peak,
+                    cpu.unwrap_or_else(|| limits::tree_usage(&limits::tree(pid)).1),
+                )
             }
             (v2, None) => {
                 let (memory, cpu) = limits::tree_usage(&limits::tree(pid));
-                let cpu = v2.map(|(_, _, cpu)| cpu).filter(|c| *c > 0.0).unwrap_or(cpu);
+                let cpu = v2
+                    .map(|(_, _, cpu)| cpu)
+                    .filter(|c| *c > 0.0)
+                    .unwrap_or(cpu);
                 (memory, 0, cpu)
             }
         };

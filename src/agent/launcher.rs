@@ -23,8 +23,8 @@ use std::{
 use futures::future::BoxFuture;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{command::LaunchSpec, limits::Usage};
 pub use super::exit::AgentExit;
+use super::{command::LaunchSpec, limits::Usage};
 
 /// Why a launch failed. All of these are worth another attempt: the agent or its host may
 /// behave differently next time.

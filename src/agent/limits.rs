@@ -97,10 +97,7 @@ impl Enforcement {
 
     /// Whether the kernel enforces the memory limits.
     pub fn kernel_memory(self) -> bool {
-        matches!(
-            self,
-            Self::CgroupV2 | Self::CgroupV1 { memory: true, .. }
-        )
+        matches!(self, Self::CgroupV2 | Self::CgroupV1 { memory: true, .. })
     }
 
     /// Whether the kernel enforces `pids_max`.
@@ -240,7 +237,12 @@ fn cpu_ticks_of(pid: u32) -> Option<u64> {
     let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
     // After the command: state is field 3 of stat(5), utime 14 ... cstime 17.
     let at = |n: usize| fields.get(n - 3).and_then(|v| v.parse::<i64>().ok());
-    Some([at(14)?, at(15)?, at(16)?, at(17)?].iter().sum::<i64>().max(0) as u64)
+    Some(
+        [at(14)?, at(15)?, at(16)?, at(17)?]
+            .iter()
+            .sum::<i64>()
+            .max(0) as u64,
+    )
 }
 
 fn page_size() -> u64 {
@@ -283,7 +285,10 @@ mod tests {
 
     #[test]
     fn this_process_s_tree_holds_its_children_and_uses_memory_and_cpu() {
-        let mut child = std::process::Command::new("sleep").arg("5").spawn().unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
         let me = std::process::id();
         // Our own group is not ours alone (the test harness's), but our children are ours.
         let tree = tree(me);

@@ -43,15 +43,16 @@ use crate::{metrics as observability, settings::ByteSize};
 
 use super::{
     command::LaunchSpec,
-    limits::{self, LimitedBy, Limits, MemoryLimitHit},
     containment::{self, AgentScope, Containment},
     exit::AgentExit,
     launcher::{AgentHandle, LaunchError, UsageCell},
+    limits::{self, LimitedBy, Limits, MemoryLimitHit},
     log_files::{LogFile, LogFiles},
     log_list::OutputSink,
     output::{Binding, OutputLimits, OutputReader},
     phase::{Phase, Readiness},
     spawn::{Child, Stdin},
+    spawner::SpawnJob,
     startup::Started,
 };
 
@@ -225,7 +226,8 @@ impl AgentProcesses {
     }
 }
 
-/// The spawn itself: the environment every agent gets, its scope's marker and cgroup.
+/// The spawn itself: the environment every agent gets, its scope's marker and cgroups; on the
+/// scope's placed spawner thread where it has one.
 fn spawn(spec: &Program<'_>, scope: &AgentScope) -> std::io::Result<Child> {
     let mut env: Vec<(&str, &str)> = spec
         .env
@@ -237,15 +239,23 @@ fn spawn(spec: &Program<'_>, scope: &AgentScope) -> std::io::Result<Child> {
     env.push(("PYTHONUNBUFFERED", "1"));
     // Inherited by everything the agent starts: how escaped descendants are found.
     env.push((containment::SCOPE_VAR, scope.marker()));
+    let placement = scope.placement();
+    if let Some(spawner) = scope.spawner() {
+        let job = SpawnJob {
+            program: spec.program.to_owned(),
+            args: spec.args.to_vec(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            placement,
+            stdin: spec.stdin,
+        };
+        return spawner.spawn(job)?.into_child();
+    }
     // Agents are launched from the runtime's worker threads, which live as long as the
     // process: the death signal, which follows the spawning thread, fires only with the worker.
-    crate::agent::spawn::spawn_into(
-        spec.program,
-        spec.args,
-        &env,
-        &scope.placement(),
-        spec.stdin,
-    )
+    crate::agent::spawn::spawn_into(spec.program, spec.args, &env, &placement, spec.stdin)
 }
 
 /// Waits on the child (reaping it) and serves stop requests: SIGTERM to the group at once,
@@ -263,10 +273,8 @@ async fn own(
     let group = Pid::from_raw(pid as i32);
     let scope = Arc::new(scope);
     let mut kill_at: Option<tokio::time::Instant> = None;
-    let mut readings = tokio::time::interval_at(
-        tokio::time::Instant::now() + watch.every,
-        watch.every,
-    );
+    let mut readings =
+        tokio::time::interval_at(tokio::time::Instant::now() + watch.every, watch.every);
     readings.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let status = loop {
         let deadline = kill_at;

@@ -178,6 +178,43 @@ pub fn spawn_into(
     placement: &Placement,
     stdin: Stdin,
 ) -> io::Result<Child> {
+    spawn_raw(program, args, env, placement, stdin)?.into_child()
+}
+
+/// A child just started, not yet registered with a runtime: what [`spawn_raw`] returns on a
+/// thread without one (see [`crate::agent::containment`]'s placed spawners), turned into a
+/// [`Child`] by [`RawChild::into_child`] inside the runtime.
+#[derive(Debug)]
+pub struct RawChild {
+    pid: u32,
+    pidfd: OwnedFd,
+    stdin: Option<OwnedFd>,
+    stdout: OwnedFd,
+    stderr: OwnedFd,
+    cgroup_error: Option<io::Error>,
+}
+
+impl RawChild {
+    /// The [`Child`] to wait for; inside a tokio runtime. A child that cannot be registered
+    /// is killed and reaped: nothing could wait for it.
+    pub fn into_child(self) -> io::Result<Child> {
+        let pid = self.pid as libc::pid_t;
+        let mut child = Child::from_fds(self.pid, self.pidfd, self.stdin, self.stdout, self.stderr)
+            .inspect_err(|_| kill_and_reap(pid))?;
+        child.cgroup_error = self.cgroup_error;
+        Ok(child)
+    }
+}
+
+/// [`spawn_into`] without a runtime: the clone and the pipes, on the calling thread (whose
+/// life the death signal follows).
+pub fn spawn_raw(
+    program: &str,
+    args: &[String],
+    env: &[(&str, &str)],
+    placement: &Placement,
+    stdin: Stdin,
+) -> io::Result<RawChild> {
     let strings = ExecStrings::new(program, args, env)?;
     let dev_null = dev_null()?;
     let stdin_pipe = match stdin {
@@ -223,11 +260,14 @@ pub fn spawn_into(
         let _ = try_reap(pidfd.as_raw_fd(), 0);
         return Err(failure);
     }
-    let child = Child::from_fds(pid as u32, pidfd, stdin_write, stdout_read, stderr_read);
-    // Nobody could wait for it: leave neither a running process nor a zombie.
-    let mut child = child.inspect_err(|_| kill_and_reap(pid))?;
-    child.cgroup_error = cloned.cgroup_error;
-    Ok(child)
+    Ok(RawChild {
+        pid: pid as u32,
+        pidfd,
+        stdin: stdin_write,
+        stdout: stdout_read,
+        stderr: stderr_read,
+        cgroup_error: cloned.cgroup_error,
+    })
 }
 
 /// What `execve` gets, all allocated in the worker before the clone (the child may not

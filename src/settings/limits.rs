@@ -75,7 +75,9 @@ mod tests {
             .contains("agent.memory_high: (1 GiB) must be below agent.memory_max (1 GiB)")
         );
         assert!(error(&[("AGENT_WORKER__AGENT__MEMORY_MAX", "512")]).contains("agent.memory_max"));
-        assert!(error(&[("AGENT_WORKER__AGENT__MEMORY_MAX", "2 bananas")]).contains("unknown unit"));
+        assert!(
+            error(&[("AGENT_WORKER__AGENT__MEMORY_MAX", "2 bananas")]).contains("unknown unit")
+        );
         assert!(error(&[("AGENT_WORKER__AGENT__PIDS_MAX", "3")]).contains("agent.pids_max"));
     }
 }

@@ -31,7 +31,11 @@ impl ByteSize {
             "gi" | "gib" => 1 << 30,
             "t" | "tb" => 1000_u64.pow(4),
             "ti" | "tib" => 1 << 40,
-            _ => return Err(format!("{text:?}: unknown unit {unit:?} (use MiB, GiB, MB, GB...)")),
+            _ => {
+                return Err(format!(
+                    "{text:?}: unknown unit {unit:?} (use MiB, GiB, MB, GB...)"
+                ));
+            }
         };
         let bytes = number * scale as f64;
         if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
