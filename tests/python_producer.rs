@@ -250,9 +250,7 @@ async fn python_enqueued_seed_scenario_starts_both_agents_with_their_own_voices(
     for (id, voice) in &sessions {
         wait_status(&redis.conn, id, "ready", Duration::from_secs(20)).await;
         let got = wait_received(&redis.conn, id).await;
-        assert_eq!(got["contract"]["voice_id"], *voice, "argv of {id}");
-        assert_eq!(got["contract"]["room"], id.as_str());
-        assert_eq!(got["env"]["VOICE_ID"], *voice);
+        assert_agent_of(&got, id, voice);
         let state = SessionKeys::new(id).state();
         assert_eq!(hget(&redis.conn, &state, "userId").await.unwrap(), user);
     }

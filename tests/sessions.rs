@@ -30,10 +30,7 @@ async fn hundred_concurrent_sessions_of_one_user_each_get_their_own_voice() {
     for (id, voice) in &sessions {
         wait_status(&redis.conn, id, "ready", Duration::from_secs(60)).await;
         let got = wait_received(&redis.conn, id).await;
-        assert_eq!(got["contract"]["voice_id"], voice.as_str(), "argv of {id}");
-        assert_eq!(got["contract"]["room"], id.as_str());
-        assert_eq!(got["env"]["VOICE_ID"], voice.as_str());
-        assert_eq!(got["env"]["SESSION_ID"], id.as_str());
+        assert_agent_of(&got, id, voice);
         let state = SessionKeys::new(id).state();
         assert_eq!(hget(&redis.conn, &state, "voiceId").await.unwrap(), *voice);
         assert_eq!(hget(&redis.conn, &state, "userId").await.unwrap(), user);

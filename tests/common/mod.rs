@@ -30,8 +30,8 @@ pub use self::{
         wait_idle, worker_runs,
     },
     session::{
-        agent_logs, agent_pid, heartbeat_score, received, start_ready, status, wait_received,
-        wait_status, write_config, write_full_config,
+        agent_logs, agent_pid, assert_agent_of, heartbeat_score, received, start_ready, status,
+        wait_received, wait_status, write_config, write_full_config,
     },
     test_redis::{TestRedis, hget, is_member, settings},
     test_worker::TestWorker,

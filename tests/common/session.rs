@@ -101,3 +101,13 @@ pub async fn wait_received(conn: &RedisConn, id: &SessionId) -> serde_json::Valu
     )
     .await
 }
+
+/// Asserts that the agent of `id` got its room and `voice`, as options (`--room`,
+/// `--voice-id`) and in its environment (`SESSION_ID`, `VOICE_ID`): `got` is what it reported
+/// ([`received`]).
+pub fn assert_agent_of(got: &serde_json::Value, id: &SessionId, voice: &str) {
+    assert_eq!(got["contract"]["voice_id"], voice, "argv of {id}");
+    assert_eq!(got["contract"]["room"], id.as_str(), "argv of {id}");
+    assert_eq!(got["env"]["VOICE_ID"], voice, "environment of {id}");
+    assert_eq!(got["env"]["SESSION_ID"], id.as_str(), "environment of {id}");
+}
