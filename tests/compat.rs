@@ -341,11 +341,7 @@ async fn a_normal_end_leaves_the_billing_record_for_the_orchestrator_then_nothin
     let out = WorkerProcess::spawn(worker_command(&redis.url(), &["sweep"], "ready", &[]))
         .output()
         .await;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    stdout_of("agent-worker sweep", &out);
     // Once the worker has stopped, its log shipper is drained: late lines of the agent must
     // not have recreated its log key, nor a heartbeat anything else.
     stop(worker).await;
@@ -424,10 +420,11 @@ async fn a_credit_stop_stops_the_agent_on_another_process_and_keeps_terminated()
         Some("terminated")
     );
     let stderr = stop(worker).await;
-    let stopped = events(stderr.as_bytes())
-        .into_iter()
-        .any(|e| e["message"] == "agent_stopped" && e["reason"] == "terminated");
-    assert!(stopped, "{stderr}");
+    assert_logged(
+        stderr.as_bytes(),
+        "agent_stopped",
+        &[("reason", "terminated")],
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

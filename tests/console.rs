@@ -913,12 +913,7 @@ async fn run_chromium(url: &str, args: Vec<String>) -> String {
         .await
         .expect("chromium finishes within 90 s")
         .unwrap();
-    assert!(
-        output.status.success(),
-        "chromium failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
+    stdout_of("chromium", &output)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

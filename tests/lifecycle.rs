@@ -513,12 +513,7 @@ async fn sweep_cli(url: &str, args: &[&str]) -> String {
     let mut all = vec!["sweep"];
     all.extend_from_slice(args);
     let output = worker_command(url, &all, &[]).output().unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).unwrap()
+    stdout_of("agent-worker sweep", &output)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

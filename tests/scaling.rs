@@ -295,11 +295,7 @@ async fn a_second_sigterm_stops_the_agents_at_once() {
         .await;
     let output = worker.output().await;
     assert!(output.status.success());
-    assert!(
-        events(&output.stderr)
-            .iter()
-            .any(|e| e["message"] == "immediate_shutdown_requested")
-    );
+    assert_logged(&output.stderr, "immediate_shutdown_requested", &[]);
 }
 
 async fn memory(conn: &RedisConn) -> u64 {
@@ -506,12 +502,7 @@ async fn status_and_dead_list_and_retry_from_the_command_line() {
         let output = worker_command(&redis.url(), args, "ready", &[])
             .output()
             .unwrap();
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8(output.stdout).unwrap()
+        stdout_of(&format!("agent-worker {args:?}"), &output)
     };
     let listed: serde_json::Value =
         serde_json::from_str(&cli(&["dead", "list", "--json"])).unwrap();

@@ -115,14 +115,8 @@ async fn missing_config_gets_the_default_voice_written_back_with_a_ttl() {
         "Brian"
     );
     let key = SessionKeys::new(&id).config();
-    assert_eq!(
-        hget(&redis.conn, &key, "voiceId").await.as_deref(),
-        Some("Brian")
-    );
-    assert_eq!(
-        hget(&redis.conn, &key, "userName").await.as_deref(),
-        Some("bob")
-    );
+    let expected = [("voiceId", "Brian"), ("userName", "bob")];
+    assert_fields(&redis.conn, &key, &expected).await;
     let ttl: i64 = redis.conn.clone().ttl(&key).await.unwrap();
     assert!(
         ttl > 0 && ttl <= 4 * 3600,

@@ -7,6 +7,7 @@
 mod commandstats;
 mod http;
 mod ledger;
+mod output;
 mod procfs;
 mod python;
 mod queue;
@@ -23,20 +24,21 @@ pub use self::{
     commandstats::{command_calls, command_count, parse_commandstats},
     http::{free_port, get, http_get, http_get_within, request},
     ledger::Ledger,
+    output::stdout_of,
     procfs::{alive, live_agents, proc_state, room_of, wait_gone, zombie_children},
     python::{PYTHON_DIR, printed_json, python, python_path, require_python, unittest},
     queue::{
-        assert_first_run, done_count, enqueue, is_done, producer, push_raw, wait_dead, wait_done,
-        wait_idle, worker_runs,
+        active_jobs, assert_first_run, done_count, enqueue, is_done, producer, push_raw, wait_dead,
+        wait_done, wait_idle, worker_runs,
     },
     session::{
         agent_logs, agent_pid, assert_agent_of, heartbeat_score, received, start_ready, status,
         wait_received, wait_status, write_config, write_full_config,
     },
-    test_redis::{TestRedis, hget, is_member, settings},
+    test_redis::{TestRedis, assert_fields, hget, is_member, settings},
     test_worker::TestWorker,
     wait::{poll, wait_for},
-    worker_command::{events, worker_bin, worker_command},
+    worker_command::{assert_logged, events, worker_bin, worker_command},
     worker_process::WorkerProcess,
 };
 

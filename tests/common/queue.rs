@@ -21,6 +21,14 @@ pub async fn enqueue(conn: &RedisConn, id: &SessionId, user: Option<&str>) -> St
     producer(conn).enqueue(&job).await.expect("enqueue").task_id
 }
 
+/// The task ids in the ready list (`<queue>:active`), first to be fetched first.
+pub async fn active_jobs(conn: &RedisConn) -> Vec<String> {
+    conn.clone()
+        .lrange(QueueKeys::new(QUEUE).unwrap().active(), 0, -1)
+        .await
+        .expect("LRANGE the ready list")
+}
+
 /// Writes a job with arbitrary payload bytes in the wire format, as a foreign producer could.
 pub async fn push_raw(conn: &RedisConn, payload: &[u8]) -> String {
     let keys = QueueKeys::new(QUEUE).unwrap();

@@ -91,6 +91,17 @@ pub async fn hget(conn: &RedisConn, key: &str, field: &str) -> Option<String> {
     conn.clone().hget(key, field).await.expect("HGET")
 }
 
+/// Asserts that the hash `key` holds each `(field, value)` of `expected`.
+pub async fn assert_fields(conn: &RedisConn, key: &str, expected: &[(&str, &str)]) {
+    for (field, value) in expected {
+        assert_eq!(
+            hget(conn, key, field).await.as_deref(),
+            Some(*value),
+            "{key} {field}"
+        );
+    }
+}
+
 /// `SISMEMBER set member`.
 pub async fn is_member(conn: &RedisConn, set: &str, member: &str) -> bool {
     conn.clone()
