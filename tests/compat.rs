@@ -256,11 +256,6 @@ async fn wait_heartbeats(conn: &RedisConn, id: &SessionId, n: usize) {
     }
 }
 
-/// The TTL of `key` in seconds (`-2` when it does not exist, `-1` without a TTL).
-async fn ttl_of(conn: &RedisConn, key: &str) -> i64 {
-    conn.clone().ttl(key).await.unwrap()
-}
-
 /// The value of the counter `name{label}` on the worker's `/metrics` at `http`, if served.
 async fn counter(http: SocketAddr, name: &str, label: &str) -> Option<f64> {
     let (code, body) = http_get(http, "/metrics").await?;

@@ -309,7 +309,7 @@ async fn a_session_still_starting_when_redis_loses_its_data_gets_its_record_back
     )
     .await;
     assert!(hget(&redis.conn, &state, "createdAt").await.is_some());
-    let ttl: i64 = redis.conn.clone().ttl(&state).await.unwrap();
+    let ttl = ttl_of(&redis.conn, &state).await;
     assert!(ttl > 0, "the record written again expires: TTL {ttl}");
     assert!(alive(pid), "the agent still runs");
     let out = worker.stop().await;

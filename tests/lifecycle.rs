@@ -333,10 +333,6 @@ async fn stuck_starts_are_swept_and_ended_records_wait_out_their_window() {
     );
 }
 
-async fn ttl_of(conn: &RedisConn, key: &str) -> i64 {
-    conn.clone().ttl(key).await.unwrap()
-}
-
 /// For every removal, the last heartbeat that session received before it was removed must be at
 /// or before the cutoff the sweep used: a session whose heartbeat was fresh at delete time is
 /// never removed. (A sweep that checked staleness outside the delete script fails this.)

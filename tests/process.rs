@@ -188,7 +188,7 @@ async fn the_enqueue_command_writes_the_config_and_prints_the_task_id() {
         ("openingLine", "Hello $(whoami)"),
     ];
     assert_fields(&redis.conn, &key, &expected).await;
-    let ttl: i64 = redis.conn.clone().ttl(&key).await.unwrap();
+    let ttl = ttl_of(&redis.conn, &key).await;
     assert!(ttl > 4 * 3600 - 60 && ttl <= 4 * 3600);
     assert_eq!(active_jobs(&redis.conn).await, [task_id]);
 

@@ -317,25 +317,17 @@ async fn finished_jobs(conn: &RedisConn, n: usize, dead: bool, done_at: u64) -> 
     for i in 0..n {
         let id = ulid::Ulid::generate().to_string();
         let status = if dead { "Killed" } else { "Done" };
-        pipe.hset(
-            keys().data(),
-            &id,
-            format!(r#"{{"session_id":"finished-{i}"}}"#),
-        )
-        .ignore()
-        .hset_multiple(
-            keys().meta(&id),
-            &[
-                ("attempts", "1"),
-                ("max_attempts", "1"),
-                ("status", status),
-                ("done_at", &done_at.to_string()),
-                ("result", r#"{"Ok":null}"#),
-            ],
-        )
-        .ignore()
-        .sadd(if dead { keys().dead() } else { keys().done() }, &id)
-        .ignore();
+        let payload = format!(r#"{{"session_id":"finished-{i}"}}"#);
+        let meta = [
+            ("attempts", "1"),
+            ("max_attempts", "1"),
+            ("status", status),
+            ("done_at", &done_at.to_string()),
+            ("result", r#"{"Ok":null}"#),
+        ];
+        stage_job(&mut pipe, &id, payload.as_bytes(), &meta);
+        pipe.sadd(if dead { keys().dead() } else { keys().done() }, &id)
+            .ignore();
         ids.push(id);
     }
     pipe.query_async::<()>(&mut conn.clone()).await.unwrap();
@@ -360,22 +352,20 @@ async fn retention_keeps_memory_flat_and_never_removes_a_job_waiting_for_a_retry
     // A job waiting for a retry: failed once, rescheduled, with an old done_at.
     let retrying = ulid::Ulid::generate().to_string();
     let mut conn = redis.conn.clone();
-    let _: () = conn
-        .hset(keys().data(), &retrying, r#"{"session_id":"retrying"}"#)
-        .await
-        .unwrap();
-    let _: () = conn
-        .hset_multiple(
-            keys().meta(&retrying),
-            &[
-                ("attempts", "1"),
-                ("max_attempts", "1"),
-                ("status", "Failed"),
-                ("done_at", "1"),
-            ],
-        )
-        .await
-        .unwrap();
+    let failed = [
+        ("attempts", "1"),
+        ("max_attempts", "1"),
+        ("status", "Failed"),
+        ("done_at", "1"),
+    ];
+    let mut pipe = redis::pipe();
+    stage_job(
+        &mut pipe,
+        &retrying,
+        br#"{"session_id":"retrying"}"#,
+        &failed,
+    );
+    pipe.query_async::<()>(&mut conn).await.unwrap();
     let _: () = conn
         .zadd(keys().scheduled(), &retrying, unix_now() + 60)
         .await

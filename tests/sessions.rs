@@ -5,8 +5,15 @@ mod common;
 use std::time::Duration;
 
 use agent_jobs::{QueueKeys, SessionKeys};
+use agent_worker::connection::RedisConn;
 use common::*;
 use redis::AsyncCommands;
+
+/// Asserts that `key` expires within the session TTL (4 h, the default `session.ttl`).
+async fn assert_expires_with_the_session(conn: &RedisConn, key: &str) {
+    let ttl = ttl_of(conn, key).await;
+    assert!(ttl > 0 && ttl <= 4 * 3600, "{key}: TTL {ttl}");
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hundred_concurrent_sessions_of_one_user_each_get_their_own_voice() {
@@ -117,11 +124,8 @@ async fn missing_config_gets_the_default_voice_written_back_with_a_ttl() {
     let key = SessionKeys::new(&id).config();
     let expected = [("voiceId", "Brian"), ("userName", "bob")];
     assert_fields(&redis.conn, &key, &expected).await;
-    let ttl: i64 = redis.conn.clone().ttl(&key).await.unwrap();
-    assert!(
-        ttl > 0 && ttl <= 4 * 3600,
-        "default config TTL is the session TTL, got {ttl}"
-    );
+    // The default config's TTL is the session's.
+    assert_expires_with_the_session(&redis.conn, &key).await;
     worker.stop().await;
 }
 
@@ -203,11 +207,8 @@ async fn the_logs_list_keeps_the_last_hundred_output_lines_with_the_session_ttl(
     .await;
     let expected: Vec<String> = (150..250).map(|i| format!("chatty line {i}")).collect();
     assert_eq!(logs, expected, "exactly the last 100 lines, in order");
-    let ttl: i64 = redis.conn.clone().ttl(&key).await.unwrap();
-    assert!(
-        ttl > 0 && ttl <= 4 * 3600,
-        "the logs expire with the session, got {ttl}"
-    );
+    // The logs expire with the session.
+    assert_expires_with_the_session(&redis.conn, &key).await;
     worker.stop().await;
 }
 

@@ -28,14 +28,14 @@ pub use self::{
     procfs::{alive, live_agents, proc_state, room_of, wait_gone, zombie_children},
     python::{PYTHON_DIR, printed_json, python, python_path, require_python, unittest},
     queue::{
-        active_jobs, assert_first_run, done_count, enqueue, is_done, producer, push_raw, wait_dead,
-        wait_done, wait_idle, worker_runs,
+        PENDING, active_jobs, assert_first_run, done_count, enqueue, is_done, producer, push_raw,
+        stage_job, wait_dead, wait_done, wait_idle, worker_runs,
     },
     session::{
         agent_logs, agent_pid, assert_agent_of, heartbeat_score, received, start_ready, status,
         wait_received, wait_status, write_config, write_full_config,
     },
-    test_redis::{TestRedis, assert_fields, hget, is_member, settings},
+    test_redis::{TestRedis, assert_fields, hget, is_member, settings, ttl_of},
     test_worker::TestWorker,
     wait::{poll, wait_for},
     worker_command::{assert_logged, events, worker_bin, worker_command},

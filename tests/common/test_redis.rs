@@ -102,6 +102,11 @@ pub async fn assert_fields(conn: &RedisConn, key: &str, expected: &[(&str, &str)
     }
 }
 
+/// The TTL of `key` in seconds (`-2` when it does not exist, `-1` without a TTL).
+pub async fn ttl_of(conn: &RedisConn, key: &str) -> i64 {
+    conn.clone().ttl(key).await.expect("TTL")
+}
+
 /// `SISMEMBER set member`.
 pub async fn is_member(conn: &RedisConn, set: &str, member: &str) -> bool {
     conn.clone()
