@@ -173,8 +173,7 @@ async fn an_evicting_redis_is_refused_unless_allowed() {
         text.contains("maxmemory-policy allkeys-lru  (evicts keys"),
         "{text}"
     );
-    let out = allowed.stop().await;
-    assert!(out.status.success());
+    let out = allowed.stop_cleanly().await;
     let warned = events(&out.stderr)
         .iter()
         .filter(|e| {
@@ -336,13 +335,7 @@ async fn a_session_the_orchestrator_ends_while_it_is_starting_is_still_stopped()
     })
     .await;
     // The orchestrator's end: the session's keys go; our heartbeat index is not its to touch.
-    let keys = SessionKeys::new(&id);
-    let _: () = redis
-        .conn
-        .clone()
-        .del(&[keys.state(), keys.config()])
-        .await
-        .unwrap();
+    end_as_orchestrator(&redis.conn, &id).await;
     wait_gone("the agent to be stopped", Duration::from_secs(20), pid).await;
     let out = worker.stop().await;
     assert_logged(&out.stderr, "agent_stopped", &[("reason", "session_ended")]);

@@ -94,8 +94,7 @@ async fn a_sigkilled_workers_session_is_swept_by_another_worker_process() {
     .await;
     assert_eq!(heartbeat_score(&redis.conn, &id).await, None);
     assert!(!is_member(&redis.conn, "session:ready", id.as_str()).await);
-    let output = b.stop().await;
-    assert!(output.status.success(), "{:?}", output.status);
+    let output = b.stop_cleanly().await;
     let stderr = String::from_utf8_lossy(&output.stderr);
     let swept = events(&output.stderr).iter().any(|e| {
         e["message"] == "session_swept"
@@ -176,15 +175,8 @@ async fn a_replica_whose_clock_runs_behind_keeps_its_sessions() {
     assert!(heartbeat_score(&redis.conn, &id).await.is_some());
     assert!(b.events_named("session_swept").is_empty());
     for worker in [a, b] {
-        stop_worker(worker).await;
+        worker.stop_cleanly().await;
     }
-}
-
-/// SIGTERM, and the worker exits 0; its output.
-async fn stop_worker(worker: WorkerProcess) -> std::process::Output {
-    let output = worker.stop().await;
-    assert!(output.status.success(), "{:?}", output.status);
-    output
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -482,7 +474,7 @@ async fn three_workers_sweep_exactly_once_per_tick() {
     let mut ticks = Vec::new();
     let mut sweepers = 0;
     for worker in workers {
-        let output = stop_worker(worker).await;
+        let output = worker.stop_cleanly().await;
         let mine = ticks_of(
             events(&output.stderr)
                 .into_iter()

@@ -44,8 +44,7 @@ async fn sigterm_stops_the_agents_ends_their_sessions_and_exits_zero() {
     let id = sid("sigterm-1");
     start_ready(&redis.conn, &id).await;
     let pid = agent_pid(&redis.conn, &id).await;
-    let output = worker.stop().await;
-    assert!(output.status.success(), "exit status {:?}", output.status);
+    let output = worker.stop_cleanly().await;
     assert_eq!(
         exits(&output.stderr),
         ["code 0"],
@@ -96,8 +95,7 @@ async fn an_agent_ignoring_sigterm_is_killed_after_the_grace_period() {
     let worker = WorkerProcess::run(&redis.url(), "ignore-term", &[grace]);
     let id = sid("stubborn-1");
     start_ready(&redis.conn, &id).await;
-    let output = worker.stop().await;
-    assert!(output.status.success());
+    let output = worker.stop_cleanly().await;
     assert_eq!(exits(&output.stderr), ["signal 9"]);
 }
 
@@ -130,8 +128,7 @@ async fn json_logs_carry_the_events_and_never_the_redis_password() {
         serde_json::json!([]),
         "{received}"
     );
-    let output = worker.stop().await;
-    assert!(output.status.success());
+    let output = worker.stop_cleanly().await;
     let stderr = String::from_utf8(output.stderr).unwrap();
     let stdout = String::from_utf8(output.stdout).unwrap();
     assert!(
@@ -280,8 +277,7 @@ async fn a_worker_started_before_redis_waits_for_it_then_works() {
     )
     .await;
     wait_status(&redis.conn, &id, "ready", Duration::from_secs(20)).await;
-    let output = worker.stop().await;
-    assert!(output.status.success());
+    let output = worker.stop_cleanly().await;
     let lines: Vec<String> = String::from_utf8_lossy(&output.stderr)
         .lines()
         .map(str::to_owned)

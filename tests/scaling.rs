@@ -84,13 +84,7 @@ async fn two_replicas_of_five_agents_take_ten_sessions_and_leave_two_queued() {
         v
     };
     for id in &running[..2] {
-        let k = SessionKeys::new(id);
-        let _: () = redis
-            .conn
-            .clone()
-            .del(&[k.state(), k.config()])
-            .await
-            .unwrap();
+        end_as_orchestrator(&redis.conn, id).await;
     }
     wait_for(
         "the two queued sessions to start",
@@ -229,7 +223,7 @@ async fn a_start_on_a_sigkilled_replica_runs_again_on_another_within_the_orphan_
         0,
         "nothing left in flight"
     );
-    assert!(b.stop().await.status.success());
+    b.stop_cleanly().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -248,8 +242,7 @@ async fn sigterm_finishes_the_start_in_progress_drains_agents_then_stops_them() 
     enqueue(&redis.conn, &id, None).await;
     // The start is in progress (the agent has reported its arguments, not its ready line).
     wait_received(&redis.conn, &id).await;
-    let output = worker.stop().await;
-    assert!(output.status.success(), "exit status {:?}", output.status);
+    let output = worker.stop_cleanly().await;
     let events = events(&output.stderr);
     let at = |name: &str| -> chrono::DateTime<chrono::Utc> {
         let event = events

@@ -32,8 +32,8 @@ pub use self::{
         stage_job, wait_dead, wait_done, wait_idle, worker_runs,
     },
     session::{
-        agent_logs, agent_pid, assert_agent_of, heartbeat_score, received, start_ready, status,
-        wait_received, wait_status, write_config, write_full_config,
+        agent_logs, agent_pid, assert_agent_of, end_as_orchestrator, heartbeat_score, received,
+        start_ready, status, wait_received, wait_status, write_config, write_full_config,
     },
     test_redis::{TestRedis, assert_fields, hget, is_member, settings, ttl_of},
     test_worker::TestWorker,
