@@ -425,10 +425,7 @@ async fn a_credit_stop_stops_the_agent_on_another_process_and_keeps_terminated()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_orchestrator_first_end_stops_the_agent_and_recreates_nothing() {
     let redis = TestRedis::start().await;
-    let worker = worker(
-        &redis,
-        &[("AGENT_WORKER__SESSION__HEARTBEAT_INTERVAL", "1s")],
-    );
+    let worker = worker(&redis, &[HEARTBEAT_EVERY_SECOND]);
     // A second session keeps running: its heartbeats show the worker's heartbeats go on.
     let (id, running) = (sid("ended-first"), sid("still-running"));
     for session in [&id, &running] {

@@ -39,7 +39,7 @@ fn start_worker(redis: &TestRedis, overrides: &[(&str, &str)]) -> (TestWorker, S
     let addr_text = addr.to_string();
     let mut all = vec![
         ("AGENT_WORKER__HTTP__ADDR", addr_text.as_str()),
-        ("AGENT_WORKER__SESSION__HEARTBEAT_INTERVAL", "1s"),
+        HEARTBEAT_EVERY_SECOND,
     ];
     all.extend_from_slice(overrides);
     let worker = TestWorker::start(redis.settings("ready", &all));

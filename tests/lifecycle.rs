@@ -182,10 +182,7 @@ async fn a_replica_whose_clock_runs_behind_keeps_its_sessions() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_a_sessions_keys_stops_its_agent_within_a_heartbeat() {
     let redis = TestRedis::start().await;
-    let worker = TestWorker::start(redis.settings(
-        "ready",
-        &[("AGENT_WORKER__SESSION__HEARTBEAT_INTERVAL", "1s")],
-    ));
+    let worker = TestWorker::start(redis.settings("ready", &[HEARTBEAT_EVERY_SECOND]));
     let (ended, kept) = (sid("ended-by-orchestrator"), sid("kept-running"));
     for id in [&ended, &kept] {
         start_ready(&redis.conn, id).await;
@@ -603,10 +600,7 @@ async fn monitor_during_a_sweep_shows_no_keys_command() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heartbeats_write_ready_only_over_starting_and_keep_everyone_elses_status() {
     let redis = TestRedis::start().await;
-    let worker = TestWorker::start(redis.settings(
-        "ready",
-        &[("AGENT_WORKER__SESSION__HEARTBEAT_INTERVAL", "1s")],
-    ));
+    let worker = TestWorker::start(redis.settings("ready", &[HEARTBEAT_EVERY_SECOND]));
     let id = sid("statuses-1");
     start_ready(&redis.conn, &id).await;
     let state = SessionKeys::new(&id).state();

@@ -267,15 +267,7 @@ async fn a_worker_started_before_redis_waits_for_it_then_works() {
     assert!(worker.try_wait().is_none(), "the worker must not exit");
     redis.redis.restart().await.unwrap();
     let id = sid("after-late-redis");
-    wait_for(
-        "an enqueue once Redis is up",
-        Duration::from_secs(10),
-        || async {
-            let job = agent_jobs::AgentStart::new(id.clone());
-            common::producer(&redis.conn).enqueue(&job).await.ok()
-        },
-    )
-    .await;
+    enqueue_when_up(&redis.conn, &id, Duration::from_secs(10)).await;
     wait_status(&redis.conn, &id, "ready", Duration::from_secs(20)).await;
     let output = worker.stop_cleanly().await;
     let lines: Vec<String> = String::from_utf8_lossy(&output.stderr)

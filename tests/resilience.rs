@@ -73,16 +73,7 @@ async fn redis_down_for_three_seconds_the_same_worker_carries_on() {
 
     // The restarted Redis is empty (no persistence): a new session, on defaults.
     let after = sid("after-outage");
-    wait_for(
-        "an enqueue to succeed after the restart",
-        Duration::from_secs(20),
-        || async {
-            let mut job = AgentStart::new(after.clone());
-            job.user_id = None;
-            producer(&redis.conn).enqueue(&job).await.ok()
-        },
-    )
-    .await;
+    enqueue_when_up(&redis.conn, &after, Duration::from_secs(20)).await;
     wait_status(&redis.conn, &after, "ready", Duration::from_secs(30)).await;
     assert_eq!(
         wait_received(&redis.conn, &after).await["contract"]["voice_id"],

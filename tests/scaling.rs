@@ -47,7 +47,7 @@ async fn two_replicas_of_five_agents_take_ten_sessions_and_leave_two_queued() {
         "ready",
         &[
             ("AGENT_WORKER__AGENT__MAX_AGENTS", "5"),
-            ("AGENT_WORKER__SESSION__HEARTBEAT_INTERVAL", "1s"),
+            HEARTBEAT_EVERY_SECOND,
         ],
     );
     let a = TestWorker::start(settings.clone());
@@ -152,11 +152,7 @@ async fn a_claim_of_a_live_worker_stands_and_a_dead_workers_claim_is_taken_over(
     let _: () = conn.zadd(WORKERS, "live-worker", now + 3600).await.unwrap();
     let _: () = conn.zadd(WORKERS, "dead-worker", now - 3600).await.unwrap();
     let ledger = Ledger::new();
-    let command = ledger.command("ready");
-    let worker = TestWorker::start(redis.settings(
-        "ready",
-        &[("AGENT_WORKER__AGENT__COMMAND", command.as_str())],
-    ));
+    let worker = TestWorker::start(ledger.worker_settings(&redis, "ready", &[]));
     let held_task = enqueue(&redis.conn, &held, None).await;
     let orphan_task = enqueue(&redis.conn, &orphaned, None).await;
     wait_done(&redis.conn, &held_task, Duration::from_secs(20)).await;

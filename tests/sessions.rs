@@ -166,11 +166,7 @@ async fn an_unusable_config_sends_the_job_dead_and_marks_the_session_error_with_
         .await
         .unwrap();
     let ledger = Ledger::new();
-    let command = ledger.command("ready");
-    let worker = TestWorker::start(redis.settings(
-        "ready",
-        &[("AGENT_WORKER__AGENT__COMMAND", command.as_str())],
-    ));
+    let worker = TestWorker::start(ledger.worker_settings(&redis, "ready", &[]));
     let task = enqueue(&redis.conn, &bad, None).await;
     let result = wait_dead(&redis.conn, &task).await;
     assert!(
@@ -296,11 +292,7 @@ async fn the_same_session_enqueued_twice_starts_one_agent() {
     // The ledger is written by each agent as it starts: unlike the shipped logs, it cannot
     // lag behind a second agent.
     let ledger = Ledger::new();
-    let command = ledger.command("ready");
-    let worker = TestWorker::start(redis.settings(
-        "ready",
-        &[("AGENT_WORKER__AGENT__COMMAND", command.as_str())],
-    ));
+    let worker = TestWorker::start(ledger.worker_settings(&redis, "ready", &[]));
     wait_done(&redis.conn, &first, Duration::from_secs(20)).await;
     let pid = agent_pid(&redis.conn, &id).await;
     // A second delivery of the same job (as after a crash) finds the running agent.

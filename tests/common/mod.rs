@@ -28,8 +28,8 @@ pub use self::{
     procfs::{alive, live_agents, proc_state, room_of, wait_gone, zombie_children},
     python::{PYTHON_DIR, printed_json, python, python_path, require_python, unittest},
     queue::{
-        PENDING, active_jobs, assert_first_run, done_count, enqueue, is_done, producer, push_raw,
-        stage_job, wait_dead, wait_done, wait_idle, worker_runs,
+        PENDING, active_jobs, assert_first_run, done_count, enqueue, enqueue_when_up, is_done,
+        producer, push_raw, stage_job, wait_dead, wait_done, wait_idle, worker_runs,
     },
     session::{
         agent_logs, agent_pid, assert_agent_of, end_as_orchestrator, heartbeat_score, received,
@@ -51,6 +51,11 @@ pub const WORKER_BIN: &str = env!("CARGO_BIN_EXE_agent-worker");
 /// `agent.command` (comma-separated) of the stand-in agent built into the worker's binary;
 /// append `,--behaviour,<b>` and other options.
 pub const TEST_AGENT: &str = concat!(env!("CARGO_BIN_EXE_agent-worker"), ",test-agent");
+
+/// A session heartbeat every second (`session.heartbeat_interval`), for tests that wait for
+/// what a heartbeat finds.
+pub const HEARTBEAT_EVERY_SECOND: (&str, &str) =
+    ("AGENT_WORKER__SESSION__HEARTBEAT_INTERVAL", "1s");
 
 /// A session id the test knows to be valid.
 pub fn sid(s: &str) -> SessionId {

@@ -21,6 +21,17 @@ pub async fn enqueue(conn: &RedisConn, id: &SessionId, user: Option<&str>) -> St
     producer(conn).enqueue(&job).await.expect("enqueue").task_id
 }
 
+/// Enqueues an agent start for `id` as soon as Redis takes it (it may be restarting), trying
+/// until `deadline`; the task id.
+pub async fn enqueue_when_up(conn: &RedisConn, id: &SessionId, deadline: Duration) -> String {
+    let what = format!("an enqueue of {id} once Redis is up");
+    wait_for(&what, deadline, || async {
+        let job = AgentStart::new(id.clone());
+        producer(conn).enqueue(&job).await.ok().map(|e| e.task_id)
+    })
+    .await
+}
+
 /// The task ids in the ready list (`<queue>:active`), first to be fetched first.
 pub async fn active_jobs(conn: &RedisConn) -> Vec<String> {
     conn.clone()
