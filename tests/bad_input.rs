@@ -168,7 +168,7 @@ async fn failed_start_leaves_nothing(id: &str, script: &str, marker: &str) -> St
         &[
             ("AGENT_WORKER__AGENT__COMMAND", &command),
             ("AGENT_WORKER__AGENT__STARTUP_TIMEOUT", "1s"),
-            ("AGENT_WORKER__AGENT__START_ATTEMPTS", "1"),
+            ONE_ATTEMPT,
         ],
     ));
     let id = sid(id);

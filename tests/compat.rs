@@ -531,10 +531,7 @@ async fn the_separate_arg_style_of_the_original_breaks_on_a_leading_dash() {
     let redis = TestRedis::start().await;
     let worker = worker(
         &redis,
-        &[
-            ("AGENT_WORKER__AGENT__ARG_STYLE", "separate"),
-            ("AGENT_WORKER__AGENT__START_ATTEMPTS", "1"),
-        ],
+        &[("AGENT_WORKER__AGENT__ARG_STYLE", "separate"), ONE_ATTEMPT],
     );
     let id = sid("separate-dash");
     orchestrator_start(&redis.conn, &id, "u", "Craig", Some("-Hello"), &[]).await;
@@ -554,7 +551,7 @@ async fn an_agent_stuck_in_its_imports_fails_after_the_alive_timeout() {
         &[
             ("AGENT_WORKER__AGENT__ALIVE_TIMEOUT", "2s"),
             ("AGENT_WORKER__AGENT__STARTUP_TIMEOUT", "25s"),
-            ("AGENT_WORKER__AGENT__START_ATTEMPTS", "1"),
+            ONE_ATTEMPT,
         ],
     );
     let (hung, crashed) = (sid("hung-imports"), sid("crashed-imports"));
@@ -659,7 +656,7 @@ async fn an_alive_agent_that_never_gets_ready_fails_after_the_startup_timeout() 
         &[
             ("AGENT_WORKER__AGENT__ALIVE_TIMEOUT", "2s"),
             ("AGENT_WORKER__AGENT__STARTUP_TIMEOUT", "4s"),
-            ("AGENT_WORKER__AGENT__START_ATTEMPTS", "1"),
+            ONE_ATTEMPT,
         ],
     ));
     let id = sid("alive-never-ready");

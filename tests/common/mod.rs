@@ -57,6 +57,9 @@ pub const TEST_AGENT: &str = concat!(env!("CARGO_BIN_EXE_agent-worker"), ",test-
 pub const HEARTBEAT_EVERY_SECOND: (&str, &str) =
     ("AGENT_WORKER__SESSION__HEARTBEAT_INTERVAL", "1s");
 
+/// One launch attempt per start (`agent.start_attempts`): a failing start fails its job at once.
+pub const ONE_ATTEMPT: (&str, &str) = ("AGENT_WORKER__AGENT__START_ATTEMPTS", "1");
+
 /// A session id the test knows to be valid.
 pub fn sid(s: &str) -> SessionId {
     SessionId::parse(s).expect("valid test session id")
