@@ -28,8 +28,9 @@
 //! - [`wake`]: pub/sub wake-ups so idle workers fetch a new job at once.
 //!
 //! Sessions:
-//! - [`session`]: the session store: the claim (config and ownership in one step), the state
-//!   transitions, the end record, the removal; [`session::config`] validates a config.
+//! - [`session`]: the session store, one file per step of a session's life: the claim (config
+//!   and ownership in one step), the ready transition, the heartbeat and restore, the log lists,
+//!   the end record, the removal; [`session::config`] validates a config.
 //! - [`heartbeat`]: the liveness of this process's agents, and what the heartbeat finds.
 //! - [`presence`]: which worker processes are alive, for claims and `status`.
 //!

@@ -4,43 +4,100 @@
 
 mod common;
 
-use std::{os::unix::fs::PermissionsExt, time::Duration};
+use std::{
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
-use agent_jobs::SessionKeys;
+use agent_jobs::{SessionId, SessionKeys};
+use agent_worker::connection::RedisConn;
 use common::*;
 use redis::AsyncCommands;
 
-fn temp_dir(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("{name}-{}", ulid::Ulid::generate()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// A fresh directory for the agents' log files (`agent.log_dir`), removed with the test.
+struct LogDir(PathBuf);
+
+impl LogDir {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("{name}-{}", ulid::Ulid::generate()));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+
+    /// The log file of `id`'s agent.
+    fn file_of(&self, id: &SessionId) -> PathBuf {
+        self.0.join(format!("{id}.log"))
+    }
+
+    /// An in-process worker on `redis` whose agents (the test agent as `behaviour`, with
+    /// `agent_args` after it) write their log files here; `extra` overrides.
+    fn worker(
+        &self,
+        redis: &TestRedis,
+        behaviour: &str,
+        agent_args: &str,
+        extra: &[(&str, &str)],
+    ) -> TestWorker {
+        let command = format!("{TEST_AGENT},--behaviour,{behaviour}{agent_args}");
+        let dir = self.0.display().to_string();
+        let mut overrides = vec![
+            ("AGENT_WORKER__AGENT__COMMAND", command.as_str()),
+            ("AGENT_WORKER__AGENT__LOG_DIR", dir.as_str()),
+        ];
+        overrides.extend_from_slice(extra);
+        TestWorker::start(redis.settings(behaviour, &overrides))
+    }
+}
+
+impl Drop for LogDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Waits (up to `deadline`) until the file at `path` satisfies `done`; its text.
+async fn wait_file(
+    what: &str,
+    deadline: Duration,
+    path: &Path,
+    done: impl Fn(&str) -> bool,
+) -> String {
+    wait_for(what, deadline, || {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let done = done(&text);
+        async move { done.then_some(text) }
+    })
+    .await
+}
+
+/// The last five lines of `id`'s agent shipped to Redis.
+async fn last_logs(conn: &RedisConn, id: &SessionId) -> Vec<String> {
+    conn.clone()
+        .lrange(SessionKeys::new(id).agent_logs(), -5, -1)
+        .await
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_agent_writes_its_whole_output_to_its_own_log_file_recorded_in_redis() {
     let redis = TestRedis::start().await;
-    let dir = temp_dir("agent-logs");
-    let dir_s = dir.display().to_string();
-    let worker = TestWorker::start(redis.settings(
-        "chatty",
-        &[("AGENT_WORKER__AGENT__LOG_DIR", dir_s.as_str())],
-    ));
+    let dir = LogDir::new("agent-logs");
+    let worker = dir.worker(&redis, "chatty", "", &[]);
     let (a, b) = (sid("logged-a"), sid("logged-b"));
     for id in [&a, &b] {
         enqueue(&redis.conn, id, None).await;
         wait_status(&redis.conn, id, "ready", Duration::from_secs(20)).await;
     }
     for id in [&a, &b] {
-        let path = dir.join(format!("{id}.log"));
+        let path = dir.file_of(id);
         // All 252 lines (the report, the ready line, 250 chatty lines): the file has the whole
         // output, where Redis keeps the last 100.
-        let text = wait_for(
+        let text = wait_file(
             "the whole output in the file",
             Duration::from_secs(10),
-            || {
-                let text = std::fs::read_to_string(&path).unwrap_or_default();
-                async move { (text.lines().count() >= 252).then_some(text) }
-            },
+            &path,
+            |text| text.lines().count() >= 252,
         )
         .await;
         let lines: Vec<&str> = text.lines().collect();
@@ -59,44 +116,31 @@ async fn each_agent_writes_its_whole_output_to_its_own_log_file_recorded_in_redi
         );
     }
     worker.stop().await;
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_planted_symlink_is_not_followed_and_the_agent_still_starts() {
     let redis = TestRedis::start().await;
-    let dir = temp_dir("agent-logs-link");
-    let target = dir.join("elsewhere.txt");
-    std::fs::write(&target, "precious\n").unwrap();
-    std::os::unix::fs::symlink(&target, dir.join("linked-1.log")).unwrap();
-    let dir_s = dir.display().to_string();
-    let worker = TestWorker::start(
-        redis.settings("ready", &[("AGENT_WORKER__AGENT__LOG_DIR", dir_s.as_str())]),
-    );
+    let dir = LogDir::new("agent-logs-link");
     let id = sid("linked-1");
+    let target = dir.0.join("elsewhere.txt");
+    std::fs::write(&target, "precious\n").unwrap();
+    std::os::unix::fs::symlink(&target, dir.file_of(&id)).unwrap();
+    let worker = dir.worker(&redis, "ready", "", &[]);
     enqueue(&redis.conn, &id, None).await;
     wait_status(&redis.conn, &id, "ready", Duration::from_secs(20)).await;
     // Its output still reaches Redis; the link's target is untouched.
     wait_received(&redis.conn, &id).await;
     assert_eq!(std::fs::read_to_string(&target).unwrap(), "precious\n");
     worker.stop().await;
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_over_long_line_is_cut_with_a_marker_in_the_file_and_in_redis() {
     let redis = TestRedis::start().await;
-    let dir = temp_dir("agent-logs-long");
-    let dir_s = dir.display().to_string();
-    let command = format!("{TEST_AGENT},--behaviour,ready,--long-line-bytes,300000");
-    let worker = TestWorker::start(redis.settings(
-        "ready",
-        &[
-            ("AGENT_WORKER__AGENT__COMMAND", command.as_str()),
-            ("AGENT_WORKER__AGENT__LOG_DIR", dir_s.as_str()),
-            ("AGENT_WORKER__AGENT__MAX_LINE_BYTES", "4096"),
-        ],
-    ));
+    let dir = LogDir::new("agent-logs-long");
+    let max_line = ("AGENT_WORKER__AGENT__MAX_LINE_BYTES", "4096");
+    let worker = dir.worker(&redis, "ready", ",--long-line-bytes,300000", &[max_line]);
     let id = sid("long-line-1");
     enqueue(&redis.conn, &id, None).await;
     // The ready line after the long one is still seen.
@@ -110,41 +154,30 @@ async fn an_over_long_line_is_cut_with_a_marker_in_the_file_and_in_redis() {
     .await;
     assert_eq!(logs[1], expected);
     assert_eq!(logs[2], format!("Room joined {id}"));
-    let file = std::fs::read_to_string(dir.join(format!("{id}.log"))).unwrap();
+    let file = std::fs::read_to_string(dir.file_of(&id)).unwrap();
     assert_eq!(file.lines().nth(1), Some(expected.as_str()));
     worker.stop().await;
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_log_file_stops_at_its_size_limit_with_a_last_line_saying_so() {
     let redis = TestRedis::start().await;
-    let dir = temp_dir("agent-logs-full");
-    let dir_s = dir.display().to_string();
+    let dir = LogDir::new("agent-logs-full");
     let max: u64 = 1024 * 1024;
     let max_s = max.to_string();
-    let command = format!("{TEST_AGENT},--behaviour,flood,--flood-secs,2");
-    let worker = TestWorker::start(redis.settings(
-        "flood",
-        &[
-            ("AGENT_WORKER__AGENT__COMMAND", command.as_str()),
-            ("AGENT_WORKER__AGENT__LOG_DIR", dir_s.as_str()),
-            // The smallest limit allowed; the flood prints tens of MB.
-            ("AGENT_WORKER__AGENT__LOG_FILE_MAX_BYTES", max_s.as_str()),
-        ],
-    ));
+    // The smallest limit allowed; the flood prints tens of MB.
+    let limit = ("AGENT_WORKER__AGENT__LOG_FILE_MAX_BYTES", max_s.as_str());
+    let worker = dir.worker(&redis, "flood", ",--flood-secs,2", &[limit]);
     let id = sid("full-log-1");
     enqueue(&redis.conn, &id, None).await;
-    let path = dir.join(format!("{id}.log"));
+    let path = dir.file_of(&id);
     let marker = "[agent-worker: this file reached agent.log_file_max_bytes; the rest of the \
                   output is only in agent:<id>:logs and the worker's log]";
-    let text = wait_for(
+    let text = wait_file(
         "the file to end at its limit",
         Duration::from_secs(30),
-        || {
-            let text = std::fs::read_to_string(&path).unwrap_or_default();
-            async move { (text.lines().last() == Some(marker)).then_some(text) }
-        },
+        &path,
+        |text| text.lines().last() == Some(marker),
     )
     .await;
     // The agent went on printing (to Redis) after the file stopped.
@@ -154,12 +187,7 @@ async fn a_log_file_stops_at_its_size_limit_with_a_last_line_saying_so() {
         "lines past the file's last",
         Duration::from_secs(30),
         || async {
-            let logs: Vec<String> = redis
-                .conn
-                .clone()
-                .lrange(SessionKeys::new(&id).agent_logs(), -5, -1)
-                .await
-                .unwrap();
+            let logs = last_logs(&redis.conn, &id).await;
             logs.iter()
                 .any(|l| {
                     l.starts_with("flood done ") || number(l).is_some_and(|n| n > last_in_file)
@@ -185,7 +213,6 @@ async fn a_log_file_stops_at_its_size_limit_with_a_last_line_saying_so() {
             "{line:?}"
         );
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Where a flooding agent's worker writes its own log.
@@ -251,12 +278,7 @@ async fn flood(stderr: WorkerStderr, lines_per_second: Option<&str>, secs: u32) 
     let id = sid("flooding-1");
     enqueue(&redis.conn, &id, None).await;
     let done = wait_for("the flood to end", Duration::from_secs(60), || async {
-        let logs: Vec<String> = redis
-            .conn
-            .clone()
-            .lrange(SessionKeys::new(&id).agent_logs(), -5, -1)
-            .await
-            .unwrap();
+        let logs = last_logs(&redis.conn, &id).await;
         logs.into_iter().find(|l| l.starts_with("flood done "))
     })
     .await;

@@ -168,7 +168,7 @@ async fn failed_start_leaves_nothing(id: &str, script: &str, marker: &str) -> St
         &[
             ("AGENT_WORKER__AGENT__COMMAND", &command),
             ("AGENT_WORKER__AGENT__STARTUP_TIMEOUT", "1s"),
-            ("AGENT_WORKER__AGENT__START_ATTEMPTS", "1"),
+            ONE_ATTEMPT,
         ],
     ));
     let id = sid(id);
@@ -219,11 +219,10 @@ async fn shutdown_during_a_failing_start_makes_no_further_attempts() {
     // Each test agent writes the ledger as it starts: unlike its shipped output, it cannot
     // lag behind a second attempt.
     let ledger = Ledger::new();
-    let agent = ledger.command("never-ready");
-    let worker = TestWorker::start(redis.settings(
+    let worker = TestWorker::start(ledger.worker_settings(
+        &redis,
         "never-ready",
         &[
-            ("AGENT_WORKER__AGENT__COMMAND", agent.as_str()),
             ("AGENT_WORKER__AGENT__STARTUP_TIMEOUT", "2s"),
             ("AGENT_WORKER__AGENT__START_ATTEMPTS", "3"),
         ],

@@ -256,11 +256,6 @@ async fn wait_heartbeats(conn: &RedisConn, id: &SessionId, n: usize) {
     }
 }
 
-/// The TTL of `key` in seconds (`-2` when it does not exist, `-1` without a TTL).
-async fn ttl_of(conn: &RedisConn, key: &str) -> i64 {
-    conn.clone().ttl(key).await.unwrap()
-}
-
 /// The value of the counter `name{label}` on the worker's `/metrics` at `http`, if served.
 async fn counter(http: SocketAddr, name: &str, label: &str) -> Option<f64> {
     let (code, body) = http_get(http, "/metrics").await?;
@@ -341,11 +336,7 @@ async fn a_normal_end_leaves_the_billing_record_for_the_orchestrator_then_nothin
     let out = WorkerProcess::spawn(worker_command(&redis.url(), &["sweep"], "ready", &[]))
         .output()
         .await;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    stdout_of("agent-worker sweep", &out);
     // Once the worker has stopped, its log shipper is drained: late lines of the agent must
     // not have recreated its log key, nor a heartbeat anything else.
     stop(worker).await;
@@ -424,19 +415,17 @@ async fn a_credit_stop_stops_the_agent_on_another_process_and_keeps_terminated()
         Some("terminated")
     );
     let stderr = stop(worker).await;
-    let stopped = events(stderr.as_bytes())
-        .into_iter()
-        .any(|e| e["message"] == "agent_stopped" && e["reason"] == "terminated");
-    assert!(stopped, "{stderr}");
+    assert_logged(
+        stderr.as_bytes(),
+        "agent_stopped",
+        &[("reason", "terminated")],
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_orchestrator_first_end_stops_the_agent_and_recreates_nothing() {
     let redis = TestRedis::start().await;
-    let worker = worker(
-        &redis,
-        &[("AGENT_WORKER__SESSION__HEARTBEAT_INTERVAL", "1s")],
-    );
+    let worker = worker(&redis, &[HEARTBEAT_EVERY_SECOND]);
     // A second session keeps running: its heartbeats show the worker's heartbeats go on.
     let (id, running) = (sid("ended-first"), sid("still-running"));
     for session in [&id, &running] {
@@ -542,10 +531,7 @@ async fn the_separate_arg_style_of_the_original_breaks_on_a_leading_dash() {
     let redis = TestRedis::start().await;
     let worker = worker(
         &redis,
-        &[
-            ("AGENT_WORKER__AGENT__ARG_STYLE", "separate"),
-            ("AGENT_WORKER__AGENT__START_ATTEMPTS", "1"),
-        ],
+        &[("AGENT_WORKER__AGENT__ARG_STYLE", "separate"), ONE_ATTEMPT],
     );
     let id = sid("separate-dash");
     orchestrator_start(&redis.conn, &id, "u", "Craig", Some("-Hello"), &[]).await;
@@ -565,7 +551,7 @@ async fn an_agent_stuck_in_its_imports_fails_after_the_alive_timeout() {
         &[
             ("AGENT_WORKER__AGENT__ALIVE_TIMEOUT", "2s"),
             ("AGENT_WORKER__AGENT__STARTUP_TIMEOUT", "25s"),
-            ("AGENT_WORKER__AGENT__START_ATTEMPTS", "1"),
+            ONE_ATTEMPT,
         ],
     );
     let (hung, crashed) = (sid("hung-imports"), sid("crashed-imports"));
@@ -670,7 +656,7 @@ async fn an_alive_agent_that_never_gets_ready_fails_after_the_startup_timeout() 
         &[
             ("AGENT_WORKER__AGENT__ALIVE_TIMEOUT", "2s"),
             ("AGENT_WORKER__AGENT__STARTUP_TIMEOUT", "4s"),
-            ("AGENT_WORKER__AGENT__START_ATTEMPTS", "1"),
+            ONE_ATTEMPT,
         ],
     ));
     let id = sid("alive-never-ready");

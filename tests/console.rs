@@ -39,7 +39,7 @@ fn start_worker(redis: &TestRedis, overrides: &[(&str, &str)]) -> (TestWorker, S
     let addr_text = addr.to_string();
     let mut all = vec![
         ("AGENT_WORKER__HTTP__ADDR", addr_text.as_str()),
-        ("AGENT_WORKER__SESSION__HEARTBEAT_INTERVAL", "1s"),
+        HEARTBEAT_EVERY_SECOND,
     ];
     all.extend_from_slice(overrides);
     let worker = TestWorker::start(redis.settings("ready", &all));
@@ -378,7 +378,7 @@ async fn pages_show_live_sessions_and_failures_but_never_prompts_and_have_no_wri
     ] {
         let body = format!("task_id={dead}&session_id=console-craig&token={ADMIN_TOKEN}");
         let auth = format!("Bearer {ADMIN_TOKEN}");
-        let (code, _, _) = request(addr, "POST", path, &[("Authorization", &auth)], &body).await;
+        let (code, _) = post(addr, path, &[("Authorization", &auth)], &body).await;
         assert!(code == 404 || code == 405, "POST {path}: {code}");
     }
     assert_eq!(get(addr, "/login").await.0, 404);
@@ -616,6 +616,12 @@ async fn stop_process(mut worker: WorkerProcess) -> String {
     logged
 }
 
+/// `POST path` (form-encoded `body`) with the request `headers`: the status and the page.
+async fn post(addr: SocketAddr, path: &str, headers: &[(&str, &str)], body: &str) -> (u16, String) {
+    let (code, _, page) = request(addr, "POST", path, headers, body).await;
+    (code, page)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn actions_need_the_admin_token_and_the_csrf_token() {
     let redis = TestRedis::start().await;
@@ -652,7 +658,7 @@ async fn actions_need_the_admin_token_and_the_csrf_token() {
 
     // The login form: a wrong token is 401, the right one sets an HttpOnly, SameSite=Strict
     // cookie that is not the token.
-    let (code, _, _) = request(addr, "POST", "/login", &[], "token=wrong-token-0123456789").await;
+    let (code, _) = post(addr, "/login", &[], "token=wrong-token-0123456789").await;
     assert_eq!(code, 401);
     let (code, headers, _) =
         request(addr, "POST", "/login", &[], &format!("token={ADMIN_TOKEN}")).await;
@@ -661,7 +667,11 @@ async fn actions_need_the_admin_token_and_the_csrf_token() {
     assert!(set_cookie.contains("HttpOnly") && set_cookie.contains("SameSite=Strict"));
     assert!(!set_cookie.contains(ADMIN_TOKEN));
     let cookie = set_cookie.split(';').next().unwrap().to_owned();
-    let (_, _, page) = request(addr, "GET", "/dead", &[("Cookie", &cookie)], "").await;
+    let (by_cookie, by_bearer) = (
+        [("Cookie", cookie.as_str())],
+        [("Authorization", bearer.as_str())],
+    );
+    let (_, _, page) = request(addr, "GET", "/dead", &by_cookie, "").await;
     assert!(
         page.contains("retry") && !page.contains(ADMIN_TOKEN),
         "{page}"
@@ -693,40 +703,25 @@ async fn actions_need_the_admin_token_and_the_csrf_token() {
             }
         }
     }
-    let (_, _, page) = request(addr, "GET", "/sessions", &[("Cookie", &cookie)], "").await;
+    let (_, _, page) = request(addr, "GET", "/sessions", &by_cookie, "").await;
     assert!(page.contains("console-stop-me"), "{page}");
 
     // Retry: no token 401, a wrong or missing CSRF token 403, both: done.
     let retry = |csrf: &str| format!("task_id={dead}&csrf={csrf}");
-    let (code, _, _) = request(addr, "POST", "/actions/retry", &[], &retry(&csrf)).await;
+    let (code, _) = post(addr, "/actions/retry", &[], &retry(&csrf)).await;
     assert_eq!(code, 401);
-    let (code, _, _) = request(
+    let (code, _) = post(
         addr,
-        "POST",
         "/actions/retry",
         &[("Authorization", "Bearer not-the-admin-token-at-all")],
         &retry(&csrf),
     )
     .await;
     assert_eq!(code, 401);
-    let (code, _, _) = request(
-        addr,
-        "POST",
-        "/actions/retry",
-        &[("Cookie", &cookie)],
-        &retry("0000"),
-    )
-    .await;
+    let (code, _) = post(addr, "/actions/retry", &by_cookie, &retry("0000")).await;
     assert_eq!(code, 403);
     let body = format!("task_id={dead}");
-    let (code, _, _) = request(
-        addr,
-        "POST",
-        "/actions/retry",
-        &[("Authorization", &bearer)],
-        &body,
-    )
-    .await;
+    let (code, _) = post(addr, "/actions/retry", &by_bearer, &body).await;
     assert_eq!(code, 403);
     assert!(
         is_member(conn, &queue().dead(), &dead).await,
@@ -739,14 +734,7 @@ async fn actions_need_the_admin_token_and_the_csrf_token() {
         .del("session:console-retry-me:config")
         .await
         .unwrap();
-    let (code, _, page) = request(
-        addr,
-        "POST",
-        "/actions/retry",
-        &[("Cookie", &cookie)],
-        &retry(&csrf),
-    )
-    .await;
+    let (code, page) = post(addr, "/actions/retry", &by_cookie, &retry(&csrf)).await;
     assert_eq!(code, 200, "{page}");
     assert!(!is_member(conn, &queue().dead(), &dead).await);
     wait_done(conn, &dead, Duration::from_secs(20)).await;
@@ -760,26 +748,12 @@ async fn actions_need_the_admin_token_and_the_csrf_token() {
 
     // Stop: the same checks, then the agent exits and the session's keys are gone.
     let stop = |csrf: &str| format!("session_id=console-stop-me&csrf={csrf}");
-    let (code, _, _) = request(addr, "POST", "/actions/stop", &[], &stop(&csrf)).await;
+    let (code, _) = post(addr, "/actions/stop", &[], &stop(&csrf)).await;
     assert_eq!(code, 401);
-    let (code, _, _) = request(
-        addr,
-        "POST",
-        "/actions/stop",
-        &[("Authorization", &bearer)],
-        &stop("x"),
-    )
-    .await;
+    let (code, _) = post(addr, "/actions/stop", &by_bearer, &stop("x")).await;
     assert_eq!(code, 403);
     assert!(alive(pid));
-    let (code, _, page) = request(
-        addr,
-        "POST",
-        "/actions/stop",
-        &[("Authorization", &bearer)],
-        &stop(&csrf),
-    )
-    .await;
+    let (code, page) = post(addr, "/actions/stop", &by_bearer, &stop(&csrf)).await;
     assert_eq!(code, 200, "{page}");
     wait_gone("the stopped agent to exit", Duration::from_secs(15), pid).await;
     let keys = SessionKeys::new(&sid("console-stop-me"));
@@ -801,16 +775,10 @@ async fn actions_need_the_admin_token_and_the_csrf_token() {
     );
 
     // Logging out needs the CSRF token too, and clears the cookie.
-    let (code, _, _) = request(addr, "POST", "/logout", &[("Cookie", &cookie)], "").await;
+    let (code, _) = post(addr, "/logout", &by_cookie, "").await;
     assert_eq!(code, 403);
-    let (code, headers, _) = request(
-        addr,
-        "POST",
-        "/logout",
-        &[("Cookie", &cookie)],
-        &format!("csrf={csrf}"),
-    )
-    .await;
+    let (code, headers, _) =
+        request(addr, "POST", "/logout", &by_cookie, &format!("csrf={csrf}")).await;
     assert_eq!(code, 303);
     assert!(headers["set-cookie"].contains("Max-Age=0"));
 
@@ -945,12 +913,7 @@ async fn run_chromium(url: &str, args: Vec<String>) -> String {
         .await
         .expect("chromium finishes within 90 s")
         .unwrap();
-    assert!(
-        output.status.success(),
-        "chromium failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
+    stdout_of("chromium", &output)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1048,6 +1011,7 @@ async fn the_shipped_acl_rule_allows_every_page_and_action_of_the_console() {
     let server = ConsoleAlone::start(&settings, restricted).await;
     let addr = server.addr();
     let bearer = format!("Bearer {ADMIN_TOKEN}");
+    let by_bearer = [("Authorization", bearer.as_str())];
     let mut csrf = String::new();
     for path in [
         "/",
@@ -1056,30 +1020,16 @@ async fn the_shipped_acl_rule_allows_every_page_and_action_of_the_console() {
         "/workers",
         "/dead",
     ] {
-        let (code, _, page) = request(addr, "GET", path, &[("Authorization", &bearer)], "").await;
+        let (code, _, page) = request(addr, "GET", path, &by_bearer, "").await;
         assert_eq!(code, 200, "{path} under the shipped rule: {page}");
         csrf = csrf_of(&page);
     }
     let body = format!("session_id=bulk-00000&csrf={csrf}");
-    let (code, _, page) = request(
-        addr,
-        "POST",
-        "/actions/stop",
-        &[("Authorization", &bearer)],
-        &body,
-    )
-    .await;
+    let (code, page) = post(addr, "/actions/stop", &by_bearer, &body).await;
     assert_eq!(code, 200, "{page}");
     assert!(!is_member(admin, keys::SESSIONS_READY, "bulk-00000").await);
     let body = format!("task_id=dead-acl&csrf={csrf}");
-    let (code, _, page) = request(
-        addr,
-        "POST",
-        "/actions/retry",
-        &[("Authorization", &bearer)],
-        &body,
-    )
-    .await;
+    let (code, page) = post(addr, "/actions/retry", &by_bearer, &body).await;
     assert_eq!(code, 200, "{page}");
     let ready: Vec<String> = admin.clone().lrange(q.active(), 0, -1).await.unwrap();
     assert_eq!(ready, ["dead-acl"]);

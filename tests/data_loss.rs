@@ -10,10 +10,10 @@ use agent_jobs::{SessionId, SessionKeys, keys::SESSION_HEARTBEATS};
 use common::*;
 use redis::AsyncCommands;
 
-fn worker(url: &str, extra: &[(&str, &str)]) -> WorkerProcess {
+fn worker(url: &str, behaviour: &str, extra: &[(&str, &str)]) -> WorkerProcess {
     let mut env = vec![("AGENT_WORKER__SWEEP__INTERVAL", "1h")];
     env.extend_from_slice(extra);
-    WorkerProcess::spawn(worker_command(url, &["run"], "ready", &env))
+    WorkerProcess::spawn(worker_command(url, &["run"], behaviour, &env))
 }
 
 /// The worker of `out` stopped its agents only at its own shutdown, never as "ended by the
@@ -109,6 +109,7 @@ async fn live_agents_survive_an_empty_redis_restart_and_their_records_come_back(
     let http = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
     let worker = worker(
         &redis.url(),
+        "ready",
         &[("AGENT_WORKER__HTTP__ADDR", &http.to_string())],
     );
     let ids: Vec<SessionId> = (0..3).map(|i| sid(&format!("kept-{i}"))).collect();
@@ -142,7 +143,7 @@ async fn live_agents_survive_an_empty_redis_restart_and_their_records_come_back(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_evicting_redis_is_refused_unless_allowed() {
     let redis = TestRedis::start_with(&["--maxmemory-policy", "allkeys-lru"]).await;
-    let refused = worker(&redis.url(), &[]).output().await;
+    let refused = worker(&redis.url(), "ready", &[]).output().await;
     assert!(!refused.status.success());
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("maxmemory-policy allkeys-lru"), "{stderr}");
@@ -151,6 +152,7 @@ async fn an_evicting_redis_is_refused_unless_allowed() {
     let http = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
     let allowed = worker(
         &redis.url(),
+        "ready",
         &[
             ("AGENT_WORKER__REDIS__ALLOW_EVICTION", "true"),
             ("AGENT_WORKER__HTTP__ADDR", &http.to_string()),
@@ -171,8 +173,7 @@ async fn an_evicting_redis_is_refused_unless_allowed() {
         text.contains("maxmemory-policy allkeys-lru  (evicts keys"),
         "{text}"
     );
-    let out = allowed.stop().await;
-    assert!(out.status.success());
+    let out = allowed.stop_cleanly().await;
     let warned = events(&out.stderr)
         .iter()
         .filter(|e| {
@@ -190,6 +191,7 @@ async fn records_evicted_under_memory_pressure_are_written_again_not_ended() {
     let http = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
     let worker = worker(
         &redis.url(),
+        "ready",
         &[
             ("AGENT_WORKER__REDIS__ALLOW_EVICTION", "true"),
             ("AGENT_WORKER__HTTP__ADDR", &http.to_string()),
@@ -263,14 +265,7 @@ async fn records_evicted_under_memory_pressure_are_written_again_not_ended() {
     within_one_heartbeat(&redis.conn, &ids, &pids, Instant::now()).await;
     assert_dataset_loss_counted(http).await;
     let out = worker.stop().await;
-    let events = events(&out.stderr);
-    assert!(
-        events
-            .iter()
-            .any(|e| e["message"] == "redis_dataset_lost" && e["cause"] == "evicted"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_logged(&out.stderr, "redis_dataset_lost", &[("cause", "evicted")]);
     assert_only_stopped_by_the_shutdown(&out);
 }
 
@@ -278,11 +273,7 @@ async fn records_evicted_under_memory_pressure_are_written_again_not_ended() {
 async fn a_session_still_starting_when_redis_loses_its_data_gets_its_record_back() {
     let redis = TestRedis::start().await;
     // The agent takes 2 s to be ready: time to lose the dataset while its session is starting.
-    let command = format!("{TEST_AGENT},--behaviour,ready,--ready-delay-ms,2000");
-    let worker = worker(
-        &redis.url(),
-        &[("AGENT_WORKER__AGENT__COMMAND", command.as_str())],
-    );
+    let worker = worker(&redis.url(), "ready,--ready-delay-ms,2000", &[]);
     let id = sid("starting-lost-1");
     write_config(&redis.conn, &id, "Craig", "u").await;
     let task_id = enqueue(&redis.conn, &id, Some("u")).await;
@@ -310,26 +301,21 @@ async fn a_session_still_starting_when_redis_loses_its_data_gets_its_record_back
     .await;
     let state = SessionKeys::new(&id).state();
     assert_eq!(hget(&redis.conn, &state, "taskId").await, Some(task_id));
-    assert_eq!(
-        hget(&redis.conn, &state, "voiceId").await.as_deref(),
-        Some("Craig")
-    );
-    assert_eq!(
-        hget(&redis.conn, &state, "userId").await.as_deref(),
-        Some("u")
-    );
+    assert_fields(
+        &redis.conn,
+        &state,
+        &[("voiceId", "Craig"), ("userId", "u")],
+    )
+    .await;
     assert!(hget(&redis.conn, &state, "createdAt").await.is_some());
-    let ttl: i64 = redis.conn.clone().ttl(&state).await.unwrap();
+    let ttl = ttl_of(&redis.conn, &state).await;
     assert!(ttl > 0, "the record written again expires: TTL {ttl}");
     assert!(alive(pid), "the agent still runs");
     let out = worker.stop().await;
-    let events = events(&out.stderr);
-    assert!(
-        events
-            .iter()
-            .any(|e| e["message"] == "redis_dataset_lost" && e["session_id"] == id.as_str()),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    assert_logged(
+        &out.stderr,
+        "redis_dataset_lost",
+        &[("session_id", id.as_str())],
     );
     assert_only_stopped_by_the_shutdown(&out);
 }
@@ -337,11 +323,7 @@ async fn a_session_still_starting_when_redis_loses_its_data_gets_its_record_back
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_the_orchestrator_ends_while_it_is_starting_is_still_stopped() {
     let redis = TestRedis::start().await;
-    let command = format!("{TEST_AGENT},--behaviour,ready,--ready-delay-ms,2000");
-    let worker = worker(
-        &redis.url(),
-        &[("AGENT_WORKER__AGENT__COMMAND", command.as_str())],
-    );
+    let worker = worker(&redis.url(), "ready,--ready-delay-ms,2000", &[]);
     let id = sid("starting-ended-1");
     enqueue(&redis.conn, &id, None).await;
     wait_status(&redis.conn, &id, "starting", Duration::from_secs(20)).await;
@@ -353,23 +335,11 @@ async fn a_session_the_orchestrator_ends_while_it_is_starting_is_still_stopped()
     })
     .await;
     // The orchestrator's end: the session's keys go; our heartbeat index is not its to touch.
-    let keys = SessionKeys::new(&id);
-    let _: () = redis
-        .conn
-        .clone()
-        .del(&[keys.state(), keys.config()])
-        .await
-        .unwrap();
+    end_as_orchestrator(&redis.conn, &id).await;
     wait_gone("the agent to be stopped", Duration::from_secs(20), pid).await;
     let out = worker.stop().await;
+    assert_logged(&out.stderr, "agent_stopped", &[("reason", "session_ended")]);
     let events = events(&out.stderr);
-    assert!(
-        events
-            .iter()
-            .any(|e| e["message"] == "agent_stopped" && e["reason"] == "session_ended"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     assert!(!events.iter().any(|e| e["message"] == "redis_dataset_lost"));
 }
 
@@ -402,7 +372,7 @@ async fn waiting_jobs_whose_data_vanished_go_dead_with_the_reason_and_the_rest_r
     let _: () = redis.conn.clone().del(keys.data()).await.unwrap();
     let kept = sid("data-kept-1");
     enqueue(&redis.conn, &kept, None).await;
-    let worker = worker(&redis.url(), &[]);
+    let worker = worker(&redis.url(), "ready", &[]);
     for task in &lost {
         let result = wait_dead(&redis.conn, task).await;
         assert!(result.contains("job data is missing"), "{result}");
@@ -432,11 +402,7 @@ async fn waiting_jobs_whose_data_vanished_go_dead_with_the_reason_and_the_rest_r
 async fn a_running_job_whose_data_vanished_still_ends() {
     let redis = TestRedis::start().await;
     let keys = agent_jobs::QueueKeys::new(QUEUE).unwrap();
-    let command = format!("{TEST_AGENT},--behaviour,ready,--ready-delay-ms,1500");
-    let worker = worker(
-        &redis.url(),
-        &[("AGENT_WORKER__AGENT__COMMAND", command.as_str())],
-    );
+    let worker = worker(&redis.url(), "ready,--ready-delay-ms,1500", &[]);
     let id = sid("data-lost-running-1");
     let task = enqueue(&redis.conn, &id, None).await;
     wait_status(&redis.conn, &id, "starting", Duration::from_secs(20)).await;

@@ -56,22 +56,6 @@ async fn identity(worker: &WorkerProcess) -> (String, SocketAddr) {
     )
 }
 
-/// The orchestrator's end of a session: it deletes the session's keys.
-async fn end_as_orchestrator(conn: &RedisConn, id: &agent_jobs::SessionId) {
-    let keys = SessionKeys::new(id);
-    let _: () = conn
-        .clone()
-        .del(&[
-            keys.state(),
-            keys.config(),
-            keys.agent_pid(),
-            keys.agent_logs(),
-            keys.agent_health(),
-        ])
-        .await
-        .expect("DEL the session's keys");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolling_deploy_with_the_shipped_defaults_cuts_no_call() {
     let redis = TestRedis::start().await;

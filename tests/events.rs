@@ -130,10 +130,7 @@ async fn a_start_that_fails_for_good_appends_one_starting_and_the_error_with_its
 async fn terminated_and_deleted_sessions_append_what_the_worker_saw_and_that_it_stopped_the_agent()
 {
     let redis = TestRedis::start().await;
-    let worker = TestWorker::start(redis.settings(
-        "ready",
-        &[("AGENT_WORKER__SESSION__HEARTBEAT_INTERVAL", "1s")],
-    ));
+    let worker = TestWorker::start(redis.settings("ready", &[HEARTBEAT_EVERY_SECOND]));
     let (credit, ended) = (sid("ev-terminated"), sid("ev-deleted"));
     for id in [&credit, &ended] {
         enqueue(&redis.conn, id, None).await;

@@ -324,6 +324,5 @@ async fn a_running_worker_serves_metrics_that_move_with_jobs_and_readiness() {
         "{page}"
     );
     assert_eq!(sample(&page, "agent_worker_redis_up"), Some(1.0));
-    let output = worker.stop().await;
-    assert!(output.status.success(), "{:?}", output.status);
+    worker.stop_cleanly().await;
 }

@@ -94,8 +94,7 @@ async fn a_sigkilled_workers_session_is_swept_by_another_worker_process() {
     .await;
     assert_eq!(heartbeat_score(&redis.conn, &id).await, None);
     assert!(!is_member(&redis.conn, "session:ready", id.as_str()).await);
-    let output = b.stop().await;
-    assert!(output.status.success(), "{:?}", output.status);
+    let output = b.stop_cleanly().await;
     let stderr = String::from_utf8_lossy(&output.stderr);
     let swept = events(&output.stderr).iter().any(|e| {
         e["message"] == "session_swept"
@@ -176,24 +175,14 @@ async fn a_replica_whose_clock_runs_behind_keeps_its_sessions() {
     assert!(heartbeat_score(&redis.conn, &id).await.is_some());
     assert!(b.events_named("session_swept").is_empty());
     for worker in [a, b] {
-        stop_worker(worker).await;
+        worker.stop_cleanly().await;
     }
-}
-
-/// SIGTERM, and the worker exits 0; its output.
-async fn stop_worker(worker: WorkerProcess) -> std::process::Output {
-    let output = worker.stop().await;
-    assert!(output.status.success(), "{:?}", output.status);
-    output
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_a_sessions_keys_stops_its_agent_within_a_heartbeat() {
     let redis = TestRedis::start().await;
-    let worker = TestWorker::start(redis.settings(
-        "ready",
-        &[("AGENT_WORKER__SESSION__HEARTBEAT_INTERVAL", "1s")],
-    ));
+    let worker = TestWorker::start(redis.settings("ready", &[HEARTBEAT_EVERY_SECOND]));
     let (ended, kept) = (sid("ended-by-orchestrator"), sid("kept-running"));
     for id in [&ended, &kept] {
         start_ready(&redis.conn, id).await;
@@ -331,10 +320,6 @@ async fn stuck_starts_are_swept_and_ended_records_wait_out_their_window() {
         status(&redis.conn, &fresh).await.as_deref(),
         Some("starting")
     );
-}
-
-async fn ttl_of(conn: &RedisConn, key: &str) -> i64 {
-    conn.clone().ttl(key).await.unwrap()
 }
 
 /// For every removal, the last heartbeat that session received before it was removed must be at
@@ -486,7 +471,7 @@ async fn three_workers_sweep_exactly_once_per_tick() {
     let mut ticks = Vec::new();
     let mut sweepers = 0;
     for worker in workers {
-        let output = stop_worker(worker).await;
+        let output = worker.stop_cleanly().await;
         let mine = ticks_of(
             events(&output.stderr)
                 .into_iter()
@@ -513,12 +498,7 @@ async fn sweep_cli(url: &str, args: &[&str]) -> String {
     let mut all = vec!["sweep"];
     all.extend_from_slice(args);
     let output = worker_command(url, &all, &[]).output().unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).unwrap()
+    stdout_of("agent-worker sweep", &output)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -620,10 +600,7 @@ async fn monitor_during_a_sweep_shows_no_keys_command() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heartbeats_write_ready_only_over_starting_and_keep_everyone_elses_status() {
     let redis = TestRedis::start().await;
-    let worker = TestWorker::start(redis.settings(
-        "ready",
-        &[("AGENT_WORKER__SESSION__HEARTBEAT_INTERVAL", "1s")],
-    ));
+    let worker = TestWorker::start(redis.settings("ready", &[HEARTBEAT_EVERY_SECOND]));
     let id = sid("statuses-1");
     start_ready(&redis.conn, &id).await;
     let state = SessionKeys::new(&id).state();

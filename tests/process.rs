@@ -39,16 +39,12 @@ async fn agents_die_with_a_sigkilled_worker() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_stops_the_agents_ends_their_sessions_and_exits_zero() {
     let redis = TestRedis::start().await;
-    let worker = WorkerProcess::run(
-        &redis.url(),
-        "ready",
-        &[("AGENT_WORKER__TELEMETRY__FORMAT", "json")],
-    );
+    // JSON logs (as worker_command sets), read for the agents' exits.
+    let worker = WorkerProcess::run(&redis.url(), "ready", &[]);
     let id = sid("sigterm-1");
     start_ready(&redis.conn, &id).await;
     let pid = agent_pid(&redis.conn, &id).await;
-    let output = worker.stop().await;
-    assert!(output.status.success(), "exit status {:?}", output.status);
+    let output = worker.stop_cleanly().await;
     assert_eq!(
         exits(&output.stderr),
         ["code 0"],
@@ -95,18 +91,11 @@ fn exits(stderr: &[u8]) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_ignoring_sigterm_is_killed_after_the_grace_period() {
     let redis = TestRedis::start().await;
-    let worker = WorkerProcess::run(
-        &redis.url(),
-        "ignore-term",
-        &[
-            ("AGENT_WORKER__AGENT__STOP_GRACE", "500ms"),
-            ("AGENT_WORKER__TELEMETRY__FORMAT", "json"),
-        ],
-    );
+    let grace = ("AGENT_WORKER__AGENT__STOP_GRACE", "500ms");
+    let worker = WorkerProcess::run(&redis.url(), "ignore-term", &[grace]);
     let id = sid("stubborn-1");
     start_ready(&redis.conn, &id).await;
-    let output = worker.stop().await;
-    assert!(output.status.success());
+    let output = worker.stop_cleanly().await;
     assert_eq!(exits(&output.stderr), ["signal 9"]);
 }
 
@@ -139,8 +128,7 @@ async fn json_logs_carry_the_events_and_never_the_redis_password() {
         serde_json::json!([]),
         "{received}"
     );
-    let output = worker.stop().await;
-    assert!(output.status.success());
+    let output = worker.stop_cleanly().await;
     let stderr = String::from_utf8(output.stderr).unwrap();
     let stdout = String::from_utf8(output.stdout).unwrap();
     assert!(
@@ -188,35 +176,18 @@ async fn the_enqueue_command_writes_the_config_and_prints_the_task_id() {
         .env("AGENT_WORKER__REDIS__URL", redis.url())
         .output()
         .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let task_id = String::from_utf8(output.stdout).unwrap().trim().to_owned();
+    let task_id = stdout_of("agent-worker enqueue", &output).trim().to_owned();
     assert_eq!(task_id.len(), 26, "a ULID task id: {task_id:?}");
     let key = SessionKeys::new(&sid("cli-1")).config();
-    assert_eq!(
-        hget(&redis.conn, &key, "voiceId").await.as_deref(),
-        Some("Olivia")
-    );
-    assert_eq!(
-        hget(&redis.conn, &key, "userName").await.as_deref(),
-        Some("carol")
-    );
-    assert_eq!(
-        hget(&redis.conn, &key, "openingLine").await.as_deref(),
-        Some("Hello $(whoami)")
-    );
-    let ttl: i64 = redis.conn.clone().ttl(&key).await.unwrap();
+    let expected = [
+        ("voiceId", "Olivia"),
+        ("userName", "carol"),
+        ("openingLine", "Hello $(whoami)"),
+    ];
+    assert_fields(&redis.conn, &key, &expected).await;
+    let ttl = ttl_of(&redis.conn, &key).await;
     assert!(ttl > 4 * 3600 - 60 && ttl <= 4 * 3600);
-    let queued: Vec<String> = redis
-        .conn
-        .clone()
-        .lrange(QueueKeys::new(QUEUE).unwrap().active(), 0, -1)
-        .await
-        .unwrap();
-    assert_eq!(queued, [task_id]);
+    assert_eq!(active_jobs(&redis.conn).await, [task_id]);
 
     let bad = worker_bin()
         .args(["enqueue", "--session-id", "a:b"])
@@ -296,18 +267,9 @@ async fn a_worker_started_before_redis_waits_for_it_then_works() {
     assert!(worker.try_wait().is_none(), "the worker must not exit");
     redis.redis.restart().await.unwrap();
     let id = sid("after-late-redis");
-    wait_for(
-        "an enqueue once Redis is up",
-        Duration::from_secs(10),
-        || async {
-            let job = agent_jobs::AgentStart::new(id.clone());
-            common::producer(&redis.conn).enqueue(&job).await.ok()
-        },
-    )
-    .await;
+    enqueue_when_up(&redis.conn, &id, Duration::from_secs(10)).await;
     wait_status(&redis.conn, &id, "ready", Duration::from_secs(20)).await;
-    let output = worker.stop().await;
-    assert!(output.status.success());
+    let output = worker.stop_cleanly().await;
     let lines: Vec<String> = String::from_utf8_lossy(&output.stderr)
         .lines()
         .map(str::to_owned)

@@ -62,12 +62,7 @@ async fn end_session_stops_the_agent_of_a_worker_in_another_process() {
     // The real binary, `agent-worker run`: its own process, heartbeating every second.
     let worker = WorkerProcess::run(&redis.url(), "ready", &[]);
     unittest("test_end", 4, &redis_env(&redis), &[]).await;
-    let out = worker.stop().await;
-    assert!(
-        out.status.success(),
-        "the worker stops cleanly: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    worker.stop_cleanly().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -64,13 +64,8 @@ async fn cli(url: &str, args: &[&str]) -> Output {
 
 /// [`cli`], which must succeed; returns the printed task id.
 async fn cli_ok(url: &str, args: &[&str]) -> String {
-    let out = cli(url, args).await;
-    assert!(
-        out.status.success(),
-        "python -m agent_worker enqueue {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    let what = format!("python -m agent_worker enqueue {args:?}");
+    stdout_of(&what, &cli(url, args).await).trim().to_owned()
 }
 
 /// One session's input, as the orchestrator would pass it.
@@ -250,9 +245,7 @@ async fn python_enqueued_seed_scenario_starts_both_agents_with_their_own_voices(
     for (id, voice) in &sessions {
         wait_status(&redis.conn, id, "ready", Duration::from_secs(20)).await;
         let got = wait_received(&redis.conn, id).await;
-        assert_eq!(got["contract"]["voice_id"], *voice, "argv of {id}");
-        assert_eq!(got["contract"]["room"], id.as_str());
-        assert_eq!(got["env"]["VOICE_ID"], *voice);
+        assert_agent_of(&got, id, voice);
         let state = SessionKeys::new(id).state();
         assert_eq!(hget(&redis.conn, &state, "userId").await.unwrap(), user);
     }
@@ -681,19 +674,10 @@ async fn the_compatibility_modules_cli_still_enqueues_without_the_package_instal
         "compat-1",
     ];
     let out = cmd.arg(COMPAT).args(args).output().await.unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let task = String::from_utf8(out.stdout).unwrap().trim().to_owned();
-    let active: Vec<String> = redis
-        .conn
-        .clone()
-        .lrange(QueueKeys::new(QUEUE).unwrap().active(), 0, -1)
-        .await
-        .unwrap();
-    assert_eq!(active, [task]);
+    let task = stdout_of("the compatibility module", &out)
+        .trim()
+        .to_owned();
+    assert_eq!(active_jobs(&redis.conn).await, [task]);
 }
 
 /// Validates JSON texts against the schema with the `jsonschema` package (after checking the
@@ -712,12 +696,7 @@ print(json.dumps([validator.is_valid(json.loads(t)) for t in json.load(sys.stdin
         &serde_json::to_vec(texts).unwrap(),
     )
     .await;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    printed_json("the jsonschema validation", &out)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

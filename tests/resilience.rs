@@ -73,16 +73,7 @@ async fn redis_down_for_three_seconds_the_same_worker_carries_on() {
 
     // The restarted Redis is empty (no persistence): a new session, on defaults.
     let after = sid("after-outage");
-    wait_for(
-        "an enqueue to succeed after the restart",
-        Duration::from_secs(20),
-        || async {
-            let mut job = AgentStart::new(after.clone());
-            job.user_id = None;
-            producer(&redis.conn).enqueue(&job).await.ok()
-        },
-    )
-    .await;
+    enqueue_when_up(&redis.conn, &after, Duration::from_secs(20)).await;
     wait_status(&redis.conn, &after, "ready", Duration::from_secs(30)).await;
     assert_eq!(
         wait_received(&redis.conn, &after).await["contract"]["voice_id"],
@@ -157,23 +148,9 @@ async fn nine_thousand_due_jobs_in_the_scheduled_set_do_not_crash_the_fetch() {
     let mut ids = Vec::new();
     for i in 0..9_000 {
         let id = ulid::Ulid::generate().to_string();
-        pipe.hset(
-            keys().data(),
-            &id,
-            format!(r#"{{"session_id":"sched-{i}"}}"#),
-        )
-        .ignore()
-        .hset_multiple(
-            keys().meta(&id),
-            &[
-                ("attempts", "0"),
-                ("max_attempts", "1"),
-                ("status", "Pending"),
-            ],
-        )
-        .ignore()
-        .zadd(keys().scheduled(), &id, now)
-        .ignore();
+        let payload = format!(r#"{{"session_id":"sched-{i}"}}"#);
+        stage_job(&mut pipe, &id, payload.as_bytes(), &PENDING);
+        pipe.zadd(keys().scheduled(), &id, now).ignore();
         ids.push(id);
     }
     pipe.query_async::<()>(&mut redis.conn.clone())
@@ -229,23 +206,16 @@ async fn recover_inflight_requeues_readable_jobs_at_the_head_and_quarantines_the
     let ops = QueueOps::new(redis.conn.clone(), keys());
     let mut conn = redis.conn.clone();
     let good: Vec<String> = (0..2).map(|_| ulid::Ulid::generate().to_string()).collect();
+    let mut pipe = redis::pipe();
     for id in &good {
-        let _: () = conn
-            .hset(keys().data(), id, r#"{"session_id":"x"}"#)
-            .await
-            .unwrap();
-        let _: () = conn
-            .hset_multiple(
-                keys().meta(id),
-                &[
-                    ("attempts", "0"),
-                    ("max_attempts", "1"),
-                    ("status", "Running"),
-                ],
-            )
-            .await
-            .unwrap();
+        let running = [
+            ("attempts", "0"),
+            ("max_attempts", "1"),
+            ("status", "Running"),
+        ];
+        stage_job(&mut pipe, id, br#"{"session_id":"x"}"#, &running);
     }
+    pipe.query_async::<()>(&mut conn).await.unwrap();
     let no_data = "01NODATA0000000000000000000";
     let bad_meta = "01BADMETA000000000000000000";
     let _: () = conn.hset(keys().data(), bad_meta, "{}").await.unwrap();

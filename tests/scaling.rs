@@ -47,7 +47,7 @@ async fn two_replicas_of_five_agents_take_ten_sessions_and_leave_two_queued() {
         "ready",
         &[
             ("AGENT_WORKER__AGENT__MAX_AGENTS", "5"),
-            ("AGENT_WORKER__SESSION__HEARTBEAT_INTERVAL", "1s"),
+            HEARTBEAT_EVERY_SECOND,
         ],
     );
     let a = TestWorker::start(settings.clone());
@@ -84,13 +84,7 @@ async fn two_replicas_of_five_agents_take_ten_sessions_and_leave_two_queued() {
         v
     };
     for id in &running[..2] {
-        let k = SessionKeys::new(id);
-        let _: () = redis
-            .conn
-            .clone()
-            .del(&[k.state(), k.config()])
-            .await
-            .unwrap();
+        end_as_orchestrator(&redis.conn, id).await;
     }
     wait_for(
         "the two queued sessions to start",
@@ -158,11 +152,7 @@ async fn a_claim_of_a_live_worker_stands_and_a_dead_workers_claim_is_taken_over(
     let _: () = conn.zadd(WORKERS, "live-worker", now + 3600).await.unwrap();
     let _: () = conn.zadd(WORKERS, "dead-worker", now - 3600).await.unwrap();
     let ledger = Ledger::new();
-    let command = ledger.command("ready");
-    let worker = TestWorker::start(redis.settings(
-        "ready",
-        &[("AGENT_WORKER__AGENT__COMMAND", command.as_str())],
-    ));
+    let worker = TestWorker::start(ledger.worker_settings(&redis, "ready", &[]));
     let held_task = enqueue(&redis.conn, &held, None).await;
     let orphan_task = enqueue(&redis.conn, &orphaned, None).await;
     wait_done(&redis.conn, &held_task, Duration::from_secs(20)).await;
@@ -229,7 +219,7 @@ async fn a_start_on_a_sigkilled_replica_runs_again_on_another_within_the_orphan_
         0,
         "nothing left in flight"
     );
-    assert!(b.stop().await.status.success());
+    b.stop_cleanly().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -248,8 +238,7 @@ async fn sigterm_finishes_the_start_in_progress_drains_agents_then_stops_them() 
     enqueue(&redis.conn, &id, None).await;
     // The start is in progress (the agent has reported its arguments, not its ready line).
     wait_received(&redis.conn, &id).await;
-    let output = worker.stop().await;
-    assert!(output.status.success(), "exit status {:?}", output.status);
+    let output = worker.stop_cleanly().await;
     let events = events(&output.stderr);
     let at = |name: &str| -> chrono::DateTime<chrono::Utc> {
         let event = events
@@ -295,11 +284,7 @@ async fn a_second_sigterm_stops_the_agents_at_once() {
         .await;
     let output = worker.output().await;
     assert!(output.status.success());
-    assert!(
-        events(&output.stderr)
-            .iter()
-            .any(|e| e["message"] == "immediate_shutdown_requested")
-    );
+    assert_logged(&output.stderr, "immediate_shutdown_requested", &[]);
 }
 
 async fn memory(conn: &RedisConn) -> u64 {
@@ -321,25 +306,17 @@ async fn finished_jobs(conn: &RedisConn, n: usize, dead: bool, done_at: u64) -> 
     for i in 0..n {
         let id = ulid::Ulid::generate().to_string();
         let status = if dead { "Killed" } else { "Done" };
-        pipe.hset(
-            keys().data(),
-            &id,
-            format!(r#"{{"session_id":"finished-{i}"}}"#),
-        )
-        .ignore()
-        .hset_multiple(
-            keys().meta(&id),
-            &[
-                ("attempts", "1"),
-                ("max_attempts", "1"),
-                ("status", status),
-                ("done_at", &done_at.to_string()),
-                ("result", r#"{"Ok":null}"#),
-            ],
-        )
-        .ignore()
-        .sadd(if dead { keys().dead() } else { keys().done() }, &id)
-        .ignore();
+        let payload = format!(r#"{{"session_id":"finished-{i}"}}"#);
+        let meta = [
+            ("attempts", "1"),
+            ("max_attempts", "1"),
+            ("status", status),
+            ("done_at", &done_at.to_string()),
+            ("result", r#"{"Ok":null}"#),
+        ];
+        stage_job(&mut pipe, &id, payload.as_bytes(), &meta);
+        pipe.sadd(if dead { keys().dead() } else { keys().done() }, &id)
+            .ignore();
         ids.push(id);
     }
     pipe.query_async::<()>(&mut conn.clone()).await.unwrap();
@@ -364,22 +341,20 @@ async fn retention_keeps_memory_flat_and_never_removes_a_job_waiting_for_a_retry
     // A job waiting for a retry: failed once, rescheduled, with an old done_at.
     let retrying = ulid::Ulid::generate().to_string();
     let mut conn = redis.conn.clone();
-    let _: () = conn
-        .hset(keys().data(), &retrying, r#"{"session_id":"retrying"}"#)
-        .await
-        .unwrap();
-    let _: () = conn
-        .hset_multiple(
-            keys().meta(&retrying),
-            &[
-                ("attempts", "1"),
-                ("max_attempts", "1"),
-                ("status", "Failed"),
-                ("done_at", "1"),
-            ],
-        )
-        .await
-        .unwrap();
+    let failed = [
+        ("attempts", "1"),
+        ("max_attempts", "1"),
+        ("status", "Failed"),
+        ("done_at", "1"),
+    ];
+    let mut pipe = redis::pipe();
+    stage_job(
+        &mut pipe,
+        &retrying,
+        br#"{"session_id":"retrying"}"#,
+        &failed,
+    );
+    pipe.query_async::<()>(&mut conn).await.unwrap();
     let _: () = conn
         .zadd(keys().scheduled(), &retrying, unix_now() + 60)
         .await
@@ -506,12 +481,7 @@ async fn status_and_dead_list_and_retry_from_the_command_line() {
         let output = worker_command(&redis.url(), args, "ready", &[])
             .output()
             .unwrap();
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8(output.stdout).unwrap()
+        stdout_of(&format!("agent-worker {args:?}"), &output)
     };
     let listed: serde_json::Value =
         serde_json::from_str(&cli(&["dead", "list", "--json"])).unwrap();

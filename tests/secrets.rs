@@ -187,8 +187,7 @@ async fn refused_credentials_fail_a_command_at_once_and_keep_the_worker_unready(
     .await;
     assert_eq!(code, 503);
     assert_eq!(body, "not ready: redis authentication failed\n");
-    let out = worker.stop().await;
-    assert!(out.status.success());
+    let out = worker.stop_cleanly().await;
     let auth_failures = events(&out.stderr)
         .iter()
         .filter(|e| e["message"] == "redis_auth_failed")

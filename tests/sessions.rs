@@ -5,8 +5,15 @@ mod common;
 use std::time::Duration;
 
 use agent_jobs::{QueueKeys, SessionKeys};
+use agent_worker::connection::RedisConn;
 use common::*;
 use redis::AsyncCommands;
+
+/// Asserts that `key` expires within the session TTL (4 h, the default `session.ttl`).
+async fn assert_expires_with_the_session(conn: &RedisConn, key: &str) {
+    let ttl = ttl_of(conn, key).await;
+    assert!(ttl > 0 && ttl <= 4 * 3600, "{key}: TTL {ttl}");
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hundred_concurrent_sessions_of_one_user_each_get_their_own_voice() {
@@ -30,10 +37,7 @@ async fn hundred_concurrent_sessions_of_one_user_each_get_their_own_voice() {
     for (id, voice) in &sessions {
         wait_status(&redis.conn, id, "ready", Duration::from_secs(60)).await;
         let got = wait_received(&redis.conn, id).await;
-        assert_eq!(got["contract"]["voice_id"], voice.as_str(), "argv of {id}");
-        assert_eq!(got["contract"]["room"], id.as_str());
-        assert_eq!(got["env"]["VOICE_ID"], voice.as_str());
-        assert_eq!(got["env"]["SESSION_ID"], id.as_str());
+        assert_agent_of(&got, id, voice);
         let state = SessionKeys::new(id).state();
         assert_eq!(hget(&redis.conn, &state, "voiceId").await.unwrap(), *voice);
         assert_eq!(hget(&redis.conn, &state, "userId").await.unwrap(), user);
@@ -118,19 +122,10 @@ async fn missing_config_gets_the_default_voice_written_back_with_a_ttl() {
         "Brian"
     );
     let key = SessionKeys::new(&id).config();
-    assert_eq!(
-        hget(&redis.conn, &key, "voiceId").await.as_deref(),
-        Some("Brian")
-    );
-    assert_eq!(
-        hget(&redis.conn, &key, "userName").await.as_deref(),
-        Some("bob")
-    );
-    let ttl: i64 = redis.conn.clone().ttl(&key).await.unwrap();
-    assert!(
-        ttl > 0 && ttl <= 4 * 3600,
-        "default config TTL is the session TTL, got {ttl}"
-    );
+    let expected = [("voiceId", "Brian"), ("userName", "bob")];
+    assert_fields(&redis.conn, &key, &expected).await;
+    // The default config's TTL is the session's.
+    assert_expires_with_the_session(&redis.conn, &key).await;
     worker.stop().await;
 }
 
@@ -171,11 +166,7 @@ async fn an_unusable_config_sends_the_job_dead_and_marks_the_session_error_with_
         .await
         .unwrap();
     let ledger = Ledger::new();
-    let command = ledger.command("ready");
-    let worker = TestWorker::start(redis.settings(
-        "ready",
-        &[("AGENT_WORKER__AGENT__COMMAND", command.as_str())],
-    ));
+    let worker = TestWorker::start(ledger.worker_settings(&redis, "ready", &[]));
     let task = enqueue(&redis.conn, &bad, None).await;
     let result = wait_dead(&redis.conn, &task).await;
     assert!(
@@ -212,11 +203,8 @@ async fn the_logs_list_keeps_the_last_hundred_output_lines_with_the_session_ttl(
     .await;
     let expected: Vec<String> = (150..250).map(|i| format!("chatty line {i}")).collect();
     assert_eq!(logs, expected, "exactly the last 100 lines, in order");
-    let ttl: i64 = redis.conn.clone().ttl(&key).await.unwrap();
-    assert!(
-        ttl > 0 && ttl <= 4 * 3600,
-        "the logs expire with the session, got {ttl}"
-    );
+    // The logs expire with the session.
+    assert_expires_with_the_session(&redis.conn, &key).await;
     worker.stop().await;
 }
 
@@ -304,11 +292,7 @@ async fn the_same_session_enqueued_twice_starts_one_agent() {
     // The ledger is written by each agent as it starts: unlike the shipped logs, it cannot
     // lag behind a second agent.
     let ledger = Ledger::new();
-    let command = ledger.command("ready");
-    let worker = TestWorker::start(redis.settings(
-        "ready",
-        &[("AGENT_WORKER__AGENT__COMMAND", command.as_str())],
-    ));
+    let worker = TestWorker::start(ledger.worker_settings(&redis, "ready", &[]));
     wait_done(&redis.conn, &first, Duration::from_secs(20)).await;
     let pid = agent_pid(&redis.conn, &id).await;
     // A second delivery of the same job (as after a crash) finds the running agent.

@@ -264,8 +264,7 @@ async fn a_rediss_worker_starts_a_session_and_refuses_an_untrusted_certificate()
     assert_eq!(received["contract"]["voice_id"], "Craig", "{received}");
     let (ok, _, text) = run(cli(&redis.url("127.0.0.1"), &["status"], &[(CA_FILE, &ca)])).await;
     assert!(ok, "status over TLS: {text}");
-    let out = worker.stop().await;
-    assert!(out.status.success());
+    let out = worker.stop_cleanly().await;
     let started = events(&out.stderr)
         .into_iter()
         .find(|e| e["message"] == "worker_started")
@@ -309,9 +308,8 @@ async fn a_rediss_worker_starts_a_session_and_refuses_an_untrusted_certificate()
         },
     )
     .await;
-    let out = worker.stop().await;
+    let out = worker.stop_cleanly().await;
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
     let events = events(&out.stderr);
     let failures: Vec<_> = events
         .iter()
@@ -426,5 +424,5 @@ async fn the_python_client_over_rediss_enqueues_what_the_worker_starts() {
         ("AGENT_WORKER_TEST_TLS_OTHER_CA", pki.file("other-ca.pem")),
     ];
     unittest("test_tls", 2, &env, &["SSL_CERT_FILE", "SSL_CERT_DIR"]).await;
-    assert!(worker.stop().await.status.success());
+    worker.stop_cleanly().await;
 }

@@ -16,7 +16,7 @@ use std::{
     time::Duration,
 };
 
-use agent_jobs::{SessionKeys, keys::WORKER_WARM};
+use agent_jobs::{SessionId, SessionKeys, keys::WORKER_WARM};
 use common::*;
 use nix::sys::signal::Signal;
 use redis::AsyncCommands;
@@ -102,8 +102,8 @@ fn sample(page: &str, series: &str) -> Option<f64> {
 struct BinWorker(WorkerProcess);
 
 impl BinWorker {
-    fn start(redis: &TestRedis, env: &[(&str, &str)]) -> Self {
-        let mut command = worker_command(&redis.url(), &["run"], "ready", env);
+    fn start(redis: &TestRedis, env: &[(&'static str, String)]) -> Self {
+        let mut command = worker_command(&redis.url(), &["run"], "ready", &borrowed(env));
         command.stdout(Stdio::null());
         Self(WorkerProcess::spawn(command))
     }
@@ -154,68 +154,115 @@ impl BinWorker {
     }
 }
 
-/// An in-process worker with [`pooled`] settings, once its `size` warm processes are idle.
-async fn start_pooled(
-    redis: &TestRedis,
+/// The overrides of a pool of `size` warm test agents started with `warm_args`, warming up
+/// `concurrency` at a time; the cold agents behave as `behaviour`, and so do the warm ones once
+/// they have their session. Every agent writes to `ledger`.
+fn pool_env(
     ledger: &Ledger,
     behaviour: &str,
     size: usize,
     warm_args: &str,
-    extra: &[(&str, &str)],
-) -> TestWorker {
-    let worker = TestWorker::start(pooled(redis, ledger, behaviour, size, warm_args, extra));
-    wait_warm_idle(&redis.conn, size as u64).await;
-    worker
-}
-
-/// Settings of a worker with a pool of `size` warm test agents started with `warm_args`.
-fn pooled(
-    redis: &TestRedis,
-    ledger: &Ledger,
-    behaviour: &str,
-    size: usize,
-    warm_args: &str,
-    extra: &[(&str, &str)],
-) -> agent_worker::settings::Settings {
-    let size = size.to_string();
-    // The warm processes behave as the cold agents do once they have their session.
+    concurrency: usize,
+) -> Vec<(&'static str, String)> {
     let warm_args = [format!("--behaviour,{behaviour}"), warm_args.to_owned()]
         .into_iter()
         .filter(|a| !a.is_empty())
         .collect::<Vec<_>>()
         .join(",");
-    let (command, warm) = (ledger.command(behaviour), ledger.warm_command(&warm_args));
-    let mut overrides = vec![
-        ("AGENT_WORKER__AGENT__COMMAND", command.as_str()),
-        ("AGENT_WORKER__AGENT__WARM_COMMAND", warm.as_str()),
-        ("AGENT_WORKER__AGENT__WARM_POOL", size.as_str()),
-        ("AGENT_WORKER__AGENT__WARM_CONCURRENCY", "2"),
-    ];
+    vec![
+        ("AGENT_WORKER__AGENT__COMMAND", ledger.command(behaviour)),
+        (
+            "AGENT_WORKER__AGENT__WARM_COMMAND",
+            ledger.warm_command(&warm_args),
+        ),
+        ("AGENT_WORKER__AGENT__WARM_POOL", size.to_string()),
+        (
+            "AGENT_WORKER__AGENT__WARM_CONCURRENCY",
+            concurrency.to_string(),
+        ),
+    ]
+}
+
+/// `env` as the borrowed pairs the settings and the worker's command take.
+fn borrowed<'a>(env: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+    env.iter().map(|(k, v)| (*k, v.as_str())).collect()
+}
+
+/// A test's own Redis and ledger, and an in-process worker on them with a pool of `size` warm
+/// test agents started with `warm_args`, two warm-ups at a time ([`pool_env`]), and the `extra`
+/// overrides.
+async fn start_pooled(
+    behaviour: &str,
+    size: usize,
+    warm_args: &str,
+    extra: &[(&str, &str)],
+) -> (TestRedis, Ledger, TestWorker) {
+    let (redis, ledger) = (TestRedis::start().await, Ledger::new());
+    let env = pool_env(&ledger, behaviour, size, warm_args, 2);
+    let mut overrides = borrowed(&env);
     overrides.extend_from_slice(extra);
-    redis.settings(behaviour, &overrides)
+    let worker = TestWorker::start(redis.settings(behaviour, &overrides));
+    (redis, ledger, worker)
+}
+
+/// A line limit that keeps the test agent's report of a 100 KB prompt whole.
+const WHOLE_LINES: (&str, &str) = ("AGENT_WORKER__AGENT__MAX_LINE_BYTES", "1048576");
+
+/// Waits for the warm-up number `index` (from 0) to be idle in the pool ([`wait_idle_after`]
+/// its spawn); its pid.
+async fn wait_warm_up_idle(conn: &RedisConn, ledger: &Ledger, index: usize) -> u32 {
+    let (pid, spawned_ms) = wait_warm_start(ledger, index).await;
+    wait_idle_after(conn, spawned_ms, 1).await;
+    pid
+}
+
+/// Starts the session `name` and asserts that the warm process `pid` took it.
+async fn assert_warm_take(conn: &RedisConn, name: &str, pid: u32) {
+    let (_, got) = start_session(conn, &sid(name), "Olivia").await;
+    assert_eq!(got["warm"], true, "{name} started warm");
+    assert_eq!(
+        got["pid"].as_u64(),
+        Some(u64::from(pid)),
+        "{name} went to {pid}"
+    );
+}
+
+/// Writes `id`'s config (`voice`, user `user`), enqueues its start (for `user`) and waits
+/// until its agent is ready: the task id and what the agent reported receiving.
+async fn start_session(
+    conn: &RedisConn,
+    id: &SessionId,
+    voice: &str,
+) -> (String, serde_json::Value) {
+    write_config(conn, id, voice, "user").await;
+    let task = enqueue(conn, id, Some("user")).await;
+    wait_status(conn, id, "ready", Duration::from_secs(20)).await;
+    (task, wait_received(conn, id).await)
+}
+
+/// Waits (up to 20 s) for the warm-up number `index` (from 0) in the ledger: its pid and
+/// spawn time (unix ms).
+async fn wait_warm_start(ledger: &Ledger, index: usize) -> (u32, u64) {
+    wait_for(
+        &format!("warm-up number {}", index + 1),
+        Duration::from_secs(20),
+        || async { ledger.warm_starts().get(index).copied() },
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_sessions_through_a_pool_of_four_each_get_their_own_agent_and_voice() {
-    let redis = TestRedis::start().await;
-    let ledger = Ledger::new();
     // Agents end their call at once, so the replica keeps taking sessions, warm and cold.
-    let settings = pooled(
-        &redis,
-        &ledger,
-        "exit-after-ready",
-        4,
-        "",
-        &[("AGENT_WORKER__AGENT__MAX_AGENTS", "8")],
-    );
+    let max_agents = ("AGENT_WORKER__AGENT__MAX_AGENTS", "8");
+    let (redis, ledger, worker) = start_pooled("exit-after-ready", 4, "", &[max_agents]).await;
+    wait_warm_idle(&redis.conn, 4).await;
     let sessions: Vec<_> = (0..100)
         .map(|i| (sid(&format!("warm-many-{i}")), format!("Voice{i:03}")))
         .collect();
     for (id, voice) in &sessions {
         write_config(&redis.conn, id, voice, "test_concurrent_user").await;
     }
-    let worker = TestWorker::start(settings);
-    wait_warm_idle(&redis.conn, 4).await;
     let jobs: Vec<_> = sessions
         .iter()
         .map(|(id, _)| agent_jobs::AgentStart::new(id.clone()).with_user("test_concurrent_user"))
@@ -227,10 +274,7 @@ async fn a_hundred_sessions_through_a_pool_of_four_each_get_their_own_agent_and_
     for (id, voice) in &sessions {
         wait_status(&redis.conn, id, "completed", Duration::from_secs(120)).await;
         let got = wait_received(&redis.conn, id).await;
-        assert_eq!(got["contract"]["voice_id"], voice.as_str(), "argv of {id}");
-        assert_eq!(got["contract"]["room"], id.as_str());
-        assert_eq!(got["env"]["VOICE_ID"], voice.as_str());
-        assert_eq!(got["env"]["SESSION_ID"], id.as_str());
+        assert_agent_of(&got, id, voice);
         let pid = got["pid"].as_u64().unwrap();
         assert!(pids.insert(pid), "pid {pid} served two sessions");
         let warm = hget(&redis.conn, &SessionKeys::new(id).state(), "warm").await;
@@ -270,18 +314,9 @@ async fn a_hundred_sessions_through_a_pool_of_four_each_get_their_own_agent_and_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_handoff_carries_every_value_verbatim() {
-    let redis = TestRedis::start().await;
-    let ledger = Ledger::new();
-    let worker = start_pooled(
-        &redis,
-        &ledger,
-        "ready",
-        1,
-        "",
-        // The test agent's report quotes a 100 KB prompt: keep its line whole.
-        &[("AGENT_WORKER__AGENT__MAX_LINE_BYTES", "1048576")],
-    )
-    .await;
+    // The test agent's report quotes a 100 KB prompt: keep its line whole.
+    let (redis, _ledger, worker) = start_pooled("ready", 1, "", &[WHOLE_LINES]).await;
+    wait_warm_idle(&redis.conn, 1).await;
     let id = sid("warm-verbatim");
     let opening =
         "-r oops; $(rm -rf /) `id` | \"quoted\" 'single' \\ back\nsecond line\tTAB Grüße 你好 🎙️";
@@ -361,28 +396,11 @@ async fn the_handoff_carries_every_value_verbatim() {
 async fn failing_warm_ups_back_off(warm_behaviour: &str, pool: usize) {
     let redis = TestRedis::start().await;
     let ledger = Ledger::new();
-    let (command, warm) = (
-        ledger.command("ready"),
-        ledger.warm_command(&format!(
-            "--behaviour,ready,--warm-behaviour={warm_behaviour}"
-        )),
-    );
-    let pool = pool.to_string();
+    let warm_args = format!("--warm-behaviour={warm_behaviour}");
     // One warm-up at a time from the start, so every gap is a back-off.
-    let worker = BinWorker::start(
-        &redis,
-        &[
-            ("AGENT_WORKER__AGENT__COMMAND", command.as_str()),
-            ("AGENT_WORKER__AGENT__WARM_COMMAND", warm.as_str()),
-            ("AGENT_WORKER__AGENT__WARM_POOL", pool.as_str()),
-            ("AGENT_WORKER__AGENT__WARM_CONCURRENCY", "1"),
-        ],
-    );
+    let worker = BinWorker::start(&redis, &pool_env(&ledger, "ready", pool, &warm_args, 1));
     let id = sid(&format!("warm-failing-{warm_behaviour}"));
-    write_config(&redis.conn, &id, "Craig", "user").await;
-    enqueue(&redis.conn, &id, Some("user")).await;
-    wait_status(&redis.conn, &id, "ready", Duration::from_secs(20)).await;
-    let got = wait_received(&redis.conn, &id).await;
+    let (_, got) = start_session(&redis.conn, &id, "Craig").await;
     assert_eq!(got["warm"], false);
     assert_eq!(got["contract"]["voice_id"], "Craig");
     assert_eq!(
@@ -468,34 +486,16 @@ async fn a_warm_process_that_dies_right_after_its_warm_line_backs_off_too() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_warm_up_past_warm_timeout_is_killed_and_retried_after_a_back_off() {
-    let redis = TestRedis::start().await;
-    let ledger = Ledger::new();
     // Its warm line would come after 5 s; 1 s is allowed.
-    let settings = pooled(
-        &redis,
-        &ledger,
-        "ready",
-        1,
-        "--warm-delay-ms=5000",
-        &[("AGENT_WORKER__AGENT__WARM_TIMEOUT", "1s")],
-    );
-    let worker = TestWorker::start(settings);
-    let (first, first_ms) = wait_for("a warm-up", Duration::from_secs(20), || async {
-        ledger.warm_starts().first().copied()
-    })
-    .await;
+    let timeout = ("AGENT_WORKER__AGENT__WARM_TIMEOUT", "1s");
+    let (redis, ledger, worker) =
+        start_pooled("ready", 1, "--warm-delay-ms=5000", &[timeout]).await;
+    let (first, first_ms) = wait_warm_start(&ledger, 0).await;
     // Meanwhile sessions start cold.
-    let id = sid("warm-timeout");
-    write_config(&redis.conn, &id, "Craig", "user").await;
-    enqueue(&redis.conn, &id, Some("user")).await;
-    wait_status(&redis.conn, &id, "ready", Duration::from_secs(20)).await;
-    let got = wait_received(&redis.conn, &id).await;
+    let (_, got) = start_session(&redis.conn, &sid("warm-timeout"), "Craig").await;
     assert_eq!(got["warm"], false);
     assert_ne!(got["pid"].as_u64(), Some(u64::from(first)));
-    let (second, second_ms) = wait_for("a second warm-up", Duration::from_secs(20), || async {
-        ledger.warm_starts().get(1).copied()
-    })
-    .await;
+    let (second, second_ms) = wait_warm_start(&ledger, 1).await;
     assert_ne!(second, first);
     // The first was killed at its timeout, before the retry: left alone it would still be
     // sleeping now (about 2 s after its spawn, 3 s before its warm line).
@@ -512,17 +512,9 @@ async fn a_warm_up_past_warm_timeout_is_killed_and_retried_after_a_back_off() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_warm_process_older_than_warm_max_idle_is_recycled() {
-    let redis = TestRedis::start().await;
-    let ledger = Ledger::new();
-    let worker = start_pooled(
-        &redis,
-        &ledger,
-        "ready",
-        1,
-        "",
-        &[("AGENT_WORKER__AGENT__WARM_MAX_IDLE", "3s")],
-    )
-    .await;
+    let max_idle = ("AGENT_WORKER__AGENT__WARM_MAX_IDLE", "3s");
+    let (redis, ledger, worker) = start_pooled("ready", 1, "", &[max_idle]).await;
+    wait_warm_idle(&redis.conn, 1).await;
     let (first, _) = ledger.warm_starts()[0];
     wait_gone(
         "the old warm process to be recycled",
@@ -530,19 +522,11 @@ async fn an_idle_warm_process_older_than_warm_max_idle_is_recycled() {
         first,
     )
     .await;
-    let (second, spawned_ms) = wait_for("its replacement", Duration::from_secs(20), || async {
-        ledger.warm_starts().get(1).copied()
-    })
-    .await;
+    let second = wait_warm_up_idle(&redis.conn, &ledger, 1).await;
     assert_ne!(second, first);
-    wait_idle_after(&redis.conn, spawned_ms, 1).await;
     // The fresh one (or, if it grew old meanwhile, its own replacement) serves a session warm:
     // a recycle is no failure, so no back-off leaves the pool empty.
-    let id = sid("warm-recycled");
-    write_config(&redis.conn, &id, "Olivia", "user").await;
-    enqueue(&redis.conn, &id, Some("user")).await;
-    wait_status(&redis.conn, &id, "ready", Duration::from_secs(20)).await;
-    let got = wait_received(&redis.conn, &id).await;
+    let (_, got) = start_session(&redis.conn, &sid("warm-recycled"), "Olivia").await;
     assert_eq!(got["warm"], true);
     let pid = got["pid"].as_u64().unwrap() as u32;
     assert_ne!(pid, first, "the recycled process took no session");
@@ -555,30 +539,15 @@ async fn an_idle_warm_process_older_than_warm_max_idle_is_recycled() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_replica_keeps_no_idle_warm_process_and_the_pool_grows_back() {
-    let redis = TestRedis::start().await;
-    let ledger = Ledger::new();
     let gate = Gate::new();
     // Room for one agent, a pool of two: the target is min(2, 1 − running − starting).
-    let settings = pooled(
-        &redis,
-        &ledger,
-        "ready",
-        2,
-        &gate.warm_arg(),
-        &[("AGENT_WORKER__AGENT__MAX_AGENTS", "1")],
-    );
-    let worker = TestWorker::start(settings);
+    let max_agents = ("AGENT_WORKER__AGENT__MAX_AGENTS", "1");
+    let (redis, ledger, worker) = start_pooled("ready", 2, &gate.warm_arg(), &[max_agents]).await;
     // With no session, min(2, 1) = 1: one warm-up, held at the gate.
-    let (held, _) = wait_for("a warm-up", Duration::from_secs(20), || async {
-        ledger.warm_starts().first().copied()
-    })
-    .await;
+    let (held, _) = wait_warm_start(&ledger, 0).await;
     // Nothing idle: the session starts cold and fills the replica.
     let id = sid("warm-full");
-    write_config(&redis.conn, &id, "Craig", "user").await;
-    enqueue(&redis.conn, &id, Some("user")).await;
-    wait_status(&redis.conn, &id, "ready", Duration::from_secs(20)).await;
-    let got = wait_received(&redis.conn, &id).await;
+    let (_, got) = start_session(&redis.conn, &id, "Craig").await;
     assert_eq!(got["warm"], false);
     let agent = got["pid"].as_u64().unwrap() as u32;
     // The held warm-up ends with no room left: the pool stops it instead of keeping it.
@@ -599,19 +568,9 @@ async fn a_full_replica_keeps_no_idle_warm_process_and_the_pool_grows_back() {
     // The session ends: room for one again, so one idle warm process again.
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(agent as i32), Signal::SIGTERM).unwrap();
     wait_status(&redis.conn, &id, "completed", Duration::from_secs(20)).await;
-    let (grown, spawned_ms) = wait_for("a new warm-up", Duration::from_secs(20), || async {
-        ledger.warm_starts().get(1).copied()
-    })
-    .await;
-    wait_idle_after(&redis.conn, spawned_ms, 1).await;
+    let grown = wait_warm_up_idle(&redis.conn, &ledger, 1).await;
     // And it serves the next session.
-    let next = sid("warm-full-next");
-    write_config(&redis.conn, &next, "Olivia", "user").await;
-    enqueue(&redis.conn, &next, Some("user")).await;
-    wait_status(&redis.conn, &next, "ready", Duration::from_secs(20)).await;
-    let got = wait_received(&redis.conn, &next).await;
-    assert_eq!(got["warm"], true);
-    assert_eq!(got["pid"].as_u64(), Some(u64::from(grown)));
+    assert_warm_take(&redis.conn, "warm-full-next", grown).await;
     worker.stop().await;
 }
 
@@ -620,24 +579,10 @@ async fn metrics_show_the_pools_takes_warm_ups_and_failures() {
     let redis = TestRedis::start().await;
     let ledger = Ledger::new();
     let gate = Gate::new();
-    let (command, warm) = (
-        ledger.command("ready"),
-        ledger.warm_command(&format!("--behaviour,ready,{}", gate.warm_arg())),
-    );
     // Its own process: the metrics recorder is process-wide, and other tests of this binary
     // run pools at the same time.
-    let worker = BinWorker::start(
-        &redis,
-        &[
-            ("AGENT_WORKER__AGENT__COMMAND", command.as_str()),
-            ("AGENT_WORKER__AGENT__WARM_COMMAND", warm.as_str()),
-            ("AGENT_WORKER__AGENT__WARM_POOL", "1"),
-        ],
-    );
-    let (held, _) = wait_for("a warm-up", Duration::from_secs(20), || async {
-        ledger.warm_starts().first().copied()
-    })
-    .await;
+    let worker = BinWorker::start(&redis, &pool_env(&ledger, "ready", 1, &gate.warm_arg(), 1));
+    let (held, _) = wait_warm_start(&ledger, 0).await;
     let expect = |idle: f64, warm: f64, cold: f64, warmed: f64, failed: f64| {
         move |page: &str| {
             // A histogram is exposed from its first sample on; the rest from the start.
@@ -656,23 +601,13 @@ async fn metrics_show_the_pools_takes_warm_ups_and_failures() {
     // Held at the gate: nothing yet, every series at zero.
     worker.wait_metrics(expect(0.0, 0.0, 0.0, 0.0, 0.0)).await;
     // Nothing idle: a cold take.
-    let cold = sid("warm-metrics-cold");
-    write_config(&redis.conn, &cold, "Craig", "user").await;
-    enqueue(&redis.conn, &cold, Some("user")).await;
-    wait_status(&redis.conn, &cold, "ready", Duration::from_secs(20)).await;
+    start_session(&redis.conn, &sid("warm-metrics-cold"), "Craig").await;
     worker.wait_metrics(expect(0.0, 0.0, 1.0, 0.0, 0.0)).await;
     // The warm-up ends: one idle, one warm-up timed.
     gate.open();
     worker.wait_metrics(expect(1.0, 0.0, 1.0, 1.0, 0.0)).await;
     // A warm take; its replacement warms at once (the gate is open).
-    let warm = sid("warm-metrics-warm");
-    write_config(&redis.conn, &warm, "Olivia", "user").await;
-    enqueue(&redis.conn, &warm, Some("user")).await;
-    wait_status(&redis.conn, &warm, "ready", Duration::from_secs(20)).await;
-    assert_eq!(
-        wait_received(&redis.conn, &warm).await["pid"].as_u64(),
-        Some(u64::from(held))
-    );
+    assert_warm_take(&redis.conn, "warm-metrics-warm", held).await;
     worker.wait_metrics(expect(1.0, 1.0, 1.0, 2.0, 0.0)).await;
     // The replacement killed while idle: a failure, and after a back-off a third warm-up.
     let (replacement, _) = ledger.warm_starts()[1];
@@ -687,66 +622,27 @@ async fn metrics_show_the_pools_takes_warm_ups_and_failures() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_warm_process_killed_while_idle_is_replaced() {
-    let redis = TestRedis::start().await;
-    let ledger = Ledger::new();
-    let worker = start_pooled(&redis, &ledger, "ready", 1, "", &[]).await;
+    let (redis, ledger, worker) = start_pooled("ready", 1, "", &[]).await;
+    wait_warm_idle(&redis.conn, 1).await;
     let (first, _) = ledger.warm_starts()[0];
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(first as i32), Signal::SIGKILL).unwrap();
-    let (second, spawned_ms) = wait_for(
-        "a replacement warm process",
-        Duration::from_secs(20),
-        || async { ledger.warm_starts().get(1).copied() },
-    )
-    .await;
+    // One idle in a beat after the replacement's spawn: the replacement, not the killed one
+    // counted late.
+    let second = wait_warm_up_idle(&redis.conn, &ledger, 1).await;
     assert_ne!(second, first);
-    // A presence beat from at least a second after the replacement's spawn (scores are unix
-    // seconds) that reports one idle: the replacement, not the killed one counted late.
-    let after = spawned_ms / 1000 + 2;
-    wait_for(
-        "the replacement in the pool",
-        Duration::from_secs(20),
-        || async {
-            let seen: Vec<(String, u64)> = redis
-                .conn
-                .clone()
-                .zrange_withscores(agent_jobs::keys::WORKERS, 0, -1)
-                .await
-                .unwrap();
-            let beat_after = seen.iter().any(|(_, at)| *at >= after);
-            (beat_after && warm_idle(&redis.conn).await == [1]).then_some(())
-        },
-    )
-    .await;
     // And the replacement serves the next session.
-    let id = sid("warm-after-kill");
-    write_config(&redis.conn, &id, "Olivia", "user").await;
-    enqueue(&redis.conn, &id, Some("user")).await;
-    wait_status(&redis.conn, &id, "ready", Duration::from_secs(20)).await;
-    let got = wait_received(&redis.conn, &id).await;
-    assert_eq!(got["warm"], true);
-    assert_eq!(got["pid"].as_u64(), Some(u64::from(second)));
+    assert_warm_take(&redis.conn, "warm-after-kill", second).await;
     worker.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_warm_process_lost_at_the_handoff_makes_that_start_cold_at_once() {
-    let redis = TestRedis::start().await;
-    let ledger = Ledger::new();
-    let worker = start_pooled(
-        &redis,
-        &ledger,
-        "ready",
-        1,
-        "--warm-behaviour=exit-on-handoff",
-        &[],
-    )
-    .await;
+    let (redis, ledger, worker) =
+        start_pooled("ready", 1, "--warm-behaviour=exit-on-handoff", &[]).await;
+    wait_warm_idle(&redis.conn, 1).await;
     let (taken, _) = ledger.warm_starts()[0];
     let id = sid("warm-lost");
-    write_config(&redis.conn, &id, "Craig", "user").await;
-    let task = enqueue(&redis.conn, &id, Some("user")).await;
-    wait_status(&redis.conn, &id, "ready", Duration::from_secs(20)).await;
-    let got = wait_received(&redis.conn, &id).await;
+    let (task, got) = start_session(&redis.conn, &id, "Craig").await;
     assert_eq!(got["warm"], false, "the session's agent started cold");
     assert_ne!(got["pid"].as_u64(), Some(u64::from(taken)));
     // One attempt, no error left behind: the pool's loss is not the session's failure.
@@ -760,17 +656,14 @@ async fn a_warm_process_lost_at_the_handoff_makes_that_start_cold_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_warm_process_that_does_not_read_its_handoff_is_lost_and_that_start_goes_cold() {
-    let redis = TestRedis::start().await;
-    let ledger = Ledger::new();
-    let worker = start_pooled(
-        &redis,
-        &ledger,
+    let (redis, ledger, worker) = start_pooled(
         "ready",
         1,
         "--warm-behaviour=ignore-handoff",
-        &[("AGENT_WORKER__AGENT__MAX_LINE_BYTES", "1048576")],
+        &[WHOLE_LINES],
     )
     .await;
+    wait_warm_idle(&redis.conn, 1).await;
     let (taken, _) = ledger.warm_starts()[0];
     // More than its stdin's pipe holds: the write waits for a reader that never comes.
     let id = sid("warm-not-reading");
@@ -815,26 +708,18 @@ async fn sigkill_of_the_worker_takes_its_warm_processes_and_sigterm_stops_idle_o
         // The SIGKILLed worker of the first round left its count behind.
         let _: () = redis.conn.clone().del(WORKER_WARM).await.unwrap();
         let ledger = Ledger::new();
-        let (command, warm) = (ledger.command("ready"), ledger.warm_command(""));
+        let mut env = pool_env(&ledger, "ready", 2, "", 2);
+        // A drain long enough that "at once" cannot be the drain ending.
+        env.push(("AGENT_WORKER__SHUTDOWN__DRAIN_TIMEOUT", "60s".to_owned()));
         let worker = WorkerProcess::spawn(worker_command(
             &redis.url(),
             &["run"],
             "ready",
-            &[
-                ("AGENT_WORKER__AGENT__COMMAND", command.as_str()),
-                ("AGENT_WORKER__AGENT__WARM_COMMAND", warm.as_str()),
-                ("AGENT_WORKER__AGENT__WARM_POOL", "2"),
-                ("AGENT_WORKER__AGENT__WARM_CONCURRENCY", "2"),
-                // A drain long enough that "at once" cannot be the drain ending.
-                ("AGENT_WORKER__SHUTDOWN__DRAIN_TIMEOUT", "60s"),
-            ],
+            &borrowed(&env),
         ));
         // One live session, so a SIGTERM has something to drain.
         let id = sid(&format!("warm-ending-{}", ending as i32));
-        write_config(&redis.conn, &id, "Craig", "user").await;
-        enqueue(&redis.conn, &id, Some("user")).await;
-        wait_status(&redis.conn, &id, "ready", Duration::from_secs(20)).await;
-        let got = wait_received(&redis.conn, &id).await;
+        let (_, got) = start_session(&redis.conn, &id, "Craig").await;
         let agent = got["pid"].as_u64().unwrap() as u32;
         let idle = wait_for(
             "two idle warm processes",

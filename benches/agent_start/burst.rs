@@ -25,7 +25,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agent_jobs::keys::SESSION_HEARTBEATS;
 use tokio::{
     io::{AsyncBufReadExt, BufReader},
     process::Command,
@@ -74,16 +73,8 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Row>> {
             })
             .await?;
             // Every agent has exited and its session was removed by the worker.
-            wait_until("every session to end", Duration::from_secs(120), || {
-                let mut conn = ctx.conn.clone();
-                async move {
-                    let left: u64 = redis::cmd("ZCARD")
-                        .arg(SESSION_HEARTBEATS)
-                        .query_async(&mut conn)
-                        .await
-                        .ok()?;
-                    (left == 0).then_some(())
-                }
+            wait_until("every session to end", Duration::from_secs(120), || async {
+                (ctx.live_sessions().await.ok()? == 0).then_some(())
             })
             .await?;
             anyhow::Ok((cpu, t0.elapsed().as_secs_f64()))
@@ -130,34 +121,31 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Row>> {
     let (ratio, in_process_ratio) = (binary.median / ceiling, burst.median / ceiling);
     let bench_rss = crate::procfs::status_kb(std::process::id(), "VmRSS").unwrap_or(0);
     let mut rows = vec![
-        Row::info(
+        Row::rate(
             PART,
-            format!("burst through the agent-worker binary: {n} starts at once, concurrency {concurrency}: sessions/s (enqueue → all ended)"),
-            thousands(binary.median),
-        )
-        .spread(binary.describe("", 0)),
+            format!(
+                "burst through the agent-worker binary: {n} starts at once, concurrency {concurrency}: sessions/s (enqueue → all ended)"
+            ),
+            &binary,
+        ),
         Row::info(PART, "  CPU of the binary and its agents", binary_cpu),
-        Row::info(
+        Row::rate(
             PART,
             format!("same burst through the binary with worker.batch_size = {BATCHED}"),
-            thousands(batched.median),
-        )
-        .spread(batched.describe("", 0)),
+            &batched,
+        ),
         Row::info(PART, "  CPU of the binary and its agents", batched_cpu),
-        Row::info(
+        Row::rate(
             PART,
             "same burst, in-process worker: sessions/s to the last agent ready",
-            thousands(burst.median),
-        )
-        .spread(burst.describe("", 0)),
-        Row::info(
+            &burst,
+        ),
+        Row::rate(
             PART,
             "  in-process: sessions/s to every session ended",
-            thousands(ended.median),
-        )
-        .spread(ended.describe("", 0)),
-        Row::info(PART, "  CPU, in-process", burst_cpu.describe())
-            .spread(burst_cpu.per(n, "session")),
+            &ended,
+        ),
+        Row::cpu(PART, "  CPU, in-process", &burst_cpu, n, "session"),
         Row::info(
             PART,
             "  RSS of the bench process (the in-process worker's)",
@@ -165,11 +153,8 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Row>> {
         ),
     ];
     for (spawn, rate, cpu) in &ceilings {
-        rows.push(
-            Row::info(PART, spawn.describe(concurrency), thousands(rate.median))
-                .spread(rate.describe("", 0)),
-        );
-        rows.push(Row::info(PART, "  CPU", cpu.describe()).spread(cpu.per(n, "spawn")));
+        rows.push(Row::rate(PART, spawn.describe(concurrency), rate));
+        rows.push(Row::cpu(PART, "  CPU", cpu, n, "spawn"));
     }
     rows.push(Row::target(
         PART,
@@ -344,11 +329,7 @@ async fn binary_burst(
         let (cpu0, t0) = (CpuTimes::of(&pid), Instant::now());
         ctx.enqueue_all(&ids).await?;
         wait_until("every session to end", Duration::from_secs(600), || async {
-            let live: u64 = redis::cmd("ZCARD")
-                .arg(SESSION_HEARTBEATS)
-                .query_async(&mut ctx.conn.clone())
-                .await
-                .ok()?;
+            let live = ctx.live_sessions().await.ok()?;
             (live == 0 && ctx.acked().await.ok()? >= n).then_some(())
         })
         .await?;

@@ -25,15 +25,12 @@ use crate::{
 };
 
 const PART: &str = "9 console";
-/// Sessions per populating pipeline.
-const CHUNK: usize = 1000;
 
 pub async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Row>> {
     ctx.flush().await?;
     let n = ctx.size(100_000);
     let all = ids("co", n);
-    for chunk in all.chunks(CHUNK) {
-        let mut pipe = redis::pipe();
+    ctx.pipelined(&all, |pipe, chunk| {
         for (i, id) in chunk.iter().enumerate() {
             let worker = format!("bench-worker-{}", i % 10);
             pipe.sadd(SESSIONS_READY, id.as_str())
@@ -52,8 +49,8 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Row>> {
                 )
                 .ignore();
         }
-        pipe.query_async::<()>(&mut ctx.conn.clone()).await?;
-    }
+    })
+    .await?;
 
     let settings = ctx.settings("ready", &[]);
     let console = Console::new(&settings, metrics::install_recorder());

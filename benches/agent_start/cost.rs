@@ -18,7 +18,7 @@ use std::{
     time::Duration,
 };
 
-use agent_jobs::{AgentStart, keys::SESSION_HEARTBEATS};
+use agent_jobs::AgentStart;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 use crate::{
@@ -153,11 +153,7 @@ async fn measure(ctx: &Ctx, n: usize, whole_life: bool) -> anyhow::Result<Cost> 
             || async {
                 polls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let acked = ctx.acked().await.ok()?;
-                let live: usize = redis::cmd("ZCARD")
-                    .arg(SESSION_HEARTBEATS)
-                    .query_async(&mut ctx.conn.clone())
-                    .await
-                    .ok()?;
+                let live = ctx.live_sessions().await.ok()?;
                 (acked >= n && (!whole_life || live == 0)).then_some(())
             },
         )

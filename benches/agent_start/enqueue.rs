@@ -11,9 +11,9 @@ use agent_worker::connection::RedisConn;
 
 use crate::{
     baseline::Baseline,
-    harness::{CpuSplit, Ctx, ids, with_cpu},
+    harness::{CpuSplit, Ctx, ids, median_run, with_cpu},
     report::Row,
-    stats::{Spread, thousands},
+    stats::Spread,
 };
 
 const PART: &str = "7 enqueue";
@@ -29,55 +29,37 @@ pub async fn run(ctx: &Ctx, baseline: &Baseline) -> anyhow::Result<Vec<Row>> {
         bulk.push(timed(ctx, ctx.size(200_000), Mode::Bulk).await?);
     }
     // The CPU split of each mode's median run explains its rate: client, or Redis, bound.
-    let cpu = |runs: &mut Vec<(f64, CpuSplit)>, n: usize| {
-        runs.sort_by(|a, b| a.0.total_cmp(&b.0));
-        let split = runs[runs.len() / 2].1;
-        format!("{}; {}", split.describe(), split.per(n, "job"))
+    let cpu = |mode: &str, split: CpuSplit, n: usize| {
+        let value = format!("{}; {}", split.describe(), split.per(n, "job"));
+        Row::info(PART, format!("  CPU, {mode}"), value)
     };
-    let cpus = [
-        cpu(&mut sequential, ctx.size(20_000)),
-        cpu(&mut concurrent, ctx.size(50_000)),
-        cpu(&mut bulk, ctx.size(200_000)),
-    ];
-    let rates =
-        |runs: &[(f64, CpuSplit)]| Spread::of(&runs.iter().map(|r| r.0).collect::<Vec<_>>());
-    let (sequential, concurrent, bulk) = (rates(&sequential), rates(&concurrent), rates(&bulk));
+    // A rate beside the PING rate of the same shape of traffic.
+    let of_ping = |ratio: &str, rate: &Spread, ping: f64| {
+        let value = format!("{:.0} %", rate.median / ping * 100.0);
+        Row::info(PART, format!("  {ratio} PING rate"), value)
+    };
+    let (sequential, sequential_cpu) = median_run(&mut sequential);
+    let (concurrent, concurrent_cpu) = median_run(&mut concurrent);
+    let (bulk, bulk_cpu) = median_run(&mut bulk);
     Ok(vec![
-        Row::target(
-            PART,
-            "sequential: jobs/s",
-            thousands(sequential.median),
-            "≥ 12,000",
-            sequential.median >= 12_000.0,
-        )
-        .spread(sequential.describe("", 0)),
-        Row::info(PART, "  CPU, sequential", &cpus[0]),
-        Row::info(
-            PART,
-            "  sequential ÷ sequential PING rate",
-            format!("{:.0} %", sequential.median / baseline.sequential * 100.0),
-        ),
-        Row::info(
+        Row::rate(PART, "sequential: jobs/s", &sequential)
+            .against("≥ 12,000", sequential.median >= 12_000.0),
+        cpu("sequential", sequential_cpu, ctx.size(20_000)),
+        of_ping("sequential ÷ sequential", &sequential, baseline.sequential),
+        Row::rate(
             PART,
             format!("concurrent ({TASKS} tasks, one connection): jobs/s"),
-            thousands(concurrent.median),
-        )
-        .spread(concurrent.describe("", 0)),
-        Row::info(PART, "  CPU, concurrent", &cpus[1]),
-        Row::info(
-            PART,
-            "  concurrent ÷ multiplexed PING rate",
-            format!("{:.0} %", concurrent.median / baseline.multiplexed * 100.0),
+            &concurrent,
         ),
-        Row::target(
-            PART,
-            "bulk (enqueue_many, batches of 1,000): jobs/s",
-            thousands(bulk.median),
-            "≥ 100,000",
-            bulk.median >= 100_000.0,
-        )
-        .spread(bulk.describe("", 0)),
-        Row::info(PART, "  CPU, bulk", &cpus[2]),
+        cpu("concurrent", concurrent_cpu, ctx.size(50_000)),
+        of_ping(
+            "concurrent ÷ multiplexed",
+            &concurrent,
+            baseline.multiplexed,
+        ),
+        Row::rate(PART, "bulk (enqueue_many, batches of 1,000): jobs/s", &bulk)
+            .against("≥ 100,000", bulk.median >= 100_000.0),
+        cpu("bulk", bulk_cpu, ctx.size(200_000)),
     ])
 }
 

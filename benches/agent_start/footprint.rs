@@ -9,6 +9,7 @@
 use std::time::{Duration, Instant};
 
 use agent_jobs::keys::SESSIONS_READY;
+use redis::AsyncCommands;
 
 use crate::{
     harness::{Ctx, WorkerProcess, ids, wait_until},
@@ -56,17 +57,14 @@ async fn measure(
         ctx.write_configs(&ids).await?;
         ctx.enqueue_all(&ids).await?;
         let want = (step + 1) * AGENTS / 2;
-        wait_until("the agents to be ready", Duration::from_secs(60), || {
-            let mut conn = ctx.conn.clone();
-            async move {
-                let ready: usize = redis::cmd("SCARD")
-                    .arg(SESSIONS_READY)
-                    .query_async(&mut conn)
-                    .await
-                    .ok()?;
+        wait_until(
+            "the agents to be ready",
+            Duration::from_secs(60),
+            || async {
+                let ready: usize = ctx.conn.clone().scard(SESSIONS_READY).await.ok()?;
                 (ready >= want).then_some(())
-            }
-        })
+            },
+        )
         .await?;
         tokio::time::sleep(settle).await;
         rss_at.push(rss("VmRSS"));

@@ -9,7 +9,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agent_jobs::{AgentStart, Producer, QueueKeys, SessionId};
+use agent_jobs::{
+    AgentStart, Producer, QueueKeys, SessionId, SessionKeys, keys::SESSION_HEARTBEATS,
+};
 use agent_worker::{
     agent::{
         command::LaunchSpec,
@@ -22,7 +24,10 @@ use agent_worker::{
 };
 use anyhow::{Context as _, bail};
 
-use crate::{procfs::CpuTimes, stats::thousands};
+use crate::{
+    procfs::CpuTimes,
+    stats::{Spread, thousands},
+};
 
 /// The tests' reading of `INFO commandstats`, shared so the two cannot disagree.
 #[path = "../../tests/common/commandstats.rs"]
@@ -48,6 +53,8 @@ use tokio::{
 
 /// The queue every part uses (the default one).
 pub const QUEUE: &str = "agent-start";
+/// Sessions per set-up pipeline ([`Ctx::pipelined`]).
+pub const CHUNK: usize = 1000;
 
 /// What a part needs to run.
 pub struct Ctx {
@@ -169,29 +176,37 @@ impl Ctx {
     /// Pipelined, since this is set-up, not something measured.
     pub async fn write_configs(&self, ids: &[SessionId]) -> anyhow::Result<()> {
         let now = agent_worker::clock::unix_now().to_string();
-        let chunks: Vec<_> = ids.chunks(1000).collect();
-        futures::stream::iter(chunks)
+        self.pipelined(ids, |pipe, chunk| {
+            for id in chunk {
+                let key = SessionKeys::new(id).config();
+                let config = [
+                    ("voiceId", "Craig"),
+                    ("userName", "bench"),
+                    ("updatedAt", &now),
+                ];
+                pipe.hset_multiple(&key, &config)
+                    .ignore()
+                    .expire(&key, 3600)
+                    .ignore();
+            }
+        })
+        .await
+    }
+
+    /// Writes set-up data for the sessions `ids`: a pipeline per [`CHUNK`] of them, four
+    /// pipelines at once; `write` adds a chunk's commands to its pipeline. Set-up, not
+    /// something measured.
+    pub async fn pipelined(
+        &self,
+        ids: &[SessionId],
+        write: impl Fn(&mut redis::Pipeline, &[SessionId]),
+    ) -> anyhow::Result<()> {
+        futures::stream::iter(ids.chunks(CHUNK))
             .map(|chunk| {
+                let mut pipe = redis::pipe();
+                write(&mut pipe, chunk);
                 let mut conn = self.conn.clone();
-                let now = now.clone();
-                async move {
-                    let mut pipe = redis::pipe();
-                    for id in chunk {
-                        let key = format!("session:{id}:config");
-                        pipe.hset_multiple(
-                            &key,
-                            &[
-                                ("voiceId", "Craig"),
-                                ("userName", "bench"),
-                                ("updatedAt", &now),
-                            ],
-                        )
-                        .ignore()
-                        .expire(&key, 3600)
-                        .ignore();
-                    }
-                    pipe.query_async::<()>(&mut conn).await
-                }
+                async move { pipe.query_async::<()>(&mut conn).await }
             })
             .buffer_unordered(4)
             .collect::<Vec<_>>()
@@ -259,22 +274,31 @@ impl Ctx {
         Ok(done + indexed)
     }
 
+    /// Sessions live on some worker: the size of the heartbeat index.
+    pub async fn live_sessions(&self) -> anyhow::Result<usize> {
+        Ok(redis::cmd("ZCARD")
+            .arg(SESSION_HEARTBEATS)
+            .query_async(&mut self.conn.clone())
+            .await?)
+    }
+
+    /// One section of `INFO`, as Redis writes it (`field:value` lines).
+    pub async fn info(&self, section: &str) -> anyhow::Result<String> {
+        Ok(redis::cmd("INFO")
+            .arg(section)
+            .query_async(&mut self.conn.clone())
+            .await?)
+    }
+
     /// `INFO commandstats` as command → calls. Commands run inside scripts are counted too.
     pub async fn commandstats(&self) -> anyhow::Result<HashMap<String, u64>> {
-        let info: String = redis::cmd("INFO")
-            .arg("commandstats")
-            .query_async(&mut self.conn.clone())
-            .await?;
-        Ok(parse_commandstats(&info))
+        Ok(parse_commandstats(&self.info("commandstats").await?))
     }
 
     /// `total_reads_processed` from `INFO stats`: reads of client requests, about one per
     /// round trip (a pipeline is usually read at once).
     pub async fn reads_processed(&self) -> anyhow::Result<u64> {
-        let info: String = redis::cmd("INFO")
-            .arg("stats")
-            .query_async(&mut self.conn.clone())
-            .await?;
+        let info = self.info("stats").await?;
         info.lines()
             .find_map(|l| l.strip_prefix("total_reads_processed:"))
             .and_then(|v| v.trim().parse().ok())
@@ -283,10 +307,7 @@ impl Ctx {
 
     /// CPU seconds redis-server has used so far (user + sys), from `INFO cpu`.
     pub async fn redis_cpu(&self) -> anyhow::Result<f64> {
-        let info: String = redis::cmd("INFO")
-            .arg("cpu")
-            .query_async(&mut self.conn.clone())
-            .await?;
+        let info = self.info("cpu").await?;
         Ok(info
             .lines()
             .filter(|l| l.starts_with("used_cpu_user:") || l.starts_with("used_cpu_sys:"))
@@ -709,6 +730,14 @@ impl CpuSplit {
             us(self.redis)
         )
     }
+}
+
+/// Runs measured `(rate, CPU split)`: the spread of the rates and the CPU split of the median
+/// run, which explains its rate (client, or Redis, bound).
+pub fn median_run(runs: &mut [(f64, CpuSplit)]) -> (Spread, CpuSplit) {
+    runs.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let rates: Vec<f64> = runs.iter().map(|run| run.0).collect();
+    (Spread::of(&rates), runs[runs.len() / 2].1)
 }
 
 /// Measures wall and CPU time around `work`.

@@ -31,10 +31,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     harness::{
-        CpuSplit, Ctx, InProcessWorker, InstantLauncher, Probe, QUEUE, ids, wait_until, with_cpu,
+        CpuSplit, Ctx, InProcessWorker, InstantLauncher, Probe, QUEUE, ids, median_run, wait_until,
+        with_cpu,
     },
     report::Row,
-    stats::{Spread, thousands},
+    stats::thousands,
 };
 
 const PART: &str = "3 queue path";
@@ -54,38 +55,31 @@ pub async fn run(ctx: &Ctx, ping_rate: f64) -> anyhow::Result<Vec<Row>> {
             ours.push(worker_rate(ctx, n, concurrency, batch).await?);
             bare.push(bare_apalis_rate(ctx, n, concurrency, batch).await?);
         }
-        let (ours_cpu, bare_cpu) = (median_cpu(&mut ours), median_cpu(&mut bare));
-        let rates = |runs: &[(f64, CpuSplit)]| runs.iter().map(|r| r.0).collect::<Vec<_>>();
-        let (ours, bare) = (Spread::of(&rates(&ours)), Spread::of(&rates(&bare)));
+        let ((ours, ours_cpu), (bare, bare_cpu)) = (median_run(&mut ours), median_run(&mut bare));
         eprintln!(
             "  concurrency {concurrency}, batch {batch}: {} jobs/s (bare apalis-redis {})",
             thousands(ours.median),
             thousands(bare.median)
         );
         best = best.max(ours.median);
-        rows.push(
-            Row::info(
-                PART,
-                format!("{n} jobs, concurrency {concurrency}, batch {batch}: jobs/s"),
-                thousands(ours.median),
-            )
-            .spread(ours.describe("", 0)),
-        );
-        rows.push(
-            Row::info(
-                PART,
-                "  bare apalis-redis, same settings, no-op handler: jobs/s",
-                thousands(bare.median),
-            )
-            .spread(bare.describe("", 0)),
-        );
-        rows.push(
-            Row::info(PART, "  CPU, ours", ours_cpu.describe()).spread(ours_cpu.per(n, "job")),
-        );
-        rows.push(
-            Row::info(PART, "  CPU, bare apalis-redis", bare_cpu.describe())
-                .spread(bare_cpu.per(n, "job")),
-        );
+        rows.push(Row::rate(
+            PART,
+            format!("{n} jobs, concurrency {concurrency}, batch {batch}: jobs/s"),
+            &ours,
+        ));
+        rows.push(Row::rate(
+            PART,
+            "  bare apalis-redis, same settings, no-op handler: jobs/s",
+            &bare,
+        ));
+        rows.push(Row::cpu(PART, "  CPU, ours", &ours_cpu, n, "job"));
+        rows.push(Row::cpu(
+            PART,
+            "  CPU, bare apalis-redis",
+            &bare_cpu,
+            n,
+            "job",
+        ));
         rows.push(Row::info(
             PART,
             "  ours ÷ bare apalis-redis; ours ÷ one-connection PING rate",
@@ -146,12 +140,6 @@ async fn worker_rate(
         (n - 1) as f64 / last.duration_since(*first).as_secs_f64(),
         cpu,
     ))
-}
-
-/// Sorts runs by rate and returns the CPU split of the median one.
-fn median_cpu(runs: &mut [(f64, CpuSplit)]) -> CpuSplit {
-    runs.sort_by(|a, b| a.0.total_cmp(&b.0));
-    runs[runs.len() / 2].1
 }
 
 /// Waits until apalis-redis has acknowledged `n` jobs.

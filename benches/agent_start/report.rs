@@ -2,6 +2,11 @@
 
 use std::fmt::Write as _;
 
+use crate::{
+    harness::CpuSplit,
+    stats::{Spread, thousands},
+};
+
 /// One line of the results table.
 pub struct Row {
     pub part: &'static str,
@@ -34,11 +39,30 @@ impl Row {
         target: impl Into<String>,
         met: bool,
     ) -> Self {
-        Self {
-            target: target.into(),
-            met: Some(met),
-            ..Self::info(part, metric, value)
-        }
+        Self::info(part, metric, value).against(target, met)
+    }
+
+    /// A rate measured in several runs: its median (per second), its spread beside it.
+    pub fn rate(part: &'static str, metric: impl Into<String>, rate: &Spread) -> Self {
+        Self::info(part, metric, thousands(rate.median)).spread(rate.describe("", 0))
+    }
+
+    /// Where the CPU of a run went, and per unit of its `n` units of work.
+    pub fn cpu(
+        part: &'static str,
+        metric: impl Into<String>,
+        split: &CpuSplit,
+        n: usize,
+        unit: &str,
+    ) -> Self {
+        Self::info(part, metric, split.describe()).spread(split.per(n, unit))
+    }
+
+    /// This figure with its target; `met` says whether the measured value reaches it.
+    pub fn against(mut self, target: impl Into<String>, met: bool) -> Self {
+        self.target = target.into();
+        self.met = Some(met);
+        self
     }
 
     pub fn spread(mut self, spread: impl Into<String>) -> Self {

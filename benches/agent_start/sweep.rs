@@ -1,6 +1,6 @@
 //! Part 5: the stale-session sweep over a large heartbeat index (issue 3's benchmark).
 //!
-//! N sessions are written with pipelines in the layout the worker uses (`src/session.rs`):
+//! N sessions are written with pipelines in the layout the worker uses (`src/session/`):
 //! every session has `session:<id>` (status, ids, times), `session:<id>:config`, an entry in
 //! `agent-worker:session-heartbeats` and in `session:ready` / `session:starting`; 1 % are
 //! stale (heartbeat an hour old; a tenth of them `starting`, a tenth `error`) and also have
@@ -12,11 +12,10 @@
 use std::time::Instant;
 
 use agent_jobs::{
-    SessionId,
+    SessionId, SessionKeys,
     keys::{SESSION_HEARTBEATS, SESSIONS_READY, SESSIONS_STARTING},
 };
 use agent_worker::{clock::unix_now, jobs::sweep::StaleSessionSweep, session::SessionStore};
-use futures::StreamExt;
 
 use crate::{
     harness::{Ctx, ids},
@@ -25,8 +24,6 @@ use crate::{
 };
 
 const PART: &str = "5 sweep";
-/// Sessions per populating pipeline.
-const CHUNK: usize = 1000;
 
 pub async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Row>> {
     ctx.flush().await?;
@@ -73,10 +70,7 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Row>> {
                 "  batch {batch}, slowlog > {threshold} µs: removed {} in {:.3} s; {} commands logged, slowest {:.2} ms ({})",
                 run.removed, run.wall, run.commands, run.slowest_ms, run.slowest
             );
-            let left: usize = redis::cmd("ZCARD")
-                .arg(SESSION_HEARTBEATS)
-                .query_async(&mut ctx.conn.clone())
-                .await?;
+            let left = ctx.live_sessions().await?;
             anyhow::ensure!(
                 run.removed == stale.len() && left == n - stale.len(),
                 "the sweep removed {} sessions and left {left}; expected {} and {}",
@@ -235,10 +229,7 @@ async fn slowlog(ctx: &Ctx) -> anyhow::Result<Vec<(u64, String)>> {
 }
 
 async fn used_memory(ctx: &Ctx) -> anyhow::Result<String> {
-    let info: String = redis::cmd("INFO")
-        .arg("memory")
-        .query_async(&mut ctx.conn.clone())
-        .await?;
+    let info = ctx.info("memory").await?;
     Ok(info
         .lines()
         .find_map(|l| l.strip_prefix("used_memory_human:"))
@@ -248,19 +239,8 @@ async fn used_memory(ctx: &Ctx) -> anyhow::Result<String> {
 
 /// Writes the sessions `ids` (stale or fresh as in the module docs), a few pipelines at once.
 async fn populate(ctx: &Ctx, ids: &[SessionId], now: u64) -> anyhow::Result<()> {
-    let results: Vec<redis::RedisResult<()>> = futures::stream::iter(ids.chunks(CHUNK))
-        .map(|chunk| {
-            let mut conn = ctx.conn.clone();
-            let pipe = session_pipeline(chunk, now);
-            async move { pipe.query_async::<()>(&mut conn).await }
-        })
-        .buffer_unordered(4)
-        .collect()
-        .await;
-    for result in results {
-        result?;
-    }
-    Ok(())
+    ctx.pipelined(ids, |pipe, chunk| write_sessions(pipe, chunk, now))
+        .await
 }
 
 /// Is this session (`sw-<n>`) one of the stale ones?
@@ -276,9 +256,9 @@ fn index(id: &SessionId) -> u64 {
         .unwrap_or(1)
 }
 
-fn session_pipeline(chunk: &[SessionId], now: u64) -> redis::Pipeline {
+/// Adds to `pipe` the writes of the sessions of `chunk`, the stale ones with their agent keys.
+fn write_sessions(pipe: &mut redis::Pipeline, chunk: &[SessionId], now: u64) {
     const TTL: i64 = 4 * 3600;
-    let mut pipe = redis::pipe();
     let mut index_entries = Vec::with_capacity(chunk.len());
     for id in chunk {
         let stale = is_stale(id);
@@ -288,7 +268,8 @@ fn session_pipeline(chunk: &[SessionId], now: u64) -> redis::Pipeline {
             (true, 1) => "error",
             _ => "ready",
         };
-        let (state, config) = (format!("session:{id}"), format!("session:{id}:config"));
+        let keys = SessionKeys::new(id);
+        let (state, config) = (keys.state(), keys.config());
         let seen_text = seen.to_string();
         pipe.hset_multiple(
             &state,
@@ -320,9 +301,8 @@ fn session_pipeline(chunk: &[SessionId], now: u64) -> redis::Pipeline {
         .expire(&config, TTL)
         .ignore();
         if stale {
-            let health = format!("agent:{id}:health");
-            let logs = format!("agent:{id}:logs");
-            pipe.set_ex(format!("agent:{id}:pid"), 4242, TTL as u64)
+            let (health, logs) = (keys.agent_health(), keys.agent_logs());
+            pipe.set_ex(keys.agent_pid(), 4242, TTL as u64)
                 .ignore()
                 .hset_multiple(
                     &health,
@@ -339,11 +319,10 @@ fn session_pipeline(chunk: &[SessionId], now: u64) -> redis::Pipeline {
         match status {
             "starting" => pipe.sadd(SESSIONS_STARTING, id.as_str()).ignore(),
             "ready" => pipe.sadd(SESSIONS_READY, id.as_str()).ignore(),
-            _ => &mut pipe,
+            _ => pipe,
         };
         index_entries.push((seen, id.as_str()));
     }
     pipe.zadd_multiple(SESSION_HEARTBEATS, &index_entries)
         .ignore();
-    pipe
 }

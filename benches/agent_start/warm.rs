@@ -44,6 +44,17 @@ urllib.request:zipfile:tarfile:csv:difflib:pydoc:inspect:typing:dataclasses:ctyp
 statistics:fractions:pickle:tomllib:wave:shelve:mailbox:smtplib:imaplib:xmlrpc.server:\
 http.cookiejar:configparser:pdb:doctest";
 
+/// A latency in ms against its limit.
+fn within_ms(metric: impl Into<String>, ms: f64, limit: f64) -> Row {
+    Row::target(
+        PART,
+        metric,
+        format!("{ms:.1} ms"),
+        format!("≤ {limit:.0} ms"),
+        ms <= limit,
+    )
+}
+
 pub async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Row>> {
     let python = interpreter()?;
     let (modules, which) = if imports(&python, REAL_AGENT_MODULES) {
@@ -121,19 +132,15 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Row>> {
             "cold: enqueue → ready p99",
             format!("{:.1} ms", cold_dist.pct(99.0)),
         ),
-        Row::target(
-            PART,
+        within_ms(
             format!("warm: enqueue → ready p50 (n={} taken warm)", taken.len()),
-            format!("{:.1} ms", taken.pct(50.0)),
-            "≤ 50 ms",
-            taken.pct(50.0) <= 50.0,
+            taken.pct(50.0),
+            50.0,
         ),
-        Row::target(
-            PART,
+        within_ms(
             "warm: enqueue → ready p99 (pool refilling)",
-            format!("{:.1} ms", taken.pct(99.0)),
-            "≤ 100 ms",
-            taken.pct(99.0) <= 100.0,
+            taken.pct(99.0),
+            100.0,
         ),
         Row::target(
             PART,

@@ -477,6 +477,20 @@ mod tests {
         list.iter().map(|s| s.to_string()).collect()
     }
 
+    /// A fresh directory `<name>-<pid>` in the temp dir; the test removes it.
+    fn temp_dir(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    /// Writes `text` to `path`, executable (0755).
+    fn write_executable(path: &std::path::Path, text: &str) {
+        std::fs::write(path, text).unwrap();
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+    }
+
     #[tokio::test]
     async fn exit_codes_signals_and_stdout_come_back() {
         let child = spawn(
@@ -545,8 +559,7 @@ mod tests {
 
     #[tokio::test]
     async fn exec_failures_name_the_os_error() {
-        let dir = std::env::temp_dir().join(format!("spawn-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = temp_dir("spawn-test");
         let not_executable = dir.join("not-executable");
         std::fs::write(&not_executable, "#!/bin/sh\n").unwrap();
         let err = spawn(not_executable.to_str().unwrap(), &[], &[]).unwrap_err();
@@ -559,12 +572,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_script_without_a_shebang_runs_through_sh_as_with_execvp() {
-        let dir = std::env::temp_dir().join(format!("spawn-sh-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = temp_dir("spawn-sh");
         let script = dir.join("agent");
-        std::fs::write(&script, "echo from-script \"$1\" \"$2\"\n").unwrap();
-        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap();
+        write_executable(&script, "echo from-script \"$1\" \"$2\"\n");
         let child = spawn(script.to_str().unwrap(), &args(&["a b", "$(c)"]), &[]).unwrap();
         let (out, status) = output(child).await;
         assert_eq!(out, "from-script a b $(c)\n");
@@ -582,7 +592,7 @@ mod tests {
 
     #[test]
     fn programs_without_a_slash_are_found_on_path() {
-        let root = std::env::temp_dir().join(format!("spawn-path-{}", std::process::id()));
+        let root = temp_dir("spawn-path");
         let (first, second) = (root.join("a"), root.join("b"));
         for dir in [&first, &second] {
             std::fs::create_dir_all(dir).unwrap();
@@ -591,9 +601,7 @@ mod tests {
         std::fs::write(first.join("agent"), "").unwrap();
         std::fs::create_dir_all(first.join("tool")).unwrap();
         let real = second.join("agent");
-        std::fs::write(&real, "#!/bin/sh\n").unwrap();
-        std::fs::set_permissions(&real, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap();
+        write_executable(&real, "#!/bin/sh\n");
         std::fs::create_dir_all(second.join("tool")).unwrap();
         let path = std::env::join_paths([&first, &second]).unwrap();
 

@@ -216,19 +216,22 @@ mod tests {
             .collect()
     }
 
+    /// [`validate`] of a stored config with voice `v` and this system prompt.
+    fn with_prompt(prompt: &str) -> Result<SessionConfig, SessionError> {
+        validate(
+            "k",
+            map(&[("voiceId", "v"), ("systemPrompt", prompt)]),
+            ConfigSource::Stored,
+        )
+    }
+
     #[test]
     fn validation_names_the_field() {
         let err = validate("k", map(&[("userName", "u")]), ConfigSource::Stored).unwrap_err();
         assert_eq!(err.to_string(), "k: field voiceId is missing");
         let err = validate("k", map(&[("voiceId", "a\0b")]), ConfigSource::Stored).unwrap_err();
         assert!(err.to_string().contains("NUL"), "{err}");
-        let big = "x".repeat(MAX_ARG_BYTES + 1);
-        let err = validate(
-            "k",
-            map(&[("voiceId", "v"), ("systemPrompt", &big)]),
-            ConfigSource::Stored,
-        )
-        .unwrap_err();
+        let err = with_prompt(&"x".repeat(MAX_ARG_BYTES + 1)).unwrap_err();
         assert!(err.to_string().contains("systemPrompt is"), "{err}");
         assert!(err.is_permanent());
     }
@@ -253,21 +256,8 @@ mod tests {
         );
         // The limit met is one argument's, whatever the prompt's characters.
         let quotes = "\"".repeat(MAX_ARG_BYTES - "--system-prompt=".len());
-        assert!(
-            validate(
-                "k",
-                map(&[("voiceId", "v"), ("systemPrompt", &quotes)]),
-                ConfigSource::Stored
-            )
-            .is_ok()
-        );
-        let over = format!("{quotes}\"");
-        let err = validate(
-            "k",
-            map(&[("voiceId", "v"), ("systemPrompt", &over)]),
-            ConfigSource::Stored,
-        )
-        .unwrap_err();
+        assert!(with_prompt(&quotes).is_ok());
+        let err = with_prompt(&format!("{quotes}\"")).unwrap_err();
         assert!(err.to_string().contains("MAX_ARG_STRLEN"), "{err}");
     }
 }

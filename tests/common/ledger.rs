@@ -1,6 +1,8 @@
 //! The ledger file test agents append to as they start.
 
-use super::TEST_AGENT;
+use agent_worker::settings::Settings;
+
+use super::{TEST_AGENT, TestRedis};
 
 /// A file every test agent started with [`Ledger::command`] appends `<room> <pid>` to as it
 /// starts, synchronously: what tells that an agent never ran, unlike its shipped logs, which
@@ -19,6 +21,20 @@ impl Ledger {
             "{TEST_AGENT},--behaviour,{behaviour},--ledger,{}",
             self.0.display()
         )
+    }
+
+    /// Settings of an in-process worker on `redis` whose agents (the test agent with
+    /// `behaviour`) write to this ledger; `extra` overrides.
+    pub fn worker_settings(
+        &self,
+        redis: &TestRedis,
+        behaviour: &str,
+        extra: &[(&str, &str)],
+    ) -> Settings {
+        let command = self.command(behaviour);
+        let mut overrides = vec![("AGENT_WORKER__AGENT__COMMAND", command.as_str())];
+        overrides.extend_from_slice(extra);
+        redis.settings(behaviour, &overrides)
     }
 
     /// The test agent with `args` (comma-separated) as a warm process of the pool

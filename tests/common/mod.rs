@@ -8,6 +8,7 @@ mod commandstats;
 mod failover;
 mod http;
 mod ledger;
+mod output;
 mod procfs;
 mod python;
 mod queue;
@@ -25,20 +26,21 @@ pub use self::{
     failover::{Endpoint, ReplicatedRedis, Sentinel, SentinelRedis, clients, direct},
     http::{free_port, get, http_get, http_get_within, request},
     ledger::Ledger,
+    output::stdout_of,
     procfs::{alive, live_agents, proc_state, room_of, wait_gone, zombie_children},
     python::{PYTHON_DIR, printed_json, python, python_path, require_python, unittest},
     queue::{
-        assert_first_run, done_count, enqueue, is_done, producer, push_raw, wait_dead, wait_done,
-        wait_idle, worker_runs,
+        PENDING, active_jobs, assert_first_run, done_count, enqueue, enqueue_when_up, is_done,
+        producer, push_raw, stage_job, wait_dead, wait_done, wait_idle, worker_runs,
     },
     session::{
-        agent_logs, agent_pid, heartbeat_score, received, start_ready, status, wait_received,
-        wait_status, write_config, write_full_config,
+        agent_logs, agent_pid, assert_agent_of, end_as_orchestrator, heartbeat_score, received,
+        start_ready, status, wait_received, wait_status, write_config, write_full_config,
     },
-    test_redis::{TestRedis, hget, is_member, settings},
+    test_redis::{TestRedis, assert_fields, hget, is_member, settings, ttl_of},
     test_worker::TestWorker,
     wait::{poll, wait_for},
-    worker_command::{events, worker_bin, worker_command},
+    worker_command::{assert_logged, events, worker_bin, worker_command},
     worker_process::WorkerProcess,
 };
 
@@ -51,6 +53,14 @@ pub const WORKER_BIN: &str = env!("CARGO_BIN_EXE_agent-worker");
 /// `agent.command` (comma-separated) of the stand-in agent built into the worker's binary;
 /// append `,--behaviour,<b>` and other options.
 pub const TEST_AGENT: &str = concat!(env!("CARGO_BIN_EXE_agent-worker"), ",test-agent");
+
+/// A session heartbeat every second (`session.heartbeat_interval`), for tests that wait for
+/// what a heartbeat finds.
+pub const HEARTBEAT_EVERY_SECOND: (&str, &str) =
+    ("AGENT_WORKER__SESSION__HEARTBEAT_INTERVAL", "1s");
+
+/// One launch attempt per start (`agent.start_attempts`): a failing start fails its job at once.
+pub const ONE_ATTEMPT: (&str, &str) = ("AGENT_WORKER__AGENT__START_ATTEMPTS", "1");
 
 /// A session id the test knows to be valid.
 pub fn sid(s: &str) -> SessionId {

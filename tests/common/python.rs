@@ -31,17 +31,8 @@ pub fn python() -> Command {
 /// What a `python3` run printed on stdout, as JSON; fails the test, naming `what` ran, unless
 /// it succeeded and printed JSON.
 pub fn printed_json<T: serde::de::DeserializeOwned>(what: &str, output: &Output) -> T {
-    assert!(
-        output.status.success(),
-        "{what}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
-        panic!(
-            "{what} prints JSON ({e}): {}",
-            String::from_utf8_lossy(&output.stdout)
-        )
-    })
+    let stdout = super::stdout_of(what, output);
+    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{what} prints JSON ({e}): {stdout}"))
 }
 
 /// Fails the test, with what to install, unless `python3` can import `modules`.

@@ -21,24 +21,51 @@ pub async fn enqueue(conn: &RedisConn, id: &SessionId, user: Option<&str>) -> St
     producer(conn).enqueue(&job).await.expect("enqueue").task_id
 }
 
+/// Enqueues an agent start for `id` as soon as Redis takes it (it may be restarting), trying
+/// until `deadline`; the task id.
+pub async fn enqueue_when_up(conn: &RedisConn, id: &SessionId, deadline: Duration) -> String {
+    let what = format!("an enqueue of {id} once Redis is up");
+    wait_for(&what, deadline, || async {
+        let job = AgentStart::new(id.clone());
+        producer(conn).enqueue(&job).await.ok().map(|e| e.task_id)
+    })
+    .await
+}
+
+/// The task ids in the ready list (`<queue>:active`), first to be fetched first.
+pub async fn active_jobs(conn: &RedisConn) -> Vec<String> {
+    conn.clone()
+        .lrange(QueueKeys::new(QUEUE).unwrap().active(), 0, -1)
+        .await
+        .expect("LRANGE the ready list")
+}
+
+/// Adds to `pipe` a job as apalis-redis records it: `payload` under `id` in `<queue>:data`, and
+/// its meta hash with the `meta` fields. Where its id is listed (the ready list, the scheduled,
+/// done or dead set) is the caller's part.
+pub fn stage_job(pipe: &mut redis::Pipeline, id: &str, payload: &[u8], meta: &[(&str, &str)]) {
+    let keys = QueueKeys::new(QUEUE).unwrap();
+    pipe.hset(keys.data(), id, payload)
+        .ignore()
+        .hset_multiple(keys.meta(id), meta)
+        .ignore();
+}
+
+/// The meta of a job not tried yet, with one attempt allowed.
+pub const PENDING: [(&str, &str); 3] = [
+    ("attempts", "0"),
+    ("max_attempts", "1"),
+    ("status", "Pending"),
+];
+
 /// Writes a job with arbitrary payload bytes in the wire format, as a foreign producer could.
 pub async fn push_raw(conn: &RedisConn, payload: &[u8]) -> String {
     let keys = QueueKeys::new(QUEUE).unwrap();
     let id = ulid::Ulid::generate().to_string();
     let mut c = conn.clone();
-    redis::pipe()
-        .hset(keys.data(), &id, payload)
-        .ignore()
-        .hset_multiple(
-            keys.meta(&id),
-            &[
-                ("attempts", "0"),
-                ("max_attempts", "1"),
-                ("status", "Pending"),
-            ],
-        )
-        .ignore()
-        .rpush(keys.active(), &id)
+    let mut pipe = redis::pipe();
+    stage_job(&mut pipe, &id, payload, &PENDING);
+    pipe.rpush(keys.active(), &id)
         .ignore()
         .publish(keys.wake_channel(), 1)
         .ignore()

@@ -76,6 +76,17 @@ pub async fn heartbeat_score(conn: &RedisConn, id: &SessionId) -> Option<f64> {
         .expect("ZSCORE the heartbeat index")
 }
 
+/// Ends the session as the orchestrator does: deletes its record and its config (the heartbeat
+/// index is the worker's, not the orchestrator's to touch).
+pub async fn end_as_orchestrator(conn: &RedisConn, id: &SessionId) {
+    let keys = SessionKeys::new(id);
+    let _: () = conn
+        .clone()
+        .del(&[keys.state(), keys.config()])
+        .await
+        .expect("DEL the session's record and config");
+}
+
 /// Enqueues a job for `id` and waits (up to 20 s) until its agent is ready; the task id.
 pub async fn start_ready(conn: &RedisConn, id: &SessionId) -> String {
     let task = enqueue(conn, id, None).await;
@@ -100,4 +111,14 @@ pub async fn wait_received(conn: &RedisConn, id: &SessionId) -> serde_json::Valu
         || received(conn, id),
     )
     .await
+}
+
+/// Asserts that the agent of `id` got its room and `voice`, as options (`--room`,
+/// `--voice-id`) and in its environment (`SESSION_ID`, `VOICE_ID`): `got` is what it reported
+/// ([`received`]).
+pub fn assert_agent_of(got: &serde_json::Value, id: &SessionId, voice: &str) {
+    assert_eq!(got["contract"]["voice_id"], voice, "argv of {id}");
+    assert_eq!(got["contract"]["room"], id.as_str(), "argv of {id}");
+    assert_eq!(got["env"]["VOICE_ID"], voice, "environment of {id}");
+    assert_eq!(got["env"]["SESSION_ID"], id.as_str(), "environment of {id}");
 }

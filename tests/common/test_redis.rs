@@ -91,6 +91,22 @@ pub async fn hget(conn: &RedisConn, key: &str, field: &str) -> Option<String> {
     conn.clone().hget(key, field).await.expect("HGET")
 }
 
+/// Asserts that the hash `key` holds each `(field, value)` of `expected`.
+pub async fn assert_fields(conn: &RedisConn, key: &str, expected: &[(&str, &str)]) {
+    for (field, value) in expected {
+        assert_eq!(
+            hget(conn, key, field).await.as_deref(),
+            Some(*value),
+            "{key} {field}"
+        );
+    }
+}
+
+/// The TTL of `key` in seconds (`-2` when it does not exist, `-1` without a TTL).
+pub async fn ttl_of(conn: &RedisConn, key: &str) -> i64 {
+    conn.clone().ttl(key).await.expect("TTL")
+}
+
 /// `SISMEMBER set member`.
 pub async fn is_member(conn: &RedisConn, set: &str, member: &str) -> bool {
     conn.clone()

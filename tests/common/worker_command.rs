@@ -60,3 +60,16 @@ pub fn events(stderr: &[u8]) -> Vec<serde_json::Value> {
         .filter_map(|line| serde_json::from_str(line).ok())
         .collect()
 }
+
+/// Asserts that the JSON log `stderr` holds an event `message` with each `(field, value)` of
+/// `fields` (the whole log shown otherwise).
+pub fn assert_logged(stderr: &[u8], message: &str, fields: &[(&str, &str)]) {
+    let found = events(stderr).iter().any(|event| {
+        event["message"] == message && fields.iter().all(|(field, value)| event[*field] == *value)
+    });
+    assert!(
+        found,
+        "no {message} {fields:?} in the log: {}",
+        String::from_utf8_lossy(stderr)
+    );
+}

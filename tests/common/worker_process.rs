@@ -151,6 +151,18 @@ impl WorkerProcess {
         self.output().await
     }
 
+    /// [`Self::stop`], which must end in a clean exit (the failure shows its log otherwise).
+    pub async fn stop_cleanly(self) -> Output {
+        let out = self.stop().await;
+        assert!(
+            out.status.success(),
+            "the worker exits cleanly ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
     /// Waits (up to a minute) for the worker to exit by itself; its status and everything it
     /// wrote.
     pub async fn output(mut self) -> Output {

@@ -280,23 +280,8 @@ fn install_chromium_rootless(deps: &DepsDir, wrapper: &Path) -> Result<(), Strin
         packages.len(),
         tree.display()
     );
-    run(
-        "apt-get download",
-        Command::new("apt-get")
-            .arg("download")
-            .args(&packages)
-            .current_dir(&downloads)
-            .stdout(Stdio::null()),
-    )?;
-    for entry in fs::read_dir(&downloads).map_err(|e| e.to_string())? {
-        let path = entry.map_err(|e| e.to_string())?.path();
-        if path.extension().is_some_and(|e| e == "deb") {
-            run(
-                "dpkg-deb -x",
-                Command::new("dpkg-deb").arg("-x").arg(&path).arg(&tree),
-            )?;
-        }
-    }
+    apt_download(&packages, &downloads)?;
+    unpack_debs(&downloads, &tree)?;
     let _ = fs::remove_dir_all(&downloads);
     let binary = tree.join("usr/lib/chromium/chromium");
     if !binary.exists() {
@@ -592,31 +577,41 @@ fn install_debs(deps: &DepsDir, packages: &[&str], why: &str) -> Result<PathBuf,
     );
     let downloads = deps.0.join("downloads");
     fs::create_dir_all(&downloads).map_err(|e| format!("creating {}: {e}", downloads.display()))?;
-    run(
-        "apt-get download",
-        Command::new("apt-get")
-            .arg("download")
-            .args(packages)
-            .current_dir(&downloads)
-            .stdout(Stdio::null()),
-    )
-    .map_err(|e| {
+    apt_download(packages, &downloads).map_err(|e| {
         format!(
             "{e}; as root, `apt-get install {}` does the same",
             packages.join(" ")
         )
     })?;
     let debs = deps.debs();
-    for entry in fs::read_dir(&downloads).map_err(|e| e.to_string())? {
+    unpack_debs(&downloads, &debs)?;
+    Ok(debs)
+}
+
+/// `apt-get download` of `packages` into `downloads` (no root needed).
+fn apt_download(packages: &[impl AsRef<std::ffi::OsStr>], downloads: &Path) -> Result<(), String> {
+    run(
+        "apt-get download",
+        Command::new("apt-get")
+            .arg("download")
+            .args(packages)
+            .current_dir(downloads)
+            .stdout(Stdio::null()),
+    )
+}
+
+/// Unpacks every `.deb` in `downloads` into `tree` (`dpkg-deb -x`: files only, no scripts).
+fn unpack_debs(downloads: &Path, tree: &Path) -> Result<(), String> {
+    for entry in fs::read_dir(downloads).map_err(|e| e.to_string())? {
         let path = entry.map_err(|e| e.to_string())?.path();
         if path.extension().is_some_and(|e| e == "deb") {
             run(
                 "dpkg-deb -x",
-                Command::new("dpkg-deb").arg("-x").arg(&path).arg(&debs),
+                Command::new("dpkg-deb").arg("-x").arg(&path).arg(tree),
             )?;
         }
     }
-    Ok(debs)
+    Ok(())
 }
 
 /// Makes `redis-server` available; returns the directory to put first on `PATH`.
