@@ -35,14 +35,19 @@ use std::{
     time::{Duration, Instant},
 };
 
+use futures::StreamExt;
 use redis::{
     Client, Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, Value,
     aio::{ConnectionLike, ConnectionManager},
 };
 use tokio::sync::{Mutex, watch};
+use tokio_util::sync::CancellationToken;
 
 use super::sentinel::Sentinels;
 use crate::{metrics, settings::RedisSettings};
+
+/// Pause before subscribing again after a sentinel failed or closed the subscription.
+const RESUBSCRIBE_AFTER: Duration = Duration::from_secs(1);
 
 /// Shortest time between two attempts to move to another primary.
 pub const MIN_GAP: Duration = Duration::from_millis(500);
@@ -304,6 +309,53 @@ impl RedisConn {
                 reason = fault.as_str(),
                 "redis_primary_unreachable"
             ),
+        }
+    }
+
+    /// Until `shutdown`: subscribed to `+switch-master` on one sentinel at a time, moves to the
+    /// new primary as soon as the sentinels announce a failover of ours.
+    pub async fn follow_announcements(self, sentinels: Sentinels, shutdown: CancellationToken) {
+        let (conn, settings) = (&self, &self.shared.settings);
+        for (host, port) in sentinels.addrs.iter().cycle() {
+            let subscribed = async {
+                let mut pubsub = sentinels
+                    .client(settings, host, *port)?
+                    .get_async_pubsub()
+                    .await?;
+                pubsub.subscribe("+switch-master").await?;
+                Ok::<_, RedisError>(pubsub)
+            };
+            let pubsub = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                pubsub = subscribed => pubsub,
+            };
+            match pubsub {
+                Ok(pubsub) => {
+                    let mut messages = pubsub.into_on_message();
+                    loop {
+                        let message = tokio::select! {
+                            _ = shutdown.cancelled() => return,
+                            message = messages.next() => message,
+                        };
+                        let Some(message) = message else { break };
+                        // `<name> <old ip> <old port> <new ip> <new port>`
+                        let payload: String = message.get_payload().unwrap_or_default();
+                        if payload.split(' ').next() == Some(sentinels.master.as_str()) {
+                            tracing::info!(sentinel = %format!("{host}:{port}"), announcement = %payload, "redis_sentinel_switch_master");
+                            conn.follow(conn.generation(), Fault::Announced).await;
+                        }
+                    }
+                }
+                Err(error) => tracing::debug!(
+                    sentinel = %format!("{host}:{port}"),
+                    error = %error,
+                    "redis_sentinel_unreachable"
+                ),
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(RESUBSCRIBE_AFTER) => {}
+            }
         }
     }
 

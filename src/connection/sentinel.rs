@@ -7,22 +7,14 @@
 //! still gives the data nodes' credentials, database and TLS; its host and port are not used.
 //!
 //! The worker also subscribes to `+switch-master` on one sentinel at a time
-//! ([`follow_announcements`]), so it moves when the sentinels announce a failover, not only on
-//! the next error. redis-rs's own Sentinel client resolves the primary once (its issue #1438:
+//! ([`super::RedisConn::follow_announcements`]), so it moves when the sentinels announce a
+//! failover, not only on the next error. redis-rs's own Sentinel client resolves the primary once (its issue #1438:
 //! it ignores `+switch-master`), and apalis-redis's Sentinel example builds one manager from
 //! that one answer, which after a failover reconnects to the old address: hence this module.
 
-use std::time::Duration;
-
-use futures::StreamExt;
 use redis::{AsyncConnectionConfig, Client, ErrorKind, RedisError};
-use tokio_util::sync::CancellationToken;
 
-use super::primary::{Fault, RedisConn};
 use crate::settings::{RedisSettings, Secret};
-
-/// Pause before subscribing again after a sentinel failed or closed the subscription.
-const RESUBSCRIBE_AFTER: Duration = Duration::from_secs(1);
 
 /// The sentinels and the name of the primary they watch.
 #[derive(Debug, Clone)]
@@ -37,7 +29,7 @@ pub struct Sentinels {
 
 impl Sentinels {
     /// A client for the sentinel at `host:port` (same TLS settings as the data nodes).
-    fn client(
+    pub(crate) fn client(
         &self,
         settings: &RedisSettings,
         host: &str,
@@ -88,79 +80,5 @@ impl Sentinels {
             .arg(&self.master)
             .query_async(&mut conn)
             .await
-    }
-}
-
-/// What an agent gets under Sentinel, computed at each launch: `REDIS_URL` names the primary
-/// the worker is on at that moment (with `redis.url`'s credentials, database and scheme), and
-/// `REDIS_SENTINELS` (comma-separated `host:port`) and `REDIS_SENTINEL_MASTER` let an agent
-/// that can follow a failover itself do so.
-pub fn agent_env(
-    conn: RedisConn,
-    settings: RedisSettings,
-) -> impl Fn() -> Vec<(String, String)> + Send + Sync {
-    move || {
-        vec![
-            (
-                "REDIS_URL".to_owned(),
-                super::url_at(&settings, &conn.server().addr),
-            ),
-            ("REDIS_SENTINELS".to_owned(), settings.sentinels.join(",")),
-            (
-                "REDIS_SENTINEL_MASTER".to_owned(),
-                settings.sentinel_master.clone(),
-            ),
-        ]
-    }
-}
-
-/// Until `shutdown`: subscribed to `+switch-master` on one sentinel at a time, moves `conn` to
-/// the new primary as soon as the sentinels announce a failover of ours.
-pub async fn follow_announcements(
-    conn: RedisConn,
-    settings: RedisSettings,
-    sentinels: Sentinels,
-    shutdown: CancellationToken,
-) {
-    for (host, port) in sentinels.addrs.iter().cycle() {
-        let subscribed = async {
-            let mut pubsub = sentinels
-                .client(&settings, host, *port)?
-                .get_async_pubsub()
-                .await?;
-            pubsub.subscribe("+switch-master").await?;
-            Ok::<_, RedisError>(pubsub)
-        };
-        let pubsub = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            pubsub = subscribed => pubsub,
-        };
-        match pubsub {
-            Ok(pubsub) => {
-                let mut messages = pubsub.into_on_message();
-                loop {
-                    let message = tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        message = messages.next() => message,
-                    };
-                    let Some(message) = message else { break };
-                    // `<name> <old ip> <old port> <new ip> <new port>`
-                    let payload: String = message.get_payload().unwrap_or_default();
-                    if payload.split(' ').next() == Some(sentinels.master.as_str()) {
-                        tracing::info!(sentinel = %format!("{host}:{port}"), announcement = %payload, "redis_sentinel_switch_master");
-                        conn.follow(conn.generation(), Fault::Announced).await;
-                    }
-                }
-            }
-            Err(error) => tracing::debug!(
-                sentinel = %format!("{host}:{port}"),
-                error = %error,
-                "redis_sentinel_unreachable"
-            ),
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(RESUBSCRIBE_AFTER) => {}
-        }
     }
 }

@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use super::{agents::Agents, startup::Connected};
 use crate::{
     agent::containment,
-    connection::{Locator, sentinel},
+    connection::Locator,
     health::{Health, RedisProbe},
     heartbeat::SessionHeartbeat,
     job_worker::DuePromotion,
@@ -98,9 +98,8 @@ impl Background {
         // Under Sentinel, a failover moves the connection when the sentinels announce it, not
         // only at the next error.
         if let Locator::Sentinel(sentinels) = c.conn.locator() {
-            let (conn, redis, sentinels) =
-                (c.conn.clone(), settings.redis.clone(), sentinels.clone());
-            tasks.spawn(|stop| sentinel::follow_announcements(conn, redis, sentinels, stop));
+            let (conn, sentinels) = (c.conn.clone(), sentinels.clone());
+            tasks.spawn(|stop| conn.follow_announcements(sentinels, stop));
         }
         if let Some(reaper) = OrphanReaper::if_subreaper() {
             tasks.spawn(|stop| reaper.run(stop));

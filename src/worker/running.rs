@@ -11,13 +11,13 @@ use super::{
 use crate::{
     agent::command::AgentCommand,
     clock,
-    connection::{Locator, RedisConn, sentinel},
+    connection::{self, Locator, RedisConn},
     job_worker::JobWorker,
     jobs::agent_start::AgentStartJob,
     metrics,
     presence::{Presence, WorkerInfo},
     queue::QueueOps,
-    settings::Settings,
+    settings::{RedisSettings, Settings},
     shutdown::Shutdown,
     wake::WakeHub,
 };
@@ -151,9 +151,31 @@ fn agent_command(settings: &Settings, conn: &RedisConn) -> AgentCommand {
     let command = AgentCommand::from_settings(&settings.agent);
     match conn.locator() {
         Locator::Endpoint => command,
-        Locator::Sentinel(_) => command.with_launch_env(Arc::new(sentinel::agent_env(
-            conn.clone(),
-            settings.redis.clone(),
-        ))),
+        Locator::Sentinel(_) => {
+            command.with_launch_env(Arc::new(sentinel_env(conn.clone(), settings.redis.clone())))
+        }
+    }
+}
+
+/// What an agent gets under Sentinel, computed at each launch: `REDIS_URL` names the primary
+/// the worker is on at that moment (with `redis.url`'s credentials, database and scheme), and
+/// `REDIS_SENTINELS` (comma-separated `host:port`) and `REDIS_SENTINEL_MASTER` let an agent
+/// that can follow a failover itself do so.
+fn sentinel_env(
+    conn: RedisConn,
+    settings: RedisSettings,
+) -> impl Fn() -> Vec<(String, String)> + Send + Sync {
+    move || {
+        vec![
+            (
+                "REDIS_URL".to_owned(),
+                connection::url_at(&settings, &conn.server().addr),
+            ),
+            ("REDIS_SENTINELS".to_owned(), settings.sentinels.join(",")),
+            (
+                "REDIS_SENTINEL_MASTER".to_owned(),
+                settings.sentinel_master.clone(),
+            ),
+        ]
     }
 }
