@@ -11,6 +11,7 @@ mod ledger;
 mod procfs;
 mod python;
 mod queue;
+mod script_context;
 mod session;
 mod test_redis;
 mod test_worker;
@@ -30,6 +31,9 @@ pub use self::{
     queue::{
         assert_first_run, done_count, enqueue, is_done, producer, push_raw, wait_dead, wait_done,
         wait_idle, worker_runs,
+    },
+    script_context::{
+        PROBE_SESSION_ENV, assert_probe_saw_cold, cold_probe, probe, probe_args, probe_report, repo,
     },
     session::{
         agent_logs, agent_pid, heartbeat_score, received, start_ready, status, wait_received,
