@@ -21,13 +21,9 @@ const SHIM_READ: usize = 64 * 1024;
 
 /// The handoff line of `args` and [`PROBE_SESSION_ENV`], as the worker writes it.
 fn handoff_line(args: &[String]) -> String {
-    let env: serde_json::Map<String, Value> = PROBE_SESSION_ENV
-        .iter()
-        .map(|(k, v)| (k.to_string(), Value::from(*v)))
-        .collect();
     format!(
         "{}\n",
-        serde_json::json!({"v": 1, "args": args, "env": env})
+        serde_json::json!({"v": 1, "args": args, "env": probe_session_env()})
     )
 }
 

@@ -16,14 +16,10 @@ use std::{
 };
 
 use common::*;
-use serde_json::{Value, json};
+use serde_json::json;
 
 /// The probe, forked by a zygote that preloaded `email.mime.text`, in `cwd`: its stdout lines.
 fn zygote(script: &str, args: &[String], cwd: &Path) -> Vec<String> {
-    let env: serde_json::Map<String, Value> = PROBE_SESSION_ENV
-        .iter()
-        .map(|(k, v)| (k.to_string(), Value::from(*v)))
-        .collect();
     let mut driver = Command::new("python3")
         .arg(Path::new(PYTHON_DIR).join("tests/_zygote.py"))
         .args(["--preload", "email.mime.text", "--", script, "--leading=x"])
@@ -34,20 +30,14 @@ fn zygote(script: &str, args: &[String], cwd: &Path) -> Vec<String> {
         .stderr(Stdio::piped())
         .spawn()
         .expect("python3");
-    let session = json!({"args": args, "env": env});
+    let session = json!({"args": args, "env": probe_session_env()});
     driver
         .stdin
         .take()
         .unwrap()
         .write_all(session.to_string().as_bytes())
         .unwrap();
-    let output = driver.wait_with_output().unwrap();
-    assert!(output.status.success(), "{output:?}");
-    String::from_utf8(output.stdout)
-        .unwrap()
-        .lines()
-        .map(str::to_owned)
-        .collect()
+    stdout_lines(driver.wait_with_output().unwrap())
 }
 
 #[test]

@@ -6,26 +6,23 @@ The worker starts it (``agent.zygote_command``) with its stdin on a Unix ``SOCK_
 socket and ``AGENT_WORKER_PID`` in its environment, and speaks protocol version 1 with it
 (docs/zygote.md, written for agent authors in other languages). In short:
 
-1. Start-up: sets ``OPENBLAS_NUM_THREADS``, ``OMP_NUM_THREADS`` and ``MKL_NUM_THREADS`` to 1
-   unless the operator set them (the known thread pools, kept to the main thread so the zygote
-   stays safe to fork), puts the script's directory first on ``sys.path``, imports the
-   ``--preload`` modules and freezes them (``gc.freeze()``: their pages stay shared
-   copy-on-write with every agent).
-2. Fork safety: an OS thread besides the main one, or an asyncio event loop set or running,
-   refuses the start (``{"v":1,"refused":...}`` naming each thread or loop and the module whose
-   import started it, exit code 3). A fork copies only the forking thread: a lock another
-   thread held stays locked forever in the child.
+1. Start-up: puts the script's directory first on ``sys.path``, imports the ``--preload``
+   modules with the known thread pools kept to one thread, and freezes them (``gc.freeze()``:
+   their pages stay shared copy-on-write with every agent).
+2. Fork safety (:mod:`agent_worker._fork_safety`): an OS thread besides the main one, or an
+   asyncio event loop set or running, refuses the start (``{"v":1,"refused":...}`` naming each
+   and the import that started it, exit code 3).
 3. Ready: prints a line with ``AGENT_WORKER_ZYGOTE`` and sends ``{"v":1,"ready":true,"pid":…}``.
 4. Each request ``{"v":1,"id":…,"args":[…],"env":{…},"cgroups":n}`` with the fds
    ``[stdout, stderr, n × cgroup.procs]`` is served by a double fork, so that the agent is
    re-parented to the worker (a child subreaper) and never is the zygote's child. The reply
    ``{"v":1,"id":…,"pid":…}`` comes once the agent leads its process group and sits in its
    cgroups; a failure replies ``{"v":1,"id":…,"error":…}``.
-5. The agent settles (stdio on the worker's pipes, stdin at end-of-file, every other inherited
-   fd closed, the death signal armed once it is the worker's child, signal handlers, mask and
-   gc as the zygote found them at its start) and then runs the unchanged script exactly as the
-   warm shim does (:mod:`agent_worker._main_script`): what ``python3 SCRIPT [LEADING ARGS]
-   <session args>`` would see.
+5. The agent settles (:mod:`agent_worker._agent_process`: stdio on the worker's pipes, stdin
+   at end-of-file, the zygote's fds closed, the death signal armed once it is the worker's
+   child, signal handlers, mask and gc as the zygote found them at its start) and then runs
+   the unchanged script exactly as the warm shim does (:mod:`agent_worker._main_script`): what
+   ``python3 SCRIPT [LEADING ARGS] <session args>`` would see.
 6. End of file on the socket (the worker is gone, or recycles it): the zygote exits. Its agents
    are the worker's children and keep running.
 
@@ -36,9 +33,6 @@ installs no signal handler and prints nothing per request except errors. Standar
 
 from __future__ import annotations
 
-import ctypes
-import gc
-import importlib
 import json
 import os
 import select
@@ -47,6 +41,19 @@ import socket
 import sys
 import time
 
+from ._agent_process import (
+    Inherited,
+    arm_death_signal,
+    await_parent,
+    close_fds,
+    fd_target,
+    join_cgroups,
+    open_fds,
+    parent_of,
+    set_oom_score_adj,
+    take_stdio,
+)
+from ._fork_safety import Refused, preload, single_thread_pools
 from ._main_script import module_list, parse_options, prepare_script, run_as_session
 
 PROTOCOL_VERSION = 1
@@ -58,8 +65,6 @@ MAX_REQUEST_BYTES = 1 << 20
 MAX_CGROUPS = 16
 """The most ``cgroup.procs`` fds one request may pass (one per mounted hierarchy)."""
 
-EXIT_REFUSED = 3
-"""The zygote's exit code when it is not safe to fork."""
 EXIT_AGENT_NOT_STARTED = 70
 """A forked agent's exit code when it could not settle (it never ran the script)."""
 
@@ -67,25 +72,8 @@ WORKER_PID_VAR = "AGENT_WORKER_PID"
 """The worker's pid: the agent waits until it is the worker's child before the death signal."""
 OOM_SCORE_VAR = "AGENT_WORKER_OOM_SCORE_ADJ"
 """A session variable the agent writes to ``/proc/self/oom_score_adj`` instead of keeping."""
-SINGLE_THREAD_POOLS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
-"""The thread pools known to start at import (numpy's OpenBLAS, OpenMP, MKL): one thread."""
-
-REPARENT_TIMEOUT = 1.0
-"""How long an agent waits to become the worker's child once its intermediate parent exited."""
 SETTLE_TIMEOUT = 5.0
 """How long the zygote waits for a forked agent to report that it is in its group and cgroups."""
-
-PR_SET_PDEATHSIG = 1
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-
-
-class Refused(Exception):
-    """The zygote cannot serve: the reason, and the exit code to end with."""
-
-    def __init__(self, reason: str, code: int = EXIT_REFUSED) -> None:
-        super().__init__(reason)
-        self.code = code
 
 
 class RequestError(Exception):
@@ -151,44 +139,6 @@ class Request:
         return Request(session_id, args, env, fds)
 
 
-class Inherited:
-    """What the zygote was started with and an agent must start with too, although the
-    preloaded modules (or the zygote) may have changed it since: signal handlers and mask, the
-    collector's settings, and the variables the zygote added to the environment."""
-
-    def __init__(self) -> None:
-        # As the worker starts any agent: the handlers a fresh interpreter installs (SIGINT's
-        # KeyboardInterrupt, SIGPIPE and SIGXFSZ ignored), everything else at its default.
-        self.handlers = {s: signal.getsignal(s) for s in signal.valid_signals()}
-        self.mask = signal.pthread_sigmask(signal.SIG_BLOCK, ())
-        self.gc_enabled = gc.isenabled()
-        self.gc_threshold = gc.get_threshold()
-        self.added_vars: list[str] = []
-
-    def restore(self) -> None:
-        """In an agent: gives it back what the zygote was started with."""
-        for signum, handler in self.handlers.items():
-            if handler is None:  # installed outside Python before it started: cannot be
-                continue
-            try:
-                signal.signal(signum, handler)
-            except (OSError, ValueError):  # SIGKILL, SIGSTOP
-                pass
-        signal.set_wakeup_fd(-1)
-        signal.pthread_sigmask(signal.SIG_SETMASK, self.mask)
-        (gc.enable if self.gc_enabled else gc.disable)()
-        gc.set_threshold(*self.gc_threshold)
-        # random re-seeds itself after a fork too (os.register_at_fork); explicit here.
-        if "random" in sys.modules:
-            sys.modules["random"].seed()
-        for name in self.added_vars:
-            os.environ.pop(name, None)
-        # stdout is line-buffered when it is a terminal, as the interpreter decides at start-up;
-        # the zygote's stdout decided it for the zygote's own fd 1.
-        if not getattr(sys.stdout, "write_through", True):
-            sys.stdout.reconfigure(line_buffering=os.isatty(1))
-
-
 def main(argv: list[str] | None = None) -> None:
     """Starts the zygote and serves; in a forked agent, runs the script as ``__main__``."""
     options, script, leading = parse_options(
@@ -220,16 +170,15 @@ class Zygote:
         try:
             worker_pid = int(value) if value is not None else os.getppid()
         except ValueError:
-            raise SystemExit(f"agent_worker.zygote: {WORKER_PID_VAR} is not a pid: {value!r}")
+            raise SystemExit(
+                f"agent_worker.zygote: {WORKER_PID_VAR} is not a pid: {value!r}"
+            ) from None
         zygote = cls(open_socket(), worker_pid, inherited)
         try:
             prepare_script(script, "zygote")
         except SystemExit as missing:
             zygote.refuse(Refused(str(missing.code), code=1))
-        for name in SINGLE_THREAD_POOLS:
-            if name not in os.environ:
-                os.environ[name] = "1"
-                inherited.added_vars.append(name)
+        inherited.added_vars = single_thread_pools()
         try:
             preload(modules)
         except Refused as refused:
@@ -356,11 +305,11 @@ class Zygote:
         if pid is None:
             return {"error": "the intermediate child exited without forking the agent"}
         if not report.get("settled"):
-            os.kill(pid, signal.SIGKILL)
+            kill(pid)
             return {"error": f"the agent did not settle within {SETTLE_TIMEOUT} s", "pid": pid}
         parent = parent_of(pid)
         if parent is not None and parent != self.worker_pid:
-            os.kill(pid, signal.SIGKILL)
+            kill(pid)
             return {
                 "error": f"the agent was re-parented to pid {parent}, not to the worker (pid "
                 f"{self.worker_pid}): the worker must be a child subreaper",
@@ -386,10 +335,12 @@ class Zygote:
             os.write(report_w, json.dumps(report).encode() + b"\n")
             os.close(report_w)
         except BaseException as error:
-            os.write(report_w, json.dumps({"error": f"agent: {error}"}).encode() + b"\n")
-            os._exit(EXIT_AGENT_NOT_STARTED)
+            try:
+                os.write(report_w, json.dumps({"error": f"agent: {error}"}).encode() + b"\n")
+            finally:
+                os._exit(EXIT_AGENT_NOT_STARTED)
         try:
-            take_stdio(request, self.sock, self.preload_fds)
+            take_stdio(request.stdout, request.stderr, self.sock, self.preload_fds)
             await_parent(self.worker_pid)
             arm_death_signal(self.worker_pid)
             env = dict(request.env)
@@ -407,6 +358,14 @@ class Zygote:
             os._exit(EXIT_AGENT_NOT_STARTED)
 
 
+def kill(pid: int) -> None:
+    """SIGKILLs an agent that will not be the worker's (the worker reaps it, or init does)."""
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def open_socket() -> socket.socket:
     """The zygote's stdin, which must be a Unix ``SOCK_SEQPACKET`` socket."""
     try:
@@ -417,109 +376,10 @@ def open_socket() -> socket.socket:
         ) from None
     if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_SEQPACKET:
         sock.detach()
-        raise SystemExit(f"agent_worker.zygote: stdin must be a Unix SOCK_SEQPACKET socket\n{USAGE}")
-    return sock
-
-
-def preload(modules: list[str]) -> None:
-    """Imports ``modules`` in order and freezes what they made, then refuses
-    (:class:`Refused`) if the process is no longer safe to fork, naming each extra OS thread
-    and a set or running asyncio event loop with the import that started it."""
-    started_by = {tid: "before any preload" for tid in other_threads()}
-    loop_by: str | None = None
-    for module in modules:
-        try:
-            importlib.import_module(module)
-        except Exception as error:
-            import traceback
-
-            traceback.print_exc()
-            raise Refused(
-                f"preloading {module} failed: {type(error).__name__}: {error}", code=1
-            ) from None
-        for tid in other_threads():
-            started_by.setdefault(tid, f"while importing {module}")
-        if loop_by is None and event_loop() is not None:
-            loop_by = f"while importing {module}"
-    # Instagram's trick: the preloaded objects leave the collector's generations, so no
-    # collection in an agent writes to (and un-shares) their pages.
-    gc.collect()
-    gc.freeze()
-    hazards = [
-        describe_thread(tid, started_by.get(tid, "after the preloads")) for tid in other_threads()
-    ]
-    loop = event_loop()
-    if loop is not None:
-        hazards.append(f"asyncio event loop {loop!r} set or running (since {loop_by})")
-    hazards = [h for h in hazards if h]
-    if hazards:
-        raise Refused(
-            "not safe to fork (a child gets only the forking thread, and any lock another "
-            "thread holds stays locked in it): " + "; ".join(hazards)
+        raise SystemExit(
+            f"agent_worker.zygote: stdin must be a Unix SOCK_SEQPACKET socket\n{USAGE}"
         )
-
-
-def other_threads() -> list[int]:
-    """This process's OS threads other than the main one."""
-    return sorted(int(t) for t in os.listdir("/proc/self/task") if int(t) != os.getpid())
-
-
-def describe_thread(tid: int, origin: str) -> str:
-    """``thread <tid> '<comm>'`` (and its Python name), started ``origin``; empty once it is
-    gone."""
-    try:
-        with open(f"/proc/self/task/{tid}/comm") as comm:
-            name = comm.read().strip()
-    except FileNotFoundError:
-        return ""
-    text = f"thread {tid} {name!r}"
-    threading = sys.modules.get("threading")
-    if threading is not None:
-        for thread in threading.enumerate():
-            if thread.native_id == tid:
-                text += f" (Python thread {thread.name!r})"
-    return f"{text} started {origin}"
-
-
-def event_loop() -> object | None:
-    """The asyncio event loop running or set in this thread, if asyncio is imported at all."""
-    asyncio = sys.modules.get("asyncio")
-    if asyncio is None:
-        return None
-    running = asyncio.events._get_running_loop()
-    if running is not None:
-        return running
-    policy = getattr(asyncio.events, "_event_loop_policy", None)
-    return getattr(getattr(policy, "_local", None), "_loop", None)
-
-
-def open_fds() -> list[int]:
-    """This process's open fds (the listing's own fd, closed again by then, left out)."""
-    fds = []
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            os.fstat(int(name))
-        except OSError:
-            continue
-        fds.append(int(name))
-    return fds
-
-
-def fd_target(fd: int) -> str:
-    """What ``fd`` is open on, for a log line."""
-    try:
-        return os.readlink(f"/proc/self/fd/{fd}")
-    except OSError:
-        return "?"
-
-
-def close_fds(fds: list[int]) -> None:
-    """Closes each of ``fds``."""
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
+    return sock
 
 
 def read_report(fd: int, timeout: float) -> dict:
@@ -542,90 +402,6 @@ def read_report(fd: int, timeout: float) -> dict:
         except ValueError:
             pass
     return report
-
-
-def parent_of(pid: int) -> int | None:
-    """The parent of ``pid`` (``/proc/<pid>/stat``), or None once it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            # The command name is in parentheses and may contain anything: after the last ")".
-            return int(stat.read().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def join_cgroups(procs: list[int]) -> str | None:
-    """Moves this process into each cgroup whose ``cgroup.procs`` fd is in ``procs`` and closes
-    them; what failed, if anything (the agent runs anyway, as a cold one does)."""
-    errors = []
-    for fd in procs:
-        try:
-            os.write(fd, b"0")
-        except OSError as error:
-            errors.append(f"cgroup.procs ({fd_target(fd)}): {error.strerror}")
-        os.close(fd)
-    return "; ".join(errors) or None
-
-
-def take_stdio(request: Request, sock: socket.socket, preload_fds: set[int]) -> None:
-    """Puts the worker's pipes on stdout and stderr and ``/dev/null`` on stdin, and drops every
-    other fd the zygote had: closes its own (its socket, the request's), and puts ``/dev/null``
-    in place of those the preloaded modules opened, so that no agent shares their open files
-    and their Python objects, closing them one day, cannot close a file of the agent's that
-    got the same number."""
-    # The socket is fd 0, replaced below: its object must never close fd 0 again.
-    sock.detach()
-    null_in = os.open(os.devnull, os.O_RDONLY)
-    null_rw = os.open(os.devnull, os.O_RDWR)
-    os.dup2(request.stdout, 1)
-    os.dup2(request.stderr, 2)
-    os.dup2(null_in, 0)
-    own = {null_in, null_rw, request.stdout, request.stderr}
-    for fd in open_fds():
-        if fd <= 2 or fd in own:
-            continue
-        if fd in preload_fds:
-            os.dup2(null_rw, fd, inheritable=os.get_inheritable(fd))
-        else:
-            os.close(fd)
-    close_fds(sorted(fd for fd in own if fd > 2))
-
-
-def await_parent(worker_pid: int) -> None:
-    """Waits until this process is the worker's child: the intermediate child is exiting, and
-    the kernel re-parents its orphan to the nearest subreaper."""
-    deadline = time.monotonic() + REPARENT_TIMEOUT
-    while os.getppid() != worker_pid:
-        if time.monotonic() > deadline:
-            raise RuntimeError(
-                f"not the worker's child (pid {worker_pid}) after {REPARENT_TIMEOUT} s: the "
-                f"parent is pid {os.getppid()}"
-            )
-        # No event to wait for: a re-parenting is not notified. It takes microseconds.
-        time.sleep(0.0001)
-
-
-def arm_death_signal(worker_pid: int) -> None:
-    """SIGKILL when the worker dies, as every agent gets."""
-    if _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-        errno = ctypes.get_errno()
-        raise OSError(errno, f"arming the death signal: {os.strerror(errno)}")
-    # The worker may have died before prctl: then no signal will ever come.
-    if os.getppid() != worker_pid:
-        raise RuntimeError("the worker exited while the agent started")
-
-
-def set_oom_score_adj(value: str) -> None:
-    """Writes the session's ``oom_score_adj``; a failure is the agent's stderr's, not fatal."""
-    try:
-        with open("/proc/self/oom_score_adj", "w") as adj:
-            adj.write(str(int(value)))
-    except (OSError, ValueError) as error:
-        print(
-            f"agent_worker.zygote: oom_score_adj {value!r} not applied: {error}",
-            file=sys.stderr,
-            flush=True,
-        )
 
 
 if __name__ == "__main__":

@@ -230,12 +230,13 @@ def drive(argv: list[str]) -> int:
     hold = argv[:1] == ["--hold"]
     argv = argv[1:] if hold else argv
     split = argv.index("--")
-    preload = tuple(argv[argv.index("--preload") + 1].split(",")) if "--preload" in argv[:split] else ()
+    ours = argv[:split]
+    preload = tuple(ours[ours.index("--preload") + 1].split(",")) if "--preload" in ours else ()
     script, *leading = argv[split + 1 :]
     session = json.load(sys.stdin)
     zygote = Zygote(script, tuple(leading), preload)
     zygote.ready()
-    agent = zygote.request(session["env"].get("SESSION_ID", "driven"), session["args"], session["env"])
+    agent = zygote.request(session["env"]["SESSION_ID"], session["args"], session["env"])
     if hold:
         agent.line()
         print(json.dumps({"zygote": zygote.process.pid, "agent": agent.pid}), flush=True)

@@ -200,7 +200,7 @@ class ZygoteTest(unittest.TestCase):
         started = self.start()
         cgroups = temporary_cgroups()
         try:
-            procs = [os.open(os.path.join(path, "cgroup.procs"), os.O_WRONLY) for path, _ in cgroups]
+            procs = [os.open(f"{path}/cgroup.procs", os.O_WRONLY) for path, _ in cgroups]
             agent = started.request("cg-1", *session("cg-1", then="wait"), cgroup_procs=procs)
             for fd in procs:
                 os.close(fd)
@@ -216,7 +216,7 @@ class ZygoteTest(unittest.TestCase):
                 # Before the script ran: its own report shows it there.
                 self.assertIn(line, context["cgroup"].splitlines())
             if not cgroups:
-                print("\nno writable cgroup hierarchy: the cgroup placement is not checked", file=sys.stderr)
+                print("\nno writable cgroup hierarchy: placement not checked", file=sys.stderr)
             self.assertEqual(agent.kill(), signal.SIGKILL)
         finally:
             for path, _ in cgroups:
@@ -250,7 +250,8 @@ class ZygoteTest(unittest.TestCase):
         self.assertEqual(len(randoms), 30)
 
     def test_a_preload_that_starts_a_thread_is_refused_naming_it(self) -> None:
-        refused = self.track(Zygote(CONTEXT, preload=("email.mime.text", "starts_thread"), env=base_env()))
+        preload = ("email.mime.text", "starts_thread")
+        refused = self.track(Zygote(CONTEXT, preload=preload, env=base_env()))
         message = refused.receive()
         code, out, err = refused.close()
         self.assertEqual(code, 3, err)
@@ -265,12 +266,12 @@ class ZygoteTest(unittest.TestCase):
         refused = self.track(Zygote(CONTEXT, preload=("sets_loop",), env=base_env()))
         reason = refused.receive()["refused"]
         self.assertRegex(reason, r"asyncio event loop <.*EventLoop.*> set or running "
-                         r"\(since while importing sets_loop\)")
+                         r"\(since importing sets_loop\)")
         self.assertEqual(refused.close()[0], 3)
 
     def test_a_preload_that_fails_or_a_missing_script_is_refused(self) -> None:
         for preload, script, reason in (
-            (("no_such_module_for_zygote",), CONTEXT, "preloading no_such_module_for_zygote failed"),
+            (("no_such_module_here",), CONTEXT, "preloading no_such_module_here failed"),
             ((), "/nonexistent/agent.py", "no such script: /nonexistent/agent.py"),
         ):
             refused = self.track(Zygote(script, preload=preload, env=base_env()))
@@ -421,7 +422,7 @@ def temporary_cgroups() -> list[tuple[str, str]]:
     with open("/proc/self/cgroup") as file:
         mine = {
             controllers: (hierarchy, path)
-            for hierarchy, controllers, path in (line.split(":", 2) for line in file.read().splitlines())
+            for hierarchy, controllers, path in (line.rstrip().split(":", 2) for line in file)
         }
     name = f"aw-zygote-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     made = []

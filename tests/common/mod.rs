@@ -33,7 +33,8 @@ pub use self::{
         wait_idle, worker_runs,
     },
     script_context::{
-        PROBE_SESSION_ENV, assert_probe_saw_cold, cold_probe, probe, probe_args, probe_report, repo,
+        PROBE_SESSION_ENV, assert_probe_saw_cold, cold_probe, probe, probe_args, probe_report,
+        probe_session_env, repo, stdout_lines,
     },
     session::{
         agent_logs, agent_pid, heartbeat_score, received, start_ready, status, wait_received,

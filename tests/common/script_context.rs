@@ -6,7 +6,7 @@
 use std::{
     collections::BTreeSet,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::{Command, Output, Stdio},
 };
 
 use serde_json::Value;
@@ -27,6 +27,14 @@ pub const PROBE_SESSION_ENV: [(&str, &str); 3] = [
     ("VOICE_ID", "-r oops"),
     ("SESSION_CONFIG", "{\"voiceId\":\"-r oops\"}"),
 ];
+
+/// [`PROBE_SESSION_ENV`] as the JSON object a handoff or a request carries.
+pub fn probe_session_env() -> serde_json::Map<String, Value> {
+    PROBE_SESSION_ENV
+        .iter()
+        .map(|(k, v)| (k.to_string(), Value::from(*v)))
+        .collect()
+}
 
 /// The session's arguments: odd values, and a system prompt of about 100 KB of non-ASCII text
 /// (under the 128 KiB an argument can hold, for the cold start) after `-u nice{marks}`.
@@ -61,6 +69,11 @@ pub fn cold_probe(script: &str, args: &[String], cwd: &Path) -> Vec<String> {
         .stdin(Stdio::null())
         .output()
         .expect("python3");
+    stdout_lines(output)
+}
+
+/// The lines a process printed on stdout; fails the test unless it succeeded.
+pub fn stdout_lines(output: Output) -> Vec<String> {
     assert!(output.status.success(), "{output:?}");
     String::from_utf8(output.stdout)
         .unwrap()
@@ -72,7 +85,13 @@ pub fn cold_probe(script: &str, args: &[String], cwd: &Path) -> Vec<String> {
 /// Asserts that the `mode` start's report (which preloaded `email.mime.text`) shows what the
 /// cold one shows, naming the keys that differ (values cut short: the prompt is 100 KB), and
 /// that both show the session's `args`.
-pub fn assert_probe_saw_cold(mode: &str, got: &Value, cold: &Value, args: &[String], context: &str) {
+pub fn assert_probe_saw_cold(
+    mode: &str,
+    got: &Value,
+    cold: &Value,
+    args: &[String],
+    context: &str,
+) {
     // The one difference there must be: the preloaded module is already imported.
     assert_eq!(cold["preloaded_email"], false);
     assert_eq!(got["preloaded_email"], true);
@@ -92,9 +111,18 @@ pub fn assert_probe_saw_cold(mode: &str, got: &Value, cold: &Value, args: &[Stri
         .collect::<BTreeSet<_>>()
         .into_iter()
         .filter(|key| got.get(*key) != cold.get(*key))
-        .map(|key| format!("{key}: {mode} {} / cold {}", short(got.get(key)), short(cold.get(key))))
+        .map(|key| {
+            format!(
+                "{key}: {mode} {} / cold {}",
+                short(got.get(key)),
+                short(cold.get(key))
+            )
+        })
         .collect();
-    assert!(differ.is_empty(), "{context}: {mode} and cold differ in {differ:#?}");
+    assert!(
+        differ.is_empty(),
+        "{context}: {mode} and cold differ in {differ:#?}"
+    );
     assert_eq!(cold["args"]["voice_id"], "-r oops");
     assert_eq!(cold["args"]["room"], "shim-1");
     assert_eq!(cold["name"], "__main__");

@@ -2,4 +2,5 @@
 
 import os
 
-SEEN = {k: os.environ.get(k) for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+POOLS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+SEEN = {k: os.environ.get(k) for k in POOLS}
