@@ -335,6 +335,7 @@ class ZygoteTest(unittest.TestCase):
         started = self.start()
         for message, session_id, reason in (
             (b"not json", None, "request is not JSON"),
+            (b" " * (1 << 20) + b"{}", None, "request longer than 1048576 bytes"),
             (b"[1]", None, "request is not a JSON object"),
             ({"v": 2, "id": "b-1", "args": []}, "b-1", "unsupported protocol version 2"),
             ({"v": 1, "args": []}, None, "id must be a string"),
@@ -343,7 +344,7 @@ class ZygoteTest(unittest.TestCase):
             ({"v": 1, "id": "b-4", "args": [], "cgroups": 1}, "b-4", "expected 3 fds"),
             ({"v": 1, "id": "b-5", "args": [], "cgroups": True}, "b-5", "cgroups must be"),
         ):
-            with self.subTest(message=message):
+            with self.subTest(message=str(message)[:100]):
                 out_r, out_w = os.pipe()
                 reply = started.send(message, [out_w, out_w])
                 os.close(out_w)
