@@ -220,7 +220,7 @@ class ZygoteTest(unittest.TestCase):
             self.assertEqual(agent.kill(), signal.SIGKILL)
         finally:
             for path, _ in cgroups:
-                os.rmdir(path)
+                remove_cgroup(path)
 
     def test_a_cgroup_that_refuses_the_agent_is_reported_and_it_runs_anyway(self) -> None:
         started = self.start()
@@ -438,6 +438,16 @@ def temporary_cgroups() -> list[tuple[str, str]]:
             continue
         made.append((path, f"{hierarchy}:{controllers}:{os.path.join(parent, name)}"))
     return made
+
+
+def remove_cgroup(path: str) -> None:
+    """Kills and reaps what is left in the cgroup at ``path`` (a test that failed half-way),
+    then removes it."""
+    with open(f"{path}/cgroup.procs") as procs:
+        for pid in map(int, procs.read().split()):
+            os.kill(pid, signal.SIGKILL)
+            wait_exit(pid)
+    os.rmdir(path)
 
 
 if __name__ == "__main__":
