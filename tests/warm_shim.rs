@@ -6,7 +6,7 @@ mod common;
 
 use std::{
     io::{BufRead, BufReader, Write},
-    path::{Path, PathBuf},
+    path::Path,
     process::{Command, Stdio},
     time::Duration,
 };
@@ -16,81 +16,25 @@ use common::*;
 use redis::AsyncCommands;
 use serde_json::Value;
 
-fn repo() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn probe() -> PathBuf {
-    repo().join("tests/agents/warm_probe/probe.py")
-}
-
-/// The probe's report (`probe report {json}`) among `lines`.
-fn report(lines: &[String]) -> Value {
-    let line = lines
-        .iter()
-        .find_map(|l| l.strip_prefix("probe report "))
-        .unwrap_or_else(|| panic!("no probe report in {lines:?}"));
-    serde_json::from_str(line).unwrap()
-}
-
-const SESSION_ENV: [(&str, &str); 3] = [
-    ("SESSION_ID", "shim-1"),
-    ("VOICE_ID", "-r oops"),
-    ("SESSION_CONFIG", "{\"voiceId\":\"-r oops\"}"),
-];
-
 /// The shim reads its stdin 64 KiB at a time.
 const SHIM_READ: usize = 64 * 1024;
 
-/// The handoff line of `args` and [`SESSION_ENV`], as the worker writes it.
+/// The handoff line of `args` and [`PROBE_SESSION_ENV`], as the worker writes it.
 fn handoff_line(args: &[String]) -> String {
-    let env: serde_json::Map<String, Value> = SESSION_ENV
-        .iter()
-        .map(|(k, v)| (k.to_string(), Value::from(*v)))
-        .collect();
     format!(
         "{}\n",
-        serde_json::json!({"v": 1, "args": args, "env": env})
+        serde_json::json!({"v": 1, "args": args, "env": probe_session_env()})
     )
 }
 
-/// The session's arguments: odd values, and a system prompt of about 100 KB of non-ASCII text
-/// (under the 128 KiB an argument can hold, for the cold start), so the handoff line spans
-/// several of the shim's reads. Its first read of a full pipe returns 64 KiB: the prompt is
-/// shifted so that this cut falls inside a character, which the shim must not decode alone.
+/// The session's arguments ([`probe_args`]), so that the handoff line spans several of the
+/// shim's reads. Its first read of a full pipe returns 64 KiB: the prompt is shifted so that
+/// this cut falls inside a character, which the shim must not decode alone.
 fn session_args() -> Vec<String> {
-    let text = "Grüße 你好 🎙️ ".repeat(100 * 1000 / 23);
     (0..8)
-        .map(|shift| {
-            vec![
-                "--room=shim-1".to_owned(),
-                "--voice-id=-r oops".to_owned(),
-                "--opening-line=line one\nline two $(id) `x` \"q\" Grüße".to_owned(),
-                format!("--system-prompt=-u nice{} {text}", "!".repeat(shift)),
-                "--exit-after-ready".to_owned(),
-            ]
-        })
+        .map(|shift| probe_args(&"!".repeat(shift)))
         .find(|args| !handoff_line(args).is_char_boundary(SHIM_READ))
         .expect("a shift of under 8 bytes cuts a character")
-}
-
-/// `python3 SCRIPT --leading=x` and the session's arguments, with the session's environment, in `cwd`.
-fn cold(script: &str, cwd: &Path) -> Vec<String> {
-    let output = Command::new("python3")
-        .arg(script)
-        .arg("--leading=x")
-        .args(session_args())
-        .envs(SESSION_ENV)
-        .current_dir(cwd)
-        .stdin(Stdio::null())
-        .output()
-        .expect("python3");
-    assert!(output.status.success(), "{output:?}");
-    String::from_utf8(output.stdout)
-        .unwrap()
-        .lines()
-        .map(str::to_owned)
-        .collect()
 }
 
 /// The same through the shim: warm line first, then the handoff line on stdin.
@@ -128,34 +72,6 @@ fn warm(script: &str, cwd: &Path) -> Vec<String> {
     lines
 }
 
-/// Asserts that two reports are equal, naming the keys that differ (values cut short: the
-/// prompt is 100 KB).
-fn assert_same(warm: &Value, cold: &Value, context: &str) {
-    let short = |v: Option<&Value>| {
-        let text = v.map_or_else(|| "(none)".to_owned(), Value::to_string);
-        text.chars().take(300).collect::<String>()
-    };
-    let (warm, cold) = (warm.as_object().unwrap(), cold.as_object().unwrap());
-    let differ: Vec<String> = warm
-        .keys()
-        .chain(cold.keys())
-        .collect::<std::collections::BTreeSet<_>>()
-        .into_iter()
-        .filter(|key| warm.get(*key) != cold.get(*key))
-        .map(|key| {
-            format!(
-                "{key}: warm {} / cold {}",
-                short(warm.get(key)),
-                short(cold.get(key))
-            )
-        })
-        .collect();
-    assert!(
-        differ.is_empty(),
-        "{context}: warm and cold differ in {differ:#?}"
-    );
-}
-
 #[test]
 fn a_script_run_through_the_shim_sees_what_a_cold_start_shows_it() {
     let dir = probe().parent().unwrap().to_owned();
@@ -165,35 +81,14 @@ fn a_script_run_through_the_shim_sees_what_a_cold_start_shows_it() {
         ("tests/agents/warm_probe/probe.py", repo()),
         ("probe.py", dir.as_path()),
     ] {
-        let (cold, warm) = (cold(script, cwd), warm(script, cwd));
-        let (mut cold_report, mut warm_report) = (report(&cold), report(&warm));
-        // The one difference there must be: the preloaded module is already imported.
-        assert_eq!(cold_report["preloaded_email"], false);
-        assert_eq!(warm_report["preloaded_email"], true);
-        for report in [&mut cold_report, &mut warm_report] {
-            report.as_object_mut().unwrap().remove("preloaded_email");
-        }
-        assert_same(
-            &warm_report,
-            &cold_report,
+        let (cold, warm) = (cold_probe(script, &session_args(), cwd), warm(script, cwd));
+        assert_probe_saw_cold(
+            "warm",
+            &probe_report(&warm),
+            &probe_report(&cold),
+            &session_args(),
             &format!("{script} from {}", cwd.display()),
         );
-        assert_eq!(cold_report["args"]["voice_id"], "-r oops");
-        assert_eq!(cold_report["args"]["room"], "shim-1");
-        assert_eq!(cold_report["name"], "__main__");
-        assert_eq!(cold_report["main_is_this"], true);
-        assert_eq!(cold_report["stdin"], "");
-        // The line of several reads arrived whole: the prompt, as the cold start got it.
-        let prompt = session_args()[3]
-            .strip_prefix("--system-prompt=")
-            .unwrap()
-            .to_owned();
-        assert_eq!(cold_report["args"]["system_prompt"], prompt.as_str());
-        // The shim installed no signal handler and left multiprocessing's start method
-        // unset (compared with cold above; named here so a change to both shows).
-        assert_eq!(cold_report["sigint"], "default_int_handler");
-        assert_eq!(cold_report["sigterm"], "SIG_DFL");
-        assert_eq!(cold_report["start_method"], Value::Null);
         assert!(warm.iter().any(|l| l == "Room joined shim-1"), "{warm:?}");
     }
 }

@@ -31,17 +31,18 @@ state created at import.
 
 The shim installs no signal handlers, never changes multiprocessing's start method, and imports
 only the standard library (``builtins``, ``importlib``, ``json``, ``os``, ``sys``, ``types``).
+Steps 1 and 4 are :mod:`agent_worker._main_script`'s, shared with the fork server
+(``agent_worker.zygote``).
 """
 
 from __future__ import annotations
 
-import builtins
 import importlib
-import importlib.machinery
 import json
 import os
 import sys
-import types
+
+from ._main_script import module_list, parse_options, prepare_script, run_as_session
 
 PROTOCOL_VERSION = 1
 DEFAULT_PATTERN = "AGENT_WORKER_WARM"
@@ -53,36 +54,6 @@ USAGE = (
 
 class HandoffError(Exception):
     """The handoff line was missing or malformed."""
-
-
-def parse_options(argv: list[str]) -> tuple[list[str], str, str, list[str]]:
-    """Splits the shim's own options from ``SCRIPT [LEADING ARGS]`` at ``--``."""
-    if "--" not in argv:
-        raise SystemExit(USAGE)
-    split = argv.index("--")
-    ours, rest = argv[:split], argv[split + 1 :]
-    if not rest:
-        raise SystemExit(USAGE)
-    preload: list[str] = []
-    pattern = DEFAULT_PATTERN
-    i = 0
-    while i < len(ours):
-        option = ours[i]
-        name, has_value, value = option.partition("=")
-        if not has_value:
-            if i + 1 >= len(ours):
-                raise SystemExit(f"{option} needs a value\n{USAGE}")
-            value = ours[i + 1]
-            i += 1
-        if name == "--preload":
-            # "," or ":" (a "," list inside the worker's comma-separated env lists would split).
-            preload.extend(m for m in value.replace(":", ",").split(",") if m)
-        elif name == "--pattern":
-            pattern = value
-        else:
-            raise SystemExit(f"unknown option {name}\n{USAGE}")
-        i += 1
-    return preload, pattern, rest[0], rest[1:]
 
 
 def read_handoff(fd: int = 0) -> tuple[list[str], dict[str, str]]:
@@ -117,42 +88,14 @@ def read_handoff(fd: int = 0) -> tuple[list[str], dict[str, str]]:
     return args, env
 
 
-def script_file(script: str) -> str:
-    """The ``__file__`` ``python3 SCRIPT`` gives: absolute, joined to the working directory."""
-    return script if os.path.isabs(script) else os.path.join(os.getcwd(), script)
-
-
-def run_script(script: str) -> None:
-    """Runs ``script`` as ``__main__``, as ``python3 SCRIPT`` would."""
-    file = script_file(script)
-    with open(file, "rb") as source:
-        # dont_inherit: the shim's own `from __future__` imports must not reach the script.
-        code = compile(source.read(), file, "exec", dont_inherit=True)
-    module = types.ModuleType("__main__")
-    module.__dict__.update(
-        __file__=file,
-        __cached__=None,
-        __loader__=importlib.machinery.SourceFileLoader("__main__", file),
-        __package__=None,
-        __spec__=None,
-        __builtins__=builtins,
-    )
-    sys.modules["__main__"] = module
-    exec(code, module.__dict__)
-
-
 def main(argv: list[str] | None = None) -> None:
     """Warms up, waits for the session, runs the script as ``__main__``."""
-    preload, pattern, script, leading = parse_options(
-        sys.argv[1:] if argv is None else argv
+    options, script, leading = parse_options(
+        sys.argv[1:] if argv is None else argv, USAGE, ("--preload", "--pattern")
     )
-    if not os.path.isfile(script):
-        raise SystemExit(f"agent_worker.warm: no such script: {script}")
-    # What `python3 SCRIPT` puts first on the path, before the preloads (so the script's
-    # sibling modules can be preloaded too). Under safe-path mode (-P, -I, PYTHONSAFEPATH)
-    # a cold start adds no directory, and neither does `-m`: leave the path as it is.
-    if not getattr(sys.flags, "safe_path", False):
-        sys.path[0] = os.path.dirname(os.path.realpath(script))
+    preload = module_list(options.get("--preload", []))
+    pattern = options.get("--pattern", [DEFAULT_PATTERN])[-1]
+    prepare_script(script, "warm")
     for module in preload:
         importlib.import_module(module)
     print(f"{pattern} pid={os.getpid()} preloaded={','.join(preload)}", flush=True)
@@ -160,9 +103,7 @@ def main(argv: list[str] | None = None) -> None:
         args, env = read_handoff()
     except HandoffError as error:
         raise SystemExit(f"agent_worker.warm: {error}") from None
-    os.environ.update(env)
-    sys.argv = [script, *leading, *args]
-    run_script(script)
+    run_as_session(script, leading, args, env)
 
 
 if __name__ == "__main__":

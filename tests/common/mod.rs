@@ -12,6 +12,7 @@ mod output;
 mod procfs;
 mod python;
 mod queue;
+mod script_context;
 mod session;
 mod test_redis;
 mod test_worker;
@@ -32,6 +33,10 @@ pub use self::{
     queue::{
         PENDING, active_jobs, assert_first_run, done_count, enqueue, enqueue_when_up, is_done,
         producer, push_raw, stage_job, wait_dead, wait_done, wait_idle, worker_runs,
+    },
+    script_context::{
+        PROBE_SESSION_ENV, assert_probe_saw_cold, cold_probe, probe, probe_args, probe_report,
+        probe_session_env, repo, stdout_lines,
     },
     session::{
         agent_logs, agent_pid, assert_agent_of, end_as_orchestrator, heartbeat_score, received,
