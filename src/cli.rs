@@ -273,8 +273,19 @@ async fn status(settings: Settings, json: bool) -> anyhow::Result<()> {
             ),
             (true, None) => "alive".to_owned(),
         };
+        let memory: u64 = w
+            .info
+            .iter()
+            .flat_map(|i| &i.agents)
+            .map(|a| a.memory_bytes)
+            .sum();
+        let memory = if memory > 0 {
+            format!("  agents' memory {}", crate::settings::ByteSize(memory))
+        } else {
+            String::new()
+        };
         println!(
-            "  {:<40} agents {:>4}  seen {:>4}s ago  {state}{warm}",
+            "  {:<40} agents {:>4}  seen {:>4}s ago  {state}{warm}{memory}",
             w.id, w.agents, w.last_seen_secs,
         );
     }

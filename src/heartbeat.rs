@@ -88,7 +88,7 @@ impl SessionHeartbeat {
     /// One heartbeat of every running agent, in chunks that bound the time of one script call
     /// when a process owns many agents. `failing` makes a streak of failures logged once.
     async fn beat(&self, failing: &mut bool) -> HeartbeatReport {
-        let sessions = self.supervisor.running_sessions();
+        let sessions = self.supervisor.running_usage();
         let now = unix_now();
         let oldest = now.saturating_sub(self.max_age.as_secs());
         let mut report = HeartbeatReport::default();

@@ -41,6 +41,22 @@ pub struct WorkerInfo {
     /// fetches no more jobs, and exits when its last call has ended. Absent while it serves.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub draining_since: Option<u64>,
+    /// What each of its running agents' trees used at the last reading.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub agents: Vec<AgentUsage>,
+}
+
+/// One running agent's resource use, as its worker last read it (`agent.limits_interval`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentUsage {
+    /// Its session.
+    pub session_id: String,
+    /// Memory of its whole tree now, in bytes.
+    pub memory_bytes: u64,
+    /// The most its tree has used, in bytes.
+    pub memory_peak_bytes: u64,
+    /// CPU time of its tree so far, in milliseconds.
+    pub cpu_ms: u64,
 }
 
 impl WorkerInfo {
@@ -53,6 +69,7 @@ impl WorkerInfo {
             clock_offset_ms: clock::offset_ms(),
             started_at: unix_now(),
             draining_since: None,
+            agents: Vec::new(),
         }
     }
 }
@@ -108,11 +125,13 @@ impl Presence {
         &self,
         agents: usize,
         warm: Option<usize>,
+        usage: Vec<AgentUsage>,
         now: u64,
     ) -> redis::RedisResult<()> {
         let info = WorkerInfo {
             clock_offset_ms: clock::offset_ms(),
             draining_since: self.draining_since.get().copied(),
+            agents: usage,
             ..self.info.clone()
         };
         let info = serde_json::to_string(&info).expect("WorkerInfo serializes");
@@ -199,7 +218,21 @@ impl PresenceHeartbeat {
                 }
             }
             let (agents, warm) = (self.supervisor.agent_count(), self.supervisor.warm_idle());
-            if let Err(error) = self.presence.beat(agents, warm, unix_now()).await {
+            let usage = self
+                .supervisor
+                .running_usage()
+                .into_iter()
+                .filter_map(|(id, usage)| {
+                    let usage = usage?;
+                    Some(AgentUsage {
+                        session_id: id.to_string(),
+                        memory_bytes: usage.memory_bytes,
+                        memory_peak_bytes: usage.peak_bytes,
+                        cpu_ms: (usage.cpu_seconds * 1000.0) as u64,
+                    })
+                })
+                .collect();
+            if let Err(error) = self.presence.beat(agents, warm, usage, unix_now()).await {
                 self.redis_health.failed();
                 metrics::redis_error("presence");
                 tracing::debug!(error = %error, "presence_failed");

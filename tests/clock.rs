@@ -50,7 +50,7 @@ async fn a_claim_and_a_heartbeat_are_stamped_with_the_stores_clock() {
     // The heartbeat's time is the caller's (it passes `now`), as it always was.
     now.store(1_000_000_060, Ordering::Relaxed);
     store
-        .heartbeat("w", std::slice::from_ref(&id), 1_000_000_060, 0)
+        .heartbeat("w", &[(id.clone(), None)], 1_000_000_060, 0)
         .await
         .unwrap();
     assert_eq!(

@@ -296,12 +296,12 @@ async fn a_heartbeat_that_turns_starting_into_ready_and_a_restored_record_append
         .unwrap();
     // No ready record yet (say it failed to be written): the heartbeat makes it ready.
     store
-        .heartbeat("w", std::slice::from_ref(&id), unix_now(), 0)
+        .heartbeat("w", &[(id.clone(), None)], unix_now(), 0)
         .await
         .unwrap();
     // A second heartbeat changes nothing and appends nothing.
     store
-        .heartbeat("w", std::slice::from_ref(&id), unix_now(), 0)
+        .heartbeat("w", &[(id.clone(), None)], unix_now(), 0)
         .await
         .unwrap();
     let events = wait_events(&redis.conn, &id, &["starting", "ready"]).await;
@@ -321,7 +321,7 @@ async fn a_heartbeat_that_turns_starting_into_ready_and_a_restored_record_append
         .await
         .unwrap();
     let report = store
-        .heartbeat("w", std::slice::from_ref(&id), unix_now(), 0)
+        .heartbeat("w", &[(id.clone(), None)], unix_now(), 0)
         .await
         .unwrap();
     assert_eq!(report.vanished, std::slice::from_ref(&id));

@@ -376,11 +376,11 @@ async fn racing_heartbeats_and_sweeps_never_remove_a_fresh_session() {
             for round in 1..=ROUNDS {
                 let now = base + round;
                 // A rotating tenth of the sessions heartbeats each round; the others age.
-                let picked: Vec<SessionId> = ids
+                let picked: Vec<(SessionId, _)> = ids
                     .iter()
                     .enumerate()
                     .filter(|(i, _)| (*i as u64 + round) % 10 == 0)
-                    .map(|(_, id)| id.clone())
+                    .map(|(_, id)| (id.clone(), None))
                     .collect();
                 let report = store
                     .heartbeat("race-worker", &picked, now, 0)
@@ -394,7 +394,7 @@ async fn racing_heartbeats_and_sweeps_never_remove_a_fresh_session() {
                     .chain(&report.vanished)
                     .cloned()
                     .collect();
-                for id in &picked {
+                for (id, _) in &picked {
                     if !removed.contains(id) {
                         *incarnations.get_mut(id).unwrap().last_mut().unwrap() = now;
                     }

@@ -159,6 +159,20 @@ impl Supervisor {
             .collect()
     }
 
+    /// The running agents, each with what its tree used at the last reading.
+    pub fn running_usage(&self) -> Vec<(SessionId, Option<crate::agent::limits::Usage>)> {
+        self.inner
+            .slots
+            .lock()
+            .expect("slots lock")
+            .iter()
+            .filter_map(|(id, slot)| match slot {
+                Slot::Running { handle, .. } => Some((id.clone(), handle.usage())),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// What this process wrote about the running agents of `ids` (those still running here).
     pub fn records(&self, ids: &[SessionId]) -> Vec<AgentRecord> {
         let slots = self.inner.slots.lock().expect("slots lock");

@@ -327,6 +327,7 @@ mod tests {
                 clock_offset_ms: offset,
                 started_at: 0,
                 draining_since: None,
+                agents: Vec::new(),
             }),
             warm_idle: alive.then_some(agents % 2),
         }

@@ -23,6 +23,7 @@ use super::{
     visit::{QueryFailed, Visit},
 };
 use crate::{
+    settings::ByteSize,
     clock::unix_now,
     inspect::session::{SessionDetail, session_detail},
 };
@@ -41,6 +42,8 @@ pub struct SessionView {
     pub record: Vec<(String, String)>,
     /// Its last heartbeat in the heartbeat index, if it is there.
     pub heartbeat: Option<u64>,
+    /// What its agent's tree uses, as its worker last wrote it to `agent:<id>:health`.
+    pub resources: Option<Resources>,
     /// `session:<id>:config`.
     pub config: ConfigView,
     /// The job's task id and meta (stored times with their date and age).
@@ -49,6 +52,33 @@ pub struct SessionView {
     pub logs: Vec<String>,
     /// Unix seconds the ages are counted to.
     pub now: u64,
+}
+
+/// An agent's resource use, from its health hash (numbers from Redis: unparseable is absent).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resources {
+    /// Memory of its whole tree now, in bytes.
+    pub memory_bytes: u64,
+    /// The most it has used, in bytes.
+    pub peak_bytes: Option<u64>,
+    /// CPU time so far, in milliseconds.
+    pub cpu_ms: Option<u64>,
+}
+
+impl Resources {
+    fn of(detail: &SessionDetail) -> Option<Self> {
+        Some(Self {
+            memory_bytes: detail.health_field("memory_bytes")?.parse().ok()?,
+            peak_bytes: detail
+                .health_field("memory_peak_bytes")
+                .and_then(|v| v.parse().ok()),
+            cpu_ms: detail
+                .health_field("cpu_seconds")
+                .and_then(|v| v.parse::<f64>().ok())
+                .filter(|v| v.is_finite() && *v >= 0.0)
+                .map(|v| (v * 1000.0) as u64),
+        })
+    }
 }
 
 /// What the page shows of the session's config.
@@ -89,6 +119,7 @@ impl SessionView {
             stop: csrf.filter(|_| stoppable).map(str::to_owned),
             record: timed(&detail.record),
             heartbeat: detail.heartbeat,
+            resources: Resources::of(detail),
             config,
             job: detail
                 .job
@@ -158,6 +189,17 @@ pub fn render(view: &SessionView) -> Markup {
             } @else {
                 "not in the index (not live on any worker)"
             }
+        }
+        h2 { "Resources " small { "agent:<id>:health" } }
+        @if let Some(r) = &view.resources {
+            p {
+                "Memory " (ByteSize(r.memory_bytes))
+                @if let Some(peak) = r.peak_bytes { " (peak " (ByteSize(peak)) ")" }
+                @if let Some(cpu) = r.cpu_ms { ", CPU " (format!("{:.1}", cpu as f64 / 1000.0)) " s" }
+                " (the agent's whole process tree)"
+            }
+        } @else {
+            p class="empty" { "Not measured (yet, or no longer: the agent is not running)." }
         }
         h2 { "Config " small { "session:<id>:config" } }
         @match &view.config {
@@ -251,6 +293,11 @@ mod tests {
             config: pairs(&[("systemPrompt", PROMPT), (HOSTILE, "v")]),
             logs: vec![format!("argv --voice={HOSTILE} --system-prompt={PROMPT}")],
             heartbeat: Some(1_700_000_005),
+            health: pairs(&[
+                ("cpu_seconds", "4.25"),
+                ("memory_bytes", "134217728"),
+                ("memory_peak_bytes", "201326592"),
+            ]),
             job: Some((
                 "task-1".into(),
                 pairs(&[("attempts", "1"), ("done_at", HOSTILE)]),
@@ -284,6 +331,7 @@ mod tests {
                 "<dd>&lt;script&gt;alert('s')&lt;/script&gt;</dd>",
                 &format!("(hidden, {} bytes)", PROMPT.len()),
                 "--system-prompt=[systemPrompt hidden]",
+                "Memory 128 MiB (peak 192 MiB), CPU 4.2 s",
                 "values are not shown",
                 "systemPrompt, &lt;script&gt;",
                 "<small>session:&lt;id&gt;</small>",

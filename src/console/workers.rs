@@ -183,6 +183,7 @@ mod tests {
             clock_offset_ms,
             started_at: 900,
             draining_since: None,
+            agents: Vec::new(),
         }
     }
 

@@ -230,6 +230,7 @@ mod tests {
             clock_offset_ms: -3,
             started_at: 100,
             draining_since: None,
+            agents: Vec::new(),
         };
         let presence = Presence {
             seen: vec![("old".into(), 900.0), ("new".into(), 990.0)],

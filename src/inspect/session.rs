@@ -24,6 +24,9 @@ pub struct SessionDetail {
     pub logs: Vec<String>,
     /// The score of the session in the heartbeat index (its last heartbeat).
     pub heartbeat: Option<u64>,
+    /// `agent:<id>:health`, sorted by name (`last_check`, `status`, and what the agent's tree
+    /// uses: `memory_bytes`, `memory_peak_bytes`, `cpu_seconds`).
+    pub health: Vec<(String, String)>,
     /// The session's job (`taskId` of the record): its id and meta hash, sorted by name.
     pub job: Option<(String, Vec<(String, String)>)>,
 }
@@ -32,6 +35,14 @@ impl SessionDetail {
     /// True when nothing of the session is left in Redis.
     pub fn is_empty(&self) -> bool {
         self.record.is_empty() && self.config.is_empty() && self.logs.is_empty()
+    }
+
+    /// The health hash's field `name`.
+    pub fn health_field(&self, name: &str) -> Option<&str> {
+        self.health
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
     }
 
     /// The record's field `name`.
@@ -56,21 +67,25 @@ pub async fn session_detail(
         Vec<(String, String)>,
         Vec<String>,
         Option<f64>,
+        Vec<(String, String)>,
     );
-    let (mut record, mut config, logs, heartbeat): Reply = redis::pipe()
+    let (mut record, mut config, logs, heartbeat, mut health): Reply = redis::pipe()
         .hgetall(keys.state())
         .hgetall(keys.config())
         .lrange(keys.agent_logs(), 0, -1)
         .zscore(SESSION_HEARTBEATS, id.as_str())
+        .hgetall(keys.agent_health())
         .query_async(&mut conn)
         .await?;
     record.sort();
     config.sort();
+    health.sort();
     let mut detail = SessionDetail {
         record,
         config,
         logs,
         heartbeat: heartbeat.map(|t| t as u64),
+        health,
         job: None,
     };
     // The task id comes from Redis: only a plain one is spliced into a key name.

@@ -20,23 +20,26 @@
 --   `status=starting` right after it enqueues, which can land after our ready record, and a
 --   failed ready write must not leave the session starting for good); `terminated` (the
 --   orchestrator's, when the user ran out of credit) is reported as a stop request; the
---   agent's `completed`, `error` and values we do not know are left as they are.
+--   agent's `completed`, `error` and values we do not know are left as they are. What the
+--   agent's tree uses (memory now and at its peak, CPU time) goes to agent:<id>:health beside
+--   `last_check` and `status` when the worker has read it.
 --
 -- KEYS[1]: the heartbeat index   KEYS[2]: session:starting   KEYS[3]: session:ready
 -- KEYS[4..]: per session, three keys: session:<id>, agent:<id>:health, agent:<id>:pid
 -- ARGV[1]: now (unix seconds)    ARGV[2]: TTL of the session keys, in seconds
 -- ARGV[3]: max-age cutoff: a createdAt before this is too old
 -- ARGV[4]: this worker's id
--- ARGV[5..]: the session ids, in the order of their keys
+-- ARGV[5..]: per session, in the order of its keys: its id, then memory_bytes,
+--   memory_peak_bytes and cpu_seconds ('' when not read yet)
 -- Last KEY and ARGV: the event stream and its bound (session_events.lua): `ready` when a
 -- session goes from starting to ready here, `terminated` (with the orchestrator's
 -- terminationReason) at each heartbeat that finds it while the agent still runs.
 -- Returns {gone ids, too-old ids, lost ids, terminated ids, vanished ids}.
 local now, ttl, oldest, me = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 local gone, too_old, lost, terminated, vanished = {}, {}, {}, {}, {}
-for i = 5, OWN_ARGS do
+for i = 5, OWN_ARGS, 4 do
     local id = ARGV[i]
-    local k = 4 + (i - 5) * 3
+    local k = 4 + (i - 5) / 4 * 3
     local state, health, pid = KEYS[k], KEYS[k + 1], KEYS[k + 2]
     local current = redis.call('HMGET', state, 'workerId', 'status', 'createdAt', 'endedAt',
         'agentPid', 'terminationReason')
@@ -70,6 +73,10 @@ for i = 5, OWN_ARGS do
         redis.call('HSET', state, 'lastActive', now)
         redis.call('EXPIRE', state, ttl)
         redis.call('HSET', health, 'last_check', now, 'status', 'alive')
+        if ARGV[i + 1] ~= '' then
+            redis.call('HSET', health, 'memory_bytes', ARGV[i + 1], 'memory_peak_bytes',
+                ARGV[i + 2], 'cpu_seconds', ARGV[i + 3])
+        end
         redis.call('EXPIRE', health, ttl)
         -- Written, not just extended: it comes back if it was evicted.
         if current[5] then

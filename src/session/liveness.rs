@@ -11,6 +11,7 @@ use agent_jobs::{
 use redis::Script;
 
 use super::{AgentRecord, SessionStore, session_script};
+use crate::agent::limits::Usage;
 
 static HEARTBEAT: LazyLock<Script> =
     LazyLock::new(|| session_script(include_str!("../lua/heartbeat.lua")));
@@ -53,11 +54,11 @@ impl SessionStore {
     pub async fn heartbeat(
         &self,
         worker_id: &str,
-        ids: &[SessionId],
+        sessions: &[(SessionId, Option<Usage>)],
         now: u64,
         max_age_cutoff: u64,
     ) -> redis::RedisResult<HeartbeatReport> {
-        if ids.is_empty() {
+        if sessions.is_empty() {
             return Ok(HeartbeatReport::default());
         }
         let mut invocation = HEARTBEAT.prepare_invoke();
@@ -69,13 +70,20 @@ impl SessionStore {
             .arg(self.ttl_secs())
             .arg(max_age_cutoff)
             .arg(worker_id);
-        for id in ids {
+        for (id, usage) in sessions {
             let keys = SessionKeys::new(id);
             invocation
                 .key(keys.state())
                 .key(keys.agent_health())
                 .key(keys.agent_pid())
                 .arg(id.as_str());
+            match usage {
+                Some(usage) => invocation
+                    .arg(usage.memory_bytes)
+                    .arg(usage.peak_bytes)
+                    .arg(format!("{:.3}", usage.cpu_seconds)),
+                None => invocation.arg("").arg("").arg(""),
+            };
         }
         self.events(&mut invocation);
         let [gone, too_old, lost, terminated, vanished]: [Vec<String>; 5] =
