@@ -5,9 +5,9 @@
 //! Beyond that, one of two mechanisms, chosen at start-up (`agent.containment`):
 //! - **cgroup** (cgroup v2, where the worker may create cgroups below its own: a delegated
 //!   systemd unit, a container given a writable cgroupfs, root on a host). Each agent runs in a
-//!   cgroup of its own, `<worker's cgroup>/aw-<pid>-<rand>/<session>`: the child moves itself
-//!   there before it execs (see [`crate::agent::spawn::spawn_into`]), so everything it starts is born
-//!   inside, `setsid()` or not. When the session ends, `cgroup.kill` takes the whole cgroup.
+//!   cgroup of its own, `<worker's cgroup>/aw-<pid>-<rand>/p<n>`: the child is cloned into it
+//!   (or moves itself there before it execs; see [`crate::agent::spawn::spawn_into`]), so
+//!   everything it starts is born inside, `setsid()` or not. When the session ends, `cgroup.kill` takes the whole cgroup.
 //!   A worker that was SIGKILLed cannot do that: its agents die by their death signal, and
 //!   whatever escaped is killed by the worker's guard ([`crate::agent::cgroup_guard`], a
 //!   process `agent-worker run` starts that outlives it). Should the guard be killed too, the
@@ -286,13 +286,13 @@ struct Prepared {
 
 impl Prepared {
     fn kill_and_remove(self) {
-        // The v2 cgroup holds the whole tree: once it is empty, so are the v1 ones; and the
-        // agent is gone, so its spawner thread may end.
+        // The v2 cgroup holds the whole tree: once it is empty, so are the v1 ones but for the
+        // spawner thread, which may end now that its agent is gone (dropping it waits).
         self.cgroup.kill_and_remove();
+        drop(self.spawner);
         if let Some(v1) = self.v1 {
             v1.remove();
         }
-        drop(self.spawner);
     }
 }
 

@@ -40,7 +40,9 @@ type Job = (SpawnJob, mpsc::SyncSender<io::Result<RawChild>>);
 /// A thread in an agent's v1 cgroups, waiting to spawn it (see the module docs).
 #[derive(Debug)]
 pub(crate) struct PlacedSpawner {
-    jobs: mpsc::Sender<Job>,
+    /// `None` once dropped (see `Drop`).
+    jobs: Option<mpsc::Sender<Job>>,
+    thread: Option<thread::JoinHandle<()>>,
 }
 
 impl PlacedSpawner {
@@ -50,7 +52,7 @@ impl PlacedSpawner {
     pub(crate) fn start(tasks: Vec<PathBuf>, home: Vec<PathBuf>) -> io::Result<Self> {
         let (jobs, incoming) = mpsc::channel::<Job>();
         let (placed_tx, placed_rx) = mpsc::sync_channel(1);
-        thread::Builder::new()
+        let thread = thread::Builder::new()
             .name("agent-spawner".into())
             .stack_size(256 * 1024)
             .spawn(move || {
@@ -83,7 +85,10 @@ impl PlacedSpawner {
         placed_rx
             .recv()
             .map_err(|_| io::Error::other("the spawner thread ended"))??;
-        Ok(Self { jobs })
+        Ok(Self {
+            jobs: Some(jobs),
+            thread: Some(thread),
+        })
     }
 
     /// Spawns `job` on the thread; blocks the caller for the spawn (a clone and exec, as an
@@ -91,10 +96,23 @@ impl PlacedSpawner {
     pub(crate) fn spawn(&self, job: SpawnJob) -> io::Result<RawChild> {
         let (reply, result) = mpsc::sync_channel(1);
         self.jobs
+            .as_ref()
+            .expect("not dropped")
             .send((job, reply))
             .map_err(|_| io::Error::other("the spawner thread ended"))?;
         result
             .recv()
             .map_err(|_| io::Error::other("the spawner thread ended"))?
+    }
+}
+
+impl Drop for PlacedSpawner {
+    /// Ends the thread and waits for it: only then has it left its cgroups, which can then
+    /// be removed. Call only once its agent is gone (its death signal follows the thread).
+    fn drop(&mut self) {
+        drop(self.jobs.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }

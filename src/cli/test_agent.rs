@@ -31,6 +31,13 @@
 //! - `linger`: print nothing and run until killed.
 //! - `flood`: print the ready line, then lines as fast as it can for `--flood-secs` seconds
 //!   (default 2), then `flood done <lines> <lines per second>`, then run until SIGTERM.
+//! - `leak-helper`: start a helper process that allocates memory until it is killed, print
+//!   `helper <pid>` and the ready line, wait for the helper, print `helper ended <status>`,
+//!   then exit 1 (`--on-helper-death=continue`: run on until SIGTERM).
+//! - `grow`: allocate `--grow-mib` MiB (default 64), print `grown <n> MiB` and the ready line,
+//!   run until SIGTERM.
+//! - `fork-storm`: try to start `--forks` (default 100) lingering children, print
+//!   `forks ok=<n> failed=<n>` and the ready line, run until SIGTERM.
 //!
 //! With `--warm` it is a warm process of the worker's pool (protocol: `crate::agent::warm`):
 //! it prints `AGENT_WORKER_WARM`, reads one handoff line on stdin, appends its `args` to its
@@ -43,9 +50,14 @@
 //! until `PATH` exists (so a test decides when a warm-up ends). A ledger gets
 //! `warm <pid> <unix ms>` when a warm process starts.
 //!
+//! A session's config can choose for itself: its `testBehaviour` field is the behaviour and
+//! its `testOptions` field (`name=value` pairs separated by spaces) more options.
+//!
 //! With `--long-line-bytes N` it first prints one line of `N` times `x` (no newline until the
 //! end). With `--ledger <file>` (or `TEST_AGENT_LEDGER=<file>` in its environment) it also
 //! appends `<room> <pid>` to that file, before anything else.
+
+mod hog;
 
 use std::{collections::BTreeMap, io::Write, time::Duration};
 
@@ -77,8 +89,9 @@ pub fn main(mut argv: Vec<String>) -> i32 {
             Err(code) => return code,
         }
     }
-    let options = parse(&argv);
+    let mut options = parse(&argv);
     let room = say_received(&argv, &options, &handed_env, warm);
+    options.extend(config_options(&handed_env));
     // Tests that must know every agent that ever started name a ledger file.
     record(&options, &format!("{room} {}", std::process::id()));
 
@@ -92,6 +105,33 @@ pub fn main(mut argv: Vec<String>) -> i32 {
     std::thread::sleep(ready_delay);
     let behaviour = options.get("behaviour").map_or("ready", String::as_str);
     behave(behaviour, &options, &room, &term)
+}
+
+/// Options a test put in the session's config, which reaches the agent untouched in
+/// `SESSION_CONFIG` (contract §1): `testBehaviour` (the behaviour) and `testOptions`
+/// (`name=value` pairs separated by spaces). So one worker's agents can behave differently
+/// per session.
+fn config_options(handed_env: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    let config = handed_env
+        .get("SESSION_CONFIG")
+        .cloned()
+        .or_else(|| std::env::var("SESSION_CONFIG").ok())
+        .and_then(|json| serde_json::from_str::<serde_json::Value>(&json).ok())
+        .unwrap_or_default();
+    let mut options = BTreeMap::new();
+    if let Some(behaviour) = config["testBehaviour"].as_str() {
+        options.insert("behaviour".to_owned(), behaviour.to_owned());
+    }
+    for pair in config["testOptions"]
+        .as_str()
+        .unwrap_or_default()
+        .split_whitespace()
+    {
+        if let Some((name, value)) = pair.split_once('=') {
+            options.insert(name.to_owned(), value.to_owned());
+        }
+    }
+    options
 }
 
 /// Prints the `test-agent received {json}` line: its argv, the contract options, the session
@@ -192,6 +232,26 @@ fn behave(behaviour: &str, options: &BTreeMap<String, String>, room: &str, term:
             park_forever()
         }
         "linger" => park_forever(),
+        "leak-helper" => hog::leak_helper(
+            room,
+            options.get("on-helper-death").map(String::as_str) == Some("continue"),
+            term,
+        ),
+        "leak" => hog::leak(),
+        "grow" => {
+            let mib = options
+                .get("grow-mib")
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(64);
+            hog::grow(room, mib, term)
+        }
+        "fork-storm" => {
+            let forks = options
+                .get("forks")
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(100);
+            hog::fork_storm(room, forks, term)
+        }
         "ignore-term" => {
             // SIGTERM stays blocked and is never waited for: only SIGKILL ends this one.
             say(&ready);

@@ -23,9 +23,9 @@ use super::{
     visit::{QueryFailed, Visit},
 };
 use crate::{
-    settings::ByteSize,
     clock::unix_now,
     inspect::session::{SessionDetail, session_detail},
+    settings::ByteSize,
 };
 
 /// Characters of an invalid id repeated on its "not a session id" page.
