@@ -93,16 +93,28 @@ impl AgentCgroup {
         (field(&events, "oom_kill"), field(&events, "high"))
     }
 
-    /// Memory now and at its peak (`memory.peak`, Linux 5.19; else none), and CPU seconds
-    /// (`cpu.stat`'s `usage_usec`, there without the cpu controller), if readable.
-    pub(crate) fn usage(&self) -> Option<(u64, u64, f64)> {
+    /// Memory now and at its peak (`memory.peak`, Linux 5.19; else none), with the memory
+    /// controller on.
+    pub(crate) fn memory(&self) -> Option<(u64, u64)> {
         let read = |file: &str| fs::read_to_string(self.dir.join(file)).ok();
         let current = read("memory.current")?.trim().parse().ok()?;
         let peak = read("memory.peak")
             .and_then(|p| p.trim().parse().ok())
             .unwrap_or(0);
-        let cpu = field(&read("cpu.stat").unwrap_or_default(), "usage_usec") as f64 / 1e6;
-        Some((current, peak, cpu))
+        Some((current, peak))
+    }
+
+    /// CPU seconds of everything that ran in it (`cpu.stat`'s `usage_usec`, there without the
+    /// cpu controller too), if readable.
+    pub(crate) fn cpu_seconds(&self) -> Option<f64> {
+        let stat = fs::read_to_string(self.dir.join("cpu.stat")).ok()?;
+        stat.contains("usage_usec")
+            .then(|| field(&stat, "usage_usec") as f64 / 1e6)
+    }
+
+    /// The processes in it: the agent's whole tree, escaped ones included.
+    pub(crate) fn pids(&self) -> Vec<u32> {
+        cgroup_pids(&self.dir)
     }
 
     /// Kills what is in it; dropping it then removes it.

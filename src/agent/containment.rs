@@ -507,31 +507,27 @@ impl AgentScope {
     }
 
     /// What its tree uses now, `previous` carrying the peak: from its cgroups where they
-    /// count it, else from `/proc` (the tree of `pid`). Blocking (file reads).
-    pub fn usage(&self, pid: u32, previous: Option<Usage>) -> Usage {
+    /// count it (memory with a memory controller, CPU from cgroup v2's `cpu.stat`), the rest
+    /// from `/proc` (its processes: its cgroup's, else the tree of `pid`); `precise` asks for
+    /// PSS (see [`limits::tree_usage`]). Blocking (file reads).
+    pub fn usage(&self, pid: u32, previous: Option<Usage>, precise: bool) -> Usage {
         let cgroups = self.cgroups.as_ref();
-        let v2 = cgroups.and_then(|c| c.cgroup.usage());
-        let v1 = cgroups
-            .and_then(|c| c.v1.as_ref())
-            .and_then(V1Cgroups::memory);
-        let (memory, peak, cpu) = match (v2, v1) {
-            // The v2 cgroup charges memory only with its controller on.
-            (Some((memory, peak, cpu)), _) if memory > 0 => (memory, peak, cpu),
-            (v2, Some((memory, peak))) => {
-                let cpu = v2.map(|(_, _, cpu)| cpu).filter(|cpu| *cpu > 0.0);
-                (
-                    memory,
-                    peak,
-                    cpu.unwrap_or_else(|| limits::tree_usage(&limits::tree(pid)).1),
-                )
-            }
-            (v2, None) => {
-                let (memory, cpu) = limits::tree_usage(&limits::tree(pid));
-                let cpu = v2
-                    .map(|(_, _, cpu)| cpu)
-                    .filter(|c| *c > 0.0)
-                    .unwrap_or(cpu);
-                (memory, 0, cpu)
+        let memory = cgroups.and_then(|c| {
+            c.cgroup
+                .memory()
+                .or_else(|| c.v1.as_ref().and_then(V1Cgroups::memory))
+        });
+        let cpu = cgroups.and_then(|c| c.cgroup.cpu_seconds());
+        let (memory, peak, cpu) = match (memory, cpu) {
+            (Some((memory, peak)), Some(cpu)) => (memory, peak, cpu),
+            (memory, cpu) => {
+                let pids = match cgroups {
+                    Some(c) => c.cgroup.pids(),
+                    None => limits::tree(pid),
+                };
+                let (tree_memory, tree_cpu) = limits::tree_usage(&pids, precise);
+                let (memory, peak) = memory.unwrap_or((tree_memory, 0));
+                (memory, peak, cpu.unwrap_or(tree_cpu))
             }
         };
         Usage::after(previous, memory, peak, cpu)

@@ -159,16 +159,25 @@ impl std::fmt::Display for MemoryLimitHit {
 
 /// The processes of an agent's tree, read from `/proc`: `root` and every descendant, and
 /// whatever else is in the process group `root` leads.
+///
+/// Without `/proc/<pid>/task/<tid>/children` (a kernel option many hosts lack) the tree is
+/// found from every process's parent, which means reading all of `/proc`. That table is
+/// shared: one scan serves every agent's reading for half a second, so a replica with many
+/// agents scans `/proc` about twice a second, not once per agent. (With cgroups the cgroup
+/// lists the tree, and no scan is made.)
 pub fn tree(root: u32) -> Vec<u32> {
+    tree_in(&process_table(false), root)
+}
+
+/// [`tree`] from a scan made now (to kill a tree: no process forked since may be missed).
+pub fn tree_now(root: u32) -> Vec<u32> {
+    tree_in(&process_table(true), root)
+}
+
+fn tree_in(table: &HashMap<u32, (u32, u32)>, root: u32) -> Vec<u32> {
     let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
     let mut in_group = Vec::new();
-    for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Some((ppid, pgrp)) = parent_and_group(pid) else {
-            continue;
-        };
+    for (&pid, &(ppid, pgrp)) in table.iter() {
         children.entry(ppid).or_default().push(pid);
         if pgrp == root && pid != root {
             in_group.push(pid);
@@ -190,6 +199,33 @@ pub fn tree(root: u32) -> Vec<u32> {
     tree
 }
 
+/// Every process's `(ppid, pgrp)`, read at most every half second (`fresh`: now).
+fn process_table(fresh: bool) -> std::sync::Arc<HashMap<u32, (u32, u32)>> {
+    type Table = std::sync::Arc<HashMap<u32, (u32, u32)>>;
+    static CACHE: std::sync::Mutex<Option<(std::time::Instant, Table)>> =
+        std::sync::Mutex::new(None);
+    let mut cache = CACHE.lock().expect("process table lock");
+    if let Some((at, table)) = cache.as_ref()
+        && !fresh
+        && at.elapsed() < Duration::from_millis(500)
+    {
+        return table.clone();
+    }
+    let table: Table = std::sync::Arc::new(
+        fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|entry| {
+                let pid = entry.file_name().to_string_lossy().parse::<u32>().ok()?;
+                Some((pid, parent_and_group(pid)?))
+            })
+            .collect(),
+    );
+    *cache = Some((std::time::Instant::now(), table.clone()));
+    table
+}
+
 /// `ppid` and `pgrp` from `/proc/<pid>/stat` (after the command, which may hold anything).
 fn parent_and_group(pid: u32) -> Option<(u32, u32)> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -200,14 +236,17 @@ fn parent_and_group(pid: u32) -> Option<(u32, u32)> {
     Some((ppid, pgrp))
 }
 
-/// The memory of `pids` (PSS from `smaps_rollup` where readable, else RSS), in bytes, and
-/// their CPU time in seconds (user + system, with what their reaped children used).
-pub fn tree_usage(pids: &[u32]) -> (u64, f64) {
+/// The memory of `pids`, in bytes, and their CPU time in seconds (user + system, with what
+/// their reaped children used). `precise`: PSS from `smaps_rollup` where readable (shared
+/// pages counted once across the tree, as a zygote's children share theirs; it walks every
+/// mapping, so it is only read where a limit is enforced by sampling), else RSS.
+pub fn tree_usage(pids: &[u32], precise: bool) -> (u64, f64) {
     let (page, ticks) = (page_size(), clock_ticks());
     let mut memory = 0;
     let mut cpu_ticks = 0u64;
     for pid in pids {
-        memory += pss(*pid).unwrap_or_else(|| rss_pages(*pid).unwrap_or(0) * page);
+        let pss = if precise { pss(*pid) } else { None };
+        memory += pss.unwrap_or_else(|| rss_pages(*pid).unwrap_or(0) * page);
         cpu_ticks += cpu_ticks_of(*pid).unwrap_or(0);
     }
     (memory, cpu_ticks as f64 / ticks as f64)
@@ -294,7 +333,8 @@ mod tests {
         let tree = tree(me);
         assert_eq!(tree[0], me);
         assert!(tree.contains(&child.id()), "{tree:?}");
-        let (memory, cpu) = tree_usage(&[me]);
+        let (memory, cpu) = tree_usage(&[me], true);
+        assert!(tree_usage(&[me], false).0 > 1 << 20);
         assert!(memory > 1 << 20, "{memory}");
         assert!(cpu >= 0.0);
         child.kill().unwrap();

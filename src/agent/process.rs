@@ -346,8 +346,10 @@ impl LimitWatch {
     /// One reading (blocking reads of cgroupfs and /proc, off the runtime's threads).
     async fn read(&mut self, scope: &Arc<AgentScope>, pid: u32) {
         let (scope_, previous) = (scope.clone(), *self.usage.lock().expect("usage lock"));
+        // PSS (precise, costly) only where this reading is what enforces the limit.
+        let precise = self.limits.memory_max.is_some() && !scope.kernel_memory();
         let reading = tokio::task::spawn_blocking(move || {
-            (scope_.usage(pid, previous), scope_.memory_events())
+            (scope_.usage(pid, previous, precise), scope_.memory_events())
         })
         .await;
         let Ok((usage, (oom_kills, high_events))) = reading else {
@@ -424,7 +426,7 @@ impl LimitWatch {
 /// SIGKILLs the agent `root` and its tree (its group, its descendants).
 fn kill_tree(root: u32) {
     signal_group(Pid::from_raw(root as i32), Signal::SIGKILL);
-    for pid in limits::tree(root) {
+    for pid in limits::tree_now(root) {
         let _ = nix::sys::signal::kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
     }
 }
