@@ -335,7 +335,7 @@ async fn a_heartbeat_that_turns_starting_into_ready_and_a_restored_record_append
         pgid: 1,
         startup: Duration::from_millis(5),
         log_file: None,
-        warm: true,
+        warm: 1,
     };
     assert_eq!(store.restore("w", &[record], unix_now()).await.unwrap(), 1);
     // What the worker held is written back, the warm-pool flag with it.

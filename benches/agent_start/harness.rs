@@ -623,7 +623,7 @@ impl Launcher for InstantLauncher {
             startup: Duration::ZERO,
             exited,
             handle: AgentHandle::new(stop_tx),
-            warm: false,
+            start: agent_worker::agent::launcher::StartMode::Cold,
         })))
     }
 }

@@ -7,7 +7,7 @@
 //! ([`crate::agent::cgroup_guard`]) once it is gone. Per-agent resource limits (`memory.max`,
 //! `memory.swap.max`, `memory.high`, `pids.max`) are files of an `AgentCgroup`'s directory,
 //! written before its agent starts, once the worker's cgroup passes the memory and pids
-//! controllers down ([`enable_controllers`]); the OOM kills and the usage are read from the
+//! controllers down (`enable_controllers`); the OOM kills and the usage are read from the
 //! same directory.
 
 use std::{

@@ -450,7 +450,7 @@ impl AgentScope {
     }
 
     /// Where its process goes before it execs: its cgroups, its OOM score. The v1 cgroups
-    /// are left out when its [`Self::spawner`] is in them already.
+    /// are left out when its spawner thread is in them already.
     pub fn placement(&self) -> Placement {
         let cgroup = self.cgroups.as_ref().map(|c| &c.cgroup);
         let v1 = self

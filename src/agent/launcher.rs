@@ -92,8 +92,39 @@ pub struct RunningAgent {
     pub exited: oneshot::Receiver<AgentExit>,
     /// Stops the agent.
     pub handle: AgentHandle,
-    /// Whether it was a warm process handed its session (see [`crate::agent::warm`]).
-    pub warm: bool,
+    /// How it started.
+    pub start: StartMode,
+}
+
+/// How an agent started: the session record's `warm` field says it (`0`, `1`, `2`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartMode {
+    /// A new process, with its imports (`warm=0`).
+    Cold,
+    /// A warm process of the pool, handed its session ([`crate::agent::warm`]; `warm=1`).
+    Warm,
+    /// Forked by the zygote (`warm=2`).
+    Forked,
+}
+
+impl StartMode {
+    /// The value of the record's `warm` field.
+    pub fn warm_value(self) -> u8 {
+        match self {
+            Self::Cold => 0,
+            Self::Warm => 1,
+            Self::Forked => 2,
+        }
+    }
+
+    /// Its name in logs and metrics labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Cold => "cold",
+            Self::Warm => "warm",
+            Self::Forked => "forked",
+        }
+    }
 }
 
 /// Asks an agent's owner task to stop it, and reads what the agent uses.

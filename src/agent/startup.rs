@@ -21,7 +21,7 @@ use tokio::sync::{oneshot, watch};
 
 use super::{
     exit::AgentExit,
-    launcher::{AgentHandle, LaunchError, RunningAgent},
+    launcher::{AgentHandle, LaunchError, RunningAgent, StartMode},
     phase::{Phase, Readiness},
 };
 
@@ -73,7 +73,7 @@ pub(crate) async fn await_start(
         startup,
         exited,
         handle,
-        warm: false,
+        start: StartMode::Cold,
     };
     match outcome {
         Outcome::Reached(_) => Ok(running(exited, handle)),

@@ -34,7 +34,7 @@ use tokio::{io::AsyncWriteExt, net::unix::pipe, sync::oneshot};
 use super::{
     command::LaunchSpec,
     exit::AgentExit,
-    launcher::{AgentHandle, LaunchError, RunningAgent},
+    launcher::{AgentHandle, LaunchError, RunningAgent, StartMode},
     output::{Binding, OutputReader},
     phase::Readiness,
     process::{AgentProcesses, Program, Spawned},
@@ -215,7 +215,7 @@ impl WarmProcess {
         guard.0 = None;
         match await_start(started, readiness).await {
             Ok(mut agent) => {
-                agent.warm = true;
+                agent.start = StartMode::Warm;
                 Ok(agent)
             }
             // Nothing printed since the handoff: the process died under us rather than the

@@ -23,8 +23,9 @@
 -- KEYS[4]: agent:<id>:pid KEYS[5]: agent:<id>:health  KEYS[6]: the heartbeat index
 -- KEYS[7]: legacy histogram HASH   KEYS[8]: legacy duration HASH (sum, count)
 -- ARGV[1]: this worker's id   ARGV[2]: now   ARGV[3]: TTL   ARGV[4]: session id
--- ARGV[5]: pid   ARGV[6]: pgid   ARGV[7]: start-up time (s)   ARGV[8]: 1 when a warm process
--- took the session, else 0   ARGV[9]: 1 for legacy metrics
+-- ARGV[5]: pid   ARGV[6]: pgid   ARGV[7]: start-up time (s)   ARGV[8]: how the agent
+-- started (0 cold, 1 a warm process took the session, 2 the zygote forked it)
+-- ARGV[9]: 1 for legacy metrics
 -- ARGV[10]: n, then ARGV[11..10+2n]: the record's field/value pairs (without status and
 -- workerId), written when the record was lost
 -- ARGV[11+2n..]: the legacy histogram's finite bucket bounds (s), ascending

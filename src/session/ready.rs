@@ -43,8 +43,9 @@ pub struct Ready {
     pub pgid: u32,
     /// Its start-up time (from the handoff, for a warm process).
     pub startup: Duration,
-    /// Whether a warm process took the session (`warm=1`).
-    pub warm: bool,
+    /// How the agent started, as the record's `warm` field says it: 0 cold, 1 a warm
+    /// process of the pool, 2 forked by the zygote.
+    pub warm: u8,
 }
 
 impl SessionStore {
@@ -78,7 +79,7 @@ impl SessionStore {
             .arg(ready.pid)
             .arg(ready.pgid)
             .arg(format!("{:.3}", ready.startup.as_secs_f64()))
-            .arg(flag(ready.warm))
+            .arg(ready.warm)
             .arg(flag(self.legacy_metrics));
         let fields = record.fields();
         invocation.arg(fields.len());

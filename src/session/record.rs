@@ -28,8 +28,8 @@ pub struct AgentRecord {
     pub startup: Duration,
     /// `logFile`.
     pub log_file: Option<String>,
-    /// `warm`: a warm process took the session.
-    pub warm: bool,
+    /// `warm`: how the agent started (0 cold, 1 a warm process, 2 forked by the zygote).
+    pub warm: u8,
 }
 
 impl AgentRecord {
@@ -52,8 +52,8 @@ impl AgentRecord {
         if let Some(path) = &self.log_file {
             pairs.push((fields::LOG_FILE, path.clone()));
         }
-        if self.warm {
-            pairs.push((fields::WARM, "1".to_owned()));
+        if self.warm > 0 {
+            pairs.push((fields::WARM, self.warm.to_string()));
         }
         pairs
     }

@@ -106,7 +106,7 @@ impl Inner {
                         pgid: agent.pgid,
                         startup: agent.startup,
                         log_file: attempts.log_file.clone(),
-                        warm: agent.warm,
+                        warm: agent.start.warm_value(),
                     };
                     return Ok(self.clone().adopt(slot, agent, record, attempts.made).await);
                 }

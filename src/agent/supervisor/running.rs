@@ -12,7 +12,10 @@ use super::{
     state::{Inner, Slot, StartingSlot},
 };
 use crate::{
-    agent::{exit::AgentExit, launcher::RunningAgent},
+    agent::{
+        exit::AgentExit,
+        launcher::{RunningAgent, StartMode},
+    },
     metrics as observability,
     session::{AgentRecord, EndRecord, Ready, ReadyRecord, SessionEnd},
 };
@@ -34,7 +37,8 @@ impl Inner {
             session_id = %id,
             pid = agent.pid,
             startup_ms = agent.startup.as_millis() as u64,
-            warm = agent.warm,
+            warm = agent.start == StartMode::Warm,
+            start = agent.start.as_str(),
             attempt,
             "agent_ready"
         );
@@ -84,7 +88,7 @@ impl Inner {
                     pid: agent.pid,
                     pgid: agent.pgid,
                     startup: agent.startup,
-                    warm: agent.warm,
+                    warm: agent.start.warm_value(),
                 },
             )
             .await;
