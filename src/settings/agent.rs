@@ -69,6 +69,14 @@ pub struct AgentSettings {
     /// An idle warm process older than this is replaced by a fresh one.
     #[serde(with = "humantime_serde")]
     pub warm_max_idle: Duration,
+    /// Program and arguments of the replica's fork server (`docs/zygote.md`); empty: none.
+    pub zygote_command: Vec<String>,
+    /// Time allowed for the zygote's ready message, and for each of its replies.
+    #[serde(with = "humantime_serde")]
+    pub zygote_timeout: Duration,
+    /// The zygote is replaced once its own memory (RSS) grows past this; none when unset.
+    #[serde(deserialize_with = "optional_size")]
+    pub zygote_memory_max: Option<ByteSize>,
     /// Hard memory limit of each agent's whole process tree; none when unset (see
     /// `limits.rs`).
     #[serde(deserialize_with = "optional_size")]
@@ -112,6 +120,7 @@ impl AgentSettings {
         self.validate_launch()?;
         self.validate_phases()?;
         self.validate_warm_pool()?;
+        self.validate_zygote()?;
         self.validate_limits()?;
         self.validate_output()
     }
@@ -182,6 +191,29 @@ impl AgentSettings {
                 "agent.warm_command",
                 "the program must not be empty",
             ));
+        }
+        Ok(())
+    }
+
+    /// The `zygote_*` keys: one start mode per replica, so no warm pool beside a zygote.
+    fn validate_zygote(&self) -> Result<(), SettingsError> {
+        let Some(program) = self.zygote_command.first() else {
+            return Ok(());
+        };
+        if program.trim().is_empty() {
+            return Err(invalid(
+                "agent.zygote_command",
+                "the program must not be empty",
+            ));
+        }
+        if self.warm_pool > 0 {
+            return Err(invalid(
+                "agent.zygote_command",
+                "a replica forks from its zygote or keeps a warm pool, not both: set agent.warm_pool = 0",
+            ));
+        }
+        if self.zygote_timeout.is_zero() {
+            return Err(invalid("agent.zygote_timeout", "must be > 0"));
         }
         Ok(())
     }

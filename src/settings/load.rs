@@ -123,6 +123,7 @@ mod tests {
         for key in [
             "agent.command",
             "agent.warm_command",
+            "agent.zygote_command",
             "agent.ready_patterns",
             "agent.alive_patterns",
         ] {
