@@ -128,6 +128,10 @@ impl Agent {
 struct Burst {
     /// Enqueue → ready (ms) of each session.
     ready_ms: Vec<f64>,
+    /// Enqueue → `launch()` (ms) of each session: the worker's pick-up.
+    pickup_ms: Vec<f64>,
+    /// With a zygote, after the burst: enqueue → ready (ms) of sessions one at a time.
+    single_ms: Vec<f64>,
     /// Sessions by how they started (the session record's `warm`: 0 cold, 1 warm, 2 forked).
     started: HashMap<String, usize>,
     /// Sum of the PSS of every agent's process tree (kB).
@@ -236,6 +240,11 @@ fn report(agent: &Agent, runs: &[Vec<Burst>]) -> Vec<Row> {
                 versus(format!(" ({pss_ratio:.2}× a cold agent's)"))
             ),
         );
+        let pickup = Row::info(
+            PART,
+            label("  of which enqueue → launch() (the worker's pick-up) p50 / p99"),
+            format!("{:.1} / {:.1} ms", f.pickup.pct(50.0), f.pickup.pct(99.0)),
+        );
         if judged {
             rows.push(p50.against("≤ 10 ms", f.ready.pct(50.0) <= 10.0));
             rows.push(p99.against("≤ 20 ms", f.ready.pct(99.0) <= 20.0));
@@ -243,6 +252,17 @@ fn report(agent: &Agent, runs: &[Vec<Burst>]) -> Vec<Row> {
             rows.push(pss.against("≤ ¼ of a cold agent's", pss_ratio <= 0.25));
         } else {
             rows.extend([p50, p99, last, pss]);
+        }
+        rows.push(pickup);
+        if f.single.len() > 0 {
+            rows.push(Row::info(
+                PART,
+                label(&format!(
+                    "one at a time after the burst (each when the one before is ready): enqueue → ready p50 / p99 (n={})",
+                    f.single.len()
+                )),
+                format!("{:.1} / {:.1} ms", f.single.pct(50.0), f.single.pct(99.0)),
+            ));
         }
         if *mode != Mode::Cold {
             let whose = match mode {
@@ -269,6 +289,8 @@ fn report(agent: &Agent, runs: &[Vec<Burst>]) -> Vec<Row> {
 /// One mode's figures over its bursts.
 struct Figures {
     ready: Dist,
+    pickup: Dist,
+    single: Dist,
     last: Spread,
     pss_per_agent_kb: f64,
     others_pss_kb: f64,
@@ -306,8 +328,13 @@ impl Figures {
             .map(|(how, n)| format!("{n} {how}"))
             .collect();
         started.sort();
+        let all = |of: fn(&Burst) -> &Vec<f64>| {
+            Dist::new(bursts.iter().flat_map(|b| of(b).clone()).collect())
+        };
         Self {
             ready,
+            pickup: all(|b| &b.pickup_ms),
+            single: all(|b| &b.single_ms),
             last: Spread::of(&lasts),
             pss_per_agent_kb: median(
                 bursts
@@ -352,23 +379,28 @@ async fn burst(ctx: &Ctx, agent: &Agent, mode: Mode, name: &str) -> anyhow::Resu
         probe.wait_ready(n, Duration::from_secs(300)).await?;
         let stamps = probe.take();
         let mut ready_ms = Vec::new();
+        let mut pickup_ms = Vec::new();
         let mut pids = Vec::new();
         let mut started: HashMap<String, usize> = HashMap::new();
         for id in &ids {
             let s = stamps[id.as_str()];
-            ready_ms.push(
-                s.ready
-                    .zip(s.enqueued)
-                    .map_or(f64::NAN, |(r, e)| r.duration_since(e).as_secs_f64() * 1e3),
-            );
+            ready_ms.push(millis(s.enqueued, s.ready));
+            pickup_ms.push(millis(s.enqueued, s.launched));
             pids.extend(s.pid);
         }
         for warm in start_modes(ctx, &ids).await? {
             *started.entry(warm).or_default() += 1;
         }
         let (agents_pss_kb, others_pss_kb, others) = pss(&pids);
+        let single_ms = if mode == Mode::Zygote {
+            one_at_a_time(ctx, &probe, &format!("{name}s"), n).await?
+        } else {
+            Vec::new()
+        };
         anyhow::Ok(Burst {
             ready_ms,
+            pickup_ms,
+            single_ms,
             started,
             agents_pss_kb,
             others_pss_kb,
@@ -379,6 +411,38 @@ async fn burst(ctx: &Ctx, agent: &Agent, mode: Mode, name: &str) -> anyhow::Resu
     .await;
     worker.stop().await?;
     result
+}
+
+/// Milliseconds from `from` to `to`, NaN without both.
+fn millis(from: Option<Instant>, to: Option<Instant>) -> f64 {
+    from.zip(to)
+        .and_then(|(f, t)| t.checked_duration_since(f))
+        .map_or(f64::NAN, |d| d.as_secs_f64() * 1e3)
+}
+
+/// After the burst, its agents stopped: `n` sessions one at a time, each enqueued once the one
+/// before is ready; their enqueue → ready (ms).
+async fn one_at_a_time(ctx: &Ctx, probe: &Probe, name: &str, n: usize) -> anyhow::Result<Vec<f64>> {
+    probe.stop_running(Duration::from_secs(2));
+    wait_until(
+        "the burst's sessions to end",
+        Duration::from_secs(60),
+        || async { (ctx.live_sessions().await.ok()? == 0).then_some(()) },
+    )
+    .await?;
+    let ids = ids(name, n);
+    ctx.write_configs(&ids).await?;
+    ctx.quiet().await;
+    for (i, id) in ids.iter().enumerate() {
+        probe.enqueued(id.as_str(), Instant::now());
+        ctx.enqueue_all(std::slice::from_ref(id)).await?;
+        probe.wait_ready(i + 1, Duration::from_secs(60)).await?;
+    }
+    let stamps = probe.take();
+    Ok(ids
+        .iter()
+        .map(|id| millis(stamps[id.as_str()].enqueued, stamps[id.as_str()].ready))
+        .collect())
 }
 
 /// One session, not measured, waited for and stopped; with a zygote, repeated until one was
