@@ -36,7 +36,7 @@ use agent_worker::settings::Settings;
 use redis::AsyncCommands;
 
 use crate::{
-    harness::{Ctx, InProcessWorker, Probe, RecordingLauncher, ids, wait_until},
+    harness::{Ctx, InProcessWorker, Probe, RecordingLauncher, Stamps, ids, wait_until},
     procfs::{cmdline, parents, pss_kb, tree},
     report::Row,
     stats::{Dist, Spread},
@@ -130,8 +130,15 @@ struct Burst {
     ready_ms: Vec<f64>,
     /// Enqueue → `launch()` (ms) of each session: the worker's pick-up.
     pickup_ms: Vec<f64>,
-    /// With a zygote, after the burst: enqueue → ready (ms) of sessions one at a time.
+    /// With a zygote: `launch()` → the zygote's reply (the agent forked and placed), and
+    /// from then to the ready line read (ms), of each forked session.
+    reply_ms: Vec<f64>,
+    after_ms: Vec<f64>,
+    /// With a zygote, after the burst, sessions one at a time: enqueue → ready, `launch()` →
+    /// reply, reply → ready (ms).
     single_ms: Vec<f64>,
+    single_reply_ms: Vec<f64>,
+    single_after_ms: Vec<f64>,
     /// Sessions by how they started (the session record's `warm`: 0 cold, 1 warm, 2 forked).
     started: HashMap<String, usize>,
     /// Sum of the PSS of every agent's process tree (kB).
@@ -254,6 +261,22 @@ fn report(agent: &Agent, runs: &[Vec<Burst>]) -> Vec<Row> {
             rows.extend([p50, p99, last, pss]);
         }
         rows.push(pickup);
+        let split = |reply: &Dist, after: &Dist| {
+            format!(
+                "{:.1} / {:.1} ms; then to the ready line read {:.1} / {:.1} ms",
+                reply.pct(50.0),
+                reply.pct(99.0),
+                after.pct(50.0),
+                after.pct(99.0)
+            )
+        };
+        if f.reply.len() > 0 {
+            rows.push(Row::info(
+                PART,
+                label("  of which launch() → the zygote's reply (forked, placed) p50 / p99"),
+                split(&f.reply, &f.after),
+            ));
+        }
         if f.single.len() > 0 {
             rows.push(Row::info(
                 PART,
@@ -262,7 +285,11 @@ fn report(agent: &Agent, runs: &[Vec<Burst>]) -> Vec<Row> {
                     f.single.len()
                 )),
                 format!("{:.1} / {:.1} ms", f.single.pct(50.0), f.single.pct(99.0)),
-            ));
+            )
+            .spread(format!(
+                "launch() → reply {}",
+                split(&f.single_reply, &f.single_after)
+            )));
         }
         if *mode != Mode::Cold {
             let whose = match mode {
@@ -290,7 +317,11 @@ fn report(agent: &Agent, runs: &[Vec<Burst>]) -> Vec<Row> {
 struct Figures {
     ready: Dist,
     pickup: Dist,
+    reply: Dist,
+    after: Dist,
     single: Dist,
+    single_reply: Dist,
+    single_after: Dist,
     last: Spread,
     pss_per_agent_kb: f64,
     others_pss_kb: f64,
@@ -334,7 +365,11 @@ impl Figures {
         Self {
             ready,
             pickup: all(|b| &b.pickup_ms),
+            reply: all(|b| &b.reply_ms),
+            after: all(|b| &b.after_ms),
             single: all(|b| &b.single_ms),
+            single_reply: all(|b| &b.single_reply_ms),
+            single_after: all(|b| &b.single_after_ms),
             last: Spread::of(&lasts),
             pss_per_agent_kb: median(
                 bursts
@@ -378,9 +413,9 @@ async fn burst(ctx: &Ctx, agent: &Agent, mode: Mode, name: &str) -> anyhow::Resu
         ctx.enqueue_all(&ids).await?;
         probe.wait_ready(n, Duration::from_secs(300)).await?;
         let stamps = probe.take();
-        let mut ready_ms = Vec::new();
-        let mut pickup_ms = Vec::new();
-        let mut pids = Vec::new();
+        let (mut ready_ms, mut pickup_ms, mut pids) = (Vec::new(), Vec::new(), Vec::new());
+        let burst: Vec<Stamps> = ids.iter().map(|id| stamps[id.as_str()]).collect();
+        let (reply_ms, after_ms) = forks(mode, &burst);
         let mut started: HashMap<String, usize> = HashMap::new();
         for id in &ids {
             let s = stamps[id.as_str()];
@@ -392,15 +427,21 @@ async fn burst(ctx: &Ctx, agent: &Agent, mode: Mode, name: &str) -> anyhow::Resu
             *started.entry(warm).or_default() += 1;
         }
         let (agents_pss_kb, others_pss_kb, others) = pss(&pids);
-        let single_ms = if mode == Mode::Zygote {
+        let single = if mode == Mode::Zygote {
             one_at_a_time(ctx, &probe, &format!("{name}s"), n).await?
         } else {
             Vec::new()
         };
+        let single_ms = single.iter().map(|s| millis(s.enqueued, s.ready)).collect();
+        let (single_reply_ms, single_after_ms) = forks(mode, &single);
         anyhow::Ok(Burst {
             ready_ms,
             pickup_ms,
+            reply_ms,
+            after_ms,
             single_ms,
+            single_reply_ms,
+            single_after_ms,
             started,
             agents_pss_kb,
             others_pss_kb,
@@ -420,9 +461,32 @@ fn millis(from: Option<Instant>, to: Option<Instant>) -> f64 {
         .map_or(f64::NAN, |d| d.as_secs_f64() * 1e3)
 }
 
+/// With a zygote, `launch()` → the zygote's reply and reply → ready (ms) of each session
+/// (the reply is the `agent_forked` event); nothing in other modes.
+fn forks(mode: Mode, stamps: &[Stamps]) -> (Vec<f64>, Vec<f64>) {
+    if mode != Mode::Zygote {
+        return (Vec::new(), Vec::new());
+    }
+    let known = |v: Vec<f64>| v.into_iter().filter(|ms| !ms.is_nan()).collect();
+    (
+        known(
+            stamps
+                .iter()
+                .map(|s| millis(s.launched, s.spawned))
+                .collect(),
+        ),
+        known(stamps.iter().map(|s| millis(s.spawned, s.ready)).collect()),
+    )
+}
+
 /// After the burst, its agents stopped: `n` sessions one at a time, each enqueued once the one
-/// before is ready; their enqueue → ready (ms).
-async fn one_at_a_time(ctx: &Ctx, probe: &Probe, name: &str, n: usize) -> anyhow::Result<Vec<f64>> {
+/// before is ready; their stamps.
+async fn one_at_a_time(
+    ctx: &Ctx,
+    probe: &Probe,
+    name: &str,
+    n: usize,
+) -> anyhow::Result<Vec<Stamps>> {
     probe.stop_running(Duration::from_secs(2));
     wait_until(
         "the burst's sessions to end",
@@ -439,10 +503,7 @@ async fn one_at_a_time(ctx: &Ctx, probe: &Probe, name: &str, n: usize) -> anyhow
         probe.wait_ready(i + 1, Duration::from_secs(60)).await?;
     }
     let stamps = probe.take();
-    Ok(ids
-        .iter()
-        .map(|id| millis(stamps[id.as_str()].enqueued, stamps[id.as_str()].ready))
-        .collect())
+    Ok(ids.iter().map(|id| stamps[id.as_str()]).collect())
 }
 
 /// One session, not measured, waited for and stopped; with a zygote, repeated until one was

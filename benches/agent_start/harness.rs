@@ -655,10 +655,12 @@ pub struct SpawnLayer;
 
 impl SpawnLayer {
     fn wanted(meta: &tracing::Metadata<'_>) -> bool {
-        meta.is_event()
-            && meta.target() == "agent_worker::agent::process"
-            && meta.fields().field("pgid").is_some()
-            && meta.fields().field("session_id").is_some()
+        let has = |field| meta.fields().field(field).is_some();
+        // `agent_process_spawned`, or with a zygote `agent_forked` (its reply: the agent
+        // forked and placed), which takes its place.
+        let spawned = meta.target() == "agent_worker::agent::process" && has("pgid");
+        let forked = meta.target() == "agent_worker::agent::zygote" && has("zygote_pid");
+        meta.is_event() && (spawned || forked) && has("session_id")
     }
 
     /// Installs the layer as the process's only subscriber.
