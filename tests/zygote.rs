@@ -295,3 +295,62 @@ async fn a_sigkilled_worker_leaves_no_zygote_and_no_agent_behind() {
         .await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_zygote_is_recycled_new_one_first_and_its_agents_live_on() {
+    require_python(&["redis"]).await;
+    let redis = TestRedis::start().await;
+    let worker = worker(
+        &redis,
+        "argparse:json:redis",
+        &[("AGENT_WORKER__AGENT__WARM_MAX_IDLE", "3s")],
+    );
+    let first = zygote_ready(&worker, 1).await;
+    let before = burst(&redis.conn, "zyg-old", 1).await;
+    wait_status(&redis.conn, &before[0].0, "ready", Duration::from_secs(30)).await;
+    let agent = agent_pid(&redis.conn, &before[0].0).await;
+
+    let second = zygote_ready(&worker, 2).await;
+    assert_ne!(second, first);
+    let recycled = worker
+        .wait_event("zygote_recycled", Duration::from_secs(10))
+        .await;
+    assert_eq!(
+        recycled["pid"].as_u64(),
+        Some(u64::from(first)),
+        "{recycled}"
+    );
+    wait_gone("the recycled zygote", Duration::from_secs(10), first).await;
+    assert!(alive(agent), "the agent the old zygote forked lives on");
+    assert!(worker.events_named("zygote_broken").is_empty());
+
+    let after = burst(&redis.conn, "zyg-new", 1).await;
+    wait_status(&redis.conn, &after[0].0, "ready", Duration::from_secs(30)).await;
+    assert_eq!(start_mode(&redis.conn, &after[0].0).await, "2");
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zygote_over_its_memory_limit_is_recycled() {
+    require_python(&["redis"]).await;
+    let redis = TestRedis::start().await;
+    let worker = worker(
+        &redis,
+        "json",
+        &[("AGENT_WORKER__AGENT__ZYGOTE_MEMORY_MAX", "1MiB")],
+    );
+    let first = zygote_ready(&worker, 1).await;
+    let recycled = worker
+        .wait_event("zygote_recycled", Duration::from_secs(20))
+        .await;
+    assert_eq!(
+        recycled["pid"].as_u64(),
+        Some(u64::from(first)),
+        "{recycled}"
+    );
+    assert!(
+        recycled["why"].as_str().unwrap_or_default().contains("RSS"),
+        "{recycled}"
+    );
+    worker.stop().await;
+}
