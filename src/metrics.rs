@@ -42,6 +42,7 @@
 //! | `zygote_up` | gauge | |
 //! | `zygote_starts_total` | counter | `start` = `forked`, `cold` |
 //! | `zygote_failures_total` | counter | |
+//! | `starts_refused_total` | counter | `reason` = `start_expired`, `config_missing` |
 
 use std::{sync::OnceLock, time::Duration};
 
@@ -122,6 +123,9 @@ pub const ZYGOTE_UP: &str = "agent_worker_zygote_up";
 pub const ZYGOTE_STARTS_TOTAL: &str = "agent_worker_zygote_starts_total";
 /// Counter of zygotes that failed: refused, did not start, died, or left a request unanswered.
 pub const ZYGOTE_FAILURES_TOTAL: &str = "agent_worker_zygote_failures_total";
+/// Counter of starts refused at their claim, by `reason`: `start_expired` (claimed after the
+/// job's `start_by`) or `config_missing` (the tombstone rule: the config was deleted).
+pub const STARTS_REFUSED_TOTAL: &str = "agent_worker_starts_refused_total";
 
 /// Buckets of [`AGENT_STARTUP_SECONDS`]: 10 ms to one minute (`agent.startup_timeout` is 30 s
 /// by default; a real agent joins its room in a second or a few).
@@ -271,6 +275,11 @@ pub fn warm_take(warm: bool) {
 /// A warm process printed its warm line `duration` after its spawn.
 pub fn warm_up_finished(duration: Duration) {
     histogram!(WARM_UP_SECONDS).record(duration.as_secs_f64());
+}
+
+/// A start was refused at its claim (`start_expired` or `config_missing`).
+pub fn start_refused(reason: &'static str) {
+    counter!(STARTS_REFUSED_TOTAL, "reason" => reason).increment(1);
 }
 
 /// A warm-up failed, or an idle warm process died.
@@ -582,6 +591,12 @@ const SERIES: &[(&str, Kind, Option<Unit>, &str)] = &[
         Some(Unit::Count),
         "Zygotes that refused, did not start, died or left a request unanswered.",
     ),
+    (
+        STARTS_REFUSED_TOTAL,
+        Kind::Counter,
+        Some(Unit::Count),
+        "Starts refused at their claim, by reason (start_expired, config_missing).",
+    ),
 ];
 
 /// `# HELP` and `# TYPE` of every series in [`SERIES`].
@@ -637,6 +652,9 @@ fn register_zeroes() {
         counter!(WARM_TAKES_TOTAL, "result" => result).increment(0);
     }
     counter!(WARM_UP_FAILURES_TOTAL).increment(0);
+    for reason in ["start_expired", "config_missing"] {
+        counter!(STARTS_REFUSED_TOTAL, "reason" => reason).increment(0);
+    }
     gauge!(WARM_IDLE).set(0.0);
     for start in ["forked", "cold"] {
         counter!(ZYGOTE_STARTS_TOTAL, "start" => start).increment(0);

@@ -99,6 +99,26 @@ fn cgroups(pid: u32) -> String {
     std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default()
 }
 
+/// The zygote's state as `status --json` shows it once `check` of it holds.
+async fn zygote_status(
+    redis: &TestRedis,
+    check: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    wait_for(
+        "status --json to show the zygote",
+        Duration::from_secs(20),
+        || async {
+            let out = worker_command(&redis.url(), &["status", "--json"], "ready", &[])
+                .output()
+                .expect("agent-worker status");
+            let status: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            let zygote = status["workers"].as_array()?.first()?["info"]["zygote"].clone();
+            check(&zygote).then_some(zygote)
+        },
+    )
+    .await
+}
+
 /// The process group of `pid`.
 fn pgid(pid: u32) -> u32 {
     nix::unistd::getpgid(Some(nix::unistd::Pid::from_raw(pid as i32)))
@@ -155,6 +175,40 @@ async fn thirty_sessions_at_once_each_get_a_forked_agent_of_their_own() {
         assert!(alive(agent_pid(&redis.conn, id).await), "{id} still runs");
     }
     assert!(alive(zygote), "the zygote still serves");
+    let shown = zygote_status(&redis, |z| z["forked"].as_u64() >= Some(30)).await;
+    assert_eq!(shown["state"], "ready", "{shown}");
+    assert_eq!(shown["pid"].as_u64(), Some(u64::from(zygote)), "{shown}");
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_zygote_is_replaced_and_the_session_waiting_on_it_starts_cold() {
+    require_python(&["redis"]).await;
+    let redis = TestRedis::start().await;
+    let worker = worker(&redis, "argparse:json:redis", &[]);
+    let zygote = zygote_ready(&worker, 1).await;
+    // Stopped, it neither answers nor dies.
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(zygote as i32), Signal::SIGSTOP).unwrap();
+    let sessions = burst(&redis.conn, "zyg-hung", 1).await;
+    let (id, voice) = &sessions[0];
+    wait_status(&redis.conn, id, "ready", Duration::from_secs(30)).await;
+    assert_eq!(report(&redis.conn, id).await["voice_id"], voice.as_str());
+    assert_eq!(start_mode(&redis.conn, id).await, "0", "started cold");
+    let broken = worker
+        .wait_event("zygote_broken", Duration::from_secs(5))
+        .await;
+    assert!(
+        broken["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("no reply"),
+        "{broken}"
+    );
+    wait_gone("the hung zygote", Duration::from_secs(10), zygote).await;
+    let second = zygote_ready(&worker, 2).await;
+    assert_ne!(second, zygote);
+    let shown = zygote_status(&redis, |z| z["pid"].as_u64() == Some(u64::from(second))).await;
+    assert_eq!(shown["state"], "ready", "{shown}");
     worker.stop().await;
 }
 
@@ -240,4 +294,63 @@ async fn a_sigkilled_worker_leaves_no_zygote_and_no_agent_behind() {
         )
         .await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_zygote_is_recycled_new_one_first_and_its_agents_live_on() {
+    require_python(&["redis"]).await;
+    let redis = TestRedis::start().await;
+    let worker = worker(
+        &redis,
+        "argparse:json:redis",
+        &[("AGENT_WORKER__AGENT__WARM_MAX_IDLE", "3s")],
+    );
+    let first = zygote_ready(&worker, 1).await;
+    let before = burst(&redis.conn, "zyg-old", 1).await;
+    wait_status(&redis.conn, &before[0].0, "ready", Duration::from_secs(30)).await;
+    let agent = agent_pid(&redis.conn, &before[0].0).await;
+
+    let second = zygote_ready(&worker, 2).await;
+    assert_ne!(second, first);
+    let recycled = worker
+        .wait_event("zygote_recycled", Duration::from_secs(10))
+        .await;
+    assert_eq!(
+        recycled["pid"].as_u64(),
+        Some(u64::from(first)),
+        "{recycled}"
+    );
+    wait_gone("the recycled zygote", Duration::from_secs(10), first).await;
+    assert!(alive(agent), "the agent the old zygote forked lives on");
+    assert!(worker.events_named("zygote_broken").is_empty());
+
+    let after = burst(&redis.conn, "zyg-new", 1).await;
+    wait_status(&redis.conn, &after[0].0, "ready", Duration::from_secs(30)).await;
+    assert_eq!(start_mode(&redis.conn, &after[0].0).await, "2");
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zygote_over_its_memory_limit_is_recycled() {
+    require_python(&["redis"]).await;
+    let redis = TestRedis::start().await;
+    let worker = worker(
+        &redis,
+        "json",
+        &[("AGENT_WORKER__AGENT__ZYGOTE_MEMORY_MAX", "1MiB")],
+    );
+    let first = zygote_ready(&worker, 1).await;
+    let recycled = worker
+        .wait_event("zygote_recycled", Duration::from_secs(20))
+        .await;
+    assert_eq!(
+        recycled["pid"].as_u64(),
+        Some(u64::from(first)),
+        "{recycled}"
+    );
+    assert!(
+        recycled["why"].as_str().unwrap_or_default().contains("RSS"),
+        "{recycled}"
+    );
+    worker.stop().await;
 }

@@ -10,8 +10,8 @@
 //!   gets ready, or stays up for `HEALTHY_AFTER`. A request refused on its own (a fork that
 //!   failed, a request too long) starts that session cold and keeps the zygote.
 //! - **Recycling.** A zygote older than `agent.warm_max_idle`, or whose own memory (RSS) has
-//!   grown past `agent.zygote_memory_max`, is replaced: the new one is started first, so
-//!   starts stay forked throughout.
+//!   grown past `agent.zygote_memory_max` (unset: twice its RSS when it became ready), is
+//!   replaced: the new one is started first, so starts stay forked throughout.
 //! - **Its agents are not its children.** Each is the worker's child, in its own group and
 //!   cgroup: a zygote that dies, is recycled or is killed ends no session.
 //! - **Shutdown.** [`Launcher::close`] stops the zygote. A SIGKILLed worker takes it with it
@@ -41,6 +41,9 @@ use crate::metrics;
 
 /// How often the zygote's own memory is read.
 const MEMORY_CHECK: Duration = Duration::from_secs(5);
+/// Without `agent.zygote_memory_max`, a zygote whose RSS grows past this many times what it
+/// had when it became ready is replaced.
+const GROWTH_FACTOR: u64 = 2;
 
 /// The zygote's settings (from `[agent]`).
 #[derive(Debug, Clone)]
@@ -49,7 +52,8 @@ pub struct ZygoteSettings {
     pub command: ZygoteCommand,
     /// It is replaced once older than this (`agent.warm_max_idle`).
     pub max_age: Duration,
-    /// It is replaced once its RSS passes this (`agent.zygote_memory_max`).
+    /// It is replaced once its RSS passes this (`agent.zygote_memory_max`); unset: twice its
+    /// RSS when it became ready.
     pub memory_max: Option<u64>,
 }
 
@@ -231,6 +235,9 @@ impl Inner {
     async fn watch(&self, zygote: &Zygote) -> End {
         let recycle_at = tokio::time::Instant::from_std(zygote.ready_at + self.settings.max_age);
         let mut memory = tokio::time::interval(MEMORY_CHECK);
+        // What it holds once ready: its imports. A zygote only forks after that, so growth
+        // beyond it is a leak (of the shim, or of a preloaded module's background work).
+        let baseline = zygote.rss_bytes();
         let healthy = tokio::time::sleep(HEALTHY_AFTER);
         tokio::pin!(healthy);
         let mut proven = false;
@@ -245,7 +252,8 @@ impl Inner {
                     return End::Recycle(format!("older than {:?}", self.settings.max_age));
                 }
                 _ = memory.tick() => {
-                    if let (Some(max), Some(rss)) = (self.settings.memory_max, zygote.rss_bytes())
+                    let max = self.settings.memory_max.or(baseline.map(|b| b * GROWTH_FACTOR));
+                    if let (Some(max), Some(rss)) = (max, zygote.rss_bytes())
                         && rss > max
                     {
                         return End::Recycle(format!("its RSS of {rss} bytes passed {max}"));

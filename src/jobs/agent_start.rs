@@ -148,8 +148,12 @@ impl AgentStartJob {
             disposition: error.disposition(last),
             error,
         };
-        let job = AgentStart::decode(raw).map_err(|e| fail(e.into()))?;
+        let (job, warnings) = AgentStart::decode_with_warnings(raw).map_err(|e| fail(e.into()))?;
         tracing::Span::current().record("session_id", job.session_id.as_str());
+        // A malformed trace context costs no one their agent: the start gets a root trace.
+        for warning in warnings {
+            tracing::warn!(session_id = %job.session_id, warning = %warning, "payload_field_ignored");
+        }
         let result = self.start(&job, task_id).await.map_err(fail);
         if let Err(failure) = &result
             && failure.disposition == Disposition::Dead
@@ -182,8 +186,14 @@ impl AgentStartJob {
             task_id: task_id.to_owned(),
             job_meta: self.queue.meta(task_id),
             command: self.command.clone(),
+            start_by: job.start_by,
         };
-        let outcome = self.supervisor.start(request).await?;
+        let outcome = self.supervisor.start(request).await;
+        if let Err(StartError::Refused(refusal)) = &outcome {
+            observability::start_refused(refusal.kind.as_str());
+            tracing::warn!(session_id = %job.session_id, kind = refusal.kind.as_str(), reason = %refusal.reason, "agent_start_refused");
+        }
+        let outcome = outcome?;
         match &outcome {
             StartOutcome::AlreadyRunning { pid } => {
                 tracing::info!(session_id = %job.session_id, pid, "agent_already_running");
