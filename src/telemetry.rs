@@ -11,6 +11,14 @@
 //! line would go unseen). So `main` logs through [`non_blocking_stderr`]: a bounded queue in
 //! memory and a thread that writes it out; when stderr cannot keep up, lines beyond the queue
 //! are dropped, never waited for.
+//!
+//! OpenTelemetry traces of each start ([`otel`], [`start_trace`]), when the standard
+//! `OTEL_*` variables ask for them, are one more layer of the same subscriber.
+
+pub mod http1;
+pub mod otel;
+pub mod span_queue;
+pub mod start_trace;
 
 use tracing::Subscriber;
 use tracing_appender::non_blocking::{NonBlocking, NonBlockingBuilder, WorkerGuard};
@@ -30,7 +38,9 @@ where
 {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
-    let registry = tracing_subscriber::registry().with(filter);
+    let registry = tracing_subscriber::registry()
+        .with(filter)
+        .with(otel::layer());
     match format {
         LogFormat::Json => Box::new(
             registry.with(

@@ -182,6 +182,7 @@ impl AgentStartJob {
             task_id: task_id.to_owned(),
             job_meta: self.queue.meta(task_id),
             command: self.command.clone(),
+            trace_context: None,
         };
         let outcome = self.supervisor.start(request).await?;
         match &outcome {

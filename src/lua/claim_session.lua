@@ -38,8 +38,9 @@
 -- ARGV[11]: 1 when KEYS[9] is a job's meta hash (0: a claim outside a job)
 -- Last KEY and ARGV: the event stream and its bound (session_events.lua). A `starting` event
 -- is appended when the claim changes the status or the owner (not on a retry's re-claim).
--- Returns {1, previous owner or '', 'stored' | 'default', {config field, value, ...}} when
--- claimed; {0, owner, status} when another live worker holds it; {2, status} when the session
+-- Returns {1, previous owner or '', 'stored' | 'default', {config field, value, ...},
+-- enqueued} when claimed (enqueued: the job meta's `enqueued_at`, unix ms on Redis's clock as
+-- the producer recorded it, or ''); {0, owner, status} when another live worker holds it; {2, status} when the session
 -- has ended ('' when its record is gone); {-1, type} when the config key is not a hash.
 local me, now, ttl = ARGV[1], ARGV[2], ARGV[4]
 
@@ -123,4 +124,5 @@ end
 if status ~= 'starting' or owner ~= me then
     session_event(ARGV[5], 'starting', me)
 end
-return { 1, owner or '', source, config }
+local enqueued = has_meta and redis.call('HGET', KEYS[9], 'enqueued_at')
+return { 1, owner or '', source, config, enqueued or '' }

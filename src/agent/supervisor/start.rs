@@ -89,6 +89,9 @@ pub struct StartRequest {
     /// How the agent is launched (`agent.command` and the session's options, contract §4,
     /// built from the config read at each claim).
     pub command: Arc<AgentCommand>,
+    /// The job's W3C trace context (`traceparent`, `tracestate`), continued by the start's
+    /// trace and handed to the agent ([`crate::telemetry::start_trace`]).
+    pub trace_context: Option<(String, Option<String>)>,
 }
 
 /// What every delivery of a start waits for.
