@@ -20,12 +20,14 @@ use super::{
     layout,
     mask::{MAX_SHOWN_CHARS, Mask},
     sessions::stop_button,
+    timeline,
     visit::{QueryFailed, Visit},
 };
 use crate::{
     clock::unix_now,
     inspect::session::{SessionDetail, session_detail},
     settings::ByteSize,
+    start_timeline::{StartTimeline, TIMELINE_FIELD},
 };
 
 /// Characters of an invalid id repeated on its "not a session id" page.
@@ -50,6 +52,8 @@ pub struct SessionView {
     pub job: Option<(String, Vec<(String, String)>)>,
     /// The agent's last output lines, oldest first.
     pub logs: Vec<String>,
+    /// Its start's phases (the record's `startTimeline`), once its agent was ready.
+    pub timeline: Option<StartTimeline>,
     /// Unix seconds the ages are counted to.
     pub now: u64,
 }
@@ -130,6 +134,9 @@ impl SessionView {
                 .iter()
                 .map(|line| truncate(&mask.text(line), MAX_SHOWN_CHARS))
                 .collect(),
+            timeline: detail
+                .field(TIMELINE_FIELD)
+                .and_then(StartTimeline::from_json),
             now,
         }
     }
@@ -179,6 +186,12 @@ pub fn render(view: &SessionView) -> Markup {
                 " Ends the session as the orchestrator does: its keys are deleted, and its worker \
                  stops the agent at its next heartbeat."
             }
+        }
+        h2 { "Start-up " small { "startTimeline" } }
+        @if let Some(timeline) = &view.timeline {
+            (timeline::svg(timeline))
+        } @else {
+            p class="empty" { "No start-up timeline (not ready yet, or started by an older worker)." }
         }
         h2 { "Record " small { "session:<id>" } }
         (layout::fields(&view.record))
