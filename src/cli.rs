@@ -50,23 +50,7 @@ pub enum Command {
     Run,
     /// Enqueue an agent-start job; with --voice-id, --opening-line or --system-prompt, first
     /// write the session's config as the orchestrator does. Prints the task id.
-    Enqueue {
-        /// Session to start an agent for: 1-128 characters of [A-Za-z0-9._-].
-        #[arg(long)]
-        session_id: String,
-        /// Who started the session (informational).
-        #[arg(long)]
-        user_id: Option<String>,
-        /// TTS voice for the session.
-        #[arg(long)]
-        voice_id: Option<String>,
-        /// The agent's opening line.
-        #[arg(long)]
-        opening_line: Option<String>,
-        /// The agent's system prompt.
-        #[arg(long)]
-        system_prompt: Option<String>,
-    },
+    Enqueue(EnqueueArgs),
     /// Remove stale sessions now (those the scheduled sweep would remove) and print each one
     /// with the reason.
     Sweep {
@@ -99,6 +83,36 @@ pub enum Command {
     },
 }
 
+/// What `enqueue` takes.
+#[derive(Debug, clap::Args)]
+pub struct EnqueueArgs {
+    /// Session to start an agent for: 1-128 characters of [A-Za-z0-9._-].
+    #[arg(long)]
+    pub session_id: String,
+    /// Who started the session (informational).
+    #[arg(long)]
+    pub user_id: Option<String>,
+    /// TTS voice for the session.
+    #[arg(long)]
+    pub voice_id: Option<String>,
+    /// The agent's opening line.
+    #[arg(long)]
+    pub opening_line: Option<String>,
+    /// The agent's system prompt.
+    #[arg(long)]
+    pub system_prompt: Option<String>,
+    /// Deadline after the enqueue (`30s`, `500ms`, `2m`), on Redis's clock: a worker that
+    /// claims the job later starts no agent (`start_expired`). None by default.
+    #[arg(long, value_name = "DURATION")]
+    pub start_within: Option<humantime::Duration>,
+    /// W3C traceparent (`00-<trace id>-<parent id>-<flags>`) the worker continues.
+    #[arg(long)]
+    pub traceparent: Option<String>,
+    /// W3C tracestate that goes with --traceparent.
+    #[arg(long, requires = "traceparent")]
+    pub tracestate: Option<String>,
+}
+
 /// `dead` commands.
 #[derive(Debug, Subcommand)]
 pub enum DeadCommand {
@@ -126,23 +140,7 @@ pub enum DeadCommand {
 pub async fn execute(command: Command, settings: Settings) -> anyhow::Result<()> {
     match command {
         Command::Run => run(settings).await,
-        Command::Enqueue {
-            session_id,
-            user_id,
-            voice_id,
-            opening_line,
-            system_prompt,
-        } => {
-            enqueue(
-                settings,
-                &session_id,
-                user_id,
-                voice_id,
-                opening_line,
-                system_prompt,
-            )
-            .await
-        }
+        Command::Enqueue(args) => enqueue(settings, args).await,
         Command::Sweep { dry_run, scan } => sweep(settings, dry_run, scan).await,
         Command::Status { json } => status(settings, json).await,
         Command::Dead { command } => dead(settings, command).await,
@@ -170,20 +168,32 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     Ok(ran?)
 }
 
-async fn enqueue(
-    settings: Settings,
-    session_id: &str,
-    user_id: Option<String>,
-    voice_id: Option<String>,
-    opening_line: Option<String>,
-    system_prompt: Option<String>,
-) -> anyhow::Result<()> {
-    let id = SessionId::parse(session_id).context("invalid --session-id")?;
+async fn enqueue(settings: Settings, args: EnqueueArgs) -> anyhow::Result<()> {
+    // Everything is checked before anything is written.
+    let id = SessionId::parse(&args.session_id).context("invalid --session-id")?;
+    let mut job = AgentStart::new(id.clone());
+    job.user_id = args.user_id.clone();
+    if let Some(traceparent) = args.traceparent {
+        job = job.with_traceparent(traceparent)?;
+    }
+    if let Some(tracestate) = args.tracestate {
+        job = job.with_tracestate(tracestate)?;
+    }
+    if let Some(within) = args.start_within {
+        job = job.with_start_within(within.into());
+    }
     let mut conn = connection::connect(&settings.redis).await?;
+    let EnqueueArgs {
+        voice_id,
+        opening_line,
+        system_prompt,
+        user_id,
+        ..
+    } = args;
     if voice_id.is_some() || opening_line.is_some() || system_prompt.is_some() {
         let config = SessionConfigInput {
             voice_id: voice_id.unwrap_or_else(|| settings.agent.default_voice.clone()),
-            user_name: user_id.clone().unwrap_or_default(),
+            user_name: user_id.unwrap_or_default(),
             opening_line,
             system_prompt,
         };
@@ -193,8 +203,6 @@ async fn enqueue(
     }
     let keys = QueueKeys::new(&settings.redis.queue)?;
     let producer = Producer::new(conn, keys).idempotency_ttl(settings.session.ttl);
-    let mut job = AgentStart::new(id);
-    job.user_id = user_id;
     let enqueued = producer.enqueue(&job).await?;
     if enqueued.duplicate {
         tracing::info!(task_id = %enqueued.task_id, "already_enqueued");

@@ -76,7 +76,13 @@ struct Input {
     voice_id: &'static str,
     opening_line: Option<&'static str>,
     system_prompt: Option<&'static str>,
+    /// Contract version 2's fields (the compatibility module passes none: its old API).
+    traceparent: Option<&'static str>,
+    tracestate: Option<&'static str>,
+    start_by: Option<i64>,
 }
+
+const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
 /// Which Python API writes: the package's sync `Client`, its `AsyncClient`, or the old
 /// one-file producer's functions (`redis.Redis` first) through `jobs/python/agent_jobs.py`.
@@ -111,7 +117,9 @@ elif sys.argv[1] == "Sync":
     client = agent_worker.Client.from_url(a["url"])
     client.write_session_config(a["session_id"], a["voice_id"], user_name,
                                 opening_line=a["opening_line"], system_prompt=a["system_prompt"])
-    job = client.enqueue_agent_start(a["session_id"], a["user_id"])
+    job = client.enqueue_agent_start(a["session_id"], a["user_id"], start_by=a["start_by"],
+                                     start_within=None, traceparent=a["traceparent"],
+                                     tracestate=a["tracestate"])
 else:
     import agent_worker
     async def main():
@@ -119,7 +127,10 @@ else:
         await client.write_session_config(a["session_id"], a["voice_id"], user_name,
                                           opening_line=a["opening_line"],
                                           system_prompt=a["system_prompt"])
-        job = await client.enqueue_agent_start(a["session_id"], a["user_id"])
+        job = await client.enqueue_agent_start(a["session_id"], a["user_id"],
+                                               start_by=a["start_by"], start_within=None,
+                                               traceparent=a["traceparent"],
+                                               tracestate=a["tracestate"])
         await client.aclose()
         return job
     job = asyncio.run(main())
@@ -143,8 +154,13 @@ async fn rust_api(conn: &RedisConn, input: &Input) -> String {
     agent_jobs::write_session_config(&mut conn.clone(), &id, &config, Duration::from_secs(TTL))
         .await
         .unwrap();
-    let mut job = AgentStart::new(id);
-    job.user_id = input.user_id.clone();
+    let job = AgentStart {
+        user_id: input.user_id.clone(),
+        traceparent: input.traceparent.map(str::to_owned),
+        tracestate: input.tracestate.map(str::to_owned),
+        start_by: input.start_by,
+        ..AgentStart::new(id)
+    };
     let enqueued = producer(conn).enqueue(&job).await.unwrap();
     assert!(!enqueued.duplicate);
     enqueued.task_id
@@ -202,6 +218,14 @@ async fn dump(conn: &RedisConn, task_ids: &[String]) -> BTreeMap<String, String>
                     let secs: u64 = at.parse().expect("updatedAt is decimal unix seconds");
                     assert!(secs.abs_diff(now) < 60, "updatedAt {secs} is now ({now})");
                     *at = "<now>".into();
+                }
+                if let Some(at) = hash.get_mut("enqueued_at") {
+                    let ms: u64 = at.parse().expect("enqueued_at is decimal unix ms");
+                    assert!(
+                        (ms / 1000).abs_diff(now) < 60,
+                        "enqueued_at {ms} is now ({now})"
+                    );
+                    *at = "<now ms>".into();
                 }
                 format!("{hash:?}")
             }
@@ -291,6 +315,8 @@ async fn assert_same_writes(py: &RedisConn, rs: &RedisConn) {
 /// the CLI), leave the same keys, values and TTLs and ran the same commands.
 async fn byte_identical_records(api: Api) {
     require_python(&["redis"]).await;
+    // The old API of the compatibility module knows no version 2 fields.
+    let v2 = !matches!(api, Api::Compat);
     let (py, rs) = (TestRedis::start().await, TestRedis::start().await);
     // Every control character, quotes, backslash, '/', DEL, U+2028 and non-ASCII: the JSON
     // escaping of json.dumps and serde_json must agree on all of them.
@@ -303,6 +329,9 @@ async fn byte_identical_records(api: Api) {
             voice_id: "Craig",
             opening_line: Some("Hi $(whoami) — hello"),
             system_prompt: Some(prompt),
+            traceparent: v2.then_some(TRACEPARENT),
+            tracestate: v2.then_some("rojo=00f067aa0ba902b7,congo=t61rcWkgMzE"),
+            start_by: v2.then_some(1_767_225_600_123),
         },
         Input {
             session_id: "same-2",
@@ -310,6 +339,9 @@ async fn byte_identical_records(api: Api) {
             voice_id: "Olivia",
             opening_line: None,
             system_prompt: None,
+            traceparent: None,
+            tracestate: None,
+            start_by: v2.then_some(0),
         },
     ];
     let mut py_tasks = Vec::new();
@@ -341,6 +373,9 @@ async fn byte_identical_records(api: Api) {
         voice_id: "Ashley",
         opening_line: Some("Hey"),
         system_prompt: None,
+        traceparent: None,
+        tracestate: None,
+        start_by: None,
     };
     rs_tasks.push(rust_api(&rs.conn, &cli_input).await);
 
@@ -359,13 +394,28 @@ async fn byte_identical_records(api: Api) {
     let keys = QueueKeys::new(QUEUE).unwrap();
     let (job, task) = (&inputs[0], &py_tasks[0]);
     let wire = AgentStart {
-        session_id: sid(job.session_id),
         user_id: job.user_id.clone(),
+        traceparent: job.traceparent.map(str::to_owned),
+        tracestate: job.tracestate.map(str::to_owned),
+        start_by: job.start_by,
+        ..AgentStart::new(sid(job.session_id))
     }
     .to_wire();
+    if v2 {
+        let text = String::from_utf8(wire.clone()).unwrap();
+        assert!(
+            text.ends_with(&format!(
+                r#""traceparent":"{TRACEPARENT}","tracestate":"rojo=00f067aa0ba902b7,congo=t61rcWkgMzE","start_by":1767225600123}}"#
+            )),
+            "{text}"
+        );
+    }
     let stored: Vec<u8> = py.conn.clone().hget(keys.data(), task).await.unwrap();
     assert_eq!(stored, wire, "payload bytes are AgentStart::to_wire()");
     let meta: BTreeMap<String, String> = py.conn.clone().hgetall(keys.meta(task)).await.unwrap();
+    let mut meta = meta;
+    let enqueued_at = meta.remove("enqueued_at").expect("enqueued_at in the meta");
+    assert!(enqueued_at.parse::<u64>().is_ok(), "{enqueued_at}");
     let expected_meta = [
         ("attempts", "0"),
         ("idempotency_key", "session:same-1"),
@@ -415,7 +465,7 @@ if sys.argv[1] == "Sync":
     results = []
     for batch in batches:
         try:
-            results.append(shown(client.enqueue_agent_starts(batch)))
+            results.append(shown(client.enqueue_agent_starts(batch, **a["options"])))
         except ValueError as e:
             results.append(str(e))
     client.close()
@@ -425,7 +475,7 @@ else:
         results = []
         for batch in batches:
             try:
-                results.append(shown(await client.enqueue_agent_starts(batch)))
+                results.append(shown(await client.enqueue_agent_starts(batch, **a["options"])))
             except ValueError as e:
                 results.append(str(e))
         await client.aclose()
@@ -433,7 +483,13 @@ else:
     results = asyncio.run(main())
 print(json.dumps(results))
 "#;
-    let request = serde_json::json!({ "url": url, "batches": batches });
+    // The version 2 options, the same for every job (as the Rust side sets them).
+    let options = serde_json::json!({
+        "start_within": null,
+        "start_by": 1_767_225_600_000_i64,
+        "traceparent": TRACEPARENT,
+    });
+    let request = serde_json::json!({ "url": url, "batches": batches, "options": options });
     run_driver(&[DRIVER, &format!("{api:?}")], &request).await
 }
 
@@ -473,8 +529,10 @@ async fn byte_identical_bulk(api: Api) {
         let jobs: Vec<AgentStart> = batch
             .iter()
             .map(|(id, user)| AgentStart {
-                session_id: sid(id),
                 user_id: user.clone(),
+                traceparent: Some(TRACEPARENT.into()),
+                start_by: Some(1_767_225_600_000),
+                ..AgentStart::new(sid(id))
             })
             .collect();
         let enqueued = producer(&rs.conn).enqueue_many(&jobs).await.unwrap();
@@ -549,8 +607,10 @@ async fn byte_identical_bulk(api: Api) {
         .unwrap();
     let first = &batches[0][0];
     let wire = AgentStart {
-        session_id: sid(first.0),
         user_id: first.1.clone(),
+        traceparent: Some(TRACEPARENT.into()),
+        start_by: Some(1_767_225_600_000),
+        ..AgentStart::new(sid(first.0))
     }
     .to_wire();
     assert_eq!(stored, wire, "payload bytes are AgentStart::to_wire()");
@@ -703,8 +763,8 @@ print(json.dumps([validator.is_valid(json.loads(t)) for t in json.load(sys.stdin
 async fn the_json_schema_agrees_with_the_rust_payloads_and_decoder() {
     require_python(&["jsonschema"]).await;
     let job = |id: &str, user: Option<&str>| AgentStart {
-        session_id: SessionId::parse(id).unwrap(),
         user_id: user.map(str::to_owned),
+        ..AgentStart::new(SessionId::parse(id).unwrap())
     };
     let control_user: String = "Zoë 🎧 \""
         .chars()
@@ -716,12 +776,23 @@ async fn the_json_schema_agrees_with_the_rust_payloads_and_decoder() {
         job("A.b_c-9", Some("")),
         job(&"x".repeat(128), Some(&"u".repeat(256))),
         job("s.1", Some(&control_user)),
+        job("v2", Some("u"))
+            .with_traceparent(TRACEPARENT)
+            .unwrap()
+            .with_tracestate("k=v")
+            .unwrap()
+            .with_start_by(1_767_225_600_000),
+        job("v2-max", None).with_start_by(1 << 53),
     ]
     .iter()
     .map(|j| String::from_utf8(j.to_wire()).unwrap())
     .collect();
     // What other producers may send and the worker accepts: null user, unknown fields.
     good.push(r#"{"user_id":null,"session_id":"s1","extra":[1]}"#.into());
+    // A malformed trace context is ignored by the worker (a warning), not a bad job: the
+    // schema describes it but does not reject the payload for it.
+    good.push(r#"{"session_id":"s1","traceparent":"00-bad","tracestate":7}"#.into());
+    good.push(r#"{"session_id":"s1","start_by":null}"#.into());
     let bad: Vec<String> = [
         "{}",
         r#"{"session_id":"a:b"}"#,
@@ -732,6 +803,10 @@ async fn the_json_schema_agrees_with_the_rust_payloads_and_decoder() {
         &format!(r#"{{"session_id":"{}"}}"#, "x".repeat(129)),
         r#"{"session_id":"a","user_id":7}"#,
         r#"["session_id"]"#,
+        r#"{"session_id":"a","start_by":"1"}"#,
+        r#"{"session_id":"a","start_by":1.5}"#,
+        r#"{"session_id":"a","start_by":-1}"#,
+        r#"{"session_id":"a","start_by":9007199254740993}"#,
     ]
     .map(str::to_owned)
     .into();

@@ -17,6 +17,8 @@
 -- ARGV[4..]: triples of task id, payload, idempotency key ('' for none): job n (from 0) is
 --            ARGV[4 + 3n .. 6 + 3n] with KEYS[3 + 2n] and KEYS[4 + 2n]
 --
+-- Each meta also gets `enqueued_at` (unix ms, Redis's TIME), which apalis-redis ignores.
+--
 -- Returns a flat array: for each job, 1 and its new task id, or 0 and the task id that already
 -- holds its idempotency key.
 --
@@ -33,6 +35,11 @@
 local call = redis.call
 local argv, keys = ARGV, KEYS
 local data_key, active_key = keys[1], keys[2]
+
+-- enqueued_at in each meta (contract version 2): Redis's clock in unix milliseconds, the one
+-- clock the worker measures queue waits and config grace periods on.
+local time = call('TIME')
+local enqueued_at = time[1] .. string.format('%03d', math.floor(tonumber(time[2]) / 1000))
 
 -- The task id holding `idem_key`, or an error reply naming the key.
 local function holder_of(idem_key)
@@ -56,7 +63,7 @@ if #argv == 6 then
     call('HSET', data_key, task_id, argv[5])
     call('HSET', keys[3],
         'attempts', '0', 'max_attempts', argv[2], 'status', 'Pending',
-        'idempotency_key', idem)
+        'idempotency_key', idem, 'enqueued_at', enqueued_at)
     call('RPUSH', active_key, task_id)
     call('PUBLISH', argv[3], '1')
     return {1, task_id}
@@ -112,7 +119,7 @@ for j = 1, k do
     local task_id = argv[i]
     call('HSET', metas[j],
         'attempts', '0', 'max_attempts', max_attempts, 'status', 'Pending',
-        'idempotency_key', argv[i + 2])
+        'idempotency_key', argv[i + 2], 'enqueued_at', enqueued_at)
     fields[f + 1] = task_id
     fields[f + 2] = argv[i + 1]
     f = f + 2

@@ -13,12 +13,15 @@
 //!   session, and wakes idle workers.
 //! - [`session_config`]: writing `session:<id>:config` as the orchestrator does.
 //! - [`session_state`]: the session record's statuses ([`SessionStatus`]) and field names.
+//! - [`trace_context`]: the shape checks of a job's W3C `traceparent` and `tracestate`.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 /// Version of the wire contract described in `jobs/README.md`. Bumped on any change a producer
-/// in another language must follow.
-pub const CONTRACT_VERSION: u32 = 1;
+/// in another language must follow. Version 2 added the payload's optional `traceparent`,
+/// `tracestate` and `start_by` and the meta's `enqueued_at`; version 1 payloads and records
+/// still work.
+pub const CONTRACT_VERSION: u32 = 2;
 
 pub mod keys;
 pub mod payload;
@@ -26,10 +29,12 @@ pub mod producer;
 pub mod session_config;
 pub mod session_id;
 pub mod session_state;
+pub mod trace_context;
 
 pub use keys::{QueueKeys, SessionKeys};
-pub use payload::{AgentStart, PayloadError};
+pub use payload::{AgentStart, PayloadError, PayloadWarning};
 pub use producer::{Enqueued, ProduceError, Producer};
 pub use session_config::{SessionConfigInput, write_session_config};
 pub use session_id::{SessionId, SessionIdError};
 pub use session_state::SessionStatus;
+pub use trace_context::TraceContextError;

@@ -3,7 +3,9 @@
 //! One script call per batch writes each job's payload and meta in the apalis-redis wire format,
 //! claims its idempotency key (`<queue>:idempotency:session:<id>`, with a TTL) and pushes it on
 //! the ready list, then publishes once on the queue's wake channel so idle workers fetch at once.
-//! Jobs never go through the scheduled set (see `lua/enqueue.lua` for why).
+//! Jobs never go through the scheduled set (see `lua/enqueue.lua` for why). A job with a
+//! relative deadline ([`AgentStart::with_start_within`]) costs one `TIME` round trip before the
+//! script, so its `start_by` is on Redis's clock like the worker's comparison.
 
 use std::{sync::LazyLock, time::Duration};
 
@@ -93,6 +95,11 @@ where
         if jobs.is_empty() {
             return Ok(Vec::new());
         }
+        let mut conn = self.conn.clone();
+        let redis_now_ms = match jobs.iter().any(needs_clock) {
+            true => Some(redis_time_ms(&mut conn).await?),
+            false => None,
+        };
         let mut invocation = ENQUEUE.prepare_invoke();
         invocation
             .key(self.keys.data())
@@ -107,13 +114,35 @@ where
                 .key(self.keys.meta(&task_id))
                 .key(self.keys.idempotency(&idempotency))
                 .arg(task_id)
-                .arg(job.to_wire())
+                .arg(resolved(job, redis_now_ms).to_wire())
                 .arg(idempotency);
         }
-        let mut conn = self.conn.clone();
         let reply: Vec<redis::Value> = invocation.invoke_async(&mut conn).await?;
         parse_reply(reply, jobs.len())
     }
+}
+
+/// A relative deadline with no absolute one: `start_by` must come from Redis's clock.
+fn needs_clock(job: &AgentStart) -> bool {
+    job.start_by.is_none() && job.start_within.is_some()
+}
+
+/// `job` with its relative deadline turned into `start_by` (`now_ms` is Redis's `TIME`).
+fn resolved(job: &AgentStart, now_ms: Option<i64>) -> std::borrow::Cow<'_, AgentStart> {
+    match (job.start_within, now_ms) {
+        (Some(within), Some(now)) if job.start_by.is_none() => {
+            let within = i64::try_from(within.as_millis()).unwrap_or(i64::MAX);
+            std::borrow::Cow::Owned(job.clone().with_start_by(now.saturating_add(within)))
+        }
+        _ => std::borrow::Cow::Borrowed(job),
+    }
+}
+
+/// Redis's clock in unix milliseconds: the one clock every producer and worker shares, so a
+/// producer host's skew never moves a deadline.
+async fn redis_time_ms<C: ConnectionLike>(conn: &mut C) -> Result<i64, ProduceError> {
+    let (secs, micros): (i64, i64) = redis::cmd("TIME").query_async(conn).await?;
+    Ok(secs * 1000 + micros / 1000)
 }
 
 /// The idempotency key of a job: one agent per session, whoever enqueues it

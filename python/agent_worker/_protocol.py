@@ -18,6 +18,7 @@ from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar, Union
 
+from . import _trace_context as tc
 from . import keys as k
 from .records import (
     COMPLETED,
@@ -36,8 +37,14 @@ from .records import (
     text,
 )
 
-CONTRACT_VERSION = 1
-"""The agent-start wire contract implemented (jobs/README.md)."""
+CONTRACT_VERSION = 2
+"""The agent-start wire contract implemented (jobs/README.md): version 2 adds the payload's
+optional ``traceparent``, ``tracestate`` and ``start_by``."""
+DEFAULT_START_WITHIN = 60.0
+"""The clients' default deadline, seconds: a start not claimed by a worker within a minute of
+its enqueue is not made (the caller has given up); ``start_within=None`` means no deadline."""
+MAX_START_BY = 1 << 53
+"""Largest ``start_by`` accepted (unix ms): the largest integer every JSON parser reads exactly."""
 EVENT_FORMAT_VERSION = 1
 """The session event format understood (jobs/README.md, "Session events")."""
 DEFAULT_TTL = 14400
@@ -107,16 +114,89 @@ def _ttl_seconds(ttl: float) -> int:
     return max(1, int(ttl))
 
 
-def payload_bytes(session_id: str, user_id: str | None = None) -> bytes:
+def validate_start_by(start_by: object) -> int | None:
+    """Returns ``start_by`` if it is None or whole unix milliseconds in ``0..=2**53``."""
+    if start_by is None:
+        return None
+    if isinstance(start_by, bool) or not isinstance(start_by, int):
+        raise ValueError(f"start_by must be unix milliseconds (an int), got {type(start_by).__name__}")
+    if not 0 <= start_by <= MAX_START_BY:
+        raise ValueError(f"start_by {start_by} is outside 0..2**53")
+    return start_by
+
+
+def validate_start_within(start_within: object) -> float | None:
+    """Returns ``start_within`` (seconds) if it is None or a number of at least 0."""
+    if start_within is None:
+        return None
+    if isinstance(start_within, bool) or not isinstance(start_within, (int, float)):
+        raise ValueError(f"start_within must be seconds (a number) or None, got {type(start_within).__name__}")
+    if not 0 <= start_within < 10**9:
+        raise ValueError(f"start_within must be 0 or more seconds, got {start_within}")
+    return float(start_within)
+
+
+@dataclass(frozen=True)
+class StartOptions:
+    """What a job carries besides its session and user (contract version 2), validated."""
+
+    traceparent: str | None = None
+    tracestate: str | None = None
+    start_by: int | None = None
+    start_within: float | None = None
+
+    @staticmethod
+    def of(
+        traceparent: str | None,
+        tracestate: str | None,
+        start_by: int | None,
+        start_within: float | None,
+        inject: bool = True,
+    ) -> StartOptions:
+        """Validated options; without an explicit ``traceparent``, the current OpenTelemetry
+        context (when ``inject`` and ``opentelemetry`` is importable)."""
+        if traceparent is None and tracestate is None and inject:
+            traceparent, tracestate = tc.current()
+        if traceparent is not None:
+            tc.validate_traceparent(traceparent)
+        if tracestate is not None:
+            if traceparent is None:
+                raise ValueError("tracestate needs a traceparent")
+            tc.validate_tracestate(tracestate)
+        return StartOptions(
+            traceparent,
+            tracestate,
+            validate_start_by(start_by),
+            None if start_by is not None else validate_start_within(start_within),
+        )
+
+
+NO_OPTIONS = StartOptions()
+
+
+def payload_bytes(
+    session_id: str,
+    user_id: str | None = None,
+    traceparent: str | None = None,
+    tracestate: str | None = None,
+    start_by: int | None = None,
+) -> bytes:
     """The canonical wire bytes of a job, equal to Rust's ``AgentStart::to_wire()``.
 
-    Compact JSON, ``session_id`` first, ``user_id`` omitted when None, non-ASCII as UTF-8.
-    ``json.dumps`` escapes exactly what serde_json escapes: ``"``, ``\\``, ``\\b``, ``\\f``,
-    ``\\n``, ``\\r``, ``\\t`` by name, other control characters as lowercase ``\\u00xx``.
+    Compact JSON, ``session_id`` first, then ``user_id``, ``traceparent``, ``tracestate``,
+    ``start_by``, each omitted when None, non-ASCII as UTF-8. ``json.dumps`` escapes exactly
+    what serde_json escapes: ``"``, ``\\``, ``\\b``, ``\\f``, ``\\n``, ``\\r``, ``\\t`` by
+    name, other control characters as lowercase ``\\u00xx``.
     """
-    job = {"session_id": k.validate_session_id(session_id)}
+    job: dict[str, object] = {"session_id": k.validate_session_id(session_id)}
     if validate_user_id(user_id) is not None:
-        job["user_id"] = user_id  # type: ignore[assignment]
+        job["user_id"] = user_id
+    if traceparent is not None:
+        job["traceparent"] = tc.validate_traceparent(traceparent)
+    if tracestate is not None:
+        job["tracestate"] = tc.validate_tracestate(tracestate)
+    if validate_start_by(start_by) is not None:
+        job["start_by"] = start_by
     return json.dumps(job, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
@@ -160,20 +240,34 @@ Job = Union[str, tuple[str, Union[str, None]]]
 """One job of a bulk enqueue: a session id, or a ``(session id, user id)`` pair."""
 
 
-def enqueue(jobs: Iterable[Job], queue: str, idempotency_ttl: float) -> Steps[list[Enqueued]]:
+def enqueue(
+    jobs: Iterable[Job],
+    queue: str,
+    idempotency_ttl: float,
+    options: StartOptions = NO_OPTIONS,
+) -> Steps[list[Enqueued]]:
     """Enqueues agent-start jobs (session ids or ``(session id, user id)`` pairs) in one atomic
-    call (``enqueue.lua``, the KEYS and ARGV of ``Producer::enqueue_many``). Everything is
-    validated before anything is written. Returns one :class:`Enqueued` per job, in order."""
+    call (``enqueue.lua``, the KEYS and ARGV of ``Producer::enqueue_many``), each with
+    ``options``. Everything is validated before anything is written. A relative deadline
+    (``options.start_within``) costs one ``TIME`` first: ``start_by`` is on Redis's clock, as
+    the worker's comparison is. Returns one :class:`Enqueued` per job, in order."""
     queue_keys = k.QueueKeys.of(queue)
+    with_users = [(job, None) if isinstance(job, str) else (job[0], job[1]) for job in jobs]
+    for session_id, user_id in with_users:
+        payload_bytes(session_id, user_id)  # validates before anything is sent
+    if not with_users:
+        return []
+    start_by = options.start_by
+    if start_by is None and options.start_within is not None:
+        seconds, micros = (yield Command(("TIME",)))
+        start_by = int(seconds) * 1000 + int(micros) // 1000 + int(options.start_within * 1000)
     job_keys: list[str] = []
     triples: list[Any] = []
-    with_users = ((job, None) if isinstance(job, str) else (job[0], job[1]) for job in jobs)
     for session_id, user_id in with_users:
         task_id, idempotency = new_task_id(), k.idempotency_key(session_id)
         job_keys += [queue_keys.meta(task_id), queue_keys.idempotency(idempotency)]
-        triples += [task_id, payload_bytes(session_id, user_id), idempotency]
-    if not triples:
-        return []
+        payload = payload_bytes(session_id, user_id, options.traceparent, options.tracestate, start_by)
+        triples += [task_id, payload, idempotency]
     reply = yield Eval(
         "enqueue.lua",
         [queue_keys.data, queue_keys.active, *job_keys],

@@ -71,7 +71,18 @@ def enqueue_agent_start(
     user_id: str | None = None,
     queue: str = DEFAULT_QUEUE,
     idempotency_ttl: int = DEFAULT_TTL,
+    *,
+    start_within: float | None = None,
+    traceparent: str | None = None,
+    tracestate: str | None = None,
 ) -> Enqueued:
-    """:meth:`Client.enqueue_agent_start` on ``r``'s connections."""
+    """:meth:`Client.enqueue_agent_start` on ``r``'s connections. Unlike the client's, the
+    default is no deadline (``start_within=None``), as this API always behaved."""
     client = Client(connection_pool=r.connection_pool, queue=queue, session_ttl=idempotency_ttl)
-    return client.enqueue_agent_start(session_id, user_id)
+    return client.enqueue_agent_start(
+        session_id,
+        user_id,
+        start_within=start_within,
+        traceparent=traceparent,
+        tracestate=tracestate,
+    )

@@ -178,14 +178,35 @@ class AsyncClient(ClientBase, redis.asyncio.Redis):
             )
         )
 
-    async def enqueue_agent_start(self, session_id: str, user_id: str | None = None) -> Enqueued:
+    async def enqueue_agent_start(
+        self,
+        session_id: str,
+        user_id: str | None = None,
+        *,
+        start_within: float | None = p.DEFAULT_START_WITHIN,
+        start_by: int | None = None,
+        traceparent: str | None = None,
+        tracestate: str | None = None,
+    ) -> Enqueued:
         """See :meth:`agent_worker.Client.enqueue_agent_start`."""
-        jobs = await self._drive(p.enqueue([(session_id, user_id)], self.queue, self.session_ttl))
+        options = p.StartOptions.of(traceparent, tracestate, start_by, start_within)
+        jobs = await self._drive(
+            p.enqueue([(session_id, user_id)], self.queue, self.session_ttl, options)
+        )
         return jobs[0]
 
-    async def enqueue_agent_starts(self, jobs: Iterable[p.Job]) -> list[Enqueued]:
+    async def enqueue_agent_starts(
+        self,
+        jobs: Iterable[p.Job],
+        *,
+        start_within: float | None = p.DEFAULT_START_WITHIN,
+        start_by: int | None = None,
+        traceparent: str | None = None,
+        tracestate: str | None = None,
+    ) -> list[Enqueued]:
         """See :meth:`agent_worker.Client.enqueue_agent_starts`."""
-        return await self._drive(p.enqueue(jobs, self.queue, self.session_ttl))
+        options = p.StartOptions.of(traceparent, tracestate, start_by, start_within)
+        return await self._drive(p.enqueue(jobs, self.queue, self.session_ttl, options))
 
     async def session(self, session_id: str) -> Session | None:
         """See :meth:`agent_worker.Client.session`."""

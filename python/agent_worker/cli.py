@@ -2,6 +2,7 @@
 
     python -m agent_worker enqueue --session-id ID [--user-id U] [--voice-id V]
                                    [--opening-line T] [--system-prompt T] [--ttl S]
+                                   [--start-within 30s] [--traceparent TP [--tracestate TS]]
     python -m agent_worker status  --session-id ID
     python -m agent_worker wait    --session-id ID [--timeout S]
     python -m agent_worker end     --session-id ID
@@ -9,7 +10,8 @@
 Every command takes ``--redis-url`` (default ``$REDIS_URL``, else ``redis://127.0.0.1:6379``)
 and ``--queue`` (default ``agent-start``). ``enqueue`` writes the session config first when a
 voice, opening line or prompt is given (voice ``Ashley`` when only the others are) and prints
-the task id; ``status`` and ``wait`` print the record as JSON; ``end`` prints how many keys and
+the task id (no deadline unless ``--start-within`` is given: ``30``, ``30s``, ``500ms``,
+``2m``; the current OpenTelemetry context, if any, unless ``--traceparent`` is); ``status`` and ``wait`` print the record as JSON; ``end`` prints how many keys and
 set entries it removed. Exit codes: 0 done, 1 Redis error or no record (``status``) or the
 session ended instead of becoming ready (``wait``), 2 invalid input, 3 ``wait`` timed out.
 """
@@ -49,11 +51,26 @@ def _parser() -> argparse.ArgumentParser:
     enqueue.add_argument("--opening-line")
     enqueue.add_argument("--system-prompt")
     enqueue.add_argument("--ttl", type=int, default=p.DEFAULT_TTL, help="session TTL, seconds")
+    enqueue.add_argument("--start-within", help="deadline after the enqueue: 30, 30s, 500ms, 2m")
+    enqueue.add_argument("--traceparent", help="W3C traceparent the worker continues")
+    enqueue.add_argument("--tracestate", help="W3C tracestate (with --traceparent)")
     commands.add_parser("status", parents=[common], help="print the session's record")
     wait = commands.add_parser("wait", parents=[common], help="wait until the agent is ready")
     wait.add_argument("--timeout", type=float, default=90.0, help="seconds")
     commands.add_parser("end", parents=[common], help="end the session (delete its keys)")
     return parser
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m)?\Z")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds of ``30``, ``30s``, ``500ms`` or ``2m``; ``ValueError`` naming the text."""
+    match = _DURATION.match(text.strip())
+    if match is None:
+        raise ValueError(f"--start-within {text!r} is not a duration like 30s, 500ms or 2m")
+    scale = {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}[match.group(2)]
+    return float(match.group(1)) * scale
 
 
 def _record_json(record: object) -> str:
@@ -70,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         validate_queue(args.queue)
         if args.command == "enqueue":
             p.validate_user_id(args.user_id)
+            within = None if args.start_within is None else parse_duration(args.start_within)
+            options = p.StartOptions.of(args.traceparent, args.tracestate, None, within)
     except ValueError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 2
@@ -99,7 +118,13 @@ def main(argv: list[str] | None = None) -> int:
                     opening_line=args.opening_line,
                     system_prompt=args.system_prompt,
                 )
-            job = client.enqueue_agent_start(args.session_id, args.user_id)
+            job = client.enqueue_agent_start(
+                args.session_id,
+                args.user_id,
+                start_within=options.start_within,
+                traceparent=options.traceparent,
+                tracestate=options.tracestate,
+            )
             if job.duplicate:
                 print(f"{PROG}: session {args.session_id} already enqueued", file=sys.stderr)
             print(job.task_id)

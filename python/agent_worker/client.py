@@ -63,16 +63,45 @@ class Client(ClientBase, redis.Redis):
             )
         )
 
-    def enqueue_agent_start(self, session_id: str, user_id: str | None = None) -> Enqueued:
+    def enqueue_agent_start(
+        self,
+        session_id: str,
+        user_id: str | None = None,
+        *,
+        start_within: float | None = p.DEFAULT_START_WITHIN,
+        start_by: int | None = None,
+        traceparent: str | None = None,
+        tracestate: str | None = None,
+    ) -> Enqueued:
         """Enqueues the agent-start job of ``session_id`` and wakes idle workers. A session
         enqueued within ``session_ttl`` is not enqueued again: ``duplicate=True`` and the
-        first job's task id."""
-        return self._drive(p.enqueue([(session_id, user_id)], self.queue, self.session_ttl))[0]
+        first job's task id.
 
-    def enqueue_agent_starts(self, jobs: Iterable[p.Job]) -> list[Enqueued]:
+        ``start_within`` (seconds, default 60; None: no deadline): a worker that claims the
+        job later starts no agent, the session becomes ``error`` (``start_expired``) and
+        :meth:`wait_ready` raises at once. The deadline is on Redis's clock (``TIME`` is read
+        first); ``start_by`` (unix ms on Redis's clock) sets it absolutely instead.
+        ``traceparent``/``tracestate`` (W3C) are the trace the worker continues; without them,
+        the current OpenTelemetry context when ``opentelemetry`` is importable."""
+        options = p.StartOptions.of(traceparent, tracestate, start_by, start_within)
+        return self._drive(
+            p.enqueue([(session_id, user_id)], self.queue, self.session_ttl, options)
+        )[0]
+
+    def enqueue_agent_starts(
+        self,
+        jobs: Iterable[p.Job],
+        *,
+        start_within: float | None = p.DEFAULT_START_WITHIN,
+        start_by: int | None = None,
+        traceparent: str | None = None,
+        tracestate: str | None = None,
+    ) -> list[Enqueued]:
         """The bulk form: session ids or ``(session id, user id)`` pairs, in one atomic call;
-        all are validated before anything is written. One result per job, in order."""
-        return self._drive(p.enqueue(jobs, self.queue, self.session_ttl))
+        all are validated before anything is written. One result per job, in order. The
+        keyword options apply to every job (see :meth:`enqueue_agent_start`)."""
+        options = p.StartOptions.of(traceparent, tracestate, start_by, start_within)
+        return self._drive(p.enqueue(jobs, self.queue, self.session_ttl, options))
 
     def session(self, session_id: str) -> Session | None:
         """The session's record, or None when it has none."""

@@ -148,8 +148,12 @@ impl AgentStartJob {
             disposition: error.disposition(last),
             error,
         };
-        let job = AgentStart::decode(raw).map_err(|e| fail(e.into()))?;
+        let (job, warnings) = AgentStart::decode_with_warnings(raw).map_err(|e| fail(e.into()))?;
         tracing::Span::current().record("session_id", job.session_id.as_str());
+        // A malformed trace context costs no one their agent: the start gets a root trace.
+        for warning in warnings {
+            tracing::warn!(session_id = %job.session_id, warning = %warning, "payload_field_ignored");
+        }
         let result = self.start(&job, task_id).await.map_err(fail);
         if let Err(failure) = &result
             && failure.disposition == Disposition::Dead
