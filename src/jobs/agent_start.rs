@@ -186,7 +186,11 @@ impl AgentStartJob {
             task_id: task_id.to_owned(),
             job_meta: self.queue.meta(task_id),
             command: self.command.clone(),
-            trace_context: None,
+            // Checked by the decoder: a malformed one was dropped with a warning.
+            trace_context: job
+                .traceparent
+                .clone()
+                .map(|parent| (parent, job.tracestate.clone())),
         };
         let outcome = self.supervisor.start(request).await?;
         match &outcome {
