@@ -22,7 +22,7 @@ pub mod start_trace;
 
 use tracing::Subscriber;
 use tracing_appender::non_blocking::{NonBlocking, NonBlockingBuilder, WorkerGuard};
-use tracing_subscriber::{EnvFilter, fmt::MakeWriter, layer::SubscriberExt};
+use tracing_subscriber::{EnvFilter, Layer, fmt::MakeWriter, layer::SubscriberExt};
 
 use crate::settings::LogFormat;
 
@@ -38,9 +38,8 @@ where
 {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
-    let registry = tracing_subscriber::registry()
-        .with(filter)
-        .with(otel::layer());
+    // `RUST_LOG` filters the log lines only: traces have their own filter (see `otel`).
+    let registry = tracing_subscriber::registry().with(otel::layer());
     match format {
         LogFormat::Json => Box::new(
             registry.with(
@@ -49,14 +48,16 @@ where
                     .flatten_event(true)
                     .with_current_span(true)
                     .with_span_list(false)
-                    .with_writer(sink),
+                    .with_writer(sink)
+                    .with_filter(filter),
             ),
         ),
         LogFormat::Pretty => Box::new(
             registry.with(
                 tracing_subscriber::fmt::layer()
                     .with_target(false)
-                    .with_writer(sink),
+                    .with_writer(sink)
+                    .with_filter(filter),
             ),
         ),
     }

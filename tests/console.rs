@@ -929,7 +929,10 @@ async fn assert_start_up_drawn(addr: SocketAddr) {
         .and_then(|(_, rest)| rest.split_once("</figure>"))
         .map(|(figure, _)| figure)
         .unwrap_or_else(|| panic!("no start-up timeline on the session page: {dom}"));
-    assert!(svg.contains("<svg") && svg.contains("cold start, "), "{svg}");
+    assert!(
+        svg.contains("<svg") && svg.contains("cold start, "),
+        "{svg}"
+    );
     for phase in ["claim → spawned", "spawned → alive", "alive → ready"] {
         assert!(svg.contains(&format!("<title>{phase}: ")), "{phase}: {svg}");
     }

@@ -95,7 +95,11 @@ fn check_fields(event: &Event, id: &SessionId, worker: Option<&str>, reason: Opt
 /// producer that records no enqueue time) and returns the event without them.
 fn without_phases(event: &Event, start: &str) -> Event {
     assert_eq!(event["status"], "ready");
-    assert_eq!(event.get("start").map(String::as_str), Some(start), "{event:?}");
+    assert_eq!(
+        event.get("start").map(String::as_str),
+        Some(start),
+        "{event:?}"
+    );
     let at = |name: &str| -> u64 {
         event
             .get(name)
@@ -104,7 +108,10 @@ fn without_phases(event: &Event, start: &str) -> Event {
             .expect("decimal milliseconds")
     };
     let times = ["claimed_ms", "spawned_ms", "alive_ms", "ready_ms"].map(at);
-    assert!(times.windows(2).all(|w| w[0] <= w[1]), "in order: {event:?}");
+    assert!(
+        times.windows(2).all(|w| w[0] <= w[1]),
+        "in order: {event:?}"
+    );
     // The ready line comes before its record; both on Redis's clock, give or take its skew.
     assert!(times[3] <= at("ts") + 1_000, "{event:?}");
     let mut rest = event.clone();

@@ -160,10 +160,8 @@ fn say_received(
         "TRACEPARENT",
         "TRACESTATE",
     ];
-    let env: BTreeMap<&str, Option<String>> = session_vars
-        .into_iter()
-        .map(|k| (k, env_var(k)))
-        .collect();
+    let env: BTreeMap<&str, Option<String>> =
+        session_vars.into_iter().map(|k| (k, env_var(k))).collect();
     // Names only: the worker's own settings (which may hold the Redis password) must not
     // reach agents.
     let settings_vars: Vec<String> = std::env::vars_os()

@@ -23,8 +23,8 @@ use super::{
 use crate::{
     clock::{self, unix_now},
     dataset::NO_EVICTION,
-    start_timeline::unix_ms,
     inspect::{self, DeadJobs, QueueCounts, SessionCounts, Status, WorkerRow},
+    start_timeline::unix_ms,
 };
 
 /// Dead jobs the overview lists as recent failures.

@@ -76,7 +76,19 @@ pub fn svg(chart: &StartupChart) -> Markup {
     if chart.hour.starts == 0 {
         return html! { p class="empty" { "No start in the last hour (or only by older workers)." } };
     }
-    let top = chart.hour.p99.unwrap_or(1).max(chart.buckets.iter().filter_map(|b| b.p99).max().unwrap_or(1)).max(1);
+    let top = chart
+        .hour
+        .p99
+        .unwrap_or(1)
+        .max(
+            chart
+                .buckets
+                .iter()
+                .filter_map(|b| b.p99)
+                .max()
+                .unwrap_or(1),
+        )
+        .max(1);
     let plot_h = HEIGHT - BOTTOM - 4;
     let x = |i: usize| LEFT + (i as u64 * (WIDTH - LEFT - 8)) / (BUCKETS as u64 - 1);
     let y = |ms: u64| 4 + plot_h - ms.min(top) * plot_h / top;
@@ -136,7 +148,12 @@ mod tests {
         assert_eq!(chart.hour.starts, 101);
         assert_eq!(chart.hour.p99, Some(1000));
         let html = svg(&chart).into_string();
-        for expected in ["<polyline class=\"p99\"", "<polyline class=\"p50\"", "101 starts in the last hour", "p50 0.51 s"] {
+        for expected in [
+            "<polyline class=\"p99\"",
+            "<polyline class=\"p50\"",
+            "101 starts in the last hour",
+            "p50 0.51 s",
+        ] {
             assert!(html.contains(expected), "{expected}: {html}");
         }
         let empty = svg(&StartupChart::of(&[], now)).into_string();

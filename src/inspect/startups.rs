@@ -20,7 +20,10 @@ pub struct StartSample {
 
 /// The starts that were ready after `since_ms` (unix ms), newest first; events written by
 /// workers without phase times are skipped.
-pub async fn recent_starts(conn: &RedisConn, since_ms: u64) -> redis::RedisResult<Vec<StartSample>> {
+pub async fn recent_starts(
+    conn: &RedisConn,
+    since_ms: u64,
+) -> redis::RedisResult<Vec<StartSample>> {
     let entries: Vec<(String, Vec<String>)> = redis::cmd("XREVRANGE")
         .arg(EVENTS)
         .arg("+")
@@ -65,8 +68,23 @@ mod tests {
 
     #[test]
     fn ready_events_with_phase_times_are_samples() {
-        let ready = strings(&["status", "ready", "enqueued_ms", "1000", "claimed_ms", "1200", "ready_ms", "1900"]);
-        assert_eq!(sample(&ready), Some(StartSample { ready_ms: 1900, took_ms: 900 }));
+        let ready = strings(&[
+            "status",
+            "ready",
+            "enqueued_ms",
+            "1000",
+            "claimed_ms",
+            "1200",
+            "ready_ms",
+            "1900",
+        ]);
+        assert_eq!(
+            sample(&ready),
+            Some(StartSample {
+                ready_ms: 1900,
+                took_ms: 900
+            })
+        );
         let claimed_only = strings(&["status", "ready", "claimed_ms", "1200", "ready_ms", "1900"]);
         assert_eq!(sample(&claimed_only).map(|s| s.took_ms), Some(700));
         for other in [

@@ -91,7 +91,9 @@ impl SessionStore {
         }
         let timeline = ready.timeline;
         invocation.arg(timeline.map(StartTimeline::to_json).unwrap_or_default());
-        let extra = timeline.map(StartTimeline::event_fields).unwrap_or_default();
+        let extra = timeline
+            .map(StartTimeline::event_fields)
+            .unwrap_or_default();
         invocation.arg(extra.len());
         for (name, value) in extra {
             invocation.arg(name).arg(value);

@@ -11,8 +11,8 @@
 //! `OTEL_EXPORTER_OTLP_HEADERS`, `_TIMEOUT`; the queue, `OTEL_BSP_*` ([`super::span_queue`]).
 //!
 //! Which spans go out: only each start's (target [`super::start_trace::TARGET`], see there),
-//! with the log events inside them as span events; the other spans of the process (apalis's,
-//! the job's) stay in the logs. Nothing here can slow a start: see [`super::span_queue`].
+//! with the log events inside them (info and above) as span events; the other spans of the
+//! process (apalis's, the job's) stay in the logs. `RUST_LOG` filters log lines, not traces. Nothing here can slow a start: see [`super::span_queue`].
 
 use std::{sync::OnceLock, time::Duration};
 
@@ -71,7 +71,8 @@ pub fn init() -> OtelStatus {
         return OtelStatus::Off;
     }
     let exporter = var("OTEL_TRACES_EXPORTER").map(|v| v.to_ascii_lowercase());
-    let endpoint = var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").or_else(|| var("OTEL_EXPORTER_OTLP_ENDPOINT"));
+    let endpoint =
+        var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").or_else(|| var("OTEL_EXPORTER_OTLP_ENDPOINT"));
     let endpoint = match (exporter.as_deref(), endpoint) {
         (Some("none"), _) => return OtelStatus::Off,
         (Some("otlp") | None, Some(endpoint)) => endpoint,
@@ -83,7 +84,8 @@ pub fn init() -> OtelStatus {
             ));
         }
     };
-    if let Some(protocol) = var("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL").or_else(|| var("OTEL_EXPORTER_OTLP_PROTOCOL"))
+    if let Some(protocol) =
+        var("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL").or_else(|| var("OTEL_EXPORTER_OTLP_PROTOCOL"))
         && protocol != "http/protobuf"
     {
         return OtelStatus::Refused(format!(
@@ -115,10 +117,13 @@ fn provider() -> Result<SdkTracerProvider, String> {
         .unwrap_or_else(|| DEFAULT_SERVICE_NAME.to_owned());
     let resource = Resource::builder().with_service_name(service).build();
     // The exporter reads the same variables for its own bound.
-    let timeout = ["OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT"]
-        .iter()
-        .find_map(|name| std::env::var(name).ok()?.trim().parse().ok())
-        .map_or(Duration::from_secs(10), Duration::from_millis);
+    let timeout = [
+        "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT",
+        "OTEL_EXPORTER_OTLP_TIMEOUT",
+    ]
+    .iter()
+    .find_map(|name| std::env::var(name).ok()?.trim().parse().ok())
+    .map_or(Duration::from_secs(10), Duration::from_millis);
     let mut exporter = SpanExporter::builder()
         .with_http()
         .with_http_client(Http1Client::new(timeout))
@@ -163,9 +168,17 @@ where
     S: Subscriber + for<'span> LookupSpan<'span> + Send + Sync,
 {
     let tracer = TRACER.get()?.clone();
+    // The starts' spans, and the events inside them at info and above (whatever
+    // `RUST_LOG` says of the log lines); the hint keeps every debug and trace call site of
+    // every crate disabled as before.
     let starts_only = FilterFn::new(|meta: &tracing::Metadata<'_>| {
-        !meta.is_span() || meta.target() == super::start_trace::TARGET
-    });
+        if meta.is_span() {
+            meta.target() == super::start_trace::TARGET
+        } else {
+            *meta.level() <= tracing::Level::INFO
+        }
+    })
+    .with_max_level_hint(tracing::level_filters::LevelFilter::INFO);
     Some(
         tracing_opentelemetry::layer()
             .with_tracer(tracer)

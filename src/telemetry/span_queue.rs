@@ -144,11 +144,7 @@ impl SpanProcessor for SpanQueue {
 
 /// The export thread: batches of at most `max_batch`, sent when full or `delay` after the
 /// last export, whichever comes first.
-fn export_loop<E: SpanExporter>(
-    exporter: E,
-    spans: mpsc::Receiver<Message>,
-    limits: Limits,
-) {
+fn export_loop<E: SpanExporter>(exporter: E, spans: mpsc::Receiver<Message>, limits: Limits) {
     let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -148,8 +148,18 @@ mod tests {
                 ("TRACESTATE".to_owned(), "vendor=x".to_owned())
             ]
         );
-        for junk in ["", "00-zz-00f067aa0ba902b7-01", "$(touch /tmp/x)", "00-00000000000000000000000000000000-00f067aa0ba902b7-01"] {
-            assert!(StartTrace::begin("s-1", Some(junk), None).agent_env().is_empty(), "{junk}");
+        for junk in [
+            "",
+            "00-zz-00f067aa0ba902b7-01",
+            "$(touch /tmp/x)",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+        ] {
+            assert!(
+                StartTrace::begin("s-1", Some(junk), None)
+                    .agent_env()
+                    .is_empty(),
+                "{junk}"
+            );
         }
         assert!(StartTrace::begin("s-1", None, None).agent_env().is_empty());
     }

@@ -136,7 +136,9 @@ impl Inner {
                         log_file: attempts.log_file.clone(),
                         warm: agent.start.warm_value(),
                     };
-                    let adopted = self.clone().adopt(slot, agent, record, attempts.made, timeline);
+                    let adopted = self
+                        .clone()
+                        .adopt(slot, agent, record, attempts.made, timeline);
                     return Ok(adopted.await);
                 }
                 AttemptStep::Abandoned => return Err(self.abandoned(&id).await),
