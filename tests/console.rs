@@ -917,7 +917,8 @@ async fn run_chromium(url: &str, args: Vec<String>) -> String {
 }
 
 /// The session page's start-up timeline and the overview's start-up chart, as the browser
-/// built them: inline SVG, one bar per phase of a cold start, p50 and p99 lines.
+/// built them: inline SVG, one bar per phase of a cold start (the queue wait first), p50 and
+/// p99 lines.
 async fn assert_start_up_drawn(addr: SocketAddr) {
     let dom = run_chromium(
         &format!("http://{addr}/sessions/call-7a41-craig"),
@@ -929,14 +930,16 @@ async fn assert_start_up_drawn(addr: SocketAddr) {
         .and_then(|(_, rest)| rest.split_once("</figure>"))
         .map(|(figure, _)| figure)
         .unwrap_or_else(|| panic!("no start-up timeline on the session page: {dom}"));
+    // The producer recorded its enqueue (Redis's clock): the queue wait is the first bar.
     assert!(
-        svg.contains("<svg") && svg.contains("cold start, "),
+        svg.contains("<svg") && svg.contains("cold start, enqueue to ready in "),
         "{svg}"
     );
-    for phase in ["claim → spawned", "spawned → alive", "alive → ready"] {
+    let phases = ["queue wait", "claim → spawned", "spawned → alive", "alive → ready"];
+    for phase in phases {
         assert!(svg.contains(&format!("<title>{phase}: ")), "{phase}: {svg}");
     }
-    assert_eq!(svg.matches("<rect ").count(), 3, "one bar per phase: {svg}");
+    assert_eq!(svg.matches("<rect ").count(), 4, "one bar per phase: {svg}");
     let overview = run_chromium(&format!("http://{addr}/"), vec!["--dump-dom".into()]).await;
     assert!(
         overview.contains("<figure class=\"startup-chart\">")
