@@ -935,7 +935,12 @@ async fn assert_start_up_drawn(addr: SocketAddr) {
         svg.contains("<svg") && svg.contains("cold start, enqueue to ready in "),
         "{svg}"
     );
-    let phases = ["queue wait", "claim → spawned", "spawned → alive", "alive → ready"];
+    let phases = [
+        "queue wait",
+        "claim → spawned",
+        "spawned → alive",
+        "alive → ready",
+    ];
     for phase in phases {
         assert!(svg.contains(&format!("<title>{phase}: ")), "{phase}: {svg}");
     }

@@ -109,6 +109,24 @@ async fn wait_spans(spans: &Spans, trace_id: &str, names: &[&str]) -> Vec<Span> 
     .await
 }
 
+/// The worker's `/metrics`, at the address it logged.
+async fn scrape(worker: &WorkerProcess) -> String {
+    let listening = worker
+        .wait_event("http_listening", Duration::from_secs(20))
+        .await;
+    let addr: SocketAddr = listening["addr"].as_str().unwrap().parse().unwrap();
+    let (status, body) = get(addr, "/metrics").await;
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+/// The value of the series line that starts with `series` (name and labels).
+fn sample(scrape: &str, series: &str) -> Option<f64> {
+    scrape
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+}
+
 fn named<'a>(spans: &'a [Span], name: &str) -> &'a Span {
     spans
         .iter()
@@ -221,14 +239,36 @@ async fn one_trace_from_the_clients_span_through_the_worker_to_the_agent() {
         parent,
         format!("00-{root_trace}-{}-01", hex(&start.span_id))
     );
+
+    // The phases are histograms too, by start mode; nothing was dropped.
+    let metrics = scrape(&worker).await;
+    for phase in [
+        "queue_wait",
+        "claim_to_spawned",
+        "spawned_to_alive",
+        "alive_to_ready",
+    ] {
+        let series = format!("agent_worker_start_{phase}_seconds_count{{start=\"cold\"}}");
+        assert!(
+            sample(&metrics, &series).is_some_and(|n| n >= 1.0),
+            "{series}:\n{metrics}"
+        );
+    }
+    assert_eq!(
+        sample(&metrics, "agent_worker_otel_spans_dropped_total"),
+        Some(0.0),
+        "{metrics}"
+    );
     worker.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_collector_changes_nothing_for_starts() {
     let redis = TestRedis::start().await;
-    // A port nothing listens on, and a queue of two spans: exports fail, spans are dropped.
-    let endpoint = format!("http://127.0.0.1:{}", free_port());
+    // A collector that takes connections and never answers (the worst case: each export
+    // waits for its timeout), and a queue of two spans: what does not fit is dropped.
+    let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", hung.local_addr().unwrap());
     let worker = WorkerProcess::run(
         &redis.url(),
         "ready",
@@ -261,5 +301,12 @@ async fn an_unreachable_collector_changes_nothing_for_starts() {
         );
         assert_eq!(received["env"]["TRACESTATE"], "vendor=opaque", "{received}");
     }
+    // Six spans a start, four starts, room for four while the first export hangs.
+    let metrics = scrape(&worker).await;
+    assert!(
+        sample(&metrics, "agent_worker_otel_spans_dropped_total").is_some_and(|n| n >= 1.0),
+        "{metrics}"
+    );
     worker.stop().await;
+    drop(hung);
 }

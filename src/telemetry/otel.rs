@@ -10,7 +10,7 @@
 //! `agent-worker`), `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_TRACES_SAMPLER` and `_ARG`,
 //! `OTEL_EXPORTER_OTLP_HEADERS`, `_TIMEOUT`; the queue, `OTEL_BSP_*` ([`super::span_queue`]).
 //!
-//! Which spans go out: only each start's (target [`super::start_trace::TARGET`], see there),
+//! Which spans go out: only those of target [`TARGET`] (each start's: `start_trace.rs`),
 //! with the log events inside them (info and above) as span events; the other spans of the
 //! process (apalis's, the job's) stay in the logs. `RUST_LOG` filters log lines, not traces. Nothing here can slow a start: see [`super::span_queue`].
 
@@ -29,6 +29,9 @@ use super::{
     http1::Http1Client,
     span_queue::{Limits, SpanQueue},
 };
+
+/// The tracing target of the spans that are exported (see the module docs).
+pub const TARGET: &str = "agent_worker::start";
 
 /// The service name when `OTEL_SERVICE_NAME` is not set.
 const DEFAULT_SERVICE_NAME: &str = "agent-worker";
@@ -173,7 +176,7 @@ where
     // every crate disabled as before.
     let starts_only = FilterFn::new(|meta: &tracing::Metadata<'_>| {
         if meta.is_span() {
-            meta.target() == super::start_trace::TARGET
+            meta.target() == TARGET
         } else {
             *meta.level() <= tracing::Level::INFO
         }

@@ -12,6 +12,7 @@
 use std::{
     sync::{
         Mutex,
+        atomic::{AtomicU64, Ordering},
         mpsc::{self, RecvTimeoutError, SyncSender, TrySendError},
     },
     thread::JoinHandle,
@@ -70,6 +71,7 @@ enum Message {
 pub struct SpanQueue {
     queue: SyncSender<Message>,
     thread: Mutex<Option<JoinHandle<()>>>,
+    dropped: AtomicU64,
 }
 
 impl SpanQueue {
@@ -83,7 +85,13 @@ impl SpanQueue {
         Ok(Self {
             queue,
             thread: Mutex::new(Some(thread)),
+            dropped: AtomicU64::new(0),
         })
+    }
+
+    /// Spans dropped so far (also counted in `/metrics`).
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
     }
 
     /// Sends a control message and waits up to `timeout` for its answer.
@@ -120,7 +128,10 @@ impl SpanProcessor for SpanQueue {
         match self.queue.try_send(Message::Span(Box::new(span))) {
             Ok(()) => {}
             // Full, or shut down: dropped, counted, never waited for.
-            Err(_) => observability::otel_spans_dropped(1),
+            Err(_) => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+                observability::otel_spans_dropped(1);
+            }
         }
     }
 
@@ -188,5 +199,93 @@ fn export_loop<E: SpanExporter>(exporter: E, spans: mpsc::Receiver<Message>, lim
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        sync::{Arc, atomic::AtomicUsize, mpsc::Receiver},
+        time::SystemTime,
+    };
+
+    use opentelemetry::{
+        InstrumentationScope,
+        trace::{SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState},
+    };
+    use opentelemetry_sdk::trace::{SpanEvents, SpanLinks};
+
+    use super::*;
+
+    /// An exporter that holds every export until its gate closes, counting what it got.
+    #[derive(Debug)]
+    struct Stuck {
+        gate: Mutex<Receiver<()>>,
+        exported: Arc<AtomicUsize>,
+    }
+
+    impl SpanExporter for Stuck {
+        async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+            // Blocks the export thread (what a hung collector does) until the gate is closed.
+            let _ = self.gate.lock().unwrap().recv();
+            self.exported.fetch_add(batch.len(), Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    fn span(n: u64) -> SpanData {
+        let context = SpanContext::new(
+            TraceId::from(1),
+            SpanId::from(n + 1),
+            TraceFlags::SAMPLED,
+            false,
+            TraceState::default(),
+        );
+        SpanData {
+            span_context: context,
+            parent_span_id: SpanId::INVALID,
+            parent_span_is_remote: false,
+            span_kind: SpanKind::Internal,
+            name: "s".into(),
+            start_time: SystemTime::UNIX_EPOCH,
+            end_time: SystemTime::UNIX_EPOCH,
+            attributes: Vec::new(),
+            dropped_attributes_count: 0,
+            events: SpanEvents::default(),
+            links: SpanLinks::default(),
+            status: Status::Unset,
+            instrumentation_scope: InstrumentationScope::builder("t").build(),
+        }
+    }
+
+    #[test]
+    fn a_stuck_exporter_never_holds_a_span_end_and_what_does_not_fit_is_dropped() {
+        let (close, gate) = mpsc::channel();
+        let exported = Arc::new(AtomicUsize::new(0));
+        let limits = Limits {
+            max_queue: 2,
+            max_batch: 1,
+            delay: Duration::from_millis(10),
+        };
+        let stuck = Stuck {
+            gate: Mutex::new(gate),
+            exported: exported.clone(),
+        };
+        let queue = SpanQueue::start(stuck, limits).unwrap();
+        // Every call returns while the exporter is stuck: one span in its hands, two queued,
+        // the rest dropped and counted.
+        for n in 0..10 {
+            queue.on_end(span(n));
+        }
+        assert!(queue.dropped() >= 7, "dropped {}", queue.dropped());
+        drop(close);
+        queue
+            .shutdown_with_timeout(Duration::from_secs(10))
+            .unwrap();
+        assert_eq!(
+            exported.load(Ordering::SeqCst) as u64 + queue.dropped(),
+            10,
+            "each span exported or dropped, none lost otherwise"
+        );
     }
 }

@@ -4,7 +4,7 @@
 //! phase spans under it.
 //!
 //! Spans of one start:
-//! - `agent_start` (this module's [`TARGET`]): from the launch's beginning to its end; the log
+//! - `agent_start` (of [`TARGET`], the target the exporter sends): from the launch's beginning to its end; the log
 //!   events of the start (`agent_spawn_failed`, `agent_ready`, ...) are its span events;
 //! - `claim`: the claim's round trip, with `session_config_loaded` as its span event;
 //! - `queue_wait` (the producer's enqueue to the claim), `spawn` (claim to spawn or warm
@@ -29,8 +29,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::start_timeline::StartTimeline;
 
-/// The tracing target of the spans the exporter sends ([`super::otel::layer`]).
-pub const TARGET: &str = "agent_worker::start";
+pub use super::otel::TARGET;
 
 /// The trace of one start (see the module docs).
 #[derive(Debug)]
