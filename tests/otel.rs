@@ -310,3 +310,42 @@ async fn an_unreachable_collector_changes_nothing_for_starts() {
     worker.stop().await;
     drop(hung);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_start_hands_the_agent_the_jobs_trace_with_traces_off() {
+    let redis = TestRedis::start().await;
+    let warm_command = format!("{TEST_AGENT},--warm");
+    let worker = WorkerProcess::run(
+        &redis.url(),
+        "ready",
+        &[
+            ("AGENT_WORKER__AGENT__WARM_COMMAND", warm_command.as_str()),
+            ("AGENT_WORKER__AGENT__WARM_POOL", "1"),
+            ("RUST_LOG", "info,agent_worker::agent::warm_pool=debug"),
+        ],
+    );
+    worker
+        .wait_event("warm_agent_ready", Duration::from_secs(20))
+        .await;
+    let parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let id = sid("otel-warm");
+    let job = AgentStart::new(id.clone())
+        .with_traceparent(parent)
+        .unwrap();
+    producer(&redis.conn).enqueue(&job).await.unwrap();
+    wait_status(&redis.conn, &id, "ready", Duration::from_secs(20)).await;
+    let received = wait_received(&redis.conn, &id).await;
+    assert_eq!(received["warm"], true, "a warm process took it: {received}");
+    // No exporter: the agent continues the job's own context, unchanged.
+    assert_eq!(received["env"]["TRACEPARENT"], parent, "{received}");
+    assert!(received["env"]["TRACESTATE"].is_null(), "{received}");
+    let timeline = hget(&redis.conn, &format!("session:{id}"), "startTimeline")
+        .await
+        .expect("the record keeps the start's timeline");
+    let timeline: serde_json::Value = serde_json::from_str(&timeline).unwrap();
+    assert_eq!(timeline["start"], "warm", "{timeline}");
+    let metrics = scrape(&worker).await;
+    let series = r#"agent_worker_start_alive_to_ready_seconds_count{start="warm"}"#;
+    assert_eq!(sample(&metrics, series), Some(1.0), "{metrics}");
+    worker.stop().await;
+}

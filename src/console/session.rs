@@ -299,6 +299,10 @@ mod tests {
         SessionDetail {
             record: pairs(&[
                 ("createdAt", "1700000000"),
+                (
+                    "startTimeline",
+                    r#"{"start":"cold","enqueued":1700000000000,"claimed":1700000000200,"spawned":1700000000210,"alive":1700000000900,"ready":1700000001400}"#,
+                ),
                 ("status", "ready"),
                 ("systemPrompt", PROMPT),
                 ("voiceId", HOSTILE),
@@ -354,6 +358,8 @@ mod tests {
                 "<dt>attempts</dt><dd>1</dd>",
                 "<dt>done_at</dt><dd>&lt;script&gt;",
                 "Last 1 log lines",
+                "<figure class=\"timeline\"><svg",
+                "cold start, enqueue to ready in 1400 ms",
             ],
         );
         assert!(!html.contains("method=\"post\""), "{html}");
@@ -384,6 +390,9 @@ mod tests {
         ended.logs.clear();
         ended.heartbeat = None;
         ended.job = None;
+        // A timeline that is not one (it comes from Redis) is not drawn.
+        ended.record.retain(|(k, _)| k != "startTimeline");
+        ended.record.push(("startTimeline".into(), HOSTILE.into()));
         let html = render(&SessionView::of("s-1", &ended, false, Some("c"), 0)).into_string();
         assert!(!html.contains("method=\"post\""), "{html}");
         for empty in [
@@ -391,6 +400,7 @@ mod tests {
             "not in the index (not live on any worker)",
             "No job recorded",
             "No output recorded.",
+            "No start-up timeline",
         ] {
             assert!(html.contains(empty), "{empty}: {html}");
         }
