@@ -44,6 +44,7 @@
 //! | `start_spawned_to_alive_seconds` | histogram | `start` |
 //! | `start_alive_to_ready_seconds` | histogram | `start` |
 //! | `otel_spans_dropped_total` | counter | |
+//! | `starts_refused_total` | counter | `reason` = `start_expired`, `config_missing` |
 
 use std::{sync::OnceLock, time::Duration};
 
@@ -117,6 +118,9 @@ pub const WARM_UP_SECONDS: &str = "agent_worker_warm_up_seconds";
 /// Counter of warm-ups that failed (exit or no warm line in time) and idle warm processes
 /// that died.
 pub const WARM_UP_FAILURES_TOTAL: &str = "agent_worker_warm_up_failures_total";
+/// Counter of starts refused at their claim, by `reason`: `start_expired` (claimed after the
+/// job's `start_by`) or `config_missing` (the tombstone rule: the config was deleted).
+pub const STARTS_REFUSED_TOTAL: &str = "agent_worker_starts_refused_total";
 
 /// Histogram of the queue wait of started agents: the producer's enqueue to the claim, both on
 /// Redis's clock ([`crate::start_timeline`]), by `start` (`cold`, `warm`, `forked`).
@@ -304,6 +308,11 @@ pub fn warm_take(warm: bool) {
 /// A warm process printed its warm line `duration` after its spawn.
 pub fn warm_up_finished(duration: Duration) {
     histogram!(WARM_UP_SECONDS).record(duration.as_secs_f64());
+}
+
+/// A start was refused at its claim (`start_expired` or `config_missing`).
+pub fn start_refused(reason: &'static str) {
+    counter!(STARTS_REFUSED_TOTAL, "reason" => reason).increment(1);
 }
 
 /// A warm-up failed, or an idle warm process died.
@@ -619,6 +628,12 @@ const SERIES: &[(&str, Kind, Option<Unit>, &str)] = &[
         Some(Unit::Count),
         "Finished spans the OpenTelemetry exporter dropped because its queue was full.",
     ),
+    (
+        STARTS_REFUSED_TOTAL,
+        Kind::Counter,
+        Some(Unit::Count),
+        "Starts refused at their claim, by reason (start_expired, config_missing).",
+    ),
 ];
 
 /// `# HELP` and `# TYPE` of every series in [`SERIES`].
@@ -675,6 +690,9 @@ fn register_zeroes() {
     }
     counter!(WARM_UP_FAILURES_TOTAL).increment(0);
     counter!(OTEL_SPANS_DROPPED_TOTAL).increment(0);
+    for reason in ["start_expired", "config_missing"] {
+        counter!(STARTS_REFUSED_TOTAL, "reason" => reason).increment(0);
+    }
     gauge!(WARM_IDLE).set(0.0);
     gauge!(AGENTS_LIVE).set(0.0);
     redis_up(false);

@@ -44,7 +44,7 @@ mod ready;
 mod record;
 mod removal;
 
-pub use claim::{Claim, ClaimAttempt};
+pub use claim::{Claim, ClaimAttempt, Refusal, RefusalKind};
 pub use end::{EndRecord, SessionEnd};
 pub use liveness::HeartbeatReport;
 pub use ready::{Ready, ReadyRecord};
@@ -107,6 +107,7 @@ pub struct SessionStore {
     conn: RedisConn,
     ttl: Duration,
     ended_ttl: Duration,
+    config_grace: Duration,
     default_voice: String,
     log_lines: usize,
     worker_timeout: Duration,
@@ -141,6 +142,7 @@ impl SessionStore {
             worker_timeout: Duration::from_secs(15),
             redis_health: RedisHealth::new(),
             ended_ttl: Duration::from_secs(3600),
+            config_grace: Duration::from_secs(60),
             legacy_metrics: false,
             events_max_len: DEFAULT_EVENTS_MAX_LEN,
             clock: Clock::redis(),
@@ -159,6 +161,7 @@ impl SessionStore {
             settings.agent.log_lines,
         )
         .ended_ttl(settings.session.ended_ttl)
+        .config_grace(settings.session.config_grace)
         .worker_timeout(settings.worker.orphan_timeout)
         .legacy_metrics(settings.compat.legacy_metrics)
         .events_max_len(settings.events.max_len)
@@ -179,6 +182,13 @@ impl SessionStore {
     /// How long an ended session's record stays (`session.ended_ttl`; 1 h unless set).
     pub fn ended_ttl(mut self, ttl: Duration) -> Self {
         self.ended_ttl = ttl;
+        self
+    }
+
+    /// The tombstone rule's grace (`session.config_grace`; 60 s unless set): a job enqueued
+    /// longer ago whose config is missing at claim starts nothing (see `claim`).
+    pub fn config_grace(mut self, grace: Duration) -> Self {
+        self.config_grace = grace;
         self
     }
 

@@ -50,7 +50,7 @@ async fn wait_ready_sync_and_async_with_the_real_worker() {
         "AGENT_WORKER_TEST_READY_DELAY_MS",
         READY_DELAY_MS.to_owned(),
     ));
-    unittest("test_wait", 10, &env, &[]).await;
+    unittest("test_wait", 12, &env, &[]).await;
     failing.stop().await;
     ready.stop().await;
 }

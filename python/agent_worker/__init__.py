@@ -9,7 +9,7 @@ its record, end it, and manage dead jobs, with records byte-identical to the Rus
     client = agent_worker.Client.from_url("redis://127.0.0.1:6379")          # sync
     client = agent_worker.AsyncClient.from_url("redis://127.0.0.1:6379")     # asyncio
     client.write_session_config("abc-123", "Craig", "alice")
-    client.enqueue_agent_start("abc-123", user_id="alice")
+    client.enqueue_agent_start("abc-123", user_id="alice")  # no start after 60 s (start_within)
     record = client.wait_ready("abc-123", timeout=30)
     client.end_session("abc-123")
 
@@ -40,12 +40,13 @@ _EXPORTS = {
     "validate_session_id": "keys",
     "payload_bytes": "_protocol",
     "new_task_id": "_protocol",
+    "DEFAULT_START_WITHIN": "_protocol",
 }
 
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
-    from ._protocol import new_task_id, payload_bytes
+    from ._protocol import DEFAULT_START_WITHIN, new_task_id, payload_bytes
     from .aio import AsyncClient
     from .client import Client
     from .keys import QueueKeys, SessionKeys, validate_session_id

@@ -10,6 +10,7 @@ whose agent always exits before it is ready.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sys
 import time
@@ -121,6 +122,39 @@ class SyncWait(ClientTest):
         self.assertIsNotNone(job.failed_at)
         self.assertEqual(failing.retry_dead([job.task_id, "not-a-dead-task"]), [job.task_id])
         failing.close()
+
+    def test_an_expired_start_raises_at_once_with_start_expired(self) -> None:
+        sid = new_id("sync-expired")
+        self.client.write_session_config(sid, "Craig", "alice")
+        # A deadline long past on any clock: the worker's claim refuses it.
+        job = self.client.enqueue_agent_start(sid, start_by=1)
+        with self.assertRaises(agent_worker.SessionFailed) as failed:
+            self.client.wait_ready(sid, timeout=TIMEOUT)
+        # SessionFailed, not WaitTimeout: the error event ended the wait.
+        self.assertEqual(failed.exception.status, "error")
+        self.assertTrue((failed.exception.reason or "").startswith("start_expired: "), failed.exception)
+        record = self.client.session(sid)
+        self.assertEqual(record.error, failed.exception.reason)
+        self.assertIsNone(record.agent_pid)
+        dead = wait_for(
+            "the job in the dead set",
+            10,
+            lambda: next((j for j in self.client.dead_jobs() if j.task_id == job.task_id), None),
+        )
+        self.assertIn("start_expired", dead.error)
+
+    def test_the_default_deadline_is_a_minute_on_redis_clock(self) -> None:
+        sid = new_id("sync-deadline")
+        before = self.raw.time()
+        job = self.client.enqueue_agent_start(sid)
+        after = self.raw.time()
+        payload = json.loads(self.raw.hget(f"{QUEUE}:data", job.task_id))
+        ms = lambda t: t[0] * 1000 + t[1] // 1000  # noqa: E731
+        self.assertEqual(agent_worker.DEFAULT_START_WITHIN, 60.0)
+        self.assertLessEqual(ms(before) + 60_000, payload["start_by"])
+        self.assertLessEqual(payload["start_by"], ms(after) + 60_000)
+        # Within its deadline: it starts.
+        self.assertEqual(self.client.wait_ready(sid, timeout=TIMEOUT).status, "ready")
 
     def test_a_session_nobody_starts_times_out(self) -> None:
         sid = new_id("sync-never")

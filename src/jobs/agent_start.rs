@@ -191,8 +191,14 @@ impl AgentStartJob {
                 .traceparent
                 .clone()
                 .map(|parent| (parent, job.tracestate.clone())),
+            start_by: job.start_by,
         };
-        let outcome = self.supervisor.start(request).await?;
+        let outcome = self.supervisor.start(request).await;
+        if let Err(StartError::Refused(refusal)) = &outcome {
+            observability::start_refused(refusal.kind.as_str());
+            tracing::warn!(session_id = %job.session_id, kind = refusal.kind.as_str(), reason = %refusal.reason, "agent_start_refused");
+        }
+        let outcome = outcome?;
         match &outcome {
             StartOutcome::AlreadyRunning { pid } => {
                 tracing::info!(session_id = %job.session_id, pid, "agent_already_running");

@@ -36,12 +36,30 @@
 -- ARGV[7]: user id ('' for none) ARGV[8]: default voice
 -- ARGV[9]: log file path ('' for none)   ARGV[10]: 1 to count a cold start
 -- ARGV[11]: 1 when KEYS[9] is a job's meta hash (0: a claim outside a job)
+-- ARGV[12]: the job's start_by, unix ms on Redis's clock ('' for none)
+-- ARGV[13]: the config grace, ms (the tombstone rule)   ARGV[14]: session.ended_ttl (s)
 -- Last KEY and ARGV: the event stream and its bound (session_events.lua). A `starting` event
 -- is appended when the claim changes the status or the owner (not on a retry's re-claim).
 -- Returns {1, previous owner or '', 'stored' | 'default', {config field, value, ...},
 -- enqueued} when claimed (enqueued: the job meta's `enqueued_at`, unix ms on Redis's clock as
--- the producer recorded it, or ''); {0, owner, status} when another live worker holds it; {2, status} when the session
--- has ended ('' when its record is gone); {-1, type} when the config key is not a hash.
+-- the producer recorded it, or ''); {0, owner, status} when another live worker holds it;
+-- {2, status} when the session has ended ('' when its record is gone); {-1, type} when the
+-- config key is not a hash; {3, kind, reason} when the start is refused (below).
+--
+-- Refused starts (contract version 2), decided here on Redis's clock (TIME), after the checks
+-- above (an ended session stays ended, another live worker's start stands):
+-- * start_expired: now is past the job's start_by. Nobody waits for this agent any more. The
+--   session is recorded as a start that failed (created like a claim would: status `error`
+--   with the reason saying how late, endedAt, out of the state sets and the heartbeat index,
+--   TTL at most ended_ttl) and an `error` event says so, so waiters fail at once.
+-- * config_missing (the tombstone rule): session:<id>:config is missing, and the job's meta
+--   says it was enqueued (enqueued_at, Redis ms) longer ago than the grace. Producers write
+--   the config before the job, so it was deleted: the orchestrator ended the session. No
+--   default config is written and no agent started. A record still there is marked `error`
+--   as above; a record already gone is not recreated (as end_session.lua), but the `error`
+--   event is appended so a waiter fails at once. A job without enqueued_at (a version 1
+--   producer) keeps the old rule: defaults.
+-- Neither counts a cold start nor writes the job's sessionClaimedAt.
 local me, now, ttl = ARGV[1], ARGV[2], ARGV[4]
 
 local current = redis.call('HMGET', KEYS[1], 'workerId', 'status', 'createdAt', 'error',
@@ -63,9 +81,55 @@ if owner and owner ~= me and (status == 'starting' or status == 'ready') then
     end
 end
 
+local clock = redis.call('TIME')
+local now_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+
+-- Records a refused start (see the header) and returns its reply.
+local function refuse(kind, reason, recreate)
+    local exists = redis.call('EXISTS', KEYS[1]) == 1
+    if exists or recreate then
+        local fields = { 'status', 'error', 'error', reason, 'workerId', me, 'taskId', ARGV[6],
+            'lastActive', now, 'endedAt', now }
+        if ARGV[7] ~= '' then
+            fields[#fields + 1] = 'userId'
+            fields[#fields + 1] = ARGV[7]
+        end
+        if not current[3] then
+            fields[#fields + 1] = 'createdAt'
+            fields[#fields + 1] = now
+        end
+        redis.call('HSET', KEYS[1], unpack(fields))
+        redis.call('SREM', KEYS[3], ARGV[5])
+        redis.call('SREM', KEYS[4], ARGV[5])
+        redis.call('ZREM', KEYS[5], ARGV[5])
+        local left = redis.call('TTL', KEYS[1])
+        if left < 0 or left > tonumber(ARGV[14]) then
+            redis.call('EXPIRE', KEYS[1], ARGV[14])
+        end
+    end
+    session_event(ARGV[5], 'error', me, reason)
+    return { 3, kind, reason }
+end
+
+if ARGV[12] ~= '' and now_ms > tonumber(ARGV[12]) then
+    local late = now_ms - tonumber(ARGV[12])
+    return refuse('start_expired', string.format(
+        'start_expired: claimed %d ms after its start_by deadline (%s); no agent started',
+        late, ARGV[12]), true)
+end
+
 local config = redis.pcall('HGETALL', KEYS[2])
 if config.err then
     return { -1, redis.call('TYPE', KEYS[2]).ok }
+end
+if #config == 0 and has_meta then
+    local enqueued_at = tonumber(redis.call('HGET', KEYS[9], 'enqueued_at') or '')
+    if enqueued_at and now_ms - enqueued_at > tonumber(ARGV[13]) then
+        return refuse('config_missing', string.format(
+            'config_missing: %s is absent %d ms after the job was enqueued (deleted: the ' ..
+            'orchestrator ended the session); no agent started with the default voice',
+            KEYS[2], now_ms - enqueued_at), false)
+    end
 end
 local source = 'stored'
 if #config == 0 then

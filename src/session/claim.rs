@@ -36,12 +36,46 @@ pub enum Claim {
         /// True when its agent is ready; false while it is still starting.
         ready: bool,
     },
+    /// The start was refused and recorded (`lua/claim_session.lua`): past its deadline, or
+    /// its config deleted (the tombstone rule). No agent may be started for this job.
+    Refused(Refusal),
     /// The session is over: no agent may be started for it.
     Ended {
         /// Its status (`completed`, `terminated`, or one the worker does not know), or
         /// `None` when its record is gone (the orchestrator ended it during our retries).
         status: Option<SessionStatus>,
     },
+}
+
+/// Why a start was refused at its claim.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}")]
+pub struct Refusal {
+    /// Which rule refused it.
+    pub kind: RefusalKind,
+    /// What the session and its event say (starts with the kind, says how late or how old).
+    pub reason: String,
+}
+
+/// The rules that refuse a start at its claim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefusalKind {
+    /// Claimed after the job's `start_by` (Redis's clock).
+    StartExpired,
+    /// The config is missing although the job is older than `session.config_grace`: deleted
+    /// by the orchestrator, which ended the session.
+    ConfigMissing,
+}
+
+impl RefusalKind {
+    /// The stable name (`start_expired`, `config_missing`): the reason's first word and the
+    /// metric's label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::StartExpired => "start_expired",
+            Self::ConfigMissing => "config_missing",
+        }
+    }
 }
 
 /// What a claim attempt carries besides the session.
@@ -56,13 +90,17 @@ pub struct ClaimAttempt<'a> {
     pub cold: bool,
     /// The agent's log file, recorded as `logFile` and in `agent:<id>:logfile`.
     pub log_file: Option<&'a str>,
+    /// The job's deadline (`start_by`, unix ms on Redis's clock): a claim after it is
+    /// refused (`start_expired`). `None`: no deadline.
+    pub start_by: Option<i64>,
 }
 
 impl SessionStore {
     /// Reads the session's config and claims the session for `worker_id`, marking it
     /// `starting` (before each launch attempt), unless another live worker owns it or the
     /// session has ended: one script call, see `lua/claim_session.lua`. A missing config means
-    /// defaults, written back.
+    /// defaults, written back, unless the tombstone rule refuses the start; a claim past the
+    /// job's `start_by` is refused too ([`Claim::Refused`], recorded by the script).
     ///
     /// A config that cannot be used is a permanent error; if the session was claimed, it is
     /// marked `error` with the reason first, so the orchestrator sees why.
@@ -98,7 +136,15 @@ impl SessionStore {
             .arg(&self.default_voice)
             .arg(attempt.log_file.unwrap_or_default())
             .arg(flag(attempt.cold && self.legacy_metrics))
-            .arg(flag(attempt.job_meta.is_some()));
+            .arg(flag(attempt.job_meta.is_some()))
+            .arg(
+                attempt
+                    .start_by
+                    .map(|ms| ms.to_string())
+                    .unwrap_or_default(),
+            )
+            .arg(self.config_grace.as_millis() as u64)
+            .arg(self.ended_ttl.as_secs().max(1));
         self.events(&mut invocation);
         let reply = invocation
             .invoke_async(&mut self.conn.clone())
@@ -115,6 +161,13 @@ impl SessionStore {
             }),
             ClaimReply::HeldBy { owner, ready } => Ok(Claim::HeldBy { owner, ready }),
             ClaimReply::Ended { status } => Ok(Claim::Ended { status }),
+            ClaimReply::Refused { kind, reason } => Ok(Claim::Refused(Refusal {
+                kind: match kind.as_str() {
+                    "start_expired" => RefusalKind::StartExpired,
+                    _ => RefusalKind::ConfigMissing,
+                },
+                reason,
+            })),
             ClaimReply::Claimed {
                 source,
                 pairs,

@@ -28,6 +28,14 @@ pub(super) enum ClaimReply {
         /// Its status, if it has a record.
         status: Option<SessionStatus>,
     },
+    /// `[3, kind, reason]`: the start is refused (`start_expired`, `config_missing`); the
+    /// script recorded it.
+    Refused {
+        /// `start_expired` or `config_missing`.
+        kind: String,
+        /// The reason written on the session and the event.
+        reason: String,
+    },
     /// `[1, _, source, config pairs, enqueued]`: claimed; the config as a flat field/value
     /// array.
     Claimed {
@@ -57,6 +65,10 @@ impl ClaimReply {
             }),
             [Value::Int(2), ended, ..] => Some(Self::Ended {
                 status: status(ended),
+            }),
+            [Value::Int(3), kind, reason, ..] => Some(Self::Refused {
+                kind: text(kind).unwrap_or_default(),
+                reason: text(reason).unwrap_or_default(),
             }),
             [Value::Int(_), _, source, Value::Array(pairs), rest @ ..] => Some(Self::Claimed {
                 source: match text(source).as_deref() {
@@ -116,6 +128,14 @@ mod tests {
             ClaimReply::from_redis(vec![Value::Int(2), bulk("terminated")]).unwrap(),
             ClaimReply::Ended {
                 status: Some(SessionStatus::Terminated)
+            }
+        );
+        assert_eq!(
+            ClaimReply::from_redis(vec![Value::Int(3), bulk("start_expired"), bulk("late")])
+                .unwrap(),
+            ClaimReply::Refused {
+                kind: "start_expired".into(),
+                reason: "late".into()
             }
         );
         let pairs = vec![bulk("voiceId"), bulk("Craig")];

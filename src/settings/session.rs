@@ -25,6 +25,11 @@ pub struct SessionSettings {
     /// How long an ended session's record stays for the orchestrator's end-of-session handler.
     #[serde(with = "humantime_serde")]
     pub ended_ttl: Duration,
+    /// The tombstone rule: a start whose `session:<id>:config` is missing at claim although
+    /// its job was enqueued longer ago than this (on Redis's clock, from the meta's
+    /// `enqueued_at`) starts nothing: the config was deleted, not "not written yet".
+    #[serde(with = "humantime_serde")]
+    pub config_grace: Duration,
 }
 
 impl SessionSettings {
@@ -52,6 +57,9 @@ impl SessionSettings {
         }
         if self.ended_ttl < Duration::from_secs(1) {
             return Err(invalid("session.ended_ttl", "must be at least 1s"));
+        }
+        if self.config_grace < Duration::from_secs(1) {
+            return Err(invalid("session.config_grace", "must be at least 1s"));
         }
         Ok(())
     }

@@ -170,6 +170,7 @@ impl Inner {
                     job_meta: Some(&request.job_meta),
                     cold,
                     log_file: attempts.log_file.as_deref(),
+                    start_by: request.start_by,
                 },
             )
             .await;
@@ -212,6 +213,8 @@ impl Inner {
             // Completed, terminated, or ended by the orchestrator during our retries:
             // starting an agent now would bill a session nobody is in.
             Ok(Claim::Ended { status }) => finish(Ok(StartOutcome::SessionEnded { status })),
+            // Too late, or its config deleted: recorded by the claim, permanent for the job.
+            Ok(Claim::Refused(refusal)) => finish(Err(StartError::Refused(refusal))),
             Err(error) if error.is_permanent() => {
                 finish(Err(StartError::Rejected(Arc::new(error))))
             }

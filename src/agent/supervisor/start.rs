@@ -6,7 +6,10 @@ use std::{sync::Arc, time::Duration};
 
 use agent_jobs::{SessionId, SessionStatus};
 
-use crate::{agent::command::AgentCommand, session::SessionError};
+use crate::{
+    agent::command::AgentCommand,
+    session::{Refusal, SessionError},
+};
 
 /// What a start request led to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,6 +71,10 @@ pub enum StartError {
     /// cannot carry). Permanent; the session was marked `error` if it was claimed.
     #[error(transparent)]
     Rejected(Arc<SessionError>),
+    /// The claim refused the start (past its `start_by`, or its config deleted) and recorded
+    /// that on the session. Permanent: the job goes dead with the reason.
+    #[error(transparent)]
+    Refused(Refusal),
     /// The worker is stopping and the start was cut short (its agent killed, or attempts
     /// left unmade). Retryable: the session stays `starting` with the reason in `lastError`,
     /// and this worker's claim lapses when it leaves, so another replica starts it.
@@ -92,6 +99,8 @@ pub struct StartRequest {
     /// The job's W3C trace context (`traceparent`, `tracestate`), continued by the start's
     /// trace and handed to the agent ([`crate::telemetry::start_trace`]).
     pub trace_context: Option<(String, Option<String>)>,
+    /// The job's deadline (`start_by`, unix ms on Redis's clock), checked at each claim.
+    pub start_by: Option<i64>,
 }
 
 /// What every delivery of a start waits for.
