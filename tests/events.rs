@@ -70,6 +70,14 @@ async fn wait_events(conn: &RedisConn, id: &SessionId, want: &[&str]) -> Vec<Eve
 /// Checks the fields every event has: the documented names and nothing else, the owner, a
 /// millisecond Redis timestamp of now, and `reason` exactly when expected.
 fn check_fields(event: &Event, id: &SessionId, worker: Option<&str>, reason: Option<&str>) {
+    // A claim of a job whose producer recorded its enqueue: the queue wait's start, before it.
+    let mut event = event.clone();
+    if let Some(enqueued) = event.remove("enqueued_ms") {
+        assert_eq!(event["status"], "starting", "{event:?}");
+        let (enqueued, ts): (u64, u64) = (enqueued.parse().unwrap(), event["ts"].parse().unwrap());
+        assert!(enqueued <= ts, "{event:?}");
+    }
+    let event = &event;
     let mut names: Vec<&str> = event.keys().map(String::as_str).collect();
     names.sort_unstable();
     let mut expected = vec!["session_id", "status", "ts", "worker_id"];

@@ -185,8 +185,9 @@ end
 if has_meta and not claimed_before then
     redis.call('HSET', KEYS[9], 'sessionClaimedAt', now)
 end
-if status ~= 'starting' or owner ~= me then
-    session_event(ARGV[5], 'starting', me)
-end
 local enqueued = has_meta and redis.call('HGET', KEYS[9], 'enqueued_at')
+if status ~= 'starting' or owner ~= me then
+    -- The event's ts is the claim; with the producer's enqueue beside it, the queue wait.
+    session_event(ARGV[5], 'starting', me, nil, enqueued and { 'enqueued_ms', enqueued } or nil)
+end
 return { 1, owner or '', source, config, enqueued or '' }
