@@ -10,6 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use opentelemetry_http::{HttpClient, HttpError, Request, Response};
+use tokio_util::task::AbortOnDropHandle;
 
 /// A collector's answer larger than this is not read (it is a short status message).
 const MAX_RESPONSE_BYTES: usize = 1024 * 1024;
@@ -36,7 +37,9 @@ impl Http1Client {
         let stream = tokio::net::TcpStream::connect((host, port)).await?;
         let io = hyper_util::rt::TokioIo::new(stream);
         let (mut sender, connection) = hyper::client::conn::http1::handshake(io).await?;
-        tokio::spawn(connection);
+        // Ends with the request, answered or timed out: a collector that never answers must
+        // not keep a connection (and its socket) per export.
+        let _connection = AbortOnDropHandle::new(tokio::spawn(connection));
         let (mut parts, body) = request.into_parts();
         if !parts.headers.contains_key(hyper::header::HOST) {
             let authority = parts.uri.authority().map(|a| a.as_str().to_owned());
