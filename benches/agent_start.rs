@@ -18,8 +18,12 @@
 mod baseline;
 #[path = "agent_start/burst.rs"]
 mod burst;
+#[path = "agent_start/burst30.rs"]
+mod burst30;
 #[path = "agent_start/console.rs"]
 mod console;
+#[path = "agent_start/containment.rs"]
+mod containment;
 #[path = "agent_start/cost.rs"]
 mod cost;
 #[path = "agent_start/enqueue.rs"]
@@ -180,6 +184,8 @@ async fn run(quick: bool, parts: Option<Vec<u8>>) -> anyhow::Result<()> {
     part!(7, "7 enqueue", enqueue::run(&ctx, &baseline));
     part!(8, "8 warm pool", warm::run(&ctx));
     part!(9, "9 console", console::run(&ctx));
+    part!(10, "10 containment", containment::run(&ctx));
+    part!(11, "11 burst of 30", burst30::run(&ctx));
     ctx.flush().await?;
 
     println!("## Results ({:.0} s)\n", started.elapsed().as_secs_f64());

@@ -16,6 +16,8 @@
 //! - [`cgroup_v1`]: the v1 memory and pids hierarchies, for limits on hosts that still mount
 //!   them.
 //! - [`subreaper`]: the marker scan of re-parented descendants, and reaping adopted orphans.
+//! - [`streak`]: a failure streak with back-off, for what the worker keeps running beside its
+//!   agents (warm processes, the zygote).
 //!
 //! What an agent needs before and around its process:
 //! - [`command`]: the agent's command line and environment for a session (contract §4).
@@ -38,6 +40,10 @@
 //! - [`capacity`]: `agent.max_agents`: a full replica fetches no jobs.
 //! - [`warm_pool`]: `agent.warm_pool`: idle warm processes per replica, refilled with back-off;
 //!   the warm start mode, falling back to cold.
+//! - [`zygote`]: the fork server (`agent.zygote_command`) and its protocol: one agent forked
+//!   per request, handed to [`process`] as any child.
+//! - [`zygote_launcher`]: the forked start mode: one zygote per replica, restarted with
+//!   back-off and recycled, falling back to cold.
 //!
 //! Supervising:
 //! - [`supervisor`]: the agents of this process: launch with retries, one per session, exit.
@@ -49,6 +55,7 @@ pub mod limits;
 pub mod phase;
 pub mod spawn;
 pub mod spawner;
+pub mod streak;
 pub mod subreaper;
 
 pub mod cgroup_guard;
@@ -65,5 +72,7 @@ pub mod process;
 pub mod startup;
 pub mod warm;
 pub mod warm_pool;
+pub mod zygote;
+pub mod zygote_launcher;
 
 pub mod supervisor;

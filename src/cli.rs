@@ -148,6 +148,18 @@ pub async fn execute(command: Command, settings: Settings) -> anyhow::Result<()>
     }
 }
 
+/// A zygote's state in one phrase: `ready (pid 42, 17 forked)`, `backing-off: <reason>`.
+fn zygote_summary(z: &crate::agent::launcher::ZygoteStatus) -> String {
+    let mut text = z.state.clone();
+    if let Some(pid) = z.pid {
+        text.push_str(&format!(" (pid {pid}, {} forked)", z.forked));
+    }
+    if let Some(reason) = &z.reason {
+        text.push_str(&format!(": {reason}"));
+    }
+    text
+}
+
 /// `run`: the worker, until SIGTERM/SIGINT.
 async fn run(settings: Settings) -> anyhow::Result<()> {
     // The worker process owns its agents' trees: orphans in them come back to it, so they can
@@ -267,9 +279,12 @@ async fn status(settings: Settings, json: bool) -> anyhow::Result<()> {
     println!("redis     maxmemory-policy {policy}{warning}");
     println!("workers");
     for w in &status.workers {
-        let warm = w
+        let mut warm = w
             .warm_idle
             .map_or_else(String::new, |n| format!("  warm idle {n}"));
+        if let Some(zygote) = w.info.as_ref().and_then(|i| i.zygote.as_ref()) {
+            warm.push_str(&format!("  zygote {}", zygote_summary(zygote)));
+        }
         let draining = w.info.as_ref().and_then(|i| i.draining_since);
         let state = match (w.alive, draining) {
             (false, _) => "silent".to_owned(),

@@ -44,6 +44,9 @@
 //! | `start_spawned_to_alive_seconds` | histogram | `start` |
 //! | `start_alive_to_ready_seconds` | histogram | `start` |
 //! | `otel_spans_dropped_total` | counter | |
+//! | `zygote_up` | gauge | |
+//! | `zygote_starts_total` | counter | `start` = `forked`, `cold` |
+//! | `zygote_failures_total` | counter | |
 //! | `starts_refused_total` | counter | `reason` = `start_expired`, `config_missing` |
 
 use std::{sync::OnceLock, time::Duration};
@@ -118,6 +121,13 @@ pub const WARM_UP_SECONDS: &str = "agent_worker_warm_up_seconds";
 /// Counter of warm-ups that failed (exit or no warm line in time) and idle warm processes
 /// that died.
 pub const WARM_UP_FAILURES_TOTAL: &str = "agent_worker_warm_up_failures_total";
+/// Gauge: 1 while this replica's zygote is ready to fork agents (`agent.zygote_command`).
+pub const ZYGOTE_UP: &str = "agent_worker_zygote_up";
+/// Counter of launches with the zygote on, by `start`: `forked`, or `cold` (no zygote was
+/// ready, or the one asked gave no agent).
+pub const ZYGOTE_STARTS_TOTAL: &str = "agent_worker_zygote_starts_total";
+/// Counter of zygotes that failed: refused, did not start, died, or left a request unanswered.
+pub const ZYGOTE_FAILURES_TOTAL: &str = "agent_worker_zygote_failures_total";
 /// Counter of starts refused at their claim, by `reason`: `start_expired` (claimed after the
 /// job's `start_by`) or `config_missing` (the tombstone rule: the config was deleted).
 pub const STARTS_REFUSED_TOTAL: &str = "agent_worker_starts_refused_total";
@@ -318,6 +328,21 @@ pub fn start_refused(reason: &'static str) {
 /// A warm-up failed, or an idle warm process died.
 pub fn warm_up_failed() {
     counter!(WARM_UP_FAILURES_TOTAL).increment(1);
+}
+
+/// A launch with the zygote on started its agent as `start` says (`forked` or `cold`).
+pub fn zygote_start(start: &'static str) {
+    counter!(ZYGOTE_STARTS_TOTAL, "start" => start).increment(1);
+}
+
+/// The replica's zygote became ready (`true`) or stopped serving.
+pub fn zygote_up(up: bool) {
+    gauge!(ZYGOTE_UP).set(if up { 1.0 } else { 0.0 });
+}
+
+/// A zygote failed (see [`ZYGOTE_FAILURES_TOTAL`]).
+pub fn zygote_failed() {
+    counter!(ZYGOTE_FAILURES_TOTAL).increment(1);
 }
 
 /// The connection moved to a new primary; `reason` is [`crate::connection::Fault::as_str`].
@@ -629,6 +654,24 @@ const SERIES: &[(&str, Kind, Option<Unit>, &str)] = &[
         "Finished spans the OpenTelemetry exporter dropped because its queue was full.",
     ),
     (
+        ZYGOTE_UP,
+        Kind::Gauge,
+        None,
+        "1 while this replica's zygote is ready to fork agents.",
+    ),
+    (
+        ZYGOTE_STARTS_TOTAL,
+        Kind::Counter,
+        Some(Unit::Count),
+        "Launches with the zygote on, by how the agent started (forked or cold).",
+    ),
+    (
+        ZYGOTE_FAILURES_TOTAL,
+        Kind::Counter,
+        Some(Unit::Count),
+        "Zygotes that refused, did not start, died or left a request unanswered.",
+    ),
+    (
         STARTS_REFUSED_TOTAL,
         Kind::Counter,
         Some(Unit::Count),
@@ -694,6 +737,11 @@ fn register_zeroes() {
         counter!(STARTS_REFUSED_TOTAL, "reason" => reason).increment(0);
     }
     gauge!(WARM_IDLE).set(0.0);
+    for start in ["forked", "cold"] {
+        counter!(ZYGOTE_STARTS_TOTAL, "start" => start).increment(0);
+    }
+    counter!(ZYGOTE_FAILURES_TOTAL).increment(0);
+    gauge!(ZYGOTE_UP).set(0.0);
     gauge!(AGENTS_LIVE).set(0.0);
     redis_up(false);
 }

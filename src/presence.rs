@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    agent::supervisor::Supervisor,
+    agent::{launcher::ZygoteStatus, supervisor::Supervisor},
     clock::{self, unix_now},
     connection::RedisHealth,
     metrics,
@@ -44,6 +44,9 @@ pub struct WorkerInfo {
     /// What each of its running agents' trees used at the last reading.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub agents: Vec<AgentUsage>,
+    /// Its zygote, when its agents are forked from one (`agent.zygote_command`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zygote: Option<ZygoteStatus>,
 }
 
 /// One running agent's resource use, as its worker last read it (`agent.limits_interval`).
@@ -70,6 +73,7 @@ impl WorkerInfo {
             started_at: unix_now(),
             draining_since: None,
             agents: Vec::new(),
+            zygote: None,
         }
     }
 }
@@ -125,13 +129,14 @@ impl Presence {
         &self,
         agents: usize,
         warm: Option<usize>,
-        usage: Vec<AgentUsage>,
+        (usage, zygote): (Vec<AgentUsage>, Option<ZygoteStatus>),
         now: u64,
     ) -> redis::RedisResult<()> {
         let info = WorkerInfo {
             clock_offset_ms: clock::offset_ms(),
             draining_since: self.draining_since.get().copied(),
             agents: usage,
+            zygote,
             ..self.info.clone()
         };
         let info = serde_json::to_string(&info).expect("WorkerInfo serializes");
@@ -232,7 +237,11 @@ impl PresenceHeartbeat {
                     })
                 })
                 .collect();
-            if let Err(error) = self.presence.beat(agents, warm, usage, unix_now()).await {
+            if let Err(error) = self
+                .presence
+                .beat(agents, warm, (usage, self.supervisor.zygote()), unix_now())
+                .await
+            {
                 self.redis_health.failed();
                 metrics::redis_error("presence");
                 tracing::debug!(error = %error, "presence_failed");

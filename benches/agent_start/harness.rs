@@ -448,13 +448,17 @@ pub struct Stamps {
     pub spawned: Option<Instant>,
     /// `Launcher::launch` returned a ready agent.
     pub ready: Option<Instant>,
+    /// The ready agent's pid.
+    pub pid: Option<u32>,
 }
 
-/// Collects [`Stamps`] per session and counts launches and ready agents.
+/// Collects [`Stamps`] per session and counts launches and ready agents; holds the agents a
+/// [`RecordingLauncher`] with `keep_running` leaves running.
 pub struct Probe {
     stamps: Mutex<HashMap<String, Stamps>>,
     launched: watch::Sender<usize>,
     ready: watch::Sender<usize>,
+    running: Mutex<VecDeque<AgentHandle>>,
 }
 
 impl Probe {
@@ -463,6 +467,7 @@ impl Probe {
             stamps: Mutex::new(HashMap::new()),
             launched: watch::Sender::new(0),
             ready: watch::Sender::new(0),
+            running: Mutex::new(VecDeque::new()),
         })
     }
 
@@ -484,8 +489,11 @@ impl Probe {
         self.launched.send_modify(|n| *n += 1);
     }
 
-    fn ready(&self, id: &str, at: Instant) {
-        self.stamp(id, |s| s.ready = Some(at));
+    fn ready(&self, id: &str, at: Instant, pid: u32) {
+        self.stamp(id, |s| {
+            s.ready = Some(at);
+            s.pid = Some(pid);
+        });
         self.ready.send_modify(|n| *n += 1);
     }
 
@@ -506,6 +514,13 @@ impl Probe {
 
     pub async fn wait_ready(&self, n: usize, deadline: Duration) -> anyhow::Result<()> {
         wait_count(&self.ready, n, deadline, "ready agents").await
+    }
+
+    /// Asks every agent left running (by a launcher with `keep_running`) to stop.
+    pub fn stop_running(&self, grace: Duration) {
+        for agent in self.running.lock().expect("running lock").drain(..) {
+            agent.stop(grace);
+        }
     }
 }
 
@@ -533,7 +548,6 @@ pub struct RecordingLauncher {
     inner: Arc<dyn Launcher>,
     probe: Arc<Probe>,
     keep_running: Option<usize>,
-    running: Mutex<VecDeque<AgentHandle>>,
 }
 
 impl RecordingLauncher {
@@ -549,7 +563,6 @@ impl RecordingLauncher {
                 inner: real(parts),
                 probe,
                 keep_running,
-                running: Mutex::new(VecDeque::new()),
             }) as Arc<dyn Launcher>
         })
     }
@@ -562,9 +575,10 @@ impl Launcher for RecordingLauncher {
         Box::pin(async move {
             let result = self.inner.launch(spec).await;
             if let Ok(agent) = &result {
-                self.probe.ready(&id, Instant::now());
+                let at = Instant::now();
+                // Held before it is counted, so a part that saw it counted can stop it.
                 if let Some(keep) = self.keep_running {
-                    let mut running = self.running.lock().expect("running lock");
+                    let mut running = self.probe.running.lock().expect("running lock");
                     running.push_back(agent.handle.clone());
                     while running.len() > keep {
                         if let Some(oldest) = running.pop_front() {
@@ -572,6 +586,7 @@ impl Launcher for RecordingLauncher {
                         }
                     }
                 }
+                self.probe.ready(&id, at, agent.pid);
             }
             result
         })
@@ -642,10 +657,12 @@ pub struct SpawnLayer;
 
 impl SpawnLayer {
     fn wanted(meta: &tracing::Metadata<'_>) -> bool {
-        meta.is_event()
-            && meta.target() == "agent_worker::agent::process"
-            && meta.fields().field("pgid").is_some()
-            && meta.fields().field("session_id").is_some()
+        let has = |field| meta.fields().field(field).is_some();
+        // `agent_process_spawned`, or with a zygote `agent_forked` (its reply: the agent
+        // forked and placed), which takes its place.
+        let spawned = meta.target() == "agent_worker::agent::process" && has("pgid");
+        let forked = meta.target() == "agent_worker::agent::zygote" && has("zygote_pid");
+        meta.is_event() && (spawned || forked) && has("session_id")
     }
 
     /// Installs the layer as the process's only subscriber.

@@ -219,8 +219,9 @@ async fn measure(
     Ok((rounds, loaded?))
 }
 
-/// One round: `n` sessions enqueued one every [`GAP`], their stamps once all are ready.
-async fn round(
+/// One round: `n` sessions enqueued one every [`GAP`], their stamps once all are ready
+/// (part 10 runs its rounds with this too).
+pub async fn round(
     ctx: &Ctx,
     probe: &Probe,
     producer: &Producer<RedisConn>,

@@ -91,3 +91,64 @@ pub fn machine_busy() -> Option<f64> {
     // SAFETY: sysconf only reads a configuration value.
     Some(busy / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64)
 }
+
+/// Proportional set size of a process in kB (`Pss` of `/proc/<pid>/smaps_rollup`): its
+/// private pages plus its share of the pages it shares with others, so the PSS of several
+/// processes adds up to the memory they use together.
+pub fn pss_kb(pid: u32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("Pss:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Parent of every process now running, from `/proc/<pid>/stat`.
+pub fn parents() -> std::collections::HashMap<u32, u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Default::default();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // The command name may contain spaces and parens; the parent follows the last paren.
+            let ppid = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            Some((pid, ppid))
+        })
+        .collect()
+}
+
+/// `root` and all its descendants, given every process's parent ([`parents`]).
+pub fn tree(root: u32, parents: &std::collections::HashMap<u32, u32>) -> Vec<u32> {
+    let mut found = vec![root];
+    let mut i = 0;
+    while i < found.len() {
+        let parent = found[i];
+        found.extend(
+            parents
+                .iter()
+                .filter(|&(_, &p)| p == parent)
+                .map(|(&pid, _)| pid),
+        );
+        i += 1;
+    }
+    found
+}
+
+/// The command line of a process, its arguments joined by spaces.
+pub fn cmdline(pid: u32) -> String {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    String::from_utf8_lossy(&raw).replace('\0', " ")
+}

@@ -33,12 +33,12 @@ use crate::{
 
 const PART: &str = "8 warm pool";
 /// Idle warm processes kept.
-const POOL: usize = 4;
+pub const POOL: usize = 4;
 /// What a Pipecat agent with the LiveKit transport imports.
-const REAL_AGENT_MODULES: &str =
+pub const REAL_AGENT_MODULES: &str =
     "pipecat.pipeline.pipeline:pipecat.transports.livekit.transport:livekit.rtc";
 /// Large standard-library modules, when pipecat is not installed.
-const STDLIB_MODULES: &str = "asyncio:email.mime.multipart:http.server:xml.etree.ElementTree:\
+pub const STDLIB_MODULES: &str = "asyncio:email.mime.multipart:http.server:xml.etree.ElementTree:\
 decimal:sqlite3:ssl:unittest:multiprocessing.pool:concurrent.futures:logging.handlers:\
 urllib.request:zipfile:tarfile:csv:difflib:pydoc:inspect:typing:dataclasses:ctypes:uuid:\
 statistics:fractions:pickle:tomllib:wave:shelve:mailbox:smtplib:imaplib:xmlrpc.server:\
@@ -259,16 +259,16 @@ async fn sessions(
 
 /// The interpreter `python3` runs (a version manager's `python3` is a shell script that
 /// would add its own start-up to every cold start).
-fn interpreter() -> anyhow::Result<String> {
+pub fn interpreter() -> anyhow::Result<String> {
     let out = Command::new("python3")
         .args(["-c", "import sys; print(sys.executable)"])
         .output()?;
-    anyhow::ensure!(out.status.success(), "python3 is needed for part 8");
+    anyhow::ensure!(out.status.success(), "python3 is needed for parts 8 and 11");
     Ok(String::from_utf8(out.stdout)?.trim().to_owned())
 }
 
 /// Whether `python` can import every module of `modules` (colon-separated).
-fn imports(python: &str, modules: &str) -> bool {
+pub fn imports(python: &str, modules: &str) -> bool {
     let code = format!(
         "import importlib\nfor m in {:?}.split(':'): importlib.import_module(m)",
         modules

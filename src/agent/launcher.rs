@@ -4,7 +4,9 @@
 //! What the supervisor sees of every start mode, and nothing more:
 //! - cold, [`crate::agent::cold::ProcessLauncher`]: a new process per session;
 //! - warm, [`crate::agent::warm_pool::PooledLauncher`]: an idle warm process handed its
-//!   session, else cold.
+//!   session, else cold;
+//! - forked, [`crate::agent::zygote_launcher::ZygoteLauncher`]: forked by the replica's
+//!   zygote, else cold.
 //!
 //! Each mode is built from the same two parts below it: the process owner
 //! ([`crate::agent::process`]: spawn or adopt a child, read its output, reap it, stop its
@@ -21,6 +23,7 @@ use std::{
 };
 
 use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
 pub use super::exit::AgentExit;
@@ -108,7 +111,7 @@ pub enum StartMode {
     Cold,
     /// A warm process of the pool, handed its session ([`crate::agent::warm`]; `warm=1`).
     Warm,
-    /// Forked by the zygote (`warm=2`).
+    /// Forked by the zygote ([`crate::agent::zygote`]; `warm=2`).
     Forked,
 }
 
@@ -130,6 +133,21 @@ impl StartMode {
             Self::Forked => "forked",
         }
     }
+}
+
+/// What the replica's zygote is doing, for `status` and the console.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ZygoteStatus {
+    /// `starting`, `ready`, `backing-off` or `off`.
+    pub state: String,
+    /// Its pid, when ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// Agents it forked that got ready, since the worker started.
+    pub forked: u64,
+    /// Why it is not ready, when it is not (the last failure).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// Asks an agent's owner task to stop it, and reads what the agent uses.
@@ -180,6 +198,11 @@ pub trait Launcher: Send + Sync + 'static {
 
     /// Idle warm processes, for a launcher with a warm pool.
     fn warm_idle(&self) -> Option<usize> {
+        None
+    }
+
+    /// What its zygote is doing, for a launcher that forks from one.
+    fn zygote(&self) -> Option<ZygoteStatus> {
         None
     }
 

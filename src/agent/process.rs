@@ -169,6 +169,28 @@ impl AgentProcesses {
         Ok(self.own(child, scope, binding, phase, spawned_at))
     }
 
+    /// A containment scope named `name` for a child started elsewhere (a zygote's), which
+    /// places itself in it: see [`AgentScope::all_procs`].
+    pub(crate) fn prepare_scope(&self, name: &str) -> AgentScope {
+        self.containment.prepare(&self.worker_id, name)
+    }
+
+    /// [`Self::own`] for a child started elsewhere for the session `label`: its output bound
+    /// to the session and judged by `readiness`, also written to `log_file`.
+    pub(crate) fn adopt(
+        &self,
+        child: Child,
+        scope: AgentScope,
+        label: SessionId,
+        readiness: Readiness,
+        log_file: Option<(LogFiles, Arc<LogFile>)>,
+        spawned_at: tokio::time::Instant,
+    ) -> Started {
+        let (binding, phase) = Binding::new(label, true, readiness, log_file);
+        self.own(child, scope, binding, phase, spawned_at)
+            .into_started()
+    }
+
     /// Takes `child` over, however it was started: reads its output as `binding` says and
     /// hands it to an owner task of its own, which reaps it, serves stop requests and, once it
     /// is gone, kills its group and ends `scope`. `phase` is `binding`'s receiving end;

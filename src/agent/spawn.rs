@@ -110,6 +110,23 @@ impl Child {
         })
     }
 
+    /// The process `pid`, a child of this process started elsewhere (a zygote's agent,
+    /// re-parented to this subreaper), as a [`Child`] with the read ends of its output pipes.
+    /// A pid that is not this process's child (any more) is refused with `ECHILD`: reaped by
+    /// someone else, it may be another process's number by now. Inside a tokio runtime.
+    pub fn adopt(pid: u32, stdout: OwnedFd, stderr: OwnedFd) -> io::Result<Self> {
+        // SAFETY: pidfd_open takes a pid and flags and returns a new fd, or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a new fd (close-on-exec, as pidfd_open makes them), ours alone.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+        // Ours to wait for, or ECHILD. WNOWAIT leaves an exit for Child::wait to reap.
+        try_reap(pidfd.as_raw_fd(), libc::WNOHANG | libc::WNOWAIT)?;
+        Self::from_fds(pid, pidfd, None, stdout, stderr)
+    }
+
     /// The child's process id.
     pub fn id(&self) -> u32 {
         self.pid
@@ -165,6 +182,9 @@ pub enum Stdin {
     /// A pipe whose write end is [`Child::stdin`]: how a warm process receives its session
     /// (see [`crate::agent::warm`]).
     Piped,
+    /// This fd of the worker's, open until the spawn returns: the zygote's end of its socket
+    /// (see [`crate::agent::zygote`]).
+    Fd(RawFd),
 }
 
 /// [`spawn`], the child placed as `placement` says before it execs (in its cgroups, with its
@@ -218,8 +238,13 @@ pub fn spawn_raw(
     let strings = ExecStrings::new(program, args, env)?;
     let dev_null = dev_null()?;
     let stdin_pipe = match stdin {
-        Stdin::Null => None,
+        Stdin::Null | Stdin::Fd(_) => None,
         Stdin::Piped => Some(pipe_cloexec()?),
+    };
+    let stdin_fd = match (stdin, &stdin_pipe) {
+        (_, Some((read, _))) => read.as_raw_fd(),
+        (Stdin::Fd(fd), None) => fd,
+        _ => dev_null.as_raw_fd(),
     };
     let (stdout_read, stdout_write) = pipe_cloexec()?;
     let (stderr_read, stderr_write) = pipe_cloexec()?;
@@ -228,9 +253,7 @@ pub fn spawn_raw(
         argv: strings.argv_ptrs.as_ptr(),
         envp: strings.envp_ptrs.as_ptr(),
         sh_argv: strings.sh_argv.as_ptr(),
-        stdin: stdin_pipe
-            .as_ref()
-            .map_or(dev_null.as_raw_fd(), |(read, _)| read.as_raw_fd()),
+        stdin: stdin_fd,
         stdout: stdout_write.as_raw_fd(),
         stderr: stderr_write.as_raw_fd(),
         placement: *placement,
@@ -429,7 +452,8 @@ fn environment(overrides: &[(&str, &str)]) -> io::Result<Vec<CString>> {
     Ok(entries)
 }
 
-fn pipe_cloexec() -> io::Result<(OwnedFd, OwnedFd)> {
+/// A pipe (read end, write end), both close-on-exec.
+pub fn pipe_cloexec() -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [-1; 2];
     // SAFETY: pipe2 writes two new fds into the array on success.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } == -1 {

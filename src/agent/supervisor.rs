@@ -92,6 +92,11 @@ impl Supervisor {
         self.inner.launcher.warm_idle()
     }
 
+    /// What the replica's zygote is doing, when agents are forked from one.
+    pub fn zygote(&self) -> Option<crate::agent::launcher::ZygoteStatus> {
+        self.inner.launcher.zygote()
+    }
+
     /// Running agents plus launches in progress.
     pub fn agent_count(&self) -> usize {
         self.inner.slots.lock().expect("slots lock").len()

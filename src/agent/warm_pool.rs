@@ -41,17 +41,11 @@ use super::{
     command::LaunchSpec,
     exit::AgentExit,
     launcher::{LaunchError, Launcher, RunningAgent},
+    streak::{HEALTHY_AFTER, Streak},
     warm::{HandoffError, WarmCommand, WarmProcess},
 };
 use crate::metrics;
 
-/// First pause after a failed warm-up; doubles while they keep failing.
-const FIRST_BACKOFF: Duration = Duration::from_secs(1);
-/// Longest pause between failed warm-ups.
-const MAX_BACKOFF: Duration = Duration::from_secs(60);
-/// A warm process that stays alive this long in the pool (or takes a session) ends a failure
-/// streak: one that prints its warm line and dies soon after must not reset the back-off.
-const HEALTHY_AFTER: Duration = Duration::from_secs(10);
 /// How often the pool looks at the room left without being woken (agents that exit free room
 /// without telling the pool).
 const RECHECK: Duration = Duration::from_secs(1);
@@ -92,10 +86,8 @@ struct State {
     idle: VecDeque<WarmProcess>,
     /// Warm-ups in progress.
     warming: usize,
-    /// Failures in a row (0: the last warm-up succeeded).
-    failures: u32,
-    /// No warm-up starts before this (after a failure).
-    retry_at: Option<tokio::time::Instant>,
+    /// Failed warm-ups and deaths in a row, and the back-off they cause.
+    streak: Streak,
     /// Labels of warm processes: `warm-<n>`.
     next_label: u64,
     /// Closed: nothing starts any more.
@@ -254,14 +246,7 @@ impl Pool {
     /// A warm-up failed or a warm process died: a streak of failures backs off. Returns
     /// whether this failure began the streak.
     fn failed(&self) -> bool {
-        let mut state = self.state.lock().expect("pool lock");
-        let first = state.failures == 0;
-        state.failures = state.failures.saturating_add(1);
-        let backoff = FIRST_BACKOFF
-            .saturating_mul(1 << (state.failures - 1).min(16))
-            .min(MAX_BACKOFF);
-        state.retry_at = Some(tokio::time::Instant::now() + backoff);
-        drop(state);
+        let first = self.state.lock().expect("pool lock").streak.failed();
         self.changed.notify_one();
         first
     }
@@ -331,7 +316,7 @@ impl Pool {
             tracing::info!(warm_label = %old.label, pid = old.pid, "warm_agent_recycled");
             stop.push(old);
         }
-        if state.failures > 0 {
+        if state.streak.is_on() {
             match state.idle.iter().map(|w| w.warm_at).min() {
                 Some(oldest) if oldest.elapsed() >= HEALTHY_AFTER => {
                     end_streak(state, "a warm process stayed up");
@@ -356,17 +341,18 @@ impl Pool {
         target: usize,
         next: &mut NextLook,
     ) -> Vec<SessionId> {
-        let backing_off = state.retry_at.is_some_and(|at| at > next.now);
-        if backing_off {
-            next.due_at(state.retry_at.expect("backing off"));
+        let backing_off = state.streak.backing_off(next.now);
+        if let Some(at) = backing_off {
+            next.due_at(at);
         }
+        let backing_off = backing_off.is_some();
         let have = state.idle.len() + state.warming;
         let mut start = 0;
         if !backing_off && have < target && state.warming < self.settings.concurrency {
             start = (target - have).min(self.settings.concurrency - state.warming);
             // During a failure streak, one at a time, and none while an idle one has not
             // proven healthy yet (it may be about to die like the ones before).
-            if state.failures > 0 {
+            if state.streak.is_on() {
                 let unproven = state
                     .idle
                     .iter()
@@ -500,9 +486,7 @@ impl NextLook {
 
 /// Ends the failure streak of `state`, logging it once.
 fn end_streak(state: &mut State, how: &str) {
-    if state.failures > 0 {
-        tracing::info!(failures = state.failures, how, "warm_pool_recovered");
+    if let Some(failures) = state.streak.end() {
+        tracing::info!(failures, how, "warm_pool_recovered");
     }
-    state.failures = 0;
-    state.retry_at = None;
 }

@@ -345,6 +345,7 @@ mod tests {
                 started_at: 0,
                 draining_since: None,
                 agents: Vec::new(),
+                zygote: None,
             }),
             warm_idle: alive.then_some(agents % 2),
         }

@@ -115,7 +115,7 @@ pub fn render(view: &WorkersView) -> Markup {
             "State",
             "Clock offset",
             "Started",
-            "Warm idle",
+            "Warm idle / zygote",
         ],
         &rows,
         "No worker has reported its presence.",
@@ -152,7 +152,16 @@ fn row(w: &WorkerRow, now: u64) -> Vec<Markup> {
             }
         },
         html! { (ago(info.map(|i| i.started_at), now)) },
-        html! { (w.warm_idle.map_or("-".into(), |n| n.to_string())) },
+        html! {
+            @if let Some(z) = info.and_then(|i| i.zygote.as_ref()) {
+                span class=[(z.state != "ready").then_some("warn")] title=[z.reason.as_deref()] {
+                    "zygote " (z.state)
+                    @if let Some(pid) = z.pid { " (pid " (pid) ", " (z.forked) " forked)" }
+                }
+            } @else {
+                (w.warm_idle.map_or("-".into(), |n| n.to_string()))
+            }
+        },
     ]
 }
 
@@ -184,6 +193,7 @@ mod tests {
             started_at: 900,
             draining_since: None,
             agents: Vec::new(),
+            zygote: None,
         }
     }
 

@@ -231,6 +231,7 @@ mod tests {
             started_at: 100,
             draining_since: None,
             agents: Vec::new(),
+            zygote: None,
         };
         let presence = Presence {
             seen: vec![("old".into(), 900.0), ("new".into(), 990.0)],

@@ -74,7 +74,8 @@ pub struct AgentSettings {
     /// Time allowed for the zygote's ready message, and for each of its replies.
     #[serde(with = "humantime_serde")]
     pub zygote_timeout: Duration,
-    /// The zygote is replaced once its own memory (RSS) grows past this; none when unset.
+    /// The zygote is replaced once its own memory (RSS) grows past this; unset: twice its RSS
+    /// when it became ready.
     #[serde(deserialize_with = "optional_size")]
     pub zygote_memory_max: Option<ByteSize>,
     /// Hard memory limit of each agent's whole process tree; none when unset (see

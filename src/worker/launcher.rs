@@ -13,6 +13,7 @@ use crate::{
         output::OutputLimits,
         phase::Readiness,
         warm_pool::{PooledLauncher, WarmSettings},
+        zygote_launcher::{ZygoteLauncher, ZygoteSettings},
     },
     settings::AgentSettings,
 };
@@ -34,20 +35,23 @@ pub type LauncherFactory = Box<dyn FnOnce(LauncherParts) -> Arc<dyn Launcher> + 
 
 /// The real launcher: agent processes, judged alive and ready by `agent.alive_patterns` and
 /// `agent.ready_patterns` within their timeouts, contained as `agent.containment` says; with
-/// `agent.warm_pool > 0`, handed to warm processes when one is idle.
+/// `agent.warm_pool > 0`, handed to warm processes when one is idle; with
+/// `agent.zygote_command`, forked by the replica's zygote.
 pub fn process_launcher(agent: &AgentSettings) -> LauncherFactory {
     let (readiness, limits) = (
         Readiness::from_settings(agent),
         OutputLimits::from_settings(agent),
     );
     let warm = WarmSettings::from_settings(agent);
+    let zygote = ZygoteSettings::from_settings(agent);
     Box::new(move |parts| {
         let cold = ProcessLauncher::new(readiness, limits, parts.output)
             .contained(parts.containment, parts.worker_id);
-        if warm.size == 0 {
-            Arc::new(cold)
-        } else {
-            Arc::new(PooledLauncher::new(cold, warm, parts.capacity))
+        match zygote {
+            // The settings refuse a zygote beside a warm pool.
+            Some(zygote) => Arc::new(ZygoteLauncher::new(cold, zygote)),
+            None if warm.size > 0 => Arc::new(PooledLauncher::new(cold, warm, parts.capacity)),
+            None => Arc::new(cold),
         }
     })
 }
