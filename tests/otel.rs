@@ -240,6 +240,32 @@ async fn one_trace_from_the_clients_span_through_the_worker_to_the_agent() {
         format!("00-{root_trace}-{}-01", hex(&start.span_id))
     );
 
+    // A start that fails for good (its config key is not a hash) ends its span as an error.
+    let bad = sid("otel-bad-config");
+    let _: () = redis::AsyncCommands::set(
+        &mut redis.conn.clone(),
+        format!("session:{bad}:config"),
+        "not a hash",
+    )
+    .await
+    .unwrap();
+    let bad_trace = "0af7651916cd43dd8448eb211c80319c";
+    let job = AgentStart::new(bad.clone())
+        .with_traceparent(format!("00-{bad_trace}-b7ad6b7169203331-01"))
+        .unwrap();
+    producer(&redis.conn).enqueue(&job).await.unwrap();
+    let trace = wait_spans(&spans, bad_trace, &["agent_start"]).await;
+    let status = named(&trace, "agent_start")
+        .status
+        .clone()
+        .unwrap_or_default();
+    // OTLP's STATUS_CODE_ERROR, with the reason.
+    assert_eq!(status.code, 2, "{trace:#?}");
+    assert!(
+        status.message.contains("not a hash") || status.message.contains("string"),
+        "{status:?}"
+    );
+
     // The phases are histograms too, by start mode; nothing was dropped.
     let metrics = scrape(&worker).await;
     for phase in [

@@ -22,7 +22,7 @@ use std::{
 use opentelemetry::{
     Context, KeyValue,
     propagation::TextMapPropagator,
-    trace::{Span as _, SpanKind, TraceContextExt, Tracer as _},
+    trace::{Span as _, SpanKind, Status, TraceContextExt, Tracer as _},
 };
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -79,6 +79,13 @@ impl StartTrace {
     /// A span for one claim, inside the start's.
     pub fn claim_span(&self) -> tracing::Span {
         tracing::info_span!(target: TARGET, parent: &self.span, "claim")
+    }
+
+    /// The start is over: without an agent (`error`, why), its span's status says so.
+    pub fn finished(&self, error: Option<String>) {
+        if let Some(error) = error {
+            self.span.set_status(Status::error(error));
+        }
     }
 
     /// Writes the phase spans of a ready start (nothing when traces are off).

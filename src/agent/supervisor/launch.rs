@@ -85,16 +85,19 @@ impl Inner {
         };
         let trace = StartTrace::begin(request.session_id.as_str(), parent, state);
         let span = trace.span().clone();
-        self.launch_traced(request, slot, trace)
+        let result = self
+            .launch_traced(request, slot, &trace)
             .instrument(span)
-            .await
+            .await;
+        trace.finished(result.as_ref().err().map(ToString::to_string));
+        result
     }
 
     async fn launch_traced(
         self: Arc<Self>,
         request: StartRequest,
         slot: StartingSlot,
-        trace: StartTrace,
+        trace: &StartTrace,
     ) -> StartResult {
         let id = request.session_id.clone();
         let mut attempts = Attempts {
@@ -118,7 +121,7 @@ impl Inner {
                 ClaimStep::Finish(result) => return result,
             };
             attempts.made += 1;
-            match self.attempt(&request, &config, &trace, attempts.made).await {
+            match self.attempt(&request, &config, trace, attempts.made).await {
                 AttemptStep::Ready(agent) => {
                     let claimed = attempts.claim.unwrap_or_else(|| Claimed::now(None));
                     let timeline = StartTimeline::of(&claimed, &agent);
