@@ -35,6 +35,8 @@ pub mod overview;
 pub mod rates;
 pub mod session;
 pub mod sessions;
+pub mod startup_chart;
+pub mod timeline;
 pub mod visit;
 pub mod workers;
 

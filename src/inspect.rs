@@ -11,6 +11,7 @@
 //! - [`dead`]: the newest dead jobs (`dead list`).
 //! - [`sessions`]: one page of live sessions, by a cursor over the session indexes.
 //! - [`session`]: one session in full.
+//! - [`startups`]: the last hour's starts (from the event stream), for the start-up chart.
 //!
 //! The two writes, both existing operations rather than new ones, are here: [`retry_dead`]
 //! (`dead retry`) and [`stop_session`] (the orchestrator's end of session).
@@ -19,6 +20,7 @@ pub mod dead;
 pub mod fleet;
 pub mod session;
 pub mod sessions;
+pub mod startups;
 
 use crate::connection::RedisConn;
 use std::sync::LazyLock;

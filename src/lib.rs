@@ -15,7 +15,8 @@
 //! - [`settings`]: typed settings from `config/default.toml`, `--config FILE` and
 //!   `AGENT_WORKER__*` variables, validated at start-up: one file per section, each checking
 //!   its own keys; the loader, secrets (redaction) and TLS in files of their own.
-//! - [`telemetry`]: the tracing subscriber (`json` or `pretty`), never blocking on stderr.
+//! - [`telemetry`]: the tracing subscriber (`json` or `pretty`), never blocking on stderr;
+//!   OpenTelemetry traces of each start when the standard `OTEL_*` variables ask for them.
 //! - [`cli`]: the command line's commands (`status`, `dead`, `sweep`, `enqueue`, `demo`, the
 //!   stand-in agent).
 //!
@@ -48,6 +49,8 @@
 //!
 //! Observability:
 //! - [`metrics`]: every series and the helpers that record them.
+//! - [`start_timeline`]: one start's phase times (enqueued, claimed, spawned, alive, ready),
+//!   for the phase histograms, the `ready` event, the record and the console.
 //! - [`health`]: readiness and the Redis probe.
 //! - [`http`]: the `/metrics`, `/healthz`, `/readyz` listener, which also serves the console.
 //! - [`console`]: the operator console at `/`: server-rendered pages (one file each, read
@@ -76,6 +79,7 @@ pub mod schedule;
 pub mod session;
 pub mod settings;
 pub mod shutdown;
+pub mod start_timeline;
 pub mod telemetry;
 pub mod wake;
 pub mod worker;

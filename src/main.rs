@@ -37,12 +37,16 @@ fn main() -> ExitCode {
         Command::Demo { verbose: false } => "warn",
         _ => "info",
     };
+    // Before the subscriber, whose OpenTelemetry layer needs the tracer; kept to the end of
+    // main, which flushes what is queued.
+    let otel = telemetry::otel::init();
     let (log_writer, _flush_logs_at_exit) = telemetry::non_blocking_stderr();
     telemetry::init_subscriber(telemetry::get_subscriber(
         settings.telemetry.format,
         default_filter,
         log_writer,
     ));
+    telemetry::otel::log_status(&otel);
     // redis.tls_insecure is warned about by every command, before it connects.
     connection::log_tls_mode(&settings.redis);
     let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");

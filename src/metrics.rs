@@ -39,6 +39,11 @@
 //! | `warm_takes_total` | counter | `result` = `warm`, `cold` |
 //! | `warm_up_seconds` | histogram | |
 //! | `warm_up_failures_total` | counter | |
+//! | `start_queue_wait_seconds` | histogram | `start` = `cold`, `warm`, `forked` |
+//! | `start_claim_to_spawned_seconds` | histogram | `start` |
+//! | `start_spawned_to_alive_seconds` | histogram | `start` |
+//! | `start_alive_to_ready_seconds` | histogram | `start` |
+//! | `otel_spans_dropped_total` | counter | |
 //! | `zygote_up` | gauge | |
 //! | `zygote_starts_total` | counter | `start` = `forked`, `cold` |
 //! | `zygote_failures_total` | counter | |
@@ -127,6 +132,26 @@ pub const ZYGOTE_FAILURES_TOTAL: &str = "agent_worker_zygote_failures_total";
 /// job's `start_by`) or `config_missing` (the tombstone rule: the config was deleted).
 pub const STARTS_REFUSED_TOTAL: &str = "agent_worker_starts_refused_total";
 
+/// Histogram of the queue wait of started agents: the producer's enqueue to the claim, both on
+/// Redis's clock ([`crate::start_timeline`]), by `start` (`cold`, `warm`, `forked`).
+pub const START_QUEUE_WAIT_SECONDS: &str = "agent_worker_start_queue_wait_seconds";
+/// Histogram of the claim to the agent's spawn (or a warm process's handoff), by `start`.
+pub const START_CLAIM_TO_SPAWNED_SECONDS: &str = "agent_worker_start_claim_to_spawned_seconds";
+/// Histogram of the spawn (or handoff) to the agent's alive line, by `start`.
+pub const START_SPAWNED_TO_ALIVE_SECONDS: &str = "agent_worker_start_spawned_to_alive_seconds";
+/// Histogram of the alive line to the ready line, by `start`.
+pub const START_ALIVE_TO_READY_SECONDS: &str = "agent_worker_start_alive_to_ready_seconds";
+/// Counter of finished spans the OpenTelemetry exporter dropped: its queue was full (the
+/// collector is slow or unreachable), never waited for.
+pub const OTEL_SPANS_DROPPED_TOTAL: &str = "agent_worker_otel_spans_dropped_total";
+
+/// The phase histograms of a start, in the order [`start_phases`] takes them.
+const START_PHASES: [&str; 3] = [
+    START_CLAIM_TO_SPAWNED_SECONDS,
+    START_SPAWNED_TO_ALIVE_SECONDS,
+    START_ALIVE_TO_READY_SECONDS,
+];
+
 /// Buckets of [`AGENT_STARTUP_SECONDS`]: 10 ms to one minute (`agent.startup_timeout` is 30 s
 /// by default; a real agent joins its room in a second or a few).
 pub const STARTUP_BUCKETS: &[f64] = &[
@@ -196,6 +221,24 @@ pub fn job_finished(outcome: JobOutcome, duration: Duration) {
 /// An agent became ready `startup` after it was spawned.
 pub fn agent_started(startup: Duration) {
     histogram!(AGENT_STARTUP_SECONDS).record(startup.as_secs_f64());
+}
+
+/// An agent started `start` (`cold`, `warm`, `forked`: [`crate::agent::launcher::StartMode`])
+/// after `queue_wait` in the queue (when the producer recorded its enqueue) and `phases`:
+/// claim to spawned, spawned to alive, alive to ready.
+pub fn start_phases(start: &str, queue_wait: Option<Duration>, phases: [Duration; 3]) {
+    let start = start.to_owned();
+    if let Some(wait) = queue_wait {
+        histogram!(START_QUEUE_WAIT_SECONDS, "start" => start.clone()).record(wait.as_secs_f64());
+    }
+    for (name, took) in START_PHASES.into_iter().zip(phases) {
+        histogram!(name, "start" => start.clone()).record(took.as_secs_f64());
+    }
+}
+
+/// The OpenTelemetry exporter dropped `n` finished spans.
+pub fn otel_spans_dropped(n: u64) {
+    counter!(OTEL_SPANS_DROPPED_TOTAL).increment(n);
 }
 
 /// One launch attempt failed (spawn error, exit before ready, start-up timeout).
@@ -372,6 +415,13 @@ pub fn install_recorder() -> PrometheusHandle {
                 })
                 .and_then(|b| {
                     b.set_buckets_for_metric(Matcher::Full(DRAIN_SECONDS.to_owned()), DRAIN_BUCKETS)
+                })
+                .and_then(|b| {
+                    // The queue wait and every phase: the start-up buckets.
+                    b.set_buckets_for_metric(
+                        Matcher::Prefix("agent_worker_start_".to_owned()),
+                        STARTUP_BUCKETS,
+                    )
                 })
                 .and_then(|b| {
                     b.set_buckets_for_metric(
@@ -574,6 +624,36 @@ const SERIES: &[(&str, Kind, Option<Unit>, &str)] = &[
         "Failed warm-ups and idle warm processes that died.",
     ),
     (
+        START_QUEUE_WAIT_SECONDS,
+        Kind::Histogram,
+        Some(Unit::Seconds),
+        "Started agents' queue wait: the producer's enqueue to the claim (Redis's clock), by start mode.",
+    ),
+    (
+        START_CLAIM_TO_SPAWNED_SECONDS,
+        Kind::Histogram,
+        Some(Unit::Seconds),
+        "Claim to the agent's spawn or warm handoff, by start mode.",
+    ),
+    (
+        START_SPAWNED_TO_ALIVE_SECONDS,
+        Kind::Histogram,
+        Some(Unit::Seconds),
+        "Spawn or handoff to the agent's alive line, by start mode.",
+    ),
+    (
+        START_ALIVE_TO_READY_SECONDS,
+        Kind::Histogram,
+        Some(Unit::Seconds),
+        "The agent's alive line to its ready line, by start mode.",
+    ),
+    (
+        OTEL_SPANS_DROPPED_TOTAL,
+        Kind::Counter,
+        Some(Unit::Count),
+        "Finished spans the OpenTelemetry exporter dropped because its queue was full.",
+    ),
+    (
         ZYGOTE_UP,
         Kind::Gauge,
         None,
@@ -652,6 +732,7 @@ fn register_zeroes() {
         counter!(WARM_TAKES_TOTAL, "result" => result).increment(0);
     }
     counter!(WARM_UP_FAILURES_TOTAL).increment(0);
+    counter!(OTEL_SPANS_DROPPED_TOTAL).increment(0);
     for reason in ["start_expired", "config_missing"] {
         counter!(STARTS_REFUSED_TOTAL, "reason" => reason).increment(0);
     }

@@ -11,10 +11,18 @@
 //! line would go unseen). So `main` logs through [`non_blocking_stderr`]: a bounded queue in
 //! memory and a thread that writes it out; when stderr cannot keep up, lines beyond the queue
 //! are dropped, never waited for.
+//!
+//! OpenTelemetry traces of each start ([`otel`], [`start_trace`]), when the standard
+//! `OTEL_*` variables ask for them, are one more layer of the same subscriber.
+
+pub mod http1;
+pub mod otel;
+pub mod span_queue;
+pub mod start_trace;
 
 use tracing::Subscriber;
 use tracing_appender::non_blocking::{NonBlocking, NonBlockingBuilder, WorkerGuard};
-use tracing_subscriber::{EnvFilter, fmt::MakeWriter, layer::SubscriberExt};
+use tracing_subscriber::{EnvFilter, Layer, fmt::MakeWriter, layer::SubscriberExt};
 
 use crate::settings::LogFormat;
 
@@ -30,7 +38,8 @@ where
 {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
-    let registry = tracing_subscriber::registry().with(filter);
+    // `RUST_LOG` filters the log lines only: traces have their own filter (see `otel`).
+    let registry = tracing_subscriber::registry().with(otel::layer());
     match format {
         LogFormat::Json => Box::new(
             registry.with(
@@ -39,14 +48,16 @@ where
                     .flatten_event(true)
                     .with_current_span(true)
                     .with_span_list(false)
-                    .with_writer(sink),
+                    .with_writer(sink)
+                    .with_filter(filter),
             ),
         ),
         LogFormat::Pretty => Box::new(
             registry.with(
                 tracing_subscriber::fmt::layer()
                     .with_target(false)
-                    .with_writer(sink),
+                    .with_writer(sink)
+                    .with_filter(filter),
             ),
         ),
     }

@@ -916,6 +916,44 @@ async fn run_chromium(url: &str, args: Vec<String>) -> String {
     stdout_of("chromium", &output)
 }
 
+/// The session page's start-up timeline and the overview's start-up chart, as the browser
+/// built them: inline SVG, one bar per phase of a cold start (the queue wait first), p50 and
+/// p99 lines.
+async fn assert_start_up_drawn(addr: SocketAddr) {
+    let dom = run_chromium(
+        &format!("http://{addr}/sessions/call-7a41-craig"),
+        vec!["--dump-dom".into()],
+    )
+    .await;
+    let svg = dom
+        .split_once("<figure class=\"timeline\">")
+        .and_then(|(_, rest)| rest.split_once("</figure>"))
+        .map(|(figure, _)| figure)
+        .unwrap_or_else(|| panic!("no start-up timeline on the session page: {dom}"));
+    // The producer recorded its enqueue (Redis's clock): the queue wait is the first bar.
+    assert!(
+        svg.contains("<svg") && svg.contains("cold start, enqueue to ready in "),
+        "{svg}"
+    );
+    let phases = [
+        "queue wait",
+        "claim → spawned",
+        "spawned → alive",
+        "alive → ready",
+    ];
+    for phase in phases {
+        assert!(svg.contains(&format!("<title>{phase}: ")), "{phase}: {svg}");
+    }
+    assert_eq!(svg.matches("<rect ").count(), 4, "one bar per phase: {svg}");
+    let overview = run_chromium(&format!("http://{addr}/"), vec!["--dump-dom".into()]).await;
+    assert!(
+        overview.contains("<figure class=\"startup-chart\">")
+            && overview.contains("<polyline class=\"p50\"")
+            && overview.contains("3 starts in the last hour"),
+        "{overview}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_headless_browser_renders_the_live_sessions() {
     let redis = TestRedis::start().await;
@@ -943,6 +981,7 @@ async fn a_headless_browser_renders_the_live_sessions() {
     // The table as the browser built it, row by row.
     assert_eq!(session_rows(&dom), expected, "the rendered DOM: {dom}");
     assert_clean("the DOM", &dom);
+    assert_start_up_drawn(addr).await;
 
     let shot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("console.png");
     let _ = std::fs::remove_file(&shot);

@@ -70,6 +70,14 @@ async fn wait_events(conn: &RedisConn, id: &SessionId, want: &[&str]) -> Vec<Eve
 /// Checks the fields every event has: the documented names and nothing else, the owner, a
 /// millisecond Redis timestamp of now, and `reason` exactly when expected.
 fn check_fields(event: &Event, id: &SessionId, worker: Option<&str>, reason: Option<&str>) {
+    // A claim of a job whose producer recorded its enqueue: the queue wait's start, before it.
+    let mut event = event.clone();
+    if let Some(enqueued) = event.remove("enqueued_ms") {
+        assert_eq!(event["status"], "starting", "{event:?}");
+        let (enqueued, ts): (u64, u64) = (enqueued.parse().unwrap(), event["ts"].parse().unwrap());
+        assert!(enqueued <= ts, "{event:?}");
+    }
+    let event = &event;
     let mut names: Vec<&str> = event.keys().map(String::as_str).collect();
     names.sort_unstable();
     let mut expected = vec!["session_id", "status", "ts", "worker_id"];
@@ -90,6 +98,35 @@ fn check_fields(event: &Event, id: &SessionId, worker: Option<&str>, reason: Opt
     assert_eq!(event.get("reason").map(String::as_str), reason, "{event:?}");
 }
 
+/// Checks the phase times a `ready` event of a start carries (`start`, then `claimed_ms` ≤
+/// `spawned_ms` ≤ `alive_ms` ≤ `ready_ms` ≤ `ts`, on Redis's clock; no `enqueued_ms` from a
+/// producer that records no enqueue time) and returns the event without them.
+fn without_phases(event: &Event, start: &str) -> Event {
+    assert_eq!(event["status"], "ready");
+    assert_eq!(
+        event.get("start").map(String::as_str),
+        Some(start),
+        "{event:?}"
+    );
+    let at = |name: &str| -> u64 {
+        event
+            .get(name)
+            .unwrap_or_else(|| panic!("{name} in {event:?}"))
+            .parse()
+            .expect("decimal milliseconds")
+    };
+    let times = ["claimed_ms", "spawned_ms", "alive_ms", "ready_ms"].map(at);
+    assert!(
+        times.windows(2).all(|w| w[0] <= w[1]),
+        "in order: {event:?}"
+    );
+    // The ready line comes before its record; both on Redis's clock, give or take its skew.
+    assert!(times[3] <= at("ts") + 1_000, "{event:?}");
+    let mut rest = event.clone();
+    rest.retain(|name, _| !name.ends_with("_ms") && name != "start");
+    rest
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_that_exits_cleanly_appends_starting_ready_completed() {
     let redis = TestRedis::start().await;
@@ -101,7 +138,8 @@ async fn an_agent_that_exits_cleanly_appends_starting_ready_completed() {
     let owner = hget(&redis.conn, &SessionKeys::new(&id).state(), "workerId")
         .await
         .expect("the record names its worker");
-    for event in &events {
+    let ready = without_phases(&events[1], "cold");
+    for event in [&events[0], &ready, &events[2]] {
         check_fields(event, &id, Some(&owner), None);
     }
     let ts: Vec<u64> = events.iter().map(|e| e["ts"].parse().unwrap()).collect();

@@ -639,6 +639,8 @@ impl Launcher for InstantLauncher {
             exited,
             handle: AgentHandle::new(stop_tx),
             start: agent_worker::agent::launcher::StartMode::Cold,
+            spawned_at: tokio::time::Instant::now(),
+            alive_at: tokio::time::Instant::now(),
         })))
     }
 }

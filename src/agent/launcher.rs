@@ -97,6 +97,11 @@ pub struct RunningAgent {
     pub handle: AgentHandle,
     /// How it started.
     pub start: StartMode,
+    /// When it was spawned (or, for a warm process, handed its session): where `startup`
+    /// counts from.
+    pub spawned_at: tokio::time::Instant,
+    /// When its output first showed it alive (its ready line, without an alive line).
+    pub alive_at: tokio::time::Instant,
 }
 
 /// How an agent started: the session record's `warm` field says it (`0`, `1`, `2`).

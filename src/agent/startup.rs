@@ -62,9 +62,10 @@ pub(crate) async fn await_start(
     } = started;
     // Until the launch returns, dropping it (an immediate shutdown) kills the agent.
     let mut abandoned = StopOnDrop(Some(handle.clone()));
-    let outcome = phases(spawned_at, readiness, &mut phase, &mut exited).await;
+    let (outcome, alive_at) = phases(spawned_at, readiness, &mut phase, &mut exited).await;
     abandoned.0 = None;
     let startup = spawned_at.elapsed();
+    let alive_at = alive_at.unwrap_or(spawned_at + startup);
     let last = || last_line.lock().expect("last_line lock").clone();
     // It leads its own group: its pgid is its pid.
     let running = |exited, handle| RunningAgent {
@@ -74,6 +75,8 @@ pub(crate) async fn await_start(
         exited,
         handle,
         start: StartMode::Cold,
+        spawned_at,
+        alive_at,
     };
     match outcome {
         Outcome::Reached(_) => Ok(running(exited, handle)),
@@ -105,24 +108,29 @@ pub(crate) async fn await_start(
 }
 
 /// How the start-up phases ended: each wait bounded by its deadline from `spawned_at`, and an
-/// exit told apart from a ready line that was still in the pipe when it came.
+/// exit told apart from a ready line that was still in the pipe when it came; with when the
+/// alive phase was reached, if it was watched for and reached before the ready line.
 async fn phases(
     spawned_at: tokio::time::Instant,
     readiness: &Readiness,
     phase: &mut watch::Receiver<Phase>,
     exit: &mut oneshot::Receiver<AgentExit>,
-) -> Outcome {
+) -> (Outcome, Option<tokio::time::Instant>) {
     // Every wait below is bounded by a deadline from the spawn: an agent that closes its
     // output but keeps running, or a grandchild holding the pipes, must not hold the launch
     // past it. The alive phase ends first (when it is on and shorter).
     let ready_by = spawned_at + readiness.startup_timeout;
     let mut outcome = None;
+    let mut alive_at = None;
     if let Some(alive_by) = readiness.alive_deadline(spawned_at) {
         let alive =
             tokio::time::timeout_at(alive_by, wait_for_phase(Phase::Alive, phase, exit)).await;
         outcome = match alive {
             Ok(Outcome::Reached(Phase::Ready)) => Some(Outcome::Reached(Phase::Ready)),
-            Ok(Outcome::Reached(_)) => None,
+            Ok(Outcome::Reached(_)) => {
+                alive_at = Some(tokio::time::Instant::now());
+                None
+            }
             Ok(ended) => Some(ended),
             Err(_elapsed) => Some(Outcome::TimedOut(Phase::Alive)),
         };
@@ -135,7 +143,7 @@ async fn phases(
     };
     // A ready line written just before the exit may still be in the pipe: give the readers
     // a moment to reach EOF (after the deadlines: the exit is known either way).
-    match outcome {
+    let outcome = match outcome {
         Outcome::Exited(exit) => {
             let seen = phase.wait_for(|p| *p == Phase::Ready).map(|r| r.is_ok());
             if tokio::time::timeout(READER_DRAIN, seen).await == Ok(true) {
@@ -145,7 +153,8 @@ async fn phases(
             }
         }
         other => other,
-    }
+    };
+    (outcome, alive_at)
 }
 
 /// Waits until the agent's output reached `target` (or further), or it exited. Cancel-safe

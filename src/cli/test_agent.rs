@@ -13,7 +13,7 @@
 //! Contract options are accepted in both forms the worker can send (`agent.arg_style`):
 //! `--name=value` and `--name value`. It first prints one line `test-agent received {json}`
 //! with its argv, the parsed contract options, its `SESSION_ID` / `VOICE_ID` /
-//! `SESSION_CONFIG` environment and the names of any `AGENT_WORKER__*` variables it inherited
+//! `SESSION_CONFIG` / `TRACEPARENT` / `TRACESTATE` environment and the names of any `AGENT_WORKER__*` variables it inherited
 //! (`settings_vars`). Behaviours:
 //! - `ready` (default): print `Room joined <room>`, then run until SIGTERM and exit 0.
 //! - `exit-after-ready`: print the ready line and exit 0 at once.
@@ -153,10 +153,15 @@ fn say_received(
         .iter()
         .filter_map(|name| Some((name.replace('-', "_"), options.get(*name)?.clone())))
         .collect();
-    let env: BTreeMap<&str, Option<String>> = ["SESSION_ID", "VOICE_ID", "SESSION_CONFIG"]
-        .into_iter()
-        .map(|k| (k, env_var(k)))
-        .collect();
+    let session_vars = [
+        "SESSION_ID",
+        "VOICE_ID",
+        "SESSION_CONFIG",
+        "TRACEPARENT",
+        "TRACESTATE",
+    ];
+    let env: BTreeMap<&str, Option<String>> =
+        session_vars.into_iter().map(|k| (k, env_var(k))).collect();
     // Names only: the worker's own settings (which may hold the Redis password) must not
     // reach agents.
     let settings_vars: Vec<String> = std::env::vars_os()

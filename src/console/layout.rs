@@ -190,6 +190,10 @@ th{background:#eef0f4;font-weight:600}td.num,th.num{text-align:right}\
 dl{display:grid;grid-template-columns:max-content auto;gap:.2em 1em;background:#fff;padding:.6em 1em}\
 dt{font-weight:600}dd{margin:0;word-break:break-all}form.inline{display:inline}\
 .empty{color:#687083}footer{padding:1em 1.2em;color:#687083}.placeholder{border-style:dashed;color:#687083}\
+figure{margin:0;background:#fff;padding:.6em 1em;display:inline-block}svg{max-width:100%;height:auto}\
+svg text{font-size:11px;fill:#1d2330}.phase-queue rect{fill:#8c959f}.phase-claim rect{fill:#54aeff}\
+.phase-alive rect{fill:#d4a72c}.phase-ready rect{fill:#2da44e}.p50{stroke:#0969da}.p99{stroke:#cf222e}\
+svg .axis{stroke:#d0d7de}figcaption{color:#687083;font-size:.9em}\
 ";
 
 #[cfg(test)]

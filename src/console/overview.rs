@@ -1,6 +1,6 @@
 //! `GET /`: the queue, sessions by state, this replica's rates, the warm pool, workers at a
-//! glance with what is wrong with them, Redis's eviction policy when it is risky, and the
-//! newest dead jobs.
+//! glance with what is wrong with them, Redis's eviction policy when it is risky, the last
+//! hour's start-up p50/p99 as a chart ([`startup_chart`]), and the newest dead jobs.
 //!
 //! [`fetch`] reads through [`inspect`] (the `status` read, the heartbeat index's size, the
 //! newest dead jobs) and [`OverviewView::of`] sums them up: what [`render`] shows is already
@@ -16,13 +16,15 @@ use super::{
     format::duration,
     layout::card,
     rates::PerMinute,
+    startup_chart::{self, StartupChart},
     visit::{QueryFailed, Visit},
     workers::{WorkerState, off_clock},
 };
 use crate::{
-    clock::unix_now,
+    clock::{self, unix_now},
     dataset::NO_EVICTION,
     inspect::{self, DeadJobs, QueueCounts, SessionCounts, Status, WorkerRow},
+    start_timeline::unix_ms,
 };
 
 /// Dead jobs the overview lists as recent failures.
@@ -61,6 +63,8 @@ pub struct OverviewView {
     pub evicting: Option<String>,
     /// The newest dead jobs, and the count of all.
     pub recent: DeadJobs,
+    /// The last hour's start-up percentiles (`None` when they could not be read).
+    pub startups: Option<StartupChart>,
 }
 
 /// Idle warm processes (agents that did their imports and wait for a session,
@@ -180,6 +184,7 @@ impl OverviewView {
             problems: status.workers.iter().flat_map(Problem::of).collect(),
             evicting: status.maxmemory_policy.filter(|p| p != NO_EVICTION),
             recent,
+            startups: None,
             queue: status.queue,
             jobs: status.jobs,
             sessions: status.sessions,
@@ -217,7 +222,14 @@ pub async fn fetch(
         .map_err(QueryFailed::reading("the dead jobs"))?;
     // A count beside the others: the page still says everything else when it fails.
     let heartbeating = inspect::heartbeating(conn).await.unwrap_or(0);
-    Ok(OverviewView::of(status, heartbeating, rates, recent))
+    let mut view = OverviewView::of(status, heartbeating, rates, recent);
+    let now_ms = unix_ms(clock::now());
+    let since = now_ms.saturating_sub(startup_chart::WINDOW_MS);
+    view.startups = inspect::startups::recent_starts(conn, since)
+        .await
+        .ok()
+        .map(|samples| StartupChart::of(&samples, now_ms));
+    Ok(view)
 }
 
 /// The page's body.
@@ -237,6 +249,11 @@ pub fn render(view: &OverviewView) -> Markup {
             (card("starting", view.sessions.starting, Some("/sessions?status=starting")))
             (card("ready", view.sessions.ready, Some("/sessions?status=ready")))
             (card("heartbeating", view.heartbeating, None))
+        }
+        h2 { "Start-up, last hour " small { "all workers" } }
+        @match &view.startups {
+            Some(chart) => (startup_chart::svg(chart)),
+            None => p class="empty" { "The event stream could not be read." },
         }
         h2 { "This replica, per minute" }
         div class="cards" { (rates(view.rates.as_ref())) }

@@ -20,12 +20,14 @@ use super::{
     layout,
     mask::{MAX_SHOWN_CHARS, Mask},
     sessions::stop_button,
+    timeline,
     visit::{QueryFailed, Visit},
 };
 use crate::{
     clock::unix_now,
     inspect::session::{SessionDetail, session_detail},
     settings::ByteSize,
+    start_timeline::{StartTimeline, TIMELINE_FIELD},
 };
 
 /// Characters of an invalid id repeated on its "not a session id" page.
@@ -50,6 +52,8 @@ pub struct SessionView {
     pub job: Option<(String, Vec<(String, String)>)>,
     /// The agent's last output lines, oldest first.
     pub logs: Vec<String>,
+    /// Its start's phases (the record's `startTimeline`), once its agent was ready.
+    pub timeline: Option<StartTimeline>,
     /// Unix seconds the ages are counted to.
     pub now: u64,
 }
@@ -130,6 +134,9 @@ impl SessionView {
                 .iter()
                 .map(|line| truncate(&mask.text(line), MAX_SHOWN_CHARS))
                 .collect(),
+            timeline: detail
+                .field(TIMELINE_FIELD)
+                .and_then(StartTimeline::from_json),
             now,
         }
     }
@@ -179,6 +186,12 @@ pub fn render(view: &SessionView) -> Markup {
                 " Ends the session as the orchestrator does: its keys are deleted, and its worker \
                  stops the agent at its next heartbeat."
             }
+        }
+        h2 { "Start-up " small { "startTimeline" } }
+        @if let Some(timeline) = &view.timeline {
+            (timeline::svg(timeline))
+        } @else {
+            p class="empty" { "No start-up timeline (not ready yet, or started by an older worker)." }
         }
         h2 { "Record " small { "session:<id>" } }
         (layout::fields(&view.record))
@@ -286,6 +299,10 @@ mod tests {
         SessionDetail {
             record: pairs(&[
                 ("createdAt", "1700000000"),
+                (
+                    "startTimeline",
+                    r#"{"start":"cold","enqueued":1700000000000,"claimed":1700000000200,"spawned":1700000000210,"alive":1700000000900,"ready":1700000001400}"#,
+                ),
                 ("status", "ready"),
                 ("systemPrompt", PROMPT),
                 ("voiceId", HOSTILE),
@@ -341,6 +358,8 @@ mod tests {
                 "<dt>attempts</dt><dd>1</dd>",
                 "<dt>done_at</dt><dd>&lt;script&gt;",
                 "Last 1 log lines",
+                "<figure class=\"timeline\"><svg",
+                "cold start, enqueue to ready in 1400 ms",
             ],
         );
         assert!(!html.contains("method=\"post\""), "{html}");
@@ -371,6 +390,9 @@ mod tests {
         ended.logs.clear();
         ended.heartbeat = None;
         ended.job = None;
+        // A timeline that is not one (it comes from Redis) is not drawn.
+        ended.record.retain(|(k, _)| k != "startTimeline");
+        ended.record.push(("startTimeline".into(), HOSTILE.into()));
         let html = render(&SessionView::of("s-1", &ended, false, Some("c"), 0)).into_string();
         assert!(!html.contains("method=\"post\""), "{html}");
         for empty in [
@@ -378,6 +400,7 @@ mod tests {
             "not in the index (not live on any worker)",
             "No job recorded",
             "No output recorded.",
+            "No start-up timeline",
         ] {
             assert!(html.contains(empty), "{empty}: {html}");
         }

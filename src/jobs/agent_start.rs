@@ -186,6 +186,11 @@ impl AgentStartJob {
             task_id: task_id.to_owned(),
             job_meta: self.queue.meta(task_id),
             command: self.command.clone(),
+            // Checked by the decoder: a malformed one was dropped with a warning.
+            trace_context: job
+                .traceparent
+                .clone()
+                .map(|parent| (parent, job.tracestate.clone())),
             start_by: job.start_by,
         };
         let outcome = self.supervisor.start(request).await;

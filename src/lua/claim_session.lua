@@ -40,10 +40,11 @@
 -- ARGV[13]: the config grace, ms (the tombstone rule)   ARGV[14]: session.ended_ttl (s)
 -- Last KEY and ARGV: the event stream and its bound (session_events.lua). A `starting` event
 -- is appended when the claim changes the status or the owner (not on a retry's re-claim).
--- Returns {1, previous owner or '', 'stored' | 'default', {config field, value, ...}} when
--- claimed; {0, owner, status} when another live worker holds it; {2, status} when the session
--- has ended ('' when its record is gone); {-1, type} when the config key is not a hash;
--- {3, kind, reason} when the start is refused (below).
+-- Returns {1, previous owner or '', 'stored' | 'default', {config field, value, ...},
+-- enqueued} when claimed (enqueued: the job meta's `enqueued_at`, unix ms on Redis's clock as
+-- the producer recorded it, or ''); {0, owner, status} when another live worker holds it;
+-- {2, status} when the session has ended ('' when its record is gone); {-1, type} when the
+-- config key is not a hash; {3, kind, reason} when the start is refused (below).
 --
 -- Refused starts (contract version 2), decided here on Redis's clock (TIME), after the checks
 -- above (an ended session stays ended, another live worker's start stands):
@@ -184,7 +185,9 @@ end
 if has_meta and not claimed_before then
     redis.call('HSET', KEYS[9], 'sessionClaimedAt', now)
 end
+local enqueued = has_meta and redis.call('HGET', KEYS[9], 'enqueued_at')
 if status ~= 'starting' or owner ~= me then
-    session_event(ARGV[5], 'starting', me)
+    -- The event's ts is the claim; with the producer's enqueue beside it, the queue wait.
+    session_event(ARGV[5], 'starting', me, nil, enqueued and { 'enqueued_ms', enqueued } or nil)
 end
-return { 1, owner or '', source, config }
+return { 1, owner or '', source, config, enqueued or '' }

@@ -28,13 +28,22 @@
 -- ARGV[9]: 1 for legacy metrics
 -- ARGV[10]: n, then ARGV[11..10+2n]: the record's field/value pairs (without status and
 -- workerId), written when the record was lost
--- ARGV[11+2n..]: the legacy histogram's finite bucket bounds (s), ascending
+-- ARGV[11+2n]: the start's timeline as JSON, written as `startTimeline` ('' for none)
+-- ARGV[12+2n]: m, then ARGV[13+2n..12+2n+2m]: the `ready` event's extra field/value pairs
+-- (how the agent started and the phase times)
+-- ARGV[13+2n+2m..]: the legacy histogram's finite bucket bounds (s), ascending
 -- Last KEY and ARGV: the event stream and its bound (session_events.lua): `ready` is appended.
 -- Returns 1 when recorded, 2 when recorded after Redis lost the record, 0 when another worker
 -- owns the session, -1 when its record is gone, or the status of a session that ended
 -- meanwhile.
 local pairs_n = tonumber(ARGV[10])
-local buckets = 11 + 2 * pairs_n
+local timeline = ARGV[11 + 2 * pairs_n]
+local extra_n = tonumber(ARGV[12 + 2 * pairs_n])
+local extra = {}
+for i = 13 + 2 * pairs_n, 12 + 2 * pairs_n + 2 * extra_n do
+    extra[#extra + 1] = ARGV[i]
+end
+local buckets = 13 + 2 * pairs_n + 2 * extra_n
 local current = redis.call('HMGET', KEYS[1], 'workerId', 'status')
 local status = current[2]
 local restored = false
@@ -48,7 +57,7 @@ if not current[1] then
         return status
     end
     local fields = { 'workerId', ARGV[1] }
-    for i = 11, buckets - 1 do
+    for i = 11, 10 + 2 * pairs_n do
         fields[#fields + 1] = ARGV[i]
     end
     redis.call('HSET', KEYS[1], unpack(fields))
@@ -61,6 +70,9 @@ elseif status and status ~= 'starting' and status ~= 'ready' then
 end
 redis.call('HSET', KEYS[1], 'status', 'ready', 'agentPid', ARGV[5], 'agentPgid', ARGV[6],
     'startupTime', ARGV[7], 'lastActive', ARGV[2], 'warm', ARGV[8])
+if timeline ~= '' then
+    redis.call('HSET', KEYS[1], 'startTimeline', timeline)
+end
 redis.call('SREM', KEYS[2], ARGV[4])
 redis.call('SADD', KEYS[3], ARGV[4])
 redis.call('SET', KEYS[4], ARGV[5], 'EX', ARGV[3])
@@ -79,7 +91,7 @@ if ARGV[9] == '1' then
     redis.call('HINCRBY', KEYS[8], 'count', 1)
 end
 if status ~= 'ready' then
-    session_event(ARGV[4], 'ready', ARGV[1])
+    session_event(ARGV[4], 'ready', ARGV[1], nil, extra)
 end
 if restored then
     return 2

@@ -13,15 +13,19 @@ local OWN_ARGS = #ARGV - 1
 
 -- Appends one event: session id, status, the worker that owns the session ('' when none is
 -- known), Redis's time in milliseconds (one clock for every writer, and the one the stream's
--- entry ids are made of) and, when given, the reason. `MAXLEN ~` trims whole stream nodes, so
+-- entry ids are made of), when given, the reason, and then `extra`'s field/value pairs (the
+-- `ready` event's phase times). `MAXLEN ~` trims whole stream nodes, so
 -- the length stays within one node (100 entries by default) of the bound at O(1) cost.
-local function session_event(id, status, worker, reason)
+local function session_event(id, status, worker, reason, extra)
     local time = redis.call('TIME')
     local ms = time[1] .. string.format('%03d', math.floor(tonumber(time[2]) / 1000))
     local fields = { 'session_id', id, 'status', status, 'worker_id', worker or '', 'ts', ms }
     if reason and reason ~= '' then
         fields[#fields + 1] = 'reason'
         fields[#fields + 1] = reason
+    end
+    for i = 1, #(extra or {}) do
+        fields[#fields + 1] = extra[i]
     end
     redis.call('XADD', EVENTS_KEY, 'MAXLEN', '~', EVENTS_MAX_LEN, '*', unpack(fields))
 end

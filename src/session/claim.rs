@@ -26,8 +26,9 @@ static CLAIM: LazyLock<Script> =
 /// The outcome of [`SessionStore::claim`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claim {
-    /// The session is ours and marked `starting`; its config, validated.
-    Claimed(SessionConfig),
+    /// The session is ours and marked `starting`; its config, validated, and when the producer
+    /// enqueued the job (unix ms on Redis's clock), if its record says.
+    Claimed(SessionConfig, Option<u64>),
     /// Another live worker owns it.
     HeldBy {
         /// That worker's id.
@@ -167,7 +168,11 @@ impl SessionStore {
                 },
                 reason,
             })),
-            ClaimReply::Claimed { source, pairs } => {
+            ClaimReply::Claimed {
+                source,
+                pairs,
+                enqueued_ms,
+            } => {
                 let config = config_from_pairs(&config_key, pairs)
                     .and_then(|map| validate(&config_key, map, source));
                 if let Err(error) = &config {
@@ -180,7 +185,7 @@ impl SessionStore {
                         tracing::warn!(session_id = %id, error = %mark, "session_error_not_recorded");
                     }
                 }
-                config.map(Claim::Claimed)
+                config.map(|config| Claim::Claimed(config, enqueued_ms))
             }
         }
     }

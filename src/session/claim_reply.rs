@@ -36,12 +36,15 @@ pub(super) enum ClaimReply {
         /// The reason written on the session and the event.
         reason: String,
     },
-    /// `[1, _, source, config pairs]`: claimed; the config as a flat field/value array.
+    /// `[1, _, source, config pairs, enqueued]`: claimed; the config as a flat field/value
+    /// array.
     Claimed {
         /// `stored`, or `default` when the script wrote the defaults.
         source: ConfigSource,
         /// Field, value, field, value...
         pairs: Vec<Value>,
+        /// When the producer enqueued the job (unix ms, Redis's clock), if it recorded it.
+        enqueued_ms: Option<u64>,
     },
 }
 
@@ -67,12 +70,13 @@ impl ClaimReply {
                 kind: text(kind).unwrap_or_default(),
                 reason: text(reason).unwrap_or_default(),
             }),
-            [Value::Int(_), _, source, Value::Array(pairs), ..] => Some(Self::Claimed {
+            [Value::Int(_), _, source, Value::Array(pairs), rest @ ..] => Some(Self::Claimed {
                 source: match text(source).as_deref() {
                     Some("default") => ConfigSource::Default,
                     _ => ConfigSource::Stored,
                 },
                 pairs: std::mem::take(pairs),
+                enqueued_ms: rest.first().and_then(text).and_then(|t| t.parse().ok()),
             }),
             _ => None,
         };
@@ -145,7 +149,24 @@ mod tests {
             .unwrap(),
             ClaimReply::Claimed {
                 source: ConfigSource::Default,
-                pairs
+                pairs: pairs.clone(),
+                enqueued_ms: None,
+            }
+        );
+        // The producer's enqueue time, when the job's meta has one.
+        assert_eq!(
+            ClaimReply::from_redis(vec![
+                Value::Int(1),
+                bulk(""),
+                bulk("stored"),
+                Value::Array(pairs.clone()),
+                bulk("1765000000123"),
+            ])
+            .unwrap(),
+            ClaimReply::Claimed {
+                source: ConfigSource::Stored,
+                pairs,
+                enqueued_ms: Some(1_765_000_000_123),
             }
         );
 

@@ -11,6 +11,7 @@ use agent_jobs::{
 use redis::{FromRedisValue, Script, Value};
 
 use super::{AgentRecord, SessionError, SessionStore, flag, session_script};
+use crate::start_timeline::StartTimeline;
 
 static MARK_READY: LazyLock<Script> =
     LazyLock::new(|| session_script(include_str!("../lua/mark_ready.lua")));
@@ -36,7 +37,7 @@ pub enum ReadyRecord {
 
 /// A ready agent, as [`SessionStore::mark_ready`] records it.
 #[derive(Debug, Clone, Copy)]
-pub struct Ready {
+pub struct Ready<'a> {
     /// Its pid.
     pub pid: u32,
     /// Its process group id.
@@ -46,6 +47,8 @@ pub struct Ready {
     /// How the agent started, as the record's `warm` field says it: 0 cold, 1 a warm
     /// process of the pool, 2 forked by the zygote.
     pub warm: u8,
+    /// Its start's phases: the record's `startTimeline`, the `ready` event's phase fields.
+    pub timeline: Option<&'a StartTimeline>,
 }
 
 impl SessionStore {
@@ -58,7 +61,7 @@ impl SessionStore {
         id: &SessionId,
         worker_id: &str,
         record: &AgentRecord,
-        ready: Ready,
+        ready: Ready<'_>,
     ) -> Result<ReadyRecord, SessionError> {
         let keys = SessionKeys::new(id);
         let state = keys.state();
@@ -84,6 +87,15 @@ impl SessionStore {
         let fields = record.fields();
         invocation.arg(fields.len());
         for (name, value) in fields {
+            invocation.arg(name).arg(value);
+        }
+        let timeline = ready.timeline;
+        invocation.arg(timeline.map(StartTimeline::to_json).unwrap_or_default());
+        let extra = timeline
+            .map(StartTimeline::event_fields)
+            .unwrap_or_default();
+        invocation.arg(extra.len());
+        for (name, value) in extra {
             invocation.arg(name).arg(value);
         }
         if self.legacy_metrics {

@@ -10,7 +10,7 @@
 //! |---|---|---|
 //! | `redis-server` on `PATH` | every integration test (each starts its own) | Debian's `redis-server` |
 //! | libfaketime | the skewed-clock test (`tests/lifecycle.rs`) | Debian's `libfaketime` |
-//! | `python3` with redis-py, jsonschema, FastAPI, uvicorn, httpx, setuptools, wheel | the Python client, producer, example and agent tests | pip |
+//! | `python3` with redis-py, jsonschema, FastAPI, uvicorn, httpx, opentelemetry-sdk, setuptools, wheel | the Python client, producer, example, agent and trace tests | pip |
 //! | headless Chromium | the console's browser test (`tests/console.rs`) | Debian's `chromium` and what it depends on |
 //!
 //! Where it can, it installs without root, under `target/xtask/`: Python packages with
@@ -44,19 +44,31 @@ const LIBFAKETIME_PATHS: &[&str] = &[
 /// The variable the skewed-clock test reads libfaketime's path from.
 const LIBFAKETIME_VAR: &str = "AGENT_WORKER_TEST_LIBFAKETIME";
 
-/// The Python packages the tests import (pip names equal to module names): redis-py and
-/// jsonschema for the producer tests; FastAPI, uvicorn and httpx for the FastAPI example's
-/// test; setuptools and wheel, the build backend `pip install ./python` uses offline (older
-/// setuptools build wheels only with the wheel package).
-const PYTHON_PACKAGES: &[&str] = &[
-    "redis",
-    "jsonschema",
-    "fastapi",
-    "uvicorn",
-    "httpx",
-    "setuptools",
-    "wheel",
+/// The Python packages the tests import, as pip names and the module that shows each is there:
+/// redis-py and jsonschema for the producer tests; FastAPI, uvicorn and httpx for the FastAPI
+/// example's test; the OpenTelemetry SDK for the trace test (the client's span, whose context
+/// the client injects); setuptools and wheel, the build backend `pip install ./python` uses
+/// offline (older setuptools build wheels only with the wheel package).
+const PYTHON_PACKAGES: &[(&str, &str)] = &[
+    ("redis", "redis"),
+    ("jsonschema", "jsonschema"),
+    ("fastapi", "fastapi"),
+    ("uvicorn", "uvicorn"),
+    ("httpx", "httpx"),
+    ("opentelemetry-sdk", "opentelemetry.sdk.trace"),
+    ("setuptools", "setuptools"),
+    ("wheel", "wheel"),
 ];
+
+/// The pip names of [`PYTHON_PACKAGES`].
+fn pip_names() -> Vec<&'static str> {
+    PYTHON_PACKAGES.iter().map(|(pip, _)| *pip).collect()
+}
+
+/// The modules of [`PYTHON_PACKAGES`].
+fn python_modules() -> Vec<&'static str> {
+    PYTHON_PACKAGES.iter().map(|(_, module)| *module).collect()
+}
 
 /// Debian packages of a private redis-server: the server, the binary it links to, and the
 /// libraries a minimal system may lack.
@@ -121,7 +133,7 @@ fn test(cargo_args: Vec<OsString>) -> Result<ExitCode, String> {
             .into());
     }
     let mut python_path: Vec<PathBuf> = Vec::new();
-    if !python_has(PYTHON_PACKAGES, &[]) {
+    if !python_has(&python_modules(), &[]) {
         let target = deps.python();
         install_python_packages(&target)?;
         python_path.push(target);
@@ -131,7 +143,7 @@ fn test(cargo_args: Vec<OsString>) -> Result<ExitCode, String> {
         &format!(
             "{} with {}",
             version_of(&[], "python3"),
-            PYTHON_PACKAGES.join(", ")
+            pip_names().join(", ")
         ),
     );
 
@@ -722,12 +734,12 @@ fn python_has(modules: &[&str], extra: &[PathBuf]) -> bool {
 /// `pip install --target`: no root, no virtualenv, and allowed even where the system Python
 /// is marked externally managed.
 fn install_python_packages(target: &Path) -> Result<(), String> {
-    if python_has(PYTHON_PACKAGES, &[target.to_path_buf()]) {
+    if python_has(&python_modules(), &[target.to_path_buf()]) {
         return Ok(());
     }
     eprintln!(
         "xtask: python3 lacks {}: pip install --target {}",
-        PYTHON_PACKAGES.join(", "),
+        pip_names().join(", "),
         target.display()
     );
     run(
@@ -739,18 +751,22 @@ fn install_python_packages(target: &Path) -> Result<(), String> {
                 "install",
                 "--quiet",
                 "--disable-pip-version-check",
+                // Replace what an earlier install left in the target: without it pip skips a
+                // directory that exists, and a namespace package (opentelemetry) stays half
+                // installed.
+                "--upgrade",
             ])
             .arg("--target")
             .arg(target)
-            .args(PYTHON_PACKAGES),
+            .args(pip_names()),
     )
     .map_err(|e| format!("{e}; python3 needs pip (Debian/Ubuntu: apt-get install python3-pip)"))?;
-    if python_has(PYTHON_PACKAGES, &[target.to_path_buf()]) {
+    if python_has(&python_modules(), &[target.to_path_buf()]) {
         Ok(())
     } else {
         Err(format!(
             "pip installed {} into {} but python3 still cannot import them",
-            PYTHON_PACKAGES.join(", "),
+            pip_names().join(", "),
             target.display()
         ))
     }

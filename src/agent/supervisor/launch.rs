@@ -9,6 +9,7 @@ use std::{
 };
 
 use agent_jobs::SessionId;
+use tracing::Instrument;
 
 use super::{
     start::{StartError, StartFailure, StartOutcome, StartRequest, StartResult},
@@ -19,6 +20,8 @@ use crate::{
     clock::unix_now,
     metrics as observability,
     session::{AgentRecord, Claim, ClaimAttempt, SessionEnd, config::SessionConfig},
+    start_timeline::{Claimed, StartTimeline},
+    telemetry::start_trace::StartTrace,
 };
 
 /// A worker process idle for longer than this counts its next start as cold (the original
@@ -44,6 +47,8 @@ struct Attempts {
     held_until: tokio::time::Instant,
     /// `logFile`, when `agent.log_dir` is set.
     log_file: Option<String>,
+    /// The latest claim: where the launch's phases count from.
+    claim: Option<Claimed>,
 }
 
 /// What one claim decided.
@@ -68,11 +73,31 @@ enum AttemptStep {
 
 impl Inner {
     /// Claims and launches, attempt after attempt, until an agent is ready or the start is
-    /// over: see the module docs.
+    /// over: see the module docs. All of it inside the start's trace.
     pub(super) async fn launch(
         self: Arc<Self>,
         request: StartRequest,
         slot: StartingSlot,
+    ) -> StartResult {
+        let (parent, state) = match &request.trace_context {
+            Some((parent, state)) => (Some(parent.as_str()), state.as_deref()),
+            None => (None, None),
+        };
+        let trace = StartTrace::begin(request.session_id.as_str(), parent, state);
+        let span = trace.span().clone();
+        let result = self
+            .launch_traced(request, slot, &trace)
+            .instrument(span)
+            .await;
+        trace.finished(result.as_ref().err().map(ToString::to_string));
+        result
+    }
+
+    async fn launch_traced(
+        self: Arc<Self>,
+        request: StartRequest,
+        slot: StartingSlot,
+        trace: &StartTrace,
     ) -> StartResult {
         let id = request.session_id.clone();
         let mut attempts = Attempts {
@@ -83,19 +108,25 @@ impl Inner {
                 .command
                 .log_file(&id)
                 .map(|p| p.to_string_lossy().into_owned()),
+            claim: None,
         };
         loop {
             if self.abandon.is_cancelled() {
                 return Err(StartError::Abandoned);
             }
-            let config = match self.claim(&request, &mut attempts).await {
+            let claim = self.claim(&request, &mut attempts);
+            let config = match claim.instrument(trace.claim_span()).await {
                 ClaimStep::Launch(config) => config,
                 ClaimStep::Recheck => continue,
                 ClaimStep::Finish(result) => return result,
             };
             attempts.made += 1;
-            match self.attempt(&request, &config, attempts.made).await {
+            match self.attempt(&request, &config, trace, attempts.made).await {
                 AttemptStep::Ready(agent) => {
+                    let claimed = attempts.claim.unwrap_or_else(|| Claimed::now(None));
+                    let timeline = StartTimeline::of(&claimed, &agent);
+                    timeline.record_metrics();
+                    trace.phases(&timeline);
                     let record = AgentRecord {
                         session_id: id.clone(),
                         user_id: request.user_id.clone(),
@@ -108,7 +139,10 @@ impl Inner {
                         log_file: attempts.log_file.clone(),
                         warm: agent.start.warm_value(),
                     };
-                    return Ok(self.clone().adopt(slot, agent, record, attempts.made).await);
+                    let adopted = self
+                        .clone()
+                        .adopt(slot, agent, record, attempts.made, timeline);
+                    return Ok(adopted.await);
                 }
                 AttemptStep::Abandoned => return Err(self.abandoned(&id).await),
                 AttemptStep::Failed(error) => {
@@ -143,13 +177,14 @@ impl Inner {
                 },
             )
             .await;
-        if cold && !matches!(claim, Ok(Claim::Claimed(_))) {
+        if cold && !matches!(claim, Ok(Claim::Claimed(..))) {
             *self.last_start.lock().expect("last_start lock") = before;
         }
         let finish = ClaimStep::Finish;
         match claim {
-            Ok(Claim::Claimed(config)) => {
+            Ok(Claim::Claimed(config, enqueued_ms)) => {
                 attempts.claimed_at.get_or_insert_with(unix_now);
+                attempts.claim = Some(Claimed::now(enqueued_ms));
                 tracing::info!(
                     session_id = %request.session_id,
                     voice_id = config.voice_id(),
@@ -196,10 +231,14 @@ impl Inner {
         &self,
         request: &StartRequest,
         config: &SessionConfig,
+        trace: &StartTrace,
         made: u32,
     ) -> AttemptStep {
         let id = &request.session_id;
-        let spec = request.command.spec(id, config);
+        let mut spec = request.command.spec(id, config);
+        // The start's trace context, to the agent whatever its start mode (a warm process and
+        // the zygote's fork get their session's environment from the spec too).
+        spec.env.extend(trace.agent_env().iter().cloned());
         // Dropping the launch kills its agent (see `Launcher::launch`). `biased`: once
         // abandoned, a launch that has not finished is not waited for.
         tokio::select! {

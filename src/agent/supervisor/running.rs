@@ -18,6 +18,7 @@ use crate::{
     },
     metrics as observability,
     session::{AgentRecord, EndRecord, Ready, ReadyRecord, SessionEnd},
+    start_timeline::StartTimeline,
 };
 
 /// Attempts to record a session's end before giving up (about 30 s with the back-off).
@@ -31,6 +32,7 @@ impl Inner {
         agent: RunningAgent,
         record: AgentRecord,
         attempt: u32,
+        timeline: StartTimeline,
     ) -> StartOutcome {
         let id = slot.id().clone();
         tracing::info!(
@@ -43,7 +45,7 @@ impl Inner {
             "agent_ready"
         );
         observability::agent_started(agent.startup);
-        let stop = self.mark_ready(&id, &agent, &record).await;
+        let stop = self.mark_ready(&id, &agent, &record, &timeline).await;
         let (pid, startup) = (agent.pid, agent.startup);
         {
             let mut slots = self.slots.lock().expect("slots lock");
@@ -77,6 +79,7 @@ impl Inner {
         id: &SessionId,
         agent: &RunningAgent,
         record: &AgentRecord,
+        timeline: &StartTimeline,
     ) -> Option<&'static str> {
         let ready = self
             .store
@@ -89,6 +92,7 @@ impl Inner {
                     pgid: agent.pgid,
                     startup: agent.startup,
                     warm: agent.start.warm_value(),
+                    timeline: Some(timeline),
                 },
             )
             .await;

@@ -96,6 +96,9 @@ pub struct StartRequest {
     /// How the agent is launched (`agent.command` and the session's options, contract §4,
     /// built from the config read at each claim).
     pub command: Arc<AgentCommand>,
+    /// The job's W3C trace context (`traceparent`, `tracestate`), continued by the start's
+    /// trace and handed to the agent ([`crate::telemetry::start_trace`]).
+    pub trace_context: Option<(String, Option<String>)>,
     /// The job's deadline (`start_by`, unix ms on Redis's clock), checked at each claim.
     pub start_by: Option<i64>,
 }
