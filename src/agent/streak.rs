@@ -1,8 +1,8 @@
 //! A failure streak with back-off, for what the worker keeps running beside its agents (the
-//! warm pool's warm-ups, the zygote): the first failure waits [`FIRST_BACKOFF`], each further
-//! one doubles the wait up to [`MAX_BACKOFF`], and the streak ends on a proven success. Its
-//! owner logs the beginning ([`Streak::failed`] says whether this failure began it) and the end
-//! ([`Streak::end`] says how many failures it had), once each: no log per retry, no respawn
+//! warm pool's warm-ups, the zygote): the first failure waits `FIRST_BACKOFF`, each further
+//! one doubles the wait up to `MAX_BACKOFF`, and the streak ends on a proven success. Its
+//! owner logs the beginning (`Streak::failed` says whether this failure began it) and the end
+//! (`Streak::end` says how many failures it had), once each: no log per retry, no respawn
 //! loop.
 
 use std::time::Duration;

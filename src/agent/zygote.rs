@@ -16,7 +16,7 @@
 //! The worker then owns the pid as any child ([`crate::agent::process`]: a pidfd from
 //! `pidfd_open`, its pipes' read ends) and waits for it to be ready
 //! ([`crate::agent::startup`]), with the deadlines counted from the request. Anything that
-//! gives no agent is one of [`ForkError`]'s cases, and the zygote launcher
+//! gives no agent is one of `ForkError`'s cases, and the zygote launcher
 //! ([`crate::agent::zygote_launcher`]) starts that session cold.
 
 use std::{
