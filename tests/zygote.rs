@@ -63,12 +63,24 @@ async fn burst(conn: &RedisConn, prefix: &str, n: usize) -> Vec<(SessionId, Stri
     for (id, voice) in &sessions {
         write_config(conn, id, voice, "test_concurrent_user").await;
     }
+    // Every job carries a trace context of its own, which its forked agent must receive.
     let jobs: Vec<_> = sessions
         .iter()
-        .map(|(id, _)| AgentStart::new(id.clone()).with_user("test_concurrent_user"))
+        .enumerate()
+        .map(|(i, (id, _))| {
+            AgentStart::new(id.clone())
+                .with_user("test_concurrent_user")
+                .with_traceparent(traceparent(i))
+                .expect("a valid traceparent")
+        })
         .collect();
     producer(conn).enqueue_many(&jobs).await.unwrap();
     sessions
+}
+
+/// The W3C trace context of the `i`th job of a burst.
+fn traceparent(i: usize) -> String {
+    format!("00-{:032x}-{:016x}-01", 0xa11ce + i, 0xb0b + i)
 }
 
 /// What the Python agent of `id` reported receiving (`voice-agent received {json}`).
@@ -140,10 +152,13 @@ async fn thirty_sessions_at_once_each_get_a_forked_agent_of_their_own() {
     let sessions = burst(&redis.conn, "zyg-burst", 30).await;
 
     let (mut pids, mut groups, mut cgroup_sets) = (HashSet::new(), HashSet::new(), HashSet::new());
-    for (id, voice) in &sessions {
+    for (i, (id, voice)) in sessions.iter().enumerate() {
         wait_status(&redis.conn, id, "ready", Duration::from_secs(60)).await;
         let got = report(&redis.conn, id).await;
         assert_eq!(got["voice_id"], voice.as_str(), "voice of {id}");
+        // The job's trace continues in the agent (traces are off: the job's own context).
+        let tp = got["traceparent"].as_str().unwrap_or_default();
+        assert_eq!(&tp[..36], &traceparent(i)[..36], "trace of {id}: {got}");
         assert_eq!(got["room"], id.as_str(), "room of {id}");
         assert_eq!(start_mode(&redis.conn, id).await, "2", "{id} was forked");
         let pid = agent_pid(&redis.conn, id).await;

@@ -79,6 +79,7 @@ report = {
     "pipecat_room": room,
     "pipecat_url": url,
     "session_id_env": os.getenv("SESSION_ID"),
+    "traceparent": os.getenv("TRACEPARENT"),
     "pid": os.getpid(),
 }
 print("voice-agent received " + json.dumps(report), flush=True)
