@@ -84,20 +84,25 @@ end
 local clock = redis.call('TIME')
 local now_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 
+-- `fields` of the record plus the job's user and, on a new record, its creation time.
+local function with_owner(fields)
+    if ARGV[7] ~= '' then
+        fields[#fields + 1] = 'userId'
+        fields[#fields + 1] = ARGV[7]
+    end
+    if not current[3] then
+        fields[#fields + 1] = 'createdAt'
+        fields[#fields + 1] = now
+    end
+    return fields
+end
+
 -- Records a refused start (see the header) and returns its reply.
 local function refuse(kind, reason, recreate)
     local exists = redis.call('EXISTS', KEYS[1]) == 1
     if exists or recreate then
-        local fields = { 'status', 'error', 'error', reason, 'workerId', me, 'taskId', ARGV[6],
-            'lastActive', now, 'endedAt', now }
-        if ARGV[7] ~= '' then
-            fields[#fields + 1] = 'userId'
-            fields[#fields + 1] = ARGV[7]
-        end
-        if not current[3] then
-            fields[#fields + 1] = 'createdAt'
-            fields[#fields + 1] = now
-        end
+        local fields = with_owner({ 'status', 'error', 'error', reason, 'workerId', me,
+            'taskId', ARGV[6], 'lastActive', now, 'endedAt', now })
         redis.call('HSET', KEYS[1], unpack(fields))
         redis.call('SREM', KEYS[3], ARGV[5])
         redis.call('SREM', KEYS[4], ARGV[5])
@@ -145,16 +150,8 @@ for i = 1, #config, 2 do
     end
 end
 
-local fields = { 'status', 'starting', 'workerId', me, 'lastActive', now, 'voiceId', voice,
-    'taskId', ARGV[6] }
-if ARGV[7] ~= '' then
-    fields[#fields + 1] = 'userId'
-    fields[#fields + 1] = ARGV[7]
-end
-if not current[3] then
-    fields[#fields + 1] = 'createdAt'
-    fields[#fields + 1] = now
-end
+local fields = with_owner({ 'status', 'starting', 'workerId', me, 'lastActive', now,
+    'voiceId', voice, 'taskId', ARGV[6] })
 if ARGV[9] ~= '' then
     fields[#fields + 1] = 'logFile'
     fields[#fields + 1] = ARGV[9]
