@@ -7,6 +7,10 @@
 //! - `blackhole`: `OTEL_EXPORTER_OTLP_ENDPOINT` at a listener of this process that accepts
 //!   every connection and never reads or answers, so each export waits for the exporter's
 //!   timeout (the default 10 s);
+//! - `blackhole, small queue`: the same with `OTEL_BSP_MAX_QUEUE_SIZE=256`, so that the
+//!   round's spans overflow the queue while the first export waits: spans are dropped
+//!   during the round (with the default 2,048 a round's 1,860 spans, 6 per start, fit beside the held
+//!   batch of 512, and nothing is dropped before the worker stops);
 //! - `refused`: the endpoint is a loopback port nothing listens on;
 //! - `collector`: a listener that reads each export and answers 200 at once.
 //!
@@ -34,7 +38,7 @@ use anyhow::{Context as _, bail};
 
 use crate::{
     collectors::Collectors,
-    harness::{Ctx, WorkerProcess, http_client, ids},
+    harness::{Ctx, Load, WorkerProcess, http_client, ids},
     report::Row,
     stats::Dist,
 };
@@ -51,17 +55,29 @@ const PER_ROUND: usize = 300;
 enum Mode {
     Off,
     Blackhole,
+    SmallQueue,
     Refused,
     Collector,
 }
 
-const MODES: [Mode; 4] = [Mode::Off, Mode::Blackhole, Mode::Refused, Mode::Collector];
+const MODES: [Mode; 5] = [
+    Mode::Off,
+    Mode::Blackhole,
+    Mode::SmallQueue,
+    Mode::Refused,
+    Mode::Collector,
+];
+
+/// `OTEL_BSP_MAX_QUEUE_SIZE` of [`Mode::SmallQueue`]: a round's spans overflow it while the
+/// blackhole holds the first export, so spans are dropped during the round.
+const SMALL_QUEUE: &str = "256";
 
 impl Mode {
     fn name(self) -> &'static str {
         match self {
             Self::Off => "traces off",
             Self::Blackhole => "blackhole collector (accepts, never answers)",
+            Self::SmallQueue => "blackhole, OTEL_BSP_MAX_QUEUE_SIZE=256",
             Self::Refused => "refused port",
             Self::Collector => "collector answering 200",
         }
@@ -71,7 +87,7 @@ impl Mode {
     fn endpoint(self, collectors: &Collectors) -> Option<String> {
         let addr = match self {
             Self::Off => return None,
-            Self::Blackhole => collectors.blackhole,
+            Self::Blackhole | Self::SmallQueue => collectors.blackhole,
             Self::Refused => collectors.refused,
             Self::Collector => collectors.answering,
         };
@@ -93,6 +109,8 @@ struct Sample {
 struct Measured {
     rounds: Vec<Vec<Sample>>,
     dropped: Vec<u64>,
+    /// Other processes' share of the machine's CPU during each round.
+    others: Vec<f64>,
     /// Export connections seen by the mode's endpoint (blackhole held / collector answered).
     exports: usize,
 }
@@ -107,24 +125,28 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Row>> {
             let mode = MODES[(i + r) % MODES.len()];
             ctx.quiet().await;
             let seen = (collectors.held(), collectors.answered());
+            let load = Load::now(ctx).await;
             let (samples, dropped) = round(ctx, &collectors, mode, n, r)
                 .await
                 .with_context(|| format!("{} round {r}", mode.name()))?;
+            let others = Load::now(ctx).await.others_since(&load);
             let exports = match mode {
-                Mode::Blackhole => collectors.held() - seen.0,
+                Mode::Blackhole | Mode::SmallQueue => collectors.held() - seen.0,
                 Mode::Collector => collectors.answered() - seen.1,
                 _ => 0,
             };
             let dist = Dist::new(samples.iter().map(|s| s.bench).collect());
             eprintln!(
-                "  round {r}, {}: p50 {:.2} ms, p99 {:.2} ms, {dropped} spans dropped, {exports} exports",
+                "  round {r}, {}: p50 {:.2} ms, p99 {:.2} ms, {dropped} spans dropped, {exports} exports, others {:.0} % CPU",
                 mode.name(),
                 dist.pct(50.0),
-                dist.pct(99.0)
+                dist.pct(99.0),
+                others * 100.0
             );
             let entry = measured.entry(mode).or_default();
             entry.rounds.push(samples);
             entry.dropped.push(dropped);
+            entry.others.push(others);
             entry.exports += exports;
         }
     }
@@ -149,6 +171,9 @@ async fn round(
     let mut env = vec![("AGENT_WORKER__HTTP__ADDR", http_addr.as_str())];
     if let Some(endpoint) = &endpoint {
         env.push(("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()));
+    }
+    if mode == Mode::SmallQueue {
+        env.push(("OTEL_BSP_MAX_QUEUE_SIZE", SMALL_QUEUE));
     }
     let before = ctx.commandstats().await?;
     let worker = WorkerProcess::start_with(ctx, "exit-after-ready", &env)?;
@@ -323,7 +348,7 @@ fn rows(measured: &HashMap<Mode, Measured>, n: usize, rounds: usize) -> Vec<Row>
         let m = &measured[&mode];
         let dropped: Vec<String> = m.dropped.iter().map(u64::to_string).collect();
         let exports = match mode {
-            Mode::Blackhole => format!("; {} connections held", m.exports),
+            Mode::Blackhole | Mode::SmallQueue => format!("; {} connections held", m.exports),
             Mode::Collector => format!("; {} exports answered", m.exports),
             _ => String::new(),
         };
@@ -334,6 +359,16 @@ fn rows(measured: &HashMap<Mode, Measured>, n: usize, rounds: usize) -> Vec<Row>
                 mode.name()
             ),
             format!("{}{exports}", dropped.join(" / ")),
+        ));
+        let others: Vec<String> = m
+            .others
+            .iter()
+            .map(|o| format!("{:.0}", o * 100.0))
+            .collect();
+        rows.push(Row::info(
+            PART,
+            format!("{}: other processes' CPU share per round", mode.name()),
+            format!("{} %", others.join(" / ")),
         ));
     }
     rows
