@@ -20,6 +20,8 @@ mod baseline;
 mod burst;
 #[path = "agent_start/burst30.rs"]
 mod burst30;
+#[path = "agent_start/collectors.rs"]
+mod collectors;
 #[path = "agent_start/console.rs"]
 mod console;
 #[path = "agent_start/containment.rs"]
@@ -46,6 +48,8 @@ mod report;
 mod stats;
 #[path = "agent_start/sweep.rs"]
 mod sweep;
+#[path = "agent_start/traces.rs"]
+mod traces;
 #[path = "agent_start/warm.rs"]
 mod warm;
 
@@ -186,6 +190,7 @@ async fn run(quick: bool, parts: Option<Vec<u8>>) -> anyhow::Result<()> {
     part!(9, "9 console", console::run(&ctx));
     part!(10, "10 containment", containment::run(&ctx));
     part!(11, "11 burst of 30", burst30::run(&ctx));
+    part!(12, "12 traces", traces::run(&ctx));
     ctx.flush().await?;
 
     println!("## Results ({:.0} s)\n", started.elapsed().as_secs_f64());

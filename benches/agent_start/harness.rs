@@ -379,7 +379,13 @@ impl WorkerProcess {
             ulid::Ulid::generate()
         ));
         let command = ctx.agent_command(behaviour);
-        let child = std::process::Command::new(&ctx.worker_bin)
+        let mut child = std::process::Command::new(&ctx.worker_bin);
+        // Traces only where a part asks for them (part 12): an `OTEL_*` variable in the
+        // bench's own environment would turn them on in every child.
+        for (name, _) in std::env::vars().filter(|(k, _)| k.starts_with("OTEL_")) {
+            child.env_remove(name);
+        }
+        let child = child
             .arg("run")
             .env("AGENT_WORKER__REDIS__URL", &ctx.url)
             .env("AGENT_WORKER__AGENT__COMMAND", command)
