@@ -297,79 +297,96 @@ async fn spans_dropped(http: SocketAddr) -> anyhow::Result<u64> {
         .map_or(0, |v| v as u64))
 }
 
+/// One way of reading a sample: its name, its value, and the decimals it is shown with.
+type Clock = (&'static str, fn(&Sample) -> Option<f64>, usize);
+
+const CLOCKS: [Clock; 2] = [
+    (
+        "enqueue → ready event read (bench clock)",
+        |s| Some(s.bench),
+        2,
+    ),
+    (
+        "ready_ms − enqueued_ms (Redis clock, ms steps)",
+        |s| s.redis,
+        0,
+    ),
+];
+
 /// The table: per clock, p50 and p99 of each mode against `off`, then drops and exports.
 fn rows(measured: &HashMap<Mode, Measured>, n: usize, rounds: usize) -> Vec<Row> {
     let mut rows = Vec::new();
-    let clocks: [(&str, fn(&Sample) -> Option<f64>, usize); 2] = [
-        (
-            "enqueue → ready event read (bench clock)",
-            |s| Some(s.bench),
-            2,
-        ),
-        (
-            "ready_ms − enqueued_ms (Redis clock, ms steps)",
-            |s| s.redis,
-            0,
-        ),
-    ];
-    for (clock, value, decimals) in clocks {
+    for clock in CLOCKS {
         for p in [50.0, 99.0] {
-            let pct = |mode: Mode| -> (f64, Vec<String>, usize) {
-                let m = &measured[&mode];
-                let all: Vec<f64> = m.rounds.concat().iter().filter_map(value).collect();
-                let per_round = m
-                    .rounds
-                    .iter()
-                    .map(|r| Dist::new(r.iter().filter_map(value).collect()).pct(p))
-                    .map(|v| format!("{v:.decimals$}"))
-                    .collect();
-                (Dist::new(all.clone()).pct(p), per_round, all.len())
-            };
-            let (base, ..) = pct(Mode::Off);
-            for mode in MODES {
-                let (v, per_round, count) = pct(mode);
-                let ratio = if mode == Mode::Off {
-                    String::new()
-                } else {
-                    format!(" ({:.2}×)", v / base)
-                };
-                rows.push(
-                    Row::info(
-                        PART,
-                        format!("{clock} p{p:.0}, {} (n={count})", mode.name()),
-                        format!("{v:.decimals$} ms{ratio}"),
-                    )
-                    .spread(format!("per round: {} ms", per_round.join(" / "))),
-                );
-            }
+            rows.extend(percentile_rows(measured, clock, p));
         }
     }
     for mode in MODES {
+        rows.extend(round_rows(mode, &measured[&mode], n, rounds));
+    }
+    rows
+}
+
+/// Percentile `p` of every mode on `clock`, with its per-round values and the ratio to `off`.
+fn percentile_rows(measured: &HashMap<Mode, Measured>, clock: Clock, p: f64) -> Vec<Row> {
+    let (name, value, decimals) = clock;
+    let pct = |mode: Mode| -> (f64, Vec<String>, usize) {
         let m = &measured[&mode];
-        let dropped: Vec<String> = m.dropped.iter().map(u64::to_string).collect();
-        let exports = match mode {
-            Mode::Blackhole | Mode::SmallQueue => format!("; {} connections held", m.exports),
-            Mode::Collector => format!("; {} exports answered", m.exports),
-            _ => String::new(),
-        };
-        rows.push(Row::info(
+        let all: Vec<f64> = m.rounds.concat().iter().filter_map(value).collect();
+        let per_round = m
+            .rounds
+            .iter()
+            .map(|r| Dist::new(r.iter().filter_map(value).collect()).pct(p))
+            .map(|v| format!("{v:.decimals$}"))
+            .collect();
+        (Dist::new(all.clone()).pct(p), per_round, all.len())
+    };
+    let (base, ..) = pct(Mode::Off);
+    MODES
+        .into_iter()
+        .map(|mode| {
+            let (v, per_round, count) = pct(mode);
+            let ratio = if mode == Mode::Off {
+                String::new()
+            } else {
+                format!(" ({:.2}×)", v / base)
+            };
+            Row::info(
+                PART,
+                format!("{name} p{p:.0}, {} (n={count})", mode.name()),
+                format!("{v:.decimals$} ms{ratio}"),
+            )
+            .spread(format!("per round: {} ms", per_round.join(" / ")))
+        })
+        .collect()
+}
+
+/// One mode's spans dropped and export connections, and other processes' CPU, per round.
+fn round_rows(mode: Mode, m: &Measured, n: usize, rounds: usize) -> [Row; 2] {
+    let dropped: Vec<String> = m.dropped.iter().map(u64::to_string).collect();
+    let exports = match mode {
+        Mode::Blackhole | Mode::SmallQueue => format!("; {} connections held", m.exports),
+        Mode::Collector => format!("; {} exports answered", m.exports),
+        _ => String::new(),
+    };
+    let others: Vec<String> = m
+        .others
+        .iter()
+        .map(|o| format!("{:.0}", o * 100.0))
+        .collect();
+    [
+        Row::info(
             PART,
             format!(
                 "{}: spans dropped per round ({n} + {WARM_UP} starts each, {rounds} rounds)",
                 mode.name()
             ),
             format!("{}{exports}", dropped.join(" / ")),
-        ));
-        let others: Vec<String> = m
-            .others
-            .iter()
-            .map(|o| format!("{:.0}", o * 100.0))
-            .collect();
-        rows.push(Row::info(
+        ),
+        Row::info(
             PART,
             format!("{}: other processes' CPU share per round", mode.name()),
             format!("{} %", others.join(" / ")),
-        ));
-    }
-    rows
+        ),
+    ]
 }
