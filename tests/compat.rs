@@ -15,10 +15,7 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use agent_jobs::{
-    AgentStart, SessionId, SessionKeys,
-    keys::{EVENTS, legacy_metrics},
-};
+use agent_jobs::{AgentStart, SessionId, SessionKeys, keys::legacy_metrics};
 use common::*;
 use nix::sys::signal::Signal;
 use redis::AsyncCommands;
@@ -213,33 +210,6 @@ async fn nothing_left(conn: &RedisConn, id: &SessionId) -> Result<(), String> {
 async fn stop(worker: WorkerProcess) -> String {
     let out = worker.stop().await;
     String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-/// The `status` (and `reason`) of every event of the session in `agent-worker:events`, oldest
-/// first.
-async fn event_statuses(conn: &RedisConn, id: &SessionId) -> Vec<(String, String)> {
-    let entries: Vec<(String, Vec<String>)> = redis::cmd("XRANGE")
-        .arg(EVENTS)
-        .arg("-")
-        .arg("+")
-        .query_async(&mut conn.clone())
-        .await
-        .unwrap();
-    entries
-        .into_iter()
-        .filter_map(|(_, flat)| {
-            let fields: HashMap<&str, &str> = flat
-                .chunks_exact(2)
-                .map(|pair| (pair[0].as_str(), pair[1].as_str()))
-                .collect();
-            (fields.get("session_id") == Some(&id.as_str())).then(|| {
-                (
-                    fields.get("status").unwrap_or(&"").to_string(),
-                    fields.get("reason").unwrap_or(&"").to_string(),
-                )
-            })
-        })
-        .collect()
 }
 
 /// Waits until the owner of the live session `id` has heartbeated it `n` more times (its score

@@ -12,7 +12,7 @@ mod common;
 use agent_worker::connection::RedisConn;
 use std::time::Duration;
 
-use agent_jobs::{AgentStart, QueueKeys, SessionId, SessionKeys, keys::EVENTS};
+use agent_jobs::{AgentStart, QueueKeys, SessionId, SessionKeys};
 use common::*;
 use redis::AsyncCommands;
 
@@ -23,33 +23,6 @@ async fn redis_ms(conn: &RedisConn) -> i64 {
         .await
         .unwrap();
     secs * 1000 + micros / 1000
-}
-
-/// The (status, reason) of every event of session `id`, in order.
-async fn events_of(conn: &RedisConn, id: &SessionId) -> Vec<(String, String)> {
-    let entries: Vec<(String, Vec<String>)> = redis::cmd("XRANGE")
-        .arg(EVENTS)
-        .arg("-")
-        .arg("+")
-        .query_async(&mut conn.clone())
-        .await
-        .unwrap();
-    entries
-        .into_iter()
-        .filter_map(|(_, flat)| {
-            let field = |name: &str| {
-                flat.chunks_exact(2)
-                    .find(|pair| pair[0] == name)
-                    .map(|pair| pair[1].clone())
-            };
-            (field("session_id")? == id.as_str()).then(|| {
-                (
-                    field("status").unwrap(),
-                    field("reason").unwrap_or_default(),
-                )
-            })
-        })
-        .collect()
 }
 
 async fn exists(conn: &RedisConn, key: &str) -> bool {
@@ -90,7 +63,10 @@ async fn a_job_claimed_after_its_start_by_is_dead_with_start_expired_and_starts_
         "no agent ran"
     );
     // One event, `error` with the reason: never `starting`, so a waiter fails at once.
-    assert_eq!(events_of(&redis.conn, &id).await, [("error".into(), error)]);
+    assert_eq!(
+        event_statuses(&redis.conn, &id).await,
+        [("error".into(), error)]
+    );
     // Not in the starting set, and the session can be enqueued again (the key was released).
     assert!(
         !is_member(
@@ -197,7 +173,7 @@ async fn a_start_whose_config_was_deleted_starts_nothing_and_recreates_nothing()
         );
         assert!(!exists(&redis.conn, &keys.agent_pid()).await, "no agent");
         assert!(agent_logs(&redis.conn, id).await.is_empty(), "no agent ran");
-        let events = events_of(&redis.conn, id).await;
+        let events = event_statuses(&redis.conn, id).await;
         assert_eq!(events.len(), 1, "{events:?}");
         assert_eq!(events[0].0, "error");
         assert!(result.contains(&events[0].1), "{result} carries {events:?}");
@@ -238,7 +214,7 @@ async fn a_version_1_job_without_enqueued_at_or_start_by_behaves_as_before() {
         assert_agent_of(&wait_received(&redis.conn, id).await, id, "Ashley");
     }
     wait_done(&redis.conn, &task, Duration::from_secs(20)).await;
-    let statuses: Vec<String> = events_of(&redis.conn, &id)
+    let statuses: Vec<String> = event_statuses(&redis.conn, &id)
         .await
         .into_iter()
         .map(|(status, _)| status)

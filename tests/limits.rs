@@ -11,7 +11,7 @@ mod common;
 
 use std::{net::SocketAddr, time::Duration};
 
-use agent_jobs::{SessionId, SessionKeys, keys::EVENTS};
+use agent_jobs::{SessionId, SessionKeys};
 use agent_worker::connection::RedisConn;
 use common::*;
 use redis::AsyncCommands;
@@ -54,32 +54,6 @@ async fn http_addr(worker: &WorkerProcess) -> SocketAddr {
         .expect("http_listening names the address")
 }
 
-/// The session events of `id` in the stream, as (status, reason).
-async fn session_events(conn: &RedisConn, id: &SessionId) -> Vec<(String, String)> {
-    let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
-        .arg(EVENTS)
-        .arg("-")
-        .arg("+")
-        .query_async(&mut conn.clone())
-        .await
-        .unwrap();
-    entries
-        .into_iter()
-        .map(|(_, fields)| {
-            fields
-                .into_iter()
-                .collect::<std::collections::HashMap<_, _>>()
-        })
-        .filter(|f| f.get("session_id").map(String::as_str) == Some(id.as_str()))
-        .map(|f| {
-            (
-                f.get("status").cloned().unwrap_or_default(),
-                f.get("reason").cloned().unwrap_or_default(),
-            )
-        })
-        .collect()
-}
-
 /// A sample line of `/metrics`, e.g. `agent_worker_agent_stops_total{reason="memory_limit"}`.
 async fn metric(addr: SocketAddr, series: &str) -> Option<f64> {
     let text = get(addr, "/metrics").await.1;
@@ -99,7 +73,7 @@ async fn assert_ended_by_memory_limit(conn: &RedisConn, id: &SessionId, by: &str
         hget(conn, &record, "error").await.as_deref(),
         Some(format!("memory limit 64 MiB reached ({by})").as_str())
     );
-    let events = session_events(conn, id).await;
+    let events = event_statuses(conn, id).await;
     assert!(
         events.contains(&("stopped".to_owned(), "memory_limit".to_owned())),
         "{events:?}"
@@ -141,7 +115,11 @@ async fn a_helper_leaking_past_memory_max_ends_its_session_alone() {
     let started = worker
         .wait_event("worker_started", Duration::from_secs(1))
         .await;
-    assert_eq!(started["limits"], "cgroup-v1", "{started}");
+    // The kernel enforced it: cgroup v2, or memory and pids through v1 (hybrid hosts).
+    assert!(
+        matches!(started["limits"].as_str(), Some("cgroup-v2" | "cgroup-v1")),
+        "{started}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

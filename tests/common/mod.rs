@@ -39,8 +39,9 @@ pub use self::{
         probe_session_env, repo, stdout_lines,
     },
     session::{
-        agent_logs, agent_pid, assert_agent_of, end_as_orchestrator, heartbeat_score, received,
-        start_ready, status, wait_received, wait_status, write_config, write_full_config,
+        agent_logs, agent_pid, assert_agent_of, end_as_orchestrator, event_statuses,
+        heartbeat_score, received, start_ready, status, wait_received, wait_status, write_config,
+        write_full_config,
     },
     test_redis::{TestRedis, assert_fields, hget, is_member, settings, ttl_of},
     test_worker::TestWorker,

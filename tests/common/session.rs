@@ -4,7 +4,7 @@
 use agent_worker::connection::RedisConn;
 use std::time::Duration;
 
-use agent_jobs::{SessionConfigInput, SessionId, SessionKeys};
+use agent_jobs::{SessionConfigInput, SessionId, SessionKeys, keys::EVENTS};
 use redis::AsyncCommands;
 
 use super::{enqueue, hget, wait_for};
@@ -121,4 +121,31 @@ pub fn assert_agent_of(got: &serde_json::Value, id: &SessionId, voice: &str) {
     assert_eq!(got["contract"]["room"], id.as_str(), "argv of {id}");
     assert_eq!(got["env"]["VOICE_ID"], voice, "environment of {id}");
     assert_eq!(got["env"]["SESSION_ID"], id.as_str(), "environment of {id}");
+}
+
+/// The `(status, reason)` of every event of session `id` in `agent-worker:events`, oldest
+/// first (`reason` empty where an event has none).
+pub async fn event_statuses(conn: &RedisConn, id: &SessionId) -> Vec<(String, String)> {
+    let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+        .arg(EVENTS)
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn.clone())
+        .await
+        .unwrap();
+    entries
+        .into_iter()
+        .map(|(_, fields)| {
+            fields
+                .into_iter()
+                .collect::<std::collections::HashMap<_, _>>()
+        })
+        .filter(|f| f.get("session_id").map(String::as_str) == Some(id.as_str()))
+        .map(|f| {
+            (
+                f.get("status").cloned().unwrap_or_default(),
+                f.get("reason").cloned().unwrap_or_default(),
+            )
+        })
+        .collect()
 }
